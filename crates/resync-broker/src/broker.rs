@@ -1,0 +1,84 @@
+//! The `Broker` trait: what a backend must do to carry resync's channels.
+
+use async_trait::async_trait;
+use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
+
+use crate::error::Result;
+use crate::event::EncodedEvent;
+use crate::hub::LiveSubscription;
+
+/// The answer to a history read (see [`Broker::read_since`]).
+pub type HistoryRead = resync_log::ReadOutcome<EncodedEvent>;
+
+/// A request to publish one event.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// The channel to publish on.
+    pub channel: Channel,
+    /// The event's JSON data.
+    pub data: Payload,
+    /// When set, a publish with a key the channel has seen recently is not stored again; the
+    /// broker answers with the position of the first one.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl Publish {
+    /// A publish of `data` on `channel`, without an idempotency key.
+    pub fn new(channel: Channel, data: Payload) -> Self {
+        Self {
+            channel,
+            data,
+            idempotency_key: None,
+        }
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+}
+
+/// Stores events per channel with consecutive seqs, keeps bounded history, and delivers live
+/// events to local subscribers.
+///
+/// resync ships [`MemoryBroker`](crate::MemoryBroker) (one process) and `RedisBroker` (many
+/// processes). Implement this trait to carry channels over another backend (NATS, Postgres,
+/// Kafka); use a [`Hub`](crate::Hub) for local fan-out, and run the conformance suite
+/// (feature `testing`) in your tests. The contract:
+///
+/// - **Publish** assigns the next seq of the channel atomically, stores the event in history
+///   and then delivers it; it returns only once the event is stored, and an error means it was
+///   not. With an idempotency key, a repeated publish is stored once.
+/// - **Order**: each subscriber receives a channel's live events in seq order. Gaps and
+///   duplicates in live delivery are allowed (the resume algorithm repairs them from history),
+///   reordering is not.
+/// - **Epochs**: seqs count from 1 within an epoch; whenever a channel's history may have been
+///   lost, the broker must pick a new epoch so old positions are recognised as stale.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Stores the event, delivers it, and returns its position.
+    async fn publish(&self, publish: Publish) -> Result<Position>;
+
+    /// Starts delivering the channel's live events: every event stored after this returns is
+    /// delivered to the subscription (events stored concurrently may or may not be).
+    async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription>;
+
+    /// The events after `since`, at most `limit`, oldest first; or why they cannot be read.
+    async fn read_since(
+        &self,
+        channel: &Channel,
+        since: &Position,
+        limit: usize,
+    ) -> Result<HistoryRead>;
+
+    /// The channel's newest position. A channel never published to has seq 0 in an epoch that
+    /// its first publish will keep.
+    async fn position(&self, channel: &Channel) -> Result<Position>;
+
+    /// How many subscribers this process has on `channel`.
+    fn subscriber_count(&self, channel: &Channel) -> usize;
+
+    /// Whether the broker can serve requests now (for readiness checks).
+    async fn health(&self) -> Result<()>;
+}

@@ -1,0 +1,610 @@
+//! A conformance suite that any [`Broker`] can run (feature `testing`).
+//!
+//! Build your broker the way you would in production, describe its limits in a
+//! [`ConformanceConfig`], and call [`run_all`] from a `#[tokio::test]` (multi-threaded). Each
+//! check uses its own channels (under `config.channel_prefix`), so one broker instance serves
+//! all of them, and each panics with the check's name and what went wrong.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use std::sync::Arc;
+//! use resync_broker::conformance::{ConformanceConfig, run_all};
+//! use resync_broker::{MemoryBroker, Retention};
+//!
+//! let broker = MemoryBroker::builder()
+//!     .retention(Retention::default().with_max_events(50))
+//!     .subscriber_queue(16)
+//!     .build();
+//! run_all(Arc::new(broker), ConformanceConfig::new(50, 16)).await;
+//! # }
+//! ```
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use resync_protocol::{
+    Channel, Epoch, IdempotencyKey, Payload, Position, RecoveryOutcome, ResetReason, Seq,
+};
+
+use crate::ReadOutcome;
+use crate::broker::{Broker, Publish};
+use crate::hub::LiveError;
+use crate::resume::{ResumeOptions, SubscriptionError, SubscriptionItem, resume};
+
+/// How the broker under test is configured, so the checks know its limits.
+#[derive(Clone, Debug)]
+pub struct ConformanceConfig {
+    /// The broker's history size per channel (retention by count).
+    pub max_events: usize,
+    /// The broker's per-subscriber queue capacity.
+    pub subscriber_queue: usize,
+    /// Prefix for the channels the checks use; make it unique per run when the backend keeps
+    /// data between runs (e.g. a shared Redis).
+    pub channel_prefix: String,
+    /// How long a check waits for an expected event before failing.
+    pub timeout: Duration,
+}
+
+impl ConformanceConfig {
+    /// A config for a broker keeping `max_events` per channel with `subscriber_queue`-deep
+    /// subscriber queues. The channel prefix is random; the timeout is 10 seconds.
+    pub fn new(max_events: usize, subscriber_queue: usize) -> Self {
+        Self {
+            max_events,
+            subscriber_queue,
+            channel_prefix: format!("conformance-{}", fastrand::u32(..)),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn channel(&self, name: &str) -> Channel {
+        Channel::new(format!("{}:{name}", self.channel_prefix)).expect("prefix and name are valid")
+    }
+}
+
+/// Runs every check in turn.
+pub async fn run_all<B: Broker>(broker: Arc<B>, config: ConformanceConfig) {
+    let broker: Arc<dyn Broker> = broker;
+    publish_assigns_consecutive_seqs(&broker, &config).await;
+    live_subscribers_receive_in_order(&broker, &config).await;
+    history_reads_follow_the_contract(&broker, &config).await;
+    idempotent_publish_is_stored_once(&broker, &config).await;
+    resume_reports_each_outcome(&broker, &config).await;
+    dropping_a_subscription_unsubscribes(&broker, &config).await;
+    lagging_subscriber_is_told_and_can_resume(&broker, &config).await;
+    concurrent_publishers_and_resuming_subscribers_see_no_gap(&broker, &config).await;
+}
+
+fn payload(value: u64) -> Payload {
+    Payload::from_value(&value).expect("numbers are json")
+}
+
+async fn publish_n(broker: &Arc<dyn Broker>, channel: &Channel, count: u64) -> Vec<Position> {
+    let mut positions = Vec::new();
+    for value in 0..count {
+        let position = broker
+            .publish(Publish::new(channel.clone(), payload(value)))
+            .await
+            .expect("publish succeeds");
+        positions.push(position);
+    }
+    positions
+}
+
+/// Seqs count from 1 in one epoch, and `position` reports the newest.
+pub async fn publish_assigns_consecutive_seqs(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let channel = config.channel("consecutive");
+    let before = broker
+        .position(&channel)
+        .await
+        .expect("position of a new channel");
+    assert_eq!(
+        before.seq,
+        Seq::ZERO,
+        "publish_assigns_consecutive_seqs: a new channel is at seq 0"
+    );
+    let positions = publish_n(broker, &channel, 5).await;
+    for (index, position) in positions.iter().enumerate() {
+        assert_eq!(
+            position.seq.get(),
+            index as u64 + 1,
+            "publish_assigns_consecutive_seqs: seqs count from 1"
+        );
+        assert_eq!(
+            position.epoch, before.epoch,
+            "publish_assigns_consecutive_seqs: the first publish keeps the epoch position() reported"
+        );
+    }
+    let after = broker.position(&channel).await.expect("position");
+    assert_eq!(
+        &after,
+        positions.last().expect("five positions"),
+        "publish_assigns_consecutive_seqs"
+    );
+}
+
+/// A live subscription receives every later event, in order.
+pub async fn live_subscribers_receive_in_order(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let channel = config.channel("live-order");
+    let mut live = broker.subscribe(&channel).await.expect("subscribe");
+    // Stay within the queue: this check is about order, lagging has its own.
+    let positions = publish_n(broker, &channel, config.subscriber_queue.min(20) as u64).await;
+    for expected in positions {
+        let event = tokio::time::timeout(config.timeout, live.recv())
+            .await
+            .expect("live_subscribers_receive_in_order: event arrives in time")
+            .expect("live_subscribers_receive_in_order: subscription stays open");
+        assert_eq!(
+            event.position(),
+            &expected,
+            "live_subscribers_receive_in_order"
+        );
+        assert_eq!(
+            event.channel(),
+            &channel,
+            "live_subscribers_receive_in_order"
+        );
+    }
+}
+
+/// History answers with events, up-to-date, or the right reset reason.
+pub async fn history_reads_follow_the_contract(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let name = "history_reads_follow_the_contract";
+    let channel = config.channel("history");
+    let positions = publish_n(broker, &channel, 10).await;
+    let epoch = positions[0].epoch.clone();
+    let at = |seq: u64| Position::new(epoch.clone(), Seq::new(seq));
+
+    match broker
+        .read_since(&channel, &at(3), 100)
+        .await
+        .expect("read")
+    {
+        ReadOutcome::Replayed { events, latest } => {
+            let seqs: Vec<u64> = events
+                .iter()
+                .map(|event| event.position().seq.get())
+                .collect();
+            assert_eq!(
+                seqs,
+                (4..=10).collect::<Vec<_>>(),
+                "{name}: replay after seq 3"
+            );
+            assert_eq!(latest, at(10), "{name}: latest");
+            assert_eq!(
+                events[0].data(),
+                &payload(3),
+                "{name}: data survives storage"
+            );
+        }
+        other => panic!("{name}: expected a replay, got {other:?}"),
+    }
+    match broker.read_since(&channel, &at(3), 2).await.expect("read") {
+        ReadOutcome::Replayed { events, .. } => {
+            assert_eq!(events.len(), 2, "{name}: limit is honoured")
+        }
+        other => panic!("{name}: expected a limited replay, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            broker
+                .read_since(&channel, &at(10), 100)
+                .await
+                .expect("read"),
+            ReadOutcome::UpToDate { .. }
+        ),
+        "{name}: nothing after the newest seq"
+    );
+    let stranger = Position::start_of(Epoch::new("someOtherEpoch").expect("valid epoch"));
+    assert!(
+        matches!(
+            broker
+                .read_since(&channel, &stranger, 100)
+                .await
+                .expect("read"),
+            ReadOutcome::Reset {
+                reason: ResetReason::EpochChanged,
+                ..
+            }
+        ),
+        "{name}: another epoch is a reset"
+    );
+    assert!(
+        matches!(
+            broker
+                .read_since(&channel, &at(99), 100)
+                .await
+                .expect("read"),
+            ReadOutcome::Reset {
+                reason: ResetReason::PositionAhead,
+                ..
+            }
+        ),
+        "{name}: a position ahead of the stream is a reset"
+    );
+
+    // Publish past the retention limit: the start of history is gone.
+    let trimmed = config.channel("history-trimmed");
+    let positions = publish_n(broker, &trimmed, config.max_events as u64 + 5).await;
+    let start = Position::start_of(positions[0].epoch.clone());
+    assert!(
+        matches!(
+            broker
+                .read_since(&trimmed, &start, usize::MAX)
+                .await
+                .expect("read"),
+            ReadOutcome::Reset {
+                reason: ResetReason::Truncated,
+                ..
+            }
+        ),
+        "{name}: a position older than history is a reset"
+    );
+    let recent = positions[positions.len() - 3].clone();
+    assert!(
+        matches!(
+            broker.read_since(&trimmed, &recent, 100).await.expect("read"),
+            ReadOutcome::Replayed { ref events, .. } if events.len() == 2
+        ),
+        "{name}: recent history is still there"
+    );
+}
+
+/// A repeated idempotency key stores the event once and answers with the first position.
+pub async fn idempotent_publish_is_stored_once(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let name = "idempotent_publish_is_stored_once";
+    let channel = config.channel("idempotent");
+    let key = IdempotencyKey::new(format!("order-{}", fastrand::u64(..))).expect("valid key");
+    let publish = Publish::new(channel.clone(), payload(1)).with_idempotency_key(key.clone());
+    let first = broker.publish(publish.clone()).await.expect("publish");
+    let again = broker.publish(publish).await.expect("publish");
+    assert_eq!(
+        first, again,
+        "{name}: retry answers with the first position"
+    );
+    let other = broker
+        .publish(Publish::new(channel.clone(), payload(2)))
+        .await
+        .expect("publish");
+    assert_eq!(
+        other.seq.get(),
+        first.seq.get() + 1,
+        "{name}: the retry took no seq"
+    );
+    // The same key on another channel is another event.
+    let elsewhere = broker
+        .publish(
+            Publish::new(config.channel("idempotent-other"), payload(1)).with_idempotency_key(key),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(elsewhere.seq.get(), 1, "{name}: keys are per channel");
+}
+
+async fn next_item(
+    stream: &mut crate::resume::Subscription,
+    config: &ConformanceConfig,
+    name: &str,
+) -> SubscriptionItem {
+    tokio::time::timeout(config.timeout, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no item within {:?}", config.timeout))
+        .unwrap_or_else(|error| panic!("{name}: stream ended: {error}"))
+}
+
+fn seq_of(item: &SubscriptionItem, name: &str) -> u64 {
+    match item {
+        SubscriptionItem::Event(event) => event.position().seq.get(),
+        SubscriptionItem::Reset { .. } => panic!("{name}: unexpected reset {item:?}"),
+    }
+}
+
+/// `resume` reports fresh, replayed, up-to-date and reset starts, and then delivers live
+/// events without duplicates.
+pub async fn resume_reports_each_outcome(broker: &Arc<dyn Broker>, config: &ConformanceConfig) {
+    let name = "resume_reports_each_outcome";
+    let channel = config.channel("resume");
+    let positions = publish_n(broker, &channel, 6).await;
+    let options = ResumeOptions::default();
+
+    let (outcome, mut fresh) = resume(broker.clone(), channel.clone(), None, options)
+        .await
+        .expect("resume");
+    assert_eq!(
+        outcome,
+        RecoveryOutcome::Fresh {
+            position: positions[5].clone()
+        },
+        "{name}: fresh"
+    );
+
+    let (outcome, mut replayed) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(positions[2].clone()),
+        options,
+    )
+    .await
+    .expect("resume");
+    assert_eq!(
+        outcome,
+        RecoveryOutcome::Replayed { count: 3 },
+        "{name}: replayed"
+    );
+
+    let (outcome, mut current) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(positions[5].clone()),
+        options,
+    )
+    .await
+    .expect("resume");
+    assert_eq!(outcome, RecoveryOutcome::UpToDate, "{name}: up to date");
+
+    let stale = Position::new(Epoch::new("staleEpoch").expect("valid"), Seq::new(3));
+    let (outcome, _) = resume(broker.clone(), channel.clone(), Some(stale), options)
+        .await
+        .expect("resume");
+    assert_eq!(
+        outcome,
+        RecoveryOutcome::Reset {
+            reason: ResetReason::EpochChanged,
+            position: positions[5].clone()
+        },
+        "{name}: reset"
+    );
+
+    let few = ResumeOptions { max_replay: 2 };
+    let (outcome, _) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(positions[0].clone()),
+        few,
+    )
+    .await
+    .expect("resume");
+    assert!(
+        matches!(
+            outcome,
+            RecoveryOutcome::Reset {
+                reason: ResetReason::TooFarBehind,
+                ..
+            }
+        ),
+        "{name}: more missed than max_replay is a reset, got {outcome:?}"
+    );
+
+    publish_n(broker, &channel, 2).await;
+    for expected in [4, 5, 6, 7, 8] {
+        assert_eq!(
+            seq_of(&next_item(&mut replayed, config, name).await, name),
+            expected,
+            "{name}: replay then live"
+        );
+    }
+    for stream in [&mut fresh, &mut current] {
+        for expected in [7, 8] {
+            assert_eq!(
+                seq_of(&next_item(stream, config, name).await, name),
+                expected,
+                "{name}: live after start"
+            );
+        }
+    }
+    assert_eq!(
+        replayed.position().seq.get(),
+        8,
+        "{name}: position follows delivery"
+    );
+}
+
+/// Dropping a subscription frees it at once.
+pub async fn dropping_a_subscription_unsubscribes(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let name = "dropping_a_subscription_unsubscribes";
+    let channel = config.channel("unsubscribe");
+    let mut subscriptions = Vec::new();
+    for _ in 0..50 {
+        subscriptions.push(broker.subscribe(&channel).await.expect("subscribe"));
+    }
+    assert_eq!(broker.subscriber_count(&channel), 50, "{name}: counted");
+    subscriptions.truncate(10);
+    assert_eq!(
+        broker.subscriber_count(&channel),
+        10,
+        "{name}: dropped ones are gone"
+    );
+    drop(subscriptions);
+    assert_eq!(broker.subscriber_count(&channel), 0, "{name}: none left");
+}
+
+/// A subscriber that stops reading is told it lagged, and resuming from its position gets
+/// everything it missed.
+pub async fn lagging_subscriber_is_told_and_can_resume(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let name = "lagging_subscriber_is_told_and_can_resume";
+    let channel = config.channel("lagging");
+    let (_, mut stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .expect("resume");
+    let total = (config.subscriber_queue as u64 * 2 + 10).min(config.max_events as u64);
+    assert!(
+        total > config.subscriber_queue as u64,
+        "{name}: needs max_events > subscriber_queue to be meaningful"
+    );
+    publish_n(broker, &channel, total).await;
+    let mut delivered = 0u64;
+    let position = loop {
+        match tokio::time::timeout(config.timeout, stream.next()).await {
+            Ok(Ok(SubscriptionItem::Event(event))) => {
+                delivered += 1;
+                assert_eq!(
+                    event.position().seq.get(),
+                    delivered,
+                    "{name}: in order before the lag"
+                );
+            }
+            Ok(Ok(reset)) => panic!("{name}: unexpected {reset:?}"),
+            Ok(Err(SubscriptionError::Lagged { position })) => break position,
+            Ok(Err(error)) => panic!("{name}: expected a lag, got {error}"),
+            Err(_) => panic!("{name}: a subscriber that never read was not told it lagged"),
+        }
+    };
+    assert_eq!(
+        position.seq.get(),
+        delivered,
+        "{name}: the lag reports the last delivered position"
+    );
+    let (outcome, mut resumed) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(position),
+        ResumeOptions::default(),
+    )
+    .await
+    .expect("resume");
+    assert_eq!(
+        outcome,
+        RecoveryOutcome::Replayed {
+            count: total - delivered
+        },
+        "{name}: resume replays the rest"
+    );
+    for expected in delivered + 1..=total {
+        assert_eq!(
+            seq_of(&next_item(&mut resumed, config, name).await, name),
+            expected,
+            "{name}"
+        );
+    }
+    // The live queue itself reports the lag the same way.
+    let mut live = broker.subscribe(&channel).await.expect("subscribe");
+    publish_n(broker, &channel, config.subscriber_queue as u64 + 1).await;
+    let mut seen = 0;
+    let ended = loop {
+        match tokio::time::timeout(config.timeout, live.recv()).await {
+            Ok(Ok(_)) => seen += 1,
+            Ok(Err(error)) => break error,
+            Err(_) => panic!("{name}: live subscription never reported the lag"),
+        }
+    };
+    assert_eq!(ended, LiveError::Lagged, "{name}");
+    assert!(seen <= config.subscriber_queue, "{name}: queue is bounded");
+}
+
+/// Many publishers and many subscribers that start at random positions while publishing goes
+/// on: every subscriber sees one contiguous, duplicate-free run of seqs up to the end.
+pub async fn concurrent_publishers_and_resuming_subscribers_see_no_gap(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    let name = "concurrent_publishers_and_resuming_subscribers_see_no_gap";
+    let channel = config.channel("concurrent");
+    const PUBLISHERS: u64 = 4;
+    let per_publisher = (config.max_events as u64 / PUBLISHERS / 2).clamp(5, 250);
+    let total = PUBLISHERS * per_publisher;
+    let epoch = broker.position(&channel).await.expect("position").epoch;
+
+    let publishers = (0..PUBLISHERS).map(|publisher| {
+        let broker = broker.clone();
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            for index in 0..per_publisher {
+                broker
+                    .publish(Publish::new(
+                        channel.clone(),
+                        payload(publisher * 1_000_000 + index),
+                    ))
+                    .await
+                    .expect("publish");
+                if index % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    });
+    let publishers: Vec<_> = publishers.collect();
+
+    let subscribers = (0..16u64).map(|subscriber| {
+        let broker = broker.clone();
+        let channel = channel.clone();
+        let epoch = epoch.clone();
+        let timeout = config.timeout;
+        tokio::spawn(async move {
+            // Start at a random moment, from a random position at or behind the stream.
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..20))).await;
+            let newest = broker.position(&channel).await.expect("position").seq.get();
+            let since = match subscriber % 3 {
+                0 => None,
+                _ => Some(Position::new(
+                    epoch.clone(),
+                    Seq::new(fastrand::u64(0..=newest)),
+                )),
+            };
+            let start = since.as_ref().map(|position| position.seq.get());
+            let (outcome, mut stream) = resume(broker, channel, since, ResumeOptions::default())
+                .await
+                .expect("resume");
+            let mut seqs = Vec::new();
+            let mut last = match (&outcome, start) {
+                (RecoveryOutcome::Fresh { position }, _) => position.seq.get(),
+                (_, Some(start)) => start,
+                (other, None) => panic!("unexpected outcome {other:?}"),
+            };
+            let first = last;
+            while last < total {
+                let item = tokio::time::timeout(timeout, stream.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("subscriber {subscriber} stalled at {last}"))
+                    .unwrap_or_else(|error| panic!("subscriber {subscriber} ended: {error}"));
+                match item {
+                    SubscriptionItem::Event(event) => {
+                        last = event.position().seq.get();
+                        seqs.push(last);
+                    }
+                    SubscriptionItem::Reset { .. } => {
+                        panic!("subscriber {subscriber}: unexpected reset")
+                    }
+                }
+            }
+            (first, seqs)
+        })
+    });
+    let subscribers: Vec<_> = subscribers.collect();
+
+    for publisher in join_all(publishers).await {
+        publisher.expect("publisher task");
+    }
+    for (index, result) in join_all(subscribers).await.into_iter().enumerate() {
+        let (first, seqs) =
+            result.unwrap_or_else(|error| panic!("{name}: subscriber {index} failed: {error}"));
+        let expected: Vec<u64> = (first + 1..=total).collect();
+        assert_eq!(seqs, expected, "{name}: subscriber {index} from {first}");
+        let unique: HashSet<u64> = seqs.iter().copied().collect();
+        assert_eq!(unique.len(), seqs.len(), "{name}: no duplicates");
+    }
+}

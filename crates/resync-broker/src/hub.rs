@@ -1,0 +1,293 @@
+//! Local fan-out: delivering each event to every subscriber of its channel in this process.
+//!
+//! Every broker uses a [`Hub`] the same way: it calls [`Hub::subscribe`] for each local
+//! subscriber and [`Hub::deliver`] for each event it learns of (published here, or received
+//! from Redis pub/sub, NATS, …). The hub gives each subscriber its own bounded queue, so a
+//! slow subscriber never delays a fast one and never makes the process buffer without limit.
+//! A subscriber whose queue is full is cut off and told it *lagged*: it must resume from its
+//! last position, which the resume algorithm does from history. Nothing is skipped silently.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use resync_protocol::Channel;
+use slab::Slab;
+use tokio::sync::mpsc;
+
+use crate::event::EncodedEvent;
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
+/// section here leaves its data consistent at each step, so the data stays usable.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Called with a channel when its last local subscriber leaves.
+type IdleCallback = Box<dyn Fn(&Channel) + Send + Sync>;
+
+/// Local fan-out to subscribers with bounded queues. Cloning shares the hub.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    channels: Mutex<HashMap<Channel, Arc<Mutex<Slab<Slot>>>>>,
+    queue_capacity: usize,
+    on_idle: Option<IdleCallback>,
+}
+
+struct Slot {
+    /// `None` once the subscriber lagged: dropping the sender ends its queue.
+    sender: Option<mpsc::Sender<EncodedEvent>>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Hub")
+            .field("channels", &lock(&self.inner.channels).len())
+            .field("queue_capacity", &self.inner.queue_capacity)
+            .finish()
+    }
+}
+
+/// What [`LiveSubscription::recv`] reports when no event comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiveError {
+    /// The subscriber's queue overflowed and it was cut off; it must resume from its position.
+    #[error("subscriber lagged behind and was cut off")]
+    Lagged,
+    /// The broker dropped the subscription (shutdown).
+    #[error("subscription closed by the broker")]
+    Closed,
+}
+
+impl Hub {
+    /// A hub whose subscribers each queue at most `queue_capacity` events (at least 1).
+    pub fn new(queue_capacity: usize) -> Self {
+        Self::build(queue_capacity, None)
+    }
+
+    /// Like [`new`](Self::new), and calls `on_idle` with a channel whenever its last local
+    /// subscriber leaves (a Redis broker unsubscribes there). `on_idle` runs while the hub is
+    /// locked: it must be quick and must not call back into the hub.
+    pub fn with_idle_callback(
+        queue_capacity: usize,
+        on_idle: impl Fn(&Channel) + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(queue_capacity, Some(Box::new(on_idle)))
+    }
+
+    fn build(queue_capacity: usize, on_idle: Option<IdleCallback>) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                channels: Mutex::new(HashMap::new()),
+                queue_capacity: queue_capacity.max(1),
+                on_idle,
+            }),
+        }
+    }
+
+    /// Registers a local subscriber of `channel`. The second value is `true` when this is the
+    /// channel's first local subscriber (a Redis broker subscribes to the channel then).
+    pub fn subscribe(&self, channel: &Channel) -> (LiveSubscription, bool) {
+        let (sender, receiver) = mpsc::channel(self.inner.queue_capacity);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut channels = lock(&self.inner.channels);
+        let first = !channels.contains_key(channel);
+        let slots = channels
+            .entry(channel.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(Slab::new())))
+            .clone();
+        let key = lock(&slots).insert(Slot {
+            sender: Some(sender),
+            lagged: lagged.clone(),
+        });
+        drop(channels);
+        let subscription = LiveSubscription {
+            receiver,
+            lagged,
+            registration: Registration {
+                hub: self.inner.clone(),
+                channel: channel.clone(),
+                key,
+            },
+        };
+        (subscription, first)
+    }
+
+    /// Queues `event` for every local subscriber of its channel and returns how many got it.
+    /// Subscribers whose queue is full are cut off (they will see [`LiveError::Lagged`]).
+    pub fn deliver(&self, event: &EncodedEvent) -> usize {
+        let Some(slots) = lock(&self.inner.channels).get(event.channel()).cloned() else {
+            return 0;
+        };
+        let mut slots = lock(&slots);
+        let mut delivered = 0;
+        for (_, slot) in slots.iter_mut() {
+            let Some(sender) = &slot.sender else { continue };
+            match sender.try_send(event.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.lagged.store(true, Ordering::Release);
+                    slot.sender = None;
+                }
+                // The receiver is gone; its registration removes the slot when it drops.
+                Err(mpsc::error::TrySendError::Closed(_)) => slot.sender = None,
+            }
+        }
+        delivered
+    }
+
+    /// How many local subscribers `channel` has.
+    pub fn subscriber_count(&self, channel: &Channel) -> usize {
+        lock(&self.inner.channels)
+            .get(channel)
+            .map_or(0, |slots| lock(slots).len())
+    }
+
+    /// The channels that have at least one local subscriber.
+    pub fn channels(&self) -> Vec<Channel> {
+        lock(&self.inner.channels).keys().cloned().collect()
+    }
+
+    /// Ends every subscription (they see [`LiveError::Closed`] after draining their queue).
+    pub fn close_all(&self) {
+        for slots in lock(&self.inner.channels).values() {
+            for (_, slot) in lock(slots).iter_mut() {
+                slot.sender = None;
+            }
+        }
+    }
+}
+
+/// Removes a subscriber from the hub when its subscription is dropped.
+struct Registration {
+    hub: Arc<HubInner>,
+    channel: Channel,
+    key: usize,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut channels = lock(&self.hub.channels);
+        let Some(slots) = channels.get(&self.channel) else {
+            return;
+        };
+        let now_empty = {
+            let mut slots = lock(slots);
+            slots.try_remove(self.key);
+            slots.is_empty()
+        };
+        if now_empty {
+            channels.remove(&self.channel);
+            if let Some(on_idle) = &self.hub.on_idle {
+                on_idle(&self.channel);
+            }
+        }
+    }
+}
+
+/// The live events of one channel for one subscriber, from the moment it subscribed.
+///
+/// Knows nothing of history; [`crate::resume`] combines it with history into a gap-free
+/// stream. Dropping it unsubscribes at once.
+pub struct LiveSubscription {
+    receiver: mpsc::Receiver<EncodedEvent>,
+    lagged: Arc<AtomicBool>,
+    registration: Registration,
+}
+
+impl std::fmt::Debug for LiveSubscription {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LiveSubscription")
+            .field("channel", &self.registration.channel)
+            .finish()
+    }
+}
+
+impl LiveSubscription {
+    /// The channel followed.
+    pub fn channel(&self) -> &Channel {
+        &self.registration.channel
+    }
+
+    /// The next live event. Queued events are delivered before a lag or close is reported.
+    pub async fn recv(&mut self) -> Result<EncodedEvent, LiveError> {
+        match self.receiver.recv().await {
+            Some(event) => Ok(event),
+            None => Err(self.end_reason()),
+        }
+    }
+
+    /// The next live event if one is queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Result<EncodedEvent, LiveError>> {
+        match self.receiver.try_recv() {
+            Ok(event) => Some(Ok(event)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.end_reason())),
+        }
+    }
+
+    fn end_reason(&self) -> LiveError {
+        if self.lagged.load(Ordering::Acquire) {
+            LiveError::Lagged
+        } else {
+            LiveError::Closed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use resync_protocol::{Epoch, Event, Payload, Position, Seq};
+
+    fn event(channel: &Channel, seq: u64) -> EncodedEvent {
+        EncodedEvent::new(Event {
+            channel: channel.clone(),
+            position: Position::new(Epoch::new("e").unwrap(), Seq::new(seq)),
+            data: Payload::from_json("1").unwrap(),
+        })
+    }
+
+    #[tokio::test]
+    async fn full_queue_cuts_off_only_the_slow_subscriber() {
+        let hub = Hub::new(2);
+        let channel = Channel::new("c").unwrap();
+        let (mut slow, _) = hub.subscribe(&channel);
+        let (mut fast, _) = hub.subscribe(&channel);
+        for seq in 1..=2 {
+            hub.deliver(&event(&channel, seq));
+            assert_eq!(fast.recv().await.unwrap().position().seq, Seq::new(seq));
+        }
+        hub.deliver(&event(&channel, 3));
+        assert_eq!(fast.recv().await.unwrap().position().seq, Seq::new(3));
+        // The slow one still gets what was queued, then learns it lagged.
+        assert_eq!(slow.recv().await.unwrap().position().seq, Seq::new(1));
+        assert_eq!(slow.recv().await.unwrap().position().seq, Seq::new(2));
+        assert_eq!(slow.recv().await, Err(LiveError::Lagged));
+    }
+
+    #[tokio::test]
+    async fn last_unsubscribe_calls_the_idle_callback() {
+        let idle = Arc::new(Mutex::new(Vec::new()));
+        let seen = idle.clone();
+        let hub = Hub::with_idle_callback(4, move |channel| lock(&seen).push(channel.clone()));
+        let channel = Channel::new("c").unwrap();
+        let (first, is_first) = hub.subscribe(&channel);
+        let (second, is_second_first) = hub.subscribe(&channel);
+        assert!(is_first && !is_second_first);
+        drop(first);
+        assert!(lock(&idle).is_empty());
+        assert_eq!(hub.subscriber_count(&channel), 1);
+        drop(second);
+        assert_eq!(*lock(&idle), vec![channel.clone()]);
+        assert_eq!(hub.subscriber_count(&channel), 0);
+        assert!(hub.channels().is_empty());
+    }
+}

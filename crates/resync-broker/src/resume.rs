@@ -1,0 +1,291 @@
+//! The resume algorithm: one gap-free, duplicate-free stream per channel, for every transport.
+//!
+//! Given a channel and an optional position, [`resume`] yields the events the client missed
+//! and then the live ones, or a reset when that is impossible. It is written once here, on
+//! top of the [`Broker`] trait, so the WebSocket, SSE and long-polling transports (and every
+//! broker) share one implementation of the part that is easiest to get subtly wrong:
+//!
+//! 1. Subscribe to live events *first*, so nothing published from now on can be missed.
+//! 2. Read history since the client's position; those events are delivered first.
+//! 3. Deliver live events, dropping any whose seq was already delivered (an event published
+//!    between steps 1 and 2 arrives both ways).
+//! 4. If a live event skips ahead (seq > last + 1: a broker dropped a message, or history was
+//!    read with a limit), fill the gap from history before delivering it. Never skip.
+//! 5. If a live event carries another epoch, the channel's history restarted: report a reset
+//!    and follow the new epoch.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use resync_log::ReadOutcome;
+use resync_protocol::{Channel, Position, RecoveryOutcome, ResetReason};
+
+use crate::broker::Broker;
+use crate::error::Error;
+use crate::event::EncodedEvent;
+use crate::hub::{LiveError, LiveSubscription};
+
+/// How [`resume`] behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumeOptions {
+    /// The most events replayed at once; a client further behind gets a reset with reason
+    /// `too_far_behind` and refetches. Defaults to 10,000, the default history size, so any
+    /// position still in default history can be replayed.
+    pub max_replay: usize,
+}
+
+impl Default for ResumeOptions {
+    fn default() -> Self {
+        Self { max_replay: 10_000 }
+    }
+}
+
+/// An item of a resumed channel stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscriptionItem {
+    /// The next event, in seq order.
+    Event(EncodedEvent),
+    /// The channel's history broke mid-stream (e.g. the broker lost its data): the client
+    /// must refetch its state; events after `position` follow.
+    Reset {
+        /// Why.
+        reason: ResetReason,
+        /// Where the stream continues from.
+        position: Position,
+    },
+}
+
+/// Why a resumed stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The subscriber did not keep up and was cut off. It has lost nothing: it resumes from
+    /// its position (which the transport tells the client) on a new connection.
+    #[error("subscriber lagged behind at {position}")]
+    Lagged {
+        /// The position of the last event delivered.
+        position: Position,
+    },
+    /// The broker ended the subscription (shutdown).
+    #[error("subscription closed by the broker")]
+    Closed,
+    /// The broker failed while filling a gap.
+    #[error(transparent)]
+    Broker(#[from] Error),
+}
+
+/// A resumed channel stream: missed events, then live ones, with no gap and no duplicate.
+pub struct Subscription {
+    broker: Arc<dyn Broker>,
+    channel: Channel,
+    live: LiveSubscription,
+    pending: VecDeque<EncodedEvent>,
+    /// A reset to report before anything in `pending`.
+    pending_reset: Option<(ResetReason, Position)>,
+    position: Position,
+    options: ResumeOptions,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .field("position", &self.position)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+/// Follows `channel` from `since` (or from now, when `since` is `None`).
+///
+/// Returns how the subscription starts and the stream. For
+/// [`RecoveryOutcome::Replayed { count }`](RecoveryOutcome::Replayed), the stream's first
+/// `count` items are the replayed events.
+pub async fn resume(
+    broker: Arc<dyn Broker>,
+    channel: Channel,
+    since: Option<Position>,
+    options: ResumeOptions,
+) -> Result<(RecoveryOutcome, Subscription), Error> {
+    let live = broker.subscribe(&channel).await?;
+    let mut pending = VecDeque::new();
+    let (outcome, position) = match since {
+        None => {
+            let position = broker.position(&channel).await?;
+            (
+                RecoveryOutcome::Fresh {
+                    position: position.clone(),
+                },
+                position,
+            )
+        }
+        Some(since) => {
+            // One more than the limit tells "exactly max_replay missed" from "more than that".
+            let limit = options.max_replay.saturating_add(1);
+            match broker.read_since(&channel, &since, limit).await? {
+                ReadOutcome::Replayed { events, latest } if events.len() > options.max_replay => (
+                    RecoveryOutcome::Reset {
+                        reason: ResetReason::TooFarBehind,
+                        position: latest.clone(),
+                    },
+                    latest,
+                ),
+                ReadOutcome::Replayed { events, .. } => {
+                    pending.extend(events);
+                    (
+                        RecoveryOutcome::Replayed {
+                            count: pending.len() as u64,
+                        },
+                        since,
+                    )
+                }
+                ReadOutcome::UpToDate { .. } => (RecoveryOutcome::UpToDate, since),
+                ReadOutcome::Reset { reason, latest } => (
+                    RecoveryOutcome::Reset {
+                        reason,
+                        position: latest.clone(),
+                    },
+                    latest,
+                ),
+            }
+        }
+    };
+    let subscription = Subscription {
+        broker,
+        channel,
+        live,
+        pending,
+        pending_reset: None,
+        position,
+        options,
+    };
+    Ok((outcome, subscription))
+}
+
+impl Subscription {
+    /// The channel followed.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The position of the last item delivered: the client's cursor for this channel.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// The next item, waiting for one if none is ready; `Err` ends the stream.
+    pub async fn next(&mut self) -> Result<SubscriptionItem, SubscriptionError> {
+        loop {
+            if let Some(item) = self.take_pending() {
+                return Ok(item);
+            }
+            let event = match self.live.recv().await {
+                Ok(event) => event,
+                Err(LiveError::Lagged) => {
+                    return Err(SubscriptionError::Lagged {
+                        position: self.position.clone(),
+                    });
+                }
+                Err(LiveError::Closed) => return Err(SubscriptionError::Closed),
+            };
+            self.accept_live(event).await?;
+        }
+    }
+
+    /// The next item if one is ready now, without waiting for the network. A gap repair may
+    /// still await the broker.
+    pub async fn try_next(&mut self) -> Option<Result<SubscriptionItem, SubscriptionError>> {
+        loop {
+            if let Some(item) = self.take_pending() {
+                return Some(Ok(item));
+            }
+            let event = match self.live.try_recv()? {
+                Ok(event) => event,
+                Err(LiveError::Lagged) => {
+                    return Some(Err(SubscriptionError::Lagged {
+                        position: self.position.clone(),
+                    }));
+                }
+                Err(LiveError::Closed) => return Some(Err(SubscriptionError::Closed)),
+            };
+            if let Err(error) = self.accept_live(event).await {
+                return Some(Err(error));
+            }
+        }
+    }
+
+    fn take_pending(&mut self) -> Option<SubscriptionItem> {
+        if let Some((reason, position)) = self.pending_reset.take() {
+            self.position = position.clone();
+            return Some(SubscriptionItem::Reset { reason, position });
+        }
+        while let Some(event) = self.pending.pop_front() {
+            let position = event.position();
+            if position.epoch == self.position.epoch && position.seq > self.position.seq {
+                self.position = position.clone();
+                return Some(SubscriptionItem::Event(event));
+            }
+        }
+        None
+    }
+
+    /// Files a live event as deliverable, a duplicate, or the sign of a gap or a new epoch.
+    async fn accept_live(&mut self, event: EncodedEvent) -> Result<(), SubscriptionError> {
+        let position = event.position().clone();
+        if position.epoch != self.position.epoch {
+            // Either the channel restarted in a new epoch, or this is a stale event from before
+            // a reset we already followed. The broker's current position tells which.
+            let current = self.broker.position(&self.channel).await?;
+            if current.epoch != position.epoch {
+                return Ok(());
+            }
+            self.pending_reset = Some((
+                ResetReason::EpochChanged,
+                Position::start_of(position.epoch.clone()),
+            ));
+            self.position = Position::start_of(position.epoch.clone());
+            return self.fill_gap_then(event).await;
+        }
+        if position.seq <= self.position.seq {
+            return Ok(());
+        }
+        if Some(position.seq) == self.position.seq.next() {
+            self.pending.push_back(event);
+            return Ok(());
+        }
+        self.fill_gap_then(event).await
+    }
+
+    /// Reads the events between the current position and `event` from history, queues them
+    /// and then `event`; or queues a reset when history cannot fill the gap.
+    async fn fill_gap_then(&mut self, event: EncodedEvent) -> Result<(), SubscriptionError> {
+        let from = self.position.clone();
+        let limit = self.options.max_replay.saturating_add(1);
+        match self.broker.read_since(&self.channel, &from, limit).await? {
+            ReadOutcome::Replayed { events, latest } if events.len() > self.options.max_replay => {
+                self.queue_reset(ResetReason::TooFarBehind, latest);
+            }
+            ReadOutcome::Replayed { events, .. } => {
+                let last_filled = events.last().map(|last| last.position().seq);
+                self.pending.extend(events);
+                // The event itself follows if history did not already include it.
+                if last_filled.and_then(|seq| seq.next()) == Some(event.position().seq) {
+                    self.pending.push_back(event);
+                }
+            }
+            ReadOutcome::UpToDate { latest } => {
+                // History says nothing came after our position, yet a later event arrived:
+                // the broker is inconsistent. Tell the client rather than guess.
+                self.queue_reset(ResetReason::Truncated, latest);
+            }
+            ReadOutcome::Reset { reason, latest } => self.queue_reset(reason, latest),
+        }
+        Ok(())
+    }
+
+    fn queue_reset(&mut self, reason: ResetReason, latest: Position) {
+        self.pending.clear();
+        // A reset already queued (epoch change) is replaced: the client refetches once.
+        self.pending_reset = Some((reason, latest));
+    }
+}

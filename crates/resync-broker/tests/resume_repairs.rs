@@ -1,0 +1,280 @@
+//! The resume algorithm repairs what brokers get wrong: lost live messages are filled from
+//! history, and a history that restarts in a new epoch is reported as a reset.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use resync_broker::{
+    Broker, EncodedEvent, HistoryRead, Hub, LiveSubscription, MemoryBroker, Publish, ReadOutcome,
+    Result, ResumeOptions, SubscriptionItem, resume,
+};
+use resync_protocol::{Channel, Payload, Position, RecoveryOutcome, ResetReason, Seq};
+
+/// Stores every event in a real memory broker, but delivers only some of them live, as a
+/// pub/sub system that drops messages would.
+struct LossyBroker {
+    store: MemoryBroker,
+    hub: Hub,
+    deliver_one_in: u64,
+    published: Mutex<u64>,
+    swapped_store: Mutex<Option<MemoryBroker>>,
+}
+
+impl LossyBroker {
+    fn new(deliver_one_in: u64) -> Self {
+        Self {
+            store: MemoryBroker::default(),
+            hub: Hub::new(4_096),
+            deliver_one_in,
+            published: Mutex::new(0),
+            swapped_store: Mutex::new(None),
+        }
+    }
+
+    /// The broker whose history is current: after `restart`, a fresh one (new epochs).
+    fn current(&self) -> MemoryBroker {
+        self.swapped_store
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| self.store.clone())
+    }
+
+    fn restart(&self) {
+        *self.swapped_store.lock().unwrap() = Some(MemoryBroker::default());
+    }
+}
+
+#[async_trait]
+impl Broker for LossyBroker {
+    async fn publish(&self, publish: Publish) -> Result<Position> {
+        // One publish at a time, so live delivery keeps seq order as the trait requires.
+        let mut published = self.published.lock().unwrap();
+        let channel = publish.channel.clone();
+        let store = self.current();
+        let position = futures_lite_block_on(store.publish(publish))?;
+        *published += 1;
+        if *published % self.deliver_one_in == 0 {
+            let before = Position::new(position.epoch.clone(), Seq::new(position.seq.get() - 1));
+            if let ReadOutcome::Replayed { events, .. } =
+                futures_lite_block_on(store.read_since(&channel, &before, 1))?
+            {
+                for event in &events {
+                    self.hub.deliver(event);
+                }
+            }
+        }
+        Ok(position)
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
+        Ok(self.hub.subscribe(channel).0)
+    }
+
+    async fn read_since(
+        &self,
+        channel: &Channel,
+        since: &Position,
+        limit: usize,
+    ) -> Result<HistoryRead> {
+        self.current().read_since(channel, since, limit).await
+    }
+
+    async fn position(&self, channel: &Channel) -> Result<Position> {
+        self.current().position(channel).await
+    }
+
+    fn subscriber_count(&self, channel: &Channel) -> usize {
+        self.hub.subscriber_count(channel)
+    }
+
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The memory broker never actually awaits, so its futures complete on the first poll; this
+/// lets the lossy wrapper call it while holding a std mutex.
+fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => panic!("memory broker futures complete at once"),
+    }
+}
+
+fn payload(value: u64) -> Payload {
+    Payload::from_value(&value).unwrap()
+}
+
+async fn next_event_seq(stream: &mut resync_broker::Subscription) -> u64 {
+    match tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        SubscriptionItem::Event(event) => event.position().seq.get(),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn lost_live_messages_are_filled_from_history() {
+    let lossy = Arc::new(LossyBroker::new(5));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("lossy").unwrap();
+    let (_, mut stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    for value in 0..100 {
+        broker
+            .publish(Publish::new(channel.clone(), payload(value)))
+            .await
+            .unwrap();
+    }
+    // Only every fifth event was delivered live, yet the stream has all hundred, in order.
+    for expected in 1..=100 {
+        assert_eq!(next_event_seq(&mut stream).await, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_new_epoch_mid_stream_is_a_reset_then_the_new_history() {
+    let lossy = Arc::new(LossyBroker::new(1));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("restarting").unwrap();
+    let (_, mut stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    broker
+        .publish(Publish::new(channel.clone(), payload(1)))
+        .await
+        .unwrap();
+    assert_eq!(next_event_seq(&mut stream).await, 1);
+    let old_epoch = stream.position().epoch.clone();
+
+    lossy.restart();
+    let first_new = broker
+        .publish(Publish::new(channel.clone(), payload(2)))
+        .await
+        .unwrap();
+    assert_ne!(
+        first_new.epoch, old_epoch,
+        "a restarted memory broker picks a new epoch"
+    );
+    match tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        SubscriptionItem::Reset { reason, position } => {
+            assert_eq!(reason, ResetReason::EpochChanged);
+            assert_eq!(position, Position::start_of(first_new.epoch.clone()));
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert_eq!(next_event_seq(&mut stream).await, 1);
+    assert_eq!(stream.position(), &first_new);
+
+    // A client coming back with the old position is told the same.
+    let (outcome, _) = resume(
+        broker.clone(),
+        channel,
+        Some(Position::new(old_epoch, Seq::new(1))),
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        outcome,
+        RecoveryOutcome::Reset {
+            reason: ResetReason::EpochChanged,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_delivery_with_concurrent_publishers_and_resumers_has_no_gap() {
+    let lossy = Arc::new(LossyBroker::new(3));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("lossy-concurrent").unwrap();
+    let total = 600u64;
+    let publishers: Vec<_> = (0..3)
+        .map(|_| {
+            let broker = broker.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                for value in 0..total / 3 {
+                    broker
+                        .publish(Publish::new(channel.clone(), payload(value)))
+                        .await
+                        .unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let subscribers: Vec<_> = (0..8)
+        .map(|index| {
+            let broker = broker.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(index * 2)).await;
+                let now = broker.position(&channel).await.unwrap();
+                let since = Position::new(
+                    now.epoch.clone(),
+                    Seq::new(fastrand::u64(0..=now.seq.get())),
+                );
+                let first = since.seq.get();
+                let (_, mut stream) =
+                    resume(broker, channel, Some(since), ResumeOptions::default())
+                        .await
+                        .unwrap();
+                let mut seqs = Vec::new();
+                while seqs.last().copied().unwrap_or(first) < total {
+                    seqs.push(next_event_seq(&mut stream).await);
+                }
+                (first, seqs)
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    for subscriber in subscribers {
+        let (first, seqs) = subscriber.await.unwrap();
+        assert_eq!(seqs, (first + 1..=total).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn events_round_trip_through_the_shared_encoding() {
+    let broker = MemoryBroker::default();
+    let channel = Channel::new("encoding").unwrap();
+    let mut live = broker.subscribe(&channel).await.unwrap();
+    broker
+        .publish(Publish::new(
+            channel.clone(),
+            Payload::from_json(r#"{"a":[1,2,"three"]}"#).unwrap(),
+        ))
+        .await
+        .unwrap();
+    let event: EncodedEvent = live.recv().await.unwrap();
+    let frame: serde_json::Value = serde_json::from_slice(event.frame()).unwrap();
+    assert_eq!(frame["type"], "event");
+    assert_eq!(frame["data"]["a"][2], "three");
+}

@@ -1,0 +1,313 @@
+//! Bounded, per-channel event history: the memory a broker needs to replay what a client
+//! missed.
+//!
+//! A [`ChannelLog`] holds the most recent events of one channel in publish order, numbered by
+//! consecutive [`Seq`]s within one [`Epoch`]. [`ChannelLog::append`] stores an event and returns
+//! its [`Position`]; [`ChannelLog::read_since`] answers "what came after this position?" with
+//! the events, with "nothing", or with a reset when the history no longer reaches back.
+//!
+//! Retention is by count and by age ([`Retention`]), so memory stays bounded however fast a
+//! channel is published to. Appending is O(1) (amortized; an append may expire old events, each
+//! of which is removed once), and a read costs O(events returned).
+//!
+//! The log is sans-IO: it never reads a clock or takes a lock. Callers pass `now` and guard
+//! the log with whatever lock they use, which keeps it deterministic under test.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use resync_log::{ChannelLog, ReadOutcome, Retention};
+//! use resync_protocol::{Epoch, Position, ResetReason, Seq};
+//!
+//! let epoch = Epoch::new("e1").unwrap();
+//! let mut log = ChannelLog::new(epoch.clone(), Retention::default().with_max_events(2));
+//! let now = Instant::now();
+//! for item in ["a", "b", "c"] {
+//!     log.append(item, now);
+//! }
+//! // Events 2 and 3 are kept; a reader at seq 1 gets both, one at seq 0 is too far back.
+//! match log.read_since(&Position::new(epoch.clone(), Seq::new(1)), 100, now) {
+//!     ReadOutcome::Replayed { events, .. } => assert_eq!(events, ["b", "c"]),
+//!     other => panic!("{other:?}"),
+//! }
+//! assert!(matches!(
+//!     log.read_since(&Position::start_of(epoch), 100, now),
+//!     ReadOutcome::Reset { reason: ResetReason::Truncated, .. }
+//! ));
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use resync_protocol::{Epoch, Position, ResetReason, Seq};
+
+/// How much history a channel keeps. Whichever limit is reached first trims the oldest events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    max_events: usize,
+    max_age: Option<Duration>,
+}
+
+impl Default for Retention {
+    /// 10,000 events, kept for at most 24 hours: long enough to ride out a deploy or a laptop
+    /// lid closed overnight on a busy channel, at a few MB for a 100-byte payload channel.
+    fn default() -> Self {
+        Self {
+            max_events: 10_000,
+            max_age: Some(Duration::from_secs(24 * 60 * 60)),
+        }
+    }
+}
+
+impl Retention {
+    /// The most events kept per channel. Defaults to 10,000. Zero keeps no history: every
+    /// resume that missed anything is a reset.
+    pub fn with_max_events(mut self, max_events: usize) -> Self {
+        self.max_events = max_events;
+        self
+    }
+
+    /// The longest an event is kept, or `None` for no age limit. Defaults to 24 hours.
+    pub fn with_max_age(mut self, max_age: Option<Duration>) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// The most events kept per channel.
+    pub fn max_events(&self) -> usize {
+        self.max_events
+    }
+
+    /// The longest an event is kept.
+    pub fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
+}
+
+/// The answer to "what came after this position?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadOutcome<T> {
+    /// The events right after the position, oldest first and contiguous: the first has seq
+    /// `since.seq + 1`. There may be more than `limit` missed events, in which case the last
+    /// returned seq is below `latest.seq`.
+    Replayed {
+        /// The missed events, at most `limit` of them.
+        events: Vec<T>,
+        /// The channel's newest position.
+        latest: Position,
+    },
+    /// Nothing came after the position.
+    UpToDate {
+        /// The channel's newest position (equal to the one asked about).
+        latest: Position,
+    },
+    /// The position cannot be resumed.
+    Reset {
+        /// Why.
+        reason: ResetReason,
+        /// The channel's newest position, where a reader continues after refetching.
+        latest: Position,
+    },
+}
+
+/// The retained history of one channel in one epoch.
+#[derive(Debug)]
+pub struct ChannelLog<T> {
+    epoch: Epoch,
+    last_seq: Seq,
+    entries: VecDeque<(Instant, T)>,
+    retention: Retention,
+}
+
+impl<T: Clone> ChannelLog<T> {
+    /// An empty history in `epoch`; the first append gets seq 1.
+    pub fn new(epoch: Epoch, retention: Retention) -> Self {
+        Self {
+            epoch,
+            last_seq: Seq::ZERO,
+            entries: VecDeque::new(),
+            retention,
+        }
+    }
+
+    /// The epoch of this history.
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// The position of the newest event (seq 0 when nothing was appended).
+    pub fn position(&self) -> Position {
+        Position::new(self.epoch.clone(), self.last_seq)
+    }
+
+    /// How many events are retained.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no event is retained.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The seq of the oldest retained event, or `None` when none is retained.
+    pub fn oldest_seq(&self) -> Option<Seq> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        Some(Seq::new(
+            self.last_seq.get() - self.entries.len() as u64 + 1,
+        ))
+    }
+
+    /// The time the newest retained event was appended.
+    pub fn newest_append_time(&self) -> Option<Instant> {
+        self.entries.back().map(|(appended_at, _)| *appended_at)
+    }
+
+    /// Stores `item` as the next event and returns its position.
+    ///
+    /// # Panics
+    /// After `u64::MAX` appends to one epoch, which at a billion events a second takes over 500
+    /// years.
+    pub fn append(&mut self, item: T, now: Instant) -> Position {
+        self.last_seq = self
+            .last_seq
+            .next()
+            .expect("a channel cannot reach u64::MAX events in one epoch");
+        self.entries.push_back((now, item));
+        self.trim(now);
+        self.position()
+    }
+
+    /// Drops events past the age limit (the count limit is enforced by `append`).
+    pub fn expire(&mut self, now: Instant) {
+        self.trim(now);
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self.entries.len() > self.retention.max_events {
+            self.entries.pop_front();
+        }
+        if let Some(max_age) = self.retention.max_age {
+            while let Some((appended_at, _)) = self.entries.front() {
+                if now.saturating_duration_since(*appended_at) > max_age {
+                    self.entries.pop_front();
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The events after `since`, at most `limit` of them, or why there are none.
+    pub fn read_since(&mut self, since: &Position, limit: usize, now: Instant) -> ReadOutcome<T> {
+        self.trim(now);
+        let latest = self.position();
+        if since.epoch != self.epoch {
+            return ReadOutcome::Reset {
+                reason: ResetReason::EpochChanged,
+                latest,
+            };
+        }
+        if since.seq > self.last_seq {
+            return ReadOutcome::Reset {
+                reason: ResetReason::PositionAhead,
+                latest,
+            };
+        }
+        if since.seq == self.last_seq {
+            return ReadOutcome::UpToDate { latest };
+        }
+        // Here since.seq < last_seq, so at least one event was missed.
+        let first_missed = since.seq.get() + 1;
+        let oldest = match self.oldest_seq() {
+            Some(oldest) if oldest.get() <= first_missed => oldest.get(),
+            _ => {
+                return ReadOutcome::Reset {
+                    reason: ResetReason::Truncated,
+                    latest,
+                };
+            }
+        };
+        let start = (first_missed - oldest) as usize;
+        let events = self
+            .entries
+            .range(start..)
+            .take(limit)
+            .map(|(_, item)| item.clone())
+            .collect();
+        ReadOutcome::Replayed { events, latest }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch() -> Epoch {
+        Epoch::new("e").unwrap()
+    }
+
+    #[test]
+    fn seqs_start_at_one_and_count_up() {
+        let mut log = ChannelLog::new(epoch(), Retention::default());
+        let now = Instant::now();
+        assert_eq!(log.position().seq, Seq::ZERO);
+        assert_eq!(log.append(1, now).seq, Seq::new(1));
+        assert_eq!(log.append(2, now).seq, Seq::new(2));
+    }
+
+    #[test]
+    fn another_epoch_is_a_reset_never_a_replay() {
+        let mut log = ChannelLog::new(epoch(), Retention::default());
+        let now = Instant::now();
+        log.append(1, now);
+        let stranger = Position::start_of(Epoch::new("other").unwrap());
+        assert!(matches!(
+            log.read_since(&stranger, 10, now),
+            ReadOutcome::Reset {
+                reason: ResetReason::EpochChanged,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn age_limit_expires_old_events() {
+        let retention = Retention::default().with_max_age(Some(Duration::from_secs(10)));
+        let mut log = ChannelLog::new(epoch(), retention);
+        let start = Instant::now();
+        log.append("old", start);
+        log.append("new", start + Duration::from_secs(8));
+        let later = start + Duration::from_secs(15);
+        let since_zero = Position::start_of(epoch());
+        assert!(matches!(
+            log.read_since(&since_zero, 10, later),
+            ReadOutcome::Reset {
+                reason: ResetReason::Truncated,
+                ..
+            }
+        ));
+        let since_one = Position::new(epoch(), Seq::new(1));
+        assert_eq!(
+            log.read_since(&since_one, 10, later),
+            ReadOutcome::Replayed {
+                events: vec!["new"],
+                latest: Position::new(epoch(), Seq::new(2))
+            }
+        );
+    }
+
+    #[test]
+    fn position_ahead_of_the_log_is_a_reset() {
+        let mut log: ChannelLog<u8> = ChannelLog::new(epoch(), Retention::default());
+        let ahead = Position::new(epoch(), Seq::new(5));
+        assert!(matches!(
+            log.read_since(&ahead, 10, Instant::now()),
+            ReadOutcome::Reset {
+                reason: ResetReason::PositionAhead,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,195 @@
+//! Multi-channel cursors: the positions of several channels in one string.
+//!
+//! An SSE stream may follow many channels, but a browser's `EventSource` remembers only one
+//! string, the `id:` of the last event, and sends it back as `Last-Event-ID` when it
+//! reconnects. So every SSE event's id is a cursor holding the position of *every* channel of
+//! the stream, and the same cursor resumes a long poll.
+//!
+//! Grammar: entries joined by `,`; each entry is `channel:epoch:seq`. The channel may itself
+//! contain `:` but never `,`; the epoch and seq never contain `:`, so each entry is split from
+//! the right.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::names::{Channel, Epoch, Position, parse_seq, truncate_for_message};
+
+/// The longest cursor accepted, in bytes (enough for 64 channels with long names).
+pub const MAX_CURSOR_LEN: usize = 16 * 1024;
+
+/// The positions of a set of channels, each channel at most once, in a stable order.
+///
+/// ```
+/// use resync_protocol::{Channel, Cursor};
+/// let cursor: Cursor = "chat:room-1:k3x9:17,news:a1b2:4".parse().unwrap();
+/// let room = Channel::new("chat:room-1").unwrap();
+/// assert_eq!(cursor.get(&room).unwrap().seq.get(), 17);
+/// assert_eq!(cursor.to_string(), "chat:room-1:k3x9:17,news:a1b2:4");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    entries: Vec<(Channel, Position)>,
+}
+
+impl Cursor {
+    /// An empty cursor.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The position of `channel`, if the cursor holds it.
+    pub fn get(&self, channel: &Channel) -> Option<&Position> {
+        self.entries
+            .iter()
+            .find(|(entry_channel, _)| entry_channel == channel)
+            .map(|(_, position)| position)
+    }
+
+    /// Sets the position of `channel`, keeping its place if it was already there.
+    pub fn set(&mut self, channel: Channel, position: Position) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|(entry_channel, _)| *entry_channel == channel)
+        {
+            Some((_, existing)) => *existing = position,
+            None => self.entries.push((channel, position)),
+        }
+    }
+
+    /// Removes `channel` from the cursor.
+    pub fn remove(&mut self, channel: &Channel) -> Option<Position> {
+        let index = self
+            .entries
+            .iter()
+            .position(|(entry_channel, _)| entry_channel == channel)?;
+        Some(self.entries.remove(index).1)
+    }
+
+    /// The channels and positions, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Channel, &Position)> {
+        self.entries
+            .iter()
+            .map(|(channel, position)| (channel, position))
+    }
+
+    /// How many channels the cursor holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cursor holds no channel.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Parses the cursor grammar. The empty string is the empty cursor.
+    pub fn parse(text: &str) -> Result<Self> {
+        if text.len() > MAX_CURSOR_LEN {
+            return Err(Error::InvalidCursor(format!(
+                "cursor is {} bytes, the limit is {MAX_CURSOR_LEN}",
+                text.len()
+            )));
+        }
+        let mut cursor = Cursor::new();
+        if text.is_empty() {
+            return Ok(cursor);
+        }
+        for entry in text.split(',') {
+            let mut parts = entry.rsplitn(3, ':');
+            let (Some(seq), Some(epoch), Some(channel)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Error::InvalidCursor(format!(
+                    "entry {:?} is not of the form channel:epoch:seq",
+                    truncate_for_message(entry)
+                )));
+            };
+            let channel =
+                Channel::new(channel).map_err(|error| Error::InvalidCursor(error.to_string()))?;
+            let epoch =
+                Epoch::new(epoch).map_err(|error| Error::InvalidCursor(error.to_string()))?;
+            let seq = parse_seq(seq)?;
+            if cursor.get(&channel).is_some() {
+                return Err(Error::InvalidCursor(format!(
+                    "channel {channel} appears twice"
+                )));
+            }
+            cursor.entries.push((channel, Position::new(epoch, seq)));
+        }
+        Ok(cursor)
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, (channel, position)) in self.entries.iter().enumerate() {
+            if index > 0 {
+                formatter.write_str(",")?;
+            }
+            write!(formatter, "{channel}:{}:{}", position.epoch, position.seq)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Cursor::parse(text)
+    }
+}
+
+impl FromIterator<(Channel, Position)> for Cursor {
+    fn from_iter<I: IntoIterator<Item = (Channel, Position)>>(iter: I) -> Self {
+        let mut cursor = Cursor::new();
+        for (channel, position) in iter {
+            cursor.set(channel, position);
+        }
+        cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_cursors_are_typed_errors() {
+        for bad in [
+            "nocolons",
+            "c:e",
+            "c:e:x",
+            "c:e-1:1",
+            "bad channel:e:1",
+            "c:e:1,c:e:2",
+            "c:e:1,",
+            ",c:e:1",
+        ] {
+            assert!(
+                matches!(Cursor::parse(bad), Err(Error::InvalidCursor(_))),
+                "{bad:?} should be rejected"
+            );
+        }
+        assert!(Cursor::parse(&"a".repeat(MAX_CURSOR_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn set_keeps_order_and_replaces() {
+        let epoch = Epoch::new("e").unwrap();
+        let mut cursor = Cursor::new();
+        cursor.set(
+            Channel::new("b").unwrap(),
+            Position::start_of(epoch.clone()),
+        );
+        cursor.set(
+            Channel::new("a").unwrap(),
+            Position::start_of(epoch.clone()),
+        );
+        cursor.set(
+            Channel::new("b").unwrap(),
+            Position::new(epoch, crate::Seq::new(3)),
+        );
+        assert_eq!(cursor.to_string(), "b:e:3,a:e:0");
+    }
+}

@@ -1,0 +1,621 @@
+//! WebSocket frames in both directions, the recovery outcome, and stable error codes.
+//!
+//! Every frame is one JSON object in one WebSocket text message, told apart by its `type`
+//! field. Unknown fields are rejected so that typos surface as errors instead of being ignored.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::event::{Event, Payload};
+use crate::names::{Channel, IdempotencyKey, Position, truncate_for_message};
+
+/// The version of the wire protocol described in `docs/protocol.md`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A number the client picks to match a reply to its request. The server echoes it.
+pub type RequestId = u64;
+
+/// A frame the client sends to the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Follow a channel, optionally resuming after `since`.
+    Subscribe {
+        /// Echoed in the `subscribed` or `error` reply.
+        id: RequestId,
+        /// The channel to follow.
+        channel: Channel,
+        /// The last position the client has seen; missed events are replayed first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Position>,
+    },
+    /// Stop following a channel.
+    Unsubscribe {
+        /// Echoed in the `unsubscribed` or `error` reply.
+        id: RequestId,
+        /// The channel to stop following.
+        channel: Channel,
+    },
+    /// Publish an event (where the server allows client publishing).
+    Publish {
+        /// Echoed in the `published` or `error` reply.
+        id: RequestId,
+        /// The channel to publish on.
+        channel: Channel,
+        /// The event's JSON data.
+        data: Payload,
+        /// Makes a retried publish land once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<IdempotencyKey>,
+    },
+    /// The answer to a server `ping`.
+    Pong,
+}
+
+impl ClientFrame {
+    /// Decodes one frame from the bytes of a WebSocket text message.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let wire: ClientWire = serde_json::from_slice(bytes).map_err(malformed)?;
+        wire.into_frame()
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn encode(&self) -> String {
+        // Serializing these types cannot fail: every field is a string, number or raw JSON.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// How a subscription starts: what the server did with the client's `since`.
+///
+/// This is a typed answer, never a boolean: a client can tell "nothing was missed" from
+/// "missed events follow" from "your state is stale, refetch".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RecoveryOutcome {
+    /// No `since` was given: live events after `position` follow.
+    Fresh {
+        /// The channel's position when the subscription started.
+        position: Position,
+    },
+    /// `count` missed events follow (before any live event), then live ones.
+    Replayed {
+        /// How many replayed events follow.
+        count: u64,
+    },
+    /// Nothing was missed; live events follow.
+    UpToDate,
+    /// The missed events cannot be replayed: the client must refetch its state, then follow
+    /// the live events after `position`, which follow.
+    Reset {
+        /// Why replay was impossible.
+        reason: ResetReason,
+        /// Where the stream continues from.
+        position: Position,
+    },
+}
+
+/// Why a client's position could not be resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ResetReason {
+    /// The channel's history started again (broker restart, lost metadata); old positions
+    /// mean nothing in the new epoch.
+    EpochChanged,
+    /// History no longer reaches back to the position (trimmed by count or by age).
+    Truncated,
+    /// More events were missed than the server replays at once.
+    TooFarBehind,
+    /// The position is ahead of the channel's newest event, which a real client never holds.
+    PositionAhead,
+    /// The client's cursor could not be read.
+    BadCursor,
+    /// A reason added in a later protocol version; treat it like any other reset.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ResetReason {
+    /// The snake_case name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::EpochChanged => "epoch_changed",
+            ResetReason::Truncated => "truncated",
+            ResetReason::TooFarBehind => "too_far_behind",
+            ResetReason::PositionAhead => "position_ahead",
+            ResetReason::BadCursor => "bad_cursor",
+            ResetReason::Unknown => "unknown",
+        }
+    }
+}
+
+/// Stable, machine-readable error codes, shared by WebSocket `error` frames and the JSON
+/// bodies of HTTP errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request is malformed in a way no other code describes.
+    BadRequest,
+    /// A frame is not JSON or not a known frame type, or has unknown fields.
+    MalformedFrame,
+    /// A channel name breaks the channel grammar.
+    InvalidChannel,
+    /// The channel's namespace is not served by this server.
+    UnknownChannel,
+    /// A cursor or position could not be read.
+    BadCursor,
+    /// A payload is not valid JSON.
+    InvalidPayload,
+    /// A message or body is larger than the server accepts.
+    PayloadTooLarge,
+    /// No valid credentials were given, or they expired.
+    Unauthorized,
+    /// The credentials do not allow this action on this channel.
+    Forbidden,
+    /// The client is already subscribed to this channel on this connection.
+    AlreadySubscribed,
+    /// The client is not subscribed to this channel on this connection.
+    NotSubscribed,
+    /// The connection follows as many channels as the server allows.
+    TooManyChannels,
+    /// The client sends faster than the server allows.
+    RateLimited,
+    /// The broker could not store or read events; retry later.
+    Unavailable,
+    /// A bug or unexpected state on the server.
+    Internal,
+    /// A code added in a later protocol version.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::UnknownChannel => "unknown_channel",
+            ErrorCode::BadCursor => "bad_cursor",
+            ErrorCode::InvalidPayload => "invalid_payload",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooManyChannels => "too_many_channels",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+/// The JSON body of every error, over HTTP and inside WebSocket `error` frames.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// A human-readable explanation; not stable, not for matching.
+    pub message: String,
+}
+
+/// A frame the server sends to the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The first frame on every connection.
+    Connected {
+        /// The server's id for this connection (for logs and support).
+        client_id: String,
+        /// How often the server pings; a client that hears nothing for this long plus a grace
+        /// period should treat the connection as dead.
+        ping_interval_ms: u64,
+        /// The protocol version the server speaks.
+        protocol: u32,
+    },
+    /// The reply to `subscribe`; replayed events (if any) follow, then live ones.
+    Subscribed {
+        /// The request's id.
+        id: RequestId,
+        /// The channel now followed.
+        channel: Channel,
+        /// What happened to the client's `since`.
+        recovery: RecoveryOutcome,
+    },
+    /// The reply to `unsubscribe`.
+    Unsubscribed {
+        /// The request's id.
+        id: RequestId,
+        /// The channel no longer followed.
+        channel: Channel,
+    },
+    /// The reply to `publish`: where the event was stored.
+    Published {
+        /// The request's id.
+        id: RequestId,
+        /// The channel published on.
+        channel: Channel,
+        /// The stored event's position.
+        position: Position,
+    },
+    /// An event of a followed channel.
+    Event(Event),
+    /// A followed channel's history broke mid-stream; the client must refetch, then follows
+    /// the events after `position`.
+    Reset {
+        /// The channel that was reset.
+        channel: Channel,
+        /// Why.
+        reason: ResetReason,
+        /// Where the stream continues from.
+        position: Position,
+    },
+    /// A request failed, or (without `id`) the connection did something wrong.
+    Error {
+        /// The failed request's id, when the error answers a request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        /// The stable error code.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+    /// A heartbeat; the client answers with `pong`.
+    Ping,
+}
+
+impl ServerFrame {
+    /// Decodes one frame from the bytes of a WebSocket text message.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let wire: ServerWire = serde_json::from_slice(bytes).map_err(malformed)?;
+        wire.into_frame()
+    }
+
+    /// Encodes the frame as JSON text. Events take the hand-written fast path.
+    pub fn encode(&self) -> String {
+        match self {
+            ServerFrame::Event(event) => event.encode_frame(),
+            // Serializing these types cannot fail: every field is a string, number or raw JSON.
+            other => serde_json::to_string(other).unwrap_or_default(),
+        }
+    }
+}
+
+fn malformed(error: serde_json::Error) -> Error {
+    Error::MalformedFrame(truncate_for_message(&error.to_string()))
+}
+
+// Decoding goes through flat "wire" structs instead of serde's internally tagged enums: serde
+// buffers tagged content before it knows the variant, and raw JSON payloads cannot be read
+// back from that buffer. A flat struct reads the payload straight from the input, in one pass.
+
+/// Takes a field that the frame type requires.
+fn required<T>(field: Option<T>, kind: &str, name: &str) -> Result<T> {
+    field.ok_or_else(|| Error::MalformedFrame(format!("{kind} frame is missing field `{name}`")))
+}
+
+/// Fails when a frame carries a field that its type does not have.
+fn reject_extra(kind: &str, extra: &[(&str, bool)]) -> Result<()> {
+    match extra.iter().find(|(_, present)| *present) {
+        Some((name, _)) => Err(Error::MalformedFrame(format!(
+            "{kind} frame has unknown field `{name}`"
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientWire {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<RequestId>,
+    channel: Option<Channel>,
+    since: Option<Position>,
+    #[serde(default, deserialize_with = "present_payload")]
+    data: Option<Payload>,
+    idempotency_key: Option<IdempotencyKey>,
+}
+
+/// Reads a present `data` field as `Some`, even when it is JSON `null` (a valid payload).
+fn present_payload<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Payload>, D::Error> {
+    Payload::deserialize(deserializer).map(Some)
+}
+
+impl ClientWire {
+    fn into_frame(self) -> Result<ClientFrame> {
+        let kind = self.kind.as_str();
+        match kind {
+            "subscribe" => {
+                reject_extra(
+                    kind,
+                    &[
+                        ("data", self.data.is_some()),
+                        ("idempotency_key", self.idempotency_key.is_some()),
+                    ],
+                )?;
+                Ok(ClientFrame::Subscribe {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    since: self.since,
+                })
+            }
+            "unsubscribe" => {
+                reject_extra(
+                    kind,
+                    &[
+                        ("since", self.since.is_some()),
+                        ("data", self.data.is_some()),
+                        ("idempotency_key", self.idempotency_key.is_some()),
+                    ],
+                )?;
+                Ok(ClientFrame::Unsubscribe {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                })
+            }
+            "publish" => {
+                reject_extra(kind, &[("since", self.since.is_some())])?;
+                Ok(ClientFrame::Publish {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    data: required(self.data, kind, "data")?,
+                    idempotency_key: self.idempotency_key,
+                })
+            }
+            "pong" => {
+                reject_extra(
+                    kind,
+                    &[
+                        ("id", self.id.is_some()),
+                        ("channel", self.channel.is_some()),
+                        ("since", self.since.is_some()),
+                        ("data", self.data.is_some()),
+                        ("idempotency_key", self.idempotency_key.is_some()),
+                    ],
+                )?;
+                Ok(ClientFrame::Pong)
+            }
+            other => Err(Error::MalformedFrame(format!(
+                "unknown frame type {:?}",
+                truncate_for_message(other)
+            ))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ClientWire::deserialize(deserializer)?
+            .into_frame()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerWire {
+    #[serde(rename = "type")]
+    kind: String,
+    client_id: Option<String>,
+    ping_interval_ms: Option<u64>,
+    protocol: Option<u32>,
+    id: Option<RequestId>,
+    channel: Option<Channel>,
+    recovery: Option<RecoveryOutcome>,
+    position: Option<Position>,
+    epoch: Option<crate::names::Epoch>,
+    seq: Option<crate::names::Seq>,
+    #[serde(default, deserialize_with = "present_payload")]
+    data: Option<Payload>,
+    reason: Option<ResetReason>,
+    code: Option<ErrorCode>,
+    message: Option<String>,
+}
+
+impl ServerWire {
+    /// The names of the fields present, to reject those a frame type does not have.
+    fn present(&self) -> [(&'static str, bool); 13] {
+        [
+            ("client_id", self.client_id.is_some()),
+            ("ping_interval_ms", self.ping_interval_ms.is_some()),
+            ("protocol", self.protocol.is_some()),
+            ("id", self.id.is_some()),
+            ("channel", self.channel.is_some()),
+            ("recovery", self.recovery.is_some()),
+            ("position", self.position.is_some()),
+            ("epoch", self.epoch.is_some()),
+            ("seq", self.seq.is_some()),
+            ("data", self.data.is_some()),
+            ("reason", self.reason.is_some()),
+            ("code", self.code.is_some()),
+            ("message", self.message.is_some()),
+        ]
+    }
+
+    fn reject_all_but(&self, kind: &str, allowed: &[&str]) -> Result<()> {
+        let extra: Vec<(&str, bool)> = self
+            .present()
+            .into_iter()
+            .filter(|(name, _)| !allowed.contains(name))
+            .collect();
+        reject_extra(kind, &extra)
+    }
+
+    fn into_frame(self) -> Result<ServerFrame> {
+        let kind = self.kind.clone();
+        let kind = kind.as_str();
+        match kind {
+            "connected" => {
+                self.reject_all_but(kind, &["client_id", "ping_interval_ms", "protocol"])?;
+                Ok(ServerFrame::Connected {
+                    client_id: required(self.client_id, kind, "client_id")?,
+                    ping_interval_ms: required(self.ping_interval_ms, kind, "ping_interval_ms")?,
+                    protocol: required(self.protocol, kind, "protocol")?,
+                })
+            }
+            "subscribed" => {
+                self.reject_all_but(kind, &["id", "channel", "recovery"])?;
+                Ok(ServerFrame::Subscribed {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    recovery: required(self.recovery, kind, "recovery")?,
+                })
+            }
+            "unsubscribed" => {
+                self.reject_all_but(kind, &["id", "channel"])?;
+                Ok(ServerFrame::Unsubscribed {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                })
+            }
+            "published" => {
+                self.reject_all_but(kind, &["id", "channel", "position"])?;
+                Ok(ServerFrame::Published {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    position: required(self.position, kind, "position")?,
+                })
+            }
+            "event" => {
+                self.reject_all_but(kind, &["channel", "epoch", "seq", "data"])?;
+                Ok(ServerFrame::Event(Event {
+                    channel: required(self.channel, kind, "channel")?,
+                    position: Position::new(
+                        required(self.epoch, kind, "epoch")?,
+                        required(self.seq, kind, "seq")?,
+                    ),
+                    data: required(self.data, kind, "data")?,
+                }))
+            }
+            "reset" => {
+                self.reject_all_but(kind, &["channel", "reason", "position"])?;
+                Ok(ServerFrame::Reset {
+                    channel: required(self.channel, kind, "channel")?,
+                    reason: required(self.reason, kind, "reason")?,
+                    position: required(self.position, kind, "position")?,
+                })
+            }
+            "error" => {
+                self.reject_all_but(kind, &["id", "code", "message"])?;
+                Ok(ServerFrame::Error {
+                    id: self.id,
+                    code: required(self.code, kind, "code")?,
+                    message: required(self.message, kind, "message")?,
+                })
+            }
+            "ping" => {
+                self.reject_all_but(kind, &[])?;
+                Ok(ServerFrame::Ping)
+            }
+            other => Err(Error::MalformedFrame(format!(
+                "unknown frame type {:?}",
+                truncate_for_message(other)
+            ))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ServerWire::deserialize(deserializer)?
+            .into_frame()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::{Epoch, Seq};
+
+    #[test]
+    fn subscribe_frame_reads_as_documented() {
+        let frame = ClientFrame::decode(
+            br#"{"type":"subscribe","id":1,"channel":"news","since":{"epoch":"e1","seq":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Subscribe {
+                id: 1,
+                channel: Channel::new("news").unwrap(),
+                since: Some(Position::new(Epoch::new("e1").unwrap(), Seq::new(5))),
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_rejected() {
+        for bad in [
+            &br#"{"type":"subscribe","id":1,"channel":"news","sinse":null}"#[..],
+            br#"{"type":"teleport","id":1}"#,
+            br#"{"type":"subscribe","id":1,"channel":"bad channel"}"#,
+            br#"{"id":1}"#,
+            b"not json",
+        ] {
+            assert!(matches!(
+                ClientFrame::decode(bad),
+                Err(Error::MalformedFrame(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn recovery_outcome_is_tagged() {
+        let frame = ServerFrame::Subscribed {
+            id: 3,
+            channel: Channel::new("c").unwrap(),
+            recovery: RecoveryOutcome::Reset {
+                reason: ResetReason::Truncated,
+                position: Position::new(Epoch::new("e").unwrap(), Seq::new(9)),
+            },
+        };
+        let json: serde_json::Value = serde_json::from_str(&frame.encode()).unwrap();
+        assert_eq!(json["recovery"]["outcome"], "reset");
+        assert_eq!(json["recovery"]["reason"], "truncated");
+        assert_eq!(json["recovery"]["position"]["seq"], 9);
+    }
+
+    #[test]
+    fn newer_reasons_and_codes_decode_as_unknown() {
+        let reason: ResetReason = serde_json::from_str("\"meteor_strike\"").unwrap();
+        assert_eq!(reason, ResetReason::Unknown);
+        let code: ErrorCode = serde_json::from_str("\"meteor_strike\"").unwrap();
+        assert_eq!(code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn as_str_matches_serde_names() {
+        for reason in [
+            ResetReason::EpochChanged,
+            ResetReason::Truncated,
+            ResetReason::TooFarBehind,
+            ResetReason::PositionAhead,
+            ResetReason::BadCursor,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&reason).unwrap(),
+                format!("\"{}\"", reason.as_str())
+            );
+        }
+        for code in [
+            ErrorCode::MalformedFrame,
+            ErrorCode::TooManyChannels,
+            ErrorCode::Unavailable,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&code).unwrap(),
+                format!("\"{}\"", code.as_str())
+            );
+        }
+    }
+}

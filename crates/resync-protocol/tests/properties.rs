@@ -1,0 +1,278 @@
+//! Property tests: every frame, cursor and SSE event survives a round trip, and no decoder
+//! panics on arbitrary input.
+
+use proptest::prelude::*;
+use resync_protocol::sse::{SseFrame, SseParser};
+use resync_protocol::{
+    Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Payload, Position,
+    RecoveryOutcome, ResetReason, Seq, ServerFrame,
+};
+
+fn channel() -> impl Strategy<Value = Channel> {
+    "[A-Za-z0-9_.:@/-]{1,40}"
+        .prop_map(|name| Channel::new(name).expect("strategy makes valid names"))
+}
+
+fn epoch() -> impl Strategy<Value = Epoch> {
+    "[A-Za-z0-9]{1,32}".prop_map(|text| Epoch::new(text).expect("strategy makes valid epochs"))
+}
+
+fn position() -> impl Strategy<Value = Position> {
+    (epoch(), any::<u64>()).prop_map(|(epoch, seq)| Position::new(epoch, Seq::new(seq)))
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |number| number.is_finite())
+            .prop_map(serde_json::Value::from),
+        any::<String>().prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(any::<String>(), inner, 0..6)
+                .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+        ]
+    })
+}
+
+fn payload() -> impl Strategy<Value = Payload> {
+    (json_value(), any::<bool>()).prop_map(|(value, pretty)| {
+        let text = if pretty {
+            serde_json::to_string_pretty(&value)
+        } else {
+            serde_json::to_string(&value)
+        }
+        .expect("values serialize");
+        Payload::from_json(text).expect("serde output is valid json")
+    })
+}
+
+fn reset_reason() -> impl Strategy<Value = ResetReason> {
+    prop_oneof![
+        Just(ResetReason::EpochChanged),
+        Just(ResetReason::Truncated),
+        Just(ResetReason::TooFarBehind),
+        Just(ResetReason::PositionAhead),
+        Just(ResetReason::BadCursor),
+        Just(ResetReason::Unknown),
+    ]
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::BadRequest),
+        Just(ErrorCode::MalformedFrame),
+        Just(ErrorCode::InvalidChannel),
+        Just(ErrorCode::UnknownChannel),
+        Just(ErrorCode::BadCursor),
+        Just(ErrorCode::Unauthorized),
+        Just(ErrorCode::Forbidden),
+        Just(ErrorCode::TooManyChannels),
+        Just(ErrorCode::Unavailable),
+        Just(ErrorCode::Unknown),
+    ]
+}
+
+fn recovery() -> impl Strategy<Value = RecoveryOutcome> {
+    prop_oneof![
+        position().prop_map(|position| RecoveryOutcome::Fresh { position }),
+        any::<u64>().prop_map(|count| RecoveryOutcome::Replayed { count }),
+        Just(RecoveryOutcome::UpToDate),
+        (reset_reason(), position())
+            .prop_map(|(reason, position)| RecoveryOutcome::Reset { reason, position }),
+    ]
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (any::<u64>(), channel(), proptest::option::of(position()))
+            .prop_map(|(id, channel, since)| ClientFrame::Subscribe { id, channel, since }),
+        (any::<u64>(), channel())
+            .prop_map(|(id, channel)| ClientFrame::Unsubscribe { id, channel }),
+        (
+            any::<u64>(),
+            channel(),
+            payload(),
+            proptest::option::of("[!-~]{1,128}")
+        )
+            .prop_map(|(id, channel, data, key)| ClientFrame::Publish {
+                id,
+                channel,
+                data,
+                idempotency_key: key.map(|key| IdempotencyKey::new(key).expect("valid key")),
+            }),
+        Just(ClientFrame::Pong),
+    ]
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    (channel(), position(), payload()).prop_map(|(channel, position, data)| Event {
+        channel,
+        position,
+        data,
+    })
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (any::<String>(), any::<u64>(), any::<u32>()).prop_map(
+            |(client_id, ping_interval_ms, protocol)| ServerFrame::Connected {
+                client_id,
+                ping_interval_ms,
+                protocol
+            }
+        ),
+        (any::<u64>(), channel(), recovery()).prop_map(|(id, channel, recovery)| {
+            ServerFrame::Subscribed {
+                id,
+                channel,
+                recovery,
+            }
+        }),
+        (any::<u64>(), channel())
+            .prop_map(|(id, channel)| ServerFrame::Unsubscribed { id, channel }),
+        (any::<u64>(), channel(), position()).prop_map(|(id, channel, position)| {
+            ServerFrame::Published {
+                id,
+                channel,
+                position,
+            }
+        }),
+        event().prop_map(ServerFrame::Event),
+        (channel(), reset_reason(), position()).prop_map(|(channel, reason, position)| {
+            ServerFrame::Reset {
+                channel,
+                reason,
+                position,
+            }
+        }),
+        (
+            proptest::option::of(any::<u64>()),
+            error_code(),
+            any::<String>()
+        )
+            .prop_map(|(id, code, message)| ServerFrame::Error { id, code, message }),
+        Just(ServerFrame::Ping),
+    ]
+}
+
+fn cursor() -> impl Strategy<Value = Cursor> {
+    prop::collection::vec((channel(), position()), 0..8)
+        .prop_map(|entries| entries.into_iter().collect())
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(frame in client_frame()) {
+        let encoded = frame.encode();
+        prop_assert_eq!(ClientFrame::decode(encoded.as_bytes())?, frame);
+    }
+
+    #[test]
+    fn server_frames_round_trip(frame in server_frame()) {
+        let encoded = frame.encode();
+        prop_assert!(!encoded.contains('\n'), "frames are one line: {}", encoded);
+        prop_assert_eq!(ServerFrame::decode(encoded.as_bytes())?, frame);
+    }
+
+    #[test]
+    fn hand_written_event_encoding_equals_serde(event in event()) {
+        let fast: serde_json::Value = serde_json::from_str(&event.encode_frame()).expect("valid json");
+        let slow = serde_json::to_value(ServerFrameForSerde(&event)).expect("serializes");
+        prop_assert_eq!(fast, slow);
+    }
+
+    #[test]
+    fn payloads_keep_their_value(value in json_value()) {
+        let pretty = serde_json::to_string_pretty(&value).expect("serializes");
+        let compact = serde_json::to_string(&value).expect("serializes");
+        let payload = Payload::from_json(pretty)?;
+        // Compare through the same parser: serde_json's float parsing is not exact, ours is
+        // not the thing under test.
+        let back: serde_json::Value = payload.parse()?;
+        let expected: serde_json::Value = serde_json::from_str(&compact).expect("parses");
+        prop_assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn cursors_round_trip(cursor in cursor()) {
+        let text = cursor.to_string();
+        prop_assert_eq!(Cursor::parse(&text)?, cursor);
+    }
+
+    #[test]
+    fn positions_round_trip(position in position()) {
+        prop_assert_eq!(position.to_string().parse::<Position>()?, position);
+    }
+
+    #[test]
+    fn sse_frames_round_trip_through_the_parser(
+        id in proptest::option::of("[ -~]{0,40}"),
+        event_name in proptest::option::of("[a-z]{1,12}"),
+        data in "[ -~\n]{0,200}",
+        retry_ms in proptest::option::of(any::<u32>()),
+        split in any::<prop::sample::Index>(),
+    ) {
+        let frame = SseFrame {
+            id: id.as_deref(),
+            event: event_name.as_deref(),
+            data: &data,
+            retry_ms: retry_ms.map(u64::from),
+        };
+        let bytes = frame.encode();
+        // Feed in two chunks split at an arbitrary byte, as a network would.
+        let cut = split.index(bytes.len() + 1);
+        let mut parser = SseParser::new();
+        let mut messages = parser.feed(&bytes[..cut])?;
+        messages.extend(parser.feed(&bytes[cut..])?);
+        prop_assert_eq!(messages.len(), 1);
+        let message = &messages[0];
+        prop_assert_eq!(&message.data, &data);
+        prop_assert_eq!(&message.event, event_name.as_deref().unwrap_or("message"));
+        prop_assert_eq!(&message.last_event_id, id.as_deref().unwrap_or(""));
+        prop_assert_eq!(message.retry_ms, retry_ms.map(u64::from));
+    }
+
+    #[test]
+    fn decoders_never_panic_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = ClientFrame::decode(&bytes);
+        let _ = ServerFrame::decode(&bytes);
+        let _ = Payload::from_slice(&bytes);
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = Cursor::parse(&text);
+        let _ = text.parse::<Position>();
+        let _ = Channel::new(&*text);
+        let _ = Epoch::new(&*text);
+        let _ = IdempotencyKey::new(&*text);
+        let _ = SseParser::new().feed(&bytes);
+    }
+
+    #[test]
+    fn decoders_never_panic_on_json_shaped_input(
+        kind in prop_oneof![Just("subscribe".to_owned()), Just("publish".to_owned()), Just("event".to_owned()), Just("subscribed".to_owned()), Just("error".to_owned()), "[a-z]{0,8}"],
+        fields in prop::collection::vec(("[a-z_]{1,16}", json_value()), 0..6),
+    ) {
+        let mut object = serde_json::Map::new();
+        object.insert("type".to_owned(), kind.into());
+        for (name, value) in fields {
+            object.insert(name, value);
+        }
+        let bytes = serde_json::to_vec(&object).expect("serializes");
+        let _ = ClientFrame::decode(&bytes);
+        let _ = ServerFrame::decode(&bytes);
+    }
+}
+
+/// Serializes an event frame through serde's derive, the slow reference path.
+struct ServerFrameForSerde<'a>(&'a Event);
+
+impl serde::Serialize for ServerFrameForSerde<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ServerFrame::Event(self.0.clone()).serialize(serializer)
+    }
+}
