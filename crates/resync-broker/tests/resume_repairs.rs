@@ -1,6 +1,11 @@
 //! The resume algorithm repairs what brokers get wrong: lost live messages are filled from
 //! history, and a history that restarts in a new epoch is reported as a reset.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers fail the test loudly on any error"
+)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -1,0 +1,287 @@
+//! Who may subscribe and publish: the [`Authorizer`] trait and a JWT implementation.
+//!
+//! Every transport authenticates a request once, when it arrives (for WebSocket, during the
+//! HTTP upgrade, so a bad token gets 401 before any handshake), and asks the authorizer about
+//! each channel as the client subscribes or publishes.
+//!
+//! Tokens are read from, in order: the `Authorization: Bearer` header, a cookie (name
+//! configurable, default `resync_token`), and the `token` query parameter. The query parameter
+//! exists because browsers cannot set headers on `EventSource` or `WebSocket`; URLs end up in
+//! proxy logs and browser history, so it is meant for short-lived tokens only, and resync
+//! redacts it from every log line it writes.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use resync_protocol::Channel;
+
+use crate::jwt::{self, JwtError};
+
+/// A channel pattern: an exact name, `prefix*` (every channel starting with `prefix`, such as
+/// `chat:*`), or `*` (every channel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelPattern(String);
+
+impl ChannelPattern {
+    /// A pattern from its text.
+    pub fn new(pattern: impl Into<String>) -> Self {
+        Self(pattern.into())
+    }
+
+    /// Whether `channel` matches.
+    pub fn matches(&self, channel: &Channel) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => channel.as_str().starts_with(prefix),
+            None => channel.as_str() == self.0,
+        }
+    }
+}
+
+fn any_matches(patterns: &[ChannelPattern], channel: &Channel) -> bool {
+    patterns.iter().any(|pattern| pattern.matches(channel))
+}
+
+/// Where a request's token came from. Cookie credentials are sent by browsers automatically,
+/// even by other sites' pages, so they require an `Origin` check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer …`.
+    Header,
+    /// A cookie.
+    Cookie,
+    /// The `token` query parameter.
+    Query,
+}
+
+/// The credentials of a request.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The token and where it came from; `None` for an anonymous request.
+    pub token: Option<(String, TokenSource)>,
+}
+
+/// Who a request acts as, and until when.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The subject (user id); `None` when anonymous.
+    pub subject: Option<String>,
+    /// When the credentials expire; a connection is closed then (WebSocket close code 4300).
+    pub expires_at: Option<SystemTime>,
+    /// Channels this identity may subscribe to.
+    pub subscribe: Vec<ChannelPattern>,
+    /// Channels this identity may publish to.
+    pub publish: Vec<ChannelPattern>,
+}
+
+impl Identity {
+    /// How long until the credentials expire, if they do.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.expires_at.map(|expires_at| {
+            expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No usable credentials (missing, invalid or expired): 401, WebSocket close 4300.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// Valid credentials that do not allow this: 403.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+}
+
+/// Decides who a request is and what it may do.
+#[async_trait]
+pub trait Authorizer: Send + Sync + 'static {
+    /// Turns credentials into an identity, or refuses them. Requests without a token arrive
+    /// with `credentials.token == None`; return an anonymous identity to let them in.
+    async fn authenticate(&self, credentials: &Credentials) -> Result<Identity, AuthError>;
+
+    /// Whether `identity` may subscribe to `channel`.
+    fn can_subscribe(&self, identity: &Identity, channel: &Channel) -> bool {
+        any_matches(&identity.subscribe, channel)
+    }
+
+    /// Whether `identity` may publish on `channel`.
+    fn can_publish(&self, identity: &Identity, channel: &Channel) -> bool {
+        any_matches(&identity.publish, channel)
+    }
+}
+
+/// Lets everyone subscribe to every channel and nobody publish from a client: the
+/// development default. Publishing goes through the server's API (with its API key) or the
+/// app's own handlers.
+#[derive(Clone, Debug, Default)]
+pub struct AllowAllSubscribers;
+
+#[async_trait]
+impl Authorizer for AllowAllSubscribers {
+    async fn authenticate(&self, _credentials: &Credentials) -> Result<Identity, AuthError> {
+        Ok(Identity {
+            subscribe: vec![ChannelPattern::new("*")],
+            ..Identity::default()
+        })
+    }
+}
+
+/// Verifies HS256 JWTs (see [`jwt::Claims`]): the token's `subscribe` and `publish` claims
+/// list channel patterns, `exp` ends the connection. Requests without a token get the
+/// anonymous patterns (none by default).
+#[derive(Clone)]
+pub struct JwtAuthorizer {
+    secret: Vec<u8>,
+    anonymous_subscribe: Vec<ChannelPattern>,
+    anonymous_publish: Vec<ChannelPattern>,
+}
+
+impl std::fmt::Debug for JwtAuthorizer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("JwtAuthorizer")
+            .field("secret", &"<redacted>")
+            .field("anonymous_subscribe", &self.anonymous_subscribe)
+            .field("anonymous_publish", &self.anonymous_publish)
+            .finish()
+    }
+}
+
+impl JwtAuthorizer {
+    /// An authorizer verifying tokens signed with `secret`; anonymous requests may do nothing.
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            secret: secret.into(),
+            anonymous_subscribe: Vec::new(),
+            anonymous_publish: Vec::new(),
+        }
+    }
+
+    /// Lets requests without a token subscribe to channels matching `patterns` (for example
+    /// `public:*` for a whole namespace). Defaults to none.
+    pub fn anonymous_subscribe(
+        mut self,
+        patterns: impl IntoIterator<Item = ChannelPattern>,
+    ) -> Self {
+        self.anonymous_subscribe = patterns.into_iter().collect();
+        self
+    }
+
+    /// Lets requests without a token publish on channels matching `patterns`. Defaults to none.
+    pub fn anonymous_publish(mut self, patterns: impl IntoIterator<Item = ChannelPattern>) -> Self {
+        self.anonymous_publish = patterns.into_iter().collect();
+        self
+    }
+}
+
+#[async_trait]
+impl Authorizer for JwtAuthorizer {
+    async fn authenticate(&self, credentials: &Credentials) -> Result<Identity, AuthError> {
+        let Some((token, _)) = &credentials.token else {
+            return Ok(Identity {
+                subscribe: self.anonymous_subscribe.clone(),
+                publish: self.anonymous_publish.clone(),
+                ..Identity::default()
+            });
+        };
+        let claims = jwt::verify(token, &self.secret).map_err(|error| match error {
+            JwtError::Expired => AuthError::Unauthorized("token expired".to_owned()),
+            other => AuthError::Unauthorized(other.to_string()),
+        })?;
+        Ok(Identity {
+            subject: claims.sub,
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            subscribe: claims
+                .subscribe
+                .into_iter()
+                .map(ChannelPattern::new)
+                .collect(),
+            publish: claims
+                .publish
+                .into_iter()
+                .map(ChannelPattern::new)
+                .collect(),
+        })
+    }
+}
+
+/// Removes the value of `token=` from a URL query, for logging.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("token", _)) => "token=<redacted>".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_exactly_or_by_prefix() {
+        let channel = Channel::new("chat:room-1").unwrap();
+        assert!(ChannelPattern::new("chat:*").matches(&channel));
+        assert!(ChannelPattern::new("*").matches(&channel));
+        assert!(ChannelPattern::new("chat:room-1").matches(&channel));
+        assert!(!ChannelPattern::new("chat:room").matches(&channel));
+        assert!(!ChannelPattern::new("news:*").matches(&channel));
+    }
+
+    #[test]
+    fn query_tokens_are_redacted() {
+        assert_eq!(
+            redact_query("channel=a&token=secret.jwt.value&x=1"),
+            "channel=a&token=<redacted>&x=1"
+        );
+    }
+
+    #[tokio::test]
+    async fn jwt_authorizer_reads_claims_and_anonymous_patterns() {
+        let authorizer =
+            JwtAuthorizer::new("s3cret").anonymous_subscribe([ChannelPattern::new("public:*")]);
+        let anonymous = authorizer
+            .authenticate(&Credentials::default())
+            .await
+            .unwrap();
+        assert!(authorizer.can_subscribe(&anonymous, &Channel::new("public:news").unwrap()));
+        assert!(!authorizer.can_subscribe(&anonymous, &Channel::new("private").unwrap()));
+
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let token = jwt::sign(
+            &jwt::Claims {
+                sub: Some("bob".into()),
+                exp,
+                publish: vec!["chat:*".into()],
+                ..Default::default()
+            },
+            b"s3cret",
+        );
+        let credentials = Credentials {
+            token: Some((token, TokenSource::Header)),
+        };
+        let bob = authorizer.authenticate(&credentials).await.unwrap();
+        assert_eq!(bob.subject.as_deref(), Some("bob"));
+        assert!(authorizer.can_publish(&bob, &Channel::new("chat:1").unwrap()));
+        assert!(!authorizer.can_subscribe(&bob, &Channel::new("chat:1").unwrap()));
+
+        let bad = Credentials {
+            token: Some(("nonsense".into(), TokenSource::Query)),
+        };
+        assert!(matches!(
+            authorizer.authenticate(&bad).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+//! resync's transports for actix-web: SSE, WebSocket and long polling over any
+//! [`Broker`](resync_broker::Broker), mounted in your app with one call.
+//!
+//! A [`Resync`] wraps a broker, an [`Authorizer`] and a [`TransportConfig`]. Mount it with
+//! [`Resync::configure`] under any scope, and publish from your own handlers with the
+//! [`Publisher`] after you change data:
+//!
+//! ```no_run
+//! use actix_web::{App, HttpServer, web};
+//! use resync_actix::Resync;
+//! use resync_broker::MemoryBroker;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let resync = Resync::builder(MemoryBroker::default()).build();
+//! let publisher = resync.publisher();
+//! HttpServer::new(move || {
+//!     let resync = resync.clone();
+//!     App::new()
+//!         .app_data(web::Data::new(publisher.clone()))
+//!         // GET /resync/sse, GET /resync/ws, GET /resync/poll
+//!         .service(web::scope("/resync").configure(move |config| resync.configure(config)))
+//! })
+//! // Lets SSE and long-poll requests notice at once when their client leaves.
+//! .on_connect(resync_actix::track_disconnects)
+//! .bind(("127.0.0.1", 8080))?
+//! .run()
+//! .await
+//! # }
+//! ```
+//!
+//! The three transports keep one contract (`docs/protocol.md`): every event carries its
+//! channel position, a client that comes back with its position gets exactly what it missed
+//! (the resume algorithm of `resync-broker`), and a client that cannot be caught up gets an
+//! explicit reset. Each connection's buffers are bounded; a client that reads too slowly is
+//! disconnected with a "resume" signal and loses nothing. [`Resync::shutdown`] closes every
+//! connection with a "reconnect" signal, spread over a short window.
+
+mod auth;
+mod config;
+mod error;
+pub mod jwt;
+mod metrics;
+mod poll;
+mod probe;
+mod request;
+mod sse;
+mod subscriptions;
+mod ws;
+
+use std::sync::Arc;
+
+use actix_web::web;
+use resync_broker::{Broker, Publish};
+use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
+use tokio::sync::watch;
+
+pub use auth::{
+    AllowAllSubscribers, AuthError, Authorizer, ChannelPattern, Credentials, Identity,
+    JwtAuthorizer, TokenSource, redact_query,
+};
+pub use config::TransportConfig;
+pub use error::{ApiError, Result, status_of};
+pub use metrics::{ConnectionGuard, Metrics, Transport};
+pub use probe::track_disconnects;
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) authorizer: Arc<dyn Authorizer>,
+    pub(crate) config: TransportConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+/// The transports, ready to mount. Cloning is cheap and shares everything.
+pub struct Resync<B: Broker> {
+    broker: Arc<B>,
+    shared: Arc<Shared>,
+}
+
+impl<B: Broker> Clone for Resync<B> {
+    fn clone(&self) -> Self {
+        Self {
+            broker: self.broker.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<B: Broker> std::fmt::Debug for Resync<B> {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Resync")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Resync`].
+pub struct ResyncBuilder<B: Broker> {
+    broker: Arc<B>,
+    authorizer: Arc<dyn Authorizer>,
+    config: TransportConfig,
+}
+
+impl<B: Broker> ResyncBuilder<B> {
+    /// Who may subscribe and publish. Defaults to [`AllowAllSubscribers`]: anyone may
+    /// subscribe to anything, no client may publish.
+    pub fn authorizer(mut self, authorizer: impl Authorizer) -> Self {
+        self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// Transport settings. Defaults to [`TransportConfig::default`].
+    pub fn config(mut self, config: TransportConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Builds the transports.
+    pub fn build(self) -> Resync<B> {
+        let broker: Arc<dyn Broker> = self.broker.clone();
+        Resync {
+            broker: self.broker,
+            shared: Arc::new(Shared {
+                broker,
+                authorizer: self.authorizer,
+                config: self.config,
+                metrics: Arc::new(Metrics::default()),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+}
+
+impl<B: Broker> Resync<B> {
+    /// A builder for transports over `broker`.
+    pub fn builder(broker: B) -> ResyncBuilder<B> {
+        Self::builder_shared(Arc::new(broker))
+    }
+
+    /// A builder for transports over a broker the caller also keeps.
+    pub fn builder_shared(broker: Arc<B>) -> ResyncBuilder<B> {
+        ResyncBuilder {
+            broker,
+            authorizer: Arc::new(AllowAllSubscribers),
+            config: TransportConfig::default(),
+        }
+    }
+
+    /// Registers `GET sse`, `GET ws` and `GET poll` on `config`; use it inside a scope
+    /// (`web::scope("/resync").configure(…)`) to choose the prefix.
+    pub fn configure(&self, config: &mut web::ServiceConfig) {
+        let shared = self.shared.clone();
+        config.route(
+            "/sse",
+            web::get().to(move |request| sse::handle(shared.clone(), request)),
+        );
+        let shared = self.shared.clone();
+        config.route(
+            "/ws",
+            web::get().to(move |request, body| ws::handle(shared.clone(), request, body)),
+        );
+        let shared = self.shared.clone();
+        config.route(
+            "/poll",
+            web::get().to(move |request| poll::handle(shared.clone(), request)),
+        );
+    }
+
+    /// A handle for publishing from your own code.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            broker: self.shared.broker.clone(),
+            metrics: self.shared.metrics.clone(),
+        }
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<B> {
+        &self.broker
+    }
+
+    /// The transport settings.
+    pub fn config(&self) -> &TransportConfig {
+        &self.shared.config
+    }
+
+    /// The counters of every connection.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Tells every connection to close with a "reconnect and resume" signal (WebSocket close
+    /// 4200, end of SSE stream with a `retry:` hint, an early long-poll reply), each at a
+    /// random moment within [`TransportConfig::shutdown_spread`], and makes new connections
+    /// get 503. Call it before stopping the HTTP server.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shared.shutdown.borrow()
+    }
+}
+
+/// Publishes events from application code, e.g. a handler that just changed data.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Publishes `data` (serialized as JSON) on `channel` and returns its position.
+    pub async fn publish<T: serde::Serialize + ?Sized>(
+        &self,
+        channel: &Channel,
+        data: &T,
+    ) -> Result<Position> {
+        let payload = Payload::from_value(data)?;
+        self.send(Publish::new(channel.clone(), payload)).await
+    }
+
+    /// Publishes with an idempotency key: a retry with the same key is stored once.
+    pub async fn publish_once<T: serde::Serialize + ?Sized>(
+        &self,
+        channel: &Channel,
+        data: &T,
+        key: IdempotencyKey,
+    ) -> Result<Position> {
+        let payload = Payload::from_value(data)?;
+        self.send(Publish::new(channel.clone(), payload).with_idempotency_key(key))
+            .await
+    }
+
+    /// Publishes a prepared request.
+    pub async fn send(&self, publish: Publish) -> Result<Position> {
+        match self.broker.publish(publish).await {
+            Ok(position) => {
+                self.metrics.published();
+                Ok(position)
+            }
+            Err(error) => {
+                self.metrics.publish_failed();
+                Err(error.into())
+            }
+        }
+    }
+
+    /// The broker behind this publisher.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+}

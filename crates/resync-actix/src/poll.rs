@@ -1,0 +1,185 @@
+//! Long polling (never short polling): a GET that answers at once when something is newer than
+//! the client's cursor, and otherwise waits for the first event or a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::{FutureExt, StreamExt};
+use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
+use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
+use tokio_stream::StreamMap;
+
+use crate::Shared;
+use crate::error::ApiError;
+use crate::metrics::Transport;
+use crate::probe::{ConnectionProbe, client_gone};
+use crate::request::{QueryParams, authenticate, authorize_subscriptions};
+use crate::sse::reset_json;
+use crate::subscriptions::{ItemStream, into_stream, open_all};
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    if *shared.shutdown.borrow() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "server is shutting down; retry",
+        ));
+    }
+    let query = QueryParams::parse(
+        request.query_string(),
+        shared.config.max_channels_per_connection,
+    )?;
+    query.require_channels()?;
+    let identity = authenticate(&shared, &request, &query).await?;
+    authorize_subscriptions(&shared, &identity, &query.channels)?;
+    let _guard = shared.metrics.connection(Transport::Poll);
+
+    let Some(cursor) = query.cursor else {
+        // The first poll starts "now": answer at once with the current cursor, so that nothing
+        // published before the next poll is missed.
+        let positions = futures_util::future::join_all(
+            query
+                .channels
+                .iter()
+                .map(|channel| shared.broker.position(channel)),
+        )
+        .await;
+        let mut cursor = Cursor::new();
+        for (channel, position) in query.channels.iter().zip(positions) {
+            cursor.set(channel.clone(), position?);
+        }
+        return Ok(reply(&Batch::new(cursor)));
+    };
+
+    let wait = query
+        .timeout_seconds
+        .map_or(shared.config.poll_timeout, Duration::from_secs)
+        .min(shared.config.poll_timeout_max)
+        .min(identity.remaining().unwrap_or(Duration::MAX));
+    let opened = open_all(&shared, &query.channels, Some(&cursor)).await?;
+    let mut batch = Batch::new(Cursor::new());
+    let mut subscriptions: Vec<Subscription> = Vec::with_capacity(opened.len());
+    for (outcome, subscription) in opened {
+        let channel = subscription.channel().clone();
+        batch
+            .cursor
+            .set(channel.clone(), subscription.position().clone());
+        if let RecoveryOutcome::Reset { reason, position } = outcome {
+            batch.resets.push(reset_json(&channel, reason, &position));
+        }
+        subscriptions.push(subscription);
+    }
+
+    // Whatever is ready now (replays) goes out at once.
+    let max_events = shared.config.poll_max_events;
+    'channels: for subscription in &mut subscriptions {
+        while batch.events.len() < max_events {
+            let channel = subscription.channel().clone();
+            match subscription.try_next().await {
+                Some(Ok(item)) => batch.add(&channel, item),
+                Some(Err(SubscriptionError::Lagged { .. })) => continue 'channels,
+                Some(Err(error)) => {
+                    return Err(ApiError::new(ErrorCode::Unavailable, error.to_string()));
+                }
+                None => continue 'channels,
+            }
+        }
+    }
+
+    if batch.is_empty() {
+        let mut streams: StreamMap<Channel, ItemStream> = subscriptions
+            .into_iter()
+            .map(|subscription| (subscription.channel().clone(), into_stream(subscription)))
+            .collect();
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::select! {
+            first = streams.next() => {
+                let mut next = first;
+                while let Some((channel, Ok(item))) = next {
+                    batch.add(&channel, item);
+                    if batch.events.len() >= max_events {
+                        break;
+                    }
+                    next = streams.next().now_or_never().flatten();
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|shutting_down| *shutting_down) => {}
+            _ = client_gone(ConnectionProbe::of(&request)) => {
+                // Nobody is left to read the reply; free the subscriptions now.
+                return Ok(HttpResponse::NoContent().finish());
+            }
+        }
+    }
+    shared
+        .metrics
+        .delivered(Transport::Poll, batch.events.len() as u64);
+    Ok(reply(&batch))
+}
+
+/// One long-poll reply under construction.
+struct Batch {
+    events: Vec<bytes::Bytes>,
+    resets: Vec<String>,
+    cursor: Cursor,
+}
+
+impl Batch {
+    fn new(cursor: Cursor) -> Self {
+        Self {
+            events: Vec::new(),
+            resets: Vec::new(),
+            cursor,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.resets.is_empty()
+    }
+
+    fn add(&mut self, channel: &Channel, item: SubscriptionItem) {
+        match item {
+            SubscriptionItem::Event(event) => {
+                self.cursor.set(channel.clone(), event.position().clone());
+                self.events.push(event.frame().clone());
+            }
+            SubscriptionItem::Reset { reason, position } => {
+                self.cursor.set(channel.clone(), position.clone());
+                self.resets.push(reset_json(channel, reason, &position));
+            }
+        }
+    }
+}
+
+/// `{"events":[…],"resets":[…],"cursor":"…"}`, assembled from pre-encoded event frames.
+fn reply(batch: &Batch) -> HttpResponse {
+    let cursor = serde_json::to_string(&batch.cursor.to_string()).unwrap_or_default();
+    let size = batch
+        .events
+        .iter()
+        .map(|frame| frame.len() + 1)
+        .sum::<usize>()
+        + cursor.len()
+        + 64;
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"events\":[");
+    for (index, frame) in batch.events.iter().enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(frame);
+    }
+    body.extend_from_slice(b"],\"resets\":[");
+    body.extend_from_slice(batch.resets.join(",").as_bytes());
+    body.extend_from_slice(b"],\"cursor\":");
+    body.extend_from_slice(cursor.as_bytes());
+    body.push(b'}');
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "application/json"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
+}

@@ -1,0 +1,87 @@
+//! Noticing at once that an SSE or long-poll client went away.
+//!
+//! actix-web learns that a client closed a streaming response only when a write to it fails
+//! (actix-web issue #1313), so an idle SSE stream would keep its subscriptions until the next
+//! heartbeat, twice over. [`track_disconnects`] fixes that: passed to
+//! `HttpServer::on_connect`, it keeps a second handle on each TCP connection, which the
+//! transports watch for the end-of-stream the client sends when it leaves. Without it,
+//! everything works, but a departed SSE client is noticed only by a failed heartbeat write.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpRequest;
+use actix_web::dev::Extensions;
+
+/// A second handle on a client's TCP connection, used only to peek for its end.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectionProbe(Arc<tokio::net::TcpStream>);
+
+/// Pass to `HttpServer::on_connect` so that SSE and long-poll requests end (and free their
+/// subscriptions) the moment their client disconnects.
+///
+/// ```no_run
+/// # use actix_web::{App, HttpServer};
+/// # async fn run() -> std::io::Result<()> {
+/// HttpServer::new(|| App::new())
+///     .on_connect(resync_actix::track_disconnects)
+///     .bind(("127.0.0.1", 8080))?
+///     .run()
+///     .await
+/// # }
+/// ```
+pub fn track_disconnects(connection: &dyn Any, extensions: &mut Extensions) {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+            return;
+        };
+        let Ok(duplicate) = stream.as_fd().try_clone_to_owned() else {
+            return;
+        };
+        let standard = std::net::TcpStream::from(duplicate);
+        if standard.set_nonblocking(true).is_err() {
+            return;
+        }
+        if let Ok(probe) = tokio::net::TcpStream::from_std(standard) {
+            extensions.insert(ConnectionProbe(Arc::new(probe)));
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (connection, extensions);
+    }
+}
+
+impl ConnectionProbe {
+    pub(crate) fn of(request: &HttpRequest) -> Option<ConnectionProbe> {
+        request.conn_data::<ConnectionProbe>().cloned()
+    }
+
+    /// Completes when the client has closed its side of the connection (or it broke).
+    pub(crate) async fn closed(&self) {
+        let mut byte = [0u8; 1];
+        loop {
+            if self.0.readable().await.is_err() {
+                return;
+            }
+            match self.0.peek(&mut byte).await {
+                Ok(0) => return,
+                // A pipelined request is waiting; it is not ours to read. Look again later.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Completes when the request's client disconnects, or never when it cannot be told.
+pub(crate) async fn client_gone(probe: Option<ConnectionProbe>) {
+    match probe {
+        Some(probe) => probe.closed().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,274 @@
+//! Server-Sent Events: one GET follows one or more channels; a browser's own `EventSource`
+//! resumes the whole stream by itself through `Last-Event-ID`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use resync_broker::{SubscriptionError, SubscriptionItem};
+use resync_protocol::sse::{SseFrame, encode_comment};
+use resync_protocol::{Channel, Cursor, ErrorCode, Position, RecoveryOutcome, ResetReason};
+use tokio::sync::watch;
+use tokio_stream::StreamMap;
+
+use crate::Shared;
+use crate::error::ApiError;
+use crate::metrics::{ConnectionGuard, Transport};
+use crate::probe::{ConnectionProbe, client_gone};
+use crate::request::{QueryParams, authenticate, authorize_subscriptions, loggable_target};
+use crate::subscriptions::{ItemStream, into_stream, open_all};
+
+/// At most this many bytes of ready events are coalesced into one write.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    if *shared.shutdown.borrow() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "server is shutting down; reconnect",
+        ));
+    }
+    let query = QueryParams::parse(
+        request.query_string(),
+        shared.config.max_channels_per_connection,
+    )?;
+    query.require_channels()?;
+    let identity = authenticate(&shared, &request, &query).await?;
+    authorize_subscriptions(&shared, &identity, &query.channels)?;
+
+    // An explicit cursor wins; a Last-Event-ID that cannot be read must not fail the stream
+    // (EventSource would give up silently), so it turns into a reset of every channel.
+    let mut bad_last_event_id = false;
+    let cursor = match query.cursor {
+        Some(cursor) => Some(cursor),
+        None => match request
+            .headers()
+            .get("last-event-id")
+            .map(|value| value.to_str().map(Cursor::parse))
+        {
+            None => None,
+            Some(Ok(Ok(cursor))) => Some(cursor),
+            Some(_) => {
+                bad_last_event_id = true;
+                None
+            }
+        },
+    };
+    let opened = open_all(&shared, &query.channels, cursor.as_ref()).await?;
+    tracing::debug!(target: "resync::sse", request = %loggable_target(&request), channels = opened.len(), "stream opened");
+
+    let mut positions = Cursor::new();
+    let mut outcomes = serde_json::Map::new();
+    let mut streams = StreamMap::new();
+    for (outcome, subscription) in opened {
+        let channel = subscription.channel().clone();
+        let outcome = match outcome {
+            RecoveryOutcome::Fresh { position } if bad_last_event_id => RecoveryOutcome::Reset {
+                reason: ResetReason::BadCursor,
+                position,
+            },
+            other => other,
+        };
+        positions.set(channel.clone(), subscription.position().clone());
+        outcomes.insert(
+            channel.to_string(),
+            serde_json::to_value(&outcome).unwrap_or_default(),
+        );
+        streams.insert(channel, into_stream(subscription));
+    }
+    let opening = serde_json::json!({ "channels": outcomes }).to_string();
+    let mut first_chunk = encode_comment("resync");
+    SseFrame {
+        id: Some(&positions.to_string()),
+        event: Some("subscribed"),
+        data: &opening,
+        retry_ms: Some(shared.config.sse_retry_ms),
+    }
+    .encode_into(&mut first_chunk);
+
+    let state = StreamState {
+        guard: shared.metrics.connection(Transport::Sse),
+        shutdown: shared.shutdown.subscribe(),
+        expiry: identity.remaining(),
+        heartbeat: tokio::time::interval_at(
+            tokio::time::Instant::now() + shared.config.sse_heartbeat,
+            shared.config.sse_heartbeat,
+        ),
+        shared,
+        streams,
+        positions,
+        first_chunk: Some(Bytes::from(first_chunk)),
+        ended: false,
+        probe: ConnectionProbe::of(&request),
+    };
+    let body = futures_util::stream::unfold(state, |mut state| async move {
+        let chunk = state.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), state))
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"))
+        // Tells nginx not to buffer the stream.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+/// What woke a waiting stream.
+enum Wake {
+    Item(Option<(Channel, Result<SubscriptionItem, SubscriptionError>)>),
+    Heartbeat,
+    Shutdown,
+    Expired,
+    Gone,
+}
+
+struct StreamState {
+    shared: Arc<Shared>,
+    #[allow(
+        dead_code,
+        reason = "held for its Drop, which counts the connection's end"
+    )]
+    guard: ConnectionGuard,
+    streams: StreamMap<Channel, ItemStream>,
+    positions: Cursor,
+    shutdown: watch::Receiver<bool>,
+    expiry: Option<Duration>,
+    heartbeat: tokio::time::Interval,
+    first_chunk: Option<Bytes>,
+    ended: bool,
+    probe: Option<ConnectionProbe>,
+}
+
+impl StreamState {
+    /// The next bytes to write, or `None` to end the stream.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first_chunk.take() {
+            return Some(first);
+        }
+        if self.ended {
+            return None;
+        }
+        let remaining = self.expiry;
+        let expiry = async move {
+            match remaining {
+                Some(remaining) => tokio::time::sleep(remaining).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
+            item = self.streams.next() => Wake::Item(item),
+            _ = self.heartbeat.tick() => Wake::Heartbeat,
+            _ = self.shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
+            _ = expiry => Wake::Expired,
+            _ = client_gone(self.probe.clone()) => Wake::Gone,
+        };
+        match wake {
+            Wake::Item(item) => {
+                let mut chunk = Vec::new();
+                let mut delivered = 0;
+                let mut next = item;
+                // Coalesce whatever else is ready into the same write.
+                loop {
+                    match next {
+                        Some((channel, Ok(item))) => {
+                            delivered += self.encode_item(&channel, item, &mut chunk);
+                        }
+                        Some((_, Err(SubscriptionError::Lagged { .. }))) => {
+                            self.shared.metrics.slow_consumer_closed(Transport::Sse);
+                            self.end_with_retry(&mut chunk, self.shared.config.sse_retry_ms);
+                            break;
+                        }
+                        Some((channel, Err(error))) => {
+                            tracing::warn!(target: "resync::sse", %channel, %error, "subscription ended");
+                            self.end_with_retry(&mut chunk, self.shared.config.sse_retry_ms);
+                            break;
+                        }
+                        None => {
+                            self.ended = true;
+                            break;
+                        }
+                    }
+                    if chunk.len() >= MAX_CHUNK_BYTES {
+                        break;
+                    }
+                    match self.streams.next().now_or_never() {
+                        Some(item) => next = item,
+                        None => break,
+                    }
+                }
+                self.shared.metrics.delivered(Transport::Sse, delivered);
+                Some(Bytes::from(chunk))
+            }
+            Wake::Heartbeat => Some(Bytes::from(encode_comment("ping"))),
+            Wake::Shutdown => {
+                let spread = self.shared.config.shutdown_spread;
+                tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
+                let mut chunk = Vec::new();
+                // Spread the reconnects too.
+                self.end_with_retry(&mut chunk, fastrand::u64(0..=1_000));
+                Some(Bytes::from(chunk))
+            }
+            Wake::Gone => {
+                self.ended = true;
+                None
+            }
+            Wake::Expired => {
+                // The token expired: end the stream; the client must come back with a new one.
+                self.ended = true;
+                None
+            }
+        }
+    }
+
+    /// Appends one item and returns how many events it delivered.
+    fn encode_item(
+        &mut self,
+        channel: &Channel,
+        item: SubscriptionItem,
+        chunk: &mut Vec<u8>,
+    ) -> u64 {
+        match item {
+            SubscriptionItem::Event(event) => {
+                self.positions
+                    .set(channel.clone(), event.position().clone());
+                // Frames are built from validated JSON, so they are always UTF-8.
+                let data = std::str::from_utf8(event.frame()).unwrap_or_default();
+                SseFrame {
+                    id: Some(&self.positions.to_string()),
+                    event: None,
+                    data,
+                    retry_ms: None,
+                }
+                .encode_into(chunk);
+                1
+            }
+            SubscriptionItem::Reset { reason, position } => {
+                self.positions.set(channel.clone(), position.clone());
+                let data = reset_json(channel, reason, &position);
+                SseFrame {
+                    id: Some(&self.positions.to_string()),
+                    event: Some("reset"),
+                    data: &data,
+                    retry_ms: None,
+                }
+                .encode_into(chunk);
+                0
+            }
+        }
+    }
+
+    fn end_with_retry(&mut self, chunk: &mut Vec<u8>, retry_ms: u64) {
+        chunk.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
+        self.ended = true;
+    }
+}
+
+pub(crate) fn reset_json(channel: &Channel, reason: ResetReason, position: &Position) -> String {
+    serde_json::json!({ "channel": channel, "reason": reason, "position": position }).to_string()
+}

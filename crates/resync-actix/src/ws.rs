@@ -1,0 +1,422 @@
+//! WebSocket: many channels over one socket, both directions, with heartbeats and close codes
+//! that tell the client what to do next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
+use futures_util::StreamExt;
+use resync_broker::{Publish, SubscriptionError, SubscriptionItem, resume};
+use resync_protocol::{
+    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
+    Position, RequestId, ServerFrame,
+};
+use tokio::time::Instant;
+use tokio_stream::StreamMap;
+
+use crate::Shared;
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::metrics::Transport;
+use crate::request::{QueryParams, authenticate, loggable_target};
+use crate::subscriptions::{ItemStream, into_stream};
+
+/// How long one write to a client may take before the client counts as stuck.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Malformed frames in a row after which the connection is closed (4000).
+const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 10;
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    if *shared.shutdown.borrow() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "server is shutting down; reconnect",
+        ));
+    }
+    // Credentials are checked before the upgrade: a bad token gets a plain 401, no socket.
+    let query = QueryParams::parse(
+        request.query_string(),
+        shared.config.max_channels_per_connection,
+    )?;
+    let identity = authenticate(&shared, &request, &query).await?;
+    let (response, session, messages) = actix_ws::handle(&request, body).map_err(|error| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("websocket handshake failed: {error}"),
+        )
+    })?;
+    let messages = messages
+        .max_frame_size(shared.config.max_message_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(shared.config.max_message_bytes);
+    let client_id = format!("{:016x}", fastrand::u64(..));
+    tracing::debug!(target: "resync::ws", %client_id, request = %loggable_target(&request), subject = ?identity.subject, "connected");
+    let connection = Connection {
+        shared,
+        identity,
+        session,
+        subscriptions: StreamMap::new(),
+        client_id,
+        bad_frames: 0,
+    };
+    actix_web::rt::spawn(connection.run(messages));
+    Ok(response)
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    identity: Identity,
+    session: Session,
+    subscriptions: StreamMap<Channel, ItemStream>,
+    client_id: String,
+    bad_frames: u32,
+}
+
+/// What woke the connection loop.
+enum Wake {
+    Message(Option<Result<AggregatedMessage, actix_ws::ProtocolError>>),
+    Item(Channel, Result<SubscriptionItem, SubscriptionError>),
+    Ping,
+    Expired,
+    Shutdown,
+}
+
+/// Why the connection loop stopped, and the close code to send.
+enum Ending {
+    Close(CloseCode),
+    /// The socket is gone or stuck; nothing can be sent.
+    Gone,
+}
+
+impl Connection {
+    async fn run(mut self, mut messages: AggregatedMessageStream) {
+        let _guard = self.shared.metrics.connection(Transport::WebSocket);
+        let ping_interval = self.shared.config.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        let mut last_heard = Instant::now();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let remaining = self.identity.remaining();
+        let expiry = async move {
+            match remaining {
+                Some(remaining) => tokio::time::sleep(remaining).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
+
+        let connected = ServerFrame::Connected {
+            client_id: self.client_id.clone(),
+            ping_interval_ms: ping_interval.as_millis() as u64,
+            protocol: PROTOCOL_VERSION,
+        };
+        let mut ending = match self.send(connected.encode()).await {
+            Ok(()) => None,
+            Err(ending) => Some(ending),
+        };
+
+        while ending.is_none() {
+            let wake = tokio::select! {
+                message = messages.next() => Wake::Message(message),
+                Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
+                    Wake::Item(channel, item)
+                }
+                _ = ping.tick() => Wake::Ping,
+                _ = &mut expiry => Wake::Expired,
+                _ = shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
+            };
+            ending = match wake {
+                Wake::Message(message) => {
+                    last_heard = Instant::now();
+                    self.on_message(message).await.err()
+                }
+                Wake::Item(channel, item) => self.on_item(channel, item).await.err(),
+                Wake::Ping => {
+                    if last_heard.elapsed() > ping_interval * 2 {
+                        Some(Ending::Close(CloseCode::HEARTBEAT_TIMEOUT))
+                    } else {
+                        self.send(ServerFrame::Ping.encode()).await.err()
+                    }
+                }
+                Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
+                Wake::Shutdown => {
+                    let spread = self.shared.config.shutdown_spread;
+                    tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
+                    Some(Ending::Close(CloseCode::SHUTDOWN))
+                }
+            };
+        }
+        // Unsubscribe before the close handshake, so counts drop at once.
+        self.subscriptions.clear();
+        if let Some(Ending::Close(code)) = ending {
+            tracing::debug!(target: "resync::ws", client_id = %self.client_id, code = code.0, "closing");
+            let reason = CloseReason {
+                code: actix_ws::CloseCode::from(code.0),
+                description: Some(code.reason().to_owned()),
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, self.session.close(Some(reason))).await;
+        }
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), Ending> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.session.text(text)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(Ending::Gone),
+            Err(_elapsed) => {
+                self.shared
+                    .metrics
+                    .slow_consumer_closed(Transport::WebSocket);
+                Err(Ending::Gone)
+            }
+        }
+    }
+
+    async fn send_frame_bytes(&mut self, frame: &bytes::Bytes) -> Result<(), Ending> {
+        // Frames are built from validated JSON and channel names, so they are UTF-8; the
+        // check costs a few nanoseconds per 100 bytes and keeps this crate free of unsafe code.
+        let Ok(text) = bytestring::ByteString::try_from(frame.clone()) else {
+            tracing::error!(target: "resync::ws", "an event frame was not utf-8; skipped");
+            return Ok(());
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, self.session.text(text)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(Ending::Gone),
+            Err(_elapsed) => {
+                self.shared
+                    .metrics
+                    .slow_consumer_closed(Transport::WebSocket);
+                Err(Ending::Gone)
+            }
+        }
+    }
+
+    async fn on_item(
+        &mut self,
+        channel: Channel,
+        item: Result<SubscriptionItem, SubscriptionError>,
+    ) -> Result<(), Ending> {
+        match item {
+            Ok(SubscriptionItem::Event(event)) => {
+                self.send_frame_bytes(event.frame()).await?;
+                self.shared.metrics.delivered(Transport::WebSocket, 1);
+                Ok(())
+            }
+            Ok(SubscriptionItem::Reset { reason, position }) => {
+                self.send(
+                    ServerFrame::Reset {
+                        channel,
+                        reason,
+                        position,
+                    }
+                    .encode(),
+                )
+                .await
+            }
+            Err(SubscriptionError::Lagged { .. }) => {
+                self.shared
+                    .metrics
+                    .slow_consumer_closed(Transport::WebSocket);
+                Err(Ending::Close(CloseCode::SLOW_CONSUMER))
+            }
+            Err(SubscriptionError::Closed) => Err(Ending::Close(CloseCode::SHUTDOWN)),
+            Err(SubscriptionError::Broker(error)) => {
+                tracing::warn!(target: "resync::ws", client_id = %self.client_id, %channel, %error, "broker failed mid-stream");
+                Err(Ending::Close(CloseCode::BROKER_UNAVAILABLE))
+            }
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        message: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+    ) -> Result<(), Ending> {
+        match message {
+            None => Err(Ending::Gone),
+            Some(Ok(AggregatedMessage::Text(text))) => self.on_frame(text.as_bytes()).await,
+            Some(Ok(AggregatedMessage::Binary(_))) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::MalformedFrame,
+                    "binary messages are not part of the protocol".to_owned(),
+                )
+                .await
+            }
+            Some(Ok(AggregatedMessage::Ping(bytes))) => match self.session.pong(&bytes).await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(Ending::Gone),
+            },
+            Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
+            Some(Ok(AggregatedMessage::Close(_))) => Err(Ending::Close(CloseCode::NORMAL)),
+            Some(Err(actix_ws::ProtocolError::Overflow)) => {
+                Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG))
+            }
+            Some(Err(error)) => {
+                tracing::debug!(target: "resync::ws", client_id = %self.client_id, %error, "protocol error");
+                Err(Ending::Close(CloseCode::PROTOCOL_VIOLATION))
+            }
+        }
+    }
+
+    async fn bad_frame(
+        &mut self,
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+    ) -> Result<(), Ending> {
+        self.bad_frames += 1;
+        self.send(ServerFrame::Error { id, code, message }.encode())
+            .await?;
+        if self.bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES {
+            return Err(Ending::Close(CloseCode::PROTOCOL_VIOLATION));
+        }
+        Ok(())
+    }
+
+    async fn reply_error(&mut self, id: RequestId, error: ApiError) -> Result<(), Ending> {
+        self.send(
+            ServerFrame::Error {
+                id: Some(id),
+                code: error.code,
+                message: error.message,
+            }
+            .encode(),
+        )
+        .await
+    }
+
+    async fn on_frame(&mut self, bytes: &[u8]) -> Result<(), Ending> {
+        let frame = match ClientFrame::decode(bytes) {
+            Ok(frame) => frame,
+            Err(error) => {
+                return self
+                    .bad_frame(None, ErrorCode::MalformedFrame, error.to_string())
+                    .await;
+            }
+        };
+        self.bad_frames = 0;
+        match frame {
+            ClientFrame::Subscribe { id, channel, since } => {
+                match self.subscribe(id, channel, since).await {
+                    Ok(reply) => self.send(reply.encode()).await,
+                    Err(error) => self.reply_error(id, error).await,
+                }
+            }
+            ClientFrame::Unsubscribe { id, channel } => {
+                if self.subscriptions.remove(&channel).is_some() {
+                    self.send(ServerFrame::Unsubscribed { id, channel }.encode())
+                        .await
+                } else {
+                    let error = ApiError::new(
+                        ErrorCode::NotSubscribed,
+                        format!("not subscribed to {channel}"),
+                    );
+                    self.reply_error(id, error).await
+                }
+            }
+            ClientFrame::Publish {
+                id,
+                channel,
+                data,
+                idempotency_key,
+            } => match self.publish(channel.clone(), data, idempotency_key).await {
+                Ok(position) => {
+                    self.send(
+                        ServerFrame::Published {
+                            id,
+                            channel,
+                            position,
+                        }
+                        .encode(),
+                    )
+                    .await
+                }
+                Err(error) => self.reply_error(id, error).await,
+            },
+            ClientFrame::Pong => Ok(()),
+        }
+    }
+
+    /// Resumes `channel` and adds it to the connection; the reply goes out before any of its
+    /// events, because the subscription's stream is only polled after this returns.
+    async fn subscribe(
+        &mut self,
+        id: RequestId,
+        channel: Channel,
+        since: Option<Position>,
+    ) -> Result<ServerFrame, ApiError> {
+        if self.subscriptions.contains_key(&channel) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        if self.subscriptions.len() >= self.shared.config.max_channels_per_connection {
+            return Err(ApiError::new(
+                ErrorCode::TooManyChannels,
+                format!(
+                    "at most {} channels per connection",
+                    self.shared.config.max_channels_per_connection
+                ),
+            ));
+        }
+        if !self
+            .shared
+            .authorizer
+            .can_subscribe(&self.identity, &channel)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        let (recovery, subscription) = resume(
+            self.shared.broker.clone(),
+            channel.clone(),
+            since,
+            self.shared.config.resume,
+        )
+        .await?;
+        self.shared.metrics.recovery(&recovery);
+        self.subscriptions
+            .insert(channel.clone(), into_stream(subscription));
+        Ok(ServerFrame::Subscribed {
+            id,
+            channel,
+            recovery,
+        })
+    }
+
+    async fn publish(
+        &mut self,
+        channel: Channel,
+        data: Payload,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Position, ApiError> {
+        if !self.shared.authorizer.can_publish(&self.identity, &channel) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish on {channel}"),
+            ));
+        }
+        let publish = Publish {
+            channel,
+            data,
+            idempotency_key,
+        };
+        match self.shared.broker.publish(publish).await {
+            Ok(position) => {
+                self.shared.metrics.published();
+                Ok(position)
+            }
+            Err(error) => {
+                self.shared.metrics.publish_failed();
+                Err(error.into())
+            }
+        }
+    }
+}

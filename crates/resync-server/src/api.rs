@@ -1,0 +1,221 @@
+//! The server's own HTTP API: publish, history, channel info, health, readiness and metrics.
+
+use std::sync::Arc;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt;
+use resync_actix::{ApiError, Metrics, Publisher};
+use resync_broker::{Broker, Publish, ReadOutcome};
+use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Payload, Position, ResetReason};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// What the API handlers share.
+pub(crate) struct ApiState {
+    pub(crate) api_key: String,
+    pub(crate) publisher: Publisher,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_replay: usize,
+}
+
+pub(crate) fn configure(config: &mut web::ServiceConfig) {
+    config
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/api/publish", web::post().to(publish))
+        .route("/api/history", web::get().to(history))
+        .route("/api/channels/{channel}", web::get().to(channel_info));
+}
+
+/// Compares without an early exit, so response timing does not reveal how much matched.
+fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    if left.len() != right.len() {
+        return false;
+    }
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+fn require_api_key(state: &ApiState, request: &HttpRequest) -> Result<(), ApiError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .or_else(|| {
+            request
+                .headers()
+                .get("x-api-key")
+                .and_then(|value| value.to_str().ok())
+        });
+    match given {
+        Some(key) if constant_time_eq(key.trim().as_bytes(), state.api_key.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(ErrorCode::Unauthorized, "wrong API key")),
+        None => Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "API key required: Authorization: Bearer <key> or X-Api-Key",
+        )),
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
+    match state.broker.health().await {
+        Ok(()) => HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n"),
+        Err(error) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("not ready: {error}\n")),
+    }
+}
+
+async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render_prometheus())
+}
+
+/// Reads a body up to the limit, failing with 413 past it.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|error| ApiError::new(ErrorCode::BadRequest, error.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("body is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn publish(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let body: PublishBody = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("malformed publish body: {error}"),
+        )
+    })?;
+    let channel = Channel::new(&body.channel)?;
+    let data = Payload::from_json(body.data.get())?;
+    let header_key = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let idempotency_key = body
+        .idempotency_key
+        .or(header_key)
+        .map(IdempotencyKey::new)
+        .transpose()?;
+    let position = state
+        .publisher
+        .send(Publish {
+            channel: channel.clone(),
+            data,
+            idempotency_key,
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "channel": channel, "position": position })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    channel: String,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let query: HistoryQuery = serde_urlencoded_from(request.query_string())?;
+    let channel = Channel::new(&query.channel)?;
+    let limit = query.limit.unwrap_or(100).min(state.max_replay);
+    let since = match query.since {
+        Some(since) => since.parse::<Position>()?,
+        None => Position::start_of(state.broker.position(&channel).await?.epoch),
+    };
+    let body = match state.broker.read_since(&channel, &since, limit).await? {
+        ReadOutcome::Replayed { events, latest } => {
+            let frames: Vec<&RawValue> = events
+                .iter()
+                .filter_map(|event| serde_json::from_slice(event.frame()).ok())
+                .collect();
+            serde_json::json!({ "outcome": "replayed", "events": frames, "latest": latest })
+        }
+        ReadOutcome::UpToDate { latest } => {
+            serde_json::json!({ "outcome": "up_to_date", "events": [], "latest": latest })
+        }
+        ReadOutcome::Reset { reason, latest } => reset_body(reason, &latest),
+    };
+    Ok(HttpResponse::Ok().json(body))
+}
+
+fn reset_body(reason: ResetReason, latest: &Position) -> serde_json::Value {
+    serde_json::json!({ "outcome": "reset", "reason": reason, "events": [], "latest": latest })
+}
+
+fn serde_urlencoded_from<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    web::Query::<T>::from_query(query)
+        .map(web::Query::into_inner)
+        .map_err(|error| ApiError::new(ErrorCode::BadRequest, error.to_string()))
+}
+
+async fn channel_info(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let channel = Channel::new(path.into_inner())?;
+    let position = state.broker.position(&channel).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "channel": channel,
+        "position": position,
+        "subscribers": state.broker.subscriber_count(&channel),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_comparison_is_exact() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,217 @@
+//! The server's settings: one typed struct, filled from defaults, then an optional TOML file,
+//! then `RESYNC_*` environment variables, then command-line flags (later wins).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Every setting of the reference server, with its default.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Settings {
+    pub(crate) listen: SocketAddr,
+    pub(crate) api_key: Option<String>,
+    pub(crate) jwt_secret: Option<String>,
+    pub(crate) anonymous_subscribe: Vec<String>,
+    pub(crate) anonymous_publish: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) history_size: usize,
+    pub(crate) history_max_age_secs: u64,
+    pub(crate) max_replay: usize,
+    pub(crate) subscriber_queue: usize,
+    pub(crate) ping_interval_secs: u64,
+    pub(crate) sse_heartbeat_secs: u64,
+    pub(crate) poll_timeout_secs: u64,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_channels_per_connection: usize,
+    pub(crate) shutdown_timeout_secs: u64,
+    pub(crate) log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            jwt_secret: None,
+            anonymous_subscribe: vec!["*".to_owned()],
+            anonymous_publish: Vec::new(),
+            allowed_origins: Vec::new(),
+            history_size: 10_000,
+            history_max_age_secs: 24 * 60 * 60,
+            max_replay: 10_000,
+            subscriber_queue: resync_broker::DEFAULT_SUBSCRIBER_QUEUE,
+            ping_interval_secs: 30,
+            sse_heartbeat_secs: 15,
+            poll_timeout_secs: 25,
+            max_message_bytes: 64 * 1024,
+            max_body_bytes: 64 * 1024,
+            max_channels_per_connection: 128,
+            shutdown_timeout_secs: 10,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// The resync reference server. Every flag can also be set with its `RESYNC_*` environment
+/// variable or in a TOML file (`--config`), whose keys are the flag names with `_` for `-`.
+#[derive(Debug, Parser)]
+#[command(name = "resync-server", version, about)]
+pub(crate) struct Args {
+    /// TOML file with settings (flags and environment variables override it).
+    #[arg(long, env = "RESYNC_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Address to listen on. [default: 127.0.0.1:8080]
+    #[arg(long, env = "RESYNC_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// API key for the HTTP publish/history API. [default: generated at start and logged]
+    #[arg(long, env = "RESYNC_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// HS256 secret for client JWTs; without it, clients are anonymous. [default: none]
+    #[arg(long, env = "RESYNC_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Channel patterns anonymous clients may subscribe to (`*`, `public:*`, `news`),
+    /// comma-separated. [default: *]
+    #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
+    anonymous_subscribe: Option<Vec<String>>,
+    /// Channel patterns anonymous clients may publish to over WebSocket. [default: none]
+    #[arg(long, env = "RESYNC_ANONYMOUS_PUBLISH", value_delimiter = ',')]
+    anonymous_publish: Option<Vec<String>>,
+    /// Extra origins allowed to use cookie credentials, comma-separated. [default: none]
+    #[arg(long, env = "RESYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Option<Vec<String>>,
+    /// Events of history kept per channel. [default: 10000]
+    #[arg(long, env = "RESYNC_HISTORY_SIZE")]
+    history_size: Option<usize>,
+    /// Seconds an event is kept in history. [default: 86400]
+    #[arg(long, env = "RESYNC_HISTORY_MAX_AGE_SECS")]
+    history_max_age_secs: Option<u64>,
+    /// Most events replayed to a resuming client; further behind is a reset. [default: 10000]
+    #[arg(long, env = "RESYNC_MAX_REPLAY")]
+    max_replay: Option<usize>,
+    /// Events a subscriber may have queued before it counts as a slow consumer. [default: 1024]
+    #[arg(long, env = "RESYNC_SUBSCRIBER_QUEUE")]
+    subscriber_queue: Option<usize>,
+    /// Seconds between WebSocket pings. [default: 30]
+    #[arg(long, env = "RESYNC_PING_INTERVAL_SECS")]
+    ping_interval_secs: Option<u64>,
+    /// Seconds between SSE heartbeat comments. [default: 15]
+    #[arg(long, env = "RESYNC_SSE_HEARTBEAT_SECS")]
+    sse_heartbeat_secs: Option<u64>,
+    /// Default long-poll wait in seconds. [default: 25]
+    #[arg(long, env = "RESYNC_POLL_TIMEOUT_SECS")]
+    poll_timeout_secs: Option<u64>,
+    /// Largest WebSocket message accepted, in bytes. [default: 65536]
+    #[arg(long, env = "RESYNC_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Largest HTTP API request body accepted, in bytes. [default: 65536]
+    #[arg(long, env = "RESYNC_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Most channels one connection may follow. [default: 128]
+    #[arg(long, env = "RESYNC_MAX_CHANNELS_PER_CONNECTION")]
+    max_channels_per_connection: Option<usize>,
+    /// Seconds to wait for connections to close on shutdown before exiting. [default: 10]
+    #[arg(long, env = "RESYNC_SHUTDOWN_TIMEOUT_SECS")]
+    shutdown_timeout_secs: Option<u64>,
+    /// Log line format. [default: text]
+    #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+macro_rules! overlay {
+    ($settings:ident, $args:ident, $($field:ident),* $(,)?) => {
+        $( if let Some(value) = $args.$field { $settings.$field = value; } )*
+    };
+}
+
+impl Settings {
+    /// Defaults, then the file, then environment and flags.
+    pub(crate) fn load(args: Args) -> Result<Self> {
+        let mut settings = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Settings::default(),
+        };
+        if args.api_key.is_some() {
+            settings.api_key = args.api_key;
+        }
+        if args.jwt_secret.is_some() {
+            settings.jwt_secret = args.jwt_secret;
+        }
+        overlay!(
+            settings,
+            args,
+            listen,
+            anonymous_subscribe,
+            anonymous_publish,
+            allowed_origins,
+            history_size,
+            history_max_age_secs,
+            max_replay,
+            subscriber_queue,
+            ping_interval_secs,
+            sse_heartbeat_secs,
+            poll_timeout_secs,
+            max_message_bytes,
+            max_body_bytes,
+            max_channels_per_connection,
+            shutdown_timeout_secs,
+            log_format,
+        );
+        Ok(settings)
+    }
+
+    pub(crate) fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_override_defaults() {
+        let directory =
+            std::env::temp_dir().join(format!("resync-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let file = directory.join("resync.toml");
+        std::fs::write(&file, "history_size = 5\nping_interval_secs = 7\n").unwrap();
+        let args = Args::parse_from([
+            "resync-server",
+            "--config",
+            file.to_str().unwrap(),
+            "--history-size",
+            "9",
+        ]);
+        let settings = Settings::load(args).unwrap();
+        assert_eq!(settings.history_size, 9, "flag beats file");
+        assert_eq!(settings.ping_interval_secs, 7, "file beats default");
+        assert_eq!(settings.poll_timeout_secs, 25, "default");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<Settings>("histroy_size = 5").is_err());
+    }
+}
