@@ -1,1 +1,388 @@
+//! Test fixtures shared by the integration tests: a real server on port 0, and minimal clients
+//! for each transport that speak the wire protocol over real sockets.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "fixtures fail the test loudly on any error"
+)]
+#![allow(missing_docs, reason = "test fixtures, documented by their names")]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use resync_protocol::sse::{SseMessage, SseParser};
+use resync_protocol::{ClientFrame, CloseCode, Position, ServerFrame};
+use resync_server::{RunningServer, Settings};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a test waits for anything before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub http: reqwest::Client,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A server on 127.0.0.1:0 with the defaults, changed by `configure`.
+    pub fn start(configure: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_key: Some("test-key".to_owned()),
+            workers: Some(2),
+            shutdown_spread_ms: 100,
+            ..Settings::default()
+        };
+        configure(&mut settings);
+        let (server, thread) = resync_server::start(settings).unwrap();
+        Self {
+            server,
+            http: reqwest::Client::new(),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base_url())
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.server.addresses[0])
+    }
+
+    /// Publishes through the HTTP API and returns the position.
+    pub async fn publish(&self, channel: &str, data: serde_json::Value) -> Position {
+        let response = self
+            .http
+            .post(self.url("/api/publish"))
+            .bearer_auth(&self.server.api_key)
+            .json(&serde_json::json!({ "channel": channel, "data": data }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "publish failed: {}",
+            response.status()
+        );
+        let body: serde_json::Value = response.json().await.unwrap();
+        serde_json::from_value(body["position"].clone()).unwrap()
+    }
+
+    pub async fn publish_many(&self, channel: &str, range: std::ops::Range<u64>) -> Vec<Position> {
+        let mut positions = Vec::new();
+        for value in range {
+            positions.push(
+                self.publish(channel, serde_json::json!({ "n": value }))
+                    .await,
+            );
+        }
+        positions
+    }
+
+    /// The `subscribers` count of `/api/channels/{channel}`.
+    pub async fn subscribers(&self, channel: &str) -> u64 {
+        let info: serde_json::Value = self
+            .http
+            .get(self.url(&format!("/api/channels/{channel}")))
+            .bearer_auth(&self.server.api_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        info["subscribers"].as_u64().unwrap()
+    }
+
+    /// Waits until `/api/channels/{channel}` reports `expected` subscribers.
+    pub async fn wait_for_subscribers(&self, channel: &str, expected: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let count = self.subscribers(channel).await;
+            if count == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel} still has {count} subscribers, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one metric line, e.g. `resync_connections{transport="sse"}`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let handle = self.server.handle();
+        // Stop without waiting for open streams, then let the thread end. The stop future is
+        // driven on a thread of its own, since this may run inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(handle.stop(false));
+            }
+        })
+        .join();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An SSE client over a real HTTP connection.
+pub struct SseClient {
+    pub status: u16,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    parser: SseParser,
+    buffered: std::collections::VecDeque<SseMessage>,
+}
+
+impl SseClient {
+    pub async fn connect(server: &TestServer, query: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = server.http.get(server.url(&format!("/sse{query}")));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .unwrap()
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.bytes_stream();
+        Self {
+            status,
+            body: Box::pin(body),
+            parser: SseParser::new(),
+            buffered: Default::default(),
+        }
+    }
+
+    /// The next SSE event (comments are skipped), or `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<SseMessage> {
+        loop {
+            if let Some(message) = self.buffered.pop_front() {
+                return Some(message);
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("sse event in time")?;
+            let chunk = chunk.ok()?;
+            self.buffered.extend(self.parser.feed(&chunk).unwrap());
+        }
+    }
+
+    /// The id the stream last set: what `EventSource` sends back as `Last-Event-ID`.
+    pub fn last_event_id(&self) -> String {
+        self.parser.last_event_id().to_owned()
+    }
+
+    /// The next event that carries data (skips lone `retry:` hints).
+    pub async fn next_event(&mut self) -> Option<SseMessage> {
+        loop {
+            let message = self.next().await?;
+            if !(message.event.is_empty() && message.data.is_empty()) {
+                return Some(message);
+            }
+        }
+    }
+
+    /// The next `event` frame's seq, asserting it is an event of `channel`.
+    pub async fn next_seq(&mut self, channel: &str) -> u64 {
+        let message = self.next_event().await.expect("stream open");
+        assert_eq!(
+            message.event, "message",
+            "expected an event, got {message:?}"
+        );
+        let frame = ServerFrame::decode(message.data.as_bytes()).unwrap();
+        let ServerFrame::Event(event) = frame else {
+            panic!("not an event: {frame:?}")
+        };
+        assert_eq!(event.channel.as_str(), channel);
+        event.position.seq.get()
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client speaking the JSON frames.
+pub struct WsClient {
+    pub stream: WsStream,
+    next_id: u64,
+}
+
+/// What a WebSocket read produced.
+#[derive(Debug)]
+pub enum WsRead {
+    Frame(ServerFrame),
+    Closed(Option<CloseCode>),
+}
+
+impl WsClient {
+    /// Connects; `Err` carries the HTTP status of a refused upgrade.
+    pub async fn connect(url: &str) -> Result<Self, u16> {
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap()
+        {
+            Ok((stream, _)) => Ok(Self { stream, next_id: 1 }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(error) => panic!("websocket connect failed: {error}"),
+        }
+    }
+
+    /// Connects and reads the `connected` frame.
+    pub async fn connect_ready(url: &str) -> Self {
+        let mut client = Self::connect(url).await.unwrap();
+        match client.read().await {
+            WsRead::Frame(ServerFrame::Connected { .. }) => client,
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        self.stream
+            .send(Message::text(frame.encode()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        self.stream.send(Message::text(text)).await.unwrap();
+    }
+
+    pub fn next_request_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Reads the next protocol frame (skipping pings, which it answers) or the close.
+    pub async fn read(&mut self) -> WsRead {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("websocket frame in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    let frame = ServerFrame::decode(text.as_bytes()).unwrap();
+                    if frame == ServerFrame::Ping {
+                        self.send(&ClientFrame::Pong).await;
+                        continue;
+                    }
+                    return WsRead::Frame(frame);
+                }
+                Some(Ok(Message::Close(close))) => {
+                    return WsRead::Closed(close.map(|close| CloseCode(u16::from(close.code))));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return WsRead::Closed(None),
+            }
+        }
+    }
+
+    pub async fn frame(&mut self) -> ServerFrame {
+        match self.read().await {
+            WsRead::Frame(frame) => frame,
+            WsRead::Closed(code) => {
+                panic!("connection closed ({code:?}) while a frame was expected")
+            }
+        }
+    }
+
+    /// Subscribes and returns the `subscribed` reply's recovery outcome.
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<Position>,
+    ) -> resync_protocol::RecoveryOutcome {
+        let id = self.next_request_id();
+        self.send(&ClientFrame::Subscribe {
+            id,
+            channel: channel.parse().unwrap(),
+            since,
+        })
+        .await;
+        match self.frame().await {
+            ServerFrame::Subscribed {
+                id: reply_id,
+                recovery,
+                ..
+            } if reply_id == id => recovery,
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+    }
+
+    /// The next event's position, asserting its channel.
+    pub async fn next_event(&mut self, channel: &str) -> Position {
+        match self.frame().await {
+            ServerFrame::Event(event) => {
+                assert_eq!(event.channel.as_str(), channel);
+                event.position
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// One long-poll reply.
+#[derive(Debug)]
+pub struct PollReply {
+    pub status: u16,
+    pub events: Vec<serde_json::Value>,
+    pub resets: Vec<serde_json::Value>,
+    pub cursor: String,
+}
+
+pub async fn poll(server: &TestServer, query: &str) -> PollReply {
+    let response = tokio::time::timeout(
+        WAIT * 2,
+        server.http.get(server.url(&format!("/poll{query}"))).send(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    PollReply {
+        status,
+        events: body["events"].as_array().cloned().unwrap_or_default(),
+        resets: body["resets"].as_array().cloned().unwrap_or_default(),
+        cursor: body["cursor"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// The seqs of a poll reply's events.
+pub fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|event| event["seq"].as_u64().unwrap())
+        .collect()
+}

@@ -37,6 +37,9 @@ pub struct TransportConfig {
     /// On shutdown, connections are closed at random moments within this window, so that
     /// clients do not all reconnect at once. Defaults to 2 seconds.
     pub shutdown_spread: Duration,
+    /// How long one write to a WebSocket client may take before the client counts as stuck
+    /// and is dropped. Defaults to 10 seconds.
+    pub write_timeout: Duration,
     /// Replay limits for resuming clients. Defaults to [`ResumeOptions::default`].
     pub resume: ResumeOptions,
 }
@@ -55,6 +58,7 @@ impl Default for TransportConfig {
             token_cookie: "resync_token".to_owned(),
             allowed_origins: Vec::new(),
             shutdown_spread: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(10),
             resume: ResumeOptions::default(),
         }
     }

@@ -2,7 +2,6 @@
 //! that tell the client what to do next.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
@@ -21,9 +20,6 @@ use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{QueryParams, authenticate, loggable_target};
 use crate::subscriptions::{ItemStream, into_stream};
-
-/// How long one write to a client may take before the client counts as stuck.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Malformed frames in a row after which the connection is closed (4000).
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 10;
@@ -115,10 +111,7 @@ impl Connection {
             ping_interval_ms: ping_interval.as_millis() as u64,
             protocol: PROTOCOL_VERSION,
         };
-        let mut ending = match self.send(connected.encode()).await {
-            Ok(()) => None,
-            Err(ending) => Some(ending),
-        };
+        let mut ending = self.send(connected.encode()).await.err();
 
         while ending.is_none() {
             let wake = tokio::select! {
@@ -159,12 +152,17 @@ impl Connection {
                 code: actix_ws::CloseCode::from(code.0),
                 description: Some(code.reason().to_owned()),
             };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, self.session.close(Some(reason))).await;
+            let _ = tokio::time::timeout(
+                self.shared.config.write_timeout,
+                self.session.close(Some(reason)),
+            )
+            .await;
         }
     }
 
     async fn send(&mut self, text: String) -> Result<(), Ending> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.session.text(text)).await {
+        match tokio::time::timeout(self.shared.config.write_timeout, self.session.text(text)).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(Ending::Gone),
             Err(_elapsed) => {
@@ -183,7 +181,8 @@ impl Connection {
             tracing::error!(target: "resync::ws", "an event frame was not utf-8; skipped");
             return Ok(());
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, self.session.text(text)).await {
+        match tokio::time::timeout(self.shared.config.write_timeout, self.session.text(text)).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(Ending::Gone),
             Err(_elapsed) => {

@@ -12,31 +12,55 @@ use serde::Deserialize;
 /// Every setting of the reference server, with its default.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct Settings {
-    pub(crate) listen: SocketAddr,
-    pub(crate) api_key: Option<String>,
-    pub(crate) jwt_secret: Option<String>,
-    pub(crate) anonymous_subscribe: Vec<String>,
-    pub(crate) anonymous_publish: Vec<String>,
-    pub(crate) allowed_origins: Vec<String>,
-    pub(crate) history_size: usize,
-    pub(crate) history_max_age_secs: u64,
-    pub(crate) max_replay: usize,
-    pub(crate) subscriber_queue: usize,
-    pub(crate) ping_interval_secs: u64,
-    pub(crate) sse_heartbeat_secs: u64,
-    pub(crate) poll_timeout_secs: u64,
-    pub(crate) max_message_bytes: usize,
-    pub(crate) max_body_bytes: usize,
-    pub(crate) max_channels_per_connection: usize,
-    pub(crate) shutdown_timeout_secs: u64,
-    pub(crate) log_format: LogFormat,
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// API key for the HTTP API; generated at start when unset.
+    pub api_key: Option<String>,
+    /// HS256 secret for client tokens; without it, clients are anonymous.
+    pub jwt_secret: Option<String>,
+    /// Channel patterns anonymous clients may subscribe to.
+    pub anonymous_subscribe: Vec<String>,
+    /// Channel patterns anonymous clients may publish to over WebSocket.
+    pub anonymous_publish: Vec<String>,
+    /// Extra origins allowed to use cookie credentials.
+    pub allowed_origins: Vec<String>,
+    /// Events of history kept per channel.
+    pub history_size: usize,
+    /// Seconds an event stays in history.
+    pub history_max_age_secs: u64,
+    /// Most events replayed to one resuming client.
+    pub max_replay: usize,
+    /// Events a subscriber may have queued before it counts as slow.
+    pub subscriber_queue: usize,
+    /// Seconds between WebSocket pings.
+    pub ping_interval_secs: u64,
+    /// Seconds between SSE heartbeat comments.
+    pub sse_heartbeat_secs: u64,
+    /// Default long-poll wait in seconds.
+    pub poll_timeout_secs: u64,
+    /// Largest WebSocket message accepted.
+    pub max_message_bytes: usize,
+    /// Largest HTTP API body accepted.
+    pub max_body_bytes: usize,
+    /// Most channels one connection may follow.
+    pub max_channels_per_connection: usize,
+    /// Seconds to wait for connections on shutdown.
+    pub shutdown_timeout_secs: u64,
+    /// Window over which clients are disconnected on shutdown.
+    pub shutdown_spread_ms: u64,
+    /// HTTP worker threads; one per CPU when unset.
+    pub workers: Option<usize>,
+    /// Seconds one WebSocket write may take before the client is dropped as stuck.
+    pub write_timeout_secs: u64,
+    /// Log line format.
+    pub log_format: LogFormat,
 }
 
 /// How log lines look.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum LogFormat {
+pub enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
@@ -64,6 +88,9 @@ impl Default for Settings {
             max_body_bytes: 64 * 1024,
             max_channels_per_connection: 128,
             shutdown_timeout_secs: 10,
+            shutdown_spread_ms: 2_000,
+            workers: None,
+            write_timeout_secs: 10,
             log_format: LogFormat::Text,
         }
     }
@@ -73,10 +100,10 @@ impl Default for Settings {
 /// variable or in a TOML file (`--config`), whose keys are the flag names with `_` for `-`.
 #[derive(Debug, Parser)]
 #[command(name = "resync-server", version, about)]
-pub(crate) struct Args {
+pub struct Args {
     /// TOML file with settings (flags and environment variables override it).
     #[arg(long, env = "RESYNC_CONFIG")]
-    pub(crate) config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Address to listen on. [default: 127.0.0.1:8080]
     #[arg(long, env = "RESYNC_LISTEN")]
     listen: Option<SocketAddr>,
@@ -129,6 +156,16 @@ pub(crate) struct Args {
     /// Seconds to wait for connections to close on shutdown before exiting. [default: 10]
     #[arg(long, env = "RESYNC_SHUTDOWN_TIMEOUT_SECS")]
     shutdown_timeout_secs: Option<u64>,
+    /// On shutdown, clients are disconnected at random moments within this many milliseconds,
+    /// so they do not all reconnect at once. [default: 2000]
+    #[arg(long, env = "RESYNC_SHUTDOWN_SPREAD_MS")]
+    shutdown_spread_ms: Option<u64>,
+    /// HTTP worker threads. [default: one per CPU]
+    #[arg(long, env = "RESYNC_WORKERS")]
+    workers: Option<usize>,
+    /// Seconds one WebSocket write may take before the client is dropped as stuck. [default: 10]
+    #[arg(long, env = "RESYNC_WRITE_TIMEOUT_SECS")]
+    write_timeout_secs: Option<u64>,
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -142,7 +179,7 @@ macro_rules! overlay {
 
 impl Settings {
     /// Defaults, then the file, then environment and flags.
-    pub(crate) fn load(args: Args) -> Result<Self> {
+    pub fn load(args: Args) -> Result<Self> {
         let mut settings = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -176,12 +213,18 @@ impl Settings {
             max_body_bytes,
             max_channels_per_connection,
             shutdown_timeout_secs,
+            shutdown_spread_ms,
+            write_timeout_secs,
             log_format,
         );
+        if args.workers.is_some() {
+            settings.workers = args.workers;
+        }
         Ok(settings)
     }
 
-    pub(crate) fn shutdown_timeout(&self) -> Duration {
+    /// How long shutdown may take.
+    pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
 }

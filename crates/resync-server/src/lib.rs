@@ -1,0 +1,291 @@
+//! The resync reference server as a library: settings, the HTTP API, and [`start`], which
+//! runs the server on its own thread (for tests and embedding). The `resync-server` binary is
+//! a thin `main` around [`run`].
+
+mod api;
+mod settings;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::{Context, Result};
+use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, Resync, TransportConfig};
+use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
+
+pub use settings::{Args, LogFormat, Settings};
+
+fn generate_api_key() -> Result<String> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| anyhow::anyhow!("no randomness for the API key: {error}"))?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+fn patterns(patterns: &[String]) -> Vec<ChannelPattern> {
+    patterns.iter().map(ChannelPattern::new).collect()
+}
+
+/// A server that is bound and running.
+#[derive(Clone)]
+pub struct RunningServer {
+    /// The addresses it listens on.
+    pub addresses: Vec<std::net::SocketAddr>,
+    /// The transports, for shutdown and metrics.
+    pub resync: Resync<MemoryBroker>,
+    /// The API key for publishing.
+    pub api_key: String,
+    handle: ServerHandle,
+}
+
+impl RunningServer {
+    /// The first listening address as `http://host:port`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addresses[0])
+    }
+
+    /// A handle that stops the server.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+}
+
+/// Binds the server; it serves once the returned future is awaited.
+/// Must be called inside an actix runtime.
+pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Server)> {
+    let api_key = match &settings.api_key {
+        Some(key) if !key.is_empty() => key.clone(),
+        _ => {
+            let key = generate_api_key()?;
+            tracing::warn!(api_key = %key, "no API key configured (RESYNC_API_KEY); generated one for this run");
+            key
+        }
+    };
+    let broker = Arc::new(
+        MemoryBroker::builder()
+            .retention(
+                Retention::default()
+                    .with_max_events(settings.history_size)
+                    .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs))),
+            )
+            .subscriber_queue(settings.subscriber_queue)
+            .build(),
+    );
+    let config = TransportConfig {
+        ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
+        sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
+        poll_timeout: Duration::from_secs(settings.poll_timeout_secs),
+        max_message_bytes: settings.max_message_bytes,
+        max_channels_per_connection: settings.max_channels_per_connection,
+        allowed_origins: settings.allowed_origins.clone(),
+        shutdown_spread: Duration::from_millis(settings.shutdown_spread_ms),
+        write_timeout: Duration::from_secs(settings.write_timeout_secs.max(1)),
+        resume: ResumeOptions {
+            max_replay: settings.max_replay,
+        },
+        ..TransportConfig::default()
+    };
+    let builder = Resync::builder_shared(broker.clone()).config(config);
+    let builder = match &settings.jwt_secret {
+        Some(secret) => builder.authorizer(
+            JwtAuthorizer::new(secret.as_bytes().to_vec())
+                .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
+                .anonymous_publish(patterns(&settings.anonymous_publish)),
+        ),
+        None if settings.anonymous_subscribe == ["*"] && settings.anonymous_publish.is_empty() => {
+            builder.authorizer(AllowAllSubscribers)
+        }
+        // Anonymous patterns without a JWT secret: a JWT authorizer that no token can pass.
+        None => builder.authorizer(
+            JwtAuthorizer::new(generate_api_key()?.into_bytes())
+                .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
+                .anonymous_publish(patterns(&settings.anonymous_publish)),
+        ),
+    };
+    let resync = builder.build();
+    let broker_for_api: Arc<dyn Broker> = broker.clone();
+    let state = web::Data::new(api::ApiState {
+        api_key: api_key.clone(),
+        publisher: resync.publisher(),
+        broker: broker_for_api,
+        metrics: resync.metrics().clone(),
+        max_body_bytes: settings.max_body_bytes,
+        max_replay: settings.max_replay,
+    });
+
+    let app_resync = resync.clone();
+    let server = HttpServer::new(move || {
+        let resync = app_resync.clone();
+        App::new()
+            .app_data(state.clone())
+            .wrap(from_fn(request_log))
+            .route("/", web::get().to(index))
+            .configure(api::configure)
+            .configure(move |config| resync.configure(config))
+    })
+    .on_connect(resync_actix::track_disconnects)
+    .disable_signals()
+    .shutdown_timeout(settings.shutdown_timeout_secs)
+    .workers(
+        settings
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
+    )
+    .bind(settings.listen)
+    .with_context(|| format!("binding {}", settings.listen))?;
+    let addresses = server.addrs();
+    let server = server.run();
+    let running = RunningServer {
+        addresses,
+        resync,
+        api_key,
+        handle: server.handle(),
+    };
+    Ok((running, server))
+}
+
+/// Tells clients to reconnect, waits for the spread, then stops the HTTP server.
+pub async fn drain_then_stop(
+    resync: Resync<MemoryBroker>,
+    handle: ServerHandle,
+    shutdown_timeout: Duration,
+) {
+    resync.shutdown();
+    // Connections close at random moments within the spread; then the server stops, waiting
+    // at most the shutdown timeout for the rest.
+    tokio::time::sleep(resync.config().shutdown_spread.min(shutdown_timeout)).await;
+    handle.stop(true).await;
+}
+
+/// Runs the server until a signal stops it.
+pub async fn run(settings: Settings) -> Result<()> {
+    let (running, server) = bind(&settings)?;
+    tracing::info!(addresses = ?running.addresses, "resync-server listening (memory broker)");
+    // The address on its own line, for scripts and tests that start the server on port 0.
+    for address in &running.addresses {
+        println!("listening on http://{address}");
+    }
+    let shutdown_timeout = settings.shutdown_timeout();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: telling clients to reconnect");
+        drain_then_stop(running.resync, running.handle, shutdown_timeout).await;
+    });
+    server.await.context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts a server on its own thread and returns once it listens: for tests and embedding.
+pub fn start(settings: Settings) -> Result<(RunningServer, std::thread::JoinHandle<()>)> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            match bind(&settings) {
+                Ok((running, server)) => {
+                    let _ = sender.send(Ok(running));
+                    if let Err(error) = server.await {
+                        tracing::error!(%error, "test server failed");
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error));
+                }
+            }
+        });
+    });
+    let server = receiver
+        .recv()
+        .context("server thread died while starting")??;
+    Ok((server, thread))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn index() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; charset=utf-8").body(
+        "resync-server\n\n\
+         GET  /sse?channel=NAME         Server-Sent Events\n\
+         GET  /ws                       WebSocket\n\
+         GET  /poll?channel=NAME        long polling\n\
+         POST /api/publish              {\"channel\":…,\"data\":…} with Authorization: Bearer <API key>\n\
+         GET  /api/history?channel=NAME&since=EPOCH:SEQ\n\
+         GET  /api/channels/NAME\n\
+         GET  /healthz /readyz /metrics\n",
+    )
+}
+
+/// Gives every request an id (kept from `X-Request-Id` when the client sent one), returns it
+/// in the response, and logs one line per request with tokens redacted from the query.
+async fn request_log(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| value.len() <= 64 && value.bytes().all(|byte| byte.is_ascii_graphic()))
+        .map_or_else(|| format!("{:016x}", fastrand_u64()), str::to_owned);
+    let method = request.method().clone();
+    let query = request.query_string();
+    let target = if query.is_empty() {
+        request.path().to_owned()
+    } else {
+        format!("{}?{}", request.path(), resync_actix::redact_query(query))
+    };
+    let started = Instant::now();
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let _entered = span.enter();
+    let mut response = next.call(request).await?;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID.clone(), value);
+    }
+    let status = response.status().as_u16();
+    if response.status().is_client_error() || response.status().is_server_error() {
+        let reason = response
+            .response()
+            .error()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        tracing::warn!(%method, %target, status, elapsed_ms = started.elapsed().as_millis() as u64, error = %reason, "request failed");
+    } else {
+        tracing::info!(%method, %target, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    }
+    Ok(response)
+}
+
+fn fastrand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Request ids need uniqueness, not secrecy; fall back to the clock if randomness fails.
+    if getrandom::fill(&mut bytes).is_err() {
+        return Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
