@@ -1,5 +1,5 @@
 //! resync's transports for actix-web: SSE, WebSocket and long polling over any
-//! [`Broker`](resync_broker::Broker), mounted in your app with one call.
+//! `Broker` of `resync-broker`, mounted in your app with one call.
 //!
 //! A [`Resync`] wraps a broker, an [`Authorizer`] and a [`TransportConfig`]. Mount it with
 //! [`Resync::configure`] under any scope, and publish from your own handlers with the

@@ -10,7 +10,7 @@
 //! - [`resume`] is the gap-free resume algorithm every transport uses: given a channel and a
 //!   client's position, it yields the missed events, then live ones, with no gap and no
 //!   duplicate, or a typed reset.
-//! - With the `testing` feature, [`conformance`] is a test suite any `Broker` can run.
+//! - With the `testing` feature, `conformance` is a test suite any `Broker` can run.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
