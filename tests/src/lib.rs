@@ -7,6 +7,8 @@
 )]
 #![allow(missing_docs, reason = "test fixtures, documented by their names")]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};

@@ -1,0 +1,42 @@
+//! The one error type of this crate.
+
+use resync_protocol::{CloseCode, ErrorCode};
+
+/// What went wrong in the client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server URL could not be used.
+    #[error("invalid server url: {0}")]
+    InvalidUrl(String),
+    /// The client was closed (by [`Client::close`](crate::Client::close) or a terminal close
+    /// code from the server).
+    #[error("client closed: {0}")]
+    Closed(String),
+    /// The server answered a request with an error.
+    #[error("server error {code:?}: {message}")]
+    Server {
+        /// The stable error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server closed the connection with a code that forbids reconnecting.
+    #[error("server closed the connection for good: {} ({})", .0.0, .0.reason())]
+    Terminal(CloseCode),
+    /// Publishing needs a WebSocket connection, and the client is on another transport.
+    #[error("publishing needs a websocket connection; the client is on {0}")]
+    PublishNeedsWebSocket(&'static str),
+    /// The channel is already followed by this client.
+    #[error("already subscribed to {0}")]
+    AlreadySubscribed(String),
+    /// A request timed out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The snapshot function failed.
+    #[error("snapshot failed: {0}")]
+    Snapshot(String),
+}
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,503 @@
+//! Follow resync channels from Rust without ever missing an event.
+//!
+//! A [`Client`] keeps one connection to a resync server, over WebSocket, SSE or long polling
+//! ([`TransportChoice::Auto`] tries them in that order and remembers what worked), and
+//! reconnects after any failure with exponential backoff and full jitter ([`backoff`]). It
+//! keeps every channel's position and resumes from it, so a [`Subscription`] yields each event
+//! once, in order, across any number of reconnects; when the server cannot replay what was
+//! missed, the subscription yields an explicit [`Update::Reset`] instead of silently skipping.
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use resync_client::{Client, Update};
+//!
+//! # async fn run() -> Result<(), resync_client::Error> {
+//! let client = Client::builder("http://127.0.0.1:8080").build()?;
+//! let mut orders = client.subscribe("orders".parse().unwrap());
+//! while let Some(update) = orders.next().await {
+//!     match update? {
+//!         Update::Event(event) => println!("{} {}", event.position, event.data.as_str()),
+//!         Update::Reset { reason, .. } => println!("refetch everything ({reason:?})"),
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Store [`Subscription::position`] (or each event's position) to resume across process
+//! restarts with [`Subscription::since`]. [`Client::subscribe_with_snapshot`] combines a
+//! snapshot of your state with the channel's events, refetching on every reset.
+
+pub mod backoff;
+mod connection;
+mod error;
+mod poll;
+mod registry;
+mod snapshot;
+mod sse;
+mod ws;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use resync_protocol::{Channel, Event, IdempotencyKey, Payload, Position, ResetReason};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use error::{Error, Result};
+pub use snapshot::{SnapshotStream, SnapshotUpdate};
+
+use crate::registry::Registry;
+
+/// An item of a subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The next event of the channel: in seq order, never twice, never skipped.
+    Event(Event),
+    /// The client's state for this channel is stale (history did not reach back, the server
+    /// lost its history): refetch it; events after `position` follow.
+    Reset {
+        /// Why.
+        reason: ResetReason,
+        /// Where the stream continues from.
+        position: Position,
+    },
+}
+
+/// A transport the client can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// WebSocket: both directions; needed for [`Client::publish`].
+    WebSocket,
+    /// Server-Sent Events.
+    Sse,
+    /// Long polling.
+    LongPolling,
+}
+
+impl TransportKind {
+    /// A short name for logs and state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Sse => "sse",
+            TransportKind::LongPolling => "long-polling",
+        }
+    }
+}
+
+/// Which transports the client may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// WebSocket first; when the upgrade is refused or blocked, SSE; then long polling. The
+    /// transport that connected is tried first on the next reconnect.
+    #[default]
+    Auto,
+    /// Only this transport.
+    Only(TransportKind),
+}
+
+/// The state of the client's connection, observable with [`Client::state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Opening a connection.
+    Connecting {
+        /// The transport being tried.
+        transport: TransportKind,
+    },
+    /// Connected and following every subscribed channel.
+    Connected {
+        /// The transport in use.
+        transport: TransportKind,
+    },
+    /// Waiting before the next attempt.
+    Reconnecting {
+        /// Attempts since the last stable connection.
+        attempt: u32,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// Stopped for good; no more reconnects.
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A future returning a fresh token (or why none could be had).
+pub type TokenFuture = Pin<Box<dyn Future<Output = std::result::Result<String, String>> + Send>>;
+
+/// Produces tokens: called before the first connection and whenever the server says the token
+/// is invalid or expired (HTTP 401, close code 4300).
+pub type TokenRefresher = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+
+/// Settings of a [`Client`].
+#[derive(Clone)]
+pub(crate) struct ClientConfig {
+    pub(crate) base_url: reqwest::Url,
+    pub(crate) token: Option<String>,
+    pub(crate) refresher: Option<TokenRefresher>,
+    pub(crate) transport: TransportChoice,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) heartbeat_grace: Duration,
+    pub(crate) sse_idle_timeout: Duration,
+    pub(crate) poll_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) subscription_buffer: usize,
+    pub(crate) rng_seed: Option<u64>,
+}
+
+/// Builds a [`Client`].
+pub struct ClientBuilder {
+    config: std::result::Result<ClientConfig, Error>,
+}
+
+impl ClientBuilder {
+    /// A static token, sent as `Authorization: Bearer`. Defaults to none (anonymous).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.token = Some(token.into());
+        }
+        self
+    }
+
+    /// A function that fetches a fresh token; called before connecting and after the server
+    /// refuses the current one. Defaults to none.
+    pub fn token_refresher<F, Fut>(mut self, refresher: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<String, String>> + Send + 'static,
+    {
+        if let Ok(config) = &mut self.config {
+            config.refresher = Some(Arc::new(move || Box::pin(refresher())));
+        }
+        self
+    }
+
+    /// Which transports to use. Defaults to [`TransportChoice::Auto`].
+    pub fn transport(mut self, transport: TransportChoice) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.transport = transport;
+        }
+        self
+    }
+
+    /// Reconnection delays. Defaults to [`BackoffConfig::default`] (0.5 s, doubling, 20 s cap,
+    /// full jitter).
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.backoff = backoff;
+        }
+        self
+    }
+
+    /// Seeds the client's random source (backoff jitter), for reproducible tests. Defaults to
+    /// a random seed.
+    pub fn rng_seed(mut self, seed: u64) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.rng_seed = Some(seed);
+        }
+        self
+    }
+
+    /// How long past the server's ping interval a silent WebSocket is still trusted before it
+    /// is replaced. Defaults to 10 s.
+    pub fn heartbeat_grace(mut self, grace: Duration) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.heartbeat_grace = grace;
+        }
+        self
+    }
+
+    /// How long an SSE stream may stay silent (no event, no heartbeat comment) before it is
+    /// replaced. Defaults to 40 s (two server heartbeats of 15 s, plus grace).
+    pub fn sse_idle_timeout(mut self, timeout: Duration) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.sse_idle_timeout = timeout;
+        }
+        self
+    }
+
+    /// How long each long poll asks the server to wait. Defaults to 25 s.
+    pub fn poll_timeout(mut self, timeout: Duration) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.poll_timeout = timeout;
+        }
+        self
+    }
+
+    /// How long opening a connection may take. Defaults to 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.connect_timeout = timeout;
+        }
+        self
+    }
+
+    /// Updates buffered per subscription before the client stops reading from the server
+    /// (which then, if it lasts, disconnects the client as slow; it resumes without loss).
+    /// Defaults to 1,024.
+    pub fn subscription_buffer(mut self, updates: usize) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.subscription_buffer = updates.max(1);
+        }
+        self
+    }
+
+    /// Starts the client. Must be called inside a tokio runtime.
+    pub fn build(self) -> Result<Client> {
+        let config = self.config?;
+        let registry = Arc::new(Registry::default());
+        let (state_sender, state) = watch::channel(ConnectionState::Connecting {
+            transport: match config.transport {
+                TransportChoice::Only(kind) => kind,
+                TransportChoice::Auto => TransportKind::WebSocket,
+            },
+        });
+        let (publish_sender, publish_receiver) = mpsc::channel(256);
+        let manager = connection::Manager::new(
+            config.clone(),
+            registry.clone(),
+            state_sender,
+            publish_receiver,
+        )?;
+        tokio::spawn(manager.run());
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                registry,
+                state,
+                publishes: publish_sender,
+                config,
+            }),
+        })
+    }
+}
+
+struct ClientInner {
+    registry: Arc<Registry>,
+    state: watch::Receiver<ConnectionState>,
+    publishes: mpsc::Sender<connection::PublishRequest>,
+    config: ClientConfig,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.registry.close("client dropped");
+    }
+}
+
+/// A connection to a resync server, shared by every subscription. Cloning is cheap.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Client")
+            .field("base_url", &self.inner.config.base_url.as_str())
+            .field("state", &*self.inner.state.borrow())
+            .finish()
+    }
+}
+
+impl Client {
+    /// A builder for a client of the server at `base_url` (`http://host:port`, optionally with
+    /// a path prefix under which resync is mounted).
+    pub fn builder(base_url: &str) -> ClientBuilder {
+        let config = parse_base(base_url).map(|base_url| ClientConfig {
+            base_url,
+            token: None,
+            refresher: None,
+            transport: TransportChoice::Auto,
+            backoff: BackoffConfig::default(),
+            heartbeat_grace: Duration::from_secs(10),
+            sse_idle_timeout: Duration::from_secs(40),
+            poll_timeout: Duration::from_secs(25),
+            connect_timeout: Duration::from_secs(10),
+            subscription_buffer: 1_024,
+            rng_seed: None,
+        });
+        ClientBuilder { config }
+    }
+
+    /// Follows `channel`. Events start from now, or from [`Subscription::since`]; the
+    /// subscription registers when it is first polled.
+    pub fn subscribe(&self, channel: Channel) -> Subscription {
+        Subscription {
+            channel,
+            since: None,
+            registry: self.inner.registry.clone(),
+            receiver: None,
+            buffer: self.inner.config.subscription_buffer,
+            failed: None,
+        }
+    }
+
+    /// Follows `channel` with a snapshot: calls `fetch` for the current state and its position,
+    /// yields it, then yields the channel's events after that position; on every reset it
+    /// calls `fetch` again.
+    pub fn subscribe_with_snapshot<S, F, Fut>(
+        &self,
+        channel: Channel,
+        fetch: F,
+    ) -> SnapshotStream<S>
+    where
+        S: Send + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(S, Position), String>> + Send + 'static,
+    {
+        snapshot::start(self.clone(), channel, fetch)
+    }
+
+    /// Publishes `data` on `channel` over the WebSocket connection (waiting for one if needed)
+    /// and returns the stored position. The server must allow this client to publish.
+    pub async fn publish(&self, channel: Channel, data: Payload) -> Result<Position> {
+        self.publish_request(channel, data, None).await
+    }
+
+    /// Like [`publish`](Self::publish) with an idempotency key: retrying after an error is safe.
+    pub async fn publish_once(
+        &self,
+        channel: Channel,
+        data: Payload,
+        key: IdempotencyKey,
+    ) -> Result<Position> {
+        self.publish_request(channel, data, Some(key)).await
+    }
+
+    async fn publish_request(
+        &self,
+        channel: Channel,
+        data: Payload,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Position> {
+        let (reply, answer) = oneshot::channel();
+        let request = connection::PublishRequest {
+            channel,
+            data,
+            idempotency_key,
+            reply,
+        };
+        self.inner
+            .publishes
+            .send(request)
+            .await
+            .map_err(|_| Error::Closed("client stopped".to_owned()))?;
+        match tokio::time::timeout(self.inner.config.connect_timeout * 3, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed("client stopped".to_owned())),
+            Err(_) => Err(Error::Timeout("no publish reply".to_owned())),
+        }
+    }
+
+    /// The connection state now, and every change after.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.clone()
+    }
+
+    /// Stops the client: closes the connection (code 1000), ends every subscription, and never
+    /// reconnects.
+    pub fn close(&self) {
+        self.inner.registry.close("closed by the application");
+    }
+}
+
+fn parse_base(base_url: &str) -> Result<reqwest::Url> {
+    let mut url =
+        reqwest::Url::parse(base_url).map_err(|error| Error::InvalidUrl(error.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::InvalidUrl(format!(
+            "{base_url}: use http:// or https://"
+        )));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// The updates of one channel: a [`Stream`] of [`Update`]s, each event once, in order, across
+/// reconnects. Dropping it unsubscribes.
+pub struct Subscription {
+    channel: Channel,
+    since: Option<Position>,
+    registry: Arc<Registry>,
+    receiver: Option<mpsc::Receiver<Result<Update>>>,
+    buffer: usize,
+    failed: Option<Error>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .field("position", &self.position())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// Resumes from `position` (stored by the application, e.g. across a restart): the events
+    /// after it are replayed first. Only effective before the first poll.
+    pub fn since(mut self, position: Position) -> Self {
+        self.since = Some(position);
+        self
+    }
+
+    /// The channel followed.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The position of the last update handed to this subscription's buffer (or the starting
+    /// position). Store it to resume later.
+    pub fn position(&self) -> Option<Position> {
+        self.registry
+            .position(&self.channel)
+            .or_else(|| self.since.clone())
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Update>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        if this.receiver.is_none() {
+            let (sender, receiver) = mpsc::channel(this.buffer);
+            if let Err(error) =
+                this.registry
+                    .register(this.channel.clone(), this.since.clone(), sender)
+            {
+                this.receiver = Some(mpsc::channel(1).1);
+                return Poll::Ready(Some(Err(error)));
+            }
+            this.receiver = Some(receiver);
+        }
+        match &mut this.receiver {
+            Some(receiver) => receiver.poll_recv(context),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Close the receiving end first, so the registry sees the subscription gone.
+        if let Some(receiver) = self.receiver.take() {
+            drop(receiver);
+            self.registry.unregister(&self.channel);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The long-polling session: each reply carries the cursor for the next poll.
+
+use std::collections::HashSet;
+
+use resync_protocol::{Channel, Cursor, ServerFrame};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::connection::{ConnectFailure, Manager, SessionEnd};
+use crate::sse::ResetBody;
+use crate::{ConnectionState, Error, TransportKind, Update};
+
+#[derive(Deserialize)]
+struct Reply {
+    events: Vec<Box<RawValue>>,
+    resets: Vec<ResetBody>,
+    cursor: String,
+}
+
+enum Wake {
+    Reply(std::result::Result<reqwest::Result<reqwest::Response>, tokio::time::error::Elapsed>),
+    Changed,
+    Publish(Option<crate::connection::PublishRequest>),
+}
+
+pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
+    let mut connected = false;
+    loop {
+        let (channels, mut query) = manager.channel_query();
+        let following: HashSet<Channel> = channels.into_iter().collect();
+        query.push(("timeout", manager.config.poll_timeout.as_secs().to_string()));
+        let url = manager
+            .url("poll", &query)
+            .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
+        let mut request = manager.http.get(url);
+        if let Some(token) = &manager.token {
+            request = request.bearer_auth(token);
+        }
+        let deadline = manager.config.poll_timeout + manager.config.connect_timeout;
+        let wake = tokio::select! {
+            reply = tokio::time::timeout(deadline, request.send()) => Wake::Reply(reply),
+            _ = manager.registry.changed.notified() => Wake::Changed,
+            request = manager.publishes.recv() => Wake::Publish(request),
+        };
+        let response = match wake {
+            Wake::Changed => {
+                if manager.registry.closed().is_some() {
+                    return Ok(SessionEnd::Shutdown);
+                }
+                // A new or dropped channel: poll again at once with the new set.
+                continue;
+            }
+            Wake::Publish(None) => return Ok(SessionEnd::Shutdown),
+            Wake::Publish(Some(request)) => {
+                let _ = request
+                    .reply
+                    .send(Err(Error::PublishNeedsWebSocket("long polling")));
+                continue;
+            }
+            Wake::Reply(Err(_)) => return lost(connected, "poll timed out"),
+            Wake::Reply(Ok(Err(error))) => return lost(connected, &error.to_string()),
+            Wake::Reply(Ok(Ok(response))) => response,
+        };
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            let failure = Manager::failure_for_status(status, &body);
+            if !connected {
+                return Err(failure);
+            }
+            return Ok(match failure {
+                ConnectFailure::Unauthorized(_) => SessionEnd::Unauthorized,
+                other => SessionEnd::Lost(format!("{other:?}")),
+            });
+        }
+        let reply: Reply = match response.json().await {
+            Ok(reply) => reply,
+            Err(error) if connected => return Ok(SessionEnd::Lost(error.to_string())),
+            Err(error) => {
+                return Err(ConnectFailure::Refused(format!(
+                    "not a poll reply: {error}"
+                )));
+            }
+        };
+        if !connected {
+            connected = true;
+            manager.set_state(ConnectionState::Connected {
+                transport: TransportKind::LongPolling,
+            });
+        }
+        for reset in reply.resets {
+            let update = Update::Reset {
+                reason: reset.reason,
+                position: reset.position,
+            };
+            manager.registry.deliver(&reset.channel, update).await;
+        }
+        for raw in reply.events {
+            match ServerFrame::decode(raw.get().as_bytes()) {
+                Ok(ServerFrame::Event(event)) => {
+                    let channel = event.channel.clone();
+                    manager
+                        .registry
+                        .deliver(&channel, Update::Event(event))
+                        .await;
+                }
+                other => tracing::warn!(target: "resync::client", ?other, "unexpected poll event"),
+            }
+        }
+        // Channels that started fresh learn their position from the cursor.
+        if let Ok(cursor) = Cursor::parse(&reply.cursor) {
+            for (channel, position) in cursor.iter() {
+                if following.contains(channel) && manager.registry.position(channel).is_none() {
+                    manager.registry.set_position(channel, position.clone());
+                }
+            }
+        }
+    }
+}
+
+fn lost(connected: bool, reason: &str) -> std::result::Result<SessionEnd, ConnectFailure> {
+    if connected {
+        Ok(SessionEnd::Lost(reason.to_owned()))
+    } else {
+        Err(ConnectFailure::Lost(reason.to_owned()))
+    }
+}

@@ -1,0 +1,171 @@
+//! The channels a client follows, their positions, and where their updates go: shared by the
+//! application's handles and the connection task.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use resync_protocol::{Channel, Cursor, Position};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{Error, Result, Update};
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+    /// Wakes the connection task when the channel set changes or the client closes.
+    pub(crate) changed: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<Channel, Entry>,
+    closed: Option<String>,
+}
+
+pub(crate) struct Entry {
+    pub(crate) position: Option<Position>,
+    pub(crate) sender: mpsc::Sender<Result<Update>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn register(
+        &self,
+        channel: Channel,
+        since: Option<Position>,
+        sender: mpsc::Sender<Result<Update>>,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(reason) = &inner.closed {
+            return Err(Error::Closed(reason.clone()));
+        }
+        if inner
+            .entries
+            .get(&channel)
+            .is_some_and(|entry| !entry.sender.is_closed())
+        {
+            return Err(Error::AlreadySubscribed(channel.to_string()));
+        }
+        inner.entries.insert(
+            channel,
+            Entry {
+                position: since,
+                sender,
+            },
+        );
+        drop(inner);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn unregister(&self, channel: &Channel) {
+        let mut inner = self.lock();
+        if inner
+            .entries
+            .get(channel)
+            .is_some_and(|entry| entry.sender.is_closed())
+        {
+            inner.entries.remove(channel);
+        }
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn close(&self, reason: &str) {
+        let mut inner = self.lock();
+        if inner.closed.is_none() {
+            inner.closed = Some(reason.to_owned());
+        }
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn closed(&self) -> Option<String> {
+        self.lock().closed.clone()
+    }
+
+    pub(crate) fn position(&self, channel: &Channel) -> Option<Position> {
+        self.lock()
+            .entries
+            .get(channel)
+            .and_then(|entry| entry.position.clone())
+    }
+
+    /// The followed channels (dropping those whose subscription is gone), with positions.
+    pub(crate) fn snapshot(&self) -> Vec<(Channel, Option<Position>)> {
+        let mut inner = self.lock();
+        inner.entries.retain(|_, entry| !entry.sender.is_closed());
+        inner
+            .entries
+            .iter()
+            .map(|(channel, entry)| (channel.clone(), entry.position.clone()))
+            .collect()
+    }
+
+    /// The positions known, as a cursor (channels without a position are left out).
+    pub(crate) fn cursor(&self) -> Cursor {
+        self.snapshot()
+            .into_iter()
+            .filter_map(|(channel, position)| position.map(|position| (channel, position)))
+            .collect()
+    }
+
+    /// Sets a channel's position without delivering anything (a fresh start).
+    pub(crate) fn set_position(&self, channel: &Channel, position: Position) {
+        if let Some(entry) = self.lock().entries.get_mut(channel) {
+            entry.position = Some(position);
+        }
+    }
+
+    /// Hands an update to the channel's subscription, unless it repeats one already handed
+    /// over; advances the position. Waits while the subscription's buffer is full.
+    pub(crate) async fn deliver(&self, channel: &Channel, update: Update) {
+        let sender = {
+            let inner = self.lock();
+            let Some(entry) = inner.entries.get(channel) else {
+                return;
+            };
+            if let (Update::Event(event), Some(position)) = (&update, &entry.position)
+                && event.position.epoch == position.epoch
+                && event.position.seq <= position.seq
+            {
+                // Already delivered: a duplicate across a reconnect. Never hand it out twice.
+                return;
+            }
+            entry.sender.clone()
+        };
+        let position = match &update {
+            Update::Event(event) => event.position.clone(),
+            Update::Reset { position, .. } => position.clone(),
+        };
+        if sender.send(Ok(update)).await.is_ok() {
+            self.set_position(channel, position);
+        }
+    }
+
+    /// Ends a channel's subscription with an error.
+    pub(crate) async fn fail(&self, channel: &Channel, error: Error) {
+        let sender = self
+            .lock()
+            .entries
+            .remove(channel)
+            .map(|entry| entry.sender);
+        if let Some(sender) = sender {
+            let _ = sender.send(Err(error)).await;
+        }
+    }
+
+    /// Ends every subscription with an error.
+    pub(crate) async fn fail_all(&self, error: Error) {
+        let senders: Vec<_> = std::mem::take(&mut self.lock().entries)
+            .into_values()
+            .map(|entry| entry.sender)
+            .collect();
+        for sender in senders {
+            let _ = sender.send(Err(error.clone())).await;
+        }
+    }
+}

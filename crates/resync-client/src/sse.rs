@@ -1,0 +1,166 @@
+//! The SSE session: one GET for every channel, resumed with the cursor of known positions.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use resync_protocol::sse::{SseMessage, SseParser};
+use resync_protocol::{Channel, Position, RecoveryOutcome, ResetReason, ServerFrame};
+use serde::Deserialize;
+
+use crate::connection::{ConnectFailure, Manager, SessionEnd};
+use crate::{ConnectionState, Error, TransportKind, Update};
+
+#[derive(Deserialize)]
+struct Opening {
+    channels: std::collections::BTreeMap<Channel, RecoveryOutcome>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ResetBody {
+    pub(crate) channel: Channel,
+    pub(crate) reason: ResetReason,
+    pub(crate) position: Position,
+}
+
+enum Wake {
+    Chunk(Option<reqwest::Result<bytes::Bytes>>),
+    Silent,
+    Changed,
+    Publish(Option<crate::connection::PublishRequest>),
+}
+
+pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
+    let (channels, query) = manager.channel_query();
+    let url = manager
+        .url("sse", &query)
+        .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
+    let mut request = manager.http.get(url).header("accept", "text/event-stream");
+    if let Some(token) = &manager.token {
+        request = request.bearer_auth(token);
+    }
+    let response = match tokio::time::timeout(manager.config.connect_timeout, request.send()).await
+    {
+        Err(_) => return Err(ConnectFailure::Lost("sse connect timed out".to_owned())),
+        Ok(Err(error)) => return Err(ConnectFailure::Lost(error.to_string())),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status().as_u16();
+    if status != 200 {
+        let body = response.text().await.unwrap_or_default();
+        return Err(Manager::failure_for_status(status, &body));
+    }
+    let is_event_stream = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"));
+    if !is_event_stream {
+        return Err(ConnectFailure::Refused(
+            "the answer is not an event stream".to_owned(),
+        ));
+    }
+    manager.set_state(ConnectionState::Connected {
+        transport: TransportKind::Sse,
+    });
+    let following: HashSet<Channel> = channels.into_iter().collect();
+    let mut body = response.bytes_stream();
+    let mut parser = SseParser::new();
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let wake = tokio::select! {
+            chunk = tokio::time::timeout(manager.config.sse_idle_timeout, body.next()) => match chunk {
+                Ok(chunk) => Wake::Chunk(chunk),
+                Err(_) => Wake::Silent,
+            },
+            _ = manager.registry.changed.notified() => Wake::Changed,
+            request = manager.publishes.recv() => Wake::Publish(request),
+        };
+        match wake {
+            Wake::Silent => return Ok(SessionEnd::Lost("sse stream went silent".to_owned())),
+            Wake::Chunk(None) => return Ok(SessionEnd::RetryAfter(retry)),
+            Wake::Chunk(Some(Err(error))) => return Ok(SessionEnd::Lost(error.to_string())),
+            Wake::Chunk(Some(Ok(bytes))) => {
+                let messages = match parser.feed(&bytes) {
+                    Ok(messages) => messages,
+                    Err(error) => return Ok(SessionEnd::Lost(error.to_string())),
+                };
+                for message in messages {
+                    if let Some(retry_ms) = message.retry_ms {
+                        retry = Duration::from_millis(retry_ms);
+                    }
+                    on_message(manager, message).await;
+                }
+            }
+            Wake::Changed => {
+                if manager.registry.closed().is_some() {
+                    return Ok(SessionEnd::Shutdown);
+                }
+                let wanted: HashSet<Channel> = manager
+                    .registry
+                    .snapshot()
+                    .into_iter()
+                    .map(|(channel, _)| channel)
+                    .collect();
+                if wanted != following {
+                    return Ok(SessionEnd::Resubscribe);
+                }
+            }
+            Wake::Publish(None) => return Ok(SessionEnd::Shutdown),
+            Wake::Publish(Some(request)) => {
+                let _ = request.reply.send(Err(Error::PublishNeedsWebSocket("sse")));
+            }
+        }
+    }
+}
+
+async fn on_message(manager: &Manager, message: SseMessage) {
+    match message.event.as_str() {
+        "message" => match ServerFrame::decode(message.data.as_bytes()) {
+            Ok(ServerFrame::Event(event)) => {
+                let channel = event.channel.clone();
+                manager
+                    .registry
+                    .deliver(&channel, Update::Event(event))
+                    .await;
+            }
+            other => tracing::warn!(target: "resync::client", ?other, "unexpected sse message"),
+        },
+        "subscribed" => match serde_json::from_str::<Opening>(&message.data) {
+            Ok(opening) => {
+                for (channel, outcome) in opening.channels {
+                    match outcome {
+                        RecoveryOutcome::Fresh { position } => {
+                            if manager.registry.position(&channel).is_none() {
+                                manager.registry.set_position(&channel, position);
+                            }
+                        }
+                        RecoveryOutcome::Reset { reason, position } => {
+                            manager
+                                .registry
+                                .deliver(&channel, Update::Reset { reason, position })
+                                .await;
+                        }
+                        RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(target: "resync::client", %error, "unreadable subscribed event")
+            }
+        },
+        "reset" => match serde_json::from_str::<ResetBody>(&message.data) {
+            Ok(reset) => {
+                let update = Update::Reset {
+                    reason: reset.reason,
+                    position: reset.position,
+                };
+                manager.registry.deliver(&reset.channel, update).await;
+            }
+            Err(error) => {
+                tracing::warn!(target: "resync::client", %error, "unreadable reset event")
+            }
+        },
+        _ => {}
+    }
+}

@@ -1,0 +1,320 @@
+//! The WebSocket session: subscribe frames with positions, events, publishes, heartbeats.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use resync_protocol::{
+    Channel, ClientFrame, CloseCode, Position, RecoveryOutcome, RequestId, ServerFrame,
+};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::connection::{ConnectFailure, Manager, PublishRequest, SessionEnd};
+use crate::{ConnectionState, Error, Result, TransportKind, Update};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+enum Wake {
+    Message(Option<std::result::Result<Message, WsError>>),
+    Silent,
+    Changed,
+    Publish(Option<PublishRequest>),
+}
+
+pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
+    let mut socket = connect(manager).await?;
+    let ping_interval =
+        match tokio::time::timeout(manager.config.connect_timeout, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => match ServerFrame::decode(text.as_bytes()) {
+                Ok(ServerFrame::Connected {
+                    ping_interval_ms, ..
+                }) => Duration::from_millis(ping_interval_ms),
+                other => {
+                    return Err(ConnectFailure::Refused(format!(
+                        "expected a connected frame, got {other:?}"
+                    )));
+                }
+            },
+            Ok(Some(Ok(Message::Close(close)))) => {
+                let code = close.map_or(CloseCode::ABNORMAL, |close| {
+                    CloseCode(u16::from(close.code))
+                });
+                return Ok(SessionEnd::Closed(code));
+            }
+            Ok(other) => {
+                return Err(ConnectFailure::Lost(format!(
+                    "no connected frame: {other:?}"
+                )));
+            }
+            Err(_) => {
+                return Err(ConnectFailure::Lost(
+                    "no connected frame in time".to_owned(),
+                ));
+            }
+        };
+    manager.set_state(ConnectionState::Connected {
+        transport: TransportKind::WebSocket,
+    });
+    let mut session = Session {
+        next_id: 0,
+        channels: HashSet::new(),
+        subscribe_requests: HashMap::new(),
+        publishes: HashMap::new(),
+    };
+    let end = session.follow(manager, &mut socket, ping_interval).await;
+    for (_, reply) in session.publishes.drain() {
+        let _ = reply.send(Err(Error::Closed(
+            "connection lost before the reply; retry with an idempotency key".to_owned(),
+        )));
+    }
+    if matches!(end, SessionEnd::Shutdown) {
+        let _ = socket
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::NORMAL.0.into(),
+                reason: "done".into(),
+            }))
+            .await;
+    }
+    Ok(end)
+}
+
+async fn connect(manager: &Manager) -> std::result::Result<Socket, ConnectFailure> {
+    let mut url = manager
+        .url("ws", &[])
+        .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
+    let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+    url.set_scheme(scheme)
+        .map_err(|()| ConnectFailure::Refused("cannot make a websocket url".to_owned()))?;
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
+    if let Some(token) = &manager.token
+        && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        request.headers_mut().insert("authorization", value);
+    }
+    match tokio::time::timeout(
+        manager.config.connect_timeout,
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    {
+        Err(_) => Err(ConnectFailure::Lost(
+            "websocket connect timed out".to_owned(),
+        )),
+        Ok(Ok((socket, _))) => Ok(socket),
+        Ok(Err(WsError::Http(response))) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|body| String::from_utf8_lossy(body).into_owned())
+                .unwrap_or_default();
+            Err(Manager::failure_for_status(status, &body))
+        }
+        Ok(Err(WsError::Io(error))) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(ConnectFailure::Lost(error.to_string()))
+        }
+        // Anything else during the handshake (a proxy cutting the upgrade, a garbled reply)
+        // means this path does not carry WebSockets: let the next transport try.
+        Ok(Err(error)) => Err(ConnectFailure::Refused(error.to_string())),
+    }
+}
+
+struct Session {
+    next_id: RequestId,
+    channels: HashSet<Channel>,
+    subscribe_requests: HashMap<RequestId, Channel>,
+    publishes: HashMap<RequestId, oneshot::Sender<Result<Position>>>,
+}
+
+impl Session {
+    fn request_id(&mut self) -> RequestId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    async fn send(socket: &mut Socket, frame: &ClientFrame) -> std::result::Result<(), SessionEnd> {
+        socket
+            .send(Message::text(frame.encode()))
+            .await
+            .map_err(|error| SessionEnd::Lost(error.to_string()))
+    }
+
+    /// Subscribes to channels the registry has and the session lacks, and unsubscribes from
+    /// those it dropped.
+    async fn sync_channels(
+        &mut self,
+        manager: &Manager,
+        socket: &mut Socket,
+    ) -> std::result::Result<(), SessionEnd> {
+        let wanted = manager.registry.snapshot();
+        let wanted_names: HashSet<Channel> =
+            wanted.iter().map(|(channel, _)| channel.clone()).collect();
+        for (channel, since) in wanted {
+            if self.channels.insert(channel.clone()) {
+                let id = self.request_id();
+                self.subscribe_requests.insert(id, channel.clone());
+                Self::send(socket, &ClientFrame::Subscribe { id, channel, since }).await?;
+            }
+        }
+        let gone: Vec<Channel> = self.channels.difference(&wanted_names).cloned().collect();
+        for channel in gone {
+            self.channels.remove(&channel);
+            let id = self.request_id();
+            Self::send(socket, &ClientFrame::Unsubscribe { id, channel }).await?;
+        }
+        Ok(())
+    }
+
+    async fn follow(
+        &mut self,
+        manager: &mut Manager,
+        socket: &mut Socket,
+        ping_interval: Duration,
+    ) -> SessionEnd {
+        if let Err(end) = self.sync_channels(manager, socket).await {
+            return end;
+        }
+        // The server pings every interval; silence for longer (plus grace) means the
+        // connection is dead even if TCP has not noticed.
+        let silence_limit = ping_interval + manager.config.heartbeat_grace;
+        loop {
+            let wake = tokio::select! {
+                message = tokio::time::timeout(silence_limit, socket.next()) => match message {
+                    Ok(message) => Wake::Message(message),
+                    Err(_) => Wake::Silent,
+                },
+                _ = manager.registry.changed.notified() => Wake::Changed,
+                request = manager.publishes.recv() => Wake::Publish(request),
+            };
+            let result = match wake {
+                Wake::Silent => Err(SessionEnd::Lost(format!(
+                    "no message for {silence_limit:?}"
+                ))),
+                Wake::Message(None) => Err(SessionEnd::Lost("connection closed".to_owned())),
+                Wake::Message(Some(Err(error))) => Err(SessionEnd::Lost(error.to_string())),
+                Wake::Message(Some(Ok(Message::Close(close)))) => {
+                    let code = close.map_or(CloseCode::ABNORMAL, |close| {
+                        CloseCode(u16::from(close.code))
+                    });
+                    Err(SessionEnd::Closed(code))
+                }
+                Wake::Message(Some(Ok(Message::Text(text)))) => {
+                    self.on_frame(manager, socket, text.as_bytes()).await
+                }
+                Wake::Message(Some(Ok(_))) => Ok(()),
+                Wake::Changed => {
+                    if manager.registry.closed().is_some() {
+                        Err(SessionEnd::Shutdown)
+                    } else {
+                        self.sync_channels(manager, socket).await
+                    }
+                }
+                Wake::Publish(None) => Err(SessionEnd::Shutdown),
+                Wake::Publish(Some(request)) => {
+                    let id = self.request_id();
+                    let frame = ClientFrame::Publish {
+                        id,
+                        channel: request.channel,
+                        data: request.data,
+                        idempotency_key: request.idempotency_key,
+                    };
+                    self.publishes.insert(id, request.reply);
+                    Self::send(socket, &frame).await
+                }
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        manager: &Manager,
+        socket: &mut Socket,
+        bytes: &[u8],
+    ) -> std::result::Result<(), SessionEnd> {
+        let frame = match ServerFrame::decode(bytes) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::warn!(target: "resync::client", %error, "unreadable frame from server");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::Event(event) => {
+                let channel = event.channel.clone();
+                manager
+                    .registry
+                    .deliver(&channel, Update::Event(event))
+                    .await;
+            }
+            ServerFrame::Subscribed {
+                id,
+                channel,
+                recovery,
+            } => {
+                self.subscribe_requests.remove(&id);
+                match recovery {
+                    RecoveryOutcome::Fresh { position } => {
+                        if manager.registry.position(&channel).is_none() {
+                            manager.registry.set_position(&channel, position);
+                        }
+                    }
+                    RecoveryOutcome::Reset { reason, position } => {
+                        manager
+                            .registry
+                            .deliver(&channel, Update::Reset { reason, position })
+                            .await;
+                    }
+                    RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
+                }
+            }
+            ServerFrame::Reset {
+                channel,
+                reason,
+                position,
+            } => {
+                manager
+                    .registry
+                    .deliver(&channel, Update::Reset { reason, position })
+                    .await;
+            }
+            ServerFrame::Published { id, position, .. } => {
+                if let Some(reply) = self.publishes.remove(&id) {
+                    let _ = reply.send(Ok(position));
+                }
+            }
+            ServerFrame::Error {
+                id: Some(id),
+                code,
+                message,
+            } => {
+                let error = Error::Server { code, message };
+                if let Some(reply) = self.publishes.remove(&id) {
+                    let _ = reply.send(Err(error));
+                } else if let Some(channel) = self.subscribe_requests.remove(&id) {
+                    self.channels.remove(&channel);
+                    manager.registry.fail(&channel, error).await;
+                }
+            }
+            ServerFrame::Error {
+                id: None,
+                code,
+                message,
+            } => {
+                tracing::warn!(target: "resync::client", ?code, %message, "server reported an error");
+            }
+            ServerFrame::Ping => Self::send(socket, &ClientFrame::Pong).await?,
+            ServerFrame::Connected { .. } | ServerFrame::Unsubscribed { .. } => {}
+        }
+        Ok(())
+    }
+}
