@@ -138,10 +138,13 @@ pub async fn live_subscribers_receive_in_order(
     // Stay within the queue: this check is about order, lagging has its own.
     let positions = publish_n(broker, &channel, config.subscriber_queue.min(20) as u64).await;
     for expected in positions {
-        let event = tokio::time::timeout(config.timeout, live.recv())
+        let live_item = tokio::time::timeout(config.timeout, live.recv())
             .await
             .expect("live_subscribers_receive_in_order: event arrives in time")
             .expect("live_subscribers_receive_in_order: subscription stays open");
+        let crate::Live::Event(event) = live_item else {
+            panic!("live_subscribers_receive_in_order: expected an event, got {live_item:?}")
+        };
         assert_eq!(
             event.position(),
             &expected,
@@ -566,9 +569,14 @@ pub async fn concurrent_publishers_and_resuming_subscribers_see_no_gap(
                 )),
             };
             let start = since.as_ref().map(|position| position.seq.get());
-            let (outcome, mut stream) = resume(broker, channel, since, ResumeOptions::default())
-                .await
-                .expect("resume");
+            let (outcome, mut stream) = resume(
+                broker.clone(),
+                channel.clone(),
+                since,
+                ResumeOptions::default(),
+            )
+            .await
+            .expect("resume");
             let mut seqs = Vec::new();
             let mut last = match (&outcome, start) {
                 (RecoveryOutcome::Fresh { position }, _) => position.seq.get(),
@@ -579,16 +587,29 @@ pub async fn concurrent_publishers_and_resuming_subscribers_see_no_gap(
             while last < total {
                 let item = tokio::time::timeout(timeout, stream.next())
                     .await
-                    .unwrap_or_else(|_| panic!("subscriber {subscriber} stalled at {last}"))
-                    .unwrap_or_else(|error| panic!("subscriber {subscriber} ended: {error}"));
+                    .unwrap_or_else(|_| panic!("subscriber {subscriber} stalled at {last}"));
                 match item {
-                    SubscriptionItem::Event(event) => {
+                    Ok(SubscriptionItem::Event(event)) => {
                         last = event.position().seq.get();
                         seqs.push(last);
                     }
-                    SubscriptionItem::Reset { .. } => {
+                    Ok(SubscriptionItem::Reset { .. }) => {
                         panic!("subscriber {subscriber}: unexpected reset")
                     }
+                    // A subscriber that fell behind resumes from its position, as a transport
+                    // would make its client do; it must still see every seq exactly once.
+                    Err(SubscriptionError::Lagged { position }) => {
+                        stream = resume(
+                            broker.clone(),
+                            channel.clone(),
+                            Some(position),
+                            ResumeOptions::default(),
+                        )
+                        .await
+                        .expect("resume after lag")
+                        .1;
+                    }
+                    Err(error) => panic!("subscriber {subscriber} ended: {error}"),
                 }
             }
             (first, seqs)

@@ -40,7 +40,7 @@ struct HubInner {
 
 struct Slot {
     /// `None` once the subscriber lagged: dropping the sender ends its queue.
-    sender: Option<mpsc::Sender<EncodedEvent>>,
+    sender: Option<mpsc::Sender<Live>>,
     lagged: Arc<AtomicBool>,
 }
 
@@ -52,6 +52,16 @@ impl std::fmt::Debug for Hub {
             .field("queue_capacity", &self.inner.queue_capacity)
             .finish()
     }
+}
+
+/// What a live subscription receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Live {
+    /// An event, as the broker delivered it.
+    Event(EncodedEvent),
+    /// The broker may have missed events (its link to the backend broke and came back): check
+    /// history from the last delivered position.
+    Resync,
 }
 
 /// What [`LiveSubscription::recv`] reports when no event comes.
@@ -129,7 +139,7 @@ impl Hub {
         let mut delivered = 0;
         for (_, slot) in slots.iter_mut() {
             let Some(sender) = &slot.sender else { continue };
-            match sender.try_send(event.clone()) {
+            match sender.try_send(Live::Event(event.clone())) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     slot.lagged.store(true, Ordering::Release);
@@ -140,6 +150,22 @@ impl Hub {
             }
         }
         delivered
+    }
+
+    /// Tells every local subscriber of `channel` to check history from its last position,
+    /// because this process may have missed events (a broker reconnected).
+    pub fn request_resync(&self, channel: &Channel) {
+        let Some(slots) = lock(&self.inner.channels).get(channel).cloned() else {
+            return;
+        };
+        for (_, slot) in lock(&slots).iter_mut() {
+            let Some(sender) = &slot.sender else { continue };
+            if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(Live::Resync) {
+                // A full queue means the subscriber lags anyway; it will resume from history.
+                slot.lagged.store(true, Ordering::Release);
+                slot.sender = None;
+            }
+        }
     }
 
     /// How many local subscribers `channel` has.
@@ -196,7 +222,7 @@ impl Drop for Registration {
 /// Knows nothing of history; [`crate::resume`] combines it with history into a gap-free
 /// stream. Dropping it unsubscribes at once.
 pub struct LiveSubscription {
-    receiver: mpsc::Receiver<EncodedEvent>,
+    receiver: mpsc::Receiver<Live>,
     lagged: Arc<AtomicBool>,
     registration: Registration,
 }
@@ -216,16 +242,16 @@ impl LiveSubscription {
         &self.registration.channel
     }
 
-    /// The next live event. Queued events are delivered before a lag or close is reported.
-    pub async fn recv(&mut self) -> Result<EncodedEvent, LiveError> {
+    /// The next live item. Queued items are delivered before a lag or close is reported.
+    pub async fn recv(&mut self) -> Result<Live, LiveError> {
         match self.receiver.recv().await {
             Some(event) => Ok(event),
             None => Err(self.end_reason()),
         }
     }
 
-    /// The next live event if one is queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Result<EncodedEvent, LiveError>> {
+    /// The next live item if one is queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Result<Live, LiveError>> {
         match self.receiver.try_recv() {
             Ok(event) => Some(Ok(event)),
             Err(mpsc::error::TryRecvError::Empty) => None,
@@ -255,6 +281,13 @@ mod tests {
         })
     }
 
+    fn seq_of(live: Live) -> u64 {
+        match live {
+            Live::Event(event) => event.position().seq.get(),
+            Live::Resync => panic!("unexpected resync"),
+        }
+    }
+
     #[tokio::test]
     async fn full_queue_cuts_off_only_the_slow_subscriber() {
         let hub = Hub::new(2);
@@ -263,13 +296,13 @@ mod tests {
         let (mut fast, _) = hub.subscribe(&channel);
         for seq in 1..=2 {
             hub.deliver(&event(&channel, seq));
-            assert_eq!(fast.recv().await.unwrap().position().seq, Seq::new(seq));
+            assert_eq!(seq_of(fast.recv().await.unwrap()), seq);
         }
         hub.deliver(&event(&channel, 3));
-        assert_eq!(fast.recv().await.unwrap().position().seq, Seq::new(3));
+        assert_eq!(seq_of(fast.recv().await.unwrap()), 3);
         // The slow one still gets what was queued, then learns it lagged.
-        assert_eq!(slow.recv().await.unwrap().position().seq, Seq::new(1));
-        assert_eq!(slow.recv().await.unwrap().position().seq, Seq::new(2));
+        assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
+        assert_eq!(seq_of(slow.recv().await.unwrap()), 2);
         assert_eq!(slow.recv().await, Err(LiveError::Lagged));
     }
 

@@ -51,7 +51,7 @@ mod resume;
 pub use broker::{Broker, HistoryRead, Publish};
 pub use error::{Error, Result};
 pub use event::EncodedEvent;
-pub use hub::{Hub, LiveError, LiveSubscription};
+pub use hub::{Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use resume::{ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume};
 pub use resync_log::{ReadOutcome, Retention};

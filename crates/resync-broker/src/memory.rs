@@ -21,7 +21,7 @@ use crate::hub::{Hub, LiveSubscription, lock};
 ///
 /// ```
 /// # tokio_test_block_on(async {
-/// use resync_broker::{Broker, MemoryBroker, Publish};
+/// use resync_broker::{Broker, Live, MemoryBroker, Publish};
 /// use resync_protocol::{Channel, Payload};
 ///
 /// let broker = MemoryBroker::builder().build();
@@ -32,7 +32,8 @@ use crate::hub::{Hub, LiveSubscription, lock};
 ///     .await
 ///     .unwrap();
 /// assert_eq!(position.seq.get(), 1);
-/// assert_eq!(live.recv().await.unwrap().position(), &position);
+/// let Live::Event(event) = live.recv().await.unwrap() else { panic!() };
+/// assert_eq!(event.position(), &position);
 /// # });
 /// # fn tokio_test_block_on<F: std::future::Future>(future: F) -> F::Output {
 /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(future)

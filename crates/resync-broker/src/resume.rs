@@ -23,7 +23,7 @@ use resync_protocol::{Channel, Position, RecoveryOutcome, ResetReason};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::event::EncodedEvent;
-use crate::hub::{LiveError, LiveSubscription};
+use crate::hub::{Live, LiveError, LiveSubscription};
 
 /// How [`resume`] behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,16 +179,16 @@ impl Subscription {
             if let Some(item) = self.take_pending() {
                 return Ok(item);
             }
-            let event = match self.live.recv().await {
-                Ok(event) => event,
+            match self.live.recv().await {
+                Ok(Live::Event(event)) => self.accept_live(event).await?,
+                Ok(Live::Resync) => self.check_history().await?,
                 Err(LiveError::Lagged) => {
                     return Err(SubscriptionError::Lagged {
                         position: self.position.clone(),
                     });
                 }
                 Err(LiveError::Closed) => return Err(SubscriptionError::Closed),
-            };
-            self.accept_live(event).await?;
+            }
         }
     }
 
@@ -199,8 +199,9 @@ impl Subscription {
             if let Some(item) = self.take_pending() {
                 return Some(Ok(item));
             }
-            let event = match self.live.try_recv()? {
-                Ok(event) => event,
+            let result = match self.live.try_recv()? {
+                Ok(Live::Event(event)) => self.accept_live(event).await,
+                Ok(Live::Resync) => self.check_history().await,
                 Err(LiveError::Lagged) => {
                     return Some(Err(SubscriptionError::Lagged {
                         position: self.position.clone(),
@@ -208,7 +209,7 @@ impl Subscription {
                 }
                 Err(LiveError::Closed) => return Some(Err(SubscriptionError::Closed)),
             };
-            if let Err(error) = self.accept_live(event).await {
+            if let Err(error) = result {
                 return Some(Err(error));
             }
         }
@@ -278,6 +279,25 @@ impl Subscription {
                 // the broker is inconsistent. Tell the client rather than guess.
                 self.queue_reset(ResetReason::Truncated, latest);
             }
+            ReadOutcome::Reset { reason, latest } => self.queue_reset(reason, latest),
+        }
+        Ok(())
+    }
+
+    /// Reads history after the current position: whatever the broker may have missed live is
+    /// queued, and a restarted history becomes a reset.
+    async fn check_history(&mut self) -> Result<(), SubscriptionError> {
+        let limit = self.options.max_replay.saturating_add(1);
+        match self
+            .broker
+            .read_since(&self.channel, &self.position, limit)
+            .await?
+        {
+            ReadOutcome::Replayed { events, latest } if events.len() > self.options.max_replay => {
+                self.queue_reset(ResetReason::TooFarBehind, latest);
+            }
+            ReadOutcome::Replayed { events, .. } => self.pending.extend(events),
+            ReadOutcome::UpToDate { .. } => {}
             ReadOutcome::Reset { reason, latest } => self.queue_reset(reason, latest),
         }
         Ok(())

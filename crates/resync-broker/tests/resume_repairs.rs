@@ -278,7 +278,10 @@ async fn events_round_trip_through_the_shared_encoding() {
         ))
         .await
         .unwrap();
-    let event: EncodedEvent = live.recv().await.unwrap();
+    let resync_broker::Live::Event(event) = live.recv().await.unwrap() else {
+        panic!("expected an event")
+    };
+    let event: EncodedEvent = event;
     let frame: serde_json::Value = serde_json::from_slice(event.frame()).unwrap();
     assert_eq!(frame["type"], "event");
     assert_eq!(frame["data"]["a"][2], "three");
