@@ -8,6 +8,7 @@
 #![allow(missing_docs, reason = "test fixtures, documented by their names")]
 
 pub mod proxy;
+pub mod redis_server;
 
 use std::time::Duration;
 

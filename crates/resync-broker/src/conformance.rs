@@ -460,6 +460,8 @@ pub async fn lagging_subscriber_is_told_and_can_resume(
         "{name}: needs max_events > subscriber_queue to be meaningful"
     );
     publish_n(broker, &channel, total).await;
+    // As below: let asynchronous delivery fill the queue before the first read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut delivered = 0u64;
     let position = loop {
         match tokio::time::timeout(config.timeout, stream.next()).await {
@@ -506,7 +508,10 @@ pub async fn lagging_subscriber_is_told_and_can_resume(
     }
     // The live queue itself reports the lag the same way.
     let mut live = broker.subscribe(&channel).await.expect("subscribe");
-    publish_n(broker, &channel, config.subscriber_queue as u64 + 1).await;
+    publish_n(broker, &channel, config.subscriber_queue as u64 * 2 + 10).await;
+    // Delivery may be asynchronous (Redis Pub/Sub): give it a moment to fill the queue before
+    // reading, or the reader would keep up and never lag.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut seen = 0;
     let ended = loop {
         match tokio::time::timeout(config.timeout, live.recv()).await {

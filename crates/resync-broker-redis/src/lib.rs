@@ -1,0 +1,404 @@
+//! A resync [`Broker`] over Redis, so that many server processes serve the same channels.
+//!
+//! - **Publish** is one Lua script, atomic in Redis: it assigns the channel's next seq (the
+//!   epoch lives in Redis too, and a channel whose metadata is gone gets a new one), appends to
+//!   the channel's Stream trimmed to the history size, and `PUBLISH`es the encoded event.
+//!   A publish that Redis did not confirm returns [`Error::Unavailable`](resync_broker::Error)
+//!   and was not stored. Concurrent publishes share pooled, multiplexed connections, so they
+//!   are pipelined rather than paying one round trip each.
+//! - **Delivery** uses one Pub/Sub connection per process, subscribed to a channel while this
+//!   process has local subscribers, and fans out through the shared [`Hub`].
+//! - **History** is read from the Stream. Gaps in live delivery are filled from it by the
+//!   resume algorithm; when the Pub/Sub connection drops, it reconnects with backoff,
+//!   resubscribes, and makes every local subscription check history from its last position,
+//!   so events published during the outage still arrive, and a Redis that came back empty is
+//!   reported as a reset (new epoch), not silence.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), resync_broker::Error> {
+//! use resync_broker_redis::RedisBroker;
+//! let broker = RedisBroker::builder("redis://127.0.0.1:6379").key_prefix("myapp:").build()?;
+//! # Ok(()) }
+//! ```
+
+mod pubsub;
+mod scripts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Config, Pool, Runtime};
+use resync_broker::{
+    Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
+    Publish, ReadOutcome, Result, Retention,
+};
+use resync_protocol::{Channel, Epoch, Event, Payload, Position, ResetReason, Seq};
+use tokio::sync::{mpsc, watch};
+
+/// Builds a [`RedisBroker`].
+#[derive(Clone, Debug)]
+pub struct RedisBrokerBuilder {
+    url: String,
+    key_prefix: String,
+    pool_size: usize,
+    retention: Retention,
+    subscriber_queue: usize,
+    idempotency_ttl: Duration,
+    meta_ttl: Duration,
+    command_timeout: Duration,
+}
+
+impl RedisBrokerBuilder {
+    /// Prefix of every key and Pub/Sub channel, so several apps can share one Redis.
+    /// Defaults to `resync:`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Connections in the command pool. Defaults to 16.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// History per channel. The count limit trims the Stream (`MAXLEN`); the age limit expires
+    /// a channel's whole history that long after its last publish (Redis Streams keep no
+    /// per-entry age). Defaults to [`Retention::default`] (10,000 events, 24 hours).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Events one local subscriber may have queued before it is cut off as lagging.
+    /// Defaults to 1,024.
+    pub fn subscriber_queue(mut self, capacity: usize) -> Self {
+        self.subscriber_queue = capacity;
+        self
+    }
+
+    /// How long an idempotency key is remembered. Defaults to 10 minutes.
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = ttl;
+        self
+    }
+
+    /// How long a channel's epoch and seq are kept after its last use. Losing them starts a
+    /// new epoch (clients get a reset). Defaults to 7 days.
+    pub fn meta_ttl(mut self, ttl: Duration) -> Self {
+        self.meta_ttl = ttl;
+        self
+    }
+
+    /// How long one Redis command may take before it counts as failed. Defaults to 2 seconds.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Creates the pool and starts the Pub/Sub task. Must be called inside a tokio runtime.
+    /// Connections are opened lazily, so this succeeds while Redis is down.
+    pub fn build(self) -> Result<RedisBroker> {
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|error| Error::Unavailable(format!("bad redis url: {error}")))?;
+        let mut config = Config::from_url(self.url.clone());
+        config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: self.pool_size,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(self.command_timeout),
+                create: Some(self.command_timeout),
+                recycle: Some(self.command_timeout),
+            },
+            ..Default::default()
+        });
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|error| Error::Unavailable(format!("cannot create redis pool: {error}")))?;
+        let (commands, receiver) = mpsc::channel(1_024);
+        let idle_commands = commands.clone();
+        let hub = Hub::with_idle_callback(self.subscriber_queue, move |channel| {
+            // If the queue is full the Pub/Sub task catches up later: it unsubscribes from any
+            // channel that delivers a message with no local subscriber.
+            let _ = idle_commands.try_send(pubsub::Command::Unsubscribe(channel.clone()));
+        });
+        let (connected_sender, connected) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            pool,
+            hub: hub.clone(),
+            commands,
+            connected,
+            settings: self,
+            scripts: Scripts {
+                publish: redis::Script::new(scripts::PUBLISH),
+                position: redis::Script::new(scripts::POSITION),
+                read_since: redis::Script::new(scripts::READ_SINCE),
+            },
+        });
+        tokio::spawn(pubsub::run(
+            client,
+            hub,
+            receiver,
+            inner.settings.key_prefix.clone(),
+            connected_sender,
+        ));
+        Ok(RedisBroker { inner })
+    }
+}
+
+struct Scripts {
+    publish: redis::Script,
+    position: redis::Script,
+    read_since: redis::Script,
+}
+
+struct Inner {
+    pool: Pool,
+    hub: Hub,
+    commands: mpsc::Sender<pubsub::Command>,
+    connected: watch::Receiver<bool>,
+    settings: RedisBrokerBuilder,
+    scripts: Scripts,
+}
+
+/// A [`Broker`] whose seqs, epochs and history live in Redis, shared by every process that
+/// uses the same Redis and key prefix. Cloning shares the broker.
+#[derive(Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RedisBroker")
+            .field("key_prefix", &self.inner.settings.key_prefix)
+            .field("connected", &*self.inner.connected.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("redis: {error}"))
+}
+
+fn random_epoch() -> String {
+    Epoch::from_random_bits(fastrand::u64(..))
+        .as_str()
+        .to_owned()
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisBroker {
+    /// A builder for a broker on the Redis at `url` (`redis://host:port/db`).
+    pub fn builder(url: impl Into<String>) -> RedisBrokerBuilder {
+        RedisBrokerBuilder {
+            url: url.into(),
+            key_prefix: "resync:".to_owned(),
+            pool_size: 16,
+            retention: Retention::default(),
+            subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
+            idempotency_ttl: Duration::from_secs(600),
+            meta_ttl: Duration::from_secs(7 * 24 * 60 * 60),
+            command_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn key(&self, channel: &Channel, suffix: &str) -> String {
+        format!("{}{{{}}}:{suffix}", self.inner.settings.key_prefix, channel)
+    }
+
+    /// Runs a script with the command timeout; any failure is "unavailable".
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let timeout = self.inner.settings.command_timeout;
+        let call = async {
+            let mut connection = self.inner.pool.get().await.map_err(unavailable)?;
+            invocation
+                .invoke_async::<T>(&mut connection)
+                .await
+                .map_err(unavailable)
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| Error::Unavailable(format!("redis did not answer within {timeout:?}")))?
+    }
+
+    fn position_from(epoch: String, seq: u64) -> Result<Position> {
+        let epoch = Epoch::new(&epoch).map_err(|error| Error::Corrupt(error.to_string()))?;
+        Ok(Position::new(epoch, Seq::new(seq)))
+    }
+}
+
+/// Parses one XRANGE entry (`0-<seq>`, `[d, payload]`) into an event.
+fn event_from_entry(
+    channel: &Channel,
+    epoch: &Epoch,
+    entry: &redis::Value,
+) -> Result<EncodedEvent> {
+    let corrupt = || Error::Corrupt(format!("unreadable stream entry of {channel}"));
+    let redis::Value::Array(parts) = entry else {
+        return Err(corrupt());
+    };
+    let [id, fields] = parts.as_slice() else {
+        return Err(corrupt());
+    };
+    let id: String = redis::from_redis_value_ref(id).map_err(|_| corrupt())?;
+    let seq: u64 = id
+        .strip_prefix("0-")
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(corrupt)?;
+    let fields: Vec<String> = redis::from_redis_value_ref(fields).map_err(|_| corrupt())?;
+    let data = match fields.as_slice() {
+        [name, data] if name == "d" => data,
+        _ => return Err(corrupt()),
+    };
+    let payload =
+        Payload::from_json(data.clone()).map_err(|error| Error::Corrupt(error.to_string()))?;
+    Ok(EncodedEvent::new(Event {
+        channel: channel.clone(),
+        position: Position::new(epoch.clone(), Seq::new(seq)),
+        data: payload,
+    }))
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, publish: Publish) -> Result<Position> {
+        let settings = &self.inner.settings;
+        let idempotency_key = match &publish.idempotency_key {
+            Some(key) => self.key(&publish.channel, &format!("idem:{key}")),
+            None => self.key(&publish.channel, "idem:"),
+        };
+        let stream_ttl = settings.retention.max_age().map_or(0, millis);
+        let mut invocation = self.inner.scripts.publish.prepare_invoke();
+        invocation
+            .key(self.key(&publish.channel, "meta"))
+            .key(self.key(&publish.channel, "stream"))
+            .key(idempotency_key)
+            .arg(publish.data.as_str())
+            .arg(settings.retention.max_events())
+            .arg(stream_ttl)
+            .arg(millis(settings.meta_ttl))
+            .arg(random_epoch())
+            .arg(format!("{}{{{}}}", settings.key_prefix, publish.channel))
+            .arg(if publish.idempotency_key.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(millis(settings.idempotency_ttl).max(1));
+        let (epoch, seq): (String, u64) = self.run(invocation).await?;
+        Self::position_from(epoch, seq)
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
+        let (live, _) = self.inner.hub.subscribe(channel);
+        // Wait until Redis confirms the SUBSCRIBE: only then is every later publish delivered.
+        let (reply, confirmed) = tokio::sync::oneshot::channel();
+        self.inner
+            .commands
+            .send(pubsub::Command::Subscribe(channel.clone(), reply))
+            .await
+            .map_err(|_| Error::Closed)?;
+        let timeout = self.inner.settings.command_timeout;
+        match tokio::time::timeout(timeout, confirmed).await {
+            Ok(Ok(Ok(()))) => Ok(live),
+            Ok(Ok(Err(error))) => Err(error),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Unavailable(format!(
+                "redis did not confirm SUBSCRIBE within {timeout:?}"
+            ))),
+        }
+    }
+
+    async fn read_since(
+        &self,
+        channel: &Channel,
+        since: &Position,
+        limit: usize,
+    ) -> Result<HistoryRead> {
+        let settings = &self.inner.settings;
+        let mut invocation = self.inner.scripts.read_since.prepare_invoke();
+        invocation
+            .key(self.key(channel, "meta"))
+            .key(self.key(channel, "stream"))
+            .arg(random_epoch())
+            .arg(millis(settings.meta_ttl))
+            .arg(since.epoch.as_str())
+            .arg(since.seq.get())
+            .arg(limit.clamp(1, i64::MAX as usize));
+        let (epoch, last, entries): (String, u64, Vec<redis::Value>) = self.run(invocation).await?;
+        let latest = Self::position_from(epoch, last)?;
+        if latest.epoch != since.epoch {
+            return Ok(ReadOutcome::Reset {
+                reason: ResetReason::EpochChanged,
+                latest,
+            });
+        }
+        if since.seq > latest.seq {
+            return Ok(ReadOutcome::Reset {
+                reason: ResetReason::PositionAhead,
+                latest,
+            });
+        }
+        if since.seq == latest.seq {
+            return Ok(ReadOutcome::UpToDate { latest });
+        }
+        let mut events = Vec::with_capacity(entries.len().min(limit));
+        for entry in &entries {
+            events.push(event_from_entry(channel, &latest.epoch, entry)?);
+        }
+        // History must start right after the position; otherwise it was trimmed or expired.
+        let starts_right_after = events
+            .first()
+            .is_some_and(|first| Some(first.position().seq) == since.seq.next());
+        if !starts_right_after {
+            return Ok(ReadOutcome::Reset {
+                reason: ResetReason::Truncated,
+                latest,
+            });
+        }
+        events.truncate(limit);
+        Ok(ReadOutcome::Replayed { events, latest })
+    }
+
+    async fn position(&self, channel: &Channel) -> Result<Position> {
+        let mut invocation = self.inner.scripts.position.prepare_invoke();
+        invocation
+            .key(self.key(channel, "meta"))
+            .arg(random_epoch())
+            .arg(millis(self.inner.settings.meta_ttl));
+        let (epoch, seq): (String, u64) = self.run(invocation).await?;
+        Self::position_from(epoch, seq)
+    }
+
+    fn subscriber_count(&self, channel: &Channel) -> usize {
+        self.inner.hub.subscriber_count(channel)
+    }
+
+    async fn health(&self) -> Result<()> {
+        let timeout = self.inner.settings.command_timeout;
+        let ping = async {
+            let mut connection = self.inner.pool.get().await.map_err(unavailable)?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map_err(unavailable)
+        };
+        tokio::time::timeout(timeout, ping)
+            .await
+            .map_err(|_| Error::Unavailable("redis did not answer PING".to_owned()))??;
+        if !*self.inner.connected.borrow() {
+            return Err(Error::Unavailable(
+                "redis pub/sub is not connected".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}

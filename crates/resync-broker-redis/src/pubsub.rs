@@ -1,0 +1,185 @@
+//! The one Pub/Sub connection of a process: subscribes to channels with local subscribers,
+//! feeds their messages into the hub, and after a reconnect makes every subscriber re-check
+//! history.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use resync_broker::{EncodedEvent, Error, Hub};
+use resync_protocol::{Channel, Epoch, Event, Payload, Position, Seq};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub(crate) enum Command {
+    Subscribe(Channel, oneshot::Sender<Result<(), Error>>),
+    Unsubscribe(Channel),
+}
+
+fn pubsub_name(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}{{{channel}}}")
+}
+
+/// Reads `<prefix>{<channel>}` and `<epoch>:<seq>:<payload>` back into an event.
+fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
+    let channel = name
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')?;
+    let channel = Channel::new(channel).ok()?;
+    let (epoch, rest) = payload.split_once(':')?;
+    let (seq, data) = rest.split_once(':')?;
+    let position = Position::new(Epoch::new(epoch).ok()?, Seq::new(seq.parse().ok()?));
+    let data = Payload::from_json(data).ok()?;
+    Some(EncodedEvent::new(Event {
+        channel,
+        position,
+        data,
+    }))
+}
+
+pub(crate) async fn run(
+    client: redis::Client,
+    hub: Hub,
+    mut commands: mpsc::Receiver<Command>,
+    prefix: String,
+    connected: watch::Sender<bool>,
+) {
+    let mut delay = Duration::from_millis(100);
+    let mut was_connected = false;
+    loop {
+        let connection =
+            tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await;
+        let pubsub = match connection {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(error)) => {
+                tracing::warn!(target: "resync::redis", %error, "pub/sub connection failed");
+                if !wait_refusing(&mut commands, delay).await {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(target: "resync::redis", "pub/sub connection timed out");
+                if !wait_refusing(&mut commands, delay).await {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let mut subscribed: HashSet<Channel> = HashSet::new();
+        let mut healthy = true;
+        for channel in hub.channels() {
+            if let Err(error) = sink.subscribe(pubsub_name(&prefix, &channel)).await {
+                tracing::warn!(target: "resync::redis", %error, "resubscribe failed");
+                healthy = false;
+                break;
+            }
+            subscribed.insert(channel);
+        }
+        if !healthy {
+            continue;
+        }
+        if was_connected {
+            // Events may have been published while we were away: every local subscription
+            // checks history from its last position (and learns of a new epoch).
+            for channel in &subscribed {
+                hub.request_resync(channel);
+            }
+        }
+        was_connected = true;
+        delay = Duration::from_millis(100);
+        connected.send_replace(true);
+        tracing::info!(target: "resync::redis", channels = subscribed.len(), "pub/sub connected");
+
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { break };
+                    let name = message.get_channel_name().to_owned();
+                    let payload: String = match message.get_payload() {
+                        Ok(payload) => payload,
+                        Err(error) => {
+                            tracing::warn!(target: "resync::redis", %error, "unreadable pub/sub payload");
+                            continue;
+                        }
+                    };
+                    match decode(&prefix, &name, &payload) {
+                        Some(event) => {
+                            if hub.deliver(&event) == 0 && hub.subscriber_count(event.channel()) == 0 {
+                                let channel = event.channel().clone();
+                                if subscribed.remove(&channel) && sink.unsubscribe(&name).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        None => tracing::warn!(target: "resync::redis", %name, "undecodable pub/sub message"),
+                    }
+                }
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Subscribe(channel, reply)) => {
+                        if subscribed.contains(&channel) {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        match sink.subscribe(pubsub_name(&prefix, &channel)).await {
+                            Ok(()) => {
+                                subscribed.insert(channel);
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(error) => {
+                                let _ = reply.send(Err(Error::Unavailable(format!("redis SUBSCRIBE failed: {error}"))));
+                                break;
+                            }
+                        }
+                    }
+                    Some(Command::Unsubscribe(channel)) => {
+                        if hub.subscriber_count(&channel) == 0 && subscribed.remove(&channel)
+                            && sink.unsubscribe(pubsub_name(&prefix, &channel)).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        connected.send_replace(false);
+        tracing::warn!(target: "resync::redis", "pub/sub connection lost; reconnecting");
+    }
+}
+
+/// Sleeps `delay` while Redis is unreachable, refusing subscriptions meanwhile. Returns false
+/// when the broker is gone.
+async fn wait_refusing(commands: &mut mpsc::Receiver<Command>, delay: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return true,
+            command = commands.recv() => match command {
+                None => return false,
+                Some(Command::Subscribe(_, reply)) => {
+                    let _ = reply.send(Err(Error::Unavailable("redis pub/sub is not connected".to_owned())));
+                }
+                Some(Command::Unsubscribe(_)) => {}
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_decode_back_into_events() {
+        let event = decode("resync:", "resync:{chat:1}", "k3x9:42:{\"a\":\"b:c\"}").unwrap();
+        assert_eq!(event.channel().as_str(), "chat:1");
+        assert_eq!(event.position().seq.get(), 42);
+        assert_eq!(event.data().as_str(), "{\"a\":\"b:c\"}");
+        assert!(decode("resync:", "other:{x}", "e:1:1").is_none());
+        assert!(decode("resync:", "resync:{x}", "e:notanumber:1").is_none());
+    }
+}
