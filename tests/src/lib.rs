@@ -9,6 +9,7 @@
 
 pub mod proxy;
 pub mod redis_server;
+pub mod server_process;
 
 use std::time::Duration;
 

@@ -32,16 +32,27 @@ pub struct ChaosProxy {
 
 impl ChaosProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::balance(vec![upstream]).await
+    }
+
+    /// A round-robin load balancer over `upstreams` (no sticky sessions); an upstream that
+    /// refuses connections is skipped.
+    pub async fn balance(upstreams: Vec<SocketAddr>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("proxy address");
         let state = Arc::new(State::default());
         let accept_state = state.clone();
+        let upstreams = Arc::new(upstreams);
         let accept_task = tokio::spawn(async move {
+            let mut next = 0usize;
             while let Ok((client, _)) = listener.accept().await {
                 accept_state.accepted.fetch_add(1, Ordering::Relaxed);
                 let connection_state = accept_state.clone();
+                let upstreams = upstreams.clone();
+                let first = next;
+                next = next.wrapping_add(1);
                 let task = tokio::spawn(async move {
-                    let _ = serve(client, upstream, connection_state).await;
+                    let _ = serve(client, &upstreams, first, connection_state).await;
                 });
                 let mut connections = accept_state
                     .connections
@@ -120,9 +131,21 @@ impl Drop for ChaosProxy {
     }
 }
 
+async fn connect_any(upstreams: &[SocketAddr], first: usize) -> std::io::Result<TcpStream> {
+    let mut last_error = std::io::Error::other("no upstream");
+    for offset in 0..upstreams.len() {
+        match TcpStream::connect(upstreams[(first + offset) % upstreams.len()]).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
+}
+
 async fn serve(
     mut client: TcpStream,
-    upstream: SocketAddr,
+    upstreams: &[SocketAddr],
+    first: usize,
     state: Arc<State>,
 ) -> std::io::Result<()> {
     client.set_nodelay(true)?;
@@ -152,7 +175,7 @@ async fn serve(
             .await?;
         return Ok(());
     }
-    let mut server = TcpStream::connect(upstream).await?;
+    let mut server = connect_any(upstreams, first).await?;
     server.set_nodelay(true)?;
     server.write_all(&head).await?;
     let (mut client_read, mut client_write) = client.into_split();

@@ -16,8 +16,12 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::{Context, Result};
 use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, Resync, TransportConfig};
 use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
+use resync_broker_redis::RedisBroker;
 
-pub use settings::{Args, LogFormat, Settings};
+mod server_broker;
+pub use server_broker::ServerBroker;
+
+pub use settings::{Args, BrokerKind, LogFormat, Settings};
 
 fn generate_api_key() -> Result<String> {
     let mut bytes = [0u8; 24];
@@ -36,7 +40,7 @@ pub struct RunningServer {
     /// The addresses it listens on.
     pub addresses: Vec<std::net::SocketAddr>,
     /// The transports, for shutdown and metrics.
-    pub resync: Resync<MemoryBroker>,
+    pub resync: Resync<ServerBroker>,
     /// The API key for publishing.
     pub api_key: String,
     handle: ServerHandle,
@@ -65,16 +69,26 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             key
         }
     };
-    let broker = Arc::new(
-        MemoryBroker::builder()
-            .retention(
-                Retention::default()
-                    .with_max_events(settings.history_size)
-                    .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs))),
-            )
-            .subscriber_queue(settings.subscriber_queue)
-            .build(),
-    );
+    let retention = Retention::default()
+        .with_max_events(settings.history_size)
+        .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs)));
+    let broker = Arc::new(match settings.broker {
+        BrokerKind::Memory => ServerBroker::Memory(
+            MemoryBroker::builder()
+                .retention(retention)
+                .subscriber_queue(settings.subscriber_queue)
+                .build(),
+        ),
+        BrokerKind::Redis => ServerBroker::Redis(
+            RedisBroker::builder(settings.redis_url.clone())
+                .key_prefix(settings.redis_prefix.clone())
+                .pool_size(settings.redis_pool_size)
+                .retention(retention)
+                .subscriber_queue(settings.subscriber_queue)
+                .build()
+                .context("configuring the redis broker")?,
+        ),
+    });
     let config = TransportConfig {
         ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
         sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
@@ -150,7 +164,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
 
 /// Tells clients to reconnect, waits for the spread, then stops the HTTP server.
 pub async fn drain_then_stop(
-    resync: Resync<MemoryBroker>,
+    resync: Resync<ServerBroker>,
     handle: ServerHandle,
     shutdown_timeout: Duration,
 ) {
@@ -164,7 +178,7 @@ pub async fn drain_then_stop(
 /// Runs the server until a signal stops it.
 pub async fn run(settings: Settings) -> Result<()> {
     let (running, server) = bind(&settings)?;
-    tracing::info!(addresses = ?running.addresses, "resync-server listening (memory broker)");
+    tracing::info!(addresses = ?running.addresses, broker = ?settings.broker, "resync-server listening");
     // The address on its own line, for scripts and tests that start the server on port 0.
     for address in &running.addresses {
         println!("listening on http://{address}");

@@ -53,8 +53,27 @@ pub struct Settings {
     pub workers: Option<usize>,
     /// Seconds one WebSocket write may take before the client is dropped as stuck.
     pub write_timeout_secs: u64,
+    /// Which broker carries the channels.
+    pub broker: BrokerKind,
+    /// Redis URL, for the Redis broker.
+    pub redis_url: String,
+    /// Prefix of Redis keys and Pub/Sub channels.
+    pub redis_prefix: String,
+    /// Redis command connections per process.
+    pub redis_pool_size: usize,
     /// Log line format.
     pub log_format: LogFormat,
+}
+
+/// Which broker the server runs on.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// In this process's memory: one server, history lost on restart.
+    #[default]
+    Memory,
+    /// Redis: many servers share channels, history and seqs.
+    Redis,
 }
 
 /// How log lines look.
@@ -91,6 +110,10 @@ impl Default for Settings {
             shutdown_spread_ms: 2_000,
             workers: None,
             write_timeout_secs: 10,
+            broker: BrokerKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/".to_owned(),
+            redis_prefix: "resync:".to_owned(),
+            redis_pool_size: 16,
             log_format: LogFormat::Text,
         }
     }
@@ -166,6 +189,18 @@ pub struct Args {
     /// Seconds one WebSocket write may take before the client is dropped as stuck. [default: 10]
     #[arg(long, env = "RESYNC_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: Option<u64>,
+    /// Broker: `memory` (one process) or `redis` (many processes). [default: memory]
+    #[arg(long, env = "RESYNC_BROKER", value_enum)]
+    broker: Option<BrokerKind>,
+    /// Redis URL for `--broker redis`. [default: redis://127.0.0.1:6379/]
+    #[arg(long, env = "RESYNC_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of Redis keys and Pub/Sub channels. [default: resync:]
+    #[arg(long, env = "RESYNC_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Redis command connections per process. [default: 16]
+    #[arg(long, env = "RESYNC_REDIS_POOL_SIZE")]
+    redis_pool_size: Option<usize>,
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -215,6 +250,10 @@ impl Settings {
             shutdown_timeout_secs,
             shutdown_spread_ms,
             write_timeout_secs,
+            broker,
+            redis_url,
+            redis_prefix,
+            redis_pool_size,
             log_format,
         );
         if args.workers.is_some() {

@@ -1,0 +1,83 @@
+//! The reference server as a separate process (the built `resync-server` binary), for tests
+//! that kill servers.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// The `resync-server` binary next to the test executable, built first if it is missing.
+pub fn server_binary() -> PathBuf {
+    let test_executable = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/resync-server
+    let profile_directory = test_executable
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile directory")
+        .to_path_buf();
+    let binary = profile_directory.join("resync-server");
+    if !binary.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .args(["build", "-p", "resync-server", "--bin", "resync-server"])
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building resync-server failed");
+    }
+    binary
+}
+
+pub struct ServerProcess {
+    pub base_url: String,
+    pub address: std::net::SocketAddr,
+    child: Child,
+}
+
+impl ServerProcess {
+    /// Starts the binary on a free port with `arguments` added.
+    pub fn start(arguments: &[&str]) -> Self {
+        let mut child = Command::new(server_binary())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api-key",
+                "test-key",
+                "--shutdown-spread-ms",
+                "100",
+            ])
+            .args(arguments)
+            .env("RESYNC_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server binary starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("listening line");
+        let base_url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        let address = base_url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("address");
+        Self {
+            base_url,
+            address,
+            child,
+        }
+    }
+
+    /// Kills the process at once (SIGKILL): no goodbye to its clients.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
