@@ -36,6 +36,7 @@ impl TestServer {
             api_key: Some("test-key".to_owned()),
             workers: Some(2),
             shutdown_spread_ms: 100,
+            demo: false,
             ..Settings::default()
         };
         configure(&mut settings);

@@ -2,6 +2,8 @@
 //!
 //! - `ci`: exactly what CI runs: format check, clippy with warnings denied on all targets,
 //!   every test, and the docs with warnings denied.
+//! - `e2e`: the browser client's unit tests (`node --test`) and the end-to-end tests in
+//!   headless Chromium against the real server binary (needs Node.js and Chromium).
 //! - `bench`: the micro-benchmarks (`cargo bench`).
 
 use std::process::Command;
@@ -15,9 +17,11 @@ fn main() -> Result<()> {
     match task.as_deref() {
         Some("ci") => ci(),
         Some("bench") => bench(),
+        Some("e2e") => e2e(),
         _ => {
-            eprintln!("usage: cargo xtask <ci|bench>");
-            eprintln!("  ci     fmt check, clippy -D warnings, all tests, docs -D warnings");
+            eprintln!("usage: cargo xtask <ci|e2e|bench>");
+            eprintln!("  ci     fmt check, clippy -D warnings, all tests, docs -D warnings, e2e");
+            eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
             eprintln!("  bench  micro-benchmarks");
             std::process::exit(2);
         }
@@ -56,7 +60,72 @@ fn ci() -> Result<()> {
     let mut doc = cargo(&["doc", "--workspace", "--no-deps", "--locked"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
     run(doc)?;
+    e2e()?;
     eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        )
+}
+
+/// The `*.test.js` files of a folder, sorted (Node 20's test runner takes no globs).
+fn test_files(directory: &std::path::Path) -> Result<Vec<String>> {
+    let mut files: Vec<String> = std::fs::read_dir(directory)
+        .with_context(|| format!("reading {}", directory.display()))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .filter(|path| path.to_string_lossy().ends_with(".test.js"))
+        .map(|path| path.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn e2e() -> Result<()> {
+    let root = workspace_root();
+    let package = root.join("clients/browser");
+    run(cargo(&[
+        "build",
+        "--locked",
+        "-p",
+        "resync-server",
+        "--bin",
+        "resync-server",
+    ]))?;
+    let mut install = Command::new("npm");
+    install
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&package);
+    run(install)?;
+    let mut unit = Command::new("node");
+    unit.arg("--test")
+        .args(test_files(&package.join("test/unit"))?)
+        .current_dir(&package);
+    run(unit)?;
+    let artifacts = root.join("target/e2e");
+    std::fs::create_dir_all(&artifacts).context("creating target/e2e")?;
+    let mut browser = Command::new("node");
+    browser
+        .args(["--test", "--test-concurrency=1"])
+        .args(test_files(&package.join("test/e2e"))?)
+        .current_dir(&package)
+        .env("RESYNC_SERVER_BIN", root.join("target/debug/resync-server"))
+        .env("RESYNC_E2E_ARTIFACTS", &artifacts)
+        .env(
+            "CHROMIUM",
+            std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned()),
+        );
+    run(browser)?;
+    eprintln!(
+        "xtask: e2e passed; screenshot in {}",
+        artifacts.join("demo.png").display()
+    );
     Ok(())
 }
 

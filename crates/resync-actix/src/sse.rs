@@ -205,7 +205,19 @@ impl StreamState {
                 self.shared.metrics.delivered(Transport::Sse, delivered);
                 Some(Bytes::from(chunk))
             }
-            Wake::Heartbeat => Some(Bytes::from(encode_comment("ping"))),
+            Wake::Heartbeat => {
+                // The comment keeps proxies from closing an idle stream; the `ping` event lets a
+                // browser client, which cannot see comments, notice a stream gone silent.
+                let mut chunk = encode_comment("ping");
+                SseFrame {
+                    id: None,
+                    event: Some("ping"),
+                    data: "{}",
+                    retry_ms: None,
+                }
+                .encode_into(&mut chunk);
+                Some(Bytes::from(chunk))
+            }
             Wake::Shutdown => {
                 let spread = self.shared.config.shutdown_spread;
                 tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;

@@ -3,6 +3,7 @@
 //! a thin `main` around [`run`].
 
 mod api;
+mod assets;
 mod settings;
 
 use std::sync::Arc;
@@ -137,7 +138,8 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         App::new()
             .app_data(state.clone())
             .wrap(from_fn(request_log))
-            .route("/", web::get().to(index))
+            .configure(assets::configure)
+            .route("/help", web::get().to(index))
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
     })
@@ -153,6 +155,10 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     .with_context(|| format!("binding {}", settings.listen))?;
     let addresses = server.addrs();
     let server = server.run();
+    if settings.demo {
+        let publisher = resync.publisher();
+        actix_web::rt::spawn(demo_ticker(publisher));
+    }
     let running = RunningServer {
         addresses,
         resync,
@@ -160,6 +166,28 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         handle: server.handle(),
     };
     Ok((running, server))
+}
+
+/// Publishes a tick on `demo:ticker` every two seconds, so the demo page shows a live feed.
+async fn demo_ticker(publisher: resync_actix::Publisher) {
+    let Ok(channel) = resync_protocol::Channel::new("demo:ticker") else {
+        return;
+    };
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = 0u64;
+    loop {
+        interval.tick().await;
+        tick += 1;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        if let Err(error) = publisher
+            .publish(&channel, &serde_json::json!({ "tick": tick, "at": at }))
+            .await
+        {
+            tracing::debug!(%error, "demo tick not published");
+        }
+    }
 }
 
 /// Tells clients to reconnect, waits for the spread, then stops the HTTP server.

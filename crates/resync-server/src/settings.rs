@@ -61,6 +61,8 @@ pub struct Settings {
     pub redis_prefix: String,
     /// Redis command connections per process.
     pub redis_pool_size: usize,
+    /// Serve the demo page at `/` and publish ticks on `demo:ticker`.
+    pub demo: bool,
     /// Log line format.
     pub log_format: LogFormat,
 }
@@ -94,7 +96,7 @@ impl Default for Settings {
             api_key: None,
             jwt_secret: None,
             anonymous_subscribe: vec!["*".to_owned()],
-            anonymous_publish: Vec::new(),
+            anonymous_publish: vec!["demo:*".to_owned()],
             allowed_origins: Vec::new(),
             history_size: 10_000,
             history_max_age_secs: 24 * 60 * 60,
@@ -114,6 +116,7 @@ impl Default for Settings {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_prefix: "resync:".to_owned(),
             redis_pool_size: 16,
+            demo: true,
             log_format: LogFormat::Text,
         }
     }
@@ -140,7 +143,8 @@ pub struct Args {
     /// comma-separated. [default: *]
     #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
     anonymous_subscribe: Option<Vec<String>>,
-    /// Channel patterns anonymous clients may publish to over WebSocket. [default: none]
+    /// Channel patterns anonymous clients may publish to over WebSocket; `--anonymous-publish ""`
+    /// for none. [default: demo:* (the demo page's chat)]
     #[arg(long, env = "RESYNC_ANONYMOUS_PUBLISH", value_delimiter = ',')]
     anonymous_publish: Option<Vec<String>>,
     /// Extra origins allowed to use cookie credentials, comma-separated. [default: none]
@@ -201,6 +205,9 @@ pub struct Args {
     /// Redis command connections per process. [default: 16]
     #[arg(long, env = "RESYNC_REDIS_POOL_SIZE")]
     redis_pool_size: Option<usize>,
+    /// Serve the demo page at `/` and publish a tick on `demo:ticker` every 2 s. [default: true]
+    #[arg(long, env = "RESYNC_DEMO")]
+    demo: Option<bool>,
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -254,6 +261,7 @@ impl Settings {
             redis_url,
             redis_prefix,
             redis_pool_size,
+            demo,
             log_format,
         );
         if args.workers.is_some() {

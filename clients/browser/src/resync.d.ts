@@ -1,0 +1,107 @@
+// Types for resync.js, the dependency-free resync browser client.
+
+export interface Position {
+  epoch: string;
+  seq: number;
+}
+
+export interface ResyncEvent<T = unknown> {
+  type?: "event";
+  channel: string;
+  epoch: string;
+  seq: number;
+  data: T;
+}
+
+export type ResetReason =
+  | "epoch_changed"
+  | "truncated"
+  | "too_far_behind"
+  | "position_ahead"
+  | "bad_cursor"
+  | (string & {});
+
+export interface ResyncReset {
+  channel: string;
+  reason: ResetReason;
+  position: Position;
+}
+
+export type TransportKind = "websocket" | "sse" | "long-polling";
+
+export type ConnectionState =
+  | { status: "connecting"; transport: TransportKind }
+  | { status: "connected"; transport: TransportKind }
+  | { status: "reconnecting"; attempt: number; delay: number }
+  | { status: "closed"; reason: string };
+
+export interface BackoffConfig {
+  /** Ceiling of the first delay, ms. Default 500. */
+  initial: number;
+  /** Largest ceiling, ms. Default 20000. */
+  max: number;
+  /** A connection up this long resets the attempt count, ms. Default 10000. */
+  resetAfter: number;
+  /** Ceiling of the random delay after "reconnect soon" close codes, ms. Default 1000. */
+  soon: number;
+}
+
+export const DEFAULT_BACKOFF: Readonly<BackoffConfig>;
+
+export function backoffDelay(attempt: number, config?: Pick<BackoffConfig, "initial" | "max">, random?: () => number): number;
+export function closeAdvice(code: number): "stop" | "backoff" | "backoff-drop-message" | "soon" | "refresh-token";
+export function parseCursor(text: string): Map<string, Position>;
+export function formatCursor(positions: Map<string, Position>): string;
+export function isDuplicate(last: Position | undefined, event: { epoch: string; seq: number }): boolean;
+
+export interface ClientOptions {
+  /** Default "auto": WebSocket, then SSE, then long polling. */
+  transport?: "auto" | TransportKind;
+  /** Sent as the `token` query parameter (browsers cannot set headers on WebSocket/EventSource). */
+  token?: string;
+  /** Called for a fresh token when the server refuses the current one. */
+  getToken?: () => Promise<string>;
+  backoff?: Partial<BackoffConfig>;
+  /** Extra silence tolerated past the server's ping interval, ms. Default 10000. */
+  heartbeatGrace?: number;
+  /** Silence after which an SSE stream counts as dead, ms. Default 40000. */
+  sseIdleTimeout?: number;
+  /** Long-poll wait, seconds. Default 25. */
+  pollTimeout?: number;
+  /** Time allowed to open a connection, ms. Default 10000. */
+  connectTimeout?: number;
+  /** Random source in [0, 1), for reproducible tests. */
+  random?: () => number;
+}
+
+export interface SubscribeHandlers<T = unknown> {
+  /** Resume after this position (events after it are replayed first). */
+  since?: Position;
+  onEvent?: (event: ResyncEvent<T>) => void;
+  /** History could not be replayed: refetch your state. */
+  onReset?: (reset: ResyncReset) => void;
+  onError?: (error: { code: string; message: string }) => void;
+}
+
+export interface Subscription {
+  channel: string;
+  position(): Position | undefined;
+  unsubscribe(): void;
+}
+
+export class ResyncClient {
+  constructor(url: string, options?: ClientOptions);
+  readonly state: ConnectionState;
+  /** How many times the client scheduled a reconnect. */
+  readonly reconnects: number;
+  onState(listener: (state: ConnectionState) => void): () => void;
+  subscribe<T = unknown>(channel: string, handlers?: SubscribeHandlers<T>): Subscription;
+  subscribeWithSnapshot<S, T = unknown>(
+    channel: string,
+    fetchSnapshot: () => Promise<{ state: S; position: Position }>,
+    handlers: { onSnapshot: (state: S, reset?: ResyncReset) => void; onEvent: (event: ResyncEvent<T>) => void },
+  ): { unsubscribe(): void };
+  publish(channel: string, data: unknown, options?: { idempotencyKey?: string }): Promise<Position>;
+  reconnectNow(): void;
+  close(): void;
+}

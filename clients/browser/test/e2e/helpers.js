@@ -1,0 +1,209 @@
+// Shared pieces of the end-to-end tests: the real server binary, a TCP proxy the tests
+// control (and which also serves the test pages, so everything is same-origin), and Chromium.
+
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import net from "node:net";
+import fs from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const API_KEY = "e2e-key";
+
+/** Starts the resync-server binary; resolves once it listens. */
+export async function startServer(args = []) {
+  const binary = process.env.RESYNC_SERVER_BIN;
+  if (!binary) throw new Error("set RESYNC_SERVER_BIN (cargo xtask e2e does)");
+  const child = spawn(
+    binary,
+    ["--listen", "127.0.0.1:0", "--api-key", API_KEY, "--shutdown-spread-ms", "100", ...(args.includes("--demo") ? [] : ["--demo", "false"]), ...args],
+    { env: { ...process.env, RESYNC_LOG: "warn" }, stdio: ["ignore", "pipe", "inherit"] },
+  );
+  const line = await new Promise((resolve, reject) => {
+    const lines = createInterface({ input: child.stdout });
+    lines.once("line", resolve);
+    child.once("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  const base = line.replace("listening on ", "").trim();
+  const port = Number(new URL(base).port);
+  return {
+    base,
+    port,
+    stop: () =>
+      new Promise((resolve) => {
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
+        child.once("exit", resolve);
+        child.kill("SIGKILL");
+      }),
+  };
+}
+
+/** Publishes through the HTTP API. */
+export async function publish(base, channel, data) {
+  const response = await fetch(`${base}/api/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${API_KEY}`, "content-type": "application/json" },
+    body: JSON.stringify({ channel, data }),
+  });
+  if (!response.ok) throw new Error(`publish failed: ${response.status} ${await response.text()}`);
+  return (await response.json()).position;
+}
+
+export async function channelInfo(base, channel) {
+  const response = await fetch(`${base}/api/channels/${channel}`, { headers: { authorization: `Bearer ${API_KEY}` } });
+  return response.json();
+}
+
+/** The test pages, served by the proxy at /e2e/<name>. */
+function page(name) {
+  const file = path.join(here, "pages", name);
+  return fs.existsSync(file) ? fs.readFileSync(file) : undefined;
+}
+
+/** Rewrites a request head to ask the server to close the connection after its response. */
+function withConnectionClose(head) {
+  const end = head.indexOf("\r\n\r\n");
+  const lines = head.subarray(0, end).toString("latin1").split("\r\n").filter((line) => !/^connection:/i.test(line));
+  lines.push("Connection: close");
+  return Buffer.concat([Buffer.from(lines.join("\r\n") + "\r\n\r\n", "latin1"), head.subarray(end + 4)]);
+}
+
+const reactFiles = {
+  "/e2e/react.js": "react/umd/react.development.js",
+  "/e2e/react-dom.js": "react-dom/umd/react-dom.development.js",
+};
+
+/**
+ * A TCP proxy in front of the server: it counts and cuts connections, refuses WebSocket
+ * upgrades or SSE requests like a restrictive proxy, and serves the test pages.
+ */
+export class Proxy {
+  constructor(upstreamPort) {
+    this.upstreamPort = upstreamPort;
+    this.sockets = new Set();
+    this.accepted = 0;
+    this.cut = 0;
+    this.refused = 0;
+    this.refuseWebSocket = false;
+    this.refuseSse = false;
+  }
+
+  async start() {
+    this.server = net.createServer((client) => this.handle(client));
+    await new Promise((resolve) => this.server.listen(0, "127.0.0.1", resolve));
+    this.port = this.server.address().port;
+    this.base = `http://127.0.0.1:${this.port}`;
+    return this;
+  }
+
+  handle(client) {
+    this.accepted += 1;
+    this.sockets.add(client);
+    client.on("close", () => this.sockets.delete(client));
+    client.on("error", () => {});
+    let head = Buffer.alloc(0);
+    const onData = (chunk) => {
+      head = Buffer.concat([head, chunk]);
+      if (!head.includes("\r\n\r\n")) return;
+      client.off("data", onData);
+      client.pause();
+      this.route(client, head);
+    };
+    client.on("data", onData);
+  }
+
+  route(client, head) {
+    const text = head.toString("latin1");
+    const requestLine = text.split("\r\n")[0];
+    const target = requestLine.split(" ")[1] || "/";
+    const lower = text.toLowerCase();
+    const pathname = target.split("?")[0];
+    const respond = (status, type, body) => {
+      client.end(
+        Buffer.concat([
+          Buffer.from(`HTTP/1.1 ${status}\r\ncontent-type: ${type}\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n`),
+          body,
+        ]),
+      );
+    };
+    if (reactFiles[pathname]) {
+      const file = path.join(here, "..", "..", "node_modules", reactFiles[pathname]);
+      return respond("200 OK", "text/javascript", fs.readFileSync(file));
+    }
+    if (pathname.startsWith("/e2e/")) {
+      const body = page(pathname.slice(5));
+      if (body) return respond("200 OK", pathname.endsWith(".js") ? "text/javascript" : "text/html", body);
+      return respond("404 Not Found", "text/plain", Buffer.from("no such page"));
+    }
+    if ((this.refuseWebSocket && lower.includes("upgrade: websocket")) || (this.refuseSse && pathname.endsWith("/sse"))) {
+      this.refused += 1;
+      return respond("403 Forbidden", "text/plain", Buffer.from("blocked by proxy"));
+    }
+    // One request per connection (except WebSocket upgrades), so that the proxy sees every
+    // request: otherwise a kept-alive connection would carry later requests past it.
+    if (!lower.includes("upgrade: websocket")) head = withConnectionClose(head);
+    const upstream = net.connect(this.upstreamPort, "127.0.0.1");
+    this.sockets.add(upstream);
+    upstream.on("close", () => {
+      this.sockets.delete(upstream);
+      client.destroy();
+    });
+    client.on("close", () => upstream.destroy());
+    upstream.on("error", () => client.destroy());
+    upstream.write(head);
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.resume();
+  }
+
+  /** Destroys every open connection; returns how many client connections were cut. */
+  cutAll() {
+    let cut = 0;
+    for (const socket of [...this.sockets]) {
+      socket.destroy();
+      cut += 1;
+    }
+    this.cut += cut;
+    return cut;
+  }
+
+  get open() {
+    return this.sockets.size;
+  }
+
+  async stop() {
+    this.cutAll();
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+export async function launch() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: [
+      "--no-sandbox",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+    ],
+  });
+}
+
+/** Polls `check` until it returns a truthy value or the timeout passes. */
+export async function eventually(check, { timeout = 20000, interval = 100, message = "condition" } = {}) {
+  const deadline = Date.now() + timeout;
+  let last;
+  while (Date.now() < deadline) {
+    last = await check();
+    if (last) return last;
+    await new Promise((resolve) => setTimeout(resolve, interval));
+  }
+  throw new Error(`timed out waiting for ${message} (last: ${JSON.stringify(last)})`);
+}
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
