@@ -4,37 +4,44 @@
 //!   every test, and the docs with warnings denied.
 //! - `e2e`: the browser client's unit tests (`node --test`) and the end-to-end tests in
 //!   headless Chromium against the real server binary (needs Node.js and Chromium).
-//! - `bench`: the micro-benchmarks (`cargo bench`).
+//! - `bench`: load tests over loopback against a raw baseline, written to
+//!   `docs/benchmarks.md` (`--quick` for a short run).
+//! - `micro`: the micro-benchmarks (`cargo bench`).
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod deps;
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1);
     match task.as_deref() {
         Some("ci") => ci(),
-        Some("bench") => bench(),
+        Some("bench") => bench::bench(std::env::args().any(|argument| argument == "--quick")),
+        Some("micro") => micro(),
         Some("e2e") => e2e(),
         _ => {
             eprintln!("usage: cargo xtask <ci|e2e|bench>");
             eprintln!("  ci     fmt check, clippy -D warnings, all tests, docs -D warnings, e2e");
             eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
-            eprintln!("  bench  micro-benchmarks");
+            eprintln!(
+                "  bench  load tests against the raw baseline -> docs/benchmarks.md (--quick: short)"
+            );
+            eprintln!("  micro  micro-benchmarks of the log and local fan-out (cargo bench)");
             std::process::exit(2);
         }
     }
 }
 
-fn cargo(arguments: &[&str]) -> Command {
+pub(crate) fn cargo(arguments: &[&str]) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
     command.args(arguments);
     command
 }
 
-fn run(mut command: Command) -> Result<()> {
+pub(crate) fn run(mut command: Command) -> Result<()> {
     eprintln!("xtask: running {command:?}");
     let status = command
         .status()
@@ -65,7 +72,7 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(
@@ -129,7 +136,7 @@ fn e2e() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+fn micro() -> Result<()> {
     run(cargo(&[
         "bench",
         "--locked",

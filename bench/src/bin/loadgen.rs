@@ -1,0 +1,736 @@
+//! The load generator of `cargo xtask bench`: opens many real connections to a resync server
+//! (or to the raw baseline), publishes through the HTTP API, and reports one JSON line.
+//!
+//! It is a release binary of ours, not the resync client SDK, so that it stays cheap per
+//! connection: subscribers only count events, and a sample of them parse timestamps for
+//! latency.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark tool: any failure should stop it loudly"
+)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+const API_KEY: &str = "bench-key";
+/// Subscribers that parse timestamps for latency; the rest only count.
+const LATENCY_SAMPLE: usize = 200;
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as u64)
+}
+
+fn argument(arguments: &[String], name: &str) -> Option<String> {
+    arguments
+        .iter()
+        .position(|argument| argument == name)
+        .and_then(|index| arguments.get(index + 1).cloned())
+}
+
+fn number(arguments: &[String], name: &str, default: u64) -> u64 {
+    argument(arguments, name)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let arguments: Vec<String> = std::env::args().collect();
+    let scenario = arguments.get(1).cloned().unwrap_or_default();
+    let url = argument(&arguments, "--url").context("--url")?;
+    let result = match scenario.as_str() {
+        "fanout" => fanout(&arguments, &url).await?,
+        "memory" => memory(&arguments, &url).await?,
+        "storm" => storm(&arguments, &url).await?,
+        "poll" => poll(&arguments, &url).await?,
+        "channels" => channels(&arguments, &url).await?,
+        other => bail!("unknown scenario {other:?}"),
+    };
+    println!("{result}");
+    Ok(())
+}
+
+/// Shared counters of one run.
+#[derive(Default)]
+struct Tally {
+    delivered: AtomicU64,
+    ready: AtomicU64,
+    finished: AtomicU64,
+    latencies: Mutex<Vec<u64>>,
+    last_finish: Mutex<Option<Instant>>,
+}
+
+/// The payload: a publish timestamp padded to about 100 bytes.
+fn payload() -> serde_json::Value {
+    serde_json::json!({ "t": now_micros(), "pad": "x".repeat(64) })
+}
+
+/// Extracts `"t":<micros>` from an event frame.
+fn timestamp(frame: &[u8]) -> Option<u64> {
+    let at = frame.windows(4).position(|window| window == b"\"t\":")? + 4;
+    let digits: Vec<u8> = frame[at..]
+        .iter()
+        .take_while(|byte| byte.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+fn is_event(frame: &[u8]) -> bool {
+    frame
+        .windows(14)
+        .any(|window| window == b"\"type\":\"event\"")
+}
+
+/// Counts an event; the `expected`-th one marks the subscriber finished.
+fn count(tally: &Tally, seen: &mut u64, expected: u64, frame: &[u8], sampled: bool) {
+    *seen += 1;
+    tally.delivered.fetch_add(1, Ordering::Relaxed);
+    if sampled && let Some(sent) = timestamp(frame) {
+        tally
+            .latencies
+            .lock()
+            .unwrap()
+            .push(now_micros().saturating_sub(sent));
+    }
+    if *seen == expected {
+        tally.finished.fetch_add(1, Ordering::Relaxed);
+        *tally.last_finish.lock().unwrap() = Some(Instant::now());
+    }
+}
+
+async fn ws_subscriber(
+    base: String,
+    channel: String,
+    tally: Arc<Tally>,
+    expected: u64,
+    sampled: bool,
+) -> Result<()> {
+    let url = format!("{}/ws", base.replacen("http", "ws", 1));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+    socket.send(Message::text(subscribe)).await?;
+    tally.ready.fetch_add(1, Ordering::Relaxed);
+    let mut seen = 0;
+    while let Some(message) = socket.next().await {
+        match message? {
+            Message::Text(text) => {
+                let bytes = text.as_bytes();
+                if is_event(bytes) {
+                    count(&tally, &mut seen, expected, bytes, sampled);
+                } else if bytes.starts_with(br#"{"type":"ping""#) {
+                    socket.send(Message::text(r#"{"type":"pong"}"#)).await?;
+                }
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn sse_subscriber(
+    base: String,
+    channel: String,
+    tally: Arc<Tally>,
+    expected: u64,
+    sampled: bool,
+) -> Result<()> {
+    let address = base.trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&address).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    tally.ready.fetch_add(1, Ordering::Relaxed);
+    let mut buffer = Vec::with_capacity(8192);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    loop {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        // Complete SSE events end with a blank line.
+        let mut start = 0;
+        while let Some(end) = buffer[start..]
+            .windows(2)
+            .position(|window| window == b"\n\n")
+        {
+            let event = &buffer[start..start + end];
+            if is_event(event) {
+                count(&tally, &mut seen, expected, event, sampled);
+            }
+            start += end + 2;
+        }
+        buffer.drain(..start);
+    }
+}
+
+async fn open_subscribers(
+    bases: &[String],
+    transport: &str,
+    subscribers: usize,
+    channel_of: impl Fn(usize) -> String,
+    tally: &Arc<Tally>,
+    expected: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::with_capacity(subscribers);
+    for index in 0..subscribers {
+        let base = bases[index % bases.len()].clone();
+        let channel = channel_of(index);
+        let tally = tally.clone();
+        let sampled = index < LATENCY_SAMPLE;
+        let is_ws = transport == "ws";
+        tasks.push(tokio::spawn(async move {
+            let result = if is_ws {
+                ws_subscriber(base, channel, tally, expected, sampled).await
+            } else {
+                sse_subscriber(base, channel, tally, expected, sampled).await
+            };
+            if let Err(error) = result {
+                eprintln!("loadgen: subscriber {index} failed: {error}");
+            }
+        }));
+        // Pace connection setup a little so the listen backlog never overflows.
+        if index % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tasks
+}
+
+async fn subscribers_on(http: &reqwest::Client, base: &str, channel: &str) -> u64 {
+    let Ok(response) = http
+        .get(format!("{base}/api/channels/{channel}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    body["subscribers"].as_u64().unwrap_or(0)
+}
+
+async fn wait_subscribed(
+    http: &reqwest::Client,
+    bases: &[String],
+    channel: &str,
+    wanted: u64,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut total = 0;
+        for base in bases {
+            total += subscribers_on(http, base, channel).await;
+        }
+        if total >= wanted {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {total} of {wanted} subscribed");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()> {
+    let response = http
+        .post(format!("{base}/api/publish"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({ "channel": channel, "data": payload() }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("publish failed: {}", response.status());
+    }
+    Ok(())
+}
+
+/// User plus system CPU time of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of /proc/<pid>/stat (utime, stime) are 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .and_then(|value| value.parse().ok())
+                })
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[u64], fraction: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn pids(arguments: &[String]) -> Vec<u32> {
+    argument(arguments, "--pid")
+        .map(|list| list.split(',').filter_map(|pid| pid.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Fan-out to N subscribers of one channel: a burst measures deliveries per second at
+/// saturation (and server CPU per million deliveries); then a steady rate at half that
+/// measures publish-to-deliver latency.
+async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let transport = argument(arguments, "--transport").unwrap_or_else(|| "ws".to_owned());
+    let subscribers = number(arguments, "--subscribers", 1_000) as usize;
+    let burst = number(arguments, "--burst", 100);
+    let latency_seconds = number(arguments, "--latency-seconds", 3);
+    let mut bases = vec![url.to_owned()];
+    if let Some(extra) = argument(arguments, "--extra-url") {
+        bases.push(extra);
+    }
+    let server_pids = pids(arguments);
+    let channel = format!("fanout-{}", fastrand::u32(..));
+    let http = reqwest::Client::new();
+    let tally = Arc::new(Tally::default());
+    let tasks = open_subscribers(
+        &bases,
+        &transport,
+        subscribers,
+        |_| channel.clone(),
+        &tally,
+        burst,
+    )
+    .await;
+    wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let started = Instant::now();
+    // Four concurrent publishers, so the burst is not paced by one request's round trip.
+    let publishers: Vec<_> = (0..4)
+        .map(|index| {
+            let (http, base, channel) = (http.clone(), bases[0].clone(), channel.clone());
+            let share = burst / 4 + u64::from(index < burst % 4);
+            tokio::spawn(async move {
+                for _ in 0..share {
+                    publish(&http, &base, &channel).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tally.finished.load(Ordering::Relaxed) < subscribers as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {subscribers} subscribers got all {burst} events",
+                tally.finished.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let finished_at = tally
+        .last_finish
+        .lock()
+        .unwrap()
+        .unwrap_or_else(Instant::now);
+    let elapsed = finished_at.duration_since(started).as_secs_f64();
+    let cpu_after: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let deliveries = (subscribers as u64 * burst) as f64;
+    let deliveries_per_sec = deliveries / elapsed;
+    tally.latencies.lock().unwrap().clear();
+
+    // Half of saturation, as a steady publish rate.
+    let rate = (deliveries_per_sec / 2.0 / subscribers as f64).clamp(1.0, 5_000.0);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut ticker = tokio::time::interval(interval);
+    let latency_end = Instant::now() + Duration::from_secs(latency_seconds);
+    let mut published = 0u64;
+    while Instant::now() < latency_end {
+        ticker.tick().await;
+        publish(&http, &bases[0], &channel).await?;
+        published += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = std::mem::take(&mut *tally.latencies.lock().unwrap());
+    latencies.sort_unstable();
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "fanout",
+        "transport": transport,
+        "subscribers": subscribers,
+        "deliveries_per_sec": deliveries_per_sec,
+        "cpu_seconds_per_million": (cpu_after - cpu_before) / deliveries * 1e6,
+        "latency_rate_events_per_sec": rate,
+        "latency_events": published,
+        "latency_p50_us": percentile(&latencies, 0.5),
+        "latency_p99_us": percentile(&latencies, 0.99),
+        "latency_max_us": latencies.last().copied().unwrap_or(0),
+    }))
+}
+
+/// Server memory per idle connection.
+async fn memory(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let transport = argument(arguments, "--transport").unwrap_or_else(|| "ws".to_owned());
+    let connections = number(arguments, "--connections", 10_000) as usize;
+    let pid = *pids(arguments).first().context("--pid")?;
+    let channel = format!("idle-{}", fastrand::u32(..));
+    let http = reqwest::Client::new();
+    // Warm up allocator and runtime with a few connections, then measure the rest.
+    let tally = Arc::new(Tally::default());
+    let bases = vec![url.to_owned()];
+    let warm = open_subscribers(
+        &bases,
+        &transport,
+        100,
+        |_| channel.clone(),
+        &tally,
+        u64::MAX,
+    )
+    .await;
+    wait_subscribed(&http, &bases, &channel, 100).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let tasks = open_subscribers(
+        &bases,
+        &transport,
+        connections,
+        |_| channel.clone(),
+        &tally,
+        u64::MAX,
+    )
+    .await;
+    wait_subscribed(&http, &bases, &channel, connections as u64 + 100).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    for task in tasks.into_iter().chain(warm) {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "memory",
+        "transport": transport,
+        "connections": connections,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "bytes_per_connection": (after.saturating_sub(before) * 1024) as f64 / connections as f64,
+    }))
+}
+
+/// Subscribers that resume with `since` after losing their connections all at once.
+async fn storm(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let subscribers = number(arguments, "--subscribers", 5_000) as usize;
+    let window_ms = number(arguments, "--window-ms", 1_000);
+    let rate = number(arguments, "--rate", 20);
+    let channel = format!("storm-{}", fastrand::u32(..));
+    let http = reqwest::Client::new();
+    let info: serde_json::Value = http
+        .get(format!("{url}/api/channels/{channel}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let epoch = info["position"]["epoch"]
+        .as_str()
+        .context("epoch")?
+        .to_owned();
+    let (cut_sender, cut) = watch::channel(None::<(Instant, u64)>);
+    let lost = Arc::new(AtomicU64::new(0));
+    let duplicated = Arc::new(AtomicU64::new(0));
+    let resets = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(AtomicU64::new(0));
+    let caught_up = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for index in 0..subscribers {
+        let (url, channel, epoch) = (url.to_owned(), channel.clone(), epoch.clone());
+        let (mut cut, lost, duplicated, resets, ready, caught_up) = (
+            cut.clone(),
+            lost.clone(),
+            duplicated.clone(),
+            resets.clone(),
+            ready.clone(),
+            caught_up.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut connected_before = false;
+            let mut waiting_since_cut: Option<(Instant, u64)> = None;
+            loop {
+                let ws_url = format!("{}/ws", url.replacen("http", "ws", 1));
+                let Ok((mut socket, _)) = tokio_tungstenite::connect_async(ws_url).await else {
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=window_ms))).await;
+                    continue;
+                };
+                let subscribe = format!(
+                    r#"{{"type":"subscribe","id":1,"channel":"{channel}","since":{{"epoch":"{epoch}","seq":{last}}}}}"#
+                );
+                if socket.send(Message::text(subscribe)).await.is_err() {
+                    continue;
+                }
+                if !connected_before {
+                    connected_before = true;
+                    ready.fetch_add(1, Ordering::Relaxed);
+                }
+                loop {
+                    tokio::select! {
+                        message = socket.next() => {
+                            let Some(Ok(Message::Text(text))) = message else { break };
+                            let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                            match frame["type"].as_str() {
+                                Some("event") => {
+                                    let seq = frame["seq"].as_u64().unwrap_or(0);
+                                    if seq <= last {
+                                        duplicated.fetch_add(1, Ordering::Relaxed);
+                                    } else {
+                                        lost.fetch_add(seq - last - 1, Ordering::Relaxed);
+                                        last = seq;
+                                    }
+                                    if let Some((cut_at, seq_at_cut)) = waiting_since_cut
+                                        && seq > seq_at_cut
+                                    {
+                                        caught_up.lock().unwrap().push(cut_at.elapsed().as_millis() as u64);
+                                        waiting_since_cut = None;
+                                    }
+                                }
+                                Some("reset") => { resets.fetch_add(1, Ordering::Relaxed); }
+                                Some("subscribed") if frame["recovery"]["outcome"] == "reset" => {
+                                    resets.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Some("ping") => { let _ = socket.send(Message::text(r#"{"type":"pong"}"#)).await; }
+                                _ => {}
+                            }
+                        }
+                        changed = cut.changed() => {
+                            if changed.is_err() { return; }
+                            let cut_now = *cut.borrow_and_update();
+                            if let Some(cut_info) = cut_now {
+                                waiting_since_cut = Some(cut_info);
+                                // Drop the connection at once, then come back after a jittered delay.
+                                drop(socket);
+                                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=window_ms))).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = index;
+            }
+        }));
+        if index % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    while ready.load(Ordering::Relaxed) < subscribers as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_subscribed(&http, &[url.to_owned()], &channel, subscribers as u64).await?;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut published = 0u64;
+    let mut ticker = tokio::time::interval(interval);
+    let run_started = Instant::now();
+    let mut cut_done = false;
+    while run_started.elapsed() < Duration::from_secs(6) {
+        ticker.tick().await;
+        publish(&http, url, &channel).await?;
+        published += 1;
+        if !cut_done && run_started.elapsed() >= Duration::from_secs(2) {
+            cut_done = true;
+            cut_sender.send_replace(Some((Instant::now(), published)));
+        }
+    }
+    // Let everyone finish catching up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut times = std::mem::take(&mut *caught_up.lock().unwrap());
+    times.sort_unstable();
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "storm",
+        "subscribers": subscribers,
+        "window_ms": window_ms,
+        "caught_up": times.len(),
+        "p50_catch_up_ms": percentile(&times, 0.5),
+        "p99_catch_up_ms": percentile(&times, 0.99),
+        "lost": lost.load(Ordering::Relaxed),
+        "duplicated": duplicated.load(Ordering::Relaxed),
+        "resets": resets.load(Ordering::Relaxed),
+        "published": published,
+    }))
+}
+
+/// Long-polling clients: completed poll cycles per second while events flow.
+async fn poll(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let clients = number(arguments, "--clients", 1_000) as usize;
+    let seconds = number(arguments, "--seconds", 5);
+    let rate = number(arguments, "--rate", 20);
+    let channel = format!("poll-{}", fastrand::u32(..));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    let cycles = Arc::new(AtomicU64::new(0));
+    let events = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, url, channel, cycles, events, stop) = (
+            http.clone(),
+            url.to_owned(),
+            channel.clone(),
+            cycles.clone(),
+            events.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut cursor = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut query = vec![("channel", channel.clone()), ("timeout", "10".to_owned())];
+                if !cursor.is_empty() {
+                    query.push(("cursor", cursor.clone()));
+                }
+                let Ok(response) = http.get(format!("{url}/poll")).query(&query).send().await
+                else {
+                    continue;
+                };
+                let Ok(body) = response.json::<serde_json::Value>().await else {
+                    continue;
+                };
+                cycles.fetch_add(1, Ordering::Relaxed);
+                events.fetch_add(
+                    body["events"].as_array().map_or(0, Vec::len) as u64,
+                    Ordering::Relaxed,
+                );
+                cursor = body["cursor"].as_str().unwrap_or_default().to_owned();
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cycles_before = cycles.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        publish(&http, url, &channel).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let completed = cycles.load(Ordering::Relaxed) - cycles_before;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "poll",
+        "clients": clients,
+        "publish_rate": rate,
+        "cycles_per_sec": completed as f64 / elapsed,
+        "events_received": events.load(Ordering::Relaxed),
+    }))
+}
+
+/// Many channels with one subscriber each; publishes spread over them.
+async fn channels(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let count_of_channels = number(arguments, "--channels", 10_000) as usize;
+    let publishes = number(arguments, "--publishes", 5_000);
+    let prefix = format!("many-{}", fastrand::u32(..));
+    let http = reqwest::Client::new();
+    let tally = Arc::new(Tally::default());
+    let bases = vec![url.to_owned()];
+    let tasks = open_subscribers(
+        &bases,
+        "ws",
+        count_of_channels,
+        |index| format!("{prefix}-{index}"),
+        &tally,
+        u64::MAX,
+    )
+    .await;
+    // Wait for the last channel's subscriber (they subscribe in order).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tally.ready.load(Ordering::Relaxed) < count_of_channels as u64 {
+        if Instant::now() > deadline {
+            bail!("subscribers did not connect");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_subscribed(
+        &http,
+        &bases,
+        &format!("{prefix}-{}", count_of_channels - 1),
+        1,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Concurrent publishers, as many backends would.
+    let started = Instant::now();
+    let publishers: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, prefix) = (http.clone(), url.to_owned(), prefix.clone());
+            tokio::spawn(async move {
+                for _ in 0..publishes / 8 {
+                    let channel = format!("{prefix}-{}", fastrand::usize(..count_of_channels));
+                    let _ = publish(&http, &url, &channel).await;
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await?;
+    }
+    let expected = publishes / 8 * 8;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tally.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = std::mem::take(&mut *tally.latencies.lock().unwrap());
+    latencies.sort_unstable();
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "channels",
+        "channels": count_of_channels,
+        "delivered": tally.delivered.load(Ordering::Relaxed),
+        "expected": expected,
+        "deliveries_per_sec": tally.delivered.load(Ordering::Relaxed) as f64 / elapsed,
+        "latency_p50_us": percentile(&latencies, 0.5),
+        "latency_p99_us": percentile(&latencies, 0.99),
+    }))
+}

@@ -1,0 +1,606 @@
+//! `cargo xtask bench`: release builds, repeatable load tests over loopback, interleaved with
+//! the raw baseline, written up in `docs/benchmarks.md` with an SVG chart.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{cargo, run, workspace_root};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(binary: &Path, arguments: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args(arguments)
+            .env("RESYNC_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().context("server exited before listening")??;
+            if let Some(url) = line.strip_prefix("listening on ") {
+                break url.trim().to_owned();
+            }
+        };
+        Ok(Self { child, url })
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Redis {
+    child: Child,
+    url: String,
+    directory: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let directory = std::env::temp_dir().join(format!("resync-bench-redis-{port}"));
+        std::fs::create_dir_all(&directory)?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&directory)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+            directory,
+        })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+struct Bench {
+    release: PathBuf,
+    results: BTreeMap<String, Vec<Value>>,
+}
+
+impl Bench {
+    fn ours(&self, extra: &[&str]) -> Result<Server> {
+        let mut arguments = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            "bench-key",
+            "--demo",
+            "false",
+        ];
+        arguments.extend_from_slice(extra);
+        Server::start(&self.release.join("resync-server"), &arguments)
+    }
+
+    fn baseline(&self) -> Result<Server> {
+        Server::start(&self.release.join("baseline"), &[])
+    }
+
+    /// Runs the load generator (bounded by `timeout`) and records its JSON under `key`.
+    fn load(&mut self, key: &str, arguments: &[&str]) -> Result<Value> {
+        let output = Command::new("timeout")
+            .arg("300")
+            .arg(self.release.join("loadgen"))
+            .args(arguments)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running loadgen")?;
+        if !output.status.success() {
+            bail!("loadgen {arguments:?} failed with {}", output.status);
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text.lines().last().context("loadgen printed nothing")?;
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("loadgen output {line}"))?;
+        eprintln!("bench: {key}: {line}");
+        self.results
+            .entry(key.to_owned())
+            .or_default()
+            .push(value.clone());
+        Ok(value)
+    }
+
+    fn median(&self, key: &str, field: &str) -> f64 {
+        let mut values: Vec<f64> = self
+            .results
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|value| value[field].as_f64())
+            .collect();
+        if values.is_empty() {
+            return f64::NAN;
+        }
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    }
+}
+
+pub(crate) fn bench(quick: bool) -> Result<()> {
+    let root = workspace_root();
+    run(cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "resync-server",
+        "-p",
+        "resync-bench",
+    ]))?;
+    let mut bench = Bench {
+        release: root.join("target/release"),
+        results: BTreeMap::new(),
+    };
+    let repetitions = if quick { 1 } else { 3 };
+    let sizes: &[usize] = if quick {
+        &[1_000, 5_000]
+    } else {
+        &[1_000, 5_000, 10_000]
+    };
+    let started = Instant::now();
+
+    for repetition in 0..repetitions {
+        eprintln!("bench: repetition {} of {repetitions}", repetition + 1);
+        for &subscribers in sizes {
+            let burst = (200_000 / subscribers).clamp(20, 200).to_string();
+            let count = subscribers.to_string();
+            for transport in ["ws", "sse"] {
+                // Interleaved: the baseline and resync take turns on the same machine.
+                for (kind, server) in [
+                    ("baseline", bench.baseline()?),
+                    ("resync", bench.ours(&[])?),
+                ] {
+                    let key = format!("fanout/{transport}/{subscribers}/{kind}");
+                    let pid = server.pid();
+                    let arguments = [
+                        "fanout",
+                        "--url",
+                        &server.url,
+                        "--pid",
+                        &pid,
+                        "--transport",
+                        transport,
+                        "--subscribers",
+                        &count,
+                        "--burst",
+                        &burst,
+                        "--latency-seconds",
+                        "3",
+                    ];
+                    bench.load(&key, &arguments)?;
+                }
+            }
+        }
+        let idle = if quick { "2000" } else { "10000" };
+        for transport in ["ws", "sse"] {
+            for (kind, server) in [
+                ("baseline", bench.baseline()?),
+                ("resync", bench.ours(&[])?),
+            ] {
+                let key = format!("memory/{transport}/{kind}");
+                let pid = server.pid();
+                bench.load(
+                    &key,
+                    &[
+                        "memory",
+                        "--url",
+                        &server.url,
+                        "--pid",
+                        &pid,
+                        "--transport",
+                        transport,
+                        "--connections",
+                        idle,
+                    ],
+                )?;
+            }
+        }
+        {
+            let server = bench.ours(&[])?;
+            let storm = if quick { "1000" } else { "5000" };
+            bench.load(
+                "storm",
+                &[
+                    "storm",
+                    "--url",
+                    &server.url,
+                    "--subscribers",
+                    storm,
+                    "--window-ms",
+                    "1000",
+                ],
+            )?;
+        }
+        {
+            let server = bench.ours(&[])?;
+            bench.load(
+                "poll",
+                &[
+                    "poll",
+                    "--url",
+                    &server.url,
+                    "--clients",
+                    "1000",
+                    "--seconds",
+                    "5",
+                    "--rate",
+                    "20",
+                ],
+            )?;
+        }
+        {
+            let server = bench.ours(&[])?;
+            let channels = if quick { "2000" } else { "10000" };
+            bench.load(
+                "channels",
+                &[
+                    "channels",
+                    "--url",
+                    &server.url,
+                    "--channels",
+                    channels,
+                    "--publishes",
+                    "5000",
+                ],
+            )?;
+        }
+        {
+            // Redis: two instances, subscribers split over both, publishing through one;
+            // compared with one in-memory instance in the same repetition.
+            let redis = Redis::start()?;
+            // One worker each, so the two instances together use as many threads as the
+            // in-memory instance they are compared with, on the same cores.
+            let first = bench.ours(&[
+                "--broker",
+                "redis",
+                "--redis-url",
+                &redis.url,
+                "--workers",
+                "1",
+            ])?;
+            let second = bench.ours(&[
+                "--broker",
+                "redis",
+                "--redis-url",
+                &redis.url,
+                "--workers",
+                "1",
+            ])?;
+            let pids = format!("{},{}", first.pid(), second.pid());
+            bench.load(
+                "redis/fanout",
+                &[
+                    "fanout",
+                    "--url",
+                    &first.url,
+                    "--extra-url",
+                    &second.url,
+                    "--pid",
+                    &pids,
+                    "--transport",
+                    "ws",
+                    "--subscribers",
+                    "5000",
+                    "--burst",
+                    "40",
+                    "--latency-seconds",
+                    "3",
+                ],
+            )?;
+            drop((first, second, redis));
+            let memory = bench.ours(&[])?;
+            let pid = memory.pid();
+            bench.load(
+                "redis/memory-fanout",
+                &[
+                    "fanout",
+                    "--url",
+                    &memory.url,
+                    "--pid",
+                    &pid,
+                    "--transport",
+                    "ws",
+                    "--subscribers",
+                    "5000",
+                    "--burst",
+                    "40",
+                    "--latency-seconds",
+                    "3",
+                ],
+            )?;
+        }
+    }
+    let report = report(&bench, sizes, repetitions, started.elapsed().as_secs());
+    std::fs::write(root.join("docs/benchmarks.md"), report)
+        .context("writing docs/benchmarks.md")?;
+    std::fs::write(root.join("docs/benchmarks.svg"), chart(&bench, sizes))
+        .context("writing docs/benchmarks.svg")?;
+    let raw = serde_json::to_string_pretty(&bench.results)?;
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::write(root.join("target/bench/results.json"), raw)?;
+    eprintln!(
+        "bench: wrote docs/benchmarks.md and docs/benchmarks.svg in {} s",
+        started.elapsed().as_secs()
+    );
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .map(|line| line.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!(
+        "{cores} cores ({cpu}), Linux, loopback only; server and load generator share the cores"
+    )
+}
+
+fn ratio(numerator: f64, denominator: f64) -> String {
+    if numerator.is_finite() && denominator.is_finite() && denominator > 0.0 {
+        format!("{:.2}x", numerator / denominator)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> String {
+    let mut out = String::new();
+    out.push_str("# Benchmarks\n\n");
+    out.push_str("Written by `cargo xtask bench` (`cargo xtask bench --quick` for a short run); do not edit by hand.\n\n");
+    out.push_str(&format!("- Machine: {}.\n", machine()));
+    out.push_str(&format!(
+        "- Method: every scenario ran {repetitions} time(s), resync and the raw baseline taking turns, each on a fresh \
+         process; figures are medians, ratios are against the baseline of the same run. The whole run took {seconds} s.\n"
+    ));
+    out.push_str(
+        "- Baseline (\"the limit\"): `bench/src/bin/baseline.rs`, a minimal tokio server that writes the same \
+         pre-encoded SSE bytes or WebSocket frames to every socket (coalescing queued frames into one write), with no \
+         protocol features at all.\n",
+    );
+    out.push_str(
+        "- Load generator: `bench/src/bin/loadgen.rs`, a release binary of ours (not the client SDK): subscribers count \
+         events, 200 of them parse a timestamp for latency. Fan-out: a burst of events published by four concurrent \
+         HTTP publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
+         million deliveries from /proc); then a steady rate at half that saturation for 3 s (publish-to-deliver \
+         latency). 100-byte payloads.\n\n",
+    );
+    out.push_str("![fan-out throughput](benchmarks.svg)\n\n");
+    out.push_str("## Fan-out to one channel\n\n");
+    out.push_str("| transport | subscribers | resync deliveries/s | baseline deliveries/s | ratio | resync p50 / p99 / max (ms) | baseline p99 (ms) | p99 ratio | resync CPU s per 1M | baseline CPU s per 1M |\n");
+    out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|\n");
+    for transport in ["ws", "sse"] {
+        for &subscribers in sizes {
+            let ours = format!("fanout/{transport}/{subscribers}/resync");
+            let base = format!("fanout/{transport}/{subscribers}/baseline");
+            let ms = |key: &str, field: &str| bench.median(key, field) / 1000.0;
+            out.push_str(&format!(
+                "| {} | {subscribers} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {} | {:.2} | {:.2} |\n",
+                if transport == "ws" { "WebSocket" } else { "SSE" },
+                bench.median(&ours, "deliveries_per_sec"),
+                bench.median(&base, "deliveries_per_sec"),
+                ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+                ms(&ours, "latency_p50_us"),
+                ms(&ours, "latency_p99_us"),
+                ms(&ours, "latency_max_us"),
+                ms(&base, "latency_p99_us"),
+                ratio(bench.median(&ours, "latency_p99_us"), bench.median(&base, "latency_p99_us")),
+                bench.median(&ours, "cpu_seconds_per_million"),
+                bench.median(&base, "cpu_seconds_per_million"),
+            ));
+        }
+    }
+    let largest = sizes.last().copied().unwrap_or(0);
+    let ws = |kind: &str, field: &str| bench.median(&format!("fanout/ws/{largest}/{kind}"), field);
+    let sse =
+        |kind: &str, field: &str| bench.median(&format!("fanout/sse/{largest}/{kind}"), field);
+    let ws_ratio = ws("resync", "deliveries_per_sec") / ws("baseline", "deliveries_per_sec");
+    let sse_vs_ws = sse("resync", "deliveries_per_sec") / ws("resync", "deliveries_per_sec");
+    let p99_ratio = ws("resync", "latency_p99_us") / ws("baseline", "latency_p99_us");
+    let memory = |transport: &str, kind: &str| {
+        bench.median(
+            &format!("memory/{transport}/{kind}"),
+            "bytes_per_connection",
+        )
+    };
+    let ws_memory_extra = memory("ws", "resync") - memory("ws", "baseline");
+    let sse_memory_extra = memory("sse", "resync") - memory("sse", "baseline");
+    let storm_lost = bench.median("storm", "lost");
+    let storm_duplicated = bench.median("storm", "duplicated");
+    let storm_p99 = bench.median("storm", "p99_catch_up_ms");
+    let redis_ratio = bench.median("redis/fanout", "deliveries_per_sec")
+        / bench.median("redis/memory-fanout", "deliveries_per_sec");
+
+    out.push_str("\n## Idle memory per connection\n\n");
+    out.push_str("| transport | resync bytes/connection | baseline bytes/connection | resync above baseline |\n|---|---:|---:|---:|\n");
+    for transport in ["ws", "sse"] {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} |\n",
+            if transport == "ws" {
+                "WebSocket"
+            } else {
+                "SSE"
+            },
+            memory(transport, "resync"),
+            memory(transport, "baseline"),
+            memory(transport, "resync") - memory(transport, "baseline"),
+        ));
+    }
+    out.push_str("\n## Reconnect storm, long polling, many channels, Redis\n\n");
+    out.push_str("| scenario | result |\n|---|---|\n");
+    out.push_str(&format!(
+        "| reconnect storm: {:.0} subscribers drop at once, reconnect within a 1 s jittered window, resume with `since` while 20 events/s are published | p50 {:.0} ms, p99 {:.0} ms from the cut until live again; lost {:.0}, duplicated {:.0}, resets {:.0} |\n",
+        bench.median("storm", "subscribers"),
+        bench.median("storm", "p50_catch_up_ms"),
+        storm_p99,
+        storm_lost,
+        storm_duplicated,
+        bench.median("storm", "resets"),
+    ));
+    out.push_str(&format!(
+        "| long polling: 1,000 clients, 20 events/s | {:.0} completed poll cycles/s |\n",
+        bench.median("poll", "cycles_per_sec")
+    ));
+    out.push_str(&format!(
+        "| many channels: {:.0} channels with one WebSocket subscriber each, 5,000 publishes spread over them by 8 publishers | {:.0} deliveries/s (publish-bound), p50 {:.1} ms, p99 {:.1} ms |\n",
+        bench.median("channels", "channels"),
+        bench.median("channels", "deliveries_per_sec"),
+        bench.median("channels", "latency_p50_us") / 1000.0,
+        bench.median("channels", "latency_p99_us") / 1000.0,
+    ));
+    out.push_str(&format!(
+        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads) | {:.0} vs {:.0} deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
+        bench.median("redis/fanout", "deliveries_per_sec"),
+        bench.median("redis/memory-fanout", "deliveries_per_sec"),
+        ratio(bench.median("redis/fanout", "deliveries_per_sec"), bench.median("redis/memory-fanout", "deliveries_per_sec")),
+        bench.median("redis/fanout", "latency_p99_us") / 1000.0,
+        bench.median("redis/memory-fanout", "latency_p99_us") / 1000.0,
+    ));
+    out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
+    out.push_str(&format!(
+        "| WebSocket fan-out >= 0.6x baseline at {largest} subscribers | {ws_ratio:.2}x | {} |\n",
+        verdict(ws_ratio >= 0.6)
+    ));
+    out.push_str(&format!(
+        "| SSE >= 0.9x our WebSocket | {sse_vs_ws:.2}x | {} |\n",
+        verdict(sse_vs_ws >= 0.9)
+    ));
+    out.push_str(&format!(
+        "| p99 latency at half saturation <= 2x baseline p99 (WebSocket, {largest}) | {p99_ratio:.2}x | {} |\n",
+        verdict(p99_ratio <= 2.0)
+    ));
+    out.push_str(&format!(
+        "| idle RSS <= 8 KiB per connection above baseline | WebSocket {:.0} B, SSE {:.0} B | {} |\n",
+        ws_memory_extra,
+        sse_memory_extra,
+        verdict(ws_memory_extra <= 8192.0 && sse_memory_extra <= 8192.0)
+    ));
+    out.push_str(&format!(
+        "| storm: zero lost, zero duplicated, 99% caught up within the backoff window + 1 s (2 s) | lost {storm_lost:.0}, duplicated {storm_duplicated:.0}, p99 {storm_p99:.0} ms | {} |\n",
+        verdict(storm_lost == 0.0 && storm_duplicated == 0.0 && storm_p99 <= 2000.0)
+    ));
+    out.push_str(&format!(
+        "| Redis fan-out >= 0.8x in-memory | {redis_ratio:.2}x | {} |\n",
+        verdict(redis_ratio >= 0.8)
+    ));
+    out.push_str(
+        "\nThe raw figures of the last run are in `target/bench/results.json`. Micro-benchmarks of the log and of \
+         local fan-out: `cargo bench -p resync-log -p resync-broker`.\n",
+    );
+    out
+}
+
+fn chart(bench: &Bench, sizes: &[usize]) -> String {
+    let mut bars = Vec::new();
+    for transport in ["ws", "sse"] {
+        for &subscribers in sizes {
+            for kind in ["resync", "baseline"] {
+                let value = bench.median(
+                    &format!("fanout/{transport}/{subscribers}/{kind}"),
+                    "deliveries_per_sec",
+                );
+                bars.push((
+                    format!(
+                        "{} {}",
+                        if transport == "ws" { "WS" } else { "SSE" },
+                        subscribers
+                    ),
+                    kind,
+                    value,
+                ));
+            }
+        }
+    }
+    let maximum = bars
+        .iter()
+        .map(|(_, _, value)| *value)
+        .filter(|value| value.is_finite())
+        .fold(1.0, f64::max);
+    let width = 60 + bars.len() * 34;
+    let height = 320;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\">Fan-out deliveries per second (median): resync (blue) vs raw baseline (grey)</text>\n"
+    );
+    for (index, (label, kind, value)) in bars.iter().enumerate() {
+        let value = if value.is_finite() { *value } else { 0.0 };
+        let bar_height = value / maximum * 220.0;
+        let x = 40 + index * 34;
+        let y = 270.0 - bar_height;
+        let color = if *kind == "resync" {
+            "#2f5bd3"
+        } else {
+            "#9aa3b2"
+        };
+        svg.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{y:.1}\" width=\"28\" height=\"{bar_height:.1}\" fill=\"{color}\"/>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{:.0}k</text>\n",
+            x + 14,
+            y - 3.0,
+            value / 1000.0
+        ));
+        if *kind == "resync" {
+            svg.push_str(&format!(
+                "<text x=\"{}\" y=\"290\" text-anchor=\"middle\">{label}</text>\n",
+                x + 31
+            ));
+        }
+    }
+    svg.push_str("<line x1=\"35\" y1=\"270\" x2=\"100%\" y2=\"270\" stroke=\"#333\"/>\n</svg>\n");
+    svg
+}
