@@ -206,7 +206,7 @@ async fn open_subscribers(
             }
         }));
         // Pace connection setup a little so the listen backlog never overflows.
-        if index % 500 == 499 {
+        if index % 200 == 199 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

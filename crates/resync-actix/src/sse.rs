@@ -95,7 +95,7 @@ pub(crate) async fn handle(
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
         shutdown: shared.shutdown.subscribe(),
-        expiry: identity.remaining(),
+        ends: Box::pin(ends(identity.remaining(), ConnectionProbe::of(&request))),
         heartbeat: tokio::time::interval_at(
             tokio::time::Instant::now() + shared.config.sse_heartbeat,
             shared.config.sse_heartbeat,
@@ -105,7 +105,6 @@ pub(crate) async fn handle(
         positions,
         first_chunk: Some(Bytes::from(first_chunk)),
         ended: false,
-        probe: ConnectionProbe::of(&request),
     };
     let body = futures_util::stream::unfold(state, |mut state| async move {
         let chunk = state.next_chunk().await?;
@@ -138,11 +137,26 @@ struct StreamState {
     streams: StreamMap<Channel, ItemStream>,
     positions: Cursor,
     shutdown: watch::Receiver<bool>,
-    expiry: Option<Duration>,
+    /// Completes when the token expires or the client goes away; kept across chunks, so the
+    /// per-event path does not set up timers or socket interest again.
+    ends: std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>,
     heartbeat: tokio::time::Interval,
     first_chunk: Option<Bytes>,
     ended: bool,
-    probe: Option<ConnectionProbe>,
+}
+
+/// Waits for whichever ends the stream first: token expiry or the client's departure.
+async fn ends(expiry: Option<Duration>, probe: Option<ConnectionProbe>) -> Wake {
+    let expired = async move {
+        match expiry {
+            Some(remaining) => tokio::time::sleep(remaining).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = expired => Wake::Expired,
+        _ = client_gone(probe) => Wake::Gone,
+    }
 }
 
 impl StreamState {
@@ -154,23 +168,15 @@ impl StreamState {
         if self.ended {
             return None;
         }
-        let remaining = self.expiry;
-        let expiry = async move {
-            match remaining {
-                Some(remaining) => tokio::time::sleep(remaining).await,
-                None => std::future::pending().await,
-            }
-        };
         let wake = tokio::select! {
             item = self.streams.next() => Wake::Item(item),
             _ = self.heartbeat.tick() => Wake::Heartbeat,
             _ = self.shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
-            _ = expiry => Wake::Expired,
-            _ = client_gone(self.probe.clone()) => Wake::Gone,
+            end = &mut self.ends => end,
         };
         match wake {
             Wake::Item(item) => {
-                let mut chunk = Vec::new();
+                let mut chunk = Vec::with_capacity(512);
                 let mut delivered = 0;
                 let mut next = item;
                 // Coalesce whatever else is ready into the same write.
@@ -249,15 +255,14 @@ impl StreamState {
             SubscriptionItem::Event(event) => {
                 self.positions
                     .set(channel.clone(), event.position().clone());
-                // Frames are built from validated JSON, so they are always UTF-8.
-                let data = std::str::from_utf8(event.frame()).unwrap_or_default();
-                SseFrame {
-                    id: Some(&self.positions.to_string()),
-                    event: None,
-                    data,
-                    retry_ms: None,
-                }
-                .encode_into(chunk);
+                // The hot path, written out: an event frame is one line of JSON and a cursor
+                // has no line breaks, so the generic encoder's line splitting is not needed.
+                use std::io::Write as _;
+                chunk.extend_from_slice(b"id: ");
+                let _ = write!(chunk, "{}", self.positions);
+                chunk.extend_from_slice(b"\ndata: ");
+                chunk.extend_from_slice(event.frame());
+                chunk.extend_from_slice(b"\n\n");
                 1
             }
             SubscriptionItem::Reset { reason, position } => {

@@ -144,6 +144,9 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             .configure(move |config| resync.configure(config))
     })
     .on_connect(resync_actix::track_disconnects)
+    // A real-time server sees bursts of connects (after a deploy, a network blip): a deep
+    // accept queue keeps them from being dropped (the kernel caps it at somaxconn).
+    .backlog(8192)
     .disable_signals()
     .shutdown_timeout(settings.shutdown_timeout_secs)
     .workers(
