@@ -143,7 +143,11 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
     })
-    .on_connect(resync_actix::track_disconnects)
+    .on_connect(if settings.track_disconnects {
+        resync_actix::track_disconnects
+    } else {
+        |_: &dyn std::any::Any, _: &mut actix_web::dev::Extensions| {}
+    })
     // A real-time server sees bursts of connects (after a deploy, a network blip): a deep
     // accept queue keeps them from being dropped (the kernel caps it at somaxconn).
     .backlog(8192)

@@ -63,6 +63,8 @@ pub struct Settings {
     pub redis_pool_size: usize,
     /// Serve the demo page at `/` and publish ticks on `demo:ticker`.
     pub demo: bool,
+    /// Notice departed SSE and long-poll clients at once (one extra descriptor per connection).
+    pub track_disconnects: bool,
     /// Log line format.
     pub log_format: LogFormat,
 }
@@ -117,6 +119,7 @@ impl Default for Settings {
             redis_prefix: "resync:".to_owned(),
             redis_pool_size: 16,
             demo: true,
+            track_disconnects: true,
             log_format: LogFormat::Text,
         }
     }
@@ -208,6 +211,10 @@ pub struct Args {
     /// Serve the demo page at `/` and publish a tick on `demo:ticker` every 2 s. [default: true]
     #[arg(long, env = "RESYNC_DEMO")]
     demo: Option<bool>,
+    /// Notice departed SSE and long-poll clients at once, at the cost of a second file
+    /// descriptor per connection (budget the open-file limit accordingly). [default: true]
+    #[arg(long, env = "RESYNC_TRACK_DISCONNECTS")]
+    track_disconnects: Option<bool>,
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -262,6 +269,7 @@ impl Settings {
             redis_prefix,
             redis_pool_size,
             demo,
+            track_disconnects,
             log_format,
         );
         if args.workers.is_some() {
