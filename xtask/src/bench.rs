@@ -12,14 +12,17 @@ use serde_json::Value;
 
 use crate::{cargo, run, workspace_root};
 
-/// A command running `binary` with a raised open-file limit (10,000 clients need 10,000
-/// sockets, and `track_disconnects` keeps a second descriptor per connection) and a 300 s
-/// time limit, so no run can hang the benchmark.
-fn with_many_files(binary: &Path) -> Command {
+/// A command running `binary` with a raised open-file limit where the machine allows it
+/// (10,000 clients need 10,000 sockets). With `time_limit`, it also cannot run longer than
+/// that; servers get none, so that their process id stays theirs for CPU and memory readings.
+fn with_many_files(binary: &Path, time_limit: Option<u32>) -> Command {
     let mut command = Command::new("bash");
+    let limit = time_limit.map_or_else(String::new, |seconds| format!("timeout {seconds} "));
     command
         .arg("-c")
-        .arg("ulimit -n 65536 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec timeout 300 \"$0\" \"$@\"")
+        .arg(format!(
+            "ulimit -n 65536 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec {limit}\"$0\" \"$@\""
+        ))
         .arg(binary);
     command
 }
@@ -31,7 +34,7 @@ struct Server {
 
 impl Server {
     fn start(binary: &Path, arguments: &[&str]) -> Result<Self> {
-        let mut child = with_many_files(binary)
+        let mut child = with_many_files(binary, None)
             .args(arguments)
             .env("RESYNC_LOG", "error")
             .stdout(Stdio::piped())
@@ -143,7 +146,7 @@ impl Bench {
 
     /// Runs the load generator (bounded by `timeout`) and records its JSON under `key`.
     fn load(&mut self, key: &str, arguments: &[&str]) -> Result<Value> {
-        let output = with_many_files(&self.release.join("loadgen"))
+        let output = with_many_files(&self.release.join("loadgen"), Some(300))
             .args(arguments)
             .stderr(Stdio::inherit())
             .output()
