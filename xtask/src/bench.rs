@@ -208,7 +208,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     for repetition in 0..repetitions {
         eprintln!("bench: repetition {} of {repetitions}", repetition + 1);
         for &subscribers in sizes {
-            let burst = (200_000 / subscribers).clamp(20, 200).to_string();
+            let burst = (400_000 / subscribers).clamp(40, 200).to_string();
             let count = subscribers.to_string();
             for transport in ["ws", "sse"] {
                 // Interleaved: the baseline and resync take turns on the same machine.

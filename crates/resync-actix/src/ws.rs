@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use resync_broker::{Publish, SubscriptionError, SubscriptionItem, resume};
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
@@ -20,6 +20,9 @@ use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{QueryParams, authenticate, loggable_target};
 use crate::subscriptions::{ItemStream, into_stream};
+
+/// Ready items handled in one wake-up of a connection.
+const MAX_BATCH: usize = 64;
 
 /// Malformed frames in a row after which the connection is closed (4000).
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 10;
@@ -128,7 +131,7 @@ impl Connection {
                     last_heard = Instant::now();
                     self.on_message(message).await.err()
                 }
-                Wake::Item(channel, item) => self.on_item(channel, item).await.err(),
+                Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
                 Wake::Ping => {
                     if last_heard.elapsed() > ping_interval * 2 {
                         Some(Ending::Close(CloseCode::HEARTBEAT_TIMEOUT))
@@ -192,6 +195,23 @@ impl Connection {
                 Err(Ending::Gone)
             }
         }
+    }
+
+    /// Handles an item, then every other item that is already waiting (up to a batch), so a
+    /// burst wakes this task, and the socket writer behind it, once rather than per event.
+    async fn on_items(
+        &mut self,
+        channel: Channel,
+        item: Result<SubscriptionItem, SubscriptionError>,
+    ) -> Result<(), Ending> {
+        self.on_item(channel, item).await?;
+        for _ in 0..MAX_BATCH {
+            match self.subscriptions.next().now_or_never() {
+                Some(Some((channel, item))) => self.on_item(channel, item).await?,
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     async fn on_item(
