@@ -587,8 +587,14 @@ const FIXES: &str = "
   reduces noise, so part of the gain is the method.
 - **Accept backlog 8,192 and paced connects**: before, a few of 10,000 connects could sit in
   the kernel's full accept queue past the 60 s limit of a run.
-- **Still missed: idle memory.** resync holds about 12 KiB (WebSocket) and 8.1 KiB (SSE) per
-  connection above the baseline. The largest fixed cost is actix-http's per-connection read
+- **Idle memory**: the SSE stream allocates its end-of-stream future only when there is a token
+  expiry or a disconnect probe to wait for, and the WebSocket task boxes its rarely taken
+  request path instead of sizing every idle connection's task for it: about 500 B less per
+  SSE connection (13.7 to 13.2 KiB at 10,000) and 600 B less per WebSocket connection (18.0 to
+  17.3 KiB), measured with `loadgen memory --connections 10000`.
+- **Still missed: idle WebSocket memory.** Before the change above, resync held about 12 KiB
+  (WebSocket) and 8.1 KiB (SSE) per connection above the baseline; the table above has the
+  figures of this run. The largest fixed cost is actix-http's per-connection read
   and write buffers (8 KiB capacity each); WebSocket adds actix-ws's per-connection frame queue
   and decoder, and every subscription has its own bounded queue. Next: a subscription queue
   that allocates nothing until its first event, and a WebSocket writer that writes frames to

@@ -95,7 +95,7 @@ pub(crate) async fn handle(
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
         shutdown: shared.shutdown.subscribe(),
-        ends: Box::pin(ends(identity.remaining(), ConnectionProbe::of(&request))),
+        ends: ends(identity.remaining(), ConnectionProbe::of(&request)),
         heartbeat: tokio::time::interval_at(
             tokio::time::Instant::now() + shared.config.sse_heartbeat,
             shared.config.sse_heartbeat,
@@ -139,23 +139,35 @@ struct StreamState {
     shutdown: watch::Receiver<bool>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
-    ends: std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>,
+    ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
     heartbeat: tokio::time::Interval,
     first_chunk: Option<Bytes>,
     ended: bool,
 }
 
-/// Waits for whichever ends the stream first: token expiry or the client's departure.
-async fn ends(expiry: Option<Duration>, probe: Option<ConnectionProbe>) -> Wake {
-    let expired = async move {
-        match expiry {
-            Some(remaining) => tokio::time::sleep(remaining).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = expired => Wake::Expired,
-        _ = client_gone(probe) => Wake::Gone,
+/// Waits for whichever ends the stream first: token expiry or the client's departure. `None`
+/// when neither can happen (no expiry, no probe), so such a stream allocates nothing for it.
+#[allow(clippy::type_complexity, reason = "a boxed future, named once here")]
+fn ends(
+    expiry: Option<Duration>,
+    probe: Option<ConnectionProbe>,
+) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>> {
+    match (expiry, probe) {
+        (None, None) => None,
+        (Some(remaining), None) => Some(Box::pin(async move {
+            tokio::time::sleep(remaining).await;
+            Wake::Expired
+        })),
+        (None, Some(probe)) => Some(Box::pin(async move {
+            client_gone(Some(probe)).await;
+            Wake::Gone
+        })),
+        (Some(remaining), Some(probe)) => Some(Box::pin(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(remaining) => Wake::Expired,
+                _ = client_gone(Some(probe)) => Wake::Gone,
+            }
+        })),
     }
 }
 
@@ -172,7 +184,12 @@ impl StreamState {
             item = self.streams.next() => Wake::Item(item),
             _ = self.heartbeat.tick() => Wake::Heartbeat,
             _ = self.shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
-            end = &mut self.ends => end,
+            end = async {
+                match &mut self.ends {
+                    Some(ends) => ends.await,
+                    None => std::future::pending().await,
+                }
+            } => end,
         };
         match wake {
             Wake::Item(item) => {

@@ -129,7 +129,9 @@ impl Connection {
             ending = match wake {
                 Wake::Message(message) => {
                     last_heard = Instant::now();
-                    self.on_message(message).await.err()
+                    // Boxed: the rarely taken, deep request path would otherwise size every
+                    // idle connection's task for its largest state.
+                    Box::pin(self.on_message(message)).await.err()
                 }
                 Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
                 Wake::Ping => {
