@@ -249,3 +249,41 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
         403
     );
 }
+
+#[tokio::test]
+async fn sse_and_polls_carry_cors_headers_for_pages_on_other_origins() {
+    let server = TestServer::start(|settings| {
+        settings.allowed_origins = vec!["https://app.example.com".into()]
+    });
+    let cors = |origin: &'static str, path: &'static str| {
+        let request = server.http.get(server.url(path)).header("origin", origin);
+        async move {
+            let response = request.send().await.unwrap();
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|value| value.to_str().unwrap().to_owned())
+            };
+            (
+                header("access-control-allow-origin"),
+                header("access-control-allow-credentials"),
+            )
+        }
+    };
+    for path in ["/sse?channel=c", "/poll?channel=c"] {
+        assert_eq!(
+            cors("https://elsewhere.example", path).await,
+            (Some("*".to_owned()), None),
+            "{path}"
+        );
+        assert_eq!(
+            cors("https://app.example.com", path).await,
+            (
+                Some("https://app.example.com".to_owned()),
+                Some("true".to_owned())
+            ),
+            "{path}"
+        );
+    }
+}

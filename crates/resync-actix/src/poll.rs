@@ -15,7 +15,7 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{QueryParams, authenticate, authorize_subscriptions};
+use crate::request::{QueryParams, authenticate, authorize_subscriptions, cors_headers};
 use crate::sse::reset_json;
 use crate::subscriptions::{ItemStream, into_stream, open_all};
 
@@ -52,7 +52,10 @@ pub(crate) async fn handle(
         for (channel, position) in query.channels.iter().zip(positions) {
             cursor.set(channel.clone(), position?);
         }
-        return Ok(reply(&Batch::new(cursor)));
+        return Ok(reply(
+            &Batch::new(cursor),
+            cors_headers(&request, &shared.config.allowed_origins),
+        ));
     };
 
     let wait = query
@@ -118,7 +121,10 @@ pub(crate) async fn handle(
     shared
         .metrics
         .delivered(Transport::Poll, batch.events.len() as u64);
-    Ok(reply(&batch))
+    Ok(reply(
+        &batch,
+        cors_headers(&request, &shared.config.allowed_origins),
+    ))
 }
 
 /// One long-poll reply under construction.
@@ -156,7 +162,7 @@ impl Batch {
 }
 
 /// `{"events":[…],"resets":[…],"cursor":"…"}`, assembled from pre-encoded event frames.
-fn reply(batch: &Batch) -> HttpResponse {
+fn reply(batch: &Batch, cors: Vec<(actix_web::http::header::HeaderName, String)>) -> HttpResponse {
     let cursor = serde_json::to_string(&batch.cursor.to_string()).unwrap_or_default();
     let size = batch
         .events
@@ -178,7 +184,11 @@ fn reply(batch: &Batch) -> HttpResponse {
     body.extend_from_slice(b"],\"cursor\":");
     body.extend_from_slice(cursor.as_bytes());
     body.push(b'}');
-    HttpResponse::Ok()
+    let mut response = HttpResponse::Ok();
+    for (name, value) in cors {
+        response.insert_header((name, value));
+    }
+    response
         .insert_header((header::CONTENT_TYPE, "application/json"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .body(body)

@@ -189,6 +189,31 @@ pub(crate) fn authorize_subscriptions(
     }
 }
 
+/// CORS headers for an SSE or long-poll response, so pages on other origins can follow
+/// channels: an allow-listed origin is echoed with credentials allowed (cookies); any other
+/// origin gets `*`, which browsers honour only for requests without credentials.
+pub(crate) fn cors_headers(
+    request: &HttpRequest,
+    allowed: &[String],
+) -> Vec<(header::HeaderName, String)> {
+    let Some(origin) = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return Vec::new();
+    };
+    if allowed.iter().any(|allowed| allowed == origin) {
+        vec![
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.to_owned()),
+            (header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true".to_owned()),
+            (header::VARY, "Origin".to_owned()),
+        ]
+    } else {
+        vec![(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".to_owned())]
+    }
+}
+
 /// The request's path and query for logs, with any token redacted.
 pub(crate) fn loggable_target(request: &HttpRequest) -> String {
     let query = request.query_string();

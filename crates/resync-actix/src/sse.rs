@@ -18,7 +18,9 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{QueryParams, authenticate, authorize_subscriptions, loggable_target};
+use crate::request::{
+    QueryParams, authenticate, authorize_subscriptions, cors_headers, loggable_target,
+};
 use crate::subscriptions::{ItemStream, into_stream, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
@@ -92,6 +94,7 @@ pub(crate) async fn handle(
     }
     .encode_into(&mut first_chunk);
 
+    let cors = cors_headers(&request, &shared.config.allowed_origins);
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
         shutdown: shared.shutdown.subscribe(),
@@ -110,7 +113,11 @@ pub(crate) async fn handle(
         let chunk = state.next_chunk().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), state))
     });
-    Ok(HttpResponse::Ok()
+    let mut response = HttpResponse::Ok();
+    for (name, value) in cors {
+        response.insert_header((name, value));
+    }
+    Ok(response
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"))
         // Tells nginx not to buffer the stream.
