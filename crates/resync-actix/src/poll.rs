@@ -15,7 +15,7 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{QueryParams, authenticate, authorize_subscriptions, cors_headers};
+use crate::request::{admit_follower, cors_headers};
 use crate::sse::reset_json;
 use crate::subscriptions::{ItemStream, into_stream, open_all};
 
@@ -23,19 +23,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    if *shared.shutdown.borrow() {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "server is shutting down; retry",
-        ));
-    }
-    let query = QueryParams::parse(
-        request.query_string(),
-        shared.config.max_channels_per_connection,
-    )?;
-    query.require_channels()?;
-    let identity = authenticate(&shared, &request, &query).await?;
-    authorize_subscriptions(&shared, &identity, &query.channels)?;
+    let (query, identity) = admit_follower(&shared, &request).await?;
     let _guard = shared.metrics.connection(Transport::Poll);
 
     let Some(cursor) = query.cursor else {

@@ -171,6 +171,28 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The common start of an SSE or long-poll request: refuse during shutdown, read the query,
+/// require channels, authenticate, and authorize every channel.
+pub(crate) async fn admit_follower(
+    shared: &Arc<Shared>,
+    request: &HttpRequest,
+) -> Result<(QueryParams, Identity), ApiError> {
+    if *shared.shutdown.borrow() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "server is shutting down; reconnect",
+        ));
+    }
+    let query = QueryParams::parse(
+        request.query_string(),
+        shared.config.max_channels_per_connection,
+    )?;
+    query.require_channels()?;
+    let identity = authenticate(shared, request, &query).await?;
+    authorize_subscriptions(shared, &identity, &query.channels)?;
+    Ok((query, identity))
+}
+
 /// Fails unless `identity` may subscribe to every channel.
 pub(crate) fn authorize_subscriptions(
     shared: &Shared,

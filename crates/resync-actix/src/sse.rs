@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, Cursor, ErrorCode, Position, RecoveryOutcome, ResetReason};
+use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome, ResetReason};
 use tokio::sync::watch;
 use tokio_stream::StreamMap;
 
@@ -18,9 +18,7 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{
-    QueryParams, authenticate, authorize_subscriptions, cors_headers, loggable_target,
-};
+use crate::request::{admit_follower, cors_headers, loggable_target};
 use crate::subscriptions::{ItemStream, into_stream, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
@@ -30,19 +28,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    if *shared.shutdown.borrow() {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "server is shutting down; reconnect",
-        ));
-    }
-    let query = QueryParams::parse(
-        request.query_string(),
-        shared.config.max_channels_per_connection,
-    )?;
-    query.require_channels()?;
-    let identity = authenticate(&shared, &request, &query).await?;
-    authorize_subscriptions(&shared, &identity, &query.channels)?;
+    let (query, identity) = admit_follower(&shared, &request).await?;
 
     // An explicit cursor wins; a Last-Event-ID that cannot be read must not fail the stream
     // (EventSource would give up silently), so it turns into a reset of every channel.

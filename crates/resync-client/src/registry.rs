@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use resync_protocol::{Channel, Cursor, Position};
+use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{Error, Result, Update};
@@ -143,6 +143,23 @@ impl Registry {
         };
         if sender.send(Ok(update)).await.is_ok() {
             self.set_position(channel, position);
+        }
+    }
+
+    /// Applies how the server started a subscription: a fresh start sets the position (unless
+    /// the client already has one), a reset is handed over; replays need nothing.
+    pub(crate) async fn apply_recovery(&self, channel: &Channel, recovery: RecoveryOutcome) {
+        match recovery {
+            RecoveryOutcome::Fresh { position } => {
+                if self.position(channel).is_none() {
+                    self.set_position(channel, position);
+                }
+            }
+            RecoveryOutcome::Reset { reason, position } => {
+                self.deliver(channel, Update::Reset { reason, position })
+                    .await;
+            }
+            RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
         }
     }
 

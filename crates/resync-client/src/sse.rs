@@ -129,20 +129,7 @@ async fn on_message(manager: &Manager, message: SseMessage) {
         "subscribed" => match serde_json::from_str::<Opening>(&message.data) {
             Ok(opening) => {
                 for (channel, outcome) in opening.channels {
-                    match outcome {
-                        RecoveryOutcome::Fresh { position } => {
-                            if manager.registry.position(&channel).is_none() {
-                                manager.registry.set_position(&channel, position);
-                            }
-                        }
-                        RecoveryOutcome::Reset { reason, position } => {
-                            manager
-                                .registry
-                                .deliver(&channel, Update::Reset { reason, position })
-                                .await;
-                        }
-                        RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
-                    }
+                    manager.registry.apply_recovery(&channel, outcome).await;
                 }
             }
             Err(error) => {

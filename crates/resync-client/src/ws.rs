@@ -4,9 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use resync_protocol::{
-    Channel, ClientFrame, CloseCode, Position, RecoveryOutcome, RequestId, ServerFrame,
-};
+use resync_protocol::{Channel, ClientFrame, CloseCode, Position, RequestId, ServerFrame};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -262,20 +260,7 @@ impl Session {
                 recovery,
             } => {
                 self.subscribe_requests.remove(&id);
-                match recovery {
-                    RecoveryOutcome::Fresh { position } => {
-                        if manager.registry.position(&channel).is_none() {
-                            manager.registry.set_position(&channel, position);
-                        }
-                    }
-                    RecoveryOutcome::Reset { reason, position } => {
-                        manager
-                            .registry
-                            .deliver(&channel, Update::Reset { reason, position })
-                            .await;
-                    }
-                    RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
-                }
+                manager.registry.apply_recovery(&channel, recovery).await;
             }
             ServerFrame::Reset {
                 channel,
