@@ -70,6 +70,47 @@ pub(crate) struct Shared {
     pub(crate) config: TransportConfig,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Shared heartbeat clocks, so that idle connections hold no timer of their own.
+    pub(crate) sse_heartbeat: Ticker,
+    pub(crate) ws_ping: Ticker,
+}
+
+/// A clock shared by every connection: one task ticks, connections wait on a `watch`.
+pub(crate) struct Ticker {
+    period: std::time::Duration,
+    ticks: watch::Sender<u64>,
+    started: std::sync::Once,
+}
+
+impl Ticker {
+    fn new(period: std::time::Duration) -> Self {
+        Self {
+            period,
+            ticks: watch::channel(0).0,
+            started: std::sync::Once::new(),
+        }
+    }
+
+    /// A receiver of ticks; the ticking task starts with the first subscriber, on the runtime
+    /// of the worker that serves it (it stops with the server).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.started.call_once(|| {
+            let ticks = self.ticks.clone();
+            let period = self.period;
+            actix_web::rt::spawn(async move {
+                let mut interval =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    ticks.send_modify(|count| *count = count.wrapping_add(1));
+                }
+            });
+        });
+        let mut receiver = self.ticks.subscribe();
+        receiver.mark_unchanged();
+        receiver
+    }
 }
 
 /// The transports, ready to mount. Cloning is cheap and shares everything.
@@ -120,6 +161,8 @@ impl<B: Broker> ResyncBuilder<B> {
     /// Builds the transports.
     pub fn build(self) -> Resync<B> {
         let broker: Arc<dyn Broker> = self.broker.clone();
+        let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);
+        let ws_ping = Ticker::new(self.config.ping_interval);
         Resync {
             broker: self.broker,
             shared: Arc::new(Shared {
@@ -128,6 +171,8 @@ impl<B: Broker> ResyncBuilder<B> {
                 config: self.config,
                 metrics: Arc::new(Metrics::default()),
                 shutdown: watch::channel(false).0,
+                sse_heartbeat,
+                ws_ping,
             }),
         }
     }

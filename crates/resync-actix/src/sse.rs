@@ -85,10 +85,7 @@ pub(crate) async fn handle(
         guard: shared.metrics.connection(Transport::Sse),
         shutdown: shared.shutdown.subscribe(),
         ends: ends(identity.remaining(), ConnectionProbe::of(&request)),
-        heartbeat: tokio::time::interval_at(
-            tokio::time::Instant::now() + shared.config.sse_heartbeat,
-            shared.config.sse_heartbeat,
-        ),
+        heartbeat: shared.sse_heartbeat.subscribe(),
         shared,
         streams,
         positions,
@@ -133,7 +130,7 @@ struct StreamState {
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
     ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
-    heartbeat: tokio::time::Interval,
+    heartbeat: watch::Receiver<u64>,
     first_chunk: Option<Bytes>,
     ended: bool,
 }
@@ -175,7 +172,7 @@ impl StreamState {
         }
         let wake = tokio::select! {
             item = self.streams.next() => Wake::Item(item),
-            _ = self.heartbeat.tick() => Wake::Heartbeat,
+            _ = self.heartbeat.changed() => Wake::Heartbeat,
             _ = self.shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
             end = async {
                 match &mut self.ends {

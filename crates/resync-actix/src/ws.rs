@@ -97,7 +97,7 @@ impl Connection {
     async fn run(mut self, mut messages: AggregatedMessageStream) {
         let _guard = self.shared.metrics.connection(Transport::WebSocket);
         let ping_interval = self.shared.config.ping_interval;
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        let mut ping = self.shared.ws_ping.subscribe();
         let mut last_heard = Instant::now();
         let mut shutdown = self.shared.shutdown.subscribe();
         let remaining = self.identity.remaining();
@@ -122,7 +122,7 @@ impl Connection {
                 Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
                     Wake::Item(channel, item)
                 }
-                _ = ping.tick() => Wake::Ping,
+                _ = ping.changed() => Wake::Ping,
                 _ = &mut expiry => Wake::Expired,
                 _ = shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
             };
