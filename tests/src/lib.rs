@@ -86,6 +86,17 @@ impl TestServer {
         positions
     }
 
+    /// The channel's current position.
+    pub async fn position(&self, channel: &str) -> Position {
+        channel_position(
+            &self.http,
+            &self.server.base_url(),
+            &self.server.api_key,
+            channel,
+        )
+        .await
+    }
+
     /// The `subscribers` count of `/api/channels/{channel}`.
     pub async fn subscribers(&self, channel: &str) -> u64 {
         let info: serde_json::Value = self
@@ -390,4 +401,68 @@ pub fn seqs(events: &[serde_json::Value]) -> Vec<u64> {
         .iter()
         .map(|event| event["seq"].as_u64().unwrap())
         .collect()
+}
+
+/// Backoff for tests: fast enough that reconnects do not slow them down.
+pub fn fast_backoff() -> resync_client::BackoffConfig {
+    resync_client::BackoffConfig {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+        reset_after: Duration::from_secs(2),
+        soon: Duration::from_millis(200),
+    }
+}
+
+/// A Rust client with short timeouts and fast backoff, for tests.
+pub fn fast_client(base: &str, transport: resync_client::TransportChoice) -> resync_client::Client {
+    resync_client::Client::builder(base)
+        .transport(transport)
+        .backoff(fast_backoff())
+        .heartbeat_grace(Duration::from_secs(1))
+        .poll_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+/// A channel's current position from `/api/channels/{channel}` of the server at `base`.
+pub async fn channel_position(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    channel: &str,
+) -> Position {
+    let info: serde_json::Value = http
+        .get(format!("{base}/api/channels/{channel}"))
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    serde_json::from_value(info["position"].clone()).unwrap()
+}
+
+/// Collects `count` event seqs from a subscription, failing on resets, errors or a stall.
+pub async fn collect_seqs(
+    mut subscription: resync_client::Subscription,
+    count: u64,
+    label: &str,
+) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < count {
+        let update = tokio::time::timeout(Duration::from_secs(60), subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("{label}: stalled after {} events", seqs.len()))
+            .unwrap_or_else(|| panic!("{label}: stream ended"))
+            .unwrap_or_else(|error| panic!("{label}: {error}"));
+        match update {
+            resync_client::Update::Event(event) => seqs.push(event.position.seq.get()),
+            resync_client::Update::Reset { reason, .. } => {
+                panic!("{label}: unexpected reset {reason:?}")
+            }
+        }
+    }
+    seqs
 }

@@ -10,63 +10,22 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use resync_client::{
-    BackoffConfig, Client, ConnectionState, SnapshotUpdate, Subscription, TransportChoice,
-    TransportKind, Update,
+    Client, ConnectionState, SnapshotUpdate, Subscription, TransportChoice, TransportKind, Update,
 };
 use resync_protocol::{Channel, Payload, Position, ResetReason, Seq};
-use resync_tests::TestServer;
 use resync_tests::proxy::ChaosProxy;
-
-fn fast_backoff() -> BackoffConfig {
-    BackoffConfig {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-        reset_after: Duration::from_secs(2),
-        soon: Duration::from_millis(200),
-    }
-}
+use resync_tests::{TestServer, collect_seqs, fast_backoff, fast_client};
 
 fn client(base: &str, transport: TransportChoice) -> Client {
-    Client::builder(base)
-        .transport(transport)
-        .backoff(fast_backoff())
-        .heartbeat_grace(Duration::from_secs(1))
-        .sse_idle_timeout(Duration::from_secs(3))
-        .poll_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
+    fast_client(base, transport)
 }
 
 async fn channel_start(server: &TestServer, channel: &str) -> Position {
-    let info: serde_json::Value = server
-        .http
-        .get(server.url(&format!("/api/channels/{channel}")))
-        .bearer_auth(&server.server.api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    serde_json::from_value(info["position"].clone()).unwrap()
+    server.position(channel).await
 }
 
-/// Collects `count` event seqs, failing on resets, errors or a stall.
-async fn collect(mut subscription: Subscription, count: usize, label: &str) -> Vec<u64> {
-    let mut seqs = Vec::with_capacity(count);
-    while seqs.len() < count {
-        let update = tokio::time::timeout(Duration::from_secs(60), subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("{label}: stalled after {} events", seqs.len()))
-            .unwrap_or_else(|| panic!("{label}: stream ended"))
-            .unwrap_or_else(|error| panic!("{label}: {error}"));
-        match update {
-            Update::Event(event) => seqs.push(event.position.seq.get()),
-            Update::Reset { reason, .. } => panic!("{label}: unexpected reset {reason:?}"),
-        }
-    }
-    seqs
+async fn collect(subscription: Subscription, count: usize, label: &str) -> Vec<u64> {
+    collect_seqs(subscription, count as u64, label).await
 }
 
 async fn wait_for_state(

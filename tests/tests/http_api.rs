@@ -221,7 +221,8 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
         },
         b"jwt-secret",
     );
-    let status_for = |origin: Option<&'static str>| {
+    let own_origin = server.server.base_url();
+    let status_for = |origin: Option<&str>| {
         let mut request = server
             .http
             .get(server.url("/poll?channel=c"))
@@ -234,8 +235,7 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
     assert_eq!(status_for(Some("https://evil.example")).await, 403);
     assert_eq!(status_for(Some("https://app.example.com")).await, 200);
     assert_eq!(status_for(None).await, 200);
-    let own_origin: &'static str = Box::leak(server.server.base_url().into_boxed_str());
-    assert_eq!(status_for(Some(own_origin)).await, 200);
+    assert_eq!(status_for(Some(&own_origin)).await, 200);
     // Without any credentials, nothing is allowed here.
     assert_eq!(
         server

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use resync_client::{BackoffConfig, Client, Subscription, TransportChoice, TransportKind, Update};
+use resync_client::{Client, Subscription, TransportChoice, TransportKind};
 use resync_protocol::{Channel, Position};
 use resync_tests::proxy::ChaosProxy;
 use resync_tests::redis_server::RedisServer;
 use resync_tests::server_process::ServerProcess;
+use resync_tests::{channel_position, collect_seqs, fast_client};
 
 const TRANSPORTS: [TransportKind; 3] = [
     TransportKind::WebSocket,
@@ -34,32 +34,11 @@ fn start_instances(redis: &RedisServer, count: usize) -> Vec<ServerProcess> {
 }
 
 fn client(base: &str, transport: TransportKind) -> Client {
-    Client::builder(base)
-        .transport(TransportChoice::Only(transport))
-        .backoff(BackoffConfig {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            reset_after: Duration::from_secs(2),
-            soon: Duration::from_millis(200),
-        })
-        .heartbeat_grace(Duration::from_secs(1))
-        .poll_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
+    fast_client(base, TransportChoice::Only(transport))
 }
 
 async fn position(http: &reqwest::Client, base: &str, channel: &str) -> Position {
-    let info: serde_json::Value = http
-        .get(format!("{base}/api/channels/{channel}"))
-        .bearer_auth("test-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    serde_json::from_value(info["position"].clone()).unwrap()
+    channel_position(http, base, "test-key", channel).await
 }
 
 async fn publish(http: &reqwest::Client, base: &str, channel: &str, value: u64) -> bool {
@@ -72,20 +51,8 @@ async fn publish(http: &reqwest::Client, base: &str, channel: &str, value: u64) 
     response.is_ok_and(|response| response.status().is_success())
 }
 
-async fn collect(mut subscription: Subscription, count: u64, label: String) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while (seqs.len() as u64) < count {
-        let update = tokio::time::timeout(Duration::from_secs(30), subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("{label}: stalled after {} events", seqs.len()))
-            .unwrap_or_else(|| panic!("{label}: ended"))
-            .unwrap_or_else(|error| panic!("{label}: {error}"));
-        match update {
-            Update::Event(event) => seqs.push(event.position.seq.get()),
-            Update::Reset { reason, .. } => panic!("{label}: unexpected reset {reason:?}"),
-        }
-    }
-    seqs
+async fn collect(subscription: Subscription, count: u64, label: String) -> Vec<u64> {
+    collect_seqs(subscription, count, &label).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,17 +166,7 @@ impl Connection {
     }
 
     async fn send(&mut self, text: String) -> Result<(), Ending> {
-        match tokio::time::timeout(self.shared.config.write_timeout, self.session.text(text)).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(Ending::Gone),
-            Err(_elapsed) => {
-                self.shared
-                    .metrics
-                    .slow_consumer_closed(Transport::WebSocket);
-                Err(Ending::Gone)
-            }
-        }
+        self.send_text(bytestring::ByteString::from(text)).await
     }
 
     async fn send_frame_bytes(&mut self, frame: &bytes::Bytes) -> Result<(), Ending> {
@@ -186,6 +176,12 @@ impl Connection {
             tracing::error!(target: "resync::ws", "an event frame was not utf-8; skipped");
             return Ok(());
         };
+        self.send_text(text).await
+    }
+
+    /// Sends one text message, treating a write that outlasts the write timeout as a stuck
+    /// client.
+    async fn send_text(&mut self, text: bytestring::ByteString) -> Result<(), Ending> {
         match tokio::time::timeout(self.shared.config.write_timeout, self.session.text(text)).await
         {
             Ok(Ok(())) => Ok(()),
