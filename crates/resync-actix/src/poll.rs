@@ -17,7 +17,7 @@ use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers};
 use crate::sse::reset_json;
-use crate::subscriptions::{ItemStream, into_stream, open_all};
+use crate::subscriptions::open_all;
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -82,9 +82,9 @@ pub(crate) async fn handle(
     }
 
     if batch.is_empty() {
-        let mut streams: StreamMap<Channel, ItemStream> = subscriptions
+        let mut streams: StreamMap<Channel, Subscription> = subscriptions
             .into_iter()
-            .map(|subscription| (subscription.channel().clone(), into_stream(subscription)))
+            .map(|subscription| (subscription.channel().clone(), subscription))
             .collect();
         let mut shutdown = shared.shutdown.subscribe();
         tokio::select! {

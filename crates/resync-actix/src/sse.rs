@@ -8,7 +8,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use resync_broker::{SubscriptionError, SubscriptionItem};
+use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
 use resync_protocol::sse::{SseFrame, encode_comment};
 use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome, ResetReason};
 use tokio::sync::watch;
@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers, loggable_target};
-use crate::subscriptions::{ItemStream, into_stream, open_all};
+use crate::subscriptions::open_all;
 
 /// At most this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -68,7 +68,7 @@ pub(crate) async fn handle(
             channel.to_string(),
             serde_json::to_value(&outcome).unwrap_or_default(),
         );
-        streams.insert(channel, into_stream(subscription));
+        streams.insert(channel, subscription);
     }
     let opening = serde_json::json!({ "channels": outcomes }).to_string();
     let mut first_chunk = encode_comment("resync");
@@ -124,7 +124,7 @@ struct StreamState {
         reason = "held for its Drop, which counts the connection's end"
     )]
     guard: ConnectionGuard,
-    streams: StreamMap<Channel, ItemStream>,
+    streams: StreamMap<Channel, Subscription>,
     positions: Cursor,
     shutdown: watch::Receiver<bool>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the

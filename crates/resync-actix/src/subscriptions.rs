@@ -1,31 +1,12 @@
 //! Opening resumed subscriptions for a connection and turning them into streams.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
-use resync_broker::{Subscription, SubscriptionError, SubscriptionItem, resume};
+use resync_broker::{Subscription, resume};
 use resync_protocol::{Channel, Cursor, RecoveryOutcome};
 
 use crate::Shared;
 use crate::error::ApiError;
-
-/// One channel's items, ending after the first error.
-pub(crate) type ItemStream =
-    Pin<Box<dyn Stream<Item = Result<SubscriptionItem, SubscriptionError>> + Send>>;
-
-pub(crate) fn into_stream(subscription: Subscription) -> ItemStream {
-    Box::pin(futures_util::stream::unfold(
-        Some(subscription),
-        |state| async move {
-            let mut subscription = state?;
-            match subscription.next().await {
-                Ok(item) => Some((Ok(item), Some(subscription))),
-                Err(error) => Some((Err(error), None)),
-            }
-        },
-    ))
-}
 
 /// Resumes every channel from its position in `cursor` (from now, for channels the cursor
 /// lacks), concurrently, counting the outcomes.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
 use futures_util::{FutureExt, StreamExt};
-use resync_broker::{Publish, SubscriptionError, SubscriptionItem, resume};
+use resync_broker::{Publish, Subscription, SubscriptionError, SubscriptionItem, resume};
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
     Position, RequestId, ServerFrame,
@@ -19,7 +19,6 @@ use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{QueryParams, authenticate, loggable_target};
-use crate::subscriptions::{ItemStream, into_stream};
 
 /// Ready items handled in one wake-up of a connection.
 const MAX_BATCH: usize = 64;
@@ -72,7 +71,7 @@ struct Connection {
     shared: Arc<Shared>,
     identity: Identity,
     session: Session,
-    subscriptions: StreamMap<Channel, ItemStream>,
+    subscriptions: StreamMap<Channel, Subscription>,
     client_id: String,
     bad_frames: u32,
 }
@@ -399,8 +398,7 @@ impl Connection {
         )
         .await?;
         self.shared.metrics.recovery(&recovery);
-        self.subscriptions
-            .insert(channel.clone(), into_stream(subscription));
+        self.subscriptions.insert(channel.clone(), subscription);
         Ok(ServerFrame::Subscribed {
             id,
             channel,

@@ -7,13 +7,12 @@
 //! A subscriber whose queue is full is cut off and told it *lagged*: it must resume from its
 //! last position, which the resume algorithm does from history. Nothing is skipped silently.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use resync_protocol::Channel;
 use slab::Slab;
-use tokio::sync::mpsc;
 
 use crate::event::EncodedEvent;
 
@@ -39,9 +38,103 @@ struct HubInner {
 }
 
 struct Slot {
-    /// `None` once the subscriber lagged: dropping the sender ends its queue.
-    sender: Option<mpsc::Sender<Live>>,
-    lagged: Arc<AtomicBool>,
+    queue: Arc<Queue>,
+    /// `false` once the subscriber lagged or was closed: nothing more is queued for it.
+    open: bool,
+}
+
+/// One subscriber's bounded queue, shared by the hub (which fills it) and the subscription.
+///
+/// Hand-written rather than a channel: an idle subscriber's queue is a few dozen bytes and
+/// allocates nothing until its first event, where a channel allocates its slots up front,
+/// and idle connections are what a real-time server holds most of.
+struct Queue {
+    state: Mutex<QueueState>,
+}
+
+struct QueueState {
+    items: VecDeque<Live>,
+    /// The subscription waiting for an item.
+    waker: Option<Waker>,
+    /// Why no more items will come, reported once the queued ones are taken.
+    end: Option<LiveError>,
+}
+
+/// What [`Queue::offer`] did with an item.
+enum Offer {
+    Queued,
+    /// The queue was full: the subscriber is cut off as lagged.
+    Lagged,
+    /// The queue had already ended.
+    Ended,
+}
+
+/// Queues that grew past this many slots during a burst give their memory back once drained.
+const RETAINED_QUEUE_SLOTS: usize = 8;
+
+impl Queue {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                waker: None,
+                end: None,
+            }),
+        }
+    }
+
+    fn offer(&self, item: Live, capacity: usize) -> Offer {
+        let mut state = lock(&self.state);
+        if state.end.is_some() {
+            return Offer::Ended;
+        }
+        let offer = if state.items.len() >= capacity {
+            state.end = Some(LiveError::Lagged);
+            Offer::Lagged
+        } else {
+            state.items.push_back(item);
+            Offer::Queued
+        };
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        offer
+    }
+
+    fn end(&self, reason: LiveError) {
+        let mut state = lock(&self.state);
+        if state.end.is_none() {
+            state.end = Some(reason);
+        }
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// The next item, or the end once the queue is drained; `None` when there is neither yet.
+    fn take(&self, waker: Option<&Waker>) -> Option<Result<Live, LiveError>> {
+        let mut state = lock(&self.state);
+        if let Some(item) = state.items.pop_front() {
+            if state.items.is_empty() && state.items.capacity() > RETAINED_QUEUE_SLOTS {
+                state.items = VecDeque::new();
+            }
+            return Some(Ok(item));
+        }
+        if let Some(end) = state.end {
+            return Some(Err(end));
+        }
+        if let Some(waker) = waker {
+            match &state.waker {
+                Some(registered) if registered.will_wake(waker) => {}
+                _ => state.waker = Some(waker.clone()),
+            }
+        }
+        None
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -104,8 +197,7 @@ impl Hub {
     /// Registers a local subscriber of `channel`. The second value is `true` when this is the
     /// channel's first local subscriber (a Redis broker subscribes to the channel then).
     pub fn subscribe(&self, channel: &Channel) -> (LiveSubscription, bool) {
-        let (sender, receiver) = mpsc::channel(self.inner.queue_capacity);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let queue = Arc::new(Queue::new());
         let mut channels = lock(&self.inner.channels);
         let first = !channels.contains_key(channel);
         let slots = channels
@@ -113,13 +205,12 @@ impl Hub {
             .or_insert_with(|| Arc::new(Mutex::new(Slab::new())))
             .clone();
         let key = lock(&slots).insert(Slot {
-            sender: Some(sender),
-            lagged: lagged.clone(),
+            queue: queue.clone(),
+            open: true,
         });
         drop(channels);
         let subscription = LiveSubscription {
-            receiver,
-            lagged,
+            queue,
             registration: Registration {
                 hub: self.inner.clone(),
                 channel: channel.clone(),
@@ -135,18 +226,13 @@ impl Hub {
         let Some(slots) = lock(&self.inner.channels).get(event.channel()).cloned() else {
             return 0;
         };
+        let capacity = self.inner.queue_capacity;
         let mut slots = lock(&slots);
         let mut delivered = 0;
-        for (_, slot) in slots.iter_mut() {
-            let Some(sender) = &slot.sender else { continue };
-            match sender.try_send(Live::Event(event.clone())) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    slot.lagged.store(true, Ordering::Release);
-                    slot.sender = None;
-                }
-                // The receiver is gone; its registration removes the slot when it drops.
-                Err(mpsc::error::TrySendError::Closed(_)) => slot.sender = None,
+        for (_, slot) in slots.iter_mut().filter(|(_, slot)| slot.open) {
+            match slot.queue.offer(Live::Event(event.clone()), capacity) {
+                Offer::Queued => delivered += 1,
+                Offer::Lagged | Offer::Ended => slot.open = false,
             }
         }
         delivered
@@ -158,12 +244,12 @@ impl Hub {
         let Some(slots) = lock(&self.inner.channels).get(channel).cloned() else {
             return;
         };
-        for (_, slot) in lock(&slots).iter_mut() {
-            let Some(sender) = &slot.sender else { continue };
-            if let Err(mpsc::error::TrySendError::Full(_)) = sender.try_send(Live::Resync) {
-                // A full queue means the subscriber lags anyway; it will resume from history.
-                slot.lagged.store(true, Ordering::Release);
-                slot.sender = None;
+        let capacity = self.inner.queue_capacity;
+        for (_, slot) in lock(&slots).iter_mut().filter(|(_, slot)| slot.open) {
+            // A full queue means the subscriber lags anyway; it will resume from history.
+            match slot.queue.offer(Live::Resync, capacity) {
+                Offer::Queued => {}
+                Offer::Lagged | Offer::Ended => slot.open = false,
             }
         }
     }
@@ -184,7 +270,8 @@ impl Hub {
     pub fn close_all(&self) {
         for slots in lock(&self.inner.channels).values() {
             for (_, slot) in lock(slots).iter_mut() {
-                slot.sender = None;
+                slot.queue.end(LiveError::Closed);
+                slot.open = false;
             }
         }
     }
@@ -222,8 +309,7 @@ impl Drop for Registration {
 /// Knows nothing of history; [`crate::resume`] combines it with history into a gap-free
 /// stream. Dropping it unsubscribes at once.
 pub struct LiveSubscription {
-    receiver: mpsc::Receiver<Live>,
-    lagged: Arc<AtomicBool>,
+    queue: Arc<Queue>,
     registration: Registration,
 }
 
@@ -244,27 +330,20 @@ impl LiveSubscription {
 
     /// The next live item. Queued items are delivered before a lag or close is reported.
     pub async fn recv(&mut self) -> Result<Live, LiveError> {
-        match self.receiver.recv().await {
-            Some(event) => Ok(event),
-            None => Err(self.end_reason()),
+        std::future::poll_fn(|context| self.poll_recv(context)).await
+    }
+
+    /// Polls for the next live item; queued items come before a lag or close is reported.
+    pub fn poll_recv(&mut self, context: &mut Context<'_>) -> Poll<Result<Live, LiveError>> {
+        match self.queue.take(Some(context.waker())) {
+            Some(item) => Poll::Ready(item),
+            None => Poll::Pending,
         }
     }
 
     /// The next live item if one is queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Result<Live, LiveError>> {
-        match self.receiver.try_recv() {
-            Ok(event) => Some(Ok(event)),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(self.end_reason())),
-        }
-    }
-
-    fn end_reason(&self) -> LiveError {
-        if self.lagged.load(Ordering::Acquire) {
-            LiveError::Lagged
-        } else {
-            LiveError::Closed
-        }
+        self.queue.take(None)
     }
 }
 

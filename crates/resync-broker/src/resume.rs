@@ -15,8 +15,12 @@
 //!    and follow the new epoch.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
+use futures_core::Stream;
 use resync_log::ReadOutcome;
 use resync_protocol::{Channel, Position, RecoveryOutcome, ResetReason};
 
@@ -74,6 +78,11 @@ pub enum SubscriptionError {
 }
 
 /// A resumed channel stream: missed events, then live ones, with no gap and no duplicate.
+///
+/// Also a [`Stream`] of items that ends after the first error. It holds no future of its own
+/// while it waits for live events, so an idle subscription costs only its fields; a history
+/// read in flight (a gap repair) is kept inside it, so dropping a `next()` future loses
+/// nothing.
 pub struct Subscription {
     broker: Arc<dyn Broker>,
     channel: Channel,
@@ -83,6 +92,27 @@ pub struct Subscription {
     pending_reset: Option<(ResetReason, Position)>,
     position: Position,
     options: ResumeOptions,
+    /// The broker call in flight, if a live event or a resync needs one.
+    repair: Option<Repair>,
+    /// An error was reported: the stream is over.
+    ended: bool,
+}
+
+/// A broker call that must finish before the next live event can be judged, and the live
+/// event that waits for it (none for a resync).
+struct Repair {
+    event: Option<EncodedEvent>,
+    call: Pin<Box<dyn Future<Output = Result<Answer, Error>> + Send>>,
+}
+
+/// What a repair asked the broker.
+enum Answer {
+    /// The channel's current position: an event carried another epoch, and this tells
+    /// whether history restarted or the event is stale.
+    Current(Position),
+    /// History after the current position: to fill a gap before the event, or to pick up
+    /// what the broker may have missed live.
+    History(ReadOutcome<EncodedEvent>),
 }
 
 impl std::fmt::Debug for Subscription {
@@ -158,6 +188,8 @@ pub async fn resume(
         pending_reset: None,
         position,
         options,
+        repair: None,
+        ended: false,
     };
     Ok((outcome, subscription))
 }
@@ -173,46 +205,71 @@ impl Subscription {
         &self.position
     }
 
-    /// The next item, waiting for one if none is ready; `Err` ends the stream.
+    /// The next item, waiting for one if none is ready; `Err` ends the stream (and after it,
+    /// every call reports [`SubscriptionError::Closed`]).
     pub async fn next(&mut self) -> Result<SubscriptionItem, SubscriptionError> {
-        loop {
-            if let Some(item) = self.take_pending() {
-                return Ok(item);
-            }
-            match self.live.recv().await {
-                Ok(Live::Event(event)) => self.accept_live(event).await?,
-                Ok(Live::Resync) => self.check_history().await?,
-                Err(LiveError::Lagged) => {
-                    return Err(SubscriptionError::Lagged {
-                        position: self.position.clone(),
-                    });
-                }
-                Err(LiveError::Closed) => return Err(SubscriptionError::Closed),
-            }
-        }
+        std::future::poll_fn(|context| self.poll_item(context, true))
+            .await
+            .unwrap_or(Err(SubscriptionError::Closed))
     }
 
     /// The next item if one is ready now, without waiting for the network. A gap repair may
     /// still await the broker.
     pub async fn try_next(&mut self) -> Option<Result<SubscriptionItem, SubscriptionError>> {
+        std::future::poll_fn(|context| self.poll_item(context, false)).await
+    }
+
+    /// The stream's state machine. With `wait_live` false, an empty live queue ends the poll
+    /// with `None` instead of waiting.
+    fn poll_item(
+        &mut self,
+        context: &mut Context<'_>,
+        wait_live: bool,
+    ) -> Poll<Option<Result<SubscriptionItem, SubscriptionError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         loop {
             if let Some(item) = self.take_pending() {
-                return Some(Ok(item));
+                return Poll::Ready(Some(Ok(item)));
             }
-            let result = match self.live.try_recv()? {
-                Ok(Live::Event(event)) => self.accept_live(event).await,
-                Ok(Live::Resync) => self.check_history().await,
-                Err(LiveError::Lagged) => {
-                    return Some(Err(SubscriptionError::Lagged {
-                        position: self.position.clone(),
-                    }));
+            if let Some(repair) = &mut self.repair {
+                let answer = ready!(repair.call.as_mut().poll(context));
+                let event = self.repair.take().and_then(|repair| repair.event);
+                match answer {
+                    Ok(Answer::Current(current)) => self.apply_epoch(event, current),
+                    Ok(Answer::History(outcome)) => self.apply_history(event, outcome),
+                    Err(error) => return self.end(SubscriptionError::Broker(error)),
                 }
-                Err(LiveError::Closed) => return Some(Err(SubscriptionError::Closed)),
+                continue;
+            }
+            let live = if wait_live {
+                ready!(self.live.poll_recv(context))
+            } else {
+                match self.live.try_recv() {
+                    Some(live) => live,
+                    None => return Poll::Ready(None),
+                }
             };
-            if let Err(error) = result {
-                return Some(Err(error));
+            match live {
+                Ok(Live::Event(event)) => self.accept_live(event),
+                Ok(Live::Resync) => self.read_history(None),
+                Err(LiveError::Lagged) => {
+                    let position = self.position.clone();
+                    return self.end(SubscriptionError::Lagged { position });
+                }
+                Err(LiveError::Closed) => return self.end(SubscriptionError::Closed),
             }
         }
+    }
+
+    fn end(
+        &mut self,
+        error: SubscriptionError,
+    ) -> Poll<Option<Result<SubscriptionItem, SubscriptionError>>> {
+        self.ended = true;
+        self.repair = None;
+        Poll::Ready(Some(Err(error)))
     }
 
     fn take_pending(&mut self) -> Option<SubscriptionItem> {
@@ -231,81 +288,97 @@ impl Subscription {
     }
 
     /// Files a live event as deliverable, a duplicate, or the sign of a gap or a new epoch.
-    async fn accept_live(&mut self, event: EncodedEvent) -> Result<(), SubscriptionError> {
-        let position = event.position().clone();
+    fn accept_live(&mut self, event: EncodedEvent) {
+        let position = event.position();
         if position.epoch != self.position.epoch {
             // Either the channel restarted in a new epoch, or this is a stale event from before
             // a reset we already followed. The broker's current position tells which.
-            let current = self.broker.position(&self.channel).await?;
-            if current.epoch != position.epoch {
-                return Ok(());
-            }
-            self.pending_reset = Some((
-                ResetReason::EpochChanged,
-                Position::start_of(position.epoch.clone()),
-            ));
-            self.position = Position::start_of(position.epoch.clone());
-            return self.fill_gap_then(event).await;
+            let (broker, channel) = (self.broker.clone(), self.channel.clone());
+            self.repair = Some(Repair {
+                event: Some(event),
+                call: Box::pin(async move { broker.position(&channel).await.map(Answer::Current) }),
+            });
+            return;
         }
         if position.seq <= self.position.seq {
-            return Ok(());
+            return;
         }
         if Some(position.seq) == self.position.seq.next() {
             self.pending.push_back(event);
-            return Ok(());
+            return;
         }
-        self.fill_gap_then(event).await
+        self.read_history(Some(event));
     }
 
-    /// Reads the events between the current position and `event` from history, queues them
-    /// and then `event`; or queues a reset when history cannot fill the gap.
-    async fn fill_gap_then(&mut self, event: EncodedEvent) -> Result<(), SubscriptionError> {
-        let from = self.position.clone();
+    fn apply_epoch(&mut self, event: Option<EncodedEvent>, current: Position) {
+        let Some(event) = event else { return };
+        let epoch = event.position().epoch.clone();
+        if current.epoch != epoch {
+            return;
+        }
+        self.pending_reset = Some((ResetReason::EpochChanged, Position::start_of(epoch.clone())));
+        self.position = Position::start_of(epoch);
+        self.read_history(Some(event));
+    }
+
+    /// Starts reading history after the current position: to fill the gap before `event`, or
+    /// (without one) to pick up whatever the broker may have missed live.
+    fn read_history(&mut self, event: Option<EncodedEvent>) {
+        // One more than the limit tells "exactly max_replay missed" from "more than that".
         let limit = self.options.max_replay.saturating_add(1);
-        match self.broker.read_since(&self.channel, &from, limit).await? {
-            ReadOutcome::Replayed { events, latest } if events.len() > self.options.max_replay => {
+        let (broker, channel, from) = (
+            self.broker.clone(),
+            self.channel.clone(),
+            self.position.clone(),
+        );
+        let call = Box::pin(async move {
+            broker
+                .read_since(&channel, &from, limit)
+                .await
+                .map(Answer::History)
+        });
+        self.repair = Some(Repair { event, call });
+    }
+
+    /// Queues what history returned (and then `event`, unless history already held it), or
+    /// a reset when history cannot fill the gap.
+    fn apply_history(&mut self, event: Option<EncodedEvent>, outcome: ReadOutcome<EncodedEvent>) {
+        match outcome {
+            ReadOutcome::Replayed { latest, events } if events.len() > self.options.max_replay => {
                 self.queue_reset(ResetReason::TooFarBehind, latest);
             }
             ReadOutcome::Replayed { events, .. } => {
                 let last_filled = events.last().map(|last| last.position().seq);
                 self.pending.extend(events);
-                // The event itself follows if history did not already include it.
-                if last_filled.and_then(|seq| seq.next()) == Some(event.position().seq) {
-                    self.pending.push_back(event);
+                if let Some(event) = event {
+                    // The event itself follows if history did not already include it.
+                    if last_filled.and_then(|seq| seq.next()) == Some(event.position().seq) {
+                        self.pending.push_back(event);
+                    }
                 }
             }
             ReadOutcome::UpToDate { latest } => {
-                // History says nothing came after our position, yet a later event arrived:
-                // the broker is inconsistent. Tell the client rather than guess.
-                self.queue_reset(ResetReason::Truncated, latest);
+                if event.is_some() {
+                    // History says nothing came after our position, yet a later event
+                    // arrived: the broker is inconsistent. Tell the client rather than guess.
+                    self.queue_reset(ResetReason::Truncated, latest);
+                }
             }
             ReadOutcome::Reset { reason, latest } => self.queue_reset(reason, latest),
         }
-        Ok(())
-    }
-
-    /// Reads history after the current position: whatever the broker may have missed live is
-    /// queued, and a restarted history becomes a reset.
-    async fn check_history(&mut self) -> Result<(), SubscriptionError> {
-        let limit = self.options.max_replay.saturating_add(1);
-        match self
-            .broker
-            .read_since(&self.channel, &self.position, limit)
-            .await?
-        {
-            ReadOutcome::Replayed { events, latest } if events.len() > self.options.max_replay => {
-                self.queue_reset(ResetReason::TooFarBehind, latest);
-            }
-            ReadOutcome::Replayed { events, .. } => self.pending.extend(events),
-            ReadOutcome::UpToDate { .. } => {}
-            ReadOutcome::Reset { reason, latest } => self.queue_reset(reason, latest),
-        }
-        Ok(())
     }
 
     fn queue_reset(&mut self, reason: ResetReason, latest: Position) {
         self.pending.clear();
         // A reset already queued (epoch change) is replaced: the client refetches once.
         self.pending_reset = Some((reason, latest));
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<SubscriptionItem, SubscriptionError>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_item(context, true)
     }
 }

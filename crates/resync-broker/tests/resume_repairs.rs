@@ -6,6 +6,7 @@
     reason = "test helpers fail the test loudly on any error"
 )]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ struct LossyBroker {
     deliver_one_in: u64,
     published: Mutex<u64>,
     swapped_store: Mutex<Option<MemoryBroker>>,
+    /// How long each history read takes, in milliseconds.
+    read_delay_ms: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl LossyBroker {
@@ -34,6 +38,8 @@ impl LossyBroker {
             deliver_one_in,
             published: Mutex::new(0),
             swapped_store: Mutex::new(None),
+            read_delay_ms: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +89,11 @@ impl Broker for LossyBroker {
         since: &Position,
         limit: usize,
     ) -> Result<HistoryRead> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let delay = self.read_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.current().read_since(channel, since, limit).await
     }
 
@@ -149,6 +160,42 @@ async fn lost_live_messages_are_filled_from_history() {
     for expected in 1..=100 {
         assert_eq!(next_event_seq(&mut stream).await, expected);
     }
+}
+
+#[tokio::test]
+async fn a_gap_repair_survives_a_cancelled_wait() {
+    let lossy = Arc::new(LossyBroker::new(5));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("slow-history").unwrap();
+    let (_, mut stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    lossy.read_delay_ms.store(300, Ordering::SeqCst);
+    for value in 1..=5 {
+        broker
+            .publish(Publish::new(channel.clone(), payload(value)))
+            .await
+            .unwrap();
+    }
+    // Only event 5 came live; the wait gives up while history is still being read, as a
+    // transport's select! does when another branch wins.
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+    assert!(cancelled.is_err(), "the history read was still in flight");
+    assert_eq!(lossy.reads.load(Ordering::SeqCst), 1);
+    // Nothing more is published, yet the next waits deliver the whole gap and the event.
+    for expected in 1..=5 {
+        assert_eq!(next_event_seq(&mut stream).await, expected);
+    }
+    assert_eq!(
+        lossy.reads.load(Ordering::SeqCst),
+        1,
+        "the read in flight was kept, not restarted"
+    );
 }
 
 #[tokio::test]
