@@ -53,7 +53,7 @@ mod tests {
         ("resync-actix", &["redis", "deadpool-redis"]),
         (
             "resync-client",
-            &["actix-web", "actix-http", "actix-ws", "redis"],
+            &["actix-web", "actix-http", "actix-codec", "redis"],
         ),
     ];
 

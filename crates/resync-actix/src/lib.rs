@@ -91,6 +91,12 @@ impl Ticker {
         }
     }
 
+    /// Wakes every receiver now, as a tick would.
+    pub(crate) fn wake_all(&self) {
+        self.ticks
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
     /// A receiver of ticks; the ticking task starts with the first subscriber, on the runtime
     /// of the worker that serves it (it stops with the server).
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -242,6 +248,9 @@ impl<B: Broker> Resync<B> {
     /// get 503. Call it before stopping the HTTP server.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
+        // WebSocket connections learn of it on their ping clock: one watch per connection
+        // instead of two.
+        self.shared.ws_ping.wake_all();
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

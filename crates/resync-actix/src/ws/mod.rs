@@ -1,10 +1,11 @@
 //! WebSocket: many channels over one socket, both directions, with heartbeats and close codes
 //! that tell the client what to do next.
 
+mod socket;
+
 use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, Session};
 use futures_util::{FutureExt, StreamExt};
 use resync_broker::{Publish, Subscription, SubscriptionError, SubscriptionItem, resume};
 use resync_protocol::{
@@ -19,6 +20,7 @@ use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{QueryParams, authenticate, loggable_target};
+use socket::{Gone, Inbox, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
 const MAX_BATCH: usize = 64;
@@ -43,22 +45,19 @@ pub(crate) async fn handle(
         shared.config.max_channels_per_connection,
     )?;
     let identity = authenticate(&shared, &request, &query).await?;
-    let (response, session, messages) = actix_ws::handle(&request, body).map_err(|error| {
-        ApiError::new(
-            ErrorCode::BadRequest,
-            format!("websocket handshake failed: {error}"),
-        )
-    })?;
-    let messages = messages
-        .max_frame_size(shared.config.max_message_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(shared.config.max_message_bytes);
+    let (response, outbox, messages) =
+        socket::accept(&request, body, shared.config.max_message_bytes).map_err(|error| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("websocket handshake failed: {error}"),
+            )
+        })?;
     let client_id = format!("{:016x}", fastrand::u64(..));
     tracing::debug!(target: "resync::ws", %client_id, request = %loggable_target(&request), subject = ?identity.subject, "connected");
     let connection = Connection {
         shared,
         identity,
-        session,
+        outbox,
         subscriptions: StreamMap::new(),
         client_id,
         bad_frames: 0,
@@ -70,7 +69,7 @@ pub(crate) async fn handle(
 struct Connection {
     shared: Arc<Shared>,
     identity: Identity,
-    session: Session,
+    outbox: Outbox,
     subscriptions: StreamMap<Channel, Subscription>,
     client_id: String,
     bad_frames: u32,
@@ -78,11 +77,18 @@ struct Connection {
 
 /// What woke the connection loop.
 enum Wake {
-    Message(Option<Result<AggregatedMessage, actix_ws::ProtocolError>>),
+    Message(Option<Result<Incoming, actix_http::ws::ProtocolError>>),
     Item(Channel, Result<SubscriptionItem, SubscriptionError>),
+    /// The ping clock ticked, or the server is shutting down.
     Ping,
     Expired,
-    Shutdown,
+}
+
+/// A subscription item on its way to the socket.
+enum Outgoing {
+    /// An event's frame, encoded once and shared by every subscriber.
+    Event(bytes::Bytes),
+    Text(String),
 }
 
 /// Why the connection loop stopped, and the close code to send.
@@ -93,20 +99,20 @@ enum Ending {
 }
 
 impl Connection {
-    async fn run(mut self, mut messages: AggregatedMessageStream) {
+    async fn run(mut self, mut messages: Inbox) {
         let _guard = self.shared.metrics.connection(Transport::WebSocket);
         let ping_interval = self.shared.config.ping_interval;
         let mut ping = self.shared.ws_ping.subscribe();
+        if *self.shared.shutdown.borrow() {
+            // Shut down between the upgrade and now: the wake-up was missed.
+            ping.mark_changed();
+        }
         let mut last_heard = Instant::now();
-        let mut shutdown = self.shared.shutdown.subscribe();
-        let remaining = self.identity.remaining();
-        let expiry = async move {
-            match remaining {
-                Some(remaining) => tokio::time::sleep(remaining).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expiry);
+        // Boxed, and only for tokens that expire: most connections hold no timer at all.
+        let mut expiry = self
+            .identity
+            .remaining()
+            .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
 
         let connected = ServerFrame::Connected {
             client_id: self.client_id.clone(),
@@ -122,8 +128,9 @@ impl Connection {
                     Wake::Item(channel, item)
                 }
                 _ = ping.changed() => Wake::Ping,
-                _ = &mut expiry => Wake::Expired,
-                _ = shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
+                Some(()) = async { expiry.as_mut()?.await; Some(()) }, if expiry.is_some() => {
+                    Wake::Expired
+                }
             };
             ending = match wake {
                 Wake::Message(message) => {
@@ -133,6 +140,12 @@ impl Connection {
                     Box::pin(self.on_message(message)).await.err()
                 }
                 Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
+                // Shutdown wakes the ping clock too (see `Resync::shutdown`).
+                Wake::Ping if *self.shared.shutdown.borrow() => {
+                    let spread = self.shared.config.shutdown_spread;
+                    Box::pin(tokio::time::sleep(spread.mul_f64(fastrand::f64()))).await;
+                    Some(Ending::Close(CloseCode::SHUTDOWN))
+                }
                 Wake::Ping => {
                     if last_heard.elapsed() > ping_interval * 2 {
                         Some(Ending::Close(CloseCode::HEARTBEAT_TIMEOUT))
@@ -141,50 +154,38 @@ impl Connection {
                     }
                 }
                 Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
-                Wake::Shutdown => {
-                    let spread = self.shared.config.shutdown_spread;
-                    tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
-                    Some(Ending::Close(CloseCode::SHUTDOWN))
-                }
             };
         }
         // Unsubscribe before the close handshake, so counts drop at once.
         self.subscriptions.clear();
         if let Some(Ending::Close(code)) = ending {
             tracing::debug!(target: "resync::ws", client_id = %self.client_id, code = code.0, "closing");
-            let reason = CloseReason {
-                code: actix_ws::CloseCode::from(code.0),
-                description: Some(code.reason().to_owned()),
-            };
-            let _ = tokio::time::timeout(
+            // Boxed: a path taken once should not size the idle connection's task.
+            let close = self.outbox.close(code.0, code.reason());
+            let _ = Box::pin(tokio::time::timeout(
                 self.shared.config.write_timeout,
-                self.session.close(Some(reason)),
-            )
+                close,
+            ))
             .await;
         }
     }
 
     async fn send(&mut self, text: String) -> Result<(), Ending> {
-        self.send_text(bytestring::ByteString::from(text)).await
-    }
-
-    async fn send_frame_bytes(&mut self, frame: &bytes::Bytes) -> Result<(), Ending> {
-        // Frames are built from validated JSON and channel names, so they are UTF-8; the
-        // check costs a few nanoseconds per 100 bytes and keeps this crate free of unsafe code.
-        let Ok(text) = bytestring::ByteString::try_from(frame.clone()) else {
-            tracing::error!(target: "resync::ws", "an event frame was not utf-8; skipped");
-            return Ok(());
-        };
-        self.send_text(text).await
+        self.send_text(text.as_bytes()).await
     }
 
     /// Sends one text message, treating a write that outlasts the write timeout as a stuck
-    /// client.
-    async fn send_text(&mut self, text: bytestring::ByteString) -> Result<(), Ending> {
-        match tokio::time::timeout(self.shared.config.write_timeout, self.session.text(text)).await
-        {
+    /// client. The timer is set only when the socket's queue is full.
+    async fn send_text(&mut self, text: &[u8]) -> Result<(), Ending> {
+        match self.outbox.try_text(text) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(Gone) => return Err(Ending::Gone),
+        }
+        let write_timeout = self.shared.config.write_timeout;
+        match Box::pin(tokio::time::timeout(write_timeout, self.outbox.text(text))).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(Ending::Gone),
+            Ok(Err(Gone)) => Err(Ending::Gone),
             Err(_elapsed) => {
                 self.shared
                     .metrics
@@ -194,45 +195,54 @@ impl Connection {
         }
     }
 
-    /// Handles an item, then every other item that is already waiting (up to a batch), so a
+    /// Sends an item, then every other item that is already waiting (up to a batch), so a
     /// burst wakes this task, and the socket writer behind it, once rather than per event.
     async fn on_items(
         &mut self,
         channel: Channel,
         item: Result<SubscriptionItem, SubscriptionError>,
     ) -> Result<(), Ending> {
-        self.on_item(channel, item).await?;
-        for _ in 0..MAX_BATCH {
-            match self.subscriptions.next().now_or_never() {
-                Some(Some((channel, item))) => self.on_item(channel, item).await?,
-                _ => break,
+        let mut next = Some((channel, item));
+        let mut handled = 0;
+        let mut delivered = 0;
+        let mut result = Ok(());
+        while let Some((channel, item)) = next.take() {
+            result = match self.on_item(channel, item) {
+                Ok(Outgoing::Event(frame)) => {
+                    delivered += 1;
+                    self.send_text(&frame).await
+                }
+                Ok(Outgoing::Text(text)) => self.send_text(text.as_bytes()).await,
+                Err(ending) => Err(ending),
+            };
+            handled += 1;
+            if result.is_err() || handled > MAX_BATCH {
+                break;
             }
+            next = self.subscriptions.next().now_or_never().flatten();
         }
-        Ok(())
+        self.shared
+            .metrics
+            .delivered(Transport::WebSocket, delivered);
+        result
     }
 
-    async fn on_item(
-        &mut self,
+    /// What `item` becomes on the wire, or why the connection must end.
+    fn on_item(
+        &self,
         channel: Channel,
         item: Result<SubscriptionItem, SubscriptionError>,
-    ) -> Result<(), Ending> {
+    ) -> Result<Outgoing, Ending> {
         match item {
-            Ok(SubscriptionItem::Event(event)) => {
-                self.send_frame_bytes(event.frame()).await?;
-                self.shared.metrics.delivered(Transport::WebSocket, 1);
-                Ok(())
-            }
-            Ok(SubscriptionItem::Reset { reason, position }) => {
-                self.send(
-                    ServerFrame::Reset {
-                        channel,
-                        reason,
-                        position,
-                    }
-                    .encode(),
-                )
-                .await
-            }
+            Ok(SubscriptionItem::Event(event)) => Ok(Outgoing::Event(event.frame().clone())),
+            Ok(SubscriptionItem::Reset { reason, position }) => Ok(Outgoing::Text(
+                ServerFrame::Reset {
+                    channel,
+                    reason,
+                    position,
+                }
+                .encode(),
+            )),
             Err(SubscriptionError::Lagged { .. }) => {
                 self.shared
                     .metrics
@@ -249,12 +259,18 @@ impl Connection {
 
     async fn on_message(
         &mut self,
-        message: Option<Result<AggregatedMessage, actix_ws::ProtocolError>>,
+        message: Option<Result<Incoming, actix_http::ws::ProtocolError>>,
     ) -> Result<(), Ending> {
         match message {
             None => Err(Ending::Gone),
-            Some(Ok(AggregatedMessage::Text(text))) => self.on_frame(text.as_bytes()).await,
-            Some(Ok(AggregatedMessage::Binary(_))) => {
+            Some(Ok(Incoming::Text(text))) => {
+                if std::str::from_utf8(&text).is_err() {
+                    // RFC 6455: a text message that is not UTF-8 fails the connection.
+                    return Err(Ending::Close(CloseCode::PROTOCOL_VIOLATION));
+                }
+                self.on_frame(&text).await
+            }
+            Some(Ok(Incoming::Binary)) => {
                 self.bad_frame(
                     None,
                     ErrorCode::MalformedFrame,
@@ -262,13 +278,13 @@ impl Connection {
                 )
                 .await
             }
-            Some(Ok(AggregatedMessage::Ping(bytes))) => match self.session.pong(&bytes).await {
+            Some(Ok(Incoming::Ping(bytes))) => match self.outbox.pong(&bytes).await {
                 Ok(()) => Ok(()),
-                Err(_) => Err(Ending::Gone),
+                Err(Gone) => Err(Ending::Gone),
             },
-            Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
-            Some(Ok(AggregatedMessage::Close(_))) => Err(Ending::Close(CloseCode::NORMAL)),
-            Some(Err(actix_ws::ProtocolError::Overflow)) => {
+            Some(Ok(Incoming::Pong)) => Ok(()),
+            Some(Ok(Incoming::Close)) => Err(Ending::Close(CloseCode::NORMAL)),
+            Some(Err(actix_http::ws::ProtocolError::Overflow)) => {
                 Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG))
             }
             Some(Err(error)) => {

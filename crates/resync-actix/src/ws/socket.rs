@@ -1,0 +1,342 @@
+//! The WebSocket itself: the handshake, a response body that carries outgoing frames, and
+//! the stream of incoming messages, on actix-http's WebSocket handshake and frame codec.
+//!
+//! actix-ws wraps the same codec, but gives every connection a 32-slot channel and a second
+//! frame buffer, about 2.5 KB per idle connection (measured with `loadgen memory`). Here the
+//! connection task writes frames straight into one buffer that the response body hands to
+//! actix-http's writer; the buffer is allocated only while frames wait, and a connection
+//! whose client does not read fills it to [`OUTBOX_LIMIT`] and then waits (and the
+//! connection's write timeout ends it).
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use actix_codec::Decoder;
+use actix_http::ws::{Codec, Frame, Item, OpCode, Parser, ProtocolError};
+use actix_web::body::{BodySize, MessageBody};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+
+/// Bytes of frames that may wait for the socket before a send waits for room.
+pub(crate) const OUTBOX_LIMIT: usize = 64 * 1024;
+
+/// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
+/// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
+/// messages of at most `max_message` bytes.
+pub(crate) fn accept(
+    request: &HttpRequest,
+    payload: web::Payload,
+    max_message: usize,
+) -> Result<(HttpResponse, Outbox, Inbox), AcceptError> {
+    let pipe = Rc::new(RefCell::new(Pipe::default()));
+    let body = OutboxBody { pipe: pipe.clone() };
+    let response = actix_http::ws::handshake(request.head())?
+        .message_body(body.boxed())?
+        .into();
+    let inbox = Inbox {
+        payload: payload.into_inner(),
+        buffer: BytesMut::new(),
+        codec: Codec::new().max_size(max_message),
+        partial: None,
+        max_message,
+        pipe: pipe.clone(),
+        ended: false,
+    };
+    Ok((response, Outbox { pipe }, inbox))
+}
+
+/// Why a WebSocket upgrade was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcceptError {
+    #[error(transparent)]
+    Handshake(#[from] actix_http::ws::HandshakeError),
+    #[error("cannot build the upgrade response: {0}")]
+    Response(#[from] actix_http::Error),
+}
+
+/// What the connection task and the response body share.
+#[derive(Default)]
+struct Pipe {
+    /// Encoded frames not yet handed to the writer.
+    frames: BytesMut,
+    /// The response body, waiting for frames.
+    body: Option<Waker>,
+    /// The connection task, waiting for room in `frames`.
+    sender: Option<Waker>,
+    /// The connection task, waiting for the client's next message.
+    reader: Option<Waker>,
+    /// No more frames will come: the body ends once `frames` is drained.
+    finished: bool,
+    /// actix-http dropped the body: the connection is gone.
+    gone: bool,
+}
+
+fn register(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(registered) if registered.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
+    }
+}
+
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(waker) = slot.take() {
+        waker.wake();
+    }
+}
+
+/// The socket is gone: nothing more can be sent.
+#[derive(Debug)]
+pub(crate) struct Gone;
+
+/// The sending half: frames written here go out in order.
+pub(crate) struct Outbox {
+    pipe: Rc<RefCell<Pipe>>,
+}
+
+impl Outbox {
+    /// Queues a text message whose payload is UTF-8 (every frame of ours is: it is built from
+    /// validated JSON and channel names), once the queue has room.
+    pub(crate) async fn text(&mut self, payload: &[u8]) -> Result<(), Gone> {
+        self.write(|frames| Parser::write_message(frames, payload, OpCode::Text, true, false))
+            .await
+    }
+
+    /// Queues a text message (see [`text`](Self::text)) if the queue has room now; `false`
+    /// when it is full.
+    pub(crate) fn try_text(&mut self, payload: &[u8]) -> Result<bool, Gone> {
+        let mut pipe = self.pipe.borrow_mut();
+        if pipe.gone || pipe.finished {
+            return Err(Gone);
+        }
+        if pipe.frames.len() >= OUTBOX_LIMIT {
+            return Ok(false);
+        }
+        Parser::write_message(&mut pipe.frames, payload, OpCode::Text, true, false);
+        wake(&mut pipe.body);
+        Ok(true)
+    }
+
+    /// Answers a client's ping.
+    pub(crate) async fn pong(&mut self, payload: &[u8]) -> Result<(), Gone> {
+        self.write(|frames| Parser::write_message(frames, payload, OpCode::Pong, true, false))
+            .await
+    }
+
+    /// Queues a close frame; the response ends after it.
+    pub(crate) async fn close(&mut self, code: u16, reason: &str) -> Result<(), Gone> {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        self.write(|frames| Parser::write_message(frames, &payload, OpCode::Close, true, false))
+            .await?;
+        self.pipe.borrow_mut().finished = true;
+        Ok(())
+    }
+
+    async fn write(&mut self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Gone> {
+        let mut encode = Some(encode);
+        std::future::poll_fn(|context| {
+            let mut pipe = self.pipe.borrow_mut();
+            if pipe.gone || pipe.finished {
+                return Poll::Ready(Err(Gone));
+            }
+            if pipe.frames.len() >= OUTBOX_LIMIT {
+                register(&mut pipe.sender, context.waker());
+                return Poll::Pending;
+            }
+            if let Some(encode) = encode.take() {
+                encode(&mut pipe.frames);
+            }
+            wake(&mut pipe.body);
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let mut pipe = self.pipe.borrow_mut();
+        pipe.finished = true;
+        wake(&mut pipe.body);
+    }
+}
+
+/// The response body: whatever frames are queued, in one chunk per poll.
+struct OutboxBody {
+    pipe: Rc<RefCell<Pipe>>,
+}
+
+impl MessageBody for OutboxBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let mut pipe = self.pipe.borrow_mut();
+        if !pipe.frames.is_empty() {
+            // Taken whole, so an idle connection holds no buffer once the writer has copied it.
+            let frames = std::mem::take(&mut pipe.frames).freeze();
+            wake(&mut pipe.sender);
+            return Poll::Ready(Some(Ok(frames)));
+        }
+        if pipe.finished {
+            return Poll::Ready(None);
+        }
+        register(&mut pipe.body, context.waker());
+        Poll::Pending
+    }
+}
+
+impl Drop for OutboxBody {
+    fn drop(&mut self) {
+        let mut pipe = self.pipe.borrow_mut();
+        pipe.gone = true;
+        wake(&mut pipe.sender);
+        wake(&mut pipe.reader);
+    }
+}
+
+/// A message from the client, continuation frames joined.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A text message; its bytes are not yet checked to be UTF-8.
+    Text(Bytes),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    Close,
+}
+
+/// A fragmented message being joined.
+struct Partial {
+    text: bool,
+    bytes: BytesMut,
+}
+
+/// The receiving half: the client's messages, ending when the connection does.
+pub(crate) struct Inbox {
+    payload: actix_http::Payload,
+    /// Received bytes not yet decoded into frames; allocated only while a frame is partial.
+    buffer: BytesMut,
+    codec: Codec,
+    partial: Option<Partial>,
+    max_message: usize,
+    pipe: Rc<RefCell<Pipe>>,
+    ended: bool,
+}
+
+impl Inbox {
+    /// Joins continuation frames; `None` while a fragmented message is incomplete.
+    fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, ProtocolError> {
+        Ok(Some(match frame {
+            Frame::Text(bytes) => Incoming::Text(bytes),
+            Frame::Binary(_) => Incoming::Binary,
+            Frame::Ping(bytes) => Incoming::Ping(bytes),
+            Frame::Pong(_) => Incoming::Pong,
+            Frame::Close(_) => Incoming::Close,
+            Frame::Continuation(Item::FirstText(bytes)) => {
+                self.partial = Some(Partial {
+                    text: true,
+                    bytes: BytesMut::from(&bytes[..]),
+                });
+                return Ok(None);
+            }
+            Frame::Continuation(Item::FirstBinary(bytes)) => {
+                self.partial = Some(Partial {
+                    text: false,
+                    bytes: BytesMut::from(&bytes[..]),
+                });
+                return Ok(None);
+            }
+            Frame::Continuation(Item::Continue(bytes)) => {
+                let partial = self
+                    .partial
+                    .as_mut()
+                    .ok_or(ProtocolError::ContinuationNotStarted)?;
+                if partial.bytes.len() + bytes.len() > self.max_message {
+                    return Err(ProtocolError::Overflow);
+                }
+                partial.bytes.extend_from_slice(&bytes);
+                return Ok(None);
+            }
+            Frame::Continuation(Item::Last(bytes)) => {
+                let mut partial = self
+                    .partial
+                    .take()
+                    .ok_or(ProtocolError::ContinuationNotStarted)?;
+                if partial.bytes.len() + bytes.len() > self.max_message {
+                    return Err(ProtocolError::Overflow);
+                }
+                partial.bytes.extend_from_slice(&bytes);
+                if partial.text {
+                    Incoming::Text(partial.bytes.freeze())
+                } else {
+                    Incoming::Binary
+                }
+            }
+        }))
+    }
+}
+
+impl Stream for Inbox {
+    type Item = Result<Incoming, ProtocolError>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.codec.decode(&mut this.buffer) {
+                Ok(Some(frame)) => match this.assemble(frame) {
+                    Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                    Ok(None) => continue,
+                    Err(error) => {
+                        this.ended = true;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                },
+                Ok(None) => {
+                    if this.buffer.is_empty() {
+                        // Give the memory back between messages.
+                        this.buffer = BytesMut::new();
+                    }
+                }
+                Err(error) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+            }
+            if this.pipe.borrow().gone {
+                this.ended = true;
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.payload).poll_next(context) {
+                // Copied: keeping the chunk would keep actix-http's whole read buffer alive.
+                Poll::Ready(Some(Ok(bytes))) => this.buffer.extend_from_slice(&bytes),
+                Poll::Ready(Some(Err(error))) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(std::io::Error::other(error)))));
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    register(&mut this.pipe.borrow_mut().reader, context.waker());
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
