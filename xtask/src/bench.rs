@@ -182,6 +182,10 @@ impl Bench {
     }
 }
 
+/// Events per subscriber in the Redis comparison's bursts: 1,000,000 deliveries at 5,000
+/// subscribers, long enough that the two rows' ratio is not scheduling noise.
+const REDIS_BURST: &str = "200";
+
 pub(crate) fn bench(quick: bool) -> Result<()> {
     let root = workspace_root();
     run(cargo(&[
@@ -348,7 +352,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                     "--subscribers",
                     "5000",
                     "--burst",
-                    "40",
+                    REDIS_BURST,
                     "--latency-seconds",
                     "3",
                 ],
@@ -369,7 +373,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                     "--subscribers",
                     "5000",
                     "--burst",
-                    "40",
+                    REDIS_BURST,
                     "--latency-seconds",
                     "3",
                 ],
@@ -527,7 +531,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.median("channels", "latency_p99_us") / 1000.0,
     ));
     out.push_str(&format!(
-        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads) | {:.0} vs {:.0} deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
+        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads); bursts of 200 events | {:.0} vs {:.0} deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
         bench.median("redis/fanout", "deliveries_per_sec"),
         bench.median("redis/memory-fanout", "deliveries_per_sec"),
         ratio(bench.median("redis/fanout", "deliveries_per_sec"), bench.median("redis/memory-fanout", "deliveries_per_sec")),
@@ -592,13 +596,25 @@ const FIXES: &str = "
   request path instead of sizing every idle connection's task for it: about 500 B less per
   SSE connection (13.7 to 13.2 KiB at 10,000) and 600 B less per WebSocket connection (18.0 to
   17.3 KiB), measured with `loadgen memory --connections 10000`.
-- **Still missed: idle WebSocket memory.** Before the change above, resync held about 12 KiB
-  (WebSocket) and 8.1 KiB (SSE) per connection above the baseline; the table above has the
-  figures of this run. The largest fixed cost is actix-http's per-connection read
-  and write buffers (8 KiB capacity each); WebSocket adds actix-ws's per-connection frame queue
-  and decoder, and every subscription has its own bounded queue. Next: a subscription queue
-  that allocates nothing until its first event, and a WebSocket writer that writes frames to
-  the socket without actix-ws's intermediate channel.
+- **Subscriber queues that allocate nothing until their first event** (a hand-written
+  bounded queue in the hub instead of a tokio channel, which allocates a block of slots up
+  front) and **a resumed subscription that is its own `Stream`** (no boxed future per
+  subscription while it waits): WebSocket 17.6 to 16.9 KB, SSE 13.2 to 12.6 KB per idle
+  connection (`loadgen memory --connections 10000`, one run each, same machine).
+- **WebSocket on actix-http's codec without actix-ws** (see `docs/decisions.md`): frames go
+  into one buffer shared with the response body instead of a 32-slot channel and a second
+  buffer per connection; the connection task holds no timer unless its token expires or a
+  write has to wait, and learns of shutdown from the ping clock it already waits on. Idle
+  WebSocket memory 16.9 to 13.6 KB per connection; the task shrank from 1,864 to 1,120 bytes
+  (`size_of_val`, release build).
+- **Exactly sized subscription maps**: a map grown by insertion reserves room for four
+  subscriptions (about 200 bytes each); WebSocket 13.6 to 13.0 KB, SSE 12.6 to 11.9 KB.
+- **Redis comparison over bursts of 200 events** instead of 40: three rounds at 40 gave 1.20x,
+  1.24x and 0.83x (0.2 s of fan-out per round is mostly scheduling noise on two shared cores).
+- **What is left** of an idle connection's memory is mostly actix-http's: a plain keep-alive
+  HTTP connection on actix-web costs about 10.5 KB (3,000 idle keep-alive connections opened
+  by a script, RSS difference), chiefly its 8 KiB read and 8 KiB write buffers, which actix-http
+  does not let an application size.
 ";
 
 fn chart(bench: &Bench, sizes: &[usize]) -> String {

@@ -53,7 +53,8 @@ pub(crate) async fn handle(
 
     let mut positions = Cursor::new();
     let mut outcomes = serde_json::Map::new();
-    let mut streams = StreamMap::new();
+    // Exactly sized: a map grown by insertion would reserve four subscriptions' room.
+    let mut streams = StreamMap::with_capacity(opened.len());
     for (outcome, subscription) in opened {
         let channel = subscription.channel().clone();
         let outcome = match outcome {

@@ -414,6 +414,11 @@ impl Connection {
         )
         .await?;
         self.shared.metrics.recovery(&recovery);
+        if self.subscriptions.capacity() == 0 {
+            // Room for one: most connections follow one channel, and a map grown by
+            // insertion would reserve four subscriptions' room.
+            self.subscriptions = StreamMap::with_capacity(1);
+        }
         self.subscriptions.insert(channel.clone(), subscription);
         Ok(ServerFrame::Subscribed {
             id,
