@@ -145,7 +145,11 @@ impl Bench {
     }
 
     /// Runs the load generator (bounded by `timeout`) and records its JSON under `key`.
-    fn load(&mut self, key: &str, arguments: &[&str]) -> Result<Value> {
+    fn load<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+        &mut self,
+        key: &str,
+        arguments: &[S],
+    ) -> Result<Value> {
         let output = with_many_files(&self.release.join("loadgen"), Some(300))
             .args(arguments)
             .stderr(Stdio::inherit())
@@ -212,7 +216,9 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     for repetition in 0..repetitions {
         eprintln!("bench: repetition {} of {repetitions}", repetition + 1);
         for &subscribers in sizes {
-            let burst = (400_000 / subscribers).clamp(40, 200).to_string();
+            // About a million deliveries per burst: shorter bursts measured warm-up and
+            // scheduling noise more than throughput (see the fixes below).
+            let burst = (1_000_000 / subscribers).clamp(100, 400).to_string();
             let count = subscribers.to_string();
             for transport in ["ws", "sse"] {
                 // Interleaved: the baseline and resync take turns on the same machine.
@@ -314,71 +320,10 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                 ],
             )?;
         }
-        {
-            // Redis: two instances, subscribers split over both, publishing through one;
-            // compared with one in-memory instance in the same repetition.
-            let redis = Redis::start()?;
-            // One worker each, so the two instances together use as many threads as the
-            // in-memory instance they are compared with, on the same cores.
-            let first = bench.ours(&[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url,
-                "--workers",
-                "1",
-            ])?;
-            let second = bench.ours(&[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url,
-                "--workers",
-                "1",
-            ])?;
-            let pids = format!("{},{}", first.pid(), second.pid());
-            bench.load(
-                "redis/fanout",
-                &[
-                    "fanout",
-                    "--url",
-                    &first.url,
-                    "--extra-url",
-                    &second.url,
-                    "--pid",
-                    &pids,
-                    "--transport",
-                    "ws",
-                    "--subscribers",
-                    "5000",
-                    "--burst",
-                    REDIS_BURST,
-                    "--latency-seconds",
-                    "3",
-                ],
-            )?;
-            drop((first, second, redis));
-            let memory = bench.ours(&[])?;
-            let pid = memory.pid();
-            bench.load(
-                "redis/memory-fanout",
-                &[
-                    "fanout",
-                    "--url",
-                    &memory.url,
-                    "--pid",
-                    &pid,
-                    "--transport",
-                    "ws",
-                    "--subscribers",
-                    "5000",
-                    "--burst",
-                    REDIS_BURST,
-                    "--latency-seconds",
-                    "3",
-                ],
-            )?;
-        }
+        // Redis against in-memory twice per repetition, taking turns at going first: the
+        // two rows run on the same noisy cores, so they get more samples than the others.
+        redis_round(&mut bench, false)?;
+        redis_round(&mut bench, true)?;
     }
     let report = report(&bench, sizes, repetitions, started.elapsed().as_secs());
     std::fs::write(root.join("docs/benchmarks.md"), report)
@@ -392,6 +337,55 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
         "bench: wrote docs/benchmarks.md and docs/benchmarks.svg in {} s",
         started.elapsed().as_secs()
     );
+    Ok(())
+}
+
+/// One sample of each Redis row: two instances on one Redis, subscribers split over both,
+/// publishing through the first; and one in-memory instance.
+fn redis_round(bench: &mut Bench, memory_first: bool) -> Result<()> {
+    let fanout = |url: &str, extra: Option<&str>, pids: &str| -> Vec<String> {
+        let mut arguments = vec!["fanout", "--url", url];
+        if let Some(extra) = extra {
+            arguments.extend(["--extra-url", extra]);
+        }
+        arguments.extend([
+            "--pid",
+            pids,
+            "--transport",
+            "ws",
+            "--subscribers",
+            "5000",
+            "--burst",
+            REDIS_BURST,
+            "--latency-seconds",
+            "3",
+        ]);
+        arguments.into_iter().map(str::to_owned).collect()
+    };
+    for memory in [memory_first, !memory_first] {
+        if memory {
+            let server = bench.ours(&[])?;
+            let arguments = fanout(&server.url, None, &server.pid());
+            bench.load("redis/memory-fanout", &arguments)?;
+            continue;
+        }
+        let redis = Redis::start()?;
+        // One worker each, so the two instances together use as many threads as the
+        // in-memory instance they are compared with, on the same cores.
+        let options = [
+            "--broker",
+            "redis",
+            "--redis-url",
+            &redis.url,
+            "--workers",
+            "1",
+        ];
+        let first = bench.ours(&options)?;
+        let second = bench.ours(&options)?;
+        let pids = format!("{},{}", first.pid(), second.pid());
+        let arguments = fanout(&first.url, Some(&second.url), &pids);
+        bench.load("redis/fanout", &arguments)?;
+    }
     Ok(())
 }
 
@@ -428,8 +422,9 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     out.push_str("Written by `cargo xtask bench` (`cargo xtask bench --quick` for a short run); do not edit by hand.\n\n");
     out.push_str(&format!("- Machine: {}.\n", machine()));
     out.push_str(&format!(
-        "- Method: every scenario ran {repetitions} time(s), resync and the raw baseline taking turns, each on a fresh \
-         process; figures are medians, ratios are against the baseline of the same run. The whole run took {seconds} s.\n"
+        "- Method: every scenario ran {repetitions} time(s) (the Redis comparison twice as often), resync and its \
+         baseline taking turns, each on a fresh process; figures are medians, ratios are against the baseline of the \
+         same run. The whole run took {seconds} s.\n"
     ));
     out.push_str(
         "- Baseline (\"the limit\"): `bench/src/bin/baseline.rs`, a minimal tokio server that writes the same \
@@ -442,8 +437,9 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     );
     out.push_str(
         "- Load generator: `bench/src/bin/loadgen.rs`, a release binary of ours (not the client SDK): subscribers count \
-         events, 200 of them parse a timestamp for latency. Fan-out: a burst of events published by four concurrent \
-         HTTP publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
+         events, 200 of them parse a timestamp for latency. Fan-out: a burst of events (about a million deliveries: \
+         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by four concurrent HTTP \
+         publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
          million deliveries from /proc); then a steady rate at half that saturation for 3 s (publish-to-deliver \
          latency). 100-byte payloads.\n\n",
     );
@@ -609,8 +605,21 @@ const FIXES: &str = "
   (`size_of_val`, release build).
 - **Exactly sized subscription maps**: a map grown by insertion reserves room for four
   subscriptions (about 200 bytes each); WebSocket 13.6 to 13.0 KB, SSE 12.6 to 11.9 KB.
-- **Redis comparison over bursts of 200 events** instead of 40: three rounds at 40 gave 1.20x,
-  1.24x and 0.83x (0.2 s of fan-out per round is mostly scheduling noise on two shared cores).
+- **Bursts of about a million deliveries, and twice the samples for Redis.** With bursts of
+  40 events (0.2-0.5 s of fan-out), the same binaries gave 0.56x and then 0.73-0.91x the
+  baseline at 10,000 WebSocket subscribers, and SSE at 10,000 looked 2.5 times as costly per
+  delivery as at 5,000; three Redis rounds gave 1.20x, 1.24x and 0.83x. Short bursts measure
+  warm-up and the scheduling of two shared cores more than throughput.
+- **Redis commands on shared multiplexed connections**: deadpool-redis checks a connection
+  with a `PING` round trip each time one is taken from its pool, so every publish paid two
+  round trips, each waiting for a busy worker to come round. Commands now share
+  `pool_size` connections taken from the pool once (and again after a failure): one round
+  trip per publish. Redis fan-out went from 530-750k to 640-970k deliveries/s in spot runs
+  (`loadgen fanout --extra-url`, 5,000 subscribers, bursts of 200).
+- **Tried and dropped**: starting the Redis Pub/Sub task on a worker thread (local wakes, but
+  each event then reached the connections alone, one write per delivery: 4x the CPU per
+  delivery), and opening Redis command connections on the idle main thread (a cross-thread
+  hop per reply: 2x the CPU per delivery).
 - **What is left** of an idle connection's memory is mostly actix-http's: a plain keep-alive
   HTTP connection on actix-web costs about 10.5 KB (3,000 idle keep-alive connections opened
   by a script, RSS difference), chiefly its 8 KiB read and 8 KiB write buffers, which actix-http

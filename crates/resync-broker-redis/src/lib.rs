@@ -4,8 +4,10 @@
 //!   epoch lives in Redis too, and a channel whose metadata is gone gets a new one), appends to
 //!   the channel's Stream trimmed to the history size, and `PUBLISH`es the encoded event.
 //!   A publish that Redis did not confirm returns [`Error::Unavailable`](resync_broker::Error)
-//!   and was not stored. Concurrent publishes share pooled, multiplexed connections, so they
-//!   are pipelined rather than paying one round trip each.
+//!   and was not stored. Concurrent publishes share multiplexed connections, so they are
+//!   pipelined rather than paying one round trip each. deadpool-redis opens and checks the
+//!   connections; commands share them rather than taking one from the pool per command,
+//!   because deadpool checks a connection with a `PING` round trip each time it is taken.
 //! - **Delivery** uses one Pub/Sub connection per process, subscribed to a channel while this
 //!   process has local subscribers, and fans out through the shared [`Hub`].
 //! - **History** is read from the Stream. Gaps in live delivery are filled from it by the
@@ -25,10 +27,12 @@ mod pubsub;
 mod scripts;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Config, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
 use resync_broker::{
     Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
     Publish, ReadOutcome, Result, Retention,
@@ -57,7 +61,8 @@ impl RedisBrokerBuilder {
         self
     }
 
-    /// Connections in the command pool. Defaults to 16.
+    /// Connections to Redis for commands (each multiplexed, shared by concurrent commands).
+    /// Defaults to 16.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size.max(1);
         self
@@ -125,6 +130,10 @@ impl RedisBrokerBuilder {
         let (connected_sender, connected) = watch::channel(false);
         let inner = Arc::new(Inner {
             pool,
+            connections: (0..self.pool_size)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
+            next_connection: AtomicUsize::new(0),
             hub: hub.clone(),
             commands,
             connected,
@@ -154,6 +163,9 @@ struct Scripts {
 
 struct Inner {
     pool: Pool,
+    /// Connections shared by every command, `pool_size` of them, taken from `pool` lazily.
+    connections: Vec<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    next_connection: AtomicUsize,
     hub: Hub,
     commands: mpsc::Sender<pubsub::Command>,
     connected: watch::Receiver<bool>,
@@ -176,6 +188,14 @@ impl std::fmt::Debug for RedisBroker {
             .field("connected", &*self.inner.connected.borrow())
             .finish_non_exhaustive()
     }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (an `Option` that is
+/// set or taken whole is consistent at every step).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unavailable(error: impl std::fmt::Display) -> Error {
@@ -217,16 +237,40 @@ impl RedisBroker {
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let timeout = self.inner.settings.command_timeout;
+        let slot = self.inner.next_connection.fetch_add(1, Ordering::Relaxed)
+            % self.inner.connections.len();
         let call = async {
-            let mut connection = self.inner.pool.get().await.map_err(unavailable)?;
+            let mut connection = self.connection(slot).await?;
             invocation
                 .invoke_async::<T>(&mut connection)
                 .await
-                .map_err(unavailable)
+                .map_err(|error| {
+                    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                        self.forget_connection(slot);
+                    }
+                    unavailable(error)
+                })
         };
-        tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| Error::Unavailable(format!("redis did not answer within {timeout:?}")))?
+        tokio::time::timeout(timeout, call).await.map_err(|_| {
+            self.forget_connection(slot);
+            Error::Unavailable(format!("redis did not answer within {timeout:?}"))
+        })?
+    }
+
+    /// The shared connection in `slot`, taken from the pool (opened and checked there) the
+    /// first time and after a failure.
+    async fn connection(&self, slot: usize) -> Result<MultiplexedConnection> {
+        if let Some(connection) = lock(&self.inner.connections[slot]).clone() {
+            return Ok(connection);
+        }
+        let pooled = self.inner.pool.get().await.map_err(unavailable)?;
+        let connection = deadpool_redis::Connection::take(pooled);
+        *lock(&self.inner.connections[slot]) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn forget_connection(&self, slot: usize) {
+        lock(&self.inner.connections[slot]).take();
     }
 
     fn position_from(epoch: String, seq: u64) -> Result<Position> {
