@@ -438,7 +438,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     out.push_str(
         "- Load generator: `bench/src/bin/loadgen.rs`, a release binary of ours (not the client SDK): subscribers count \
          events, 200 of them parse a timestamp for latency. Fan-out: a burst of events (about a million deliveries: \
-         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by four concurrent HTTP \
+         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by sixteen concurrent HTTP \
          publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
          million deliveries from /proc); then a steady rate at half that saturation for 3 s (publish-to-deliver \
          latency). 100-byte payloads.\n\n",
@@ -616,10 +616,19 @@ const FIXES: &str = "
   `pool_size` connections taken from the pool once (and again after a failure): one round
   trip per publish. Redis fan-out went from 530-750k to 640-970k deliveries/s in spot runs
   (`loadgen fanout --extra-url`, 5,000 subscribers, bursts of 200).
+- **Sixteen concurrent publishers instead of four.** With four, the Redis rows measured
+  publish round trips, not fan-out: each publish waited for a worker busy with 2,500
+  connections to come round twice (request, then Redis's reply), so events arrived one or
+  two per round and every delivery cost a write of its own. Per-thread CPU of one such run
+  (`/proc/<pid>/task`): each instance's worker spent 0.64 s in user space and 1.3 s in the
+  kernel, its main thread (the Pub/Sub reader) 0.1 s, so cross-thread wakes were not the
+  cost. Spot runs at 5,000 subscribers, bursts of 200: Redis 0.53-0.73x in-memory with four
+  publishers, 0.72-1.2x with sixteen; the in-memory figure did not move.
 - **Tried and dropped**: starting the Redis Pub/Sub task on a worker thread (local wakes, but
   each event then reached the connections alone, one write per delivery: 4x the CPU per
   delivery), and opening Redis command connections on the idle main thread (a cross-thread
-  hop per reply: 2x the CPU per delivery).
+  hop per reply: 2x the CPU per delivery), and reserving 4 KiB for a WebSocket's first
+  queued frame (the transient buffers fragmented the heap: 850 B more per idle connection).
 - **What is left** of an idle connection's memory is mostly actix-http's: a plain keep-alive
   HTTP connection on actix-web costs about 10.5 KB (3,000 idle keep-alive connections opened
   by a script, RSS difference), chiefly its 8 KiB read and 8 KiB write buffers, which actix-http

@@ -338,11 +338,13 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
 
     let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
     let started = Instant::now();
-    // Four concurrent publishers, so the burst is not paced by one request's round trip.
-    let publishers: Vec<_> = (0..4)
+    // Concurrent publishers, enough that the burst measures fan-out rather than publish
+    // round trips (with 4, a Redis-backed server waiting on Redis replies was paced by them).
+    let concurrency = number(arguments, "--publishers", 16).max(1);
+    let publishers: Vec<_> = (0..concurrency)
         .map(|index| {
             let (http, base, channel) = (http.clone(), bases[0].clone(), channel.clone());
-            let share = burst / 4 + u64::from(index < burst % 4);
+            let share = burst / concurrency + u64::from(index < burst % concurrency);
             tokio::spawn(async move {
                 for _ in 0..share {
                     publish(&http, &base, &channel).await?;

@@ -24,10 +24,6 @@ use futures_util::Stream;
 /// Bytes of frames that may wait for the socket before a send waits for room.
 pub(crate) const OUTBOX_LIMIT: usize = 64 * 1024;
 
-/// The first allocation of an empty frame buffer. It is given back as soon as the writer has
-/// copied the frames, so idle connections do not keep it.
-const FIRST_RESERVE: usize = 4 * 1024;
-
 /// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
 /// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
 /// messages of at most `max_message` bytes.
@@ -118,10 +114,6 @@ impl Outbox {
         }
         if pipe.frames.len() >= OUTBOX_LIMIT {
             return Ok(false);
-        }
-        if pipe.frames.capacity() == 0 {
-            // Room for a burst at once: growing frame by frame would copy it over and over.
-            pipe.frames.reserve(FIRST_RESERVE.max(payload.len() + 14));
         }
         Parser::write_message(&mut pipe.frames, payload, OpCode::Text, true, false);
         wake(&mut pipe.body);
