@@ -248,9 +248,10 @@ impl<B: Broker> Resync<B> {
     /// get 503. Call it before stopping the HTTP server.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
-        // WebSocket connections learn of it on their ping clock: one watch per connection
-        // instead of two.
+        // Connections learn of it on the clock they already wait on (WebSocket pings, SSE
+        // heartbeats): one watch per connection instead of two.
         self.shared.ws_ping.wake_all();
+        self.shared.sse_heartbeat.wake_all();
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

@@ -84,9 +84,15 @@ pub(crate) async fn handle(
     let cors = cors_headers(&request, &shared.config.allowed_origins);
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
-        shutdown: shared.shutdown.subscribe(),
         ends: ends(identity.remaining(), ConnectionProbe::of(&request)),
-        heartbeat: shared.sse_heartbeat.subscribe(),
+        heartbeat: {
+            let mut heartbeat = shared.sse_heartbeat.subscribe();
+            if *shared.shutdown.borrow() {
+                // Shut down after this request was admitted: the wake-up was missed.
+                heartbeat.mark_changed();
+            }
+            heartbeat
+        },
         shared,
         streams,
         positions,
@@ -127,7 +133,6 @@ struct StreamState {
     guard: ConnectionGuard,
     streams: StreamMap<Channel, Subscription>,
     positions: Cursor,
-    shutdown: watch::Receiver<bool>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
     ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
@@ -171,10 +176,19 @@ impl StreamState {
         if self.ended {
             return None;
         }
+        // Biased: while events are ready, the other branches are never polled, so a burst
+        // does not register and unregister every stream with the shared clock on each chunk.
         let wake = tokio::select! {
+            biased;
             item = self.streams.next() => Wake::Item(item),
-            _ = self.heartbeat.changed() => Wake::Heartbeat,
-            _ = self.shutdown.wait_for(|shutting_down| *shutting_down) => Wake::Shutdown,
+            // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
+            _ = self.heartbeat.changed() => {
+                if *self.shared.shutdown.borrow() {
+                    Wake::Shutdown
+                } else {
+                    Wake::Heartbeat
+                }
+            }
             end = async {
                 match &mut self.ends {
                     Some(ends) => ends.await,
@@ -184,7 +198,8 @@ impl StreamState {
         };
         match wake {
             Wake::Item(item) => {
-                let mut chunk = Vec::with_capacity(512);
+                // Room for a handful of events; it lives only until actix-http copies it.
+                let mut chunk = Vec::with_capacity(2048);
                 let mut delivered = 0;
                 let mut next = item;
                 // Coalesce whatever else is ready into the same write.
@@ -261,13 +276,11 @@ impl StreamState {
     ) -> u64 {
         match item {
             SubscriptionItem::Event(event) => {
-                self.positions
-                    .set(channel.clone(), event.position().clone());
+                self.positions.advance(channel, event.position());
                 // The hot path, written out: an event frame is one line of JSON and a cursor
                 // has no line breaks, so the generic encoder's line splitting is not needed.
-                use std::io::Write as _;
                 chunk.extend_from_slice(b"id: ");
-                let _ = write!(chunk, "{}", self.positions);
+                self.positions.write_to(chunk);
                 chunk.extend_from_slice(b"\ndata: ");
                 chunk.extend_from_slice(event.frame());
                 chunk.extend_from_slice(b"\n\n");

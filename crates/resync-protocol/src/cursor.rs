@@ -57,6 +57,36 @@ impl Cursor {
         }
     }
 
+    /// Moves `channel` to `position`, as [`set`](Self::set) does, but without cloning
+    /// anything when the channel is already there in the same epoch: streams do this per event.
+    pub fn advance(&mut self, channel: &Channel, position: &Position) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|(entry_channel, _)| entry_channel == channel)
+        {
+            Some((_, existing)) if existing.epoch == position.epoch => existing.seq = position.seq,
+            Some((_, existing)) => *existing = position.clone(),
+            None => self.entries.push((channel.clone(), position.clone())),
+        }
+    }
+
+    /// Appends the cursor's text (what `Display` writes) to `out` without the formatting
+    /// machinery, which cost an SSE stream more per event than the rest of its encoding.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut digits = itoa::Buffer::new();
+        for (index, (channel, position)) in self.entries.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(channel.as_str().as_bytes());
+            out.push(b':');
+            out.extend_from_slice(position.epoch.as_str().as_bytes());
+            out.push(b':');
+            out.extend_from_slice(digits.format(position.seq.get()).as_bytes());
+        }
+    }
+
     /// Removes `channel` from the cursor.
     pub fn remove(&mut self, channel: &Channel) -> Option<Position> {
         let index = self

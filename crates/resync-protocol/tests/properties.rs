@@ -206,6 +206,22 @@ proptest! {
     }
 
     #[test]
+    fn cursor_fast_paths_agree_with_the_general_ones(
+        cursor in cursor(),
+        moves in prop::collection::vec((channel(), position()), 0..8),
+    ) {
+        let mut written = Vec::new();
+        cursor.write_to(&mut written);
+        prop_assert_eq!(String::from_utf8(written).expect("utf-8"), cursor.to_string());
+        let (mut advanced, mut set) = (cursor.clone(), cursor);
+        for (channel, position) in moves {
+            advanced.advance(&channel, &position);
+            set.set(channel, position);
+        }
+        prop_assert_eq!(advanced, set);
+    }
+
+    #[test]
     fn positions_round_trip(position in position()) {
         prop_assert_eq!(position.to_string().parse::<Position>()?, position);
     }

@@ -122,7 +122,11 @@ impl Connection {
         let mut ending = self.send(connected.encode()).await.err();
 
         while ending.is_none() {
+            // Biased, in this order: while events are ready, the clock branches are never
+            // polled, so a burst does not register and unregister every connection with the
+            // shared clocks on each wake-up.
             let wake = tokio::select! {
+                biased;
                 message = messages.next() => Wake::Message(message),
                 Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
                     Wake::Item(channel, item)
