@@ -198,8 +198,9 @@ impl StreamState {
         };
         match wake {
             Wake::Item(item) => {
-                // Room for a handful of events; it lives only until actix-http copies it.
-                let mut chunk = Vec::with_capacity(2048);
+                // Room for a burst's worth of events (growing it copied each one several
+                // times over); it lives only until actix-http copies it.
+                let mut chunk = Vec::with_capacity(8 * 1024);
                 let mut delivered = 0;
                 let mut next = item;
                 // Coalesce whatever else is ready into the same write.

@@ -69,8 +69,9 @@ enum Offer {
     Ended,
 }
 
-/// Queues that grew past this many slots during a burst give their memory back once drained.
-const RETAINED_QUEUE_SLOTS: usize = 8;
+/// Queues that grew past this many slots during a burst give their memory back once drained;
+/// smaller ones keep it (at most 512 bytes), so bursts do not regrow every queue each time.
+const RETAINED_QUEUE_SLOTS: usize = 64;
 
 impl Queue {
     fn new() -> Self {

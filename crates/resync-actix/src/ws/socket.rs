@@ -24,6 +24,9 @@ use futures_util::Stream;
 /// Bytes of frames that may wait for the socket before a send waits for room.
 pub(crate) const OUTBOX_LIMIT: usize = 64 * 1024;
 
+/// Room reserved when a second frame queues up behind the first.
+const BURST_RESERVE: usize = 8 * 1024;
+
 /// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
 /// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
 /// messages of at most `max_message` bytes.
@@ -114,6 +117,12 @@ impl Outbox {
         }
         if pipe.frames.len() >= OUTBOX_LIMIT {
             return Ok(false);
+        }
+        if !pipe.frames.is_empty() {
+            // A second frame before the writer came round: a burst. Room for it at once,
+            // rather than growing frame by frame. (The first frame alone gets exactly its
+            // size: an idle connection's one frame should not leave a large hole behind.)
+            pipe.frames.reserve(BURST_RESERVE.max(payload.len() + 14));
         }
         Parser::write_message(&mut pipe.frames, payload, OpCode::Text, true, false);
         wake(&mut pipe.body);
