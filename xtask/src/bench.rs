@@ -624,6 +624,22 @@ const FIXES: &str = "
   kernel, its main thread (the Pub/Sub reader) 0.1 s, so cross-thread wakes were not the
   cost. Spot runs at 5,000 subscribers, bursts of 200: Redis 0.53-0.73x in-memory with four
   publishers, 0.72-1.2x with sixteen; the in-memory figure did not move.
+- **SSE per event without the formatting machinery**: the stream wrote its cursor (the
+  event's `id:`) with `write!` and cloned the channel and position into it for every event.
+  `Cursor::advance` updates the seq in place and `Cursor::write_to` writes the bytes
+  directly (a property test keeps both equal to the general paths). With fewer reallocations
+  per delivery (subscriber queues keep up to 64 slots between bursts; SSE chunks and queued
+  WebSocket frames get room for a burst up front), `callgrind` over 1,000 subscribers x 200
+  events on one worker went from 509M to 372M instructions for SSE and from 371M to 341M for
+  WebSocket (both figures include the same connection setup). Delivering the very next
+  event straight from the subscriber queue (instead of through the resume algorithm's
+  pending queue) and polling a connection's lone subscription directly (instead of through
+  a map that draws a random number per poll to be fair between streams) took SSE to 346M
+  and WebSocket to 326M.
+- **Biased selects**: while events are ready, a connection does not poll its heartbeat and
+  shutdown branches, which registered and unregistered every connection with the shared
+  clocks' wait lists on each wake-up; SSE, like WebSocket, learns of shutdown from the clock
+  it already waits on.
 - **Tried and dropped**: starting the Redis Pub/Sub task on a worker thread (local wakes, but
   each event then reached the connections alone, one write per delivery: 4x the CPU per
   delivery), and opening Redis command connections on the idle main thread (a cross-thread

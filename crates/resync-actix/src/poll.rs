@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
 use tokio_stream::StreamMap;
@@ -17,7 +17,7 @@ use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers};
 use crate::sse::reset_json;
-use crate::subscriptions::open_all;
+use crate::subscriptions::{next_item, open_all};
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -88,14 +88,14 @@ pub(crate) async fn handle(
             .collect();
         let mut shutdown = shared.shutdown.subscribe();
         tokio::select! {
-            first = streams.next() => {
+            first = next_item(&mut streams) => {
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
                     batch.add(&channel, item);
                     if batch.events.len() >= max_events {
                         break;
                     }
-                    next = streams.next().now_or_never().flatten();
+                    next = next_item(&mut streams).now_or_never().flatten();
                 }
             }
             _ = tokio::time::sleep(wait) => {}

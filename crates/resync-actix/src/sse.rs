@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
 use resync_protocol::sse::{SseFrame, encode_comment};
 use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome, ResetReason};
@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers, loggable_target};
-use crate::subscriptions::open_all;
+use crate::subscriptions::{next_item, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -180,7 +180,7 @@ impl StreamState {
         // does not register and unregister every stream with the shared clock on each chunk.
         let wake = tokio::select! {
             biased;
-            item = self.streams.next() => Wake::Item(item),
+            item = next_item(&mut self.streams) => Wake::Item(item),
             // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
             _ = self.heartbeat.changed() => {
                 if *self.shared.shutdown.borrow() {
@@ -227,7 +227,7 @@ impl StreamState {
                     if chunk.len() >= MAX_CHUNK_BYTES {
                         break;
                     }
-                    match self.streams.next().now_or_never() {
+                    match next_item(&mut self.streams).now_or_never() {
                         Some(item) => next = item,
                         None => break,
                     }

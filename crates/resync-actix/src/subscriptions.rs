@@ -2,8 +2,13 @@
 
 use std::sync::Arc;
 
-use resync_broker::{Subscription, resume};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Stream, StreamExt};
+use resync_broker::{Subscription, SubscriptionError, SubscriptionItem, resume};
 use resync_protocol::{Channel, Cursor, RecoveryOutcome};
+use tokio_stream::StreamMap;
 
 use crate::Shared;
 use crate::error::ApiError;
@@ -32,4 +37,36 @@ pub(crate) async fn open_all(
         subscriptions.push((outcome, subscription));
     }
     Ok(subscriptions)
+}
+
+/// A connection's subscriptions, keyed by channel.
+pub(crate) type Subscriptions = StreamMap<Channel, Subscription>;
+
+/// An item of one of a connection's subscriptions.
+pub(crate) type ChannelItem = (Channel, Result<SubscriptionItem, SubscriptionError>);
+
+/// The next item of any of `subscriptions`, as `StreamMap::next` gives it; `None` once none
+/// is left.
+pub(crate) async fn next_item(subscriptions: &mut Subscriptions) -> Option<ChannelItem> {
+    std::future::poll_fn(|context| poll_next_item(subscriptions, context)).await
+}
+
+/// Polls `subscriptions` like `StreamMap` does, but polls a lone subscription directly: most
+/// connections follow one channel, and the map draws a random number per poll to be fair
+/// between its streams, which such a connection paid for every event.
+fn poll_next_item(
+    subscriptions: &mut Subscriptions,
+    context: &mut Context<'_>,
+) -> Poll<Option<ChannelItem>> {
+    if subscriptions.len() == 1 {
+        if let Some((channel, subscription)) = subscriptions.iter_mut().next() {
+            match Pin::new(subscription).poll_next(context) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some((channel.clone(), item))),
+                // Ended: the map's own poll below removes it.
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+    subscriptions.poll_next_unpin(context)
 }

@@ -252,7 +252,20 @@ impl Subscription {
                 }
             };
             match live {
-                Ok(Live::Event(event)) => self.accept_live(event),
+                Ok(Live::Event(event)) => {
+                    // The common case, the very next event with nothing queued before it, goes
+                    // straight out; everything else is filed by `accept_live`.
+                    let position = event.position();
+                    if self.pending.is_empty()
+                        && self.pending_reset.is_none()
+                        && position.epoch == self.position.epoch
+                        && Some(position.seq) == self.position.seq.next()
+                    {
+                        self.position.seq = position.seq;
+                        return Poll::Ready(Some(Ok(SubscriptionItem::Event(event))));
+                    }
+                    self.accept_live(event);
+                }
                 Ok(Live::Resync) => self.read_history(None),
                 Err(LiveError::Lagged) => {
                     let position = self.position.clone();
@@ -280,7 +293,8 @@ impl Subscription {
         while let Some(event) = self.pending.pop_front() {
             let position = event.position();
             if position.epoch == self.position.epoch && position.seq > self.position.seq {
-                self.position = position.clone();
+                // Same epoch: only the seq moves (no reference-count traffic per event).
+                self.position.seq = position.seq;
                 return Some(SubscriptionItem::Event(event));
             }
         }

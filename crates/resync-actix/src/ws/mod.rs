@@ -20,6 +20,7 @@ use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{QueryParams, authenticate, loggable_target};
+use crate::subscriptions::next_item;
 use socket::{Gone, Inbox, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
@@ -128,7 +129,7 @@ impl Connection {
             let wake = tokio::select! {
                 biased;
                 message = messages.next() => Wake::Message(message),
-                Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
+                Some((channel, item)) = next_item(&mut self.subscriptions), if !self.subscriptions.is_empty() => {
                     Wake::Item(channel, item)
                 }
                 _ = ping.changed() => Wake::Ping,
@@ -223,7 +224,7 @@ impl Connection {
             if result.is_err() || handled > MAX_BATCH {
                 break;
             }
-            next = self.subscriptions.next().now_or_never().flatten();
+            next = next_item(&mut self.subscriptions).now_or_never().flatten();
         }
         self.shared
             .metrics
