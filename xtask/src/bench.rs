@@ -170,6 +170,24 @@ impl Bench {
         Ok(value)
     }
 
+    /// The samples' range, as "min-max" in thousands.
+    fn spread(&self, key: &str, field: &str) -> String {
+        let values: Vec<f64> = self
+            .results
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|value| value[field].as_f64())
+            .collect();
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if values.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.0}k-{:.0}k", min / 1000.0, max / 1000.0)
+        }
+    }
+
     fn median(&self, key: &str, field: &str) -> f64 {
         let mut values: Vec<f64> = self
             .results
@@ -445,18 +463,20 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     );
     out.push_str("![fan-out throughput](benchmarks.svg)\n\n");
     out.push_str("## Fan-out to one channel\n\n");
-    out.push_str("| transport | subscribers | resync deliveries/s | baseline deliveries/s | ratio | resync p50 / p99 / max (ms) | baseline p99 (ms) | p99 ratio | resync CPU s per 1M | baseline CPU s per 1M |\n");
-    out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|\n");
+    out.push_str("| transport | subscribers | resync deliveries/s | resync range | baseline deliveries/s | baseline range | ratio | resync p50 / p99 / max (ms) | baseline p99 (ms) | p99 ratio | resync CPU s per 1M | baseline CPU s per 1M |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n");
     for transport in ["ws", "sse"] {
         for &subscribers in sizes {
             let ours = format!("fanout/{transport}/{subscribers}/resync");
             let base = format!("fanout/{transport}/{subscribers}/baseline");
             let ms = |key: &str, field: &str| bench.median(key, field) / 1000.0;
             out.push_str(&format!(
-                "| {} | {subscribers} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {} | {:.2} | {:.2} |\n",
+                "| {} | {subscribers} | {:.0} | {} | {:.0} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {} | {:.2} | {:.2} |\n",
                 if transport == "ws" { "WebSocket" } else { "SSE" },
                 bench.median(&ours, "deliveries_per_sec"),
+                bench.spread(&ours, "deliveries_per_sec"),
                 bench.median(&base, "deliveries_per_sec"),
+                bench.spread(&base, "deliveries_per_sec"),
                 ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
                 ms(&ours, "latency_p50_us"),
                 ms(&ours, "latency_p99_us"),
@@ -527,9 +547,11 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.median("channels", "latency_p99_us") / 1000.0,
     ));
     out.push_str(&format!(
-        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads); bursts of 200 events | {:.0} vs {:.0} deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
+        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads); bursts of 200 events | {:.0} ({}) vs {:.0} ({}) deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
         bench.median("redis/fanout", "deliveries_per_sec"),
+        bench.spread("redis/fanout", "deliveries_per_sec"),
         bench.median("redis/memory-fanout", "deliveries_per_sec"),
+        bench.spread("redis/memory-fanout", "deliveries_per_sec"),
         ratio(bench.median("redis/fanout", "deliveries_per_sec"), bench.median("redis/memory-fanout", "deliveries_per_sec")),
         bench.median("redis/fanout", "latency_p99_us") / 1000.0,
         bench.median("redis/memory-fanout", "latency_p99_us") / 1000.0,
@@ -640,6 +662,15 @@ const FIXES: &str = "
   shutdown branches, which registered and unregistered every connection with the shared
   clocks' wait lists on each wake-up; SSE, like WebSocket, learns of shutdown from the clock
   it already waits on.
+- **Run-to-run variance** is the weak point of these figures, and the ranges in the table
+  show it. Five full runs this session (the first with four publishers and 40-event bursts,
+  the second with four publishers and the present bursts, the rest as now) gave WebSocket at
+  10,000 subscribers 0.56x, 1.22x, 0.84x, 0.79x and 0.44x the baseline, and SSE 0.67x,
+  0.96x, 0.73x, 0.78x and 1.45x our WebSocket. Single runs at 10,000 WebSocket subscribers
+  fall into two modes, about 0.8M and about 1.4-1.7M deliveries/s, with 1.2-1.4 and 0.7-0.8
+  CPU s per million deliveries; counted for SSE at 10,000, a slow run (1.09M/s) wrote 22
+  events per write and a fast one (1.49M/s) 32. What tips a run into the slow mode was not
+  found; the load generator's own CPU time does not differ between the modes.
 - **Tried and dropped**: starting the Redis Pub/Sub task on a worker thread (local wakes, but
   each event then reached the connections alone, one write per delivery: 4x the CPU per
   delivery), and opening Redis command connections on the idle main thread (a cross-thread
