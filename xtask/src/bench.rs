@@ -669,6 +669,12 @@ const FIXES: &str = "
   the baseline's SSE figure at 10,000 rose from about 1.9M to 2.2-3.5M deliveries/s (it was
   measuring the client). The WebSocket client (tokio-tungstenite) now costs the load
   generator about 3 s per such run, so WebSocket rows share the cores with a heavier client.
+- **Chunk buffers the allocator's per-thread cache can serve**: SSE chunks had been given
+  8 KiB up front (and queued WebSocket frames 8 KiB on the second frame) to spare bursts the
+  reallocations; with a load generator fast enough to keep the server from batching, that
+  made many one-event chunks take and free a fresh 8 KiB block. 1 KiB (bursts grow it):
+  SSE at 10,000 subscribers from 0.80-1.51M to 1.29-1.44M deliveries/s in spot runs, CPU
+  per million from 1.47 s to 0.81-0.97 s.
 - **Run-to-run variance** is the weak point of these figures, and the ranges in the table
   show it. Five full runs this session (the first with four publishers and 40-event bursts,
   the second with four publishers and the present bursts, the rest as now) gave WebSocket at

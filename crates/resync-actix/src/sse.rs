@@ -198,9 +198,10 @@ impl StreamState {
         };
         match wake {
             Wake::Item(item) => {
-                // Room for a burst's worth of events (growing it copied each one several
-                // times over); it lives only until actix-http copies it.
-                let mut chunk = Vec::with_capacity(8 * 1024);
+                // 1 KiB: a few events, and small enough for the allocator's per-thread cache,
+                // so the common one-event chunk reuses memory just freed instead of taking a
+                // fresh 8 KiB block per event. Bursts grow it.
+                let mut chunk = Vec::with_capacity(1024);
                 let mut delivered = 0;
                 let mut next = item;
                 // Coalesce whatever else is ready into the same write.

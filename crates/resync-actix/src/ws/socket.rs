@@ -24,8 +24,9 @@ use futures_util::Stream;
 /// Bytes of frames that may wait for the socket before a send waits for room.
 pub(crate) const OUTBOX_LIMIT: usize = 64 * 1024;
 
-/// Room reserved when a second frame queues up behind the first.
-const BURST_RESERVE: usize = 8 * 1024;
+/// Room reserved when a second frame queues up behind the first: small enough for the
+/// allocator's per-thread cache (bursts grow it further).
+const BURST_RESERVE: usize = 1024;
 
 /// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
 /// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
