@@ -19,6 +19,9 @@ fn main() -> Result<()> {
     let task = std::env::args().nth(1);
     match task.as_deref() {
         Some("ci") => ci(),
+        Some("bench") if std::env::args().any(|argument| argument == "--report-only") => {
+            bench::report_only()
+        }
         Some("bench") => bench::bench(std::env::args().any(|argument| argument == "--quick")),
         Some("micro") => micro(),
         Some("e2e") => e2e(),
@@ -27,7 +30,8 @@ fn main() -> Result<()> {
             eprintln!("  ci     fmt check, clippy -D warnings, all tests, docs -D warnings, e2e");
             eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
             eprintln!(
-                "  bench  load tests against the raw baseline -> docs/benchmarks.md (--quick: short)"
+                "  bench  load tests against the raw baseline -> docs/benchmarks.md (--quick: short; \
+                 --report-only: rewrite the report from the last run's figures)"
             );
             eprintln!("  micro  micro-benchmarks of the log and local fan-out (cargo bench)");
             std::process::exit(2);
