@@ -170,15 +170,19 @@ impl Bench {
         Ok(value)
     }
 
-    /// The samples' range, as "min-max" in thousands.
-    fn spread(&self, key: &str, field: &str) -> String {
-        let values: Vec<f64> = self
-            .results
+    /// Every sample of `field` in the runs recorded under `key`.
+    fn samples(&self, key: &str, field: &str) -> Vec<f64> {
+        self.results
             .get(key)
             .into_iter()
             .flatten()
             .filter_map(|value| value[field].as_f64())
-            .collect();
+            .collect()
+    }
+
+    /// The samples' range, as "min-max" in thousands.
+    fn spread(&self, key: &str, field: &str) -> String {
+        let values = self.samples(key, field);
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
         let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if values.is_empty() {
@@ -189,13 +193,7 @@ impl Bench {
     }
 
     fn median(&self, key: &str, field: &str) -> f64 {
-        let mut values: Vec<f64> = self
-            .results
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|value| value[field].as_f64())
-            .collect();
+        let mut values = self.samples(key, field);
         if values.is_empty() {
             return f64::NAN;
         }

@@ -171,9 +171,10 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// The common start of an SSE or long-poll request: refuse during shutdown, read the query,
-/// require channels, authenticate, and authorize every channel.
-pub(crate) async fn admit_follower(
+/// The common start of every transport's request: refuse during shutdown, read the query,
+/// authenticate. Credentials are checked here, before any upgrade or stream: a bad token
+/// gets a plain 401.
+pub(crate) async fn admit(
     shared: &Arc<Shared>,
     request: &HttpRequest,
 ) -> Result<(QueryParams, Identity), ApiError> {
@@ -187,8 +188,18 @@ pub(crate) async fn admit_follower(
         request.query_string(),
         shared.config.max_channels_per_connection,
     )?;
-    query.require_channels()?;
     let identity = authenticate(shared, request, &query).await?;
+    Ok((query, identity))
+}
+
+/// The start of an SSE or long-poll request: [`admit`], then require channels and authorize
+/// every one of them.
+pub(crate) async fn admit_follower(
+    shared: &Arc<Shared>,
+    request: &HttpRequest,
+) -> Result<(QueryParams, Identity), ApiError> {
+    let (query, identity) = admit(shared, request).await?;
+    query.require_channels()?;
     authorize_subscriptions(shared, &identity, &query.channels)?;
     Ok((query, identity))
 }

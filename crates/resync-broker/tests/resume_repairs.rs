@@ -126,6 +126,22 @@ fn payload(value: u64) -> Payload {
     Payload::from_value(&value).unwrap()
 }
 
+/// Follows `channel` from now.
+async fn follow_from_now(
+    broker: &Arc<dyn Broker>,
+    channel: &Channel,
+) -> resync_broker::Subscription {
+    let (_, stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    stream
+}
+
 async fn next_event_seq(stream: &mut resync_broker::Subscription) -> u64 {
     match tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
@@ -142,14 +158,7 @@ async fn lost_live_messages_are_filled_from_history() {
     let lossy = Arc::new(LossyBroker::new(5));
     let broker: Arc<dyn Broker> = lossy.clone();
     let channel = Channel::new("lossy").unwrap();
-    let (_, mut stream) = resume(
-        broker.clone(),
-        channel.clone(),
-        None,
-        ResumeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut stream = follow_from_now(&broker, &channel).await;
     for value in 0..100 {
         broker
             .publish(Publish::new(channel.clone(), payload(value)))
@@ -167,14 +176,7 @@ async fn a_gap_repair_survives_a_cancelled_wait() {
     let lossy = Arc::new(LossyBroker::new(5));
     let broker: Arc<dyn Broker> = lossy.clone();
     let channel = Channel::new("slow-history").unwrap();
-    let (_, mut stream) = resume(
-        broker.clone(),
-        channel.clone(),
-        None,
-        ResumeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut stream = follow_from_now(&broker, &channel).await;
     lossy.read_delay_ms.store(300, Ordering::SeqCst);
     for value in 1..=5 {
         broker
@@ -203,14 +205,7 @@ async fn a_new_epoch_mid_stream_is_a_reset_then_the_new_history() {
     let lossy = Arc::new(LossyBroker::new(1));
     let broker: Arc<dyn Broker> = lossy.clone();
     let channel = Channel::new("restarting").unwrap();
-    let (_, mut stream) = resume(
-        broker.clone(),
-        channel.clone(),
-        None,
-        ResumeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut stream = follow_from_now(&broker, &channel).await;
     broker
         .publish(Publish::new(channel.clone(), payload(1)))
         .await

@@ -19,7 +19,7 @@ use crate::Shared;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
-use crate::request::{QueryParams, authenticate, loggable_target};
+use crate::request::{admit, loggable_target};
 use crate::subscriptions::next_item;
 use socket::{Gone, Inbox, Incoming, Outbox};
 
@@ -34,18 +34,8 @@ pub(crate) async fn handle(
     request: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    if *shared.shutdown.borrow() {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "server is shutting down; reconnect",
-        ));
-    }
     // Credentials are checked before the upgrade: a bad token gets a plain 401, no socket.
-    let query = QueryParams::parse(
-        request.query_string(),
-        shared.config.max_channels_per_connection,
-    )?;
-    let identity = authenticate(&shared, &request, &query).await?;
+    let (_query, identity) = admit(&shared, &request).await?;
     let (response, outbox, messages) =
         socket::accept(&request, body, shared.config.max_message_bytes).map_err(|error| {
             ApiError::new(
