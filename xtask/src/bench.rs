@@ -716,11 +716,11 @@ const FIXES: &str = "
 - **Run-to-run variance** is the weak point of these figures; the ranges in the table show
   it within a run. Across the full runs of this session with the present method (sixteen
   publishers, bursts of about a million deliveries), with the code of the time: WebSocket at
-  10,000 subscribers 0.84x, 0.79x, 0.44x, 0.75x, 1.08x and 0.78x the baseline; SSE 0.73x,
-  0.78x, 1.45x, 0.85x, 0.67x and 1.12x our WebSocket; Redis 1.21x, 1.21x, 1.33x, 1.27x,
-  0.93x and 1.07x in-memory. The last of each is this report, the only full run of the
-  present code; spot runs of it put SSE at 0.82x, 0.85x and 1.08x our WebSocket at 10,000,
-  so that floor is met narrowly, not with margin. Single runs at 10,000 WebSocket
+  10,000 subscribers 0.84x, 0.79x, 0.44x, 0.75x, 1.08x, 0.78x and 0.96x the baseline; SSE
+  0.73x, 0.78x, 1.45x, 0.85x, 0.67x, 1.12x and 1.07x our WebSocket; Redis 1.21x, 1.21x,
+  1.33x, 1.27x, 0.93x, 1.07x and 1.07x in-memory. The last two of each are the two full
+  runs of the present code (this report is the second); spot runs of it put SSE at 0.82x,
+  0.85x and 1.08x our WebSocket at 10,000, so that floor is met, but not with much margin. Single runs at 10,000 WebSocket
   subscribers fall into two modes, about 0.8M and 1.4-1.7M deliveries/s, with 1.2-1.4 and
   0.7-0.8 CPU s per million; counted for SSE at 10,000, a slow run (1.09M/s) wrote 22 events
   per write and a fast one (1.49M/s) 32. What tips a run into the slow mode was not found.
