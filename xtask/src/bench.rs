@@ -721,8 +721,8 @@ const FIXES: &str = "
   1.33x, 1.27x, 0.93x, 1.07x and 1.07x in-memory. The last two of each are the two full
   runs of the present code (this report is the second); spot runs of it put SSE at 0.82x,
   0.85x and 1.08x our WebSocket at 10,000, so that floor is met, but not with much margin.
-  Single runs at 10,000 WebSocket subscribers fall into two modes, about 0.8M and 1.4-1.7M deliveries/s, with 1.2-1.4 and
-  0.7-0.8 CPU s per million; counted for SSE at 10,000, a slow run (1.09M/s) wrote 22 events
+  Single runs at 10,000 WebSocket subscribers fall into two modes, about 0.8M and 1.4-1.7M
+  deliveries/s, with 1.2-1.4 and 0.7-0.8 CPU s per million; counted for SSE at 10,000, a slow run (1.09M/s) wrote 22 events
   per write and a fast one (1.49M/s) 32. What tips a run into the slow mode was not found.
   One further run ended early when a subscriber's connect was reset; the load generator now
   retries such connects.
