@@ -722,10 +722,10 @@ const FIXES: &str = "
   runs of the present code (this report is the second); spot runs of it put SSE at 0.82x,
   0.85x and 1.08x our WebSocket at 10,000, so that floor is met, but not with much margin.
   Single runs at 10,000 WebSocket subscribers fall into two modes, about 0.8M and 1.4-1.7M
-  deliveries/s, with 1.2-1.4 and 0.7-0.8 CPU s per million; counted for SSE at 10,000, a slow run (1.09M/s) wrote 22 events
-  per write and a fast one (1.49M/s) 32. What tips a run into the slow mode was not found.
-  One further run ended early when a subscriber's connect was reset; the load generator now
-  retries such connects.
+  deliveries/s, with 1.2-1.4 and 0.7-0.8 CPU s per million; counted for SSE at 10,000, a
+  slow run (1.09M/s) wrote 22 events per write and a fast one (1.49M/s) 32. What tips a run
+  into the slow mode was not found. One further run ended early when a subscriber's connect
+  was reset; the load generator now retries such connects.
 - **Tried and dropped**: starting the Redis Pub/Sub task on a worker thread (local wakes, but
   each event then reached the connections alone, one write per delivery: 4x the CPU per
   delivery), and opening Redis command connections on the idle main thread (a cross-thread
