@@ -97,19 +97,22 @@ impl TestServer {
         .await
     }
 
+    /// `/api/channels/{channel}`: the channel's position and subscriber count.
+    pub async fn channel_info(&self, channel: &str) -> serde_json::Value {
+        channel_info(
+            &self.http,
+            &self.server.base_url(),
+            &self.server.api_key,
+            channel,
+        )
+        .await
+    }
+
     /// The `subscribers` count of `/api/channels/{channel}`.
     pub async fn subscribers(&self, channel: &str) -> u64 {
-        let info: serde_json::Value = self
-            .http
-            .get(self.url(&format!("/api/channels/{channel}")))
-            .bearer_auth(&self.server.api_key)
-            .send()
-            .await
+        self.channel_info(channel).await["subscribers"]
+            .as_u64()
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        info["subscribers"].as_u64().unwrap()
     }
 
     /// Waits until `/api/channels/{channel}` reports `expected` subscribers.
@@ -425,6 +428,23 @@ pub fn fast_client(base: &str, transport: resync_client::TransportChoice) -> res
         .unwrap()
 }
 
+/// `/api/channels/{channel}` of the server at `base`.
+pub async fn channel_info(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    channel: &str,
+) -> serde_json::Value {
+    http.get(format!("{base}/api/channels/{channel}"))
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A channel's current position from `/api/channels/{channel}` of the server at `base`.
 pub async fn channel_position(
     http: &reqwest::Client,
@@ -432,15 +452,7 @@ pub async fn channel_position(
     api_key: &str,
     channel: &str,
 ) -> Position {
-    let info: serde_json::Value = http
-        .get(format!("{base}/api/channels/{channel}"))
-        .bearer_auth(api_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = channel_info(http, base, api_key, channel).await;
     serde_json::from_value(info["position"].clone()).unwrap()
 }
 

@@ -68,16 +68,7 @@ async fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
         );
     }
     // Nothing was half-published: the channel is still empty.
-    let info: serde_json::Value = server
-        .http
-        .get(server.url("/api/channels/c"))
-        .bearer_auth("test-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = server.channel_info("c").await;
     assert_eq!(info["position"]["seq"], 0);
 }
 
@@ -144,16 +135,7 @@ async fn idempotent_publish_history_and_channel_info() {
         "bad_cursor"
     );
 
-    let info: serde_json::Value = server
-        .http
-        .get(server.url("/api/channels/orders"))
-        .bearer_auth("test-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = server.channel_info("orders").await;
     assert_eq!(info["position"]["seq"], 2);
     assert_eq!(info["subscribers"], 1);
 }

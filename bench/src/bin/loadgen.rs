@@ -90,6 +90,26 @@ fn timestamp(frame: &[u8]) -> Option<u64> {
 /// Further attempts at a subscriber's connect before it counts as failed.
 const CONNECT_RETRIES: u64 = 3;
 
+/// Runs `connect` again, after a short pause, when a connect is refused or reset while
+/// thousands arrive at once: one lost connect should not void a whole run.
+async fn with_retries<T, F, Connect>(mut connect: Connect) -> Result<T>
+where
+    Connect: FnMut() -> F,
+    F: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(_) if attempt < CONNECT_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 fn is_event(frame: &[u8]) -> bool {
     memchr::memmem::find(frame, br#""type":"event""#).is_some()
 }
@@ -119,19 +139,8 @@ async fn ws_subscriber(
     sampled: bool,
 ) -> Result<()> {
     let url = format!("{}/ws", base.replacen("http", "ws", 1));
-    // A connect refused or reset while thousands arrive at once is retried: one lost
-    // connect should not void a whole run.
-    let mut attempt = 0;
-    let (mut socket, _) = loop {
-        match tokio_tungstenite::connect_async(&url).await {
-            Ok(connected) => break connected,
-            Err(_) if attempt < CONNECT_RETRIES => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    };
+    let (mut socket, _) =
+        with_retries(|| async { Ok(tokio_tungstenite::connect_async(&url).await?) }).await?;
     let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
     socket.send(Message::text(subscribe)).await?;
     tally.ready.fetch_add(1, Ordering::Relaxed);
@@ -164,23 +173,13 @@ async fn sse_subscriber(
     let request = format!(
         "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
     );
-    let mut attempt = 0;
-    let mut stream = loop {
-        let connected = async {
-            let mut stream = TcpStream::connect(&address).await?;
-            stream.set_nodelay(true)?;
-            stream.write_all(request.as_bytes()).await?;
-            anyhow::Ok(stream)
-        };
-        match connected.await {
-            Ok(stream) => break stream,
-            Err(_) if attempt < CONNECT_RETRIES => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            }
-            Err(error) => return Err(error),
-        }
-    };
+    let mut stream = with_retries(|| async {
+        let mut stream = TcpStream::connect(&address).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(request.as_bytes()).await?;
+        Ok(stream)
+    })
+    .await?;
     tally.ready.fetch_add(1, Ordering::Relaxed);
     // Read straight into one buffer and search it with memchr: 10,000 of these share two
     // cores with the server, and a byte-by-byte scan made the client the bottleneck.

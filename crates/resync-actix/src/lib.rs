@@ -75,6 +75,19 @@ pub(crate) struct Shared {
     pub(crate) ws_ping: Ticker,
 }
 
+impl Shared {
+    /// Ticks of `clock`, which also wake the receiver when the server shuts down (see
+    /// [`Resync::shutdown`]); already pending if shutdown came first, so a connection
+    /// admitted just before it does not miss it.
+    pub(crate) fn clock(&self, clock: &Ticker) -> watch::Receiver<u64> {
+        let mut ticks = clock.subscribe();
+        if *self.shutdown.borrow() {
+            ticks.mark_changed();
+        }
+        ticks
+    }
+}
+
 /// A clock shared by every connection: one task ticks, connections wait on a `watch`.
 pub(crate) struct Ticker {
     period: std::time::Duration,

@@ -9,7 +9,6 @@ use actix_web::{HttpRequest, HttpResponse};
 use futures_util::FutureExt;
 use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
-use tokio_stream::StreamMap;
 
 use crate::Shared;
 use crate::error::ApiError;
@@ -17,7 +16,7 @@ use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers};
 use crate::sse::reset_json;
-use crate::subscriptions::{next_item, open_all};
+use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -82,7 +81,7 @@ pub(crate) async fn handle(
     }
 
     if batch.is_empty() {
-        let mut streams: StreamMap<Channel, Subscription> = subscriptions
+        let mut streams: Subscriptions = subscriptions
             .into_iter()
             .map(|subscription| (subscription.channel().clone(), subscription))
             .collect();

@@ -8,18 +8,17 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
+use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::sse::{SseFrame, encode_comment};
 use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome, ResetReason};
 use tokio::sync::watch;
-use tokio_stream::StreamMap;
 
 use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{admit_follower, cors_headers, loggable_target};
-use crate::subscriptions::{next_item, open_all};
+use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -54,7 +53,7 @@ pub(crate) async fn handle(
     let mut positions = Cursor::new();
     let mut outcomes = serde_json::Map::new();
     // Exactly sized: a map grown by insertion would reserve four subscriptions' room.
-    let mut streams = StreamMap::with_capacity(opened.len());
+    let mut streams = Subscriptions::with_capacity(opened.len());
     for (outcome, subscription) in opened {
         let channel = subscription.channel().clone();
         let outcome = match outcome {
@@ -85,14 +84,7 @@ pub(crate) async fn handle(
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
         ends: ends(identity.remaining(), ConnectionProbe::of(&request)),
-        heartbeat: {
-            let mut heartbeat = shared.sse_heartbeat.subscribe();
-            if *shared.shutdown.borrow() {
-                // Shut down after this request was admitted: the wake-up was missed.
-                heartbeat.mark_changed();
-            }
-            heartbeat
-        },
+        heartbeat: shared.clock(&shared.sse_heartbeat),
         shared,
         streams,
         positions,
@@ -131,7 +123,7 @@ struct StreamState {
         reason = "held for its Drop, which counts the connection's end"
     )]
     guard: ConnectionGuard,
-    streams: StreamMap<Channel, Subscription>,
+    streams: Subscriptions,
     positions: Cursor,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.

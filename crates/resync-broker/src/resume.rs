@@ -253,18 +253,9 @@ impl Subscription {
             };
             match live {
                 Ok(Live::Event(event)) => {
-                    // The common case, the very next event with nothing queued before it, goes
-                    // straight out; everything else is filed by `accept_live`.
-                    let position = event.position();
-                    if self.pending.is_empty()
-                        && self.pending_reset.is_none()
-                        && position.epoch == self.position.epoch
-                        && Some(position.seq) == self.position.seq.next()
-                    {
-                        self.position.seq = position.seq;
+                    if let Some(event) = self.accept_live(event) {
                         return Poll::Ready(Some(Ok(SubscriptionItem::Event(event))));
                     }
-                    self.accept_live(event);
                 }
                 Ok(Live::Resync) => self.read_history(None),
                 Err(LiveError::Lagged) => {
@@ -301,8 +292,11 @@ impl Subscription {
         None
     }
 
-    /// Files a live event as deliverable, a duplicate, or the sign of a gap or a new epoch.
-    fn accept_live(&mut self, event: EncodedEvent) {
+    /// Files a live event: the very next one comes back to be delivered at once, a duplicate
+    /// is dropped, and a gap or a new epoch starts a repair. Called only when nothing is
+    /// pending (the stream delivers pending items before it reads live ones), so the next
+    /// event needs no queue.
+    fn accept_live(&mut self, event: EncodedEvent) -> Option<EncodedEvent> {
         let position = event.position();
         if position.epoch != self.position.epoch {
             // Either the channel restarted in a new epoch, or this is a stale event from before
@@ -312,16 +306,18 @@ impl Subscription {
                 event: Some(event),
                 call: Box::pin(async move { broker.position(&channel).await.map(Answer::Current) }),
             });
-            return;
+            return None;
         }
         if position.seq <= self.position.seq {
-            return;
+            return None;
         }
         if Some(position.seq) == self.position.seq.next() {
-            self.pending.push_back(event);
-            return;
+            // Same epoch: only the seq moves (no reference-count traffic per event).
+            self.position.seq = position.seq;
+            return Some(event);
         }
         self.read_history(Some(event));
+        None
     }
 
     fn apply_epoch(&mut self, event: Option<EncodedEvent>, current: Position) {

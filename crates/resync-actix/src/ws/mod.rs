@@ -7,20 +7,19 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::{FutureExt, StreamExt};
-use resync_broker::{Publish, Subscription, SubscriptionError, SubscriptionItem, resume};
+use resync_broker::{Publish, SubscriptionError, SubscriptionItem, resume};
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
     Position, RequestId, ServerFrame,
 };
 use tokio::time::Instant;
-use tokio_stream::StreamMap;
 
 use crate::Shared;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target};
-use crate::subscriptions::next_item;
+use crate::subscriptions::{Subscriptions, next_item};
 use socket::{Gone, Inbox, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
@@ -49,7 +48,7 @@ pub(crate) async fn handle(
         shared,
         identity,
         outbox,
-        subscriptions: StreamMap::new(),
+        subscriptions: Subscriptions::new(),
         client_id,
         bad_frames: 0,
     };
@@ -61,7 +60,7 @@ struct Connection {
     shared: Arc<Shared>,
     identity: Identity,
     outbox: Outbox,
-    subscriptions: StreamMap<Channel, Subscription>,
+    subscriptions: Subscriptions,
     client_id: String,
     bad_frames: u32,
 }
@@ -93,11 +92,7 @@ impl Connection {
     async fn run(mut self, mut messages: Inbox) {
         let _guard = self.shared.metrics.connection(Transport::WebSocket);
         let ping_interval = self.shared.config.ping_interval;
-        let mut ping = self.shared.ws_ping.subscribe();
-        if *self.shared.shutdown.borrow() {
-            // Shut down between the upgrade and now: the wake-up was missed.
-            ping.mark_changed();
-        }
+        let mut ping = self.shared.clock(&self.shared.ws_ping);
         let mut last_heard = Instant::now();
         // Boxed, and only for tokens that expire: most connections hold no timer at all.
         let mut expiry = self
@@ -412,7 +407,7 @@ impl Connection {
         if self.subscriptions.capacity() == 0 {
             // Room for one: most connections follow one channel, and a map grown by
             // insertion would reserve four subscriptions' room.
-            self.subscriptions = StreamMap::with_capacity(1);
+            self.subscriptions = Subscriptions::with_capacity(1);
         }
         self.subscriptions.insert(channel.clone(), subscription);
         Ok(ServerFrame::Subscribed {

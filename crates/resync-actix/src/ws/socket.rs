@@ -105,18 +105,58 @@ impl Outbox {
     /// Queues a text message whose payload is UTF-8 (every frame of ours is: it is built from
     /// validated JSON and channel names), once the queue has room.
     pub(crate) async fn text(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        self.write(|frames| Parser::write_message(frames, payload, OpCode::Text, true, false))
-            .await
+        self.frame(OpCode::Text, payload).await
     }
 
     /// Queues a text message (see [`text`](Self::text)) if the queue has room now; `false`
     /// when it is full.
     pub(crate) fn try_text(&mut self, payload: &[u8]) -> Result<bool, Gone> {
+        self.try_frame(OpCode::Text, payload, None)
+    }
+
+    /// Answers a client's ping.
+    pub(crate) async fn pong(&mut self, payload: &[u8]) -> Result<(), Gone> {
+        self.frame(OpCode::Pong, payload).await
+    }
+
+    /// Queues a close frame; the response ends after it.
+    pub(crate) async fn close(&mut self, code: u16, reason: &str) -> Result<(), Gone> {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        self.frame(OpCode::Close, &payload).await?;
+        self.pipe.borrow_mut().finished = true;
+        Ok(())
+    }
+
+    /// Queues one frame once the queue has room.
+    async fn frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Gone> {
+        std::future::poll_fn(|context| {
+            match self.try_frame(opcode, payload, Some(context.waker())) {
+                Ok(true) => Poll::Ready(Ok(())),
+                Ok(false) => Poll::Pending,
+                Err(gone) => Poll::Ready(Err(gone)),
+            }
+        })
+        .await
+    }
+
+    /// Queues one frame if the queue has room: `false` when it is full, and then `waker`, if
+    /// given, is woken once the writer has drained it.
+    fn try_frame(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        waker: Option<&Waker>,
+    ) -> Result<bool, Gone> {
         let mut pipe = self.pipe.borrow_mut();
         if pipe.gone || pipe.finished {
             return Err(Gone);
         }
         if pipe.frames.len() >= OUTBOX_LIMIT {
+            if let Some(waker) = waker {
+                register(&mut pipe.sender, waker);
+            }
             return Ok(false);
         }
         if !pipe.frames.is_empty() {
@@ -125,46 +165,9 @@ impl Outbox {
             // size: an idle connection's one frame should not leave a large hole behind.)
             pipe.frames.reserve(BURST_RESERVE.max(payload.len() + 14));
         }
-        Parser::write_message(&mut pipe.frames, payload, OpCode::Text, true, false);
+        Parser::write_message(&mut pipe.frames, payload, opcode, true, false);
         wake(&mut pipe.body);
         Ok(true)
-    }
-
-    /// Answers a client's ping.
-    pub(crate) async fn pong(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        self.write(|frames| Parser::write_message(frames, payload, OpCode::Pong, true, false))
-            .await
-    }
-
-    /// Queues a close frame; the response ends after it.
-    pub(crate) async fn close(&mut self, code: u16, reason: &str) -> Result<(), Gone> {
-        let mut payload = Vec::with_capacity(2 + reason.len());
-        payload.extend_from_slice(&code.to_be_bytes());
-        payload.extend_from_slice(reason.as_bytes());
-        self.write(|frames| Parser::write_message(frames, &payload, OpCode::Close, true, false))
-            .await?;
-        self.pipe.borrow_mut().finished = true;
-        Ok(())
-    }
-
-    async fn write(&mut self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Gone> {
-        let mut encode = Some(encode);
-        std::future::poll_fn(|context| {
-            let mut pipe = self.pipe.borrow_mut();
-            if pipe.gone || pipe.finished {
-                return Poll::Ready(Err(Gone));
-            }
-            if pipe.frames.len() >= OUTBOX_LIMIT {
-                register(&mut pipe.sender, context.waker());
-                return Poll::Pending;
-            }
-            if let Some(encode) = encode.take() {
-                encode(&mut pipe.frames);
-            }
-            wake(&mut pipe.body);
-            Poll::Ready(Ok(()))
-        })
-        .await
     }
 }
 
@@ -246,6 +249,28 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
+    /// Begins joining a fragmented message.
+    fn start(&mut self, text: bool, bytes: &[u8]) -> Result<Option<Incoming>, ProtocolError> {
+        self.partial = Some(Partial {
+            text,
+            bytes: BytesMut::from(bytes),
+        });
+        Ok(None)
+    }
+
+    /// Adds a fragment to the message being joined, within the size limit.
+    fn append(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        let partial = self
+            .partial
+            .as_mut()
+            .ok_or(ProtocolError::ContinuationNotStarted)?;
+        if partial.bytes.len() + bytes.len() > self.max_message {
+            return Err(ProtocolError::Overflow);
+        }
+        partial.bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
     /// Joins continuation frames; `None` while a fragmented message is incomplete.
     fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, ProtocolError> {
         Ok(Some(match frame {
@@ -254,44 +279,17 @@ impl Inbox {
             Frame::Ping(bytes) => Incoming::Ping(bytes),
             Frame::Pong(_) => Incoming::Pong,
             Frame::Close(_) => Incoming::Close,
-            Frame::Continuation(Item::FirstText(bytes)) => {
-                self.partial = Some(Partial {
-                    text: true,
-                    bytes: BytesMut::from(&bytes[..]),
-                });
-                return Ok(None);
-            }
-            Frame::Continuation(Item::FirstBinary(bytes)) => {
-                self.partial = Some(Partial {
-                    text: false,
-                    bytes: BytesMut::from(&bytes[..]),
-                });
-                return Ok(None);
-            }
+            Frame::Continuation(Item::FirstText(bytes)) => return self.start(true, &bytes),
+            Frame::Continuation(Item::FirstBinary(bytes)) => return self.start(false, &bytes),
             Frame::Continuation(Item::Continue(bytes)) => {
-                let partial = self
-                    .partial
-                    .as_mut()
-                    .ok_or(ProtocolError::ContinuationNotStarted)?;
-                if partial.bytes.len() + bytes.len() > self.max_message {
-                    return Err(ProtocolError::Overflow);
-                }
-                partial.bytes.extend_from_slice(&bytes);
+                self.append(&bytes)?;
                 return Ok(None);
             }
             Frame::Continuation(Item::Last(bytes)) => {
-                let mut partial = self
-                    .partial
-                    .take()
-                    .ok_or(ProtocolError::ContinuationNotStarted)?;
-                if partial.bytes.len() + bytes.len() > self.max_message {
-                    return Err(ProtocolError::Overflow);
-                }
-                partial.bytes.extend_from_slice(&bytes);
-                if partial.text {
-                    Incoming::Text(partial.bytes.freeze())
-                } else {
-                    Incoming::Binary
+                self.append(&bytes)?;
+                match self.partial.take() {
+                    Some(Partial { text: true, bytes }) => Incoming::Text(bytes.freeze()),
+                    _ => Incoming::Binary,
                 }
             }
         }))
