@@ -8,6 +8,7 @@
 #![allow(missing_docs, reason = "test fixtures, documented by their names")]
 
 pub mod proxy;
+pub mod raw_ws;
 pub mod redis_server;
 pub mod server_process;
 
@@ -18,6 +19,9 @@ use resync_protocol::sse::{SseMessage, SseParser};
 use resync_protocol::{ClientFrame, CloseCode, Position, ServerFrame};
 use resync_server::{RunningServer, Settings};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The HS256 secret of test servers that verify tokens (32 bytes or more, as servers require).
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(10);

@@ -319,7 +319,7 @@ async fn close_code_1000_never_reconnects_but_shutdown_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_over_websocket_and_refreshes_expiring_tokens() {
     let server = TestServer::start(|settings| {
-        settings.jwt_secret = Some("jwt-secret".into());
+        settings.jwt_secret = Some(resync_tests::JWT_SECRET.into());
         settings.anonymous_subscribe = vec![];
     });
     let refreshes = Arc::new(AtomicU64::new(0));
@@ -343,7 +343,7 @@ async fn publishes_over_websocket_and_refreshes_expiring_tokens() {
                         publish: vec!["chat:*".into()],
                         ..Default::default()
                     },
-                    b"jwt-secret",
+                    resync_tests::JWT_SECRET.as_bytes(),
                 ))
             }
         })

@@ -186,7 +186,7 @@ async fn health_readiness_metrics_and_request_ids() {
 #[tokio::test]
 async fn cookie_credentials_from_a_foreign_origin_are_refused() {
     let server = TestServer::start(|settings| {
-        settings.jwt_secret = Some("jwt-secret".into());
+        settings.jwt_secret = Some(resync_tests::JWT_SECRET.into());
         settings.anonymous_subscribe = vec![];
         settings.allowed_origins = vec!["https://app.example.com".into()];
     });
@@ -201,7 +201,7 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
             subscribe: vec!["*".into()],
             ..Default::default()
         },
-        b"jwt-secret",
+        resync_tests::JWT_SECRET.as_bytes(),
     );
     let own_origin = server.server.base_url();
     let status_for = |origin: Option<&str>| {
@@ -218,7 +218,8 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
     assert_eq!(status_for(Some("https://app.example.com")).await, 200);
     assert_eq!(status_for(None).await, 200);
     assert_eq!(status_for(Some(&own_origin)).await, 200);
-    // Without any credentials, nothing is allowed here.
+    // Without any credentials, nothing is allowed here: a missing token is 401
+    // (docs/protocol.md), as anonymous clients may do nothing on this server.
     assert_eq!(
         server
             .http
@@ -228,7 +229,7 @@ async fn cookie_credentials_from_a_foreign_origin_are_refused() {
             .unwrap()
             .status()
             .as_u16(),
-        403
+        401
     );
 }
 

@@ -131,15 +131,15 @@ fn token(exp_in_seconds: u64, subscribe: &[&str], publish: &[&str]) -> String {
                 .collect(),
             ..Default::default()
         },
-        b"jwt-secret",
+        resync_tests::JWT_SECRET.as_bytes(),
     )
 }
 
 #[tokio::test]
 async fn credentials_are_checked_at_upgrade_and_per_channel() {
     let server = TestServer::start(|settings| {
-        settings.jwt_secret = Some("jwt-secret".into());
-        settings.anonymous_subscribe = vec![];
+        settings.jwt_secret = Some(resync_tests::JWT_SECRET.into());
+        settings.anonymous_subscribe = vec!["public:*".into()];
     });
     // A bad token gets a plain HTTP 401 before any WebSocket handshake.
     assert_eq!(
@@ -162,7 +162,7 @@ async fn credentials_are_checked_at_upgrade_and_per_channel() {
         Some(401)
     );
 
-    // Anonymous connections are let in but may subscribe to nothing here.
+    // Anonymous connections are let in (they may follow `public:*`) but not to `chat:1`.
     let mut anonymous = WsClient::connect_ready(&server.ws_url("")).await;
     let id = anonymous.next_request_id();
     anonymous
@@ -226,7 +226,8 @@ async fn credentials_are_checked_at_upgrade_and_per_channel() {
 
 #[tokio::test]
 async fn an_expiring_token_closes_with_refresh_code() {
-    let server = TestServer::start(|settings| settings.jwt_secret = Some("jwt-secret".into()));
+    let server =
+        TestServer::start(|settings| settings.jwt_secret = Some(resync_tests::JWT_SECRET.into()));
     let token = token(1, &["*"], &[]);
     let mut client = WsClient::connect_ready(&server.ws_url(&format!("?token={token}"))).await;
     client.subscribe("a", None).await;

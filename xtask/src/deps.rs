@@ -26,6 +26,7 @@ mod tests {
             &["resync-protocol", "resync-log", "resync-broker"],
         ),
         ("resync-client", &["resync-protocol"]),
+        ("resync-cli", &["resync-protocol", "resync-client"]),
         (
             "resync-server",
             &[
@@ -34,7 +35,6 @@ mod tests {
                 "resync-broker",
                 "resync-broker-redis",
                 "resync-actix",
-                "resync-client",
             ],
         ),
     ];

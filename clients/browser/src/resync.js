@@ -44,7 +44,7 @@ export function backoffDelay(attempt, config = DEFAULT_BACKOFF, random = Math.ra
  * @returns {"stop" | "backoff" | "backoff-drop-message" | "soon" | "refresh-token"}
  */
 export function closeAdvice(code) {
-  if (code === 1000) return "stop";
+  if (code === 1000 || code === 1002) return "stop";
   if (code === 1009) return "backoff-drop-message";
   if (code === 1012) return "soon";
   if (code >= 4000 && code <= 4099) return "stop";

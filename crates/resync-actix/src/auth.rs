@@ -132,12 +132,28 @@ impl Authorizer for AllowAllSubscribers {
 
 /// Verifies HS256 JWTs (see [`jwt::Claims`]): the token's `subscribe` and `publish` claims
 /// list channel patterns, `exp` ends the connection. Requests without a token get the
-/// anonymous patterns (none by default).
+/// anonymous patterns (none by default); when there are none, they get 401.
 #[derive(Clone)]
 pub struct JwtAuthorizer {
     secret: Vec<u8>,
     anonymous_subscribe: Vec<ChannelPattern>,
     anonymous_publish: Vec<ChannelPattern>,
+    max_token_lifetime: Option<Duration>,
+}
+
+/// The shortest HS256 secret accepted, in bytes: RFC 7518 section 3.2 asks for a key at least
+/// as long as the hash (256 bits); a shorter one can be guessed offline from one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A JWT secret too short to be safe (see [`MIN_SECRET_BYTES`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the JWT secret has {length} bytes; at least {MIN_SECRET_BYTES} are required (for example \
+     the output of `openssl rand -hex 32`)"
+)]
+pub struct WeakSecret {
+    /// The length of the refused secret.
+    pub length: usize,
 }
 
 impl std::fmt::Debug for JwtAuthorizer {
@@ -147,18 +163,35 @@ impl std::fmt::Debug for JwtAuthorizer {
             .field("secret", &"<redacted>")
             .field("anonymous_subscribe", &self.anonymous_subscribe)
             .field("anonymous_publish", &self.anonymous_publish)
+            .field("max_token_lifetime", &self.max_token_lifetime)
             .finish()
     }
 }
 
 impl JwtAuthorizer {
     /// An authorizer verifying tokens signed with `secret`; anonymous requests may do nothing.
-    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
-        Self {
-            secret: secret.into(),
+    /// Refuses a secret shorter than [`MIN_SECRET_BYTES`]: with an empty or short one, anyone
+    /// could sign tokens.
+    pub fn new(secret: impl Into<Vec<u8>>) -> Result<Self, WeakSecret> {
+        let secret = secret.into();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(WeakSecret {
+                length: secret.len(),
+            });
+        }
+        Ok(Self {
+            secret,
             anonymous_subscribe: Vec::new(),
             anonymous_publish: Vec::new(),
-        }
+            max_token_lifetime: None,
+        })
+    }
+
+    /// Refuses tokens whose `exp` lies further than `lifetime` in the future, so that a leaked
+    /// long-lived token is worth less. Defaults to no limit.
+    pub fn max_token_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_token_lifetime = lifetime;
+        self
     }
 
     /// Lets requests without a token subscribe to channels matching `patterns` (for example
@@ -182,6 +215,11 @@ impl JwtAuthorizer {
 impl Authorizer for JwtAuthorizer {
     async fn authenticate(&self, credentials: &Credentials) -> Result<Identity, AuthError> {
         let Some((token, _)) = &credentials.token else {
+            if self.anonymous_subscribe.is_empty() && self.anonymous_publish.is_empty() {
+                return Err(AuthError::Unauthorized(
+                    "a token is required: anonymous clients may do nothing here".to_owned(),
+                ));
+            }
             return Ok(Identity {
                 subscribe: self.anonymous_subscribe.clone(),
                 publish: self.anonymous_publish.clone(),
@@ -192,9 +230,24 @@ impl Authorizer for JwtAuthorizer {
             JwtError::Expired => AuthError::Unauthorized("token expired".to_owned()),
             other => AuthError::Unauthorized(other.to_string()),
         })?;
+        // Checked: `exp` is the signer's number, and SystemTime + Duration panics on overflow.
+        let expires_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or_else(|| AuthError::Unauthorized("token expiry is out of range".to_owned()))?;
+        if let Some(lifetime) = self.max_token_lifetime {
+            let remaining = expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            if remaining > lifetime {
+                return Err(AuthError::Unauthorized(format!(
+                    "token lives longer than the {} s this server accepts",
+                    lifetime.as_secs()
+                )));
+            }
+        }
         Ok(Identity {
             subject: claims.sub,
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            expires_at: Some(expires_at),
             subscribe: claims
                 .subscribe
                 .into_iter()
@@ -243,10 +296,82 @@ mod tests {
         );
     }
 
+    const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+
+    fn bearer(token: String) -> Credentials {
+        Credentials {
+            token: Some((token, TokenSource::Header)),
+        }
+    }
+
+    fn seconds_from_now(seconds: u64) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + seconds
+    }
+
+    #[test]
+    fn empty_and_short_secrets_are_refused() {
+        assert_eq!(JwtAuthorizer::new("").unwrap_err().length, 0);
+        assert_eq!(JwtAuthorizer::new(vec![7u8; 31]).unwrap_err().length, 31);
+        assert!(JwtAuthorizer::new(vec![7u8; 32]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_expiring_past_the_clock_range_is_refused_without_panic() {
+        let authorizer = JwtAuthorizer::new(SECRET).unwrap();
+        for exp in [1u64 << 63, u64::MAX] {
+            let token = jwt::sign(
+                &jwt::Claims {
+                    exp,
+                    subscribe: vec!["*".into()],
+                    ..Default::default()
+                },
+                SECRET,
+            );
+            let result = authorizer.authenticate(&bearer(token)).await;
+            assert!(
+                matches!(&result, Err(AuthError::Unauthorized(message)) if message.contains("out of range")),
+                "exp {exp}: {result:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_living_longer_than_the_maximum_are_refused() {
+        let authorizer = JwtAuthorizer::new(SECRET)
+            .unwrap()
+            .max_token_lifetime(Some(Duration::from_secs(3_600)));
+        let claims = |exp| jwt::Claims {
+            exp,
+            subscribe: vec!["*".into()],
+            ..Default::default()
+        };
+        let short = jwt::sign(&claims(seconds_from_now(600)), SECRET);
+        assert!(authorizer.authenticate(&bearer(short)).await.is_ok());
+        let long = jwt::sign(&claims(seconds_from_now(86_400)), SECRET);
+        assert!(matches!(
+            authorizer.authenticate(&bearer(long)).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_anonymous_patterns_a_missing_token_is_unauthorized() {
+        let authorizer = JwtAuthorizer::new(SECRET).unwrap();
+        assert!(matches!(
+            authorizer.authenticate(&Credentials::default()).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+    }
+
     #[tokio::test]
     async fn jwt_authorizer_reads_claims_and_anonymous_patterns() {
-        let authorizer =
-            JwtAuthorizer::new("s3cret").anonymous_subscribe([ChannelPattern::new("public:*")]);
+        let authorizer = JwtAuthorizer::new(SECRET)
+            .unwrap()
+            .anonymous_subscribe([ChannelPattern::new("public:*")]);
         let anonymous = authorizer
             .authenticate(&Credentials::default())
             .await
@@ -266,7 +391,7 @@ mod tests {
                 publish: vec!["chat:*".into()],
                 ..Default::default()
             },
-            b"s3cret",
+            SECRET,
         );
         let credentials = Credentials {
             token: Some((token, TokenSource::Header)),

@@ -56,7 +56,7 @@ use tokio::sync::watch;
 
 pub use auth::{
     AllowAllSubscribers, AuthError, Authorizer, ChannelPattern, Credentials, Identity,
-    JwtAuthorizer, TokenSource, redact_query,
+    JwtAuthorizer, MIN_SECRET_BYTES, TokenSource, WeakSecret, redact_query,
 };
 pub use config::TransportConfig;
 pub use error::{ApiError, Result, status_of};

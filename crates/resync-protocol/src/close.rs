@@ -19,6 +19,9 @@ impl CloseCode {
     pub const NORMAL: CloseCode = CloseCode(1000);
     /// The peer is going away (page unload); reconnect with backoff.
     pub const GOING_AWAY: CloseCode = CloseCode(1001);
+    /// The peer broke WebSocket framing itself (RFC 6455: reserved bits, a forbidden close
+    /// code, a data frame inside a fragmented message); terminal.
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     /// No close frame arrived: the connection broke. Never sent, only observed.
     pub const ABNORMAL: CloseCode = CloseCode(1006);
     /// The client sent a message over the server's size limit: drop that message, never resend
@@ -51,7 +54,7 @@ impl CloseCode {
     /// What a client should do after the server closed with this code.
     pub fn advice(self) -> ReconnectAdvice {
         match self.0 {
-            1000 => ReconnectAdvice::Stop,
+            1000 | 1002 => ReconnectAdvice::Stop,
             1009 => ReconnectAdvice::Backoff {
                 drop_pending_message: true,
             },
@@ -73,6 +76,7 @@ impl CloseCode {
         match self.0 {
             1000 => "done",
             1001 => "going away",
+            1002 => "websocket protocol error",
             1006 => "connection lost",
             1009 => "message too big, do not resend",
             1011 => "internal error, reconnect with backoff",
@@ -111,6 +115,7 @@ pub enum ReconnectAdvice {
 pub const ALL_CLOSE_CODES: &[CloseCode] = &[
     CloseCode::NORMAL,
     CloseCode::GOING_AWAY,
+    CloseCode::PROTOCOL_ERROR,
     CloseCode::MESSAGE_TOO_BIG,
     CloseCode::INTERNAL_ERROR,
     CloseCode::SERVICE_RESTART,
@@ -134,6 +139,7 @@ mod tests {
         use ReconnectAdvice::*;
         let expected = [
             (1000, Stop),
+            (1002, Stop),
             (
                 1001,
                 Backoff {

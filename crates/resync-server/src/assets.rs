@@ -9,9 +9,13 @@ const REACT_JS: &str = include_str!("../../../clients/browser/src/react.js");
 const REACT_DTS: &str = include_str!("../../../clients/browser/src/react.d.ts");
 const DEMO_HTML: &str = include_str!("../../../clients/browser/demo/index.html");
 
-pub(crate) fn configure(config: &mut web::ServiceConfig) {
+/// The client modules always; the demo page at `/` only with `demo` (the page's chat publishes
+/// anonymously, which only the demo allows).
+pub(crate) fn configure(config: &mut web::ServiceConfig, demo: bool) {
+    if demo {
+        config.route("/", web::get().to(|| async { page(DEMO_HTML) }));
+    }
     config
-        .route("/", web::get().to(|| async { page(DEMO_HTML) }))
         .route(
             "/client/resync.js",
             web::get().to(|| async { script(RESYNC_JS) }),

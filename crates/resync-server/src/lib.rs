@@ -31,8 +31,13 @@ fn generate_api_key() -> Result<String> {
     Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
+/// Channel patterns from settings; empty entries (`--anonymous-subscribe ""`) mean none.
 fn patterns(patterns: &[String]) -> Vec<ChannelPattern> {
-    patterns.iter().map(ChannelPattern::new).collect()
+    patterns
+        .iter()
+        .filter(|pattern| !pattern.is_empty())
+        .map(ChannelPattern::new)
+        .collect()
 }
 
 /// A server that is bound and running.
@@ -105,20 +110,31 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         ..TransportConfig::default()
     };
     let builder = Resync::builder_shared(broker.clone()).config(config);
+    // The demo page's chat publishes anonymously; nothing else does unless configured.
+    let mut anonymous_publish = settings.anonymous_publish.clone();
+    if settings.demo && !anonymous_publish.iter().any(|pattern| pattern == "demo:*") {
+        anonymous_publish.push("demo:*".to_owned());
+    }
+    let max_token_lifetime = settings.max_token_lifetime_secs.map(Duration::from_secs);
     let builder = match &settings.jwt_secret {
         Some(secret) => builder.authorizer(
             JwtAuthorizer::new(secret.as_bytes().to_vec())
+                .context("refusing the JWT secret (--jwt-secret, RESYNC_JWT_SECRET, jwt_secret)")?
+                .max_token_lifetime(max_token_lifetime)
                 .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
-                .anonymous_publish(patterns(&settings.anonymous_publish)),
+                .anonymous_publish(patterns(&anonymous_publish)),
         ),
-        None if settings.anonymous_subscribe == ["*"] && settings.anonymous_publish.is_empty() => {
+        None if patterns(&settings.anonymous_subscribe) == [ChannelPattern::new("*")]
+            && anonymous_publish.is_empty() =>
+        {
             builder.authorizer(AllowAllSubscribers)
         }
         // Anonymous patterns without a JWT secret: a JWT authorizer that no token can pass.
         None => builder.authorizer(
             JwtAuthorizer::new(generate_api_key()?.into_bytes())
+                .context("generating a JWT secret")?
                 .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
-                .anonymous_publish(patterns(&settings.anonymous_publish)),
+                .anonymous_publish(patterns(&anonymous_publish)),
         ),
     };
     let resync = builder.build();
@@ -133,13 +149,18 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     });
 
     let app_resync = resync.clone();
+    let demo = settings.demo;
     let server = HttpServer::new(move || {
         let resync = app_resync.clone();
-        App::new()
+        let mut app = App::new()
             .app_data(state.clone())
             .wrap(from_fn(request_log))
-            .configure(assets::configure)
-            .route("/help", web::get().to(index))
+            .configure(|config| assets::configure(config, demo));
+        if !demo {
+            // Without the demo, `/` says what the server offers instead of a 404.
+            app = app.route("/", web::get().to(index));
+        }
+        app.route("/help", web::get().to(index))
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
     })

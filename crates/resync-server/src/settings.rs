@@ -19,9 +19,12 @@ pub struct Settings {
     pub api_key: Option<String>,
     /// HS256 secret for client tokens; without it, clients are anonymous.
     pub jwt_secret: Option<String>,
+    /// Longest token lifetime accepted (`exp` minus now), in seconds; none when unset.
+    pub max_token_lifetime_secs: Option<u64>,
     /// Channel patterns anonymous clients may subscribe to.
     pub anonymous_subscribe: Vec<String>,
-    /// Channel patterns anonymous clients may publish to over WebSocket.
+    /// Channel patterns anonymous clients may publish to over WebSocket (none by default;
+    /// the demo adds `demo:*` for its chat).
     pub anonymous_publish: Vec<String>,
     /// Extra origins allowed to use cookie credentials.
     pub allowed_origins: Vec<String>,
@@ -61,7 +64,8 @@ pub struct Settings {
     pub redis_prefix: String,
     /// Redis command connections per process.
     pub redis_pool_size: usize,
-    /// Serve the demo page at `/` and publish ticks on `demo:ticker`.
+    /// Serve the demo page at `/`, publish ticks on `demo:ticker`, and let anonymous clients
+    /// publish on `demo:*` (its chat). Off by default: the demo is open by design.
     pub demo: bool,
     /// Notice departed SSE and long-poll clients at once (one extra descriptor per connection).
     pub track_disconnects: bool,
@@ -97,8 +101,9 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
             jwt_secret: None,
+            max_token_lifetime_secs: None,
             anonymous_subscribe: vec!["*".to_owned()],
-            anonymous_publish: vec!["demo:*".to_owned()],
+            anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
             history_size: 10_000,
             history_max_age_secs: 24 * 60 * 60,
@@ -118,7 +123,7 @@ impl Default for Settings {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_prefix: "resync:".to_owned(),
             redis_pool_size: 16,
-            demo: true,
+            demo: false,
             track_disconnects: true,
             log_format: LogFormat::Text,
         }
@@ -139,15 +144,20 @@ pub struct Args {
     /// API key for the HTTP publish/history API. [default: generated at start and logged]
     #[arg(long, env = "RESYNC_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// HS256 secret for client JWTs; without it, clients are anonymous. [default: none]
+    /// HS256 secret for client JWTs, at least 32 bytes; without it, clients are anonymous.
+    /// [default: none]
     #[arg(long, env = "RESYNC_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Refuse tokens whose expiry lies further ahead than this many seconds, so a leaked
+    /// token is worth less. [default: no limit]
+    #[arg(long, env = "RESYNC_MAX_TOKEN_LIFETIME_SECS")]
+    max_token_lifetime_secs: Option<u64>,
     /// Channel patterns anonymous clients may subscribe to (`*`, `public:*`, `news`),
     /// comma-separated. [default: *]
     #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
     anonymous_subscribe: Option<Vec<String>>,
-    /// Channel patterns anonymous clients may publish to over WebSocket; `--anonymous-publish ""`
-    /// for none. [default: demo:* (the demo page's chat)]
+    /// Channel patterns anonymous clients may publish to over WebSocket, comma-separated.
+    /// [default: none; `--demo` adds demo:* for its chat]
     #[arg(long, env = "RESYNC_ANONYMOUS_PUBLISH", value_delimiter = ',')]
     anonymous_publish: Option<Vec<String>>,
     /// Extra origins allowed to use cookie credentials, comma-separated. [default: none]
@@ -208,8 +218,10 @@ pub struct Args {
     /// Redis command connections per process. [default: 16]
     #[arg(long, env = "RESYNC_REDIS_POOL_SIZE")]
     redis_pool_size: Option<usize>,
-    /// Serve the demo page at `/` and publish a tick on `demo:ticker` every 2 s. [default: true]
-    #[arg(long, env = "RESYNC_DEMO")]
+    /// Serve the demo page at `/`, publish a tick on `demo:ticker` every 2 s, and let anonymous
+    /// clients publish on `demo:*` (its chat). Open by design: not for the internet.
+    /// `--demo` alone means true. [default: false]
+    #[arg(long, env = "RESYNC_DEMO", num_args = 0..=1, default_missing_value = "true")]
     demo: Option<bool>,
     /// Notice departed SSE and long-poll clients at once, at the cost of a second file
     /// descriptor per connection (budget the open-file limit accordingly). [default: true]
@@ -243,6 +255,9 @@ impl Settings {
         }
         if args.jwt_secret.is_some() {
             settings.jwt_secret = args.jwt_secret;
+        }
+        if args.max_token_lifetime_secs.is_some() {
+            settings.max_token_lifetime_secs = args.max_token_lifetime_secs;
         }
         overlay!(
             settings,

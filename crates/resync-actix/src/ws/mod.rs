@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target};
 use crate::subscriptions::{Subscriptions, next_item};
-use socket::{Gone, Inbox, Incoming, Outbox};
+use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
 const MAX_BATCH: usize = 64;
@@ -67,7 +67,7 @@ struct Connection {
 
 /// What woke the connection loop.
 enum Wake {
-    Message(Option<Result<Incoming, actix_http::ws::ProtocolError>>),
+    Message(Option<Result<Incoming, InboxError>>),
     Item(Channel, Result<SubscriptionItem, SubscriptionError>),
     /// The ping clock ticked, or the server is shutting down.
     Ping,
@@ -249,7 +249,7 @@ impl Connection {
 
     async fn on_message(
         &mut self,
-        message: Option<Result<Incoming, actix_http::ws::ProtocolError>>,
+        message: Option<Result<Incoming, InboxError>>,
     ) -> Result<(), Ending> {
         match message {
             None => Err(Ending::Gone),
@@ -274,12 +274,11 @@ impl Connection {
             },
             Some(Ok(Incoming::Pong)) => Ok(()),
             Some(Ok(Incoming::Close)) => Err(Ending::Close(CloseCode::NORMAL)),
-            Some(Err(actix_http::ws::ProtocolError::Overflow)) => {
-                Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG))
-            }
+            Some(Err(InboxError::TooBig)) => Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG)),
+            Some(Err(InboxError::Io(_))) => Err(Ending::Gone),
             Some(Err(error)) => {
-                tracing::debug!(target: "resync::ws", client_id = %self.client_id, %error, "protocol error");
-                Err(Ending::Close(CloseCode::PROTOCOL_VIOLATION))
+                tracing::debug!(target: "resync::ws", client_id = %self.client_id, %error, "framing error");
+                Err(Ending::Close(CloseCode::PROTOCOL_ERROR))
             }
         }
     }

@@ -219,6 +219,102 @@ impl Drop for OutboxBody {
     }
 }
 
+/// Why the inbox stopped reading the client.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InboxError {
+    /// A frame, or a fragmented message, declared or reached more than the size limit.
+    #[error("message over the size limit")]
+    TooBig,
+    /// The client broke RFC 6455's framing rules.
+    #[error("websocket framing error: {0}")]
+    Framing(&'static str),
+    /// actix-http's codec refused a frame.
+    #[error(transparent)]
+    Codec(ProtocolError),
+    /// Reading the socket failed.
+    #[error("reading the socket failed: {0}")]
+    Io(String),
+}
+
+impl From<ProtocolError> for InboxError {
+    fn from(error: ProtocolError) -> Self {
+        match error {
+            ProtocolError::Overflow => InboxError::TooBig,
+            other => InboxError::Codec(other),
+        }
+    }
+}
+
+/// What the first bytes of a frame say, read before its payload arrives.
+#[derive(Debug, PartialEq, Eq)]
+struct FrameHeader {
+    fin: bool,
+    reserved_bits: u8,
+    opcode: u8,
+    length: u64,
+}
+
+impl FrameHeader {
+    /// The header at the start of `bytes`, or `None` until enough of it has arrived.
+    fn peek(bytes: &[u8]) -> Option<FrameHeader> {
+        let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+        let length = match second & 0x7F {
+            126 => u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
+            127 => {
+                let mut long = [0u8; 8];
+                long.copy_from_slice(bytes.get(2..10)?);
+                u64::from_be_bytes(long)
+            }
+            short => u64::from(short),
+        };
+        Some(FrameHeader {
+            fin: first & 0x80 != 0,
+            reserved_bits: first & 0x70,
+            opcode: first & 0x0F,
+            length,
+        })
+    }
+
+    /// Checks the header against RFC 6455 and the size limit, given how many bytes of a
+    /// fragmented message are already joined (`None` when none is being joined).
+    fn check(&self, joined: Option<usize>, max_message: usize) -> Result<(), InboxError> {
+        if self.reserved_bits != 0 {
+            // No extension is negotiated, so RSV1-3 must be 0 (RFC 6455 section 5.2).
+            return Err(InboxError::Framing(
+                "reserved bits set without an extension",
+            ));
+        }
+        let control = self.opcode & 0x08 != 0;
+        if control {
+            if !self.fin {
+                return Err(InboxError::Framing("fragmented control frame"));
+            }
+            if self.length > 125 {
+                return Err(InboxError::Framing("control frame over 125 bytes"));
+            }
+            return Ok(());
+        }
+        if joined.is_some() && self.opcode != 0 {
+            return Err(InboxError::Framing(
+                "new data frame inside a fragmented message",
+            ));
+        }
+        let total = u64::try_from(joined.unwrap_or(0))
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.length);
+        if total > u64::try_from(max_message).unwrap_or(u64::MAX) {
+            return Err(InboxError::TooBig);
+        }
+        Ok(())
+    }
+}
+
+/// Whether a close code may be sent by a peer (RFC 6455 section 7.4): 1004-1006 and 1015 are
+/// reserved, codes below 1000 and from 5000 on are not codes at all.
+fn close_code_is_valid(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// A message from the client, continuation frames joined.
 #[derive(Debug)]
 pub(crate) enum Incoming {
@@ -250,7 +346,7 @@ pub(crate) struct Inbox {
 
 impl Inbox {
     /// Begins joining a fragmented message.
-    fn start(&mut self, text: bool, bytes: &[u8]) -> Result<Option<Incoming>, ProtocolError> {
+    fn start(&mut self, text: bool, bytes: &[u8]) -> Result<Option<Incoming>, InboxError> {
         self.partial = Some(Partial {
             text,
             bytes: BytesMut::from(bytes),
@@ -259,26 +355,46 @@ impl Inbox {
     }
 
     /// Adds a fragment to the message being joined, within the size limit.
-    fn append(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+    fn append(&mut self, bytes: &[u8]) -> Result<(), InboxError> {
         let partial = self
             .partial
             .as_mut()
-            .ok_or(ProtocolError::ContinuationNotStarted)?;
+            .ok_or(InboxError::Codec(ProtocolError::ContinuationNotStarted))?;
         if partial.bytes.len() + bytes.len() > self.max_message {
-            return Err(ProtocolError::Overflow);
+            return Err(InboxError::TooBig);
         }
         partial.bytes.extend_from_slice(bytes);
         Ok(())
     }
 
+    /// Refuses the next frame as soon as its header is in, before any of its payload is
+    /// buffered: actix-http's parser checks the size limit only once the whole frame has
+    /// arrived, so a header declaring 2^40 bytes would have us keep whatever the client sends.
+    fn check_next_header(&self) -> Result<(), InboxError> {
+        match FrameHeader::peek(&self.buffer) {
+            Some(header) => header.check(
+                self.partial.as_ref().map(|partial| partial.bytes.len()),
+                self.max_message,
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// Joins continuation frames; `None` while a fragmented message is incomplete.
-    fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, ProtocolError> {
+    fn assemble(&mut self, frame: Frame) -> Result<Option<Incoming>, InboxError> {
         Ok(Some(match frame {
             Frame::Text(bytes) => Incoming::Text(bytes),
             Frame::Binary(_) => Incoming::Binary,
             Frame::Ping(bytes) => Incoming::Ping(bytes),
             Frame::Pong(_) => Incoming::Pong,
-            Frame::Close(_) => Incoming::Close,
+            Frame::Close(reason) => {
+                if let Some(reason) = reason
+                    && !close_code_is_valid(u16::from(reason.code))
+                {
+                    return Err(InboxError::Framing("close code not allowed on the wire"));
+                }
+                Incoming::Close
+            }
             Frame::Continuation(Item::FirstText(bytes)) => return self.start(true, &bytes),
             Frame::Continuation(Item::FirstBinary(bytes)) => return self.start(false, &bytes),
             Frame::Continuation(Item::Continue(bytes)) => {
@@ -297,7 +413,7 @@ impl Inbox {
 }
 
 impl Stream for Inbox {
-    type Item = Result<Incoming, ProtocolError>;
+    type Item = Result<Incoming, InboxError>;
 
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -305,6 +421,11 @@ impl Stream for Inbox {
             return Poll::Ready(None);
         }
         loop {
+            if let Err(error) = this.check_next_header() {
+                this.ended = true;
+                this.buffer = BytesMut::new();
+                return Poll::Ready(Some(Err(error)));
+            }
             match this.codec.decode(&mut this.buffer) {
                 Ok(Some(frame)) => match this.assemble(frame) {
                     Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
@@ -322,7 +443,7 @@ impl Stream for Inbox {
                 }
                 Err(error) => {
                     this.ended = true;
-                    return Poll::Ready(Some(Err(error)));
+                    return Poll::Ready(Some(Err(error.into())));
                 }
             }
             if this.pipe.borrow().gone {
@@ -334,7 +455,7 @@ impl Stream for Inbox {
                 Poll::Ready(Some(Ok(bytes))) => this.buffer.extend_from_slice(&bytes),
                 Poll::Ready(Some(Err(error))) => {
                     this.ended = true;
-                    return Poll::Ready(Some(Err(ProtocolError::Io(std::io::Error::other(error)))));
+                    return Poll::Ready(Some(Err(InboxError::Io(error.to_string()))));
                 }
                 Poll::Ready(None) => {
                     this.ended = true;

@@ -1,5 +1,5 @@
-//! The `resync` CLI against the real server binary: `subscribe` prints JSON lines, `publish`
-//! stores events.
+//! The `resync` CLI against a real server: `subscribe` prints JSON lines, `publish` stores
+//! events.
 
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
 
@@ -8,22 +8,14 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn cli_subscribe_prints_what_cli_publish_sends() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_resync-server"))
-        .args(["--listen", "127.0.0.1:0", "--api-key", "cli-key"])
-        .env("RESYNC_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (server, _thread) = resync_server::start(resync_server::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some("cli-key".to_owned()),
+        workers: Some(1),
+        ..resync_server::Settings::default()
+    })
+    .unwrap();
+    let base = server.base_url();
 
     let publish = |data: &str| {
         let output = Command::new(env!("CARGO_BIN_EXE_resync"))
@@ -69,6 +61,6 @@ fn cli_subscribe_prints_what_cli_publish_sends() {
     assert_eq!(lines[1]["data"]["n"], 2);
     assert_eq!(lines[1]["seq"], 2);
     assert_eq!(lines[1]["cursor"], format!("cli:{epoch}:2"));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    // The server thread ends with the test process.
+    drop(server);
 }
