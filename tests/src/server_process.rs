@@ -35,14 +35,12 @@ impl ServerProcess {
     /// Starts the binary on a free port with `arguments` added.
     pub fn start(arguments: &[&str]) -> Self {
         let mut child = Command::new(server_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--api-key",
-                "test-key",
-                "--shutdown-spread-ms",
-                "100",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--api-key", "test-key"])
+            .args(if arguments.contains(&"--shutdown-spread-ms") {
+                &[][..]
+            } else {
+                &["--shutdown-spread-ms", "100"][..]
+            })
             .args(arguments)
             .env("RESYNC_LOG", "warn")
             .stdout(Stdio::piped())
@@ -67,6 +65,32 @@ impl ServerProcess {
             address,
             child,
         }
+    }
+
+    /// Sends SIGTERM: the graceful shutdown of a deploy.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM was not delivered");
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit, for at most `wait`; whether it did.
+    pub fn wait_for_exit(&mut self, wait: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
     }
 
     /// Kills the process at once (SIGKILL): no goodbye to its clients.

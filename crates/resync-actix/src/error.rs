@@ -37,6 +37,9 @@ impl ApiError {
     }
 }
 
+/// The `Retry-After` of 503 and 429 answers, in seconds.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
 /// The HTTP status for each error code.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
@@ -57,7 +60,13 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).json(self.body())
+        let status = self.status_code();
+        let mut response = HttpResponse::build(status);
+        // "Try again later" says when: clients (and proxies) wait at least this long.
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        response.json(self.body())
     }
 }
 

@@ -59,7 +59,7 @@ pub use auth::{
     JwtAuthorizer, MIN_SECRET_BYTES, TokenSource, WeakSecret, redact_query,
 };
 pub use config::TransportConfig;
-pub use error::{ApiError, Result, status_of};
+pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};
 pub use metrics::{ConnectionGuard, Metrics, Transport};
 pub use probe::track_disconnects;
 

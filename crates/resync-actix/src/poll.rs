@@ -53,7 +53,12 @@ pub(crate) async fn handle(
     let opened = open_all(&shared, &query.channels, Some(&cursor)).await?;
     let mut batch = Batch::new(Cursor::new());
     let mut subscriptions: Vec<Subscription> = Vec::with_capacity(opened.len());
+    // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
+    // starts now, like a first poll: the client needs its position at once, not after the
+    // timeout.
+    let mut starts_now = false;
     for (outcome, subscription) in opened {
+        starts_now |= matches!(outcome, RecoveryOutcome::Fresh { .. });
         let channel = subscription.channel().clone();
         batch
             .cursor
@@ -80,7 +85,7 @@ pub(crate) async fn handle(
         }
     }
 
-    if batch.is_empty() {
+    if batch.is_empty() && !starts_now {
         let mut streams: Subscriptions = subscriptions
             .into_iter()
             .map(|subscription| (subscription.channel().clone(), subscription))

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome, ResetReason};
+use resync_protocol::{Channel, Cursor, ErrorCode, Position, RecoveryOutcome, ResetReason};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -27,7 +27,41 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (query, identity) = admit_follower(&shared, &request).await?;
+    match open_stream(&shared, &request).await {
+        // A non-200 answer closes an `EventSource` for good (WHATWG HTML, "fail the
+        // connection"), so "try again later" is a stream that says when, then ends.
+        Err(error) if error.code == ErrorCode::Unavailable => {
+            Ok(retry_later(&shared, &request, &error))
+        }
+        other => other,
+    }
+}
+
+/// A stream that only says when to come back: during shutdown (on a connection of its own, so
+/// the retry meets the closed listener or the next process) and while the broker is down.
+fn retry_later(shared: &Shared, request: &HttpRequest, error: &ApiError) -> HttpResponse {
+    let retry_ms = shared.config.sse_retry_ms + fastrand::u64(0..=1_000);
+    let mut body = encode_comment(&format!("unavailable: {}", error.message));
+    body.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
+    let mut response = HttpResponse::Ok();
+    for (name, value) in cors_headers(request, &shared.config.allowed_origins) {
+        response.insert_header((name, value));
+    }
+    if *shared.shutdown.borrow() {
+        response.force_close();
+    }
+    response
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"))
+        .body(body)
+}
+
+async fn open_stream(
+    shared: &Arc<Shared>,
+    request: &HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let shared = shared.clone();
+    let (query, identity) = admit_follower(&shared, request).await?;
 
     // An explicit cursor wins; a Last-Event-ID that cannot be read must not fail the stream
     // (EventSource would give up silently), so it turns into a reset of every channel.
@@ -48,10 +82,14 @@ pub(crate) async fn handle(
         },
     };
     let opened = open_all(&shared, &query.channels, cursor.as_ref()).await?;
-    tracing::debug!(target: "resync::sse", request = %loggable_target(&request), channels = opened.len(), "stream opened");
+    tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = opened.len(), "stream opened");
 
     let mut positions = Cursor::new();
     let mut outcomes = serde_json::Map::new();
+    // Resets found now also go out as `reset` events, right after the opening: a client
+    // that listens only for `reset` (as a browser page written from the docs does) must see
+    // the refetch it owes after a deploy or a truncation.
+    let mut resets = Vec::new();
     // Exactly sized: a map grown by insertion would reserve four subscriptions' room.
     let mut streams = Subscriptions::with_capacity(opened.len());
     for (outcome, subscription) in opened {
@@ -64,6 +102,9 @@ pub(crate) async fn handle(
             other => other,
         };
         positions.set(channel.clone(), subscription.position().clone());
+        if let RecoveryOutcome::Reset { reason, position } = &outcome {
+            resets.push(reset_json(&channel, *reason, position));
+        }
         outcomes.insert(
             channel.to_string(),
             serde_json::to_value(&outcome).unwrap_or_default(),
@@ -79,11 +120,21 @@ pub(crate) async fn handle(
         retry_ms: Some(shared.config.sse_retry_ms),
     }
     .encode_into(&mut first_chunk);
+    let id = positions.to_string();
+    for reset in &resets {
+        SseFrame {
+            id: Some(&id),
+            event: Some("reset"),
+            data: reset,
+            retry_ms: None,
+        }
+        .encode_into(&mut first_chunk);
+    }
 
-    let cors = cors_headers(&request, &shared.config.allowed_origins);
+    let cors = cors_headers(request, &shared.config.allowed_origins);
     let state = StreamState {
         guard: shared.metrics.connection(Transport::Sse),
-        ends: ends(identity.remaining(), ConnectionProbe::of(&request)),
+        ends: ends(identity.remaining(), ConnectionProbe::of(request)),
         heartbeat: shared.clock(&shared.sse_heartbeat),
         shared,
         streams,

@@ -218,17 +218,19 @@ async fn demo_ticker(publisher: resync_actix::Publisher) {
     }
 }
 
-/// Tells clients to reconnect, waits for the spread, then stops the HTTP server.
-pub async fn drain_then_stop(
-    resync: Resync<ServerBroker>,
-    handle: ServerHandle,
-    shutdown_timeout: Duration,
-) {
+/// Stops accepting connections at once, tells every connected client to reconnect (spread
+/// over the shutdown spread), and returns when the last connection has closed or the
+/// shutdown timeout has passed.
+///
+/// The listener closes first so that a client coming back meets a refused connection, a
+/// network error that `EventSource` and every resync client retry, rather than an answer from
+/// a process on its way out (a non-200 answer would close an `EventSource` for good).
+pub async fn drain_then_stop(resync: Resync<ServerBroker>, handle: ServerHandle) {
+    // The stop command is sent now; workers then drain their connections (at most the
+    // shutdown timeout) while the spread closes them.
+    let stopped = handle.stop(true);
     resync.shutdown();
-    // Connections close at random moments within the spread; then the server stops, waiting
-    // at most the shutdown timeout for the rest.
-    tokio::time::sleep(resync.config().shutdown_spread.min(shutdown_timeout)).await;
-    handle.stop(true).await;
+    stopped.await;
 }
 
 /// Runs the server until a signal stops it.
@@ -239,11 +241,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     for address in &running.addresses {
         println!("listening on http://{address}");
     }
-    let shutdown_timeout = settings.shutdown_timeout();
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: telling clients to reconnect");
-        drain_then_stop(running.resync, running.handle, shutdown_timeout).await;
+        tracing::info!("shutting down: listener closed, telling clients to reconnect");
+        drain_then_stop(running.resync, running.handle).await;
     });
     server.await.context("server failed")?;
     tracing::info!("stopped");
