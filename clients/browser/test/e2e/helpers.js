@@ -16,11 +16,13 @@ export const API_KEY = "e2e-key";
 export async function startServer(args = []) {
   const binary = process.env.RESYNC_SERVER_BIN;
   if (!binary) throw new Error("set RESYNC_SERVER_BIN (cargo xtask e2e does)");
+  const defaults = (flag, value) => (args.includes(flag) ? [] : [flag, value]);
   const child = spawn(
     binary,
-    ["--listen", "127.0.0.1:0", "--api-key", API_KEY, "--shutdown-spread-ms", "100", ...(args.includes("--demo") ? [] : ["--demo", "false"]), ...args],
+    [...defaults("--listen", "127.0.0.1:0"), "--api-key", API_KEY, ...defaults("--shutdown-spread-ms", "100"), ...args],
     { env: { ...process.env, RESYNC_LOG: "warn" }, stdio: ["ignore", "pipe", "inherit"] },
   );
+  const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
   const line = await new Promise((resolve, reject) => {
     const lines = createInterface({ input: child.stdout });
     lines.once("line", resolve);
@@ -31,6 +33,12 @@ export async function startServer(args = []) {
   return {
     base,
     port,
+    exited,
+    /** SIGTERM, as a deploy sends: resolves with the exit once the process has drained. */
+    terminate: () => {
+      child.kill("SIGTERM");
+      return exited;
+    },
     stop: () =>
       new Promise((resolve) => {
         if (child.exitCode !== null || child.signalCode !== null) return resolve();
@@ -38,6 +46,45 @@ export async function startServer(args = []) {
         child.kill("SIGKILL");
       }),
   };
+}
+
+/** A free TCP port on 127.0.0.1. */
+export async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+async function waitForPort(port) {
+  await eventually(
+    () =>
+      new Promise((resolve) => {
+        const socket = net.connect(port, "127.0.0.1");
+        socket.once("connect", () => { socket.destroy(); resolve(true); });
+        socket.once("error", () => resolve(false));
+      }),
+    { message: `port ${port} open` },
+  );
+}
+
+/** A redis-server of the test's own on a free port, which the test kills and starts again. */
+export async function startRedis() {
+  const port = await freePort();
+  let child;
+  const launchRedis = async () => {
+    child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+    await waitForPort(port);
+  };
+  await launchRedis();
+  const kill = () =>
+    new Promise((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null) return resolve();
+      child.once("exit", resolve);
+      child.kill("SIGKILL");
+    });
+  return { url: `redis://127.0.0.1:${port}/`, port, kill, restart: launchRedis, get running() { return child.exitCode === null && child.signalCode === null; } };
 }
 
 /** Publishes through the HTTP API. */
