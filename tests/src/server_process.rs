@@ -5,24 +5,34 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-/// The `resync-server` binary next to the test executable, built first if it is missing.
-pub fn server_binary() -> PathBuf {
+/// The binary `bin` of workspace package `package`, built first (once per test process, so
+/// a test never runs a stale one).
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let test_executable = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/resync-server
+    // target/<profile>/deps/<test> -> target/<profile>/<bin>
     let profile_directory = test_executable
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target profile directory")
         .to_path_buf();
-    let binary = profile_directory.join("resync-server");
-    if !binary.exists() {
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|name| name == bin) {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-            .args(["build", "-p", "resync-server", "--bin", "resync-server"])
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
             .status()
             .expect("cargo build runs");
-        assert!(status.success(), "building resync-server failed");
+        assert!(status.success(), "building {bin} failed");
+        built.push(bin.to_owned());
     }
-    binary
+    profile_directory.join(bin)
+}
+
+/// The `resync-server` binary.
+pub fn server_binary() -> PathBuf {
+    workspace_binary("resync-server", "resync-server")
 }
 
 pub struct ServerProcess {

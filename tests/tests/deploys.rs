@@ -154,3 +154,93 @@ async fn defect_3_a_long_poll_whose_cursor_names_no_requested_channel_answers_at
         );
     }
 }
+
+#[tokio::test]
+async fn defect_4_a_snapshot_that_is_always_stale_is_refetched_with_backoff_not_in_a_loop() {
+    use futures_util::StreamExt;
+    use resync_client::{SnapshotUpdate, TransportChoice};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let server = TestServer::start(|_| {});
+    server.publish("stale", serde_json::json!(1)).await;
+    let client = resync_tests::fast_client(&server.server.base_url(), TransportChoice::Auto);
+    // A snapshot source that always answers from another epoch, as a draining old process
+    // does during a deploy: every snapshot meets an `epoch_changed` reset at once.
+    let fetches = Arc::new(AtomicU64::new(0));
+    let counted = fetches.clone();
+    let mut updates = client.subscribe_with_snapshot("stale".parse().unwrap(), move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(((), "oldepoch:1".parse().unwrap()))
+        }
+    });
+    let watched = Duration::from_secs(3);
+    let deadline = tokio::time::Instant::now() + watched;
+    let mut snapshots = 0;
+    while let Ok(Some(update)) = tokio::time::timeout_at(deadline, updates.next()).await {
+        if let Ok(SnapshotUpdate::Snapshot { .. }) = update {
+            snapshots += 1;
+        }
+    }
+    let fetched = fetches.load(Ordering::SeqCst);
+    assert!(fetched >= 2, "it did refetch after the resets ({fetched})");
+    // The fast test backoff starts at 50 ms and doubles to 500 ms: at most a few dozen in
+    // 3 s, where a loop without backoff fetched thousands.
+    assert!(
+        fetched <= 40,
+        "{fetched} fetches ({snapshots} snapshots) in {watched:?}"
+    );
+}
+
+#[tokio::test]
+async fn defect_4_a_failed_snapshot_fetch_is_retried_and_the_stream_goes_on() {
+    use futures_util::StreamExt;
+    use resync_client::{SnapshotUpdate, TransportChoice};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let server = TestServer::start(|_| {});
+    let head = server.publish("flaky", serde_json::json!(1)).await;
+    let client = resync_tests::fast_client(&server.server.base_url(), TransportChoice::Auto);
+    let attempts = Arc::new(AtomicU64::new(0));
+    let counted = attempts.clone();
+    let mut updates = client.subscribe_with_snapshot("flaky".parse().unwrap(), move || {
+        let attempt = counted.fetch_add(1, Ordering::SeqCst);
+        let head = head.clone();
+        async move {
+            if attempt < 2 {
+                Err(format!("backend down (attempt {attempt})"))
+            } else {
+                Ok(("state", head))
+            }
+        }
+    });
+    async fn next(
+        updates: &mut resync_client::SnapshotStream<&'static str>,
+    ) -> SnapshotUpdate<&'static str> {
+        tokio::time::timeout(Duration::from_secs(10), updates.next())
+            .await
+            .expect("an update in time")
+            .expect("the stream goes on")
+            .expect("no error item")
+    }
+    for attempt in 0..2 {
+        match next(&mut updates).await {
+            SnapshotUpdate::FetchFailed { error, .. } => {
+                assert!(error.contains(&format!("attempt {attempt}")), "{error}")
+            }
+            other => panic!("expected a failed fetch, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        next(&mut updates).await,
+        SnapshotUpdate::Snapshot { state: "state", .. }
+    ));
+    server.publish("flaky", serde_json::json!(2)).await;
+    match next(&mut updates).await {
+        SnapshotUpdate::Event(event) => assert_eq!(event.position.seq.get(), 2),
+        other => panic!("expected the next event, got {other:?}"),
+    }
+}

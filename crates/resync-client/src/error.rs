@@ -33,9 +33,6 @@ pub enum Error {
     /// A request timed out.
     #[error("timed out: {0}")]
     Timeout(String),
-    /// The snapshot function failed.
-    #[error("snapshot failed: {0}")]
-    Snapshot(String),
 }
 
 /// `Result` with this crate's [`Error`] as the default error type.

@@ -341,7 +341,9 @@ impl Client {
 
     /// Follows `channel` with a snapshot: calls `fetch` for the current state and its position,
     /// yields it, then yields the channel's events after that position; on every reset it
-    /// calls `fetch` again.
+    /// calls `fetch` again. A failed fetch is reported as [`SnapshotUpdate::FetchFailed`] and
+    /// retried with this client's backoff; refetches that a reset follows at once back off
+    /// too, so a stale snapshot source (a draining process) cannot make it spin.
     pub fn subscribe_with_snapshot<S, F, Fut>(
         &self,
         channel: Channel,
@@ -353,6 +355,11 @@ impl Client {
         Fut: Future<Output = std::result::Result<(S, Position), String>> + Send + 'static,
     {
         snapshot::start(self.clone(), channel, fetch)
+    }
+
+    /// The reconnection delays this client was built with.
+    pub(crate) fn backoff_config(&self) -> BackoffConfig {
+        self.inner.config.backoff
     }
 
     /// Publishes `data` on `channel` over the WebSocket connection (waiting for one if needed)

@@ -1,5 +1,11 @@
 //! Snapshot plus events: load the state, follow the channel from the state's position, and
 //! reload on every reset.
+//!
+//! Refetches wait the client's backoff whenever the last snapshot did not lead to a single
+//! event (its fetch failed, or a reset came straight after it). During a rolling deploy the
+//! snapshot can come from the old, draining process while the live connection reaches the new
+//! one; without the wait, every snapshot would meet an `epoch_changed` reset at once and the
+//! helper would refetch in a tight loop.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +15,7 @@ use futures_util::{Stream, StreamExt};
 use resync_protocol::{Channel, Event, Position, ResetReason};
 use tokio::sync::mpsc;
 
-use crate::{Client, Error, Result, Update};
+use crate::{Backoff, Client, Result, Update};
 
 /// An item of [`Client::subscribe_with_snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +32,14 @@ pub enum SnapshotUpdate<S> {
     },
     /// The next event after the snapshot: apply it to the local state.
     Event(Event),
+    /// Fetching a snapshot failed; the helper tries again after `retry_in` (the client's
+    /// backoff) and the stream goes on. Keep the state you have until the next `Snapshot`.
+    FetchFailed {
+        /// What the fetch function returned.
+        error: String,
+        /// How long until the next attempt.
+        retry_in: std::time::Duration,
+    },
 }
 
 /// The stream returned by [`Client::subscribe_with_snapshot`].
@@ -55,14 +69,20 @@ where
     Fut: Future<Output = std::result::Result<(S, Position), String>> + Send + 'static,
 {
     let (sender, receiver) = mpsc::channel(64);
+    let mut backoff = Backoff::new(client.backoff_config());
     let task = tokio::spawn(async move {
         let mut after_reset = None;
         loop {
             let (state, position) = match fetch().await {
                 Ok(snapshot) => snapshot,
                 Err(error) => {
-                    let _ = sender.send(Err(Error::Snapshot(error))).await;
-                    return;
+                    let retry_in = backoff.next_delay();
+                    let failed = SnapshotUpdate::FetchFailed { error, retry_in };
+                    if sender.send(Ok(failed)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(retry_in).await;
+                    continue;
                 }
             };
             let snapshot = SnapshotUpdate::Snapshot {
@@ -75,9 +95,11 @@ where
             }
             // Follow from exactly the snapshot's position: nothing between is lost.
             let mut subscription = client.subscribe(channel.clone()).since(position);
+            let mut followed = false;
             after_reset = loop {
                 match subscription.next().await {
                     Some(Ok(Update::Event(event))) => {
+                        followed = true;
                         if sender.send(Ok(SnapshotUpdate::Event(event))).await.is_err() {
                             return;
                         }
@@ -91,6 +113,12 @@ where
                 }
             };
             drop(subscription);
+            if followed {
+                backoff.reset();
+            } else {
+                // The snapshot was stale on arrival: wait before the next one.
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
     });
     SnapshotStream { receiver, task }

@@ -1,16 +1,13 @@
 //! An ordinary actix-web app (a todo list) that mounts resync and publishes after each change.
-//!
-//! ```sh
-//! cargo run -p example-todo-app
-//! curl -N 'http://127.0.0.1:8090/live/sse?channel=todos'       # follow changes
-//! curl -X POST -H 'content-type: application/json' \
-//!      -d '{"title":"buy milk"}' http://127.0.0.1:8090/todos  # change data
-//! curl http://127.0.0.1:8090/todos                             # snapshot + position
-//! ```
+//! See `README.md` beside this file for the commands.
 //!
 //! The snapshot endpoint returns the list together with the channel position it reflects, so
 //! a client can load the snapshot and then follow the channel from exactly that position: the
-//! `subscribe_with_snapshot` pattern of the resync clients.
+//! `subscribe_with_snapshot` pattern of the resync clients. On SIGTERM or Ctrl-C it stops
+//! accepting at once and closes its live connections with resync's "reconnect and resume"
+//! signal, which is what a deploy of your own app should do.
+
+use std::net::SocketAddr;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use resync_actix::{Publisher, Resync};
@@ -30,15 +27,10 @@ struct NewTodo {
     title: String,
 }
 
-struct Store {
-    todos: Vec<Todo>,
-    /// The position of the last change published, so snapshots say where they stand.
-    position: Option<Position>,
-}
-
 struct AppState {
-    /// An async mutex, so the publish can be awaited while the change is still exclusive.
-    store: Mutex<Store>,
+    /// An async mutex, so the publish can be awaited while the change is still exclusive, and
+    /// a snapshot is never taken between a change and its publish.
+    todos: Mutex<Vec<Todo>>,
     publisher: Publisher,
     channel: Channel,
 }
@@ -49,39 +41,64 @@ async fn add_todo(
 ) -> actix_web::Result<HttpResponse> {
     // Change the data, then publish the change while still holding the lock, so the order of
     // changes in the store and on the channel is the same.
-    let mut store = state.store.lock().await;
+    let mut todos = state.todos.lock().await;
     let todo = Todo {
-        id: store.todos.len() as u64 + 1,
+        id: todos.len() as u64 + 1,
         title: body.into_inner().title,
     };
-    store.todos.push(todo.clone());
+    todos.push(todo.clone());
     let change = serde_json::json!({ "op": "add", "todo": todo });
     let position = state.publisher.publish(&state.channel, &change).await?;
-    store.position = Some(position.clone());
     Ok(HttpResponse::Created().json(serde_json::json!({ "todo": todo, "position": position })))
 }
 
 async fn list_todos(state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
-    let store = state.store.lock().await;
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({ "todos": store.todos, "position": store.position })))
+    let todos = state.todos.lock().await;
+    // The channel's position under the same lock: an empty list has one too (seq 0), so a
+    // follower can start before the first change.
+    let position: Position = state
+        .publisher
+        .broker()
+        .position(&state.channel)
+        .await
+        .map_err(actix_web::error::ErrorServiceUnavailable)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "todos": *todos, "position": position })))
+}
+
+/// `--listen ADDR` or `TODO_APP_LISTEN`; 127.0.0.1:8090 by default.
+fn listen_address() -> std::io::Result<SocketAddr> {
+    let mut arguments = std::env::args().skip(1);
+    let mut listen = std::env::var("TODO_APP_LISTEN").ok();
+    while let Some(argument) = arguments.next() {
+        match argument.as_str() {
+            "--listen" => listen = arguments.next(),
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "unknown argument {other}; usage: example-todo-app [--listen 127.0.0.1:8090]"
+                )));
+            }
+        }
+    }
+    listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:8090")
+        .parse()
+        .map_err(|error| std::io::Error::other(format!("--listen: {error}")))
 }
 
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
+    let address = listen_address()?;
     let resync = Resync::builder(MemoryBroker::default()).build();
     let channel = Channel::new("todos").map_err(std::io::Error::other)?;
     let state = web::Data::new(AppState {
-        store: Mutex::new(Store {
-            todos: Vec::new(),
-            position: None,
-        }),
+        todos: Mutex::new(Vec::new()),
         publisher: resync.publisher(),
         channel,
     });
-    println!("todo app on http://127.0.0.1:8090 (live updates under /live)");
-    HttpServer::new(move || {
-        let resync = resync.clone();
+    let app_resync = resync.clone();
+    let server = HttpServer::new(move || {
+        let resync = app_resync.clone();
         App::new()
             .app_data(state.clone())
             .route("/todos", web::get().to(list_todos))
@@ -89,7 +106,37 @@ async fn main() -> std::io::Result<()> {
             .service(web::scope("/live").configure(move |config| resync.configure(config)))
     })
     .on_connect(resync_actix::track_disconnects)
-    .bind(("127.0.0.1", 8090))?
-    .run()
-    .await
+    // Our own signal handling below: actix's would wait 30 s for live connections that only
+    // resync can tell to go.
+    .disable_signals()
+    .shutdown_timeout(10)
+    .bind(address)?;
+    for address in server.addrs() {
+        println!("todo app on http://{address} (live updates under /live)");
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        // Stop accepting first (a returning client meets a refused connection and retries),
+        // then tell every live connection to reconnect and resume, spread over 2 s.
+        let stopped = handle.stop(true);
+        resync.shutdown();
+        stopped.await;
+    });
+    server.await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    if let Ok(mut terminate) =
+        actix_web::rt::signal::unix::signal(actix_web::rt::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = actix_web::rt::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = actix_web::rt::signal::ctrl_c().await;
 }

@@ -1,17 +1,12 @@
-//! Keeps a local copy of the todo-app example's list in sync, exactly.
-//!
-//! ```sh
-//! cargo run -p example-todo-app          # in one terminal
-//! cargo run -p example-todo-follower     # in another
-//! curl -X POST -H 'content-type: application/json' -d '{"title":"buy milk"}' \
-//!      http://127.0.0.1:8090/todos
-//! ```
+//! Keeps a local copy of the todo-app example's list in sync, exactly. See `README.md` beside
+//! this file for the commands.
 //!
 //! The follower loads a snapshot (`GET /todos`, which returns the list with the channel
 //! position it reflects), then applies the `todos` channel's events after exactly that
 //! position. If the server cannot replay what it missed (say the todo app restarted), the
 //! client reports a reset and the follower loads a fresh snapshot: the local map is never
-//! silently wrong.
+//! silently wrong. An empty list is a snapshot like any other: the follower then waits for the
+//! first change.
 
 use std::collections::BTreeMap;
 
@@ -19,8 +14,6 @@ use futures_util::StreamExt;
 use resync_client::{Client, SnapshotUpdate};
 use resync_protocol::{Channel, Position};
 use serde::Deserialize;
-
-const APP: &str = "http://127.0.0.1:8090";
 
 #[derive(Clone, Debug, Deserialize)]
 struct Todo {
@@ -31,7 +24,7 @@ struct Todo {
 #[derive(Deserialize)]
 struct Snapshot {
     todos: Vec<Todo>,
-    position: Option<Position>,
+    position: Position,
 }
 
 #[derive(Deserialize)]
@@ -42,34 +35,53 @@ struct Change {
 
 async fn fetch_snapshot(
     http: reqwest::Client,
+    app: String,
 ) -> Result<(BTreeMap<u64, String>, Position), String> {
     let snapshot: Snapshot = http
-        .get(format!("{APP}/todos"))
+        .get(format!("{app}/todos"))
         .send()
         .await
-        .map_err(|error| error.to_string())?
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|error| format!("fetching {app}/todos: {error}"))?
         .json()
         .await
-        .map_err(|error| error.to_string())?;
-    // A list that has never changed has no position yet: start before the first event.
-    let position = match snapshot.position {
-        Some(position) => position,
-        None => return Err("the todo list has no changes yet; add one and run again".to_owned()),
-    };
+        .map_err(|error| format!("reading {app}/todos: {error}"))?;
     let map = snapshot
         .todos
         .into_iter()
         .map(|todo| (todo.id, todo.title))
         .collect();
-    Ok((map, position))
+    Ok((map, snapshot.position))
+}
+
+/// `--app URL` or `TODO_APP_URL`; http://127.0.0.1:8090 by default.
+fn app_url() -> Result<String, String> {
+    let mut arguments = std::env::args().skip(1);
+    let mut app = std::env::var("TODO_APP_URL").ok();
+    while let Some(argument) = arguments.next() {
+        match argument.as_str() {
+            "--app" => app = arguments.next(),
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; usage: example-todo-follower [--app http://127.0.0.1:8090]"
+                ));
+            }
+        }
+    }
+    Ok(app
+        .unwrap_or_else(|| "http://127.0.0.1:8090".to_owned())
+        .trim_end_matches('/')
+        .to_owned())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let client = Client::builder(&format!("{APP}/live")).build()?;
+    let app = app_url()?;
+    let client = Client::builder(&format!("{app}/live")).build()?;
     let http = reqwest::Client::new();
-    let mut updates = client
-        .subscribe_with_snapshot(Channel::new("todos")?, move || fetch_snapshot(http.clone()));
+    let mut updates = client.subscribe_with_snapshot(Channel::new("todos")?, move || {
+        fetch_snapshot(http.clone(), app.clone())
+    });
     let mut todos = BTreeMap::new();
     while let Some(update) = updates.next().await {
         match update? {
@@ -80,7 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             } => {
                 todos = state;
                 println!(
-                    "snapshot at {position} ({} todos, after reset: {after_reset:?})",
+                    "snapshot at {position} ({} todos, after reset: {after_reset:?}); waiting for changes",
                     todos.len()
                 );
             }
@@ -95,6 +107,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     todos.len(),
                     todos.values().collect::<Vec<_>>()
                 );
+            }
+            SnapshotUpdate::FetchFailed { error, retry_in } => {
+                eprintln!("snapshot failed ({error}); retrying in {retry_in:?}");
             }
         }
     }
