@@ -19,20 +19,28 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
         .await
         .unwrap();
     assert_eq!(stream.status().as_u16(), 200);
+    // A client in the middle of sending its request keeps the process draining (for actix's
+    // 5 s request timeout), so the refusal below is seen while the process still runs.
+    let mut slow = tokio::net::TcpStream::connect(server.address)
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
     server.terminate();
-    // Within the spread the process still runs, but its listener is closed: a client that
-    // comes back meets a refused connection (a network error EventSource retries), never a 503.
+    // The listener is closed at once: a client that comes back meets a refused connection (a
+    // network error EventSource retries), never a 503.
     let deadline = Instant::now() + Duration::from_secs(1);
-    let refused = loop {
+    let refused_while_running = loop {
+        let running = server.is_running();
         match tokio::net::TcpStream::connect(server.address).await {
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => break true,
-            _ if Instant::now() > deadline => break false,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => break running,
+            _ if Instant::now() > deadline => panic!("the listener still accepts after SIGTERM"),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    assert!(refused, "the listener still accepts after SIGTERM");
     assert!(
-        server.is_running(),
+        refused_while_running,
         "refused while the process still drains, not because it is gone"
     );
     // The open stream ends with a retry hint.
@@ -48,6 +56,7 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
         }
     }
     assert!(retry.is_some(), "the stream ended with a retry: hint");
+    drop(slow);
     assert!(
         server.wait_for_exit(Duration::from_secs(10)),
         "the process exits once drained"
@@ -242,5 +251,82 @@ async fn defect_4_a_failed_snapshot_fetch_is_retried_and_the_stream_goes_on() {
     match next(&mut updates).await {
         SnapshotUpdate::Event(event) => assert_eq!(event.position.seq.get(), 2),
         other => panic!("expected the next event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sse_and_long_poll_answer_cors_preflight_and_assets_answer_head() {
+    let server = TestServer::start(|settings| {
+        settings.allowed_origins = vec!["https://app.example.com".into()];
+    });
+    for (path, origin, allowed_origin) in [
+        ("/sse?channel=a", "https://elsewhere.example", "*"),
+        ("/poll?channel=a", "https://elsewhere.example", "*"),
+        (
+            "/sse?channel=a",
+            "https://app.example.com",
+            "https://app.example.com",
+        ),
+    ] {
+        let response = server
+            .http
+            .request(reqwest::Method::OPTIONS, server.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header(
+                "access-control-request-headers",
+                "authorization,last-event-id",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204, "{path} from {origin}");
+        let headers = response.headers();
+        assert_eq!(headers["access-control-allow-origin"], allowed_origin);
+        let allowed = headers["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(
+            allowed.contains("authorization") && allowed.contains("last-event-id"),
+            "{allowed}"
+        );
+    }
+    for path in ["/client/resync.js", "/client/react.d.ts"] {
+        let get = server.http.get(server.url(path)).send().await.unwrap();
+        let length = get.bytes().await.unwrap().len();
+        let head = server.http.head(server.url(path)).send().await.unwrap();
+        assert_eq!(head.status().as_u16(), 200, "HEAD {path}");
+        assert_eq!(
+            head.headers()["content-length"].to_str().unwrap(),
+            length.to_string()
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "no body for HEAD");
+    }
+}
+
+#[tokio::test]
+async fn defect_1_during_a_broker_outage_a_websocket_subscribe_closes_4101() {
+    use resync_protocol::{ClientFrame, CloseCode};
+    use resync_tests::{WsClient, WsRead};
+
+    let mut redis = RedisServer::start();
+    let server = ServerProcess::start(&["--broker", "redis", "--redis-url", &redis.url()]);
+    redis.stop();
+    assert!(!redis.is_running(), "the outage happened");
+    let url = format!("ws://{}/ws", server.address);
+    let mut client = WsClient::connect_ready(&url).await;
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "outage".parse().unwrap(),
+            since: None,
+        })
+        .await;
+    match client.read().await {
+        // 4101: reconnect with backoff and resume, as for a broker that fails mid-stream.
+        WsRead::Closed(code) => assert_eq!(code, Some(CloseCode::BROKER_UNAVAILABLE)),
+        other => panic!("expected close 4101, got {other:?}"),
     }
 }

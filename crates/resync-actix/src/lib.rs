@@ -220,6 +220,16 @@ impl<B: Broker> Resync<B> {
             "/sse",
             web::get().to(move |request| sse::handle(shared.clone(), request)),
         );
+        // CORS preflight, for pages on other origins whose requests carry headers
+        // (`Authorization`, `Last-Event-ID` from a polyfill).
+        for path in ["/sse", "/poll"] {
+            let shared = self.shared.clone();
+            config.route(
+                path,
+                web::method(actix_web::http::Method::OPTIONS)
+                    .to(move |request| request::preflight(shared.clone(), request)),
+            );
+        }
         let shared = self.shared.clone();
         config.route(
             "/ws",

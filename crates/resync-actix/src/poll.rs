@@ -121,7 +121,8 @@ pub(crate) async fn handle(
 
 /// One long-poll reply under construction.
 struct Batch {
-    events: Vec<bytes::Bytes>,
+    /// Each event's channel and frame.
+    events: Vec<(Channel, bytes::Bytes)>,
     resets: Vec<String>,
     cursor: Cursor,
 }
@@ -143,9 +144,12 @@ impl Batch {
         match item {
             SubscriptionItem::Event(event) => {
                 self.cursor.set(channel.clone(), event.position().clone());
-                self.events.push(event.frame().clone());
+                self.events.push((channel.clone(), event.frame().clone()));
             }
             SubscriptionItem::Reset { reason, position } => {
+                // The refetch a reset asks for covers the channel's earlier events of this
+                // reply: every event left in a reply comes after its channel's resets.
+                self.events.retain(|(earlier, _)| earlier != channel);
                 self.cursor.set(channel.clone(), position.clone());
                 self.resets.push(reset_json(channel, reason, &position));
             }
@@ -159,13 +163,13 @@ fn reply(batch: &Batch, cors: Vec<(actix_web::http::header::HeaderName, String)>
     let size = batch
         .events
         .iter()
-        .map(|frame| frame.len() + 1)
+        .map(|(_, frame)| frame.len() + 1)
         .sum::<usize>()
         + cursor.len()
         + 64;
     let mut body = Vec::with_capacity(size);
     body.extend_from_slice(b"{\"events\":[");
-    for (index, frame) in batch.events.iter().enumerate() {
+    for (index, (_, frame)) in batch.events.iter().enumerate() {
         if index > 0 {
             body.push(b',');
         }

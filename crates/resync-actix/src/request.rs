@@ -247,6 +247,26 @@ pub(crate) fn cors_headers(
     }
 }
 
+/// The headers a page on another origin may send with SSE and long-poll requests.
+const PREFLIGHT_HEADERS: &str = "Authorization, Last-Event-ID, Cache-Control, X-Request-Id";
+
+/// Answers a CORS preflight (`OPTIONS`) of an SSE or long-poll request: the same origin rules
+/// as [`cors_headers`], `GET` only, and the headers those requests may carry.
+pub(crate) async fn preflight(
+    shared: Arc<Shared>,
+    request: HttpRequest,
+) -> actix_web::HttpResponse {
+    let mut response = actix_web::HttpResponse::NoContent();
+    for (name, value) in cors_headers(&request, &shared.config.allowed_origins) {
+        response.insert_header((name, value));
+    }
+    response
+        .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, OPTIONS"))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, PREFLIGHT_HEADERS))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+        .finish()
+}
+
 /// The request's path and query for logs, with any token redacted.
 pub(crate) fn loggable_target(request: &HttpRequest) -> String {
     let query = request.query_string();

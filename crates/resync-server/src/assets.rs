@@ -10,28 +10,24 @@ const REACT_DTS: &str = include_str!("../../../clients/browser/src/react.d.ts");
 const DEMO_HTML: &str = include_str!("../../../clients/browser/demo/index.html");
 
 /// The client modules always; the demo page at `/` only with `demo` (the page's chat publishes
-/// anonymously, which only the demo allows).
+/// anonymously, which only the demo allows). Each answers `GET` and `HEAD`.
 pub(crate) fn configure(config: &mut web::ServiceConfig, demo: bool) {
     if demo {
-        config.route("/", web::get().to(|| async { page(DEMO_HTML) }));
+        asset(config, "/", || page(DEMO_HTML));
     }
-    config
-        .route(
-            "/client/resync.js",
-            web::get().to(|| async { script(RESYNC_JS) }),
-        )
-        .route(
-            "/client/resync.d.ts",
-            web::get().to(|| async { typescript(RESYNC_DTS) }),
-        )
-        .route(
-            "/client/react.js",
-            web::get().to(|| async { script(REACT_JS) }),
-        )
-        .route(
-            "/client/react.d.ts",
-            web::get().to(|| async { typescript(REACT_DTS) }),
-        );
+    asset(config, "/client/resync.js", || script(RESYNC_JS));
+    asset(config, "/client/resync.d.ts", || typescript(RESYNC_DTS));
+    asset(config, "/client/react.js", || script(REACT_JS));
+    asset(config, "/client/react.d.ts", || typescript(REACT_DTS));
+}
+
+/// Serves `respond` at `path` for `GET` and `HEAD` (actix-http sends no body for `HEAD`).
+fn asset(config: &mut web::ServiceConfig, path: &str, respond: fn() -> HttpResponse) {
+    config.service(
+        web::resource(path)
+            .route(web::get().to(move || async move { respond() }))
+            .route(web::head().to(move || async move { respond() })),
+    );
 }
 
 fn page(body: &'static str) -> HttpResponse {

@@ -324,6 +324,12 @@ impl Connection {
             ClientFrame::Subscribe { id, channel, since } => {
                 match self.subscribe(id, channel, since).await {
                     Ok(reply) => self.send(reply.encode()).await,
+                    // The broker cannot serve a resume now: the same advice as a broker that
+                    // fails mid-stream (reconnect with backoff, resume), rather than an error
+                    // a client would take as final for the channel.
+                    Err(error) if error.code == ErrorCode::Unavailable => {
+                        Err(Ending::Close(CloseCode::BROKER_UNAVAILABLE))
+                    }
                     Err(error) => self.reply_error(id, error).await,
                 }
             }
