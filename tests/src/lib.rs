@@ -146,7 +146,7 @@ impl TestServer {
             .unwrap()
     }
 
-    /// The value of one metric line, e.g. `resync_connections{transport="sse"}`.
+    /// The value of one metric line, e.g. `resync_open_connections{transport="sse"}`.
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.metrics().await;
         text.lines()

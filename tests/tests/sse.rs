@@ -91,6 +91,10 @@ async fn trimmed_history_and_bad_ids_are_resets_not_silence() {
         "{}",
         opening.data
     );
+    // The same reset also arrives as a `reset` event, for clients that only listen for those.
+    let reset = client.next_event().await.unwrap();
+    assert_eq!(reset.event, "reset");
+    assert!(reset.data.contains("\"truncated\""), "{}", reset.data);
     // The stream then continues live from the current position.
     server.publish("t", serde_json::json!(20)).await;
     assert_eq!(client.next_seq("t").await, 21);
@@ -149,7 +153,9 @@ async fn a_thousand_clients_connect_and_leave_and_nothing_is_left() {
     }
     server.wait_for_subscribers("crowd", 0).await;
     assert_eq!(
-        server.metric("resync_connections{transport=\"sse\"}").await,
+        server
+            .metric("resync_open_connections{transport=\"sse\"}")
+            .await,
         0
     );
     assert_eq!(
@@ -161,7 +167,7 @@ async fn a_thousand_clients_connect_and_leave_and_nothing_is_left() {
 }
 
 #[tokio::test]
-async fn shutdown_ends_streams_with_a_retry_hint_and_refuses_new_ones() {
+async fn shutdown_ends_streams_with_a_retry_hint_and_refuses_new_ones_with_a_retry() {
     let server = TestServer::start(|_| {});
     let mut client = SseClient::connect(&server, "?channel=s", None).await;
     client.next_event().await.unwrap();
@@ -172,11 +178,16 @@ async fn shutdown_ends_streams_with_a_retry_hint_and_refuses_new_ones() {
         retry_hint = retry_hint.or(message.retry_ms);
     }
     assert!(retry_hint.is_some(), "shutdown sends a retry hint");
+    // A new stream is refused the way EventSource survives: 200, a retry hint, the end (a
+    // 503 would close a browser's EventSource for good).
     let response = server
         .http
         .get(server.url("/sse?channel=s"))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.status().as_u16(), 200);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("retry:"), "{body}");
+    assert!(!body.contains("subscribed"), "not served: {body}");
 }

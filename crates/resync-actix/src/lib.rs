@@ -60,12 +60,14 @@ pub use auth::{
 };
 pub use config::TransportConfig;
 pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};
-pub use metrics::{ConnectionGuard, Metrics, Transport};
+pub use metrics::{ConnectionGuard, MAX_NAMESPACE_LABELS, Metrics, Transport};
 pub use probe::track_disconnects;
 
 /// What every connection shares.
 pub(crate) struct Shared {
     pub(crate) broker: Arc<dyn Broker>,
+    /// The one publish path (counts and times every publish), for client publishes too.
+    pub(crate) publisher: Publisher,
     pub(crate) authorizer: Arc<dyn Authorizer>,
     pub(crate) config: TransportConfig,
     pub(crate) metrics: Arc<Metrics>,
@@ -182,13 +184,18 @@ impl<B: Broker> ResyncBuilder<B> {
         let broker: Arc<dyn Broker> = self.broker.clone();
         let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);
         let ws_ping = Ticker::new(self.config.ping_interval);
+        let metrics = Arc::new(Metrics::default());
         Resync {
             broker: self.broker,
             shared: Arc::new(Shared {
+                publisher: Publisher {
+                    broker: broker.clone(),
+                    metrics: metrics.clone(),
+                },
                 broker,
                 authorizer: self.authorizer,
                 config: self.config,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 shutdown: watch::channel(false).0,
                 sse_heartbeat,
                 ws_ping,
@@ -244,10 +251,7 @@ impl<B: Broker> Resync<B> {
 
     /// A handle for publishing from your own code.
     pub fn publisher(&self) -> Publisher {
-        Publisher {
-            broker: self.shared.broker.clone(),
-            metrics: self.shared.metrics.clone(),
-        }
+        self.shared.publisher.clone()
     }
 
     /// The broker.
@@ -321,9 +325,11 @@ impl Publisher {
 
     /// Publishes a prepared request.
     pub async fn send(&self, publish: Publish) -> Result<Position> {
+        let channel = publish.channel.clone();
+        let started = std::time::Instant::now();
         match self.broker.publish(publish).await {
             Ok(position) => {
-                self.metrics.published();
+                self.metrics.published(&channel, started.elapsed());
                 Ok(position)
             }
             Err(error) => {

@@ -1,10 +1,22 @@
-//! Counters of what the transports do, rendered in the Prometheus text format.
+//! What the transports do, as Prometheus / OpenMetrics metrics (`prometheus-client`).
+//!
+//! Every label set is bounded: transports and recovery outcomes and reset reasons are enums,
+//! and namespaces are labelled by name only for the first [`MAX_NAMESPACE_LABELS`] seen (the
+//! rest count under `_other`), so a client that invents channel names cannot grow the
+//! exposition. The hot paths (a delivery, a publish) touch pre-created counters: no lock, no
+//! label lookup.
 
-use std::fmt::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use resync_protocol::RecoveryOutcome;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use resync_protocol::{Channel, RecoveryOutcome, ResetReason};
 
 /// The three transports, as metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,19 +46,209 @@ impl Transport {
     }
 }
 
+/// Namespaces labelled by name; later ones count under `_other`.
+pub const MAX_NAMESPACE_LABELS: usize = 64;
+
 const OUTCOMES: [&str; 4] = ["fresh", "replayed", "up_to_date", "reset"];
 
-/// Counters shared by every connection. All methods are lock-free.
-#[derive(Debug, Default)]
+const REASONS: [ResetReason; 6] = [
+    ResetReason::EpochChanged,
+    ResetReason::Truncated,
+    ResetReason::TooFarBehind,
+    ResetReason::PositionAhead,
+    ResetReason::BadCursor,
+    ResetReason::Unknown,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    namespace: String,
+}
+
+/// Per-transport instruments, created once so the hot path needs no label lookup.
+#[derive(Debug)]
+struct PerTransport<M> {
+    by_transport: [M; 3],
+}
+
+impl<M: Clone + Default> PerTransport<M>
+where
+    Family<TransportLabel, M>: prometheus_client::metrics::TypedMetric,
+{
+    fn new(family: &Family<TransportLabel, M>) -> Self {
+        Self {
+            by_transport: Transport::ALL.map(|transport| {
+                family
+                    .get_or_create(&TransportLabel {
+                        transport: transport.as_str(),
+                    })
+                    .clone()
+            }),
+        }
+    }
+
+    fn get(&self, transport: Transport) -> &M {
+        &self.by_transport[transport.index()]
+    }
+}
+
+/// The metrics of every connection: read them with [`Metrics::render`]; only this crate
+/// changes them.
 pub struct Metrics {
-    open: [AtomicU64; 3],
-    opened: [AtomicU64; 3],
-    delivered: [AtomicU64; 3],
-    slow_consumer_closes: [AtomicU64; 3],
-    published: AtomicU64,
-    publish_failures: AtomicU64,
-    recoveries: [AtomicU64; 4],
-    auth_failures: AtomicU64,
+    registry: Registry,
+    open: PerTransport<Gauge>,
+    opened: PerTransport<Counter>,
+    delivered: PerTransport<Counter>,
+    slow_consumer_closes: PerTransport<Counter>,
+    published: Counter,
+    publish_failures: Counter,
+    publish_seconds: Histogram,
+    recoveries: [Counter; 4],
+    resets: [Counter; 6],
+    replayed: Histogram,
+    auth_failures: Counter,
+    namespace_published: Family<NamespaceLabel, Counter>,
+    namespace_subscriptions: Family<NamespaceLabel, Counter>,
+    /// Namespaces that have a label of their own.
+    namespaces: Mutex<HashMap<String, ()>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let transport_family = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<TransportLabel, Counter>::default();
+            registry.register(name, help, family.clone());
+            PerTransport::new(&family)
+        };
+        let open_family = Family::<TransportLabel, Gauge>::default();
+        registry.register(
+            "resync_open_connections",
+            "Client connections open now",
+            open_family.clone(),
+        );
+        let opened = transport_family(
+            &mut registry,
+            "resync_connections",
+            "Client connections opened",
+        );
+        let delivered = transport_family(
+            &mut registry,
+            "resync_events_delivered",
+            "Events written to clients",
+        );
+        let slow_consumer_closes = transport_family(
+            &mut registry,
+            "resync_slow_consumer_closes",
+            "Connections closed because the client took too little of what was sent",
+        );
+        let published = Counter::default();
+        registry.register(
+            "resync_events_published",
+            "Events stored by publishes",
+            published.clone(),
+        );
+        let publish_failures = Counter::default();
+        registry.register(
+            "resync_publish_failures",
+            "Publishes the broker could not store",
+            publish_failures.clone(),
+        );
+        // 100 us to ~3.3 s.
+        let publish_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "resync_publish_duration_seconds",
+            "Time from a publish request to its stored position",
+            publish_seconds.clone(),
+        );
+        let outcome_family = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "resync_subscriptions",
+            "Subscriptions started, by recovery outcome",
+            outcome_family.clone(),
+        );
+        let recoveries = OUTCOMES.map(|outcome| {
+            outcome_family
+                .get_or_create(&OutcomeLabel { outcome })
+                .clone()
+        });
+        let reason_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "resync_resets",
+            "Resets sent to clients (at resume time and mid-stream), by reason",
+            reason_family.clone(),
+        );
+        let resets = REASONS.map(|reason| {
+            reason_family
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .clone()
+        });
+        // 1 to 16,384 events.
+        let replayed = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        registry.register(
+            "resync_replayed_events",
+            "Events replayed to one resuming subscription",
+            replayed.clone(),
+        );
+        let auth_failures = Counter::default();
+        registry.register(
+            "resync_auth_failures",
+            "Requests refused for bad or missing credentials",
+            auth_failures.clone(),
+        );
+        let namespace_published = Family::<NamespaceLabel, Counter>::default();
+        registry.register(
+            "resync_namespace_events_published",
+            "Events stored, by channel namespace (the first 64 namespaces; the rest as _other)",
+            namespace_published.clone(),
+        );
+        let namespace_subscriptions = Family::<NamespaceLabel, Counter>::default();
+        registry.register(
+            "resync_namespace_subscriptions",
+            "Subscriptions started, by channel namespace (the first 64; the rest as _other)",
+            namespace_subscriptions.clone(),
+        );
+        Self {
+            open: PerTransport::new(&open_family),
+            registry,
+            opened,
+            delivered,
+            slow_consumer_closes,
+            published,
+            publish_failures,
+            publish_seconds,
+            recoveries,
+            resets,
+            replayed,
+            auth_failures,
+            namespace_published,
+            namespace_subscriptions,
+            namespaces: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// Decrements the open-connection gauge when a connection ends, however it ends.
@@ -58,15 +260,15 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.metrics.open[self.transport.index()].fetch_sub(1, Ordering::Relaxed);
+        self.metrics.open.get(self.transport).dec();
     }
 }
 
 impl Metrics {
     /// Counts a new connection; the returned guard counts its end.
-    pub fn connection(self: &Arc<Self>, transport: Transport) -> ConnectionGuard {
-        self.open[transport.index()].fetch_add(1, Ordering::Relaxed);
-        self.opened[transport.index()].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn connection(self: &Arc<Self>, transport: Transport) -> ConnectionGuard {
+        self.open.get(transport).inc();
+        self.opened.get(transport).inc();
         ConnectionGuard {
             metrics: self.clone(),
             transport,
@@ -75,110 +277,145 @@ impl Metrics {
 
     /// Connections open now on `transport`.
     pub fn open_connections(&self, transport: Transport) -> u64 {
-        self.open[transport.index()].load(Ordering::Relaxed)
+        u64::try_from(self.open.get(transport).get()).unwrap_or(0)
+    }
+
+    /// Events published since start.
+    pub fn events_published(&self) -> u64 {
+        self.published.get()
+    }
+
+    /// Events delivered since start, on every transport.
+    pub fn events_delivered(&self) -> u64 {
+        Transport::ALL
+            .iter()
+            .map(|transport| self.delivered.get(*transport).get())
+            .sum()
     }
 
     /// Counts events written to clients.
-    pub fn delivered(&self, transport: Transport, count: u64) {
-        self.delivered[transport.index()].fetch_add(count, Ordering::Relaxed);
+    pub(crate) fn delivered(&self, transport: Transport, count: u64) {
+        if count > 0 {
+            self.delivered.get(transport).inc_by(count);
+        }
     }
 
     /// Counts a connection closed because its client read too slowly.
-    pub fn slow_consumer_closed(&self, transport: Transport) {
-        self.slow_consumer_closes[transport.index()].fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn slow_consumer_closed(&self, transport: Transport) {
+        self.slow_consumer_closes.get(transport).inc();
     }
 
-    /// Counts a stored publish.
-    pub fn published(&self) {
-        self.published.fetch_add(1, Ordering::Relaxed);
+    /// Counts a stored publish and how long it took.
+    pub(crate) fn published(&self, channel: &Channel, took: Duration) {
+        self.published.inc();
+        self.publish_seconds.observe(took.as_secs_f64());
+        self.namespace_published
+            .get_or_create(&self.namespace_label(channel))
+            .inc();
     }
 
     /// Counts a publish the broker refused.
-    pub fn publish_failed(&self) {
-        self.publish_failures.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn publish_failed(&self) {
+        self.publish_failures.inc();
     }
 
     /// Counts how a subscription started.
-    pub fn recovery(&self, outcome: &RecoveryOutcome) {
+    pub(crate) fn recovery(&self, channel: &Channel, outcome: &RecoveryOutcome) {
         let index = match outcome {
             RecoveryOutcome::Fresh { .. } => 0,
-            RecoveryOutcome::Replayed { .. } => 1,
+            RecoveryOutcome::Replayed { count } => {
+                self.replayed.observe(*count as f64);
+                1
+            }
             RecoveryOutcome::UpToDate => 2,
-            RecoveryOutcome::Reset { .. } => 3,
+            RecoveryOutcome::Reset { reason, .. } => {
+                self.reset(*reason);
+                3
+            }
         };
-        self.recoveries[index].fetch_add(1, Ordering::Relaxed);
+        self.recoveries[index].inc();
+        self.namespace_subscriptions
+            .get_or_create(&self.namespace_label(channel))
+            .inc();
+    }
+
+    /// Counts a reset sent mid-stream (resume-time resets count in [`Self::recovery`]).
+    pub(crate) fn reset(&self, reason: ResetReason) {
+        let index = REASONS
+            .iter()
+            .position(|known| *known == reason)
+            .unwrap_or(REASONS.len() - 1);
+        self.resets[index].inc();
     }
 
     /// Counts refused credentials.
-    pub fn auth_failed(&self) {
-        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn auth_failed(&self) {
+        self.auth_failures.inc();
     }
 
-    /// The counters in the Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let mut per_transport = |name: &str, kind: &str, help: &str, values: &[AtomicU64; 3]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for transport in Transport::ALL {
-                let _ = writeln!(
-                    out,
-                    "{name}{{transport=\"{}\"}} {}",
-                    transport.as_str(),
-                    load(&values[transport.index()])
-                );
+    fn namespace_label(&self, channel: &Channel) -> NamespaceLabel {
+        let namespace = channel.namespace();
+        let mut namespaces = self
+            .namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = namespaces.contains_key(namespace);
+        if known || namespaces.len() < MAX_NAMESPACE_LABELS {
+            if !known {
+                namespaces.insert(namespace.to_owned(), ());
             }
-        };
-        per_transport(
-            "resync_connections",
-            "gauge",
-            "Open client connections.",
-            &self.open,
-        );
-        per_transport(
-            "resync_connections_total",
-            "counter",
-            "Client connections opened.",
-            &self.opened,
-        );
-        per_transport(
-            "resync_events_delivered_total",
-            "counter",
-            "Events written to clients.",
-            &self.delivered,
-        );
-        per_transport(
-            "resync_slow_consumer_closes_total",
-            "counter",
-            "Connections closed because the client read too slowly.",
-            &self.slow_consumer_closes,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP resync_events_published_total Events stored by publishes.\n# TYPE resync_events_published_total counter\nresync_events_published_total {}",
-            load(&self.published)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP resync_publish_failures_total Publishes the broker could not store.\n# TYPE resync_publish_failures_total counter\nresync_publish_failures_total {}",
-            load(&self.publish_failures)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP resync_subscriptions_total Subscriptions started, by recovery outcome.\n# TYPE resync_subscriptions_total counter"
-        );
-        for (index, outcome) in OUTCOMES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "resync_subscriptions_total{{outcome=\"{outcome}\"}} {}",
-                load(&self.recoveries[index])
-            );
+            NamespaceLabel {
+                namespace: namespace.to_owned(),
+            }
+        } else {
+            NamespaceLabel {
+                namespace: "_other".to_owned(),
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP resync_auth_failures_total Requests refused for bad credentials.\n# TYPE resync_auth_failures_total counter\nresync_auth_failures_total {}",
-            load(&self.auth_failures)
-        );
+    }
+
+    /// Every metric in the OpenMetrics text format (which Prometheus scrapes as well).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The content type of [`render`](Self::render)'s text.
+    pub const CONTENT_TYPE: &'static str =
+        "application/openmetrics-text; version=1.0.0; charset=utf-8";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_two_families_share_a_name_and_namespace_labels_are_bounded() {
+        let metrics = Metrics::default();
+        for index in 0..(MAX_NAMESPACE_LABELS + 10) {
+            let channel = Channel::new(format!("ns{index}:room")).unwrap();
+            metrics.published(&channel, Duration::from_millis(1));
+        }
+        let text = metrics.render();
+        let labelled = text
+            .lines()
+            .filter(|line| line.starts_with("resync_namespace_events_published_total{"))
+            .count();
+        assert_eq!(labelled, MAX_NAMESPACE_LABELS + 1, "64 names and _other");
+        assert!(text.contains("resync_namespace_events_published_total{namespace=\"_other\"} 10"));
+        // OpenMetrics: a family's name is declared once (a gauge and a counter that shared
+        // `resync_connections` broke strict parsers).
+        let mut declared: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        let count = declared.len();
+        declared.sort_unstable();
+        declared.dedup();
+        assert_eq!(declared.len(), count, "{text}");
+        assert!(text.ends_with("# EOF\n"));
     }
 }

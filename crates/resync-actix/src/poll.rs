@@ -75,7 +75,7 @@ pub(crate) async fn handle(
         while batch.events.len() < max_events {
             let channel = subscription.channel().clone();
             match subscription.try_next().await {
-                Some(Ok(item)) => batch.add(&channel, item),
+                Some(Ok(item)) => batch.add(&shared, &channel, item),
                 Some(Err(SubscriptionError::Lagged { .. })) => continue 'channels,
                 Some(Err(error)) => {
                     return Err(ApiError::new(ErrorCode::Unavailable, error.to_string()));
@@ -95,7 +95,7 @@ pub(crate) async fn handle(
             first = next_item(&mut streams) => {
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
-                    batch.add(&channel, item);
+                    batch.add(&shared, &channel, item);
                     if batch.events.len() >= max_events {
                         break;
                     }
@@ -140,13 +140,14 @@ impl Batch {
         self.events.is_empty() && self.resets.is_empty()
     }
 
-    fn add(&mut self, channel: &Channel, item: SubscriptionItem) {
+    fn add(&mut self, shared: &Shared, channel: &Channel, item: SubscriptionItem) {
         match item {
             SubscriptionItem::Event(event) => {
                 self.cursor.set(channel.clone(), event.position().clone());
                 self.events.push((channel.clone(), event.frame().clone()));
             }
             SubscriptionItem::Reset { reason, position } => {
+                shared.metrics.reset(reason);
                 // The refetch a reset asks for covers the channel's earlier events of this
                 // reply: every event left in a reply comes after its channel's resets.
                 self.events.retain(|(earlier, _)| earlier != channel);

@@ -332,6 +332,7 @@ impl StreamState {
                 1
             }
             SubscriptionItem::Reset { reason, position } => {
+                self.shared.metrics.reset(reason);
                 self.positions.set(channel.clone(), position.clone());
                 let data = reset_json(channel, reason, &position);
                 SseFrame {

@@ -33,7 +33,7 @@ pub(crate) async fn open_all(
     let mut subscriptions = Vec::with_capacity(opened.len());
     for result in opened {
         let (outcome, subscription) = result?;
-        shared.metrics.recovery(&outcome);
+        shared.metrics.recovery(subscription.channel(), &outcome);
         subscriptions.push((outcome, subscription));
     }
     Ok(subscriptions)

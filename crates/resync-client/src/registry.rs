@@ -20,11 +20,17 @@ pub(crate) struct Registry {
 struct Inner {
     entries: BTreeMap<Channel, Entry>,
     closed: Option<String>,
+    /// Counts registrations, so a channel dropped and followed again (say, from a new
+    /// snapshot's position) is told apart from one that stayed.
+    registrations: u64,
 }
 
 pub(crate) struct Entry {
     pub(crate) position: Option<Position>,
     pub(crate) sender: mpsc::Sender<Result<Update>>,
+    /// Which registration this is: a session that subscribed for an earlier one must
+    /// subscribe again, from this one's position.
+    pub(crate) generation: u64,
 }
 
 impl Registry {
@@ -49,11 +55,14 @@ impl Registry {
         {
             return Err(Error::AlreadySubscribed(channel.to_string()));
         }
+        inner.registrations += 1;
+        let generation = inner.registrations;
         inner.entries.insert(
             channel,
             Entry {
                 position: since,
                 sender,
+                generation,
             },
         );
         drop(inner);
@@ -106,6 +115,17 @@ impl Registry {
     }
 
     /// The positions known, as a cursor (channels without a position are left out).
+    /// Like [`snapshot`](Self::snapshot), with each channel's registration generation.
+    pub(crate) fn wanted(&self) -> Vec<(Channel, Option<Position>, u64)> {
+        let mut inner = self.lock();
+        inner.entries.retain(|_, entry| !entry.sender.is_closed());
+        inner
+            .entries
+            .iter()
+            .map(|(channel, entry)| (channel.clone(), entry.position.clone(), entry.generation))
+            .collect()
+    }
+
     pub(crate) fn cursor(&self) -> Cursor {
         self.snapshot()
             .into_iter()

@@ -30,8 +30,21 @@ enum Wake {
     Publish(Option<crate::connection::PublishRequest>),
 }
 
+/// The registrations a stream serves: a channel followed again (a new registration) needs a
+/// new stream from its new position, as much as an added or dropped one.
+fn registrations(manager: &Manager) -> HashSet<(Channel, u64)> {
+    manager
+        .registry
+        .wanted()
+        .into_iter()
+        .map(|(channel, _, generation)| (channel, generation))
+        .collect()
+}
+
 pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
-    let (channels, query) = manager.channel_query();
+    // Read before the query, so a registration that changes in between shows as a change.
+    let following = registrations(manager);
+    let (_channels, query) = manager.channel_query();
     let url = manager
         .url("sse", &query)
         .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
@@ -63,7 +76,6 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
     manager.set_state(ConnectionState::Connected {
         transport: TransportKind::Sse,
     });
-    let following: HashSet<Channel> = channels.into_iter().collect();
     let mut body = response.bytes_stream();
     let mut parser = SseParser::new();
     let mut retry = Duration::from_secs(1);
@@ -96,13 +108,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
                 if manager.registry.closed().is_some() {
                     return Ok(SessionEnd::Shutdown);
                 }
-                let wanted: HashSet<Channel> = manager
-                    .registry
-                    .snapshot()
-                    .into_iter()
-                    .map(|(channel, _)| channel)
-                    .collect();
-                if wanted != following {
+                if registrations(manager) != following {
                     return Ok(SessionEnd::Resubscribe);
                 }
             }

@@ -59,7 +59,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
     });
     let mut session = Session {
         next_id: 0,
-        channels: HashSet::new(),
+        channels: HashMap::new(),
         subscribe_requests: HashMap::new(),
         publishes: HashMap::new(),
     };
@@ -126,7 +126,8 @@ async fn connect(manager: &Manager) -> std::result::Result<Socket, ConnectFailur
 
 struct Session {
     next_id: RequestId,
-    channels: HashSet<Channel>,
+    /// The channels this session subscribed to, with the registration each was for.
+    channels: HashMap<Channel, u64>,
     subscribe_requests: HashMap<RequestId, Channel>,
     publishes: HashMap<RequestId, oneshot::Sender<Result<Position>>>,
 }
@@ -151,17 +152,39 @@ impl Session {
         manager: &Manager,
         socket: &mut Socket,
     ) -> std::result::Result<(), SessionEnd> {
-        let wanted = manager.registry.snapshot();
-        let wanted_names: HashSet<Channel> =
-            wanted.iter().map(|(channel, _)| channel.clone()).collect();
-        for (channel, since) in wanted {
-            if self.channels.insert(channel.clone()) {
-                let id = self.request_id();
-                self.subscribe_requests.insert(id, channel.clone());
-                Self::send(socket, &ClientFrame::Subscribe { id, channel, since }).await?;
+        let wanted = manager.registry.wanted();
+        let wanted_names: HashSet<Channel> = wanted
+            .iter()
+            .map(|(channel, _, _)| channel.clone())
+            .collect();
+        for (channel, since, generation) in wanted {
+            match self.channels.insert(channel.clone(), generation) {
+                Some(subscribed) if subscribed == generation => continue,
+                // Dropped and followed again before this session noticed: subscribe anew, from
+                // the new registration's position (its reset or replay must not be missed).
+                Some(_) => {
+                    let id = self.request_id();
+                    Self::send(
+                        socket,
+                        &ClientFrame::Unsubscribe {
+                            id,
+                            channel: channel.clone(),
+                        },
+                    )
+                    .await?;
+                }
+                None => {}
             }
+            let id = self.request_id();
+            self.subscribe_requests.insert(id, channel.clone());
+            Self::send(socket, &ClientFrame::Subscribe { id, channel, since }).await?;
         }
-        let gone: Vec<Channel> = self.channels.difference(&wanted_names).cloned().collect();
+        let gone: Vec<Channel> = self
+            .channels
+            .keys()
+            .filter(|channel| !wanted_names.contains(*channel))
+            .cloned()
+            .collect();
         for channel in gone {
             self.channels.remove(&channel);
             let id = self.request_id();

@@ -81,8 +81,8 @@ async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render_prometheus())
+        .content_type(Metrics::CONTENT_TYPE)
+        .body(state.metrics.render())
 }
 
 /// Reads a body up to the limit, failing with 413 past it.

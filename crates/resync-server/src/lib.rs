@@ -235,6 +235,7 @@ pub async fn drain_then_stop(resync: Resync<ServerBroker>, handle: ServerHandle)
 
 /// Runs the server until a signal stops it.
 pub async fn run(settings: Settings) -> Result<()> {
+    let shutdown_signal = shutdown_signal();
     let (running, server) = bind(&settings)?;
     tracing::info!(addresses = ?running.addresses, broker = ?settings.broker, "resync-server listening");
     // The address on its own line, for scripts and tests that start the server on port 0.
@@ -242,7 +243,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         println!("listening on http://{address}");
     }
     actix_web::rt::spawn(async move {
-        wait_for_signal().await;
+        shutdown_signal.await;
         tracing::info!("shutting down: listener closed, telling clients to reconnect");
         drain_then_stop(running.resync, running.handle).await;
     });
@@ -275,11 +276,14 @@ pub fn start(settings: Settings) -> Result<(RunningServer, std::thread::JoinHand
     Ok((server, thread))
 }
 
-async fn wait_for_signal() {
+/// Completes at SIGTERM or Ctrl-C. Installed before the server says it listens: a signal that
+/// came before the handler would end the process the default way, with no drain.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        #[cfg(unix)]
+        match terminate {
             Ok(mut terminate) => {
                 tokio::select! {
                     _ = terminate.recv() => {}
@@ -291,9 +295,7 @@ async fn wait_for_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -89,6 +89,7 @@ fn listen_address() -> std::io::Result<SocketAddr> {
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let address = listen_address()?;
+    let shutdown_signal = shutdown_signal()?;
     let resync = Resync::builder(MemoryBroker::default()).build();
     let channel = Channel::new("todos").map_err(std::io::Error::other)?;
     let state = web::Data::new(AppState {
@@ -117,7 +118,7 @@ async fn main() -> std::io::Result<()> {
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
-        wait_for_signal().await;
+        shutdown_signal.await;
         // Stop accepting first (a returning client meets a refused connection and retries),
         // then tell every live connection to reconnect and resume, spread over 2 s.
         let stopped = handle.stop(true);
@@ -127,16 +128,19 @@ async fn main() -> std::io::Result<()> {
     server.await
 }
 
-async fn wait_for_signal() {
+/// Completes at SIGTERM or Ctrl-C. Installed before the app says it listens: a signal that
+/// came before the handler would end the process the default way, with no drain.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    if let Ok(mut terminate) =
-        actix_web::rt::signal::unix::signal(actix_web::rt::signal::unix::SignalKind::terminate())
-    {
+    let mut terminate =
+        actix_web::rt::signal::unix::signal(actix_web::rt::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = terminate.recv() => {}
             _ = actix_web::rt::signal::ctrl_c() => {}
         }
-        return;
-    }
-    let _ = actix_web::rt::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        let _ = actix_web::rt::signal::ctrl_c().await;
+    })
 }

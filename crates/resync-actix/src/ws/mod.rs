@@ -225,14 +225,17 @@ impl Connection {
     ) -> Result<Outgoing, Ending> {
         match item {
             Ok(SubscriptionItem::Event(event)) => Ok(Outgoing::Event(event.frame().clone())),
-            Ok(SubscriptionItem::Reset { reason, position }) => Ok(Outgoing::Text(
-                ServerFrame::Reset {
-                    channel,
-                    reason,
-                    position,
-                }
-                .encode(),
-            )),
+            Ok(SubscriptionItem::Reset { reason, position }) => {
+                self.shared.metrics.reset(reason);
+                Ok(Outgoing::Text(
+                    ServerFrame::Reset {
+                        channel,
+                        reason,
+                        position,
+                    }
+                    .encode(),
+                ))
+            }
             Err(SubscriptionError::Lagged { .. }) => {
                 self.shared
                     .metrics
@@ -408,7 +411,7 @@ impl Connection {
             self.shared.config.resume,
         )
         .await?;
-        self.shared.metrics.recovery(&recovery);
+        self.shared.metrics.recovery(&channel, &recovery);
         if self.subscriptions.capacity() == 0 {
             // Room for one: most connections follow one channel, and a map grown by
             // insertion would reserve four subscriptions' room.
@@ -434,20 +437,13 @@ impl Connection {
                 format!("not allowed to publish on {channel}"),
             ));
         }
-        let publish = Publish {
-            channel,
-            data,
-            idempotency_key,
-        };
-        match self.shared.broker.publish(publish).await {
-            Ok(position) => {
-                self.shared.metrics.published();
-                Ok(position)
-            }
-            Err(error) => {
-                self.shared.metrics.publish_failed();
-                Err(error.into())
-            }
-        }
+        self.shared
+            .publisher
+            .send(Publish {
+                channel,
+                data,
+                idempotency_key,
+            })
+            .await
     }
 }
