@@ -32,3 +32,75 @@ async fn defect_6_a_websocket_upgrade_without_a_token_gets_401_when_anonymous_cl
         Some(401)
     );
 }
+
+#[tokio::test]
+async fn defect_7_logs_at_the_default_level_are_plain_text_and_summarised_not_per_request() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+
+    let mut server = Command::new(resync_tests::server_process::server_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            "log-key",
+            "--log-summary-secs",
+            "1",
+        ])
+        .env_remove("RESYNC_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let http = reqwest::Client::new();
+    for n in 0..50 {
+        let published = http
+            .post(format!("{base}/api/publish"))
+            .bearer_auth("log-key")
+            .json(&serde_json::json!({ "channel": "logged", "data": n }))
+            .send()
+            .await
+            .unwrap();
+        assert!(published.status().is_success());
+        let polled = http
+            .get(format!("{base}/poll?channel=logged"))
+            .send()
+            .await
+            .unwrap();
+        assert!(polled.status().is_success());
+    }
+    // Past one summary period.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut log = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes when stderr is not a terminal:\n{log}"
+    );
+    let lines = log.lines().count();
+    // 100 requests: at most the start lines, the key warning and a summary or two.
+    assert!(lines < 10, "{lines} lines for 100 requests:\n{log}");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("traffic") && line.contains("published=50")),
+        "a periodic summary at info:\n{log}"
+    );
+}

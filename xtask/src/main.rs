@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod deps;
+mod prerequisites;
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1);
@@ -57,6 +58,8 @@ pub(crate) fn run(mut command: Command) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    // First, in seconds: what the tests need besides Rust.
+    prerequisites::ensure()?;
     run(cargo(&["fmt", "--all", "--", "--check"]))?;
     run(cargo(&[
         "clippy",
@@ -99,6 +102,7 @@ fn test_files(directory: &std::path::Path) -> Result<Vec<String>> {
 }
 
 fn e2e() -> Result<()> {
+    prerequisites::ensure()?;
     let root = workspace_root();
     let package = root.join("clients/browser");
     run(cargo(&[
@@ -128,10 +132,7 @@ fn e2e() -> Result<()> {
         .current_dir(&package)
         .env("RESYNC_SERVER_BIN", root.join("target/debug/resync-server"))
         .env("RESYNC_E2E_ARTIFACTS", &artifacts)
-        .env(
-            "CHROMIUM",
-            std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned()),
-        );
+        .env("CHROMIUM", prerequisites::chromium());
     run(browser)?;
     eprintln!(
         "xtask: e2e passed; screenshot in {}",

@@ -64,3 +64,21 @@ fn cli_subscribe_prints_what_cli_publish_sends() {
     // The server thread ends with the test process.
     drop(server);
 }
+
+#[test]
+fn cli_help_describes_the_cli() {
+    let output = Command::new(env!("CARGO_BIN_EXE_resync"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        help.contains("subscribe") && help.contains("publish"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("reference server"),
+        "the server's description is not the CLI's: {help}"
+    );
+}

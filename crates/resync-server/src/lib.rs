@@ -148,12 +148,15 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         max_replay: settings.max_replay,
     });
 
+    let traffic = web::Data::new(Traffic::default());
+    let app_traffic = traffic.clone();
     let app_resync = resync.clone();
     let demo = settings.demo;
     let server = HttpServer::new(move || {
         let resync = app_resync.clone();
         let mut app = App::new()
             .app_data(state.clone())
+            .app_data(app_traffic.clone())
             .wrap(from_fn(request_log))
             .configure(|config| assets::configure(config, demo));
         if !demo {
@@ -187,6 +190,13 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         let publisher = resync.publisher();
         actix_web::rt::spawn(demo_ticker(publisher));
     }
+    if settings.log_summary_secs > 0 {
+        actix_web::rt::spawn(log_summaries(
+            resync.metrics().clone(),
+            traffic.into_inner(),
+            Duration::from_secs(settings.log_summary_secs),
+        ));
+    }
     let running = RunningServer {
         addresses,
         resync,
@@ -215,6 +225,50 @@ async fn demo_ticker(publisher: resync_actix::Publisher) {
         {
             tracing::debug!(%error, "demo tick not published");
         }
+    }
+}
+
+/// Requests answered, for the periodic summary (per-request lines are debug).
+#[derive(Debug, Default)]
+struct Traffic {
+    requests: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+/// One info line per period with what happened in it, instead of a line per request,
+/// publish and subscribe (a load test once wrote ~100 MB of those). Silent while idle.
+async fn log_summaries(
+    metrics: Arc<resync_actix::Metrics>,
+    traffic: Arc<Traffic>,
+    period: Duration,
+) {
+    use resync_actix::Transport;
+    use std::sync::atomic::Ordering;
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let (mut published, mut delivered) = (metrics.events_published(), metrics.events_delivered());
+    loop {
+        interval.tick().await;
+        let requests = traffic.requests.swap(0, Ordering::Relaxed);
+        let failed = traffic.failed.swap(0, Ordering::Relaxed);
+        let (now_published, now_delivered) =
+            (metrics.events_published(), metrics.events_delivered());
+        let open = [Transport::WebSocket, Transport::Sse, Transport::Poll]
+            .map(|transport| metrics.open_connections(transport));
+        let busy = requests > 0 || now_published > published || open.iter().any(|count| *count > 0);
+        if busy {
+            tracing::info!(
+                period_secs = period.as_secs(),
+                websocket = open[0],
+                sse = open[1],
+                poll = open[2],
+                published = now_published - published,
+                delivered = now_delivered - delivered,
+                requests,
+                failed_requests = failed,
+                "traffic"
+            );
+        }
+        (published, delivered) = (now_published, now_delivered);
     }
 }
 
@@ -341,15 +395,33 @@ async fn request_log(
         response.headers_mut().insert(REQUEST_ID.clone(), value);
     }
     let status = response.status().as_u16();
-    if response.status().is_client_error() || response.status().is_server_error() {
+    let failed = response.status().is_client_error() || response.status().is_server_error();
+    if let Some(traffic) = response.request().app_data::<web::Data<Traffic>>() {
+        traffic
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if failed {
+            traffic
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if failed {
         let reason = response
             .response()
             .error()
             .map(ToString::to_string)
             .unwrap_or_default();
-        tracing::warn!(%method, %target, status, elapsed_ms = started.elapsed().as_millis() as u64, error = %reason, "request failed");
+        // A client's mistakes (4xx) are debug, or one client could fill the log; the server's
+        // own failures are warnings.
+        if response.status().is_server_error() {
+            tracing::warn!(%method, %target, status, elapsed_ms, error = %reason, "request failed");
+        } else {
+            tracing::debug!(%method, %target, status, elapsed_ms, error = %reason, "request refused");
+        }
     } else {
-        tracing::info!(%method, %target, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+        tracing::debug!(%method, %target, status, elapsed_ms, "request");
     }
     Ok(response)
 }

@@ -71,6 +71,8 @@ pub struct Settings {
     pub track_disconnects: bool,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Seconds between info-level traffic summaries; 0 for none.
+    pub log_summary_secs: u64,
 }
 
 /// Which broker the server runs on.
@@ -126,6 +128,7 @@ impl Default for Settings {
             demo: false,
             track_disconnects: true,
             log_format: LogFormat::Text,
+            log_summary_secs: 60,
         }
     }
 }
@@ -133,7 +136,16 @@ impl Default for Settings {
 /// The resync reference server. Every flag can also be set with its `RESYNC_*` environment
 /// variable or in a TOML file (`--config`), whose keys are the flag names with `_` for `-`.
 #[derive(Debug, Parser)]
-#[command(name = "resync-server", version, about)]
+#[command(
+    name = "resync-server",
+    version,
+    about,
+    after_help = "Logging: RESYNC_LOG sets the log filter, in tracing's EnvFilter syntax \
+                  (RESYNC_LOG=debug, RESYNC_LOG=info,resync::ws=debug) [default: info]. \
+                  At info the server logs its start, its stop, warnings, and a summary of \
+                  its traffic every minute; every request, publish and subscribe is logged \
+                  at debug."
+)]
 pub struct Args {
     /// TOML file with settings (flags and environment variables override it).
     #[arg(long, env = "RESYNC_CONFIG")]
@@ -230,6 +242,10 @@ pub struct Args {
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Seconds between info-level traffic summaries (connections, publishes, deliveries,
+    /// requests); 0 for none. [default: 60]
+    #[arg(long, env = "RESYNC_LOG_SUMMARY_SECS")]
+    log_summary_secs: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -286,6 +302,7 @@ impl Settings {
             demo,
             track_disconnects,
             log_format,
+            log_summary_secs,
         );
         if args.workers.is_some() {
             settings.workers = args.workers;
