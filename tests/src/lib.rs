@@ -7,6 +7,7 @@
 )]
 #![allow(missing_docs, reason = "test fixtures, documented by their names")]
 
+pub mod certificate;
 pub mod proxy;
 pub mod raw_ws;
 pub mod redis_server;

@@ -26,6 +26,10 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     url: String,
+    /// A PEM certificate (a private CA, or the server's self-signed certificate) to trust for
+    /// https:// and wss:// besides the public web's roots.
+    #[arg(long, global = true, env = "RESYNC_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,6 +92,13 @@ impl From<TransportArg> for TransportChoice {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    let ca_cert = match &cli.ca_cert {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading --ca-cert {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let ca_cert = ca_cert.as_deref();
     match cli.command {
         Command::Subscribe {
             channels,
@@ -95,18 +106,40 @@ async fn main() -> Result<()> {
             token,
             transport,
             count,
-        } => subscribe(&cli.url, channels, since, token, transport.into(), count).await,
+        } => {
+            subscribe(
+                &cli.url,
+                ca_cert,
+                channels,
+                since,
+                token,
+                transport.into(),
+                count,
+            )
+            .await
+        }
         Command::Publish {
             channel,
             data,
             api_key,
             idempotency_key,
-        } => publish(&cli.url, &channel, &data, &api_key, idempotency_key).await,
+        } => {
+            publish(
+                &cli.url,
+                ca_cert,
+                &channel,
+                &data,
+                &api_key,
+                idempotency_key,
+            )
+            .await
+        }
     }
 }
 
 async fn subscribe(
     url: &str,
+    ca_cert: Option<&[u8]>,
     channels: Vec<String>,
     since: Option<String>,
     token: Option<String>,
@@ -118,6 +151,9 @@ async fn subscribe(
         None => Cursor::new(),
     };
     let mut builder = Client::builder(url).transport(transport);
+    if let Some(pem) = ca_cert {
+        builder = builder.add_root_certificates_pem(pem);
+    }
     if let Some(token) = token {
         builder = builder.token(token);
     }
@@ -176,9 +212,13 @@ fn describe(state: &ConnectionState) -> String {
         ConnectionState::Connected { transport } => {
             format!("connected over {}", transport.as_str())
         }
-        ConnectionState::Reconnecting { attempt, delay } => {
+        ConnectionState::Reconnecting {
+            attempt,
+            delay,
+            reason,
+        } => {
             format!(
-                "reconnecting in {:.1}s (attempt {})",
+                "warning: {reason}; reconnecting in {:.1}s (attempt {})",
                 delay.as_secs_f64(),
                 attempt + 1
             )
@@ -189,6 +229,7 @@ fn describe(state: &ConnectionState) -> String {
 
 async fn publish(
     url: &str,
+    ca_cert: Option<&[u8]>,
     channel: &str,
     data: &str,
     api_key: &str,
@@ -200,8 +241,15 @@ async fn publish(
         body["idempotency_key"] = key.into();
     }
     let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
-    let response = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(pem) = ca_cert {
+        for certificate in
+            reqwest::Certificate::from_pem_bundle(pem).context("reading --ca-cert")?
+        {
+            http = http.add_root_certificate(certificate);
+        }
+    }
+    let response = http
         .build()?
         .post(&endpoint)
         .bearer_auth(api_key)

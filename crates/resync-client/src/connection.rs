@@ -59,6 +59,10 @@ pub(crate) struct Manager {
     backoff: Backoff,
     pub(crate) token: Option<String>,
     remembered: Option<TransportKind>,
+    /// The TLS configuration of the WebSocket connector (the HTTP client has its own copy).
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// Why the last attempt failed or the last session ended, for the state.
+    last_failure: Option<String>,
 }
 
 impl Manager {
@@ -68,16 +72,20 @@ impl Manager {
         state: watch::Sender<ConnectionState>,
         publishes: mpsc::Receiver<PublishRequest>,
     ) -> Result<Self> {
+        let tls = crate::tls::client_config(&config.extra_roots)?;
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
+            .use_preconfigured_tls((*tls).clone())
             .build()
-            .map_err(|error| Error::InvalidUrl(error.to_string()))?;
+            .map_err(|error| Error::Tls(error.to_string()))?;
         let rng = match config.rng_seed {
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),
         };
         Ok(Self {
+            tls,
+            last_failure: None,
             backoff: Backoff::with_rng(config.backoff, rng),
             token: config.token.clone(),
             http,
@@ -159,9 +167,14 @@ impl Manager {
                 }
             };
             if let Some(delay) = delay {
+                let reason = self
+                    .last_failure
+                    .take()
+                    .unwrap_or_else(|| "connection ended".to_owned());
                 self.set_state(ConnectionState::Reconnecting {
                     attempt: self.backoff.attempt(),
                     delay,
+                    reason,
                 });
                 self.wait(delay).await;
             }
@@ -222,6 +235,7 @@ impl Manager {
                 }
                 Err(ConnectFailure::Unauthorized(reason)) => {
                     tracing::debug!(target: "resync::client", %reason, "token refused");
+                    self.last_failure = Some(format!("token refused: {reason}"));
                     self.refresh_token().await?;
                     return Ok(Some(self.backoff.next_delay()));
                 }
@@ -234,6 +248,7 @@ impl Manager {
             }
         }
         tracing::debug!(target: "resync::client", reason = ?last_failure, "no transport connected");
+        self.last_failure = last_failure;
         Ok(Some(self.backoff.next_delay()))
     }
 
@@ -250,13 +265,17 @@ impl Manager {
             )),
             SessionEnd::Lost(reason) => {
                 tracing::debug!(target: "resync::client", %reason, "connection lost");
+                self.last_failure = Some(format!("connection lost: {reason}"));
                 Ok(Some(self.backoff.next_delay()))
             }
             SessionEnd::Unauthorized => {
                 self.refresh_token().await?;
                 Ok(Some(self.backoff.soon()))
             }
-            SessionEnd::Closed(code) => match code.advice() {
+            SessionEnd::Closed(code) => match {
+                self.last_failure = Some(format!("closed {} ({})", code.0, code.reason()));
+                code.advice()
+            } {
                 ReconnectAdvice::Stop => Err(Error::Terminal(code)),
                 ReconnectAdvice::Backoff { .. } => Ok(Some(self.backoff.next_delay())),
                 ReconnectAdvice::Soon => Ok(Some(self.backoff.soon())),

@@ -30,6 +30,9 @@ pub enum Error {
     /// The channel is already followed by this client.
     #[error("already subscribed to {0}")]
     AlreadySubscribed(String),
+    /// The TLS settings could not be used (a bad certificate file, say).
+    #[error("tls: {0}")]
+    Tls(String),
     /// A request timed out.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -37,3 +40,20 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error with every cause after it (`error sending request: … : invalid peer certificate:
+/// UnknownIssuer`): reqwest's and tungstenite's own messages leave out the cause that tells a
+/// user what to fix.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -35,6 +35,7 @@ mod poll;
 mod registry;
 mod snapshot;
 mod sse;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -120,6 +121,9 @@ pub enum ConnectionState {
         attempt: u32,
         /// The wait before the next attempt.
         delay: Duration,
+        /// Why the last attempt failed or the last connection ended (a refused connection, a
+        /// certificate the client does not trust, a close code).
+        reason: String,
     },
     /// Stopped for good; no more reconnects.
     Closed {
@@ -149,6 +153,8 @@ pub(crate) struct ClientConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) subscription_buffer: usize,
     pub(crate) rng_seed: Option<u64>,
+    /// Roots trusted besides the public web's (a private CA, a test certificate).
+    pub(crate) extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// Builds a [`Client`].
@@ -200,6 +206,19 @@ impl ClientBuilder {
     pub fn rng_seed(mut self, seed: u64) -> Self {
         if let Ok(config) = &mut self.config {
             config.rng_seed = Some(seed);
+        }
+        self
+    }
+
+    /// Trusts the certificates of `pem` (a private CA, or a server's self-signed certificate)
+    /// for `https://` and `wss://`, besides the public web's roots (`webpki-roots`), which are
+    /// always trusted. Defaults to none.
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Self {
+        if let Ok(config) = &mut self.config {
+            match tls::certificates_from_pem(pem) {
+                Ok(certificates) => config.extra_roots.extend(certificates),
+                Err(error) => self.config = Err(error),
+            }
         }
         self
     }
@@ -322,6 +341,7 @@ impl Client {
             connect_timeout: Duration::from_secs(10),
             subscription_buffer: 1_024,
             rng_seed: None,
+            extra_roots: Vec::new(),
         });
         ClientBuilder { config }
     }

@@ -58,7 +58,9 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
                 continue;
             }
             Wake::Reply(Err(_)) => return lost(connected, "poll timed out"),
-            Wake::Reply(Ok(Err(error))) => return lost(connected, &error.to_string()),
+            Wake::Reply(Ok(Err(error))) => {
+                return lost(connected, &crate::error::with_causes(&error));
+            }
             Wake::Reply(Ok(Ok(response))) => response,
         };
         let status = response.status().as_u16();
@@ -75,7 +77,9 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
         }
         let reply: Reply = match response.json().await {
             Ok(reply) => reply,
-            Err(error) if connected => return Ok(SessionEnd::Lost(error.to_string())),
+            Err(error) if connected => {
+                return Ok(SessionEnd::Lost(crate::error::with_causes(&error)));
+            }
             Err(error) => {
                 return Err(ConnectFailure::Refused(format!(
                     "not a poll reply: {error}"

@@ -55,7 +55,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
     let response = match tokio::time::timeout(manager.config.connect_timeout, request.send()).await
     {
         Err(_) => return Err(ConnectFailure::Lost("sse connect timed out".to_owned())),
-        Ok(Err(error)) => return Err(ConnectFailure::Lost(error.to_string())),
+        Ok(Err(error)) => return Err(ConnectFailure::Lost(crate::error::with_causes(&error))),
         Ok(Ok(response)) => response,
     };
     let status = response.status().as_u16();
@@ -91,11 +91,13 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
         match wake {
             Wake::Silent => return Ok(SessionEnd::Lost("sse stream went silent".to_owned())),
             Wake::Chunk(None) => return Ok(SessionEnd::RetryAfter(retry)),
-            Wake::Chunk(Some(Err(error))) => return Ok(SessionEnd::Lost(error.to_string())),
+            Wake::Chunk(Some(Err(error))) => {
+                return Ok(SessionEnd::Lost(crate::error::with_causes(&error)));
+            }
             Wake::Chunk(Some(Ok(bytes))) => {
                 let messages = match parser.feed(&bytes) {
                     Ok(messages) => messages,
-                    Err(error) => return Ok(SessionEnd::Lost(error.to_string())),
+                    Err(error) => return Ok(SessionEnd::Lost(crate::error::with_causes(&error))),
                 };
                 for message in messages {
                     if let Some(retry_ms) = message.retry_ms {

@@ -98,7 +98,12 @@ async fn connect(manager: &Manager) -> std::result::Result<Socket, ConnectFailur
     }
     match tokio::time::timeout(
         manager.config.connect_timeout,
-        tokio_tungstenite::connect_async(request),
+        tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            None,
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(manager.tls.clone())),
+        ),
     )
     .await
     {
@@ -116,11 +121,11 @@ async fn connect(manager: &Manager) -> std::result::Result<Socket, ConnectFailur
             Err(Manager::failure_for_status(status, &body))
         }
         Ok(Err(WsError::Io(error))) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(ConnectFailure::Lost(error.to_string()))
+            Err(ConnectFailure::Lost(crate::error::with_causes(&error)))
         }
         // Anything else during the handshake (a proxy cutting the upgrade, a garbled reply)
         // means this path does not carry WebSockets: let the next transport try.
-        Ok(Err(error)) => Err(ConnectFailure::Refused(error.to_string())),
+        Ok(Err(error)) => Err(ConnectFailure::Refused(crate::error::with_causes(&error))),
     }
 }
 
@@ -219,7 +224,9 @@ impl Session {
                     "no message for {silence_limit:?}"
                 ))),
                 Wake::Message(None) => Err(SessionEnd::Lost("connection closed".to_owned())),
-                Wake::Message(Some(Err(error))) => Err(SessionEnd::Lost(error.to_string())),
+                Wake::Message(Some(Err(error))) => {
+                    Err(SessionEnd::Lost(crate::error::with_causes(&error)))
+                }
                 Wake::Message(Some(Ok(Message::Close(close)))) => {
                     let code = close.map_or(CloseCode::ABNORMAL, |close| {
                         CloseCode(u16::from(close.code))

@@ -5,6 +5,7 @@
 mod api;
 mod assets;
 mod settings;
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,13 +50,16 @@ pub struct RunningServer {
     pub resync: Resync<ServerBroker>,
     /// The API key for publishing.
     pub api_key: String,
+    /// Whether it serves TLS.
+    pub tls: bool,
     handle: ServerHandle,
 }
 
 impl RunningServer {
-    /// The first listening address as `http://host:port`.
+    /// The first listening address as `http://host:port` (`https://` with TLS).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addresses[0])
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addresses[0])
     }
 
     /// A handle that stops the server.
@@ -181,8 +185,17 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         settings
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
-    )
-    .bind(settings.listen)
+    );
+    let tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
+    };
+    let serves_tls = tls.is_some();
+    let server = match tls {
+        Some(config) => server.bind_rustls_0_23(settings.listen, config),
+        None => server.bind(settings.listen),
+    }
     .with_context(|| format!("binding {}", settings.listen))?;
     let addresses = server.addrs();
     let server = server.run();
@@ -201,6 +214,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         addresses,
         resync,
         api_key,
+        tls: serves_tls,
         handle: server.handle(),
     };
     Ok((running, server))
@@ -293,8 +307,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (running, server) = bind(&settings)?;
     tracing::info!(addresses = ?running.addresses, broker = ?settings.broker, "resync-server listening");
     // The address on its own line, for scripts and tests that start the server on port 0.
+    let scheme = if running.tls { "https" } else { "http" };
     for address in &running.addresses {
-        println!("listening on http://{address}");
+        println!("listening on {scheme}://{address}");
     }
     actix_web::rt::spawn(async move {
         shutdown_signal.await;

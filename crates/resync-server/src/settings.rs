@@ -15,6 +15,10 @@ use serde::Deserialize;
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// PEM certificate chain for serving TLS itself (with `tls_key`); plain HTTP without.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// API key for the HTTP API; generated at start when unset.
     pub api_key: Option<String>,
     /// HS256 secret for client tokens; without it, clients are anonymous.
@@ -101,6 +105,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
             api_key: None,
             jwt_secret: None,
             max_token_lifetime_secs: None,
@@ -153,6 +159,13 @@ pub struct Args {
     /// Address to listen on. [default: 127.0.0.1:8080]
     #[arg(long, env = "RESYNC_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve TLS (https://, wss://) with this PEM certificate chain; needs --tls-key. For
+    /// deployments without a TLS proxy in front. [default: plain HTTP]
+    #[arg(long, env = "RESYNC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "RESYNC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// API key for the HTTP publish/history API. [default: generated at start and logged]
     #[arg(long, env = "RESYNC_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -271,6 +284,12 @@ impl Settings {
         }
         if args.jwt_secret.is_some() {
             settings.jwt_secret = args.jwt_secret;
+        }
+        if args.tls_cert.is_some() {
+            settings.tls_cert = args.tls_cert;
+        }
+        if args.tls_key.is_some() {
+            settings.tls_key = args.tls_key;
         }
         if args.max_token_lifetime_secs.is_some() {
             settings.max_token_lifetime_secs = args.max_token_lifetime_secs;
