@@ -226,10 +226,11 @@ export class Proxy {
   }
 }
 
-export async function launch() {
+export async function launch(extraArgs = []) {
   return chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: [
+      ...extraArgs,
       "--no-sandbox",
       "--disable-background-networking",
       "--disable-component-update",
