@@ -224,6 +224,30 @@ test("an unmounted React component leaves no socket and schedules no reconnect",
   assert.equal((await channelInfo(server.base, "react-feed")).subscribers, 0);
 });
 
+test("hooks under one ResyncProvider share one connection, and a channel change drops the old channel's events", async (t) => {
+  const { server, proxy, context } = await stack(t);
+  const page = await context.newPage();
+  await page.goto(`${proxy.base}/e2e/react-provider.html`);
+  await eventually(() => page.evaluate(() => window.lastState?.status === "connected"), { message: "connected" });
+  await eventually(async () => (await channelInfo(server.base, "room-1")).subscribers === 1, { message: "switcher subscribed" });
+  for (const channel of ["feed-a", "feed-b", "feed-c", "room-1"]) await publish(server.base, channel, { n: 1 });
+  for (const channel of ["feed-a", "feed-b", "feed-c"]) {
+    await eventually(async () => (await page.locator(`#feed-${channel} li`).count()) === 1, { message: `${channel} rendered` });
+    assert.equal((await channelInfo(server.base, channel)).subscribers, 1, channel);
+  }
+  await eventually(async () => (await page.locator("#switcher li").allTextContents()).join() === "room-1#1", { message: "room-1 rendered" });
+  assert.equal(proxy.upgrades, 1, "four hooks, one WebSocket");
+
+  await page.evaluate(() => window.switchTo("room-2"));
+  await eventually(async () => (await channelInfo(server.base, "room-2")).subscribers === 1, { message: "room-2 subscribed" });
+  assert.equal(await page.locator("#switcher li").count(), 0, "room-1's events are gone with the switch");
+  await publish(server.base, "room-1", { n: 2 });
+  await publish(server.base, "room-2", { n: 1 });
+  await eventually(async () => (await page.locator("#switcher li").allTextContents()).join() === "room-2#1", { message: "only room-2 rendered" });
+  await eventually(async () => (await channelInfo(server.base, "room-1")).subscribers === 0, { message: "room-1 dropped" });
+  assert.equal(proxy.upgrades, 1, "the switch reused the connection");
+});
+
 test("the demo page works and a screenshot is saved", async (t) => {
   const server = await startServer(["--demo", "true"]);
   const context = await browser.newContext({ viewport: { width: 1100, height: 640 } });

@@ -133,6 +133,7 @@ export class Proxy {
     this.accepted = 0;
     this.cut = 0;
     this.refused = 0;
+    this.upgrades = 0;
     this.refuseWebSocket = false;
     this.refuseSse = false;
   }
@@ -190,7 +191,8 @@ export class Proxy {
     }
     // One request per connection (except WebSocket upgrades), so that the proxy sees every
     // request: otherwise a kept-alive connection would carry later requests past it.
-    if (!lower.includes("upgrade: websocket")) head = withConnectionClose(head);
+    if (lower.includes("upgrade: websocket")) this.upgrades += 1;
+    else head = withConnectionClose(head);
     const upstream = net.connect(this.upstreamPort, "127.0.0.1");
     this.sockets.add(upstream);
     upstream.on("close", () => {
