@@ -21,6 +21,12 @@ export type ResetReason =
   | "bad_cursor"
   | (string & {});
 
+export type Recovery =
+  | { outcome: "fresh"; position: Position }
+  | { outcome: "replayed"; count: number }
+  | { outcome: "up_to_date" }
+  | { outcome: "reset"; reason: string; position: Position };
+
 export interface ResyncReset {
   channel: string;
   reason: ResetReason;
@@ -80,6 +86,8 @@ export interface SubscribeHandlers<T = unknown> {
   onEvent?: (event: ResyncEvent<T>) => void;
   /** History could not be replayed: refetch your state. */
   onReset?: (reset: ResyncReset) => void;
+  /** How each (re)subscription started: fresh, replayed (with the count), up to date, reset. */
+  onRecovery?: (recovery: Recovery) => void;
   onError?: (error: { code: string; message: string }) => void;
 }
 
@@ -103,5 +111,7 @@ export class ResyncClient {
   ): { unsubscribe(): void };
   publish(channel: string, data: unknown, options?: { idempotencyKey?: string }): Promise<Position>;
   reconnectNow(): void;
+  /** Drops the connection, stays away for `ms`, then reconnects and resumes (demos, tests). */
+  disconnectFor(ms: number): void;
   close(): void;
 }

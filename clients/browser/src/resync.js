@@ -254,6 +254,23 @@ export class ResyncClient {
     this.setState({ status: "closed", reason: "closed by the application" });
   }
 
+  /**
+   * Drops the connection as a network cut would, stays away for `ms`, then reconnects and
+   * resumes every channel from its position: for demos and tests of the catch-up.
+   * @param {number} ms
+   */
+  disconnectFor(ms) {
+    if (this.closed) return;
+    clearTimeout(this.timer);
+    const session = this.session;
+    // Forgotten first, so its end is not taken for a failure to react to.
+    this.session = undefined;
+    session?.close();
+    this.reconnects += 1;
+    this.setState({ status: "reconnecting", attempt: this.attempt, delay: ms });
+    this.timer = setTimeout(() => this.connect(), ms);
+  }
+
   /** Reconnects at once (the browser came back online). */
   reconnectNow() {
     if (this.closed) return;
@@ -288,6 +305,7 @@ export class ResyncClient {
   recovery(channel, recovery) {
     if (recovery.outcome === "fresh") this.fresh(channel, recovery.position);
     if (recovery.outcome === "reset") this.reset({ channel, reason: recovery.reason, position: recovery.position });
+    this.channels.get(channel)?.handlers.onRecovery?.(recovery);
   }
 
   cursor() {

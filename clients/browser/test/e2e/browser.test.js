@@ -263,6 +263,25 @@ test("the demo page works and a screenshot is saved", async (t) => {
   await eventually(async () => (await page.textContent("#chat")).includes("hello from the end-to-end test"), { message: "chat echo" });
   await eventually(async () => (await page.locator("#feed li").count()) >= 1, { message: "a ticker event" });
   assert.equal(await page.textContent("#transport"), "websocket");
+
+  // A new visitor sees the conversation so far.
+  const visitor = await context.newPage();
+  await visitor.goto(`${server.base}/`);
+  await eventually(async () => (await visitor.textContent("#chat")).includes("hello from the end-to-end test"), { message: "history for a new visitor" });
+  await visitor.close();
+
+  // The promise, shown: cut the page's own connection while the server keeps publishing.
+  const reconnectsBefore = Number(await page.textContent("#reconnects"));
+  await page.click("#cut");
+  await eventually(async () => (await page.textContent("#state")).includes("reconnecting"), { message: "offline" });
+  for (let n = 1; n <= 3; n++) await publish(server.base, "demo:chat", { from: "server", text: `while you were away ${n}` });
+  // Both channels resume (the ticker's missed ticks count too): at least the 3 messages.
+  const missed = async () => Number((await page.textContent("#replayed")).match(/^(\d+) missed/)?.[1] ?? 0);
+  await eventually(async () => (await missed()) >= 3, { message: "the replay count", timeout: 15000 });
+  const chat = await page.locator("#chat li").allTextContents();
+  const away = chat.filter((line) => line.includes("while you were away")).reverse();
+  assert.deepEqual(away.map((line) => line.replace(/^#\d+/, "")), [1, 2, 3].map((n) => `server: while you were away ${n}`));
+  assert.ok(Number(await page.textContent("#reconnects")) > reconnectsBefore, "the page reconnected");
   const directory = process.env.RESYNC_E2E_ARTIFACTS || path.join(os.tmpdir(), "resync-e2e");
   fs.mkdirSync(directory, { recursive: true });
   const file = path.join(directory, "demo.png");
