@@ -104,3 +104,52 @@ async fn defect_7_logs_at_the_default_level_are_plain_text_and_summarised_not_pe
         "a periodic summary at info:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn defect_8_metrics_are_openmetrics_with_resets_by_reason_latency_and_namespaces() {
+    let server = TestServer::start(|settings| settings.history_size = 2);
+    let first = server.publish("chat:room", serde_json::json!(1)).await;
+    server.publish_many("chat:room", 2..6).await;
+    // A resume from seq 1 after history kept only 2: a truncated reset.
+    let mut client = resync_tests::SseClient::connect(
+        &server,
+        "?channel=chat:room",
+        Some(&format!("chat:room:{}:{}", first.epoch, first.seq)),
+    )
+    .await;
+    client.next_event().await.unwrap();
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        response.headers()
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"));
+    assert!(
+        text.contains("resync_resets_total{reason=\"truncated\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resync_publish_duration_seconds_count 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resync_namespace_events_published_total{namespace=\"chat\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resync_open_connections{transport=\"sse\"} 1"),
+        "{text}"
+    );
+    // The gauge and the counter of connections no longer share a name.
+    assert!(!text.contains("# TYPE resync_connections gauge"), "{text}");
+}
