@@ -2,6 +2,8 @@
 //! defect it proves fixed (`defect_N_…`). The browser side (bare `EventSource`, the npm
 //! `eventsource` package) is in `clients/browser/test/e2e/deploys.test.js`.
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use std::time::{Duration, Instant};
 
 use resync_protocol::sse::SseParser;

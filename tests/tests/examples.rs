@@ -1,6 +1,8 @@
 //! The examples run as a newcomer runs them (issue 13, defect 4) and shut down the way a
 //! deploy needs (issue 12, defect 5).
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

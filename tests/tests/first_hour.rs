@@ -1,6 +1,8 @@
 //! Issue 13, "the first hour of a new user": each test is named after the defect it proves
 //! fixed (`defect_N_…`).
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use resync_tests::{JWT_SECRET, TestServer, WsClient};
 
 #[tokio::test]

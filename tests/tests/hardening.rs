@@ -1,6 +1,8 @@
 //! Issue 11, "safe to put on the internet": each test is named after the defect it proves
 //! fixed (`defect_N_…`) and counts what happened on the wire.
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use resync_actix::jwt;

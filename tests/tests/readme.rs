@@ -7,6 +7,8 @@
 //! server on this machine) are they pointed at a free one: the address in the commands and
 //! `RESYNC_LISTEN` / `RESYNC_URL` change, nothing else.
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};

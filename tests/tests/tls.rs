@@ -2,6 +2,8 @@
 //! certificate made in the test, and the Rust client follows over `wss://` and `https://`
 //! (SSE, long polling); a client that does not trust the certificate says why.
 
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
 use std::time::Duration;
 
 use futures_util::StreamExt;

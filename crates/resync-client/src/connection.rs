@@ -272,18 +272,23 @@ impl Manager {
                 self.refresh_token().await?;
                 Ok(Some(self.backoff.soon()))
             }
-            SessionEnd::Closed(code) => match {
+            SessionEnd::Closed(code) => {
                 self.last_failure = Some(format!("closed {} ({})", code.0, code.reason()));
-                code.advice()
-            } {
-                ReconnectAdvice::Stop => Err(Error::Terminal(code)),
-                ReconnectAdvice::Backoff { .. } => Ok(Some(self.backoff.next_delay())),
-                ReconnectAdvice::Soon => Ok(Some(self.backoff.soon())),
-                ReconnectAdvice::RefreshTokenThenReconnect => {
-                    self.refresh_token().await?;
-                    Ok(Some(self.backoff.soon()))
-                }
-            },
+                self.after_close(code).await
+            }
+        }
+    }
+
+    /// What the close-code table says to do after the server closed with `code`.
+    async fn after_close(&mut self, code: resync_protocol::CloseCode) -> Result<Option<Duration>> {
+        match code.advice() {
+            ReconnectAdvice::Stop => Err(Error::Terminal(code)),
+            ReconnectAdvice::Backoff { .. } => Ok(Some(self.backoff.next_delay())),
+            ReconnectAdvice::Soon => Ok(Some(self.backoff.soon())),
+            ReconnectAdvice::RefreshTokenThenReconnect => {
+                self.refresh_token().await?;
+                Ok(Some(self.backoff.soon()))
+            }
         }
     }
 
