@@ -42,6 +42,12 @@ impl TestServer {
             workers: Some(2),
             shutdown_spread_ms: 100,
             demo: false,
+            // Every test client comes from 127.0.0.1, a thousand at a time in some tests: the
+            // per-address limits are lifted here, and tests/tests/hardening.rs sets its own.
+            max_connections_per_ip: 100_000,
+            connections_per_ip_per_second: 100_000.0,
+            connection_burst_per_ip: 100_000,
+            max_subscriptions_per_ip: 1_000_000,
             ..Settings::default()
         };
         configure(&mut settings);

@@ -86,6 +86,11 @@ impl ServerProcess {
         assert!(status.success(), "SIGTERM was not delivered");
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::SinkExt;
 use resync_actix::jwt;
 use resync_protocol::{ClientFrame, ErrorCode, Payload, ServerFrame};
 use resync_tests::raw_ws::{RawEnd, RawWs};
@@ -204,4 +205,331 @@ async fn defect_9_websocket_framing_violations_close_1002() {
             "{case}"
         );
     }
+}
+
+#[tokio::test]
+async fn defect_9_the_cookie_origin_check_ignores_x_forwarded_host_and_compares_the_scheme() {
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.anonymous_subscribe = vec![];
+    });
+    let token = signed(&jwt::Claims {
+        exp: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600,
+        subscribe: vec!["*".into()],
+        ..Default::default()
+    });
+    let address = server.server.addresses[0];
+    let status = |origin: String, forwarded_host: Option<&'static str>| {
+        let mut request = server
+            .http
+            .get(server.url("/poll?channel=c"))
+            .header("cookie", format!("resync_token={token}"))
+            .header("origin", origin);
+        if let Some(host) = forwarded_host {
+            request = request.header("x-forwarded-host", host);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(format!("http://{address}"), None).await, 200);
+    assert_eq!(
+        status("http://evil.example".to_owned(), Some("evil.example")).await,
+        403,
+        "a client-sent X-Forwarded-Host does not make its origin ours"
+    );
+    assert_eq!(
+        status(format!("https://{address}"), None).await,
+        403,
+        "another scheme is another origin"
+    );
+}
+
+#[tokio::test]
+async fn defect_9_a_percent_encoded_token_parameter_is_not_logged_in_clear() {
+    // The transports decode `%74oken` as `token`; the log's redaction must too.
+    let redacted = resync_actix::redact_query("channel=a&%74oken=eyJhbGciOi.secret.sig");
+    assert!(!redacted.contains("secret"), "{redacted}");
+}
+
+/// An SSE stream's first event name: `subscribed` when served, empty for a "retry later"
+/// stream (which has only a comment and `retry:`).
+async fn sse_opening(
+    server: &TestServer,
+    query: &str,
+    forwarded_for: Option<&str>,
+) -> (String, reqwest::Response) {
+    let mut request = server.http.get(server.url(&format!("/sse{query}")));
+    if let Some(address) = forwarded_for {
+        request = request.header("x-forwarded-for", address);
+    }
+    let mut response = request.send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "SSE is always 200");
+    let mut text = String::new();
+    while !text.contains("\n\n") || (!text.contains("event:") && !text.contains("retry:")) {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    let event = if text.contains("event: subscribed") {
+        "subscribed".to_owned()
+    } else if text.contains("retry:") {
+        format!("retry-later: {}", text.lines().next().unwrap_or_default())
+    } else {
+        format!("unexpected: {text}")
+    };
+    (event, response)
+}
+
+#[tokio::test]
+async fn defect_5_the_global_connection_cap_refuses_cheaply_while_health_metrics_and_the_api_answer()
+ {
+    let server = TestServer::start(|settings| settings.max_connections = 20);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let (event, stream) = sse_opening(&server, "?channel=full", None).await;
+        assert_eq!(event, "subscribed");
+        held.push(stream);
+    }
+    let (event, _) = sse_opening(&server, "?channel=full", None).await;
+    assert!(event.starts_with("retry-later"), "the 21st stream: {event}");
+    let poll = server
+        .http
+        .get(server.url("/poll?channel=full"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status().as_u16(), 503);
+    assert!(poll.headers().contains_key("retry-after"));
+    let mut socket = RawWs::connect(server.server.addresses[0], "")
+        .await
+        .unwrap();
+    assert_eq!(
+        socket.close_code(Duration::from_secs(5)).await,
+        RawEnd::Closed(1013),
+        "a WebSocket is told after the upgrade"
+    );
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = server.http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path} at the cap");
+    }
+    server
+        .publish("full", serde_json::json!("the API still publishes"))
+        .await;
+    // A stream that leaves frees its place.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (event, stream) = sse_opening(&server, "?channel=full", None).await;
+        if event == "subscribed" {
+            held.push(stream);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed place was not reused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn defect_5_per_address_caps_on_connections_and_connection_rate() {
+    let server = TestServer::start(|settings| {
+        settings.max_connections_per_ip = 5;
+        settings.connections_per_ip_per_second = 1.0;
+        settings.connection_burst_per_ip = 1_000;
+    });
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let (event, stream) = sse_opening(&server, "?channel=mine", None).await;
+        assert_eq!(event, "subscribed");
+        held.push(stream);
+    }
+    let (event, _) = sse_opening(&server, "?channel=mine", None).await;
+    assert!(event.contains("too many connections"), "{event}");
+    let poll = server
+        .http
+        .get(server.url("/poll?channel=mine"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status().as_u16(), 429);
+    assert!(poll.headers().contains_key("retry-after"));
+    let body: serde_json::Value = poll.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // X-Forwarded-For is a client's claim unless a trusted proxy sent it: ignored here.
+    let (event, _) = sse_opening(&server, "?channel=mine", Some("203.0.113.9")).await;
+    assert!(event.contains("too many connections"), "{event}");
+
+    let rate = TestServer::start(|settings| {
+        settings.connections_per_ip_per_second = 1.0;
+        settings.connection_burst_per_ip = 10;
+    });
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let response = rate
+            .http
+            .get(rate.url("/poll?channel=fast"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(&statuses[..10], &[200; 10], "{statuses:?}");
+    assert!(
+        statuses[10..].iter().all(|status| *status == 429),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn defect_5_behind_a_trusted_proxy_each_forwarded_address_has_its_own_budget() {
+    let server = TestServer::start(|settings| {
+        settings.max_connections_per_ip = 2;
+        settings.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    });
+    let mut held = Vec::new();
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for _ in 0..2 {
+            let (event, stream) = sse_opening(&server, "?channel=proxied", Some(client)).await;
+            assert_eq!(event, "subscribed", "{client}");
+            held.push(stream);
+        }
+        let (event, _) = sse_opening(&server, "?channel=proxied", Some(client)).await;
+        assert!(event.contains("too many connections"), "{client}: {event}");
+    }
+}
+
+#[tokio::test]
+async fn defect_5_websocket_message_and_publish_rates_answer_rate_limited_then_close() {
+    let server = TestServer::start(|settings| {
+        settings.demo = true;
+        settings.ws_publishes_per_second = 0.5;
+        settings.ws_publish_burst = 2;
+        settings.ws_messages_per_second = 5.0;
+        settings.ws_message_burst = 10;
+    });
+    let mut client = WsClient::connect_ready(&server.ws_url("")).await;
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let id = client.next_request_id();
+        client
+            .send(&ClientFrame::Publish {
+                id,
+                channel: "demo:rate".parse().unwrap(),
+                data: Payload::from_json("1").unwrap(),
+                idempotency_key: None,
+            })
+            .await;
+        replies.push(client.frame().await);
+    }
+    assert!(matches!(replies[0], ServerFrame::Published { .. }));
+    assert!(matches!(replies[1], ServerFrame::Published { .. }));
+    assert!(
+        matches!(
+            &replies[2],
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                id: Some(_),
+                ..
+            }
+        ),
+        "{:?}",
+        replies[2]
+    );
+    assert_eq!(
+        server.position("demo:rate").await.seq.get(),
+        2,
+        "the third was not stored"
+    );
+
+    // A flood of messages: a rate_limited error, then close 4100 once it goes on.
+    let mut flood = WsClient::connect_ready(&server.ws_url("")).await;
+    for _ in 0..40 {
+        if flood
+            .stream
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                ClientFrame::Pong.encode(),
+            ))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut saw_rate_limited = false;
+    let closed = loop {
+        match flood.read().await {
+            resync_tests::WsRead::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }) => saw_rate_limited = true,
+            resync_tests::WsRead::Frame(_) => {}
+            resync_tests::WsRead::Closed(code) => break code,
+        }
+    };
+    assert!(saw_rate_limited, "told before being closed");
+    assert_eq!(closed, Some(resync_protocol::CloseCode::TRY_AGAIN_LATER));
+}
+
+#[tokio::test]
+async fn defect_6_one_address_has_a_channel_budget_across_its_connections() {
+    let server = TestServer::start(|settings| settings.max_subscriptions_per_ip = 10);
+    let channels = |from: usize, count: usize| {
+        (from..from + count)
+            .map(|index| format!("c{index}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (event, _first) =
+        sse_opening(&server, &format!("?channels={}", channels(0, 8)), None).await;
+    assert_eq!(event, "subscribed");
+    let (event, _) = sse_opening(&server, &format!("?channels={}", channels(8, 5)), None).await;
+    assert!(event.contains("too many channels"), "{event}");
+    let mut client = WsClient::connect_ready(&server.ws_url("")).await;
+    client.subscribe("w1", None).await;
+    client.subscribe("w2", None).await;
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "w3".parse().unwrap(),
+            since: None,
+        })
+        .await;
+    assert!(matches!(
+        client.frame().await,
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn defect_10_a_websocket_holds_one_descriptor_and_sse_two() {
+    use resync_tests::server_process::ServerProcess;
+    let server = ServerProcess::start(&[]);
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    let before = descriptors();
+    let url = format!("ws://{}/ws", server.address);
+    let mut sockets = Vec::new();
+    for _ in 0..50 {
+        sockets.push(WsClient::connect_ready(&url).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let per_websocket = (descriptors() - before) as f64 / 50.0;
+    assert!(
+        per_websocket < 1.2,
+        "{per_websocket:.2} descriptors per WebSocket ({before} before)"
+    );
+    drop(sockets);
 }

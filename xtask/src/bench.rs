@@ -135,6 +135,18 @@ impl Bench {
             "false",
             "--track-disconnects",
             "false",
+            // Every load-generator client comes from 127.0.0.1: lift the per-address limits
+            // (the global cap stays, above the largest run).
+            "--max-connections",
+            "12000",
+            "--max-connections-per-ip",
+            "12000",
+            "--connections-per-ip-per-second",
+            "100000",
+            "--connection-burst-per-ip",
+            "100000",
+            "--max-subscriptions-per-ip",
+            "1000000",
         ];
         arguments.extend_from_slice(extra);
         Server::start(&self.release.join("resync-server"), &arguments)

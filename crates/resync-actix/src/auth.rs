@@ -262,13 +262,21 @@ impl Authorizer for JwtAuthorizer {
     }
 }
 
-/// Removes the value of `token=` from a URL query, for logging.
+/// Removes the value of `token=` from a URL query, for logging. Names are compared decoded,
+/// as the transports read them: `%74oken=` is a token too.
 pub fn redact_query(query: &str) -> String {
     query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some(("token", _)) => "token=<redacted>".to_owned(),
-            _ => pair.to_owned(),
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            let decoded: String = form_urlencoded::parse(name.as_bytes())
+                .map(|(key, _)| key.into_owned())
+                .collect();
+            if decoded == "token" {
+                format!("{name}=<redacted>")
+            } else {
+                pair.to_owned()
+            }
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -294,6 +302,17 @@ mod tests {
             redact_query("channel=a&token=secret.jwt.value&x=1"),
             "channel=a&token=<redacted>&x=1"
         );
+    }
+
+    #[test]
+    fn defect_9_11_percent_encoded_token_names_are_redacted_too() {
+        for query in ["%74oken=secret", "tok%65n=secret", "%74%6F%6B%65%6E=secret"] {
+            let redacted = redact_query(query);
+            assert!(
+                !redacted.contains("secret") && redacted.ends_with("=<redacted>"),
+                "{query} -> {redacted}"
+            );
+        }
     }
 
     const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";

@@ -34,6 +34,10 @@ pub struct TransportConfig {
     /// Origins (`https://app.example.com`) allowed to use cookie credentials, besides the
     /// server's own origin. Defaults to none.
     pub allowed_origins: Vec<String>,
+    /// The server's own origin as browsers see it (`https://live.example.com`), for the
+    /// cookie `Origin` check behind a proxy. Defaults to none: the connection's scheme and
+    /// `Host` header (never `X-Forwarded-Host`).
+    pub public_origin: Option<String>,
     /// On shutdown, connections are closed at random moments within this window, so that
     /// clients do not all reconnect at once. Defaults to 2 seconds.
     pub shutdown_spread: Duration,
@@ -42,6 +46,31 @@ pub struct TransportConfig {
     pub write_timeout: Duration,
     /// Replay limits for resuming clients. Defaults to [`ResumeOptions::default`].
     pub resume: ResumeOptions,
+    /// The most SSE, WebSocket and long-poll connections at once; past it, SSE gets a "retry
+    /// later" stream, long polls 503 with `Retry-After`, WebSocket close 1013. The HTTP API,
+    /// health and metrics are not counted and keep answering. Defaults to 8,000 (with the
+    /// disconnect probe's second descriptor, 16,000 of a 20,000 open-file limit).
+    pub max_connections: usize,
+    /// The most connections from one client address (IPv6: one /64). Defaults to 1,000.
+    pub max_connections_per_ip: usize,
+    /// New connections a second from one address, sustained. Defaults to 50.
+    pub connections_per_ip_per_second: f64,
+    /// New connections from one address in a burst above the rate. Defaults to 200.
+    pub connection_burst_per_ip: u32,
+    /// The most channels followed by all connections of one address. Defaults to 10,000.
+    pub max_subscriptions_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` names the client address. Defaults to none: the TCP
+    /// peer is the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// WebSocket messages a second one connection may send, sustained (pings included).
+    /// Defaults to 100.
+    pub ws_messages_per_second: f64,
+    /// WebSocket messages in a burst above the rate. Defaults to 200.
+    pub ws_message_burst: u32,
+    /// Publishes a second over one WebSocket, sustained. Defaults to 20.
+    pub ws_publishes_per_second: f64,
+    /// Publishes in a burst above the rate. Defaults to 50.
+    pub ws_publish_burst: u32,
 }
 
 impl Default for TransportConfig {
@@ -57,9 +86,20 @@ impl Default for TransportConfig {
             max_channels_per_connection: 128,
             token_cookie: "resync_token".to_owned(),
             allowed_origins: Vec::new(),
+            public_origin: None,
             shutdown_spread: Duration::from_secs(2),
             write_timeout: Duration::from_secs(10),
             resume: ResumeOptions::default(),
+            max_connections: 8_000,
+            max_connections_per_ip: 1_000,
+            connections_per_ip_per_second: 50.0,
+            connection_burst_per_ip: 200,
+            max_subscriptions_per_ip: 10_000,
+            trusted_proxies: Vec::new(),
+            ws_messages_per_second: 100.0,
+            ws_message_burst: 200,
+            ws_publishes_per_second: 20.0,
+            ws_publish_burst: 50,
         }
     }
 }

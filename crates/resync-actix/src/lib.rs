@@ -35,6 +35,7 @@
 //! disconnected with a "resume" signal and loses nothing. [`Resync::shutdown`] closes every
 //! connection with a "reconnect" signal, spread over a short window.
 
+mod admission;
 mod auth;
 mod config;
 mod error;
@@ -65,6 +66,8 @@ pub use probe::track_disconnects;
 
 /// What every connection shares.
 pub(crate) struct Shared {
+    /// Connection caps and per-address budgets.
+    pub(crate) admission: Arc<admission::Admission>,
     pub(crate) broker: Arc<dyn Broker>,
     /// The one publish path (counts and times every publish), for client publishes too.
     pub(crate) publisher: Publisher,
@@ -188,6 +191,7 @@ impl<B: Broker> ResyncBuilder<B> {
         Resync {
             broker: self.broker,
             shared: Arc::new(Shared {
+                admission: Arc::new(admission::Admission::new(&self.config)),
                 publisher: Publisher {
                     broker: broker.clone(),
                     metrics: metrics.clone(),

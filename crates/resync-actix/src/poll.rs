@@ -14,7 +14,7 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{admit_follower, cors_headers};
+use crate::request::{Admitted, admit_follower, cors_headers};
 use crate::sse::reset_json;
 use crate::subscriptions::{Subscriptions, next_item, open_all};
 
@@ -22,7 +22,11 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (query, identity) = admit_follower(&shared, &request).await?;
+    let Admitted {
+        query,
+        identity,
+        guard: _admitted,
+    } = admit_follower(&shared, &request).await?;
     let _guard = shared.metrics.connection(Transport::Poll);
 
     let Some(cursor) = query.cursor else {

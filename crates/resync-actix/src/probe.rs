@@ -6,6 +6,9 @@
 //! `HttpServer::on_connect`, it keeps a second handle on each TCP connection, which the
 //! transports watch for the end-of-stream the client sends when it leaves. Without it,
 //! everything works, but a departed SSE client is noticed only by a failed heartbeat write.
+//!
+//! The duplicate costs a file descriptor; a WebSocket upgrade closes it at once (the socket
+//! itself tells a WebSocket that its client left), so only SSE and long-poll connections pay.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -17,6 +20,11 @@ use actix_web::dev::Extensions;
 /// A second handle on a client's TCP connection, used only to peek for its end.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectionProbe(Arc<tokio::net::TcpStream>);
+
+/// Where a connection keeps its probe: taken out (and its descriptor closed) by a request
+/// that does not need it, such as a WebSocket upgrade, which sees its client leave by itself.
+#[derive(Debug)]
+struct ProbeSlot(std::cell::RefCell<Option<ConnectionProbe>>);
 
 /// Pass to `HttpServer::on_connect` so that SSE and long-poll requests end (and free their
 /// subscriptions) the moment their client disconnects.
@@ -46,7 +54,9 @@ pub fn track_disconnects(connection: &dyn Any, extensions: &mut Extensions) {
             return;
         }
         if let Ok(probe) = tokio::net::TcpStream::from_std(standard) {
-            extensions.insert(ConnectionProbe(Arc::new(probe)));
+            extensions.insert(ProbeSlot(std::cell::RefCell::new(Some(ConnectionProbe(
+                Arc::new(probe),
+            )))));
         }
     }
     #[cfg(not(unix))]
@@ -57,7 +67,16 @@ pub fn track_disconnects(connection: &dyn Any, extensions: &mut Extensions) {
 
 impl ConnectionProbe {
     pub(crate) fn of(request: &HttpRequest) -> Option<ConnectionProbe> {
-        request.conn_data::<ConnectionProbe>().cloned()
+        request
+            .conn_data::<ProbeSlot>()
+            .and_then(|slot| slot.0.borrow().clone())
+    }
+
+    /// Closes the request's probe, if it has one: a WebSocket costs one descriptor, not two.
+    pub(crate) fn release(request: &HttpRequest) {
+        if let Some(slot) = request.conn_data::<ProbeSlot>() {
+            slot.0.borrow_mut().take();
+        }
     }
 
     /// Completes when the client has closed its side of the connection (or it broke).

@@ -8,8 +8,12 @@ use actix_web::http::header;
 use resync_protocol::{Channel, Cursor, ErrorCode};
 
 use crate::Shared;
+use crate::admission::{AdmissionGuard, Refusal};
 use crate::auth::{AuthError, Credentials, Identity, TokenSource};
 use crate::error::ApiError;
+
+/// Query parameters besides `channel` that a request may carry (cache busters, tracking).
+const MAX_OTHER_PARAMETERS: usize = 32;
 
 /// The query parameters the transports understand.
 #[derive(Debug, Default)]
@@ -26,25 +30,37 @@ pub(crate) struct QueryParams {
 
 impl QueryParams {
     pub(crate) fn parse(query: &str, max_channels: usize) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|error| {
+        let too_many = || {
             ApiError::new(
-                ErrorCode::BadRequest,
-                format!("unreadable query string: {error}"),
+                ErrorCode::TooManyChannels,
+                format!("at most {max_channels} channels per connection"),
             )
-        })?;
+        };
+        // Read pair by pair and stop at the limit: a query naming 10,000 channels costs the
+        // first few, not all of them. Cache busters and the like are ignored, but count.
+        let max_pairs = max_channels.saturating_add(MAX_OTHER_PARAMETERS);
         let mut params = QueryParams::default();
-        for (name, value) in pairs {
-            match name.as_str() {
+        for (index, (name, value)) in form_urlencoded::parse(query.as_bytes()).enumerate() {
+            if index >= max_pairs {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("at most {max_pairs} query parameters"),
+                ));
+            }
+            match name.as_ref() {
                 "channel" => params.push_channel(&value)?,
                 "channels" => {
                     for name in value.split(',').filter(|name| !name.is_empty()) {
                         params.push_channel(name)?;
+                        if params.channels.len() > max_channels {
+                            return Err(too_many());
+                        }
                     }
                 }
                 "cursor" => {
                     params.cursor = Some(Cursor::parse(&value)?);
                 }
-                "token" => params.token = Some(value),
+                "token" => params.token = Some(value.into_owned()),
                 "timeout" => {
                     params.timeout_seconds = Some(value.parse().map_err(|_| {
                         ApiError::new(
@@ -53,15 +69,11 @@ impl QueryParams {
                         )
                     })?);
                 }
-                // Cache busters and the like are ignored, as browsers and proxies add them.
                 _ => {}
             }
-        }
-        if params.channels.len() > max_channels {
-            return Err(ApiError::new(
-                ErrorCode::TooManyChannels,
-                format!("at most {max_channels} channels per connection"),
-            ));
+            if params.channels.len() > max_channels {
+                return Err(too_many());
+            }
         }
         Ok(params)
     }
@@ -116,6 +128,7 @@ fn check_origin(
     request: &HttpRequest,
     credentials: &Credentials,
     allowed: &[String],
+    public_origin: Option<&str>,
 ) -> Result<(), ApiError> {
     if !matches!(credentials.token, Some((_, TokenSource::Cookie))) {
         return Ok(());
@@ -130,9 +143,25 @@ fn check_origin(
     if allowed.iter().any(|allowed| allowed == origin) {
         return Ok(());
     }
-    let origin_host = origin.split_once("://").map_or(origin, |(_, host)| host);
-    let own_host = request.connection_info().host().to_owned();
-    if origin_host == own_host {
+    // The server's own origin: as configured (behind a proxy), else this connection's scheme
+    // and `Host`. Never from `X-Forwarded-Host`, which any client can send.
+    let own_origin = match public_origin {
+        Some(configured) => configured.to_owned(),
+        None => {
+            let scheme = if request.app_config().secure() {
+                "https"
+            } else {
+                "http"
+            };
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            format!("{scheme}://{host}")
+        }
+    };
+    if origin.eq_ignore_ascii_case(&own_origin) {
         return Ok(());
     }
     Err(ApiError::new(
@@ -148,7 +177,12 @@ pub(crate) async fn authenticate(
     query: &QueryParams,
 ) -> Result<Identity, ApiError> {
     let credentials = credentials(request, query.token.as_deref(), &shared.config.token_cookie);
-    let result = match check_origin(request, &credentials, &shared.config.allowed_origins) {
+    let result = match check_origin(
+        request,
+        &credentials,
+        &shared.config.allowed_origins,
+        shared.config.public_origin.as_deref(),
+    ) {
         Ok(()) => shared
             .authorizer
             .authenticate(&credentials)
@@ -177,19 +211,48 @@ impl From<AuthError> for ApiError {
 pub(crate) async fn admit(
     shared: &Arc<Shared>,
     request: &HttpRequest,
-) -> Result<(QueryParams, Identity), ApiError> {
+) -> Result<Admitted, ApiError> {
     if *shared.shutdown.borrow() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
             "server is shutting down; reconnect",
         ));
     }
+    // Before anything costly: a flood is refused in O(1), before parsing or authentication.
+    let address = shared.admission.address_of(request);
+    let guard = shared
+        .admission
+        .enter(address, std::time::Instant::now())
+        .map_err(refusal)?;
     let query = QueryParams::parse(
         request.query_string(),
         shared.config.max_channels_per_connection,
     )?;
     let identity = authenticate(shared, request, &query).await?;
-    Ok((query, identity))
+    Ok(Admitted {
+        query,
+        identity,
+        guard,
+    })
+}
+
+/// A request let in: what it asked for, who it is, and its place under the limits.
+pub(crate) struct Admitted {
+    pub(crate) query: QueryParams,
+    pub(crate) identity: Identity,
+    pub(crate) guard: AdmissionGuard,
+}
+
+/// The error for a refusal: 503 (try again later) when the server is full, 429
+/// `rate_limited` when one address asks for too much.
+pub(crate) fn refusal(refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::ServerFull => ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is at its connection limit; try again later",
+        ),
+        Refusal::TooMuchFromAddress(why) => ApiError::new(ErrorCode::RateLimited, why),
+    }
 }
 
 /// The start of an SSE or long-poll request: [`admit`], then require channels and authorize
@@ -197,11 +260,15 @@ pub(crate) async fn admit(
 pub(crate) async fn admit_follower(
     shared: &Arc<Shared>,
     request: &HttpRequest,
-) -> Result<(QueryParams, Identity), ApiError> {
-    let (query, identity) = admit(shared, request).await?;
-    query.require_channels()?;
-    authorize_subscriptions(shared, &identity, &query.channels)?;
-    Ok((query, identity))
+) -> Result<Admitted, ApiError> {
+    let mut admitted = admit(shared, request).await?;
+    admitted.query.require_channels()?;
+    authorize_subscriptions(shared, &admitted.identity, &admitted.query.channels)?;
+    admitted
+        .guard
+        .subscribe(admitted.query.channels.len())
+        .map_err(refusal)?;
+    Ok(admitted)
 }
 
 /// Fails unless `identity` may subscribe to every channel.
@@ -274,5 +341,47 @@ pub(crate) fn loggable_target(request: &HttpRequest) -> String {
         request.path().to_owned()
     } else {
         format!("{}?{}", request.path(), crate::auth::redact_query(query))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defect_9_11_a_query_naming_thousands_of_channels_stops_at_the_limit() {
+        // Channel 200 is not even a valid name: parsing must have stopped at 129.
+        let query: Vec<String> = (0..10_000)
+            .map(|index| {
+                if index == 200 {
+                    "channel=not%20valid".to_owned()
+                } else {
+                    format!("channel=c{index}")
+                }
+            })
+            .collect();
+        let error = QueryParams::parse(&query.join("&"), 128).unwrap_err();
+        assert_eq!(error.code, ErrorCode::TooManyChannels, "{error:?}");
+        let listed = format!(
+            "channels={}",
+            (0..10_000)
+                .map(|index| format!("c{index}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(
+            QueryParams::parse(&listed, 128).unwrap_err().code,
+            ErrorCode::TooManyChannels
+        );
+        // Junk parameters count too.
+        let junk: Vec<String> = (0..1_000).map(|index| format!("x{index}=1")).collect();
+        assert_eq!(
+            QueryParams::parse(&junk.join("&"), 128).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        // Within the limits, everything is read.
+        let fine = QueryParams::parse("channel=a&channels=b,c&timeout=5&_=123", 128).unwrap();
+        assert_eq!(fine.channels.len(), 3);
+        assert_eq!(fine.timeout_seconds, Some(5));
     }
 }

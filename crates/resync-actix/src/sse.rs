@@ -17,7 +17,7 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
-use crate::request::{admit_follower, cors_headers, loggable_target};
+use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
 use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
@@ -31,16 +31,27 @@ pub(crate) async fn handle(
         // A non-200 answer closes an `EventSource` for good (WHATWG HTML, "fail the
         // connection"), so "try again later" is a stream that says when, then ends.
         Err(error) if error.code == ErrorCode::Unavailable => {
-            Ok(retry_later(&shared, &request, &error))
+            let retry_ms = shared.config.sse_retry_ms + fastrand::u64(0..=1_000);
+            Ok(retry_later(&shared, &request, &error, retry_ms))
+        }
+        // One address asking too much waits longer.
+        Err(error) if error.code == ErrorCode::RateLimited => {
+            let retry_ms = 5_000 + fastrand::u64(0..=5_000);
+            Ok(retry_later(&shared, &request, &error, retry_ms))
         }
         other => other,
     }
 }
 
 /// A stream that only says when to come back: during shutdown (on a connection of its own, so
-/// the retry meets the closed listener or the next process) and while the broker is down.
-fn retry_later(shared: &Shared, request: &HttpRequest, error: &ApiError) -> HttpResponse {
-    let retry_ms = shared.config.sse_retry_ms + fastrand::u64(0..=1_000);
+/// the retry meets the closed listener or the next process), while the broker is down, at the
+/// connection limits.
+fn retry_later(
+    shared: &Shared,
+    request: &HttpRequest,
+    error: &ApiError,
+    retry_ms: u64,
+) -> HttpResponse {
     let mut body = encode_comment(&format!("unavailable: {}", error.message));
     body.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
     let mut response = HttpResponse::Ok();
@@ -61,7 +72,11 @@ async fn open_stream(
     request: &HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let shared = shared.clone();
-    let (query, identity) = admit_follower(&shared, request).await?;
+    let Admitted {
+        query,
+        identity,
+        guard: admitted,
+    } = admit_follower(&shared, request).await?;
 
     // An explicit cursor wins; a Last-Event-ID that cannot be read must not fail the stream
     // (EventSource would give up silently), so it turns into a reset of every channel.
@@ -133,6 +148,7 @@ async fn open_stream(
 
     let cors = cors_headers(request, &shared.config.allowed_origins);
     let state = StreamState {
+        _admitted: admitted,
         guard: shared.metrics.connection(Transport::Sse),
         ends: ends(identity.remaining(), ConnectionProbe::of(request)),
         heartbeat: shared.clock(&shared.sse_heartbeat),
@@ -169,6 +185,8 @@ enum Wake {
 
 struct StreamState {
     shared: Arc<Shared>,
+    /// The stream's place under the connection limits, released when it ends.
+    _admitted: crate::admission::AdmissionGuard,
     #[allow(
         dead_code,
         reason = "held for its Drop, which counts the connection's end"

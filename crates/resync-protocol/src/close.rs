@@ -27,6 +27,8 @@ impl CloseCode {
     /// The client sent a message over the server's size limit: drop that message, never resend
     /// it, reconnect with backoff.
     pub const MESSAGE_TOO_BIG: CloseCode = CloseCode(1009);
+    /// The server is at its connection limit; reconnect with backoff.
+    pub const SERVER_FULL: CloseCode = CloseCode(1013);
     /// The server hit an unexpected condition; reconnect with backoff.
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
     /// The server is restarting; reconnect soon with jitter.
@@ -81,6 +83,7 @@ impl CloseCode {
             1009 => "message too big, do not resend",
             1011 => "internal error, reconnect with backoff",
             1012 => "service restart, reconnect",
+            1013 => "server full, try again later",
             4000 => "protocol violation",
             4003 => "forbidden",
             4004 => "unsupported protocol version",
@@ -119,6 +122,7 @@ pub const ALL_CLOSE_CODES: &[CloseCode] = &[
     CloseCode::MESSAGE_TOO_BIG,
     CloseCode::INTERNAL_ERROR,
     CloseCode::SERVICE_RESTART,
+    CloseCode::SERVER_FULL,
     CloseCode::PROTOCOL_VIOLATION,
     CloseCode::FORBIDDEN,
     CloseCode::UNSUPPORTED_PROTOCOL,
@@ -159,6 +163,12 @@ mod tests {
                 },
             ),
             (1012, Soon),
+            (
+                1013,
+                Backoff {
+                    drop_pending_message: false,
+                },
+            ),
             (4000, Stop),
             (4003, Stop),
             (

@@ -29,11 +29,17 @@ pub struct Payload(Arc<RawValue>);
 impl Payload {
     /// Validates `json` as one JSON value (object, array, string, number, bool or null).
     pub fn from_json(json: impl Into<String>) -> Result<Self> {
-        let mut json = json.into();
-        if json.bytes().any(|byte| byte == b'\n' || byte == b'\r') {
-            json = json.replace(['\n', '\r'], " ");
-        }
+        let json = json.into();
+        // Validated as sent, first: JSON forbids raw line breaks inside strings, so a payload
+        // with one is refused rather than rewritten into a different string.
         let raw = RawValue::from_string(json)
+            .map_err(|error| Error::InvalidPayload(error.to_string()))?;
+        if !raw.get().bytes().any(|byte| byte == b'\n' || byte == b'\r') {
+            return Ok(Self(Arc::from(raw)));
+        }
+        // Valid JSON: every line break is whitespace between tokens, and may become a space.
+        let one_line = raw.get().replace(['\n', '\r'], " ");
+        let raw = RawValue::from_string(one_line)
             .map_err(|error| Error::InvalidPayload(error.to_string()))?;
         Ok(Self(Arc::from(raw)))
     }
@@ -174,6 +180,23 @@ impl<'de> Deserialize<'de> for Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defect_9_11_a_raw_line_break_inside_a_string_is_refused_not_rewritten() {
+        for bad in ["\"a\nb\"", "{\"text\":\"line\r\nbreak\"}"] {
+            assert!(Payload::from_json(bad).is_err(), "{bad:?}");
+        }
+        // Between tokens a line break is whitespace, and becomes a space (events are one line).
+        assert_eq!(
+            Payload::from_json("{\n\"a\": 1\r\n}").unwrap().as_str(),
+            "{ \"a\": 1  }"
+        );
+        // An escaped line break inside a string is data, kept as sent.
+        assert_eq!(
+            Payload::from_json(r#""a\nb""#).unwrap().as_str(),
+            r#""a\nb""#
+        );
+    }
 
     #[test]
     fn payload_accepts_every_kind_of_json_value() {

@@ -133,7 +133,10 @@ pub const MAX_SSE_EVENT_BYTES: usize = 1024 * 1024;
 pub struct SseParser {
     line: Vec<u8>,
     after_cr: bool,
-    seen_first_byte: bool,
+    /// Whether the stream's start has been read past a possible byte order mark.
+    bom_decided: bool,
+    /// Bytes of the byte order mark matched so far (it may be split across chunks).
+    bom_matched: usize,
     last_event_id: String,
     event: String,
     data: String,
@@ -157,38 +160,53 @@ impl SseParser {
     /// An error (invalid UTF-8, a line or event over [`MAX_SSE_EVENT_BYTES`]) leaves the parser
     /// in an unspecified state; the stream should be dropped.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseMessage>> {
+        const BOM: &[u8] = "\u{feff}".as_bytes();
         let mut events = Vec::new();
         let mut bytes = chunk;
-        if !self.seen_first_byte && !bytes.is_empty() {
-            self.seen_first_byte = true;
-            if let Some(rest) = bytes.strip_prefix("\u{feff}".as_bytes()) {
-                bytes = rest;
+        // A stream may start with a UTF-8 byte order mark, to be skipped, and it may arrive
+        // split across chunks: match it byte by byte.
+        while !self.bom_decided && !bytes.is_empty() {
+            if bytes[0] == BOM[self.bom_matched] {
+                self.bom_matched += 1;
+                bytes = &bytes[1..];
+                self.bom_decided = self.bom_matched == BOM.len();
+            } else {
+                // Not a byte order mark: what matched of it is content.
+                self.bom_decided = true;
+                for &byte in &BOM[..self.bom_matched] {
+                    self.push_byte(byte, &mut events)?;
+                }
             }
         }
         for &byte in bytes {
-            if self.after_cr {
-                self.after_cr = false;
-                if byte == b'\n' {
-                    continue;
-                }
-            }
-            match byte {
-                b'\n' => self.end_line(&mut events)?,
-                b'\r' => {
-                    self.after_cr = true;
-                    self.end_line(&mut events)?;
-                }
-                _ => {
-                    if self.line.len() >= MAX_SSE_EVENT_BYTES {
-                        return Err(Error::MalformedEventStream(format!(
-                            "line longer than {MAX_SSE_EVENT_BYTES} bytes"
-                        )));
-                    }
-                    self.line.push(byte);
-                }
-            }
+            self.push_byte(byte, &mut events)?;
         }
         Ok(events)
+    }
+
+    fn push_byte(&mut self, byte: u8, events: &mut Vec<SseMessage>) -> Result<()> {
+        if self.after_cr {
+            self.after_cr = false;
+            if byte == b'\n' {
+                return Ok(());
+            }
+        }
+        match byte {
+            b'\n' => self.end_line(events)?,
+            b'\r' => {
+                self.after_cr = true;
+                self.end_line(events)?;
+            }
+            _ => {
+                if self.line.len() >= MAX_SSE_EVENT_BYTES {
+                    return Err(Error::MalformedEventStream(format!(
+                        "line longer than {MAX_SSE_EVENT_BYTES} bytes"
+                    )));
+                }
+                self.line.push(byte);
+            }
+        }
+        Ok(())
     }
 
     fn end_line(&mut self, events: &mut Vec<SseMessage>) -> Result<()> {
@@ -262,6 +280,22 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defect_9_11_a_byte_order_mark_split_across_chunks_keeps_the_first_event() {
+        let stream = "\u{feff}data: first\n\ndata: second\n\n".as_bytes();
+        for split in 0..=4 {
+            let mut parser = SseParser::new();
+            let mut events = parser.feed(&stream[..split]).unwrap();
+            events.extend(parser.feed(&stream[split..]).unwrap());
+            let data: Vec<&str> = events.iter().map(|event| event.data.as_str()).collect();
+            assert_eq!(data, ["first", "second"], "split at {split}");
+        }
+        // Bytes that only begin like a byte order mark are content (here: invalid UTF-8).
+        let mut parser = SseParser::new();
+        assert!(parser.feed(&[0xEF]).unwrap().is_empty());
+        assert!(parser.feed(b"data: x\n\n").is_err());
+    }
 
     #[test]
     fn encodes_fields_in_standard_order() {

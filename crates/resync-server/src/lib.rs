@@ -106,11 +106,22 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         max_message_bytes: settings.max_message_bytes,
         max_channels_per_connection: settings.max_channels_per_connection,
         allowed_origins: settings.allowed_origins.clone(),
+        public_origin: settings.public_origin.clone(),
         shutdown_spread: Duration::from_millis(settings.shutdown_spread_ms),
         write_timeout: Duration::from_secs(settings.write_timeout_secs.max(1)),
         resume: ResumeOptions {
             max_replay: settings.max_replay,
         },
+        max_connections: settings.max_connections,
+        max_connections_per_ip: settings.max_connections_per_ip,
+        connections_per_ip_per_second: settings.connections_per_ip_per_second,
+        connection_burst_per_ip: settings.connection_burst_per_ip,
+        max_subscriptions_per_ip: settings.max_subscriptions_per_ip,
+        trusted_proxies: settings.trusted_proxies.clone(),
+        ws_messages_per_second: settings.ws_messages_per_second,
+        ws_message_burst: settings.ws_message_burst,
+        ws_publishes_per_second: settings.ws_publishes_per_second,
+        ws_publish_burst: settings.ws_publish_burst,
         ..TransportConfig::default()
     };
     let builder = Resync::builder_shared(broker.clone()).config(config);

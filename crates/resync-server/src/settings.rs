@@ -32,6 +32,8 @@ pub struct Settings {
     pub anonymous_publish: Vec<String>,
     /// Extra origins allowed to use cookie credentials.
     pub allowed_origins: Vec<String>,
+    /// This server's origin as browsers see it, for the cookie Origin check behind a proxy.
+    pub public_origin: Option<String>,
     /// Events of history kept per channel.
     pub history_size: usize,
     /// Seconds an event stays in history.
@@ -73,6 +75,26 @@ pub struct Settings {
     pub demo: bool,
     /// Notice departed SSE and long-poll clients at once (one extra descriptor per connection).
     pub track_disconnects: bool,
+    /// Most SSE, WebSocket and long-poll connections at once.
+    pub max_connections: usize,
+    /// Most connections from one client address.
+    pub max_connections_per_ip: usize,
+    /// New connections a second from one address.
+    pub connections_per_ip_per_second: f64,
+    /// New connections from one address in a burst.
+    pub connection_burst_per_ip: u32,
+    /// Most channels followed by one address.
+    pub max_subscriptions_per_ip: usize,
+    /// WebSocket messages a second per connection.
+    pub ws_messages_per_second: f64,
+    /// WebSocket messages in a burst.
+    pub ws_message_burst: u32,
+    /// Publishes a second per WebSocket.
+    pub ws_publishes_per_second: f64,
+    /// Publishes per WebSocket in a burst.
+    pub ws_publish_burst: u32,
+    /// Proxies whose X-Forwarded-For names the client address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Seconds between info-level traffic summaries; 0 for none.
@@ -113,6 +135,7 @@ impl Default for Settings {
             anonymous_subscribe: vec!["*".to_owned()],
             anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
+            public_origin: None,
             history_size: 10_000,
             history_max_age_secs: 24 * 60 * 60,
             max_replay: 10_000,
@@ -133,6 +156,16 @@ impl Default for Settings {
             redis_pool_size: 16,
             demo: false,
             track_disconnects: true,
+            max_connections: 8_000,
+            max_connections_per_ip: 1_000,
+            connections_per_ip_per_second: 50.0,
+            connection_burst_per_ip: 200,
+            max_subscriptions_per_ip: 10_000,
+            ws_messages_per_second: 100.0,
+            ws_message_burst: 200,
+            ws_publishes_per_second: 20.0,
+            ws_publish_burst: 50,
+            trusted_proxies: Vec::new(),
             log_format: LogFormat::Text,
             log_summary_secs: 60,
         }
@@ -188,6 +221,10 @@ pub struct Args {
     /// Extra origins allowed to use cookie credentials, comma-separated. [default: none]
     #[arg(long, env = "RESYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Option<Vec<String>>,
+    /// This server's origin as browsers see it (https://live.example.com), for the cookie
+    /// Origin check behind a TLS proxy. [default: the request's scheme and Host header]
+    #[arg(long, env = "RESYNC_PUBLIC_ORIGIN")]
+    public_origin: Option<String>,
     /// Events of history kept per channel. [default: 10000]
     #[arg(long, env = "RESYNC_HISTORY_SIZE")]
     history_size: Option<usize>,
@@ -252,6 +289,39 @@ pub struct Args {
     /// descriptor per connection (budget the open-file limit accordingly). [default: true]
     #[arg(long, env = "RESYNC_TRACK_DISCONNECTS")]
     track_disconnects: Option<bool>,
+    /// SSE, WebSocket and long-poll connections at once; past it SSE gets a retry stream, polls
+    /// 503, WebSocket close 1013. [default: 8000]
+    #[arg(long, env = "RESYNC_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections from one client address (IPv6: one /64). [default: 1000]
+    #[arg(long, env = "RESYNC_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// New connections a second from one address, sustained. [default: 50]
+    #[arg(long, env = "RESYNC_CONNECTIONS_PER_IP_PER_SECOND")]
+    connections_per_ip_per_second: Option<f64>,
+    /// New connections from one address in a burst above the rate. [default: 200]
+    #[arg(long, env = "RESYNC_CONNECTION_BURST_PER_IP")]
+    connection_burst_per_ip: Option<u32>,
+    /// Channels followed by all connections of one address. [default: 10000]
+    #[arg(long, env = "RESYNC_MAX_SUBSCRIPTIONS_PER_IP")]
+    max_subscriptions_per_ip: Option<usize>,
+    /// WebSocket messages a second per connection, sustained; past it `rate_limited`, then
+    /// close 4100. [default: 100]
+    #[arg(long, env = "RESYNC_WS_MESSAGES_PER_SECOND")]
+    ws_messages_per_second: Option<f64>,
+    /// WebSocket messages in a burst above the rate. [default: 200]
+    #[arg(long, env = "RESYNC_WS_MESSAGE_BURST")]
+    ws_message_burst: Option<u32>,
+    /// Publishes a second per WebSocket, sustained; past it `rate_limited`. [default: 20]
+    #[arg(long, env = "RESYNC_WS_PUBLISHES_PER_SECOND")]
+    ws_publishes_per_second: Option<f64>,
+    /// Publishes per WebSocket in a burst above the rate. [default: 50]
+    #[arg(long, env = "RESYNC_WS_PUBLISH_BURST")]
+    ws_publish_burst: Option<u32>,
+    /// Proxies (IP addresses, comma-separated) whose X-Forwarded-For names the client address
+    /// for the per-address limits. [default: none: the TCP peer is the client]
+    #[arg(long, env = "RESYNC_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// Log line format. [default: text]
     #[arg(long, env = "RESYNC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -284,6 +354,9 @@ impl Settings {
         }
         if args.jwt_secret.is_some() {
             settings.jwt_secret = args.jwt_secret;
+        }
+        if args.public_origin.is_some() {
+            settings.public_origin = args.public_origin;
         }
         if args.tls_cert.is_some() {
             settings.tls_cert = args.tls_cert;
@@ -322,6 +395,16 @@ impl Settings {
             track_disconnects,
             log_format,
             log_summary_secs,
+            max_connections,
+            max_connections_per_ip,
+            connections_per_ip_per_second,
+            connection_burst_per_ip,
+            max_subscriptions_per_ip,
+            ws_messages_per_second,
+            ws_message_burst,
+            ws_publishes_per_second,
+            ws_publish_burst,
+            trusted_proxies,
         );
         if args.workers.is_some() {
             settings.workers = args.workers;

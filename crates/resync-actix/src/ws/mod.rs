@@ -15,10 +15,11 @@ use resync_protocol::{
 use tokio::time::Instant;
 
 use crate::Shared;
+use crate::admission::{AdmissionGuard, TokenBucket};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::metrics::Transport;
-use crate::request::{admit, loggable_target};
+use crate::request::{admit, loggable_target, refusal};
 use crate::subscriptions::{Subscriptions, next_item};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
@@ -33,18 +34,49 @@ pub(crate) async fn handle(
     request: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    // A WebSocket sees its client leave by itself: the connection's second descriptor goes.
+    crate::probe::ConnectionProbe::release(&request);
     // Credentials are checked before the upgrade: a bad token gets a plain 401, no socket.
-    let (_query, identity) = admit(&shared, &request).await?;
-    let (response, outbox, messages) =
+    let admitted = match admit(&shared, &request).await {
+        Ok(admitted) => Some(admitted),
+        // At the connection limit (not shutting down): upgrade and close with 1013, "try
+        // again later", which every WebSocket client reads; an HTTP status it cannot.
+        Err(error) if error.code == ErrorCode::Unavailable && !*shared.shutdown.borrow() => None,
+        Err(error) => return Err(error),
+    };
+    let (response, mut outbox, messages) =
         socket::accept(&request, body, shared.config.max_message_bytes).map_err(|error| {
             ApiError::new(
                 ErrorCode::BadRequest,
                 format!("websocket handshake failed: {error}"),
             )
         })?;
+    let Some(admitted) = admitted else {
+        drop(messages);
+        let code = CloseCode::SERVER_FULL;
+        let write_timeout = shared.config.write_timeout;
+        actix_web::rt::spawn(async move {
+            let _ = tokio::time::timeout(write_timeout, outbox.close(code.0, code.reason())).await;
+        });
+        return Ok(response);
+    };
+    let identity = admitted.identity;
+    let now = std::time::Instant::now();
     let client_id = format!("{:016x}", fastrand::u64(..));
     tracing::debug!(target: "resync::ws", %client_id, request = %loggable_target(&request), subject = ?identity.subject, "connected");
     let connection = Connection {
+        messages: TokenBucket::new(
+            shared.config.ws_messages_per_second,
+            shared.config.ws_message_burst,
+            now,
+        ),
+        publishes: TokenBucket::new(
+            shared.config.ws_publishes_per_second,
+            shared.config.ws_publish_burst,
+            now,
+        ),
+        over_rate: 0,
+        admitted: admitted.guard,
         shared,
         identity,
         outbox,
@@ -57,6 +89,14 @@ pub(crate) async fn handle(
 }
 
 struct Connection {
+    /// The connection's place under the limits, with the channels it follows.
+    admitted: AdmissionGuard,
+    /// Messages the client may send (pings included).
+    messages: TokenBucket,
+    /// Publishes the client may send.
+    publishes: TokenBucket,
+    /// Messages in a row refused for the rate; past the burst, the connection closes.
+    over_rate: u32,
     shared: Arc<Shared>,
     identity: Identity,
     outbox: Outbox,
@@ -125,9 +165,14 @@ impl Connection {
             ending = match wake {
                 Wake::Message(message) => {
                     last_heard = Instant::now();
-                    // Boxed: the rarely taken, deep request path would otherwise size every
-                    // idle connection's task for its largest state.
-                    Box::pin(self.on_message(message)).await.err()
+                    if self.messages.take(std::time::Instant::now()) {
+                        self.over_rate = 0;
+                        // Boxed: the rarely taken, deep request path would otherwise size every
+                        // idle connection's task for its largest state.
+                        Box::pin(self.on_message(message)).await.err()
+                    } else {
+                        Box::pin(self.over_message_rate(message)).await.err()
+                    }
                 }
                 Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
                 // Shutdown wakes the ping clock too (see `Resync::shutdown`).
@@ -286,6 +331,34 @@ impl Connection {
         }
     }
 
+    /// A message past the connection's rate: dropped with a `rate_limited` error (the first
+    /// of a run), and the connection closed (4100, try again later) if the client keeps on.
+    async fn over_message_rate(
+        &mut self,
+        message: Option<Result<Incoming, InboxError>>,
+    ) -> Result<(), Ending> {
+        // Ends of the connection are never rate limited.
+        if matches!(message, None | Some(Ok(Incoming::Close)) | Some(Err(_))) {
+            return self.on_message(message).await;
+        }
+        self.over_rate += 1;
+        if self.over_rate > self.shared.config.ws_message_burst {
+            return Err(Ending::Close(CloseCode::TRY_AGAIN_LATER));
+        }
+        if self.over_rate == 1 {
+            let error = ServerFrame::Error {
+                id: None,
+                code: ErrorCode::RateLimited,
+                message: format!(
+                    "more than {} messages a second; messages are dropped",
+                    self.shared.config.ws_messages_per_second
+                ),
+            };
+            self.send(error.encode()).await?;
+        }
+        Ok(())
+    }
+
     async fn bad_frame(
         &mut self,
         id: Option<RequestId>,
@@ -338,6 +411,7 @@ impl Connection {
             }
             ClientFrame::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel).is_some() {
+                    self.admitted.unsubscribe(1);
                     self.send(ServerFrame::Unsubscribed { id, channel }.encode())
                         .await
                 } else {
@@ -347,6 +421,16 @@ impl Connection {
                     );
                     self.reply_error(id, error).await
                 }
+            }
+            ClientFrame::Publish { id, .. } if !self.publishes.take(std::time::Instant::now()) => {
+                let error = ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} publishes a second; not stored",
+                        self.shared.config.ws_publishes_per_second
+                    ),
+                );
+                self.reply_error(id, error).await
             }
             ClientFrame::Publish {
                 id,
@@ -404,13 +488,21 @@ impl Connection {
                 format!("not allowed to subscribe to {channel}"),
             ));
         }
-        let (recovery, subscription) = resume(
+        self.admitted.subscribe(1).map_err(refusal)?;
+        let resumed = resume(
             self.shared.broker.clone(),
             channel.clone(),
             since,
             self.shared.config.resume,
         )
-        .await?;
+        .await;
+        let (recovery, subscription) = match resumed {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                self.admitted.unsubscribe(1);
+                return Err(error.into());
+            }
+        };
         self.shared.metrics.recovery(&channel, &recovery);
         if self.subscriptions.capacity() == 0 {
             // Room for one: most connections follow one channel, and a map grown by

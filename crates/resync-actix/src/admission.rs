@@ -1,0 +1,355 @@
+//! Who may open a connection, and how much one client address may hold: a global connection
+//! cap, per-address caps on concurrent connections, connection rate and subscriptions, and
+//! the per-connection rates of WebSocket frames and publishes.
+//!
+//! Refusals are O(1) and happen before authentication, so a flood costs the server little.
+//! Addresses are the TCP peer's, or (only when the peer is a configured trusted proxy) the
+//! last untrusted hop of `X-Forwarded-For`. IPv6 addresses count by /64, the block one host
+//! usually has.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use actix_web::HttpRequest;
+
+use crate::config::TransportConfig;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    updated: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64, burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            updated: now,
+            rate,
+            burst: f64::from(burst),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.updated = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+}
+
+/// Why a connection or a subscription was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The server holds as many connections as it may: try again later (503).
+    ServerFull,
+    /// This address holds too many connections, opens them too fast, or follows too many
+    /// channels (429, `rate_limited`).
+    TooMuchFromAddress(&'static str),
+}
+
+struct AddressState {
+    connections: usize,
+    subscriptions: usize,
+    rate: TokenBucket,
+}
+
+/// Addresses tracked at most; past it, addresses with no connection are forgotten, and if
+/// none is, new addresses are refused as if the server were full.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// The admission state shared by every connection.
+pub(crate) struct Admission {
+    limits: Limits,
+    state: Mutex<AdmissionState>,
+}
+
+#[derive(Clone, Debug)]
+struct Limits {
+    max_connections: usize,
+    max_connections_per_address: usize,
+    connections_per_second: f64,
+    connection_burst: u32,
+    max_subscriptions_per_address: usize,
+    trusted_proxies: Vec<IpAddr>,
+}
+
+struct AdmissionState {
+    connections: usize,
+    addresses: HashMap<IpAddr, AddressState>,
+}
+
+impl Admission {
+    pub(crate) fn new(config: &TransportConfig) -> Self {
+        Self {
+            limits: Limits {
+                max_connections: config.max_connections,
+                max_connections_per_address: config.max_connections_per_ip,
+                connections_per_second: config.connections_per_ip_per_second,
+                connection_burst: config.connection_burst_per_ip,
+                max_subscriptions_per_address: config.max_subscriptions_per_ip,
+                trusted_proxies: config.trusted_proxies.clone(),
+            },
+            state: Mutex::new(AdmissionState {
+                connections: 0,
+                addresses: HashMap::new(),
+            }),
+        }
+    }
+
+    /// The address a request counts against.
+    pub(crate) fn address_of(&self, request: &HttpRequest) -> IpAddr {
+        let peer = request
+            .peer_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |peer| peer.ip());
+        if !self.limits.trusted_proxies.contains(&peer) {
+            return bucket_of(peer);
+        }
+        // Behind our own proxies: the rightmost hop they did not add themselves.
+        let forwarded = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        let client = forwarded
+            .iter()
+            .rev()
+            .find(|hop| !self.limits.trusted_proxies.contains(hop))
+            .copied()
+            .unwrap_or(peer);
+        bucket_of(client)
+    }
+
+    /// Lets a connection from `address` in, or says why not.
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        address: IpAddr,
+        now: Instant,
+    ) -> Result<AdmissionGuard, Refusal> {
+        let mut state = self.lock();
+        if state.connections >= self.limits.max_connections {
+            return Err(Refusal::ServerFull);
+        }
+        if !state.addresses.contains_key(&address) && state.addresses.len() >= MAX_TRACKED_ADDRESSES
+        {
+            state
+                .addresses
+                .retain(|_, tracked| tracked.connections > 0 || !tracked.rate.is_full(now));
+            if state.addresses.len() >= MAX_TRACKED_ADDRESSES {
+                return Err(Refusal::ServerFull);
+            }
+        }
+        let limits = &self.limits;
+        let tracked = state
+            .addresses
+            .entry(address)
+            .or_insert_with(|| AddressState {
+                connections: 0,
+                subscriptions: 0,
+                rate: TokenBucket::new(limits.connections_per_second, limits.connection_burst, now),
+            });
+        if tracked.connections >= limits.max_connections_per_address {
+            return Err(Refusal::TooMuchFromAddress(
+                "too many connections from this address",
+            ));
+        }
+        if !tracked.rate.take(now) {
+            return Err(Refusal::TooMuchFromAddress(
+                "connections opened too fast from this address",
+            ));
+        }
+        tracked.connections += 1;
+        state.connections += 1;
+        Ok(AdmissionGuard {
+            admission: self.clone(),
+            address,
+            subscriptions: 0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// IPv6 addresses count by their /64; IPv4 addresses one by one.
+fn bucket_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::from(segments)
+            }
+        },
+    }
+}
+
+/// An admitted connection: counts against its address until dropped, with the channels it
+/// follows.
+pub(crate) struct AdmissionGuard {
+    admission: Arc<Admission>,
+    address: IpAddr,
+    subscriptions: usize,
+}
+
+impl AdmissionGuard {
+    /// Counts `count` more channels followed, within the address's budget.
+    pub(crate) fn subscribe(&mut self, count: usize) -> Result<(), Refusal> {
+        let mut state = self.admission.lock();
+        let limit = self.admission.limits.max_subscriptions_per_address;
+        let Some(tracked) = state.addresses.get_mut(&self.address) else {
+            return Ok(());
+        };
+        if tracked.subscriptions.saturating_add(count) > limit {
+            return Err(Refusal::TooMuchFromAddress(
+                "this address follows too many channels",
+            ));
+        }
+        tracked.subscriptions += count;
+        self.subscriptions += count;
+        Ok(())
+    }
+
+    /// Counts `count` fewer channels followed.
+    pub(crate) fn unsubscribe(&mut self, count: usize) {
+        let count = count.min(self.subscriptions);
+        self.subscriptions -= count;
+        let mut state = self.admission.lock();
+        if let Some(tracked) = state.addresses.get_mut(&self.address) {
+            tracked.subscriptions = tracked.subscriptions.saturating_sub(count);
+        }
+    }
+}
+
+impl Drop for AdmissionGuard {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut state = self.admission.lock();
+        state.connections = state.connections.saturating_sub(1);
+        let forget = match state.addresses.get_mut(&self.address) {
+            Some(tracked) => {
+                tracked.connections = tracked.connections.saturating_sub(1);
+                tracked.subscriptions = tracked.subscriptions.saturating_sub(self.subscriptions);
+                tracked.connections == 0 && tracked.rate.is_full(now)
+            }
+            None => false,
+        };
+        if forget {
+            state.addresses.remove(&self.address);
+        }
+    }
+}
+
+impl std::fmt::Debug for AdmissionGuard {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AdmissionGuard")
+            .field("address", &self.address)
+            .field("subscriptions", &self.subscriptions)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn admission(configure: impl FnOnce(&mut TransportConfig)) -> Arc<Admission> {
+        let mut config = TransportConfig::default();
+        configure(&mut config);
+        Arc::new(Admission::new(&config))
+    }
+
+    #[test]
+    fn the_global_cap_refuses_and_a_leaving_connection_frees_its_place() {
+        let admission = admission(|config| {
+            config.max_connections = 2;
+            config.max_connections_per_ip = 10;
+        });
+        let now = Instant::now();
+        let first = admission.enter("10.0.0.1".parse().unwrap(), now).unwrap();
+        let _second = admission.enter("10.0.0.2".parse().unwrap(), now).unwrap();
+        assert_eq!(
+            admission.enter("10.0.0.3".parse().unwrap(), now).err(),
+            Some(Refusal::ServerFull)
+        );
+        drop(first);
+        assert!(admission.enter("10.0.0.3".parse().unwrap(), now).is_ok());
+    }
+
+    #[test]
+    fn per_address_caps_on_connections_rate_and_subscriptions() {
+        let admission = admission(|config| {
+            config.max_connections_per_ip = 3;
+            config.connections_per_ip_per_second = 1.0;
+            config.connection_burst_per_ip = 5;
+            config.max_subscriptions_per_ip = 10;
+        });
+        let now = Instant::now();
+        let address: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut held: Vec<_> = (0..3)
+            .map(|_| admission.enter(address, now).unwrap())
+            .collect();
+        assert!(matches!(
+            admission.enter(address, now),
+            Err(Refusal::TooMuchFromAddress(_))
+        ));
+        // Another address is not affected.
+        assert!(admission.enter("10.0.0.10".parse().unwrap(), now).is_ok());
+        // Subscriptions: 10 over all of the address's connections.
+        held[0].subscribe(6).unwrap();
+        assert!(held[1].subscribe(5).is_err());
+        held[1].subscribe(4).unwrap();
+        held[0].unsubscribe(6);
+        held[2].subscribe(6).unwrap();
+        // Rate: the burst of 5 is spent after 2 more connects (3 above), then 1 a second.
+        held.clear();
+        assert!(admission.enter(address, now).is_ok());
+        assert!(admission.enter(address, now).is_ok());
+        assert!(matches!(
+            admission.enter(address, now),
+            Err(Refusal::TooMuchFromAddress(_))
+        ));
+        assert!(
+            admission
+                .enter(address, now + Duration::from_secs(1))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        assert_eq!(
+            bucket_of("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            bucket_of("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+}
