@@ -142,6 +142,20 @@ impl TestServer {
         }
     }
 
+    /// Waits until the server counts `expected` open WebSocket connections.
+    pub async fn wait_for_websockets(&self, expected: u64) {
+        let open = |server: &Self| {
+            let metrics = server.server.resync.metrics().clone();
+            async move { metrics.open_connections(resync_actix::Transport::WebSocket) }
+        };
+        loop {
+            if open(self).await == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))

@@ -30,7 +30,24 @@ impl RawWs {
     /// Opens `/ws` on `address` with the upgrade handshake and returns once the server
     /// answered 101; `Err(status)` otherwise.
     pub async fn connect(address: SocketAddr, query: &str) -> Result<Self, u16> {
-        let mut stream = TcpStream::connect(address).await.expect("tcp connect");
+        let stream = TcpStream::connect(address).await.expect("tcp connect");
+        Self::handshake(stream, address, query).await
+    }
+
+    /// Like [`connect`](Self::connect), with a 4 KiB receive buffer: a client that does not
+    /// read fills it at once.
+    pub async fn connect_small_window(address: SocketAddr, query: &str) -> Result<Self, u16> {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("receive buffer");
+        let stream = socket.connect(address).await.expect("tcp connect");
+        Self::handshake(stream, address, query).await
+    }
+
+    async fn handshake(
+        mut stream: TcpStream,
+        address: SocketAddr,
+        query: &str,
+    ) -> Result<Self, u16> {
         let request = format!(
             "GET /ws{query} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\

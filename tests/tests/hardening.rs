@@ -533,3 +533,50 @@ async fn defect_10_a_websocket_holds_one_descriptor_and_sse_two() {
     );
     drop(sockets);
 }
+
+#[tokio::test]
+async fn defect_7_a_client_that_floods_pings_and_never_reads_is_reaped_at_the_tcp_level() {
+    let server = TestServer::start(|settings| {
+        settings.write_timeout_secs = 1;
+        // Not the message rate limit: the write deadline is what must reap this client.
+        settings.ws_messages_per_second = 1e9;
+        settings.ws_message_burst = u32::MAX;
+    });
+    let mut client = RawWs::connect_small_window(server.server.addresses[0], "")
+        .await
+        .unwrap();
+    server.wait_for_websockets(1).await;
+    // Pings with the largest payload a control frame may carry, never reading a pong.
+    let ping = RawWs::frame(0x89, 125, &[b'p'; 125]);
+    let started = tokio::time::Instant::now();
+    let mut sent = 0usize;
+    while started.elapsed() < Duration::from_secs(15) {
+        match tokio::time::timeout(Duration::from_millis(200), client.send(&ping)).await {
+            Ok(Ok(())) => sent += ping.len(),
+            // The server stopped reading (its pong write waits) or dropped us.
+            Ok(Err(_)) | Err(_) => break,
+        }
+        if sent > 64 << 20 {
+            break;
+        }
+    }
+    // Within the write timeout plus the kernel's user timeout (1 s each), and some slack,
+    // the connection is gone on the server.
+    let reaped = tokio::time::timeout(Duration::from_secs(20), server.wait_for_websockets(0)).await;
+    assert!(
+        reaped.is_ok(),
+        "the flooding client still holds a connection after {sent} bytes of pings"
+    );
+    // And at the TCP level: what the client reads next is the end, not more pongs forever.
+    let mut buffer = vec![0u8; 1 << 20];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut client.stream, &mut buffer).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "the server closed the socket");
+}

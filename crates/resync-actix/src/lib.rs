@@ -62,7 +62,7 @@ pub use auth::{
 pub use config::TransportConfig;
 pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};
 pub use metrics::{ConnectionGuard, MAX_NAMESPACE_LABELS, Metrics, Transport};
-pub use probe::track_disconnects;
+pub use probe::{ConnectOptions, on_connect, track_disconnects};
 
 /// What every connection shares.
 pub(crate) struct Shared {

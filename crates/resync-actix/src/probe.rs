@@ -65,6 +65,53 @@ pub fn track_disconnects(connection: &dyn Any, extensions: &mut Extensions) {
     }
 }
 
+/// What [`on_connect`] does with each accepted connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectOptions {
+    /// Keep a second handle so SSE and long polls notice at once that their client left (see
+    /// [`track_disconnects`]). Defaults to true.
+    pub track_disconnects: bool,
+    /// The kernel's deadline for unacknowledged data (`TCP_USER_TIMEOUT`, Linux): a client
+    /// that stops reading, even one whose window stays shut, loses its connection at the TCP
+    /// level once this passes, whatever the transport. Defaults to 10 s.
+    pub write_deadline: Option<Duration>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            track_disconnects: true,
+            write_deadline: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// A hook for `HttpServer::on_connect` that applies `options` to every connection: the
+/// disconnect probe and the write deadline. [`track_disconnects`] is this with the default
+/// options but no write deadline.
+pub fn on_connect(options: ConnectOptions) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync {
+    move |connection, extensions| {
+        if let Some(deadline) = options.write_deadline
+            && let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>()
+        {
+            set_write_deadline(stream, deadline);
+        }
+        if options.track_disconnects {
+            track_disconnects(connection, extensions);
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_write_deadline(stream: &actix_web::rt::net::TcpStream, deadline: Duration) {
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(deadline)) {
+        tracing::debug!(target: "resync::connection", %error, "no TCP user timeout on this socket");
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_write_deadline(_stream: &actix_web::rt::net::TcpStream, _deadline: Duration) {}
+
 impl ConnectionProbe {
     pub(crate) fn of(request: &HttpRequest) -> Option<ConnectionProbe> {
         request

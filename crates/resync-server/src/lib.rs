@@ -182,11 +182,12 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
     })
-    .on_connect(if settings.track_disconnects {
-        resync_actix::track_disconnects
-    } else {
-        |_: &dyn std::any::Any, _: &mut actix_web::dev::Extensions| {}
-    })
+    .on_connect(resync_actix::on_connect(resync_actix::ConnectOptions {
+        track_disconnects: settings.track_disconnects,
+        // The kernel drops a connection whose client has taken nothing for this long: the
+        // deadline behind every write, on every transport.
+        write_deadline: Some(Duration::from_secs(settings.write_timeout_secs.max(1))),
+    }))
     // A real-time server sees bursts of connects (after a deploy, a network blip): a deep
     // accept queue keeps them from being dropped (the kernel caps it at somaxconn).
     .backlog(8192)

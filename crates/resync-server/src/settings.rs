@@ -265,7 +265,9 @@ pub struct Args {
     /// HTTP worker threads. [default: one per CPU]
     #[arg(long, env = "RESYNC_WORKERS")]
     workers: Option<usize>,
-    /// Seconds one WebSocket write may take before the client is dropped as stuck. [default: 10]
+    /// Seconds one write may wait for a client that does not read before it is dropped as
+    /// stuck: a WebSocket write, and (TCP_USER_TIMEOUT) unacknowledged data on any
+    /// connection. [default: 10]
     #[arg(long, env = "RESYNC_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: Option<u64>,
     /// Broker: `memory` (one process) or `redis` (many processes). [default: memory]

@@ -209,22 +209,30 @@ impl Connection {
         self.send_text(text.as_bytes()).await
     }
 
-    /// Sends one text message, treating a write that outlasts the write timeout as a stuck
-    /// client. The timer is set only when the socket's queue is full.
+    /// Sends one text message (see [`write`](Self::write)).
     async fn send_text(&mut self, text: &[u8]) -> Result<(), Ending> {
-        match self.outbox.try_text(text) {
+        self.write(socket::Outgoing::Text(text)).await
+    }
+
+    /// The one timed write path: every frame of the connection goes through it. A write that
+    /// outlasts the write timeout marks a stuck client: its queued frames are dropped and the
+    /// connection ends (the kernel then drops the socket, see `on_connect`). The timer is set
+    /// only when the socket's queue is full.
+    async fn write(&mut self, frame: socket::Outgoing<'_>) -> Result<(), Ending> {
+        match self.outbox.try_send(frame) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(Gone) => return Err(Ending::Gone),
         }
         let write_timeout = self.shared.config.write_timeout;
-        match Box::pin(tokio::time::timeout(write_timeout, self.outbox.text(text))).await {
+        match Box::pin(tokio::time::timeout(write_timeout, self.outbox.send(frame))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Gone)) => Err(Ending::Gone),
             Err(_elapsed) => {
                 self.shared
                     .metrics
                     .slow_consumer_closed(Transport::WebSocket);
+                self.outbox.abort();
                 Err(Ending::Gone)
             }
         }
@@ -316,10 +324,9 @@ impl Connection {
                 )
                 .await
             }
-            Some(Ok(Incoming::Ping(bytes))) => match self.outbox.pong(&bytes).await {
-                Ok(()) => Ok(()),
-                Err(Gone) => Err(Ending::Gone),
-            },
+            // Timed like every write: a client that pings and never reads cannot hold the
+            // connection past the write timeout.
+            Some(Ok(Incoming::Ping(bytes))) => self.write(socket::Outgoing::Pong(&bytes)).await,
             Some(Ok(Incoming::Pong)) => Ok(()),
             Some(Ok(Incoming::Close)) => Err(Ending::Close(CloseCode::NORMAL)),
             Some(Err(InboxError::TooBig)) => Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG)),

@@ -92,6 +92,24 @@ fn wake(slot: &mut Option<Waker>) {
     }
 }
 
+/// A frame the connection sends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Outgoing<'a> {
+    /// A text message.
+    Text(&'a [u8]),
+    /// The answer to a client's ping.
+    Pong(&'a [u8]),
+}
+
+impl<'a> Outgoing<'a> {
+    fn parts(self) -> (OpCode, &'a [u8]) {
+        match self {
+            Outgoing::Text(payload) => (OpCode::Text, payload),
+            Outgoing::Pong(payload) => (OpCode::Pong, payload),
+        }
+    }
+}
+
 /// The socket is gone: nothing more can be sent.
 #[derive(Debug)]
 pub(crate) struct Gone;
@@ -102,21 +120,27 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    /// Queues a text message whose payload is UTF-8 (every frame of ours is: it is built from
-    /// validated JSON and channel names), once the queue has room.
-    pub(crate) async fn text(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        self.frame(OpCode::Text, payload).await
+    /// Queues a frame once the queue has room. Text payloads are UTF-8 (every frame of ours
+    /// is: it is built from validated JSON and channel names).
+    pub(crate) async fn send(&mut self, frame: Outgoing<'_>) -> Result<(), Gone> {
+        let (opcode, payload) = frame.parts();
+        self.frame(opcode, payload).await
     }
 
-    /// Queues a text message (see [`text`](Self::text)) if the queue has room now; `false`
-    /// when it is full.
-    pub(crate) fn try_text(&mut self, payload: &[u8]) -> Result<bool, Gone> {
-        self.try_frame(OpCode::Text, payload, None)
+    /// Queues a frame (see [`send`](Self::send)) if the queue has room now; `false` when it
+    /// is full.
+    pub(crate) fn try_send(&mut self, frame: Outgoing<'_>) -> Result<bool, Gone> {
+        let (opcode, payload) = frame.parts();
+        self.try_frame(opcode, payload, None)
     }
 
-    /// Answers a client's ping.
-    pub(crate) async fn pong(&mut self, payload: &[u8]) -> Result<(), Gone> {
-        self.frame(OpCode::Pong, payload).await
+    /// Gives up on the client: frames still queued are dropped and the response ends. Its
+    /// socket goes when the kernel's user timeout (set by `on_connect`) finds it stuck.
+    pub(crate) fn abort(&mut self) {
+        let mut pipe = self.pipe.borrow_mut();
+        pipe.frames = BytesMut::new();
+        pipe.finished = true;
+        wake(&mut pipe.body);
     }
 
     /// Queues a close frame; the response ends after it.
