@@ -580,3 +580,45 @@ async fn defect_7_a_client_that_floods_pings_and_never_reads_is_reaped_at_the_tc
     .await;
     assert_eq!(ended, Ok(true), "the server closed the socket");
 }
+
+#[tokio::test]
+async fn defect_8_a_long_poll_reply_is_bounded_in_bytes_and_the_cursor_continues() {
+    let server = TestServer::start(|settings| settings.poll_max_bytes = 256 * 1024);
+    let big = "x".repeat(60 * 1024);
+    let first = server
+        .publish("large", serde_json::json!({ "n": 1, "pad": big }))
+        .await;
+    for n in 2..=20 {
+        server
+            .publish("large", serde_json::json!({ "n": n, "pad": big }))
+            .await;
+    }
+    let mut cursor = format!("large:{}:0", first.epoch);
+    let mut seqs = Vec::new();
+    let mut replies = 0;
+    while seqs.len() < 20 {
+        let response = server
+            .http
+            .get(server.url(&format!("/poll?channel=large&cursor={cursor}&timeout=1")))
+            .send()
+            .await
+            .unwrap();
+        let body = response.bytes().await.unwrap();
+        assert!(
+            body.len() <= 256 * 1024 + 64 * 1024,
+            "a {} byte reply (limit 256 KiB plus one event)",
+            body.len()
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        seqs.extend(resync_tests::seqs(reply["events"].as_array().unwrap()));
+        cursor = reply["cursor"].as_str().unwrap().to_owned();
+        replies += 1;
+        assert!(replies <= 10, "no progress: {seqs:?}");
+    }
+    assert_eq!(
+        seqs,
+        (1..=20).collect::<Vec<u64>>(),
+        "contiguous, once each"
+    );
+    assert!(replies >= 4, "1.2 MB took {replies} replies");
+}

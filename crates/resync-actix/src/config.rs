@@ -24,6 +24,9 @@ pub struct TransportConfig {
     /// The most events in one long-poll reply; the rest come with the next poll. Defaults to
     /// 1,000.
     pub poll_max_events: usize,
+    /// The most bytes of events in one long-poll reply (at least one event always goes);
+    /// the rest come with the next poll. Defaults to 1 MiB.
+    pub poll_max_bytes: usize,
     /// The largest WebSocket message accepted from a client, in bytes; a larger one closes the
     /// connection with code 1009. Defaults to 64 KiB.
     pub max_message_bytes: usize,
@@ -82,6 +85,7 @@ impl Default for TransportConfig {
             poll_timeout: Duration::from_secs(25),
             poll_timeout_max: Duration::from_secs(60),
             poll_max_events: 1_000,
+            poll_max_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
             max_channels_per_connection: 128,
             token_cookie: "resync_token".to_owned(),

@@ -75,8 +75,9 @@ pub(crate) async fn handle(
 
     // Whatever is ready now (replays) goes out at once.
     let max_events = shared.config.poll_max_events;
+    let max_bytes = shared.config.poll_max_bytes;
     'channels: for subscription in &mut subscriptions {
-        while batch.events.len() < max_events {
+        while batch.events.len() < max_events && batch.bytes < max_bytes {
             let channel = subscription.channel().clone();
             match subscription.try_next().await {
                 Some(Ok(item)) => batch.add(&shared, &channel, item),
@@ -100,7 +101,7 @@ pub(crate) async fn handle(
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
                     batch.add(&shared, &channel, item);
-                    if batch.events.len() >= max_events {
+                    if batch.events.len() >= max_events || batch.bytes >= max_bytes {
                         break;
                     }
                     next = next_item(&mut streams).now_or_never().flatten();
@@ -127,6 +128,10 @@ pub(crate) async fn handle(
 struct Batch {
     /// Each event's channel and frame.
     events: Vec<(Channel, bytes::Bytes)>,
+    /// The frames' bytes: a reply stops growing past `poll_max_bytes` (the cursor carries
+    /// the rest to the next poll), so one poll of a channel of large events cannot make the
+    /// server build a reply of tens of megabytes.
+    bytes: usize,
     resets: Vec<String>,
     cursor: Cursor,
 }
@@ -134,6 +139,7 @@ struct Batch {
 impl Batch {
     fn new(cursor: Cursor) -> Self {
         Self {
+            bytes: 0,
             events: Vec::new(),
             resets: Vec::new(),
             cursor,
@@ -148,6 +154,7 @@ impl Batch {
         match item {
             SubscriptionItem::Event(event) => {
                 self.cursor.set(channel.clone(), event.position().clone());
+                self.bytes += event.frame().len();
                 self.events.push((channel.clone(), event.frame().clone()));
             }
             SubscriptionItem::Reset { reason, position } => {
@@ -155,6 +162,7 @@ impl Batch {
                 // The refetch a reset asks for covers the channel's earlier events of this
                 // reply: every event left in a reply comes after its channel's resets.
                 self.events.retain(|(earlier, _)| earlier != channel);
+                self.bytes = self.events.iter().map(|(_, frame)| frame.len()).sum();
                 self.cursor.set(channel.clone(), position.clone());
                 self.resets.push(reset_json(channel, reason, &position));
             }

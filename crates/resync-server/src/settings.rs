@@ -52,6 +52,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Largest HTTP API body accepted.
     pub max_body_bytes: usize,
+    /// Most bytes of events in one long-poll reply.
+    pub poll_max_bytes: usize,
     /// Most channels one connection may follow.
     pub max_channels_per_connection: usize,
     /// Seconds to wait for connections on shutdown.
@@ -145,6 +147,7 @@ impl Default for Settings {
             poll_timeout_secs: 25,
             max_message_bytes: 64 * 1024,
             max_body_bytes: 64 * 1024,
+            poll_max_bytes: 1024 * 1024,
             max_channels_per_connection: 128,
             shutdown_timeout_secs: 10,
             shutdown_spread_ms: 2_000,
@@ -252,6 +255,10 @@ pub struct Args {
     /// Largest HTTP API request body accepted, in bytes. [default: 65536]
     #[arg(long, env = "RESYNC_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Most bytes of events in one long-poll reply (at least one event goes; the cursor
+    /// continues the rest). [default: 1048576]
+    #[arg(long, env = "RESYNC_POLL_MAX_BYTES")]
+    poll_max_bytes: Option<usize>,
     /// Most channels one connection may follow. [default: 128]
     #[arg(long, env = "RESYNC_MAX_CHANNELS_PER_CONNECTION")]
     max_channels_per_connection: Option<usize>,
@@ -385,6 +392,7 @@ impl Settings {
             poll_timeout_secs,
             max_message_bytes,
             max_body_bytes,
+            poll_max_bytes,
             max_channels_per_connection,
             shutdown_timeout_secs,
             shutdown_spread_ms,
