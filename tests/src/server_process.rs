@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 /// The binary `bin` of workspace package `package`, built first (once per test process, so
-/// a test never runs a stale one).
+/// a test never runs a stale one). For binaries that `cargo test --workspace` does not build
+/// itself (the examples'); see [`server_binary`] for the server's.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let test_executable = std::env::current_exe().expect("test executable path");
@@ -30,8 +31,19 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     profile_directory.join(bin)
 }
 
-/// The `resync-server` binary.
+/// The `resync-server` binary. `cargo test --workspace` builds it (for the server's own
+/// integration tests) with the workspace's features; building it again here with the
+/// package's features would relink it on every run, so it is built only when missing.
 pub fn server_binary() -> PathBuf {
+    let test_executable = std::env::current_exe().expect("test executable path");
+    let binary = test_executable
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile directory")
+        .join("resync-server");
+    if binary.exists() {
+        return binary;
+    }
     workspace_binary("resync-server", "resync-server")
 }
 

@@ -622,3 +622,91 @@ async fn defect_8_a_long_poll_reply_is_bounded_in_bytes_and_the_cursor_continues
     );
     assert!(replies >= 4, "1.2 MB took {replies} replies");
 }
+
+fn memory_broker(server: &TestServer) -> resync_broker::MemoryBroker {
+    match &**server.server.resync.broker() {
+        resync_server::ServerBroker::Memory(broker) => broker.clone(),
+        _ => panic!("not the memory broker"),
+    }
+}
+
+#[tokio::test]
+async fn defect_4_history_has_a_byte_budget_per_channel_and_for_the_process() {
+    let server = TestServer::start(|settings| {
+        settings.history_max_bytes_per_channel = 256 * 1024;
+        settings.history_max_bytes = 1024 * 1024;
+    });
+    let big = "x".repeat(60 * 1024);
+    let first = server
+        .publish("heavy", serde_json::json!({ "pad": big }))
+        .await;
+    for _ in 0..29 {
+        server
+            .publish("heavy", serde_json::json!({ "pad": big }))
+            .await;
+    }
+    let broker = memory_broker(&server);
+    assert!(
+        broker.history_bytes() <= 256 * 1024,
+        "one channel: {} bytes kept",
+        broker.history_bytes()
+    );
+    // A client from the first event is further back than the budget kept: a typed reset.
+    let mut client = resync_tests::SseClient::connect(
+        &server,
+        "?channel=heavy",
+        Some(&format!("heavy:{}:{}", first.epoch, first.seq)),
+    )
+    .await;
+    client.next_event().await.unwrap();
+    let reset = client.next_event().await.unwrap();
+    assert_eq!(reset.event, "reset");
+    assert!(reset.data.contains("\"truncated\""), "{}", reset.data);
+    // Many channels: the process total stays under its budget.
+    for channel in 0..20 {
+        for _ in 0..4 {
+            server
+                .publish(
+                    &format!("spread{channel}"),
+                    serde_json::json!({ "pad": big }),
+                )
+                .await;
+        }
+    }
+    assert!(
+        broker.history_bytes() <= 1024 * 1024 + 64 * 1024,
+        "process: {} bytes kept of 4.8 MB published",
+        broker.history_bytes()
+    );
+}
+
+#[tokio::test]
+async fn defect_6_subscribing_to_channels_never_published_creates_no_channel_state() {
+    let server = TestServer::start(|_| {});
+    let broker = memory_broker(&server);
+    let query: String = (0..100)
+        .map(|index| format!("channel=spray{index}&"))
+        .collect();
+    for round in 0..5 {
+        let (event, _stream) = sse_opening(&server, &format!("?{query}round={round}"), None).await;
+        assert_eq!(event, "subscribed");
+        let poll = server
+            .http
+            .get(server.url(&format!("/poll?{query}cursor=")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(poll.status().as_u16(), 200);
+    }
+    assert_eq!(
+        broker.channel_count(),
+        0,
+        "subscribers cost their subscription only"
+    );
+    // A subscriber of a never-published channel still gets its first event, gap-free.
+    let mut client = resync_tests::SseClient::connect(&server, "?channel=later", None).await;
+    client.next_event().await.unwrap();
+    server.publish("later", serde_json::json!(1)).await;
+    assert_eq!(client.next_seq("later").await, 1);
+    assert_eq!(broker.channel_count(), 1);
+}

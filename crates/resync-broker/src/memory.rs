@@ -15,9 +15,15 @@ use crate::hub::{Hub, LiveSubscription, lock};
 
 /// A [`Broker`] that keeps history in this process's memory.
 ///
-/// Each channel gets a random epoch when it is first used, so a restarted process never
-/// passes off its new history as the old one: clients resuming after a restart get a reset
-/// with reason `epoch_changed`.
+/// Channels take the process's epoch, random at start, so a restarted process never passes off
+/// its new history as the old one: clients resuming after a restart get a reset with reason
+/// `epoch_changed`.
+///
+/// Only a publish makes a channel's state. Subscribing to, reading or asking the position of
+/// a channel never published costs nothing here (it stands at seq 0 of the process's epoch),
+/// so clients cannot fill the channel table. History is bounded per channel (count, age,
+/// bytes) and over the process (bytes): past the process budget, the channel being
+/// published to sheds its oldest events.
 ///
 /// ```
 /// # tokio_test_block_on(async {
@@ -46,11 +52,34 @@ pub struct MemoryBroker {
 
 #[derive(Debug)]
 struct Inner {
-    channels: Mutex<HashMap<Channel, Arc<Mutex<ChannelState>>>>,
+    table: Mutex<ChannelTable>,
     hub: Hub,
     retention: Retention,
     idempotency_window: usize,
     max_channels: usize,
+    /// The bytes of every channel's history, and the most they may add up to.
+    history_bytes: std::sync::atomic::AtomicUsize,
+    max_history_bytes: Option<usize>,
+}
+
+/// The channels that have been published to.
+#[derive(Debug)]
+struct ChannelTable {
+    channels: HashMap<Channel, Arc<Mutex<ChannelState>>>,
+    /// The epoch of channels without state, and of the states made next. It changes when a
+    /// channel whose history used it is forgotten, so that a client holding a position of the
+    /// forgotten history is told to reset rather than fed a new history under old seqs.
+    epoch: Epoch,
+    /// Channels in the order they were made: where the search for one to forget starts, so
+    /// that a full table is handled in O(1), not by scanning every channel.
+    eviction_order: VecDeque<Channel>,
+}
+
+/// Channels examined for forgetting when the table is full, per new channel.
+const EVICTION_CANDIDATES: usize = 16;
+
+fn new_epoch() -> Epoch {
+    Epoch::from_random_bits(fastrand::u64(..))
 }
 
 #[derive(Debug)]
@@ -92,6 +121,7 @@ pub struct MemoryBrokerBuilder {
     subscriber_queue: usize,
     idempotency_window: usize,
     max_channels: usize,
+    max_history_bytes: Option<usize>,
 }
 
 impl Default for MemoryBrokerBuilder {
@@ -101,6 +131,7 @@ impl Default for MemoryBrokerBuilder {
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
             idempotency_window: 1_000,
             max_channels: 100_000,
+            max_history_bytes: Some(256 * 1024 * 1024),
         }
     }
 }
@@ -129,9 +160,18 @@ impl MemoryBrokerBuilder {
         self
     }
 
-    /// The most channels tracked at once. When the limit is reached, channels with no history
-    /// and no subscriber are forgotten first; if none is, new channels are refused with
-    /// [`Error::TooManyChannels`]. Defaults to 100,000.
+    /// The most bytes of history over all channels (events' frames), or `None` for no limit.
+    /// Past it, the channel being published to sheds its oldest events; readers further back
+    /// get a `truncated` reset. Defaults to 256 MiB.
+    pub fn max_history_bytes(mut self, bytes: Option<usize>) -> Self {
+        self.max_history_bytes = bytes;
+        self
+    }
+
+    /// The most channels with state (published to) at once. When the limit is reached, a
+    /// channel whose history has expired and that has no subscriber is forgotten; if none is
+    /// found among the oldest few, a publish to a new channel is refused with
+    /// [`Error::TooManyChannels`] (in O(1)). Defaults to 100,000.
     pub fn max_channels(mut self, max_channels: usize) -> Self {
         self.max_channels = max_channels;
         self
@@ -141,11 +181,17 @@ impl MemoryBrokerBuilder {
     pub fn build(self) -> MemoryBroker {
         MemoryBroker {
             inner: Arc::new(Inner {
-                channels: Mutex::new(HashMap::new()),
+                table: Mutex::new(ChannelTable {
+                    channels: HashMap::new(),
+                    epoch: new_epoch(),
+                    eviction_order: VecDeque::new(),
+                }),
                 hub: Hub::new(self.subscriber_queue),
                 retention: self.retention,
                 idempotency_window: self.idempotency_window,
                 max_channels: self.max_channels,
+                history_bytes: std::sync::atomic::AtomicUsize::new(0),
+                max_history_bytes: self.max_history_bytes,
             }),
         }
     }
@@ -163,44 +209,109 @@ impl MemoryBroker {
         MemoryBrokerBuilder::default()
     }
 
-    /// How many channels the broker tracks.
+    /// How many channels have state (were published to and not forgotten).
     pub fn channel_count(&self) -> usize {
-        lock(&self.inner.channels).len()
+        lock(&self.inner.table).channels.len()
     }
 
-    fn channel_state(&self, channel: &Channel) -> Result<Arc<Mutex<ChannelState>>> {
-        let mut channels = lock(&self.inner.channels);
-        if let Some(state) = channels.get(channel) {
+    /// The bytes of history kept over all channels.
+    pub fn history_bytes(&self) -> usize {
+        self.inner
+            .history_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The channel's state, if it was published to.
+    fn existing(&self, channel: &Channel) -> Option<Arc<Mutex<ChannelState>>> {
+        lock(&self.inner.table).channels.get(channel).cloned()
+    }
+
+    /// The epoch a channel without state stands at.
+    fn stateless_log(&self) -> ChannelLog<EncodedEvent> {
+        ChannelLog::new(lock(&self.inner.table).epoch.clone(), Retention::default())
+    }
+
+    /// The channel's state, made if needed (only a publish does).
+    fn state_for_publish(&self, channel: &Channel) -> Result<Arc<Mutex<ChannelState>>> {
+        let mut table = lock(&self.inner.table);
+        if let Some(state) = table.channels.get(channel) {
             return Ok(state.clone());
         }
-        if channels.len() >= self.inner.max_channels {
-            let now = Instant::now();
-            let hub = &self.inner.hub;
-            channels.retain(|name, state| {
-                let mut state = lock(state);
-                state.log.expire(now);
-                !state.log.is_empty() || hub.subscriber_count(name) > 0
-            });
-            if channels.len() >= self.inner.max_channels {
+        if table.channels.len() >= self.inner.max_channels {
+            self.forget_one(&mut table);
+            if table.channels.len() >= self.inner.max_channels {
                 return Err(Error::TooManyChannels {
                     limit: self.inner.max_channels,
                 });
             }
         }
-        let epoch = Epoch::from_random_bits(fastrand::u64(..));
         let state = Arc::new(Mutex::new(ChannelState {
-            log: ChannelLog::new(epoch, self.inner.retention),
+            log: ChannelLog::new(table.epoch.clone(), self.inner.retention),
             keys: IdempotencyWindow::default(),
         }));
-        channels.insert(channel.clone(), state.clone());
+        table.channels.insert(channel.clone(), state.clone());
+        table.eviction_order.push_back(channel.clone());
         Ok(state)
+    }
+
+    /// Forgets one channel with no history left and no subscriber, looking at a few of the
+    /// oldest only.
+    fn forget_one(&self, table: &mut ChannelTable) {
+        let now = Instant::now();
+        for _ in 0..EVICTION_CANDIDATES.min(table.eviction_order.len()) {
+            let Some(candidate) = table.eviction_order.pop_front() else {
+                return;
+            };
+            let Some(state) = table.channels.get(&candidate).cloned() else {
+                continue;
+            };
+            let forgettable = {
+                let mut state = lock(&state);
+                let before = state.log.bytes();
+                state.log.expire(now);
+                self.account(before, state.log.bytes());
+                state.log.is_empty() && self.inner.hub.subscriber_count(&candidate) == 0
+            };
+            if forgettable {
+                let used_epoch = lock(&state).log.epoch() == &table.epoch;
+                table.channels.remove(&candidate);
+                if used_epoch {
+                    // Its seqs were of the shared epoch: a later state must not reuse them.
+                    table.epoch = new_epoch();
+                }
+                return;
+            }
+            table.eviction_order.push_back(candidate);
+        }
+    }
+
+    /// Adds a log's change in size to the process's total.
+    fn account(&self, before: usize, after: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if after >= before {
+            self.inner.history_bytes.fetch_add(after - before, Relaxed);
+        } else {
+            self.inner.history_bytes.fetch_sub(before - after, Relaxed);
+        }
+    }
+
+    /// Sheds `log`'s oldest events while the process is over its history budget.
+    fn keep_within_budget(&self, log: &mut ChannelLog<EncodedEvent>) {
+        let Some(budget) = self.inner.max_history_bytes else {
+            return;
+        };
+        let total = self.history_bytes();
+        if total > budget {
+            let freed = log.shed_oldest(total - budget);
+            self.account(freed, 0);
+        }
     }
 }
 
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, publish: Publish) -> Result<Position> {
-        let state = self.channel_state(&publish.channel)?;
+        let state = self.state_for_publish(&publish.channel)?;
         let mut state = lock(&state);
         if let Some(key) = &publish.idempotency_key
             && let Some(position) = state.keys.get(key)
@@ -218,7 +329,11 @@ impl Broker for MemoryBroker {
             position: Position::new(state.log.epoch().clone(), next_seq),
             data: publish.data,
         });
-        let position = state.log.append(event.clone(), Instant::now());
+        let before = state.log.bytes();
+        let size = event.frame().len();
+        let position = state.log.append_sized(event.clone(), size, Instant::now());
+        self.account(before, state.log.bytes());
+        self.keep_within_budget(&mut state.log);
         if let Some(key) = publish.idempotency_key {
             state
                 .keys
@@ -230,8 +345,8 @@ impl Broker for MemoryBroker {
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
-        // Make sure the channel (and its epoch) exists before anyone reads its position.
-        self.channel_state(channel)?;
+        // No state: a channel never published stands at seq 0 of the process's epoch, which
+        // its first publish continues.
         Ok(self.inner.hub.subscribe(channel).0)
     }
 
@@ -241,15 +356,24 @@ impl Broker for MemoryBroker {
         since: &Position,
         limit: usize,
     ) -> Result<HistoryRead> {
-        let state = self.channel_state(channel)?;
+        let Some(state) = self.existing(channel) else {
+            // The same decision as for a log with no events.
+            return Ok(self
+                .stateless_log()
+                .read_since(since, limit, Instant::now()));
+        };
         let mut state = lock(&state);
-        Ok(state.log.read_since(since, limit, Instant::now()))
+        let before = state.log.bytes();
+        let read = state.log.read_since(since, limit, Instant::now());
+        self.account(before, state.log.bytes());
+        Ok(read)
     }
 
     async fn position(&self, channel: &Channel) -> Result<Position> {
-        let state = self.channel_state(channel)?;
-        let position = lock(&state).log.position();
-        Ok(position)
+        match self.existing(channel) {
+            Some(state) => Ok(lock(&state).log.position()),
+            None => Ok(self.stateless_log().position()),
+        }
     }
 
     fn subscriber_count(&self, channel: &Channel) -> usize {

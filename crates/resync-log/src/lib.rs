@@ -45,6 +45,7 @@ use resync_protocol::{Epoch, Position, ResetReason, Seq};
 pub struct Retention {
     max_events: usize,
     max_age: Option<Duration>,
+    max_bytes: Option<usize>,
 }
 
 impl Default for Retention {
@@ -54,6 +55,7 @@ impl Default for Retention {
         Self {
             max_events: 10_000,
             max_age: Some(Duration::from_secs(24 * 60 * 60)),
+            max_bytes: None,
         }
     }
 }
@@ -70,6 +72,18 @@ impl Retention {
     pub fn with_max_age(mut self, max_age: Option<Duration>) -> Self {
         self.max_age = max_age;
         self
+    }
+
+    /// The most bytes of events kept per channel, counted as given to
+    /// [`ChannelLog::append_sized`], or `None` for no byte limit. Defaults to none.
+    pub fn with_max_bytes(mut self, max_bytes: Option<usize>) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The most bytes of events kept per channel.
+    pub fn max_bytes(&self) -> Option<usize> {
+        self.max_bytes
     }
 
     /// The most events kept per channel.
@@ -114,7 +128,10 @@ pub enum ReadOutcome<T> {
 pub struct ChannelLog<T> {
     epoch: Epoch,
     last_seq: Seq,
-    entries: VecDeque<(Instant, T)>,
+    /// When each event was appended, its size in bytes, and the event.
+    entries: VecDeque<(Instant, usize, T)>,
+    /// The sizes of the entries, added up.
+    bytes: usize,
     retention: Retention,
 }
 
@@ -125,6 +142,7 @@ impl<T: Clone> ChannelLog<T> {
             epoch,
             last_seq: Seq::ZERO,
             entries: VecDeque::new(),
+            bytes: 0,
             retention,
         }
     }
@@ -161,7 +179,7 @@ impl<T: Clone> ChannelLog<T> {
 
     /// The time the newest retained event was appended.
     pub fn newest_append_time(&self) -> Option<Instant> {
-        self.entries.back().map(|(appended_at, _)| *appended_at)
+        self.entries.back().map(|(appended_at, _, _)| *appended_at)
     }
 
     /// Stores `item` as the next event and returns its position.
@@ -170,28 +188,63 @@ impl<T: Clone> ChannelLog<T> {
     /// After `u64::MAX` appends to one epoch, which at a billion events a second takes over 500
     /// years.
     pub fn append(&mut self, item: T, now: Instant) -> Position {
+        self.append_sized(item, 0, now)
+    }
+
+    /// Like [`append`](Self::append), for an event of `bytes` bytes, which count against
+    /// [`Retention::with_max_bytes`] and [`bytes`](Self::bytes).
+    pub fn append_sized(&mut self, item: T, bytes: usize, now: Instant) -> Position {
         self.last_seq = self
             .last_seq
             .next()
             .expect("a channel cannot reach u64::MAX events in one epoch");
-        self.entries.push_back((now, item));
+        self.entries.push_back((now, bytes, item));
+        self.bytes += bytes;
         self.trim(now);
         self.position()
     }
 
-    /// Drops events past the age limit (the count limit is enforced by `append`).
+    /// The bytes of the events kept, as given to [`append_sized`](Self::append_sized).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Drops the oldest events until at least `bytes` bytes are freed or none is left (a
+    /// process-wide memory budget asks for it); returns the bytes freed. Readers further
+    /// back then get a `truncated` reset, as with any trimmed history.
+    pub fn shed_oldest(&mut self, bytes: usize) -> usize {
+        let mut freed = 0;
+        while freed < bytes {
+            let Some(size) = self.pop_oldest() else {
+                break;
+            };
+            freed += size;
+        }
+        freed
+    }
+
+    fn pop_oldest(&mut self) -> Option<usize> {
+        let (_, size, _) = self.entries.pop_front()?;
+        self.bytes -= size;
+        Some(size)
+    }
+
+    /// Drops events past the age limit (the count and byte limits are enforced on append).
     pub fn expire(&mut self, now: Instant) {
         self.trim(now);
     }
 
     fn trim(&mut self, now: Instant) {
         while self.entries.len() > self.retention.max_events {
-            self.entries.pop_front();
+            self.pop_oldest();
+        }
+        if let Some(max_bytes) = self.retention.max_bytes {
+            while self.bytes > max_bytes && self.pop_oldest().is_some() {}
         }
         if let Some(max_age) = self.retention.max_age {
-            while let Some((appended_at, _)) = self.entries.front() {
+            while let Some((appended_at, _, _)) = self.entries.front() {
                 if now.saturating_duration_since(*appended_at) > max_age {
-                    self.entries.pop_front();
+                    self.pop_oldest();
                 } else {
                     break;
                 }
@@ -234,7 +287,7 @@ impl<T: Clone> ChannelLog<T> {
             .entries
             .range(start..)
             .take(limit)
-            .map(|(_, item)| item.clone())
+            .map(|(_, _, item)| item.clone())
             .collect();
         ReadOutcome::Replayed { events, latest }
     }
@@ -296,6 +349,31 @@ mod tests {
                 latest: Position::new(epoch(), Seq::new(2))
             }
         );
+    }
+
+    #[test]
+    fn the_byte_budget_trims_the_oldest_and_readers_behind_it_are_reset() {
+        let retention = Retention::default().with_max_bytes(Some(250));
+        let mut log = ChannelLog::new(epoch(), retention);
+        let now = Instant::now();
+        for item in 1..=5 {
+            log.append_sized(item, 100, now);
+        }
+        assert_eq!(log.bytes(), 200, "two events of 100 bytes fit 250");
+        assert_eq!(log.oldest_seq(), Some(Seq::new(4)));
+        assert!(matches!(
+            log.read_since(&Position::new(epoch(), Seq::new(1)), 10, now),
+            ReadOutcome::Reset {
+                reason: ResetReason::Truncated,
+                ..
+            }
+        ));
+        assert_eq!(log.shed_oldest(1), 100);
+        assert_eq!((log.len(), log.bytes()), (1, 100));
+        // One event larger than the budget is not kept either.
+        log.append_sized(6, 1_000, now);
+        assert_eq!((log.len(), log.bytes()), (0, 0));
+        assert_eq!(log.position().seq, Seq::new(6), "the seq still counts it");
     }
 
     #[test]

@@ -81,11 +81,13 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     };
     let retention = Retention::default()
         .with_max_events(settings.history_size)
-        .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs)));
+        .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs)))
+        .with_max_bytes(Some(settings.history_max_bytes_per_channel));
     let broker = Arc::new(match settings.broker {
         BrokerKind::Memory => ServerBroker::Memory(
             MemoryBroker::builder()
                 .retention(retention)
+                .max_history_bytes(Some(settings.history_max_bytes))
                 .subscriber_queue(settings.subscriber_queue)
                 .build(),
         ),

@@ -38,6 +38,10 @@ pub struct Settings {
     pub history_size: usize,
     /// Seconds an event stays in history.
     pub history_max_age_secs: u64,
+    /// Bytes of history kept per channel (memory broker).
+    pub history_max_bytes_per_channel: usize,
+    /// Bytes of history kept over all channels (memory broker).
+    pub history_max_bytes: usize,
     /// Most events replayed to one resuming client.
     pub max_replay: usize,
     /// Events a subscriber may have queued before it counts as slow.
@@ -140,6 +144,8 @@ impl Default for Settings {
             public_origin: None,
             history_size: 10_000,
             history_max_age_secs: 24 * 60 * 60,
+            history_max_bytes_per_channel: 16 * 1024 * 1024,
+            history_max_bytes: 256 * 1024 * 1024,
             max_replay: 10_000,
             subscriber_queue: resync_broker::DEFAULT_SUBSCRIBER_QUEUE,
             ping_interval_secs: 30,
@@ -234,6 +240,15 @@ pub struct Args {
     /// Seconds an event is kept in history. [default: 86400]
     #[arg(long, env = "RESYNC_HISTORY_MAX_AGE_SECS")]
     history_max_age_secs: Option<u64>,
+    /// Bytes of history kept per channel (memory broker; Redis bounds by count). Past it the
+    /// oldest events go and clients further back get a `truncated` reset. [default: 16777216]
+    #[arg(long, env = "RESYNC_HISTORY_MAX_BYTES_PER_CHANNEL")]
+    history_max_bytes_per_channel: Option<usize>,
+    /// Bytes of history over all channels (memory broker): past it, the channel published to
+    /// sheds its oldest events, so memory never grows with what publishers send.
+    /// [default: 268435456]
+    #[arg(long, env = "RESYNC_HISTORY_MAX_BYTES")]
+    history_max_bytes: Option<usize>,
     /// Most events replayed to a resuming client; further behind is a reset. [default: 10000]
     #[arg(long, env = "RESYNC_MAX_REPLAY")]
     max_replay: Option<usize>,
@@ -385,6 +400,8 @@ impl Settings {
             allowed_origins,
             history_size,
             history_max_age_secs,
+            history_max_bytes_per_channel,
+            history_max_bytes,
             max_replay,
             subscriber_queue,
             ping_interval_secs,
