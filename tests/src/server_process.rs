@@ -63,6 +63,22 @@ impl ServerProcess {
             } else {
                 &["--shutdown-spread-ms", "100"][..]
             })
+            // Every test client comes from 127.0.0.1: lift the per-address limits, as the
+            // in-process test server does (tests/tests/hardening.rs sets its own).
+            .args(if arguments.contains(&"--connections-per-ip-per-second") {
+                &[][..]
+            } else {
+                &[
+                    "--max-connections-per-ip",
+                    "100000",
+                    "--connections-per-ip-per-second",
+                    "100000",
+                    "--connection-burst-per-ip",
+                    "100000",
+                    "--max-subscriptions-per-ip",
+                    "1000000",
+                ][..]
+            })
             .args(arguments)
             .env("RESYNC_LOG", "warn")
             .stdout(Stdio::piped())
