@@ -377,6 +377,10 @@ async fn a_stuck_client_is_cut_off_with_bounded_memory_and_resumes_without_loss(
         settings.subscriber_queue = 16;
         settings.write_timeout_secs = 1;
         settings.max_body_bytes = 256 * 1024;
+        // History must hold all ~40 MB for the resume to be a replay (the default byte
+        // budget, 16 MiB a channel, would make it a `truncated` reset).
+        settings.history_max_bytes_per_channel = 64 * 1024 * 1024;
+        settings.history_max_bytes = 128 * 1024 * 1024;
     });
     let mut client = WsClient::connect_ready(&server.ws_url("")).await;
     client.subscribe("firehose", None).await;
