@@ -230,7 +230,7 @@ pub struct Args {
     /// Extra origins allowed to use cookie credentials, comma-separated. [default: none]
     #[arg(long, env = "RESYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Option<Vec<String>>,
-    /// This server's origin as browsers see it (https://live.example.com), for the cookie
+    /// This server's origin as browsers see it (`https://live.example.com`), for the cookie
     /// Origin check behind a TLS proxy. [default: the request's scheme and Host header]
     #[arg(long, env = "RESYNC_PUBLIC_ORIGIN")]
     public_origin: Option<String>,
