@@ -187,9 +187,10 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     })
     .on_connect(resync_actix::on_connect(resync_actix::ConnectOptions {
         track_disconnects: settings.track_disconnects,
-        // The kernel drops a connection whose client has taken nothing for this long: the
-        // deadline behind every write, on every transport.
-        write_deadline: Some(Duration::from_secs(settings.write_timeout_secs.max(1))),
+        // The kernel drops a connection whose client has taken nothing for twice the write
+        // timeout: the backstop behind every write, on every transport, after the
+        // application's own timeout (which counts the slow consumer) has had its turn.
+        write_deadline: Some(Duration::from_secs(settings.write_timeout_secs.max(1) * 2)),
     }))
     // A real-time server sees bursts of connects (after a deploy, a network blip): a deep
     // accept queue keeps them from being dropped (the kernel caps it at somaxconn).

@@ -288,8 +288,8 @@ pub struct Args {
     #[arg(long, env = "RESYNC_WORKERS")]
     workers: Option<usize>,
     /// Seconds one write may wait for a client that does not read before it is dropped as
-    /// stuck: a WebSocket write, and (TCP_USER_TIMEOUT) unacknowledged data on any
-    /// connection. [default: 10]
+    /// stuck: a WebSocket write; unacknowledged data on any connection waits at most twice
+    /// this (TCP_USER_TIMEOUT). [default: 10]
     #[arg(long, env = "RESYNC_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: Option<u64>,
     /// Broker: `memory` (one process) or `redis` (many processes). [default: memory]
