@@ -8,6 +8,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { EventSource as NodeEventSource } from "eventsource";
 import { Proxy, eventually, freePort, launch, publish, startRedis, startServer } from "./helpers.js";
+import { recordSource, summarize } from "./pages/record-source.js";
 
 let browser;
 before(async () => {
@@ -40,27 +41,13 @@ async function openPages(url) {
 
 /** The npm package's EventSources, recorded like the page's. */
 function nodeSources(base, channels, count) {
-  return Array.from({ length: count }, () => {
-    const record = { opens: 0, errors: 0, subscribed: 0, events: [], resets: [] };
-    const source = new NodeEventSource(`${base}/sse?channels=${channels}`);
-    source.onopen = () => { record.opens += 1; };
-    source.onerror = () => { record.errors += 1; };
-    source.onmessage = (message) => {
-      const event = JSON.parse(message.data);
-      record.events.push({ channel: event.channel, epoch: event.epoch, seq: event.seq, data: event.data });
-    };
-    source.addEventListener("reset", (message) => record.resets.push(JSON.parse(message.data)));
-    source.addEventListener("subscribed", () => { record.subscribed += 1; });
-    record.source = source;
-    return record;
-  });
+  return Array.from({ length: count }, () => recordSource(new NodeEventSource(`${base}/sse?channels=${channels}`)));
 }
 
 /** Every source of the pages and of node, as plain data. */
 async function everySource(pages, node) {
-  const fromPage = (await Promise.all(pages.pages.map((page) => page.evaluate(() => window.summary())))).flat();
-  const fromNode = node.map(({ source, opens, errors, subscribed, events, resets }) => ({ readyState: source.readyState, opens, errors, subscribed, events, resets }));
-  return [...fromPage, ...fromNode];
+  const fromPages = (await Promise.all(pages.pages.map((page) => page.evaluate(() => window.summary())))).flat();
+  return [...fromPages, ...summarize(node)];
 }
 
 const OPEN = 1;
