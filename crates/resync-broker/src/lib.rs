@@ -53,5 +53,7 @@ pub use error::{Error, Result};
 pub use event::EncodedEvent;
 pub use hub::{Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
-pub use resume::{ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume};
+pub use resume::{
+    REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
+};
 pub use resync_log::{ReadOutcome, Retention};

@@ -94,8 +94,26 @@ pub struct Subscription {
     options: ResumeOptions,
     /// The broker call in flight, if a live event or a resync needs one.
     repair: Option<Repair>,
+    /// History to read, page by page, before live events: up to this position.
+    replay_to: Option<Position>,
     /// An error was reported: the stream is over.
     ended: bool,
+}
+
+/// Events read from history at once. A replay of thousands of events is read a page at a
+/// time, as the client takes them, so a resuming client costs at most a page of events in
+/// memory (on Redis, a page fetched and decoded), not its whole replay.
+pub const REPLAY_PAGE: usize = 256;
+
+/// How many events lie between `from` and `latest` of one epoch.
+fn missed(from: &Position, latest: &Position) -> u64 {
+    latest.seq.get().saturating_sub(from.seq.get())
+}
+
+/// Where paging must go on after a page that ended at `last_read`, if anywhere.
+fn more_to_read(last_read: Option<&EncodedEvent>, latest: &Position) -> Option<Position> {
+    let last = last_read?.position();
+    (last.epoch == latest.epoch && last.seq < latest.seq).then(|| latest.clone())
 }
 
 /// A broker call that must finish before the next live event can be judged, and the live
@@ -139,6 +157,7 @@ pub async fn resume(
 ) -> Result<(RecoveryOutcome, Subscription), Error> {
     let live = broker.subscribe(&channel).await?;
     let mut pending = VecDeque::new();
+    let mut replay_to = None;
     let (outcome, position) = match since {
         None => {
             let position = broker.position(&channel).await?;
@@ -150,21 +169,26 @@ pub async fn resume(
             )
         }
         Some(since) => {
-            // One more than the limit tells "exactly max_replay missed" from "more than that".
-            let limit = options.max_replay.saturating_add(1);
-            match broker.read_since(&channel, &since, limit).await? {
-                ReadOutcome::Replayed { events, latest } if events.len() > options.max_replay => (
-                    RecoveryOutcome::Reset {
-                        reason: ResetReason::TooFarBehind,
-                        position: latest.clone(),
-                    },
-                    latest,
-                ),
-                ReadOutcome::Replayed { events, .. } => {
+            // The first page; how far behind the client is comes from `latest`, not from
+            // reading everything it missed.
+            match broker.read_since(&channel, &since, REPLAY_PAGE).await? {
+                ReadOutcome::Replayed { latest, .. }
+                    if missed(&since, &latest) > options.max_replay as u64 =>
+                {
+                    (
+                        RecoveryOutcome::Reset {
+                            reason: ResetReason::TooFarBehind,
+                            position: latest.clone(),
+                        },
+                        latest,
+                    )
+                }
+                ReadOutcome::Replayed { events, latest } => {
+                    replay_to = more_to_read(events.last(), &latest);
                     pending.extend(events);
                     (
                         RecoveryOutcome::Replayed {
-                            count: pending.len() as u64,
+                            count: missed(&since, &latest),
                         },
                         since,
                     )
@@ -189,6 +213,7 @@ pub async fn resume(
         position,
         options,
         repair: None,
+        replay_to,
         ended: false,
     };
     Ok((outcome, subscription))
@@ -241,6 +266,15 @@ impl Subscription {
                     Ok(Answer::History(outcome)) => self.apply_history(event, outcome),
                     Err(error) => return self.end(SubscriptionError::Broker(error)),
                 }
+                continue;
+            }
+            if let Some(target) = self.replay_to.take()
+                && target.epoch == self.position.epoch
+                && target.seq > self.position.seq
+            {
+                // The next page of a replay, before any live event.
+                self.read_history(None);
+                self.replay_to = Some(target);
                 continue;
             }
             let live = if wait_live {
@@ -334,8 +368,7 @@ impl Subscription {
     /// Starts reading history after the current position: to fill the gap before `event`, or
     /// (without one) to pick up whatever the broker may have missed live.
     fn read_history(&mut self, event: Option<EncodedEvent>) {
-        // One more than the limit tells "exactly max_replay missed" from "more than that".
-        let limit = self.options.max_replay.saturating_add(1);
+        let limit = REPLAY_PAGE;
         let (broker, channel, from) = (
             self.broker.clone(),
             self.channel.clone(),
@@ -354,17 +387,27 @@ impl Subscription {
     /// a reset when history cannot fill the gap.
     fn apply_history(&mut self, event: Option<EncodedEvent>, outcome: ReadOutcome<EncodedEvent>) {
         match outcome {
-            ReadOutcome::Replayed { latest, events } if events.len() > self.options.max_replay => {
+            ReadOutcome::Replayed { latest, .. }
+                if missed(&self.position, &latest) > self.options.max_replay as u64 =>
+            {
                 self.queue_reset(ResetReason::TooFarBehind, latest);
             }
-            ReadOutcome::Replayed { events, .. } => {
+            ReadOutcome::Replayed { events, latest } => {
                 let last_filled = events.last().map(|last| last.position().seq);
+                // A page short of `latest`: the rest is read when this page is taken (the
+                // live event, if any, is then in history too).
+                let more = more_to_read(events.last(), &latest);
                 self.pending.extend(events);
                 if let Some(event) = event {
                     // The event itself follows if history did not already include it.
-                    if last_filled.and_then(|seq| seq.next()) == Some(event.position().seq) {
+                    if more.is_none()
+                        && last_filled.and_then(|seq| seq.next()) == Some(event.position().seq)
+                    {
                         self.pending.push_back(event);
                     }
+                }
+                if more.is_some() {
+                    self.replay_to = more;
                 }
             }
             ReadOutcome::UpToDate { latest } => {
@@ -380,6 +423,7 @@ impl Subscription {
 
     fn queue_reset(&mut self, reason: ResetReason, latest: Position) {
         self.pending.clear();
+        self.replay_to = None;
         // A reset already queued (epoch change) is replaced: the client refetches once.
         self.pending_reset = Some((reason, latest));
     }

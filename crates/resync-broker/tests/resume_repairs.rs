@@ -28,6 +28,8 @@ struct LossyBroker {
     /// How long each history read takes, in milliseconds.
     read_delay_ms: AtomicU64,
     reads: AtomicU64,
+    /// The largest `limit` a history read asked for.
+    largest_read: AtomicU64,
 }
 
 impl LossyBroker {
@@ -40,6 +42,7 @@ impl LossyBroker {
             swapped_store: Mutex::new(None),
             read_delay_ms: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            largest_read: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +93,7 @@ impl Broker for LossyBroker {
         limit: usize,
     ) -> Result<HistoryRead> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        self.largest_read.fetch_max(limit as u64, Ordering::SeqCst);
         let delay = self.read_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -327,4 +331,82 @@ async fn events_round_trip_through_the_shared_encoding() {
     let frame: serde_json::Value = serde_json::from_slice(event.frame()).unwrap();
     assert_eq!(frame["type"], "event");
     assert_eq!(frame["data"]["a"][2], "three");
+}
+
+#[tokio::test]
+async fn defect_8_11_a_long_replay_is_read_a_page_at_a_time_with_no_gap() {
+    // Every event stored, none delivered live: resumes and repairs must come from history.
+    let lossy = Arc::new(LossyBroker::new(u64::MAX));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("paged").unwrap();
+    let first = broker
+        .publish(Publish::new(channel.clone(), payload(0)))
+        .await
+        .unwrap();
+    for value in 1..1_000 {
+        broker
+            .publish(Publish::new(channel.clone(), payload(value)))
+            .await
+            .unwrap();
+    }
+    let since = Position::start_of(first.epoch.clone());
+    let (outcome, mut stream) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(since.clone()),
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, RecoveryOutcome::Replayed { count: 1_000 });
+    for expected in 1..=1_000 {
+        assert_eq!(next_event_seq(&mut stream).await, expected);
+    }
+    assert!(
+        lossy.largest_read.load(Ordering::SeqCst) <= resync_broker::REPLAY_PAGE as u64,
+        "one read asked for {} events",
+        lossy.largest_read.load(Ordering::SeqCst)
+    );
+    assert!(
+        lossy.reads.load(Ordering::SeqCst) >= 4,
+        "1,000 events in pages"
+    );
+
+    // Too far behind is decided from the newest position, without reading everything.
+    let (outcome, _) = resume(
+        broker.clone(),
+        channel.clone(),
+        Some(since),
+        ResumeOptions { max_replay: 999 },
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            RecoveryOutcome::Reset {
+                reason: ResetReason::TooFarBehind,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_gap_longer_than_a_page_is_filled_in_order() {
+    // One event in 700 delivered live: the first live one opens a gap of 699.
+    let lossy = Arc::new(LossyBroker::new(700));
+    let broker: Arc<dyn Broker> = lossy.clone();
+    let channel = Channel::new("wide-gap").unwrap();
+    let mut stream = follow_from_now(&broker, &channel).await;
+    for value in 0..1_400 {
+        broker
+            .publish(Publish::new(channel.clone(), payload(value)))
+            .await
+            .unwrap();
+    }
+    for expected in 1..=1_400 {
+        assert_eq!(next_event_seq(&mut stream).await, expected);
+    }
 }
