@@ -20,8 +20,9 @@
 //!         // GET /resync/sse, GET /resync/ws, GET /resync/poll
 //!         .service(web::scope("/resync").configure(move |config| resync.configure(config)))
 //! })
-//! // Lets SSE and long-poll requests notice at once when their client leaves.
-//! .on_connect(resync_actix::track_disconnects)
+//! // SSE and long polls notice at once when their client leaves, and every socket gets the
+//! // kernel's write deadline (a client that stops reading is dropped).
+//! .on_connect(resync_actix::on_connect(resync_actix::ConnectOptions::default()))
 //! .bind(("127.0.0.1", 8080))?
 //! .run()
 //! .await
@@ -275,8 +276,10 @@ impl<B: Broker> Resync<B> {
 
     /// Tells every connection to close with a "reconnect and resume" signal (WebSocket close
     /// 4200, end of SSE stream with a `retry:` hint, an early long-poll reply), each at a
-    /// random moment within [`TransportConfig::shutdown_spread`], and makes new connections
-    /// get 503. Call it before stopping the HTTP server.
+    /// random moment within [`TransportConfig::shutdown_spread`], and turns new requests
+    /// away (SSE with a stream that only says `retry:`, long polls and WebSocket upgrades with
+    /// 503). Stop the HTTP server's listener first (`ServerHandle::stop`), so that returning
+    /// clients meet a refused connection rather than this process.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
         // Connections learn of it on the clock they already wait on (WebSocket pings, SSE

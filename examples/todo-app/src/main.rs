@@ -106,7 +106,10 @@ async fn main() -> std::io::Result<()> {
             .route("/todos", web::post().to(add_todo))
             .service(web::scope("/live").configure(move |config| resync.configure(config)))
     })
-    .on_connect(resync_actix::track_disconnects)
+    // Departed SSE clients noticed at once, and the kernel's write deadline on every socket.
+    .on_connect(resync_actix::on_connect(
+        resync_actix::ConnectOptions::default(),
+    ))
     // Our own signal handling below: actix's would wait 30 s for live connections that only
     // resync can tell to go.
     .disable_signals()
