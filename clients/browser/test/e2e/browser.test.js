@@ -7,7 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { Proxy, channelInfo, eventually, launch, publish, sleep, startServer } from "./helpers.js";
+import { Proxy, channelInfo, eventually, launch, publish, sleep, stack as sharedStack, startServer } from "./helpers.js";
 
 let browser;
 before(async () => {
@@ -18,17 +18,7 @@ after(async () => {
 });
 
 /** A server with a proxy in front, torn down after the test. */
-async function stack(t, serverArgs = []) {
-  const server = await startServer(serverArgs);
-  const proxy = await new Proxy(server.port).start();
-  const context = await browser.newContext();
-  t.after(async () => {
-    await context.close();
-    await proxy.stop();
-    await server.stop();
-  });
-  return { server, proxy, context };
-}
+const stack = (t, serverArgs = []) => sharedStack(browser, t, serverArgs);
 
 const seqs = (received) => received.map((event) => event.seq);
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, index) => from + index);

@@ -7,7 +7,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { EventSource as NodeEventSource } from "eventsource";
-import { Proxy, eventually, freePort, launch, publish, startRedis, startServer } from "./helpers.js";
+import { Proxy, eventually, freePort, launch, publish, stack, startRedis, startServer } from "./helpers.js";
 import { recordSource, summarize } from "./pages/record-source.js";
 
 let browser;
@@ -154,14 +154,7 @@ test("a Redis outage leaves every EventSource open, and the next event arrives",
 });
 
 test("a bare EventSource that only listens for reset is told when history no longer reaches back", async (t) => {
-  const server = await startServer(["--history-size", "5"]);
-  const proxy = await new Proxy(server.port).start();
-  const context = await browser.newContext();
-  t.after(async () => {
-    await context.close();
-    await proxy.stop();
-    await server.stop();
-  });
+  const { server, proxy, context } = await stack(browser, t, ["--history-size", "5"]);
   const page = await context.newPage();
   await page.goto(`${proxy.base}/e2e/sources.html?count=1&channels=trimmed`);
   const summary = async () => (await page.evaluate(() => window.summary()))[0];

@@ -87,6 +87,19 @@ export async function startRedis() {
   return { url: `redis://127.0.0.1:${port}/`, port, kill, restart: launchRedis, get running() { return child.exitCode === null && child.signalCode === null; } };
 }
 
+/** A server with a proxy in front and a browser context, torn down after the test `t`. */
+export async function stack(browser, t, serverArgs = []) {
+  const server = await startServer(serverArgs);
+  const proxy = await new Proxy(server.port).start();
+  const context = await browser.newContext();
+  t.after(async () => {
+    await context.close();
+    await proxy.stop();
+    await server.stop();
+  });
+  return { server, proxy, context };
+}
+
 /** Publishes through the HTTP API. */
 export async function publish(base, channel, data) {
   const response = await fetch(`${base}/api/publish`, {
