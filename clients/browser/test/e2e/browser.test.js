@@ -27,6 +27,15 @@ async function received(page) {
   return page.evaluate(() => window.received);
 }
 
+/**
+ * Waits until the server counts a subscriber of `channel`. Connected is not yet subscribed,
+ * and a page follows from now: under load its subscribe can reach the server after the
+ * first publish, which it then never sees.
+ */
+async function waitSubscribed(base, channel) {
+  await eventually(async () => (await channelInfo(base, channel)).subscribers >= 1, { message: `${channel} subscribed` });
+}
+
 async function waitConnected(page, transport) {
   await eventually(
     () => page.evaluate((wanted) => window.client?.state.status === "connected" && (!wanted || window.client.state.transport === wanted), transport),
@@ -39,6 +48,7 @@ test("the page shows 200 published events in order", async (t) => {
   const page = await context.newPage();
   await page.goto(`${proxy.base}/e2e/follow.html?channel=feed`);
   await waitConnected(page);
+  await waitSubscribed(server.base, "feed");
   for (let n = 1; n <= 200; n++) await publish(server.base, "feed", { n });
   await eventually(async () => (await received(page)).length >= 200, { message: "200 events" });
   assert.deepEqual(seqs(await received(page)), range(1, 200));
@@ -51,6 +61,7 @@ test("offline for several seconds, then everything arrives in order, once", asyn
   const page = await context.newPage();
   await page.goto(`${proxy.base}/e2e/follow.html?channel=offline`);
   await waitConnected(page, "websocket");
+  await waitSubscribed(server.base, "offline");
   for (let n = 1; n <= 20; n++) await publish(server.base, "offline", { n });
   await eventually(async () => (await received(page)).length >= 20, { message: "first 20" });
 
@@ -103,6 +114,7 @@ test("a restarted in-memory server shows a reset and the page refetches", async 
   const page = await context.newPage();
   await page.goto(`${proxy.base}/e2e/follow.html?channel=restart`);
   await waitConnected(page);
+  await waitSubscribed(server.base, "restart");
   await publish(server.base, "restart", { n: 1 });
   await eventually(async () => (await received(page)).length === 1, { message: "first event" });
 
@@ -156,6 +168,7 @@ test("with the Redis broker, a server restart resumes with no loss and no reset"
   const page = await context.newPage();
   await page.goto(`${proxy.base}/e2e/follow.html?channel=durable`);
   await waitConnected(page);
+  await waitSubscribed(first.base, "durable");
   for (let n = 1; n <= 10; n++) await publish(first.base, "durable", { n });
   await eventually(async () => (await received(page)).length >= 10, { message: "first 10" });
 
