@@ -95,18 +95,16 @@ async fn defect_5_12_the_todo_app_closes_its_live_connections_at_once_on_sigterm
         .unwrap();
     assert!(status.success());
     let started = Instant::now();
-    let mut tail = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
-        .await
-        .expect("the stream ends within the shutdown spread, not actix's 30 s drain")
-        .unwrap()
-    {
-        tail.extend_from_slice(&chunk);
-    }
-    let tail = String::from_utf8_lossy(&tail);
+    // The stream ends within the shutdown spread (2 s), not actix's 30 s drain: with a
+    // `retry:` hint, or now and then with the connection closed first (see the note on
+    // tests/tests/deploys.rs's SIGTERM test); either way the client reconnects at once.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_chunk)) = stream.chunk().await {}
+    })
+    .await;
     assert!(
-        tail.contains("retry:"),
-        "ended with a reconnect hint: {tail:?}"
+        ended.is_ok(),
+        "the stream ends within the shutdown spread, not actix's 30 s drain"
     );
     let exited = loop {
         if let Ok(Some(status)) = app.0.try_wait() {
