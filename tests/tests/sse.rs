@@ -172,10 +172,11 @@ async fn shutdown_ends_streams_with_a_retry_hint_and_refuses_new_ones_with_a_ret
     let mut client = SseClient::connect(&server, "?channel=s", None).await;
     client.next_event().await.unwrap();
     server.server.resync.shutdown();
-    // The stream ends (after a retry hint), so EventSource reconnects elsewhere.
+    // The stream ends after a retry hint of its own (the opening, already read, had one too,
+    // so only hints after the shutdown count), and EventSource reconnects elsewhere.
     let mut retry_hint = None;
     while let Some(message) = client.next().await {
-        retry_hint = retry_hint.or(message.retry_ms);
+        retry_hint = message.retry_ms.or(retry_hint);
     }
     assert!(retry_hint.is_some(), "shutdown sends a retry hint");
     // A new stream is refused the way EventSource survives: 200, a retry hint, the end (a

@@ -50,6 +50,14 @@ async function everySource(pages, node) {
   return [...fromPages, ...summarize(node)];
 }
 
+/** Waits until every source satisfies `check`; returns them. */
+function untilEvery(pages, node, check, message) {
+  return eventually(async () => {
+    const all = await everySource(pages, node);
+    return all.every(check) && all;
+  }, { message });
+}
+
 const OPEN = 1;
 const CLOSED = 2;
 const hasEvent = (n) => (source) => source.events.some((event) => event.data?.n === n);
@@ -72,27 +80,18 @@ test("a deploy leaves every EventSource open, and the event published after it a
     await pageServer.stop();
     await server.stop();
   });
-  await eventually(async () => (await everySource(page, node)).every((source) => source.readyState === OPEN), { message: "every source open" });
+  await untilEvery(page, node, (source) => source.readyState === OPEN, "every source open");
   await publish(server.base, "deploy", { n: 1 });
-  await eventually(async () => (await everySource(page, node)).every(hasEvent(1)), { message: "event 1 everywhere" });
+  await untilEvery(page, node, hasEvent(1), "event 1 everywhere");
 
   const exit = await server.terminate();
   assert.equal(exit.code, 0, "the old process drained and exited by itself");
   server = await startServer(listen);
   // Every source comes back to the new process by itself and is told to refetch (the
   // in-memory history did not survive); then the next event must reach all of them.
-  await eventually(
-    async () => (await everySource(page, node)).every((source) => source.readyState === OPEN && source.resets.some((reset) => reset.reason === "epoch_changed")),
-    { message: "every source back on the new process" },
-  );
+  await untilEvery(page, node, (source) => source.readyState === OPEN && source.resets.some((reset) => reset.reason === "epoch_changed"), "every source back on the new process");
   await publish(server.base, "deploy", { n: 2 });
-  const sources = await eventually(
-    async () => {
-      const all = await everySource(page, node);
-      return all.every(hasEvent(2)) && all;
-    },
-    { message: "event 2 everywhere after the deploy" },
-  );
+  const sources = await untilEvery(page, node, hasEvent(2), "event 2 everywhere after the deploy");
   for (const [index, source] of sources.entries()) {
     assert.equal(source.readyState, OPEN, `source ${index} is open`);
     assert.ok(source.opens >= 2, `source ${index} reconnected by itself (${source.opens} opens)`);
@@ -117,9 +116,9 @@ test("a Redis outage leaves every EventSource open, and the next event arrives",
     await server.stop();
     await redis.kill();
   });
-  await eventually(async () => (await everySource(page, node)).every((source) => source.readyState === OPEN), { message: "every source open" });
+  await untilEvery(page, node, (source) => source.readyState === OPEN, "every source open");
   await publish(server.base, "outage", { n: 1 });
-  await eventually(async () => (await everySource(page, node)).every(hasEvent(1)), { message: "event 1 everywhere" });
+  await untilEvery(page, node, hasEvent(1), "event 1 everywhere");
 
   await redis.kill();
   assert.equal(redis.running, false, "Redis is down");
@@ -135,18 +134,9 @@ test("a Redis outage leaves every EventSource open, and the next event arrives",
 
   await redis.restart();
   // Every source opens a real stream again by itself; then the next event must reach all.
-  await eventually(
-    async () => (await everySource(page, node)).every((source, index) => source.readyState === OPEN && source.subscribed > streamsBefore[index]),
-    { message: "every source streaming again" },
-  );
+  await untilEvery(page, node, (source, index) => source.readyState === OPEN && source.subscribed > streamsBefore[index], "every source streaming again");
   await publishWhenReady(server.base, "outage", { n: 2 });
-  const after = await eventually(
-    async () => {
-      const all = await everySource(page, node);
-      return all.every(hasEvent(2)) && all;
-    },
-    { message: "event 2 everywhere after the outage" },
-  );
+  const after = await untilEvery(page, node, hasEvent(2), "event 2 everywhere after the outage");
   for (const [index, source] of after.entries()) {
     assert.equal(source.readyState, OPEN, `source ${index} is open`);
     assert.ok(source.opens >= 2, `source ${index} reconnected (${source.opens} opens)`);
