@@ -185,3 +185,88 @@ async fn redis_restarted_empty_is_an_epoch_reset_not_silence() {
         other => panic!("expected a reset, got {other:?}"),
     }
 }
+
+/// The number of keys in the test's Redis.
+fn key_count(redis: &RedisServer) -> u64 {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "DBSIZE"])
+        .output()
+        .expect("redis-cli is installed with redis-server");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("DBSIZE answers a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defect_6_subscribing_and_reading_never_published_channels_create_no_redis_keys() {
+    let redis = RedisServer::start();
+    let broker: Arc<dyn Broker> = Arc::new(broker(&redis, 100, 64));
+    let mut subscriptions = Vec::new();
+    for index in 0..300 {
+        let channel = Channel::new(format!("spray{index}")).unwrap();
+        let position = broker.position(&channel).await.unwrap();
+        assert_eq!(position.seq.get(), 0);
+        broker.read_since(&channel, &position, 10).await.unwrap();
+        let (_, subscription) = resume(
+            broker.clone(),
+            channel,
+            Some(position),
+            ResumeOptions::default(),
+        )
+        .await
+        .unwrap();
+        subscriptions.push(subscription);
+    }
+    // One key at most: the epoch that channels without state stand at.
+    let keys = key_count(&redis);
+    assert!(keys <= 1, "300 channels read and subscribed made {keys} keys");
+
+    // A subscriber that came in at seq 0 of a never-published channel gets its first event
+    // gap-free, without a reset.
+    let channel = Channel::new("spray7").unwrap();
+    broker
+        .publish(Publish::new(
+            channel.clone(),
+            Payload::from_json("1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), subscriptions[7].next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        SubscriptionItem::Event(event) => assert_eq!(event.position().seq.get(), 1),
+        other => panic!("expected the first event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_metadata_expired_starts_a_new_epoch_so_old_positions_reset() {
+    let redis = RedisServer::start();
+    let broker: Arc<dyn Broker> = Arc::new(
+        RedisBroker::builder(redis.url())
+            .meta_ttl(Duration::from_millis(600))
+            .command_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    let channel = Channel::new("forgotten").unwrap();
+    let publish = || Publish::new(channel.clone(), Payload::from_json("1").unwrap());
+    broker.publish(publish()).await.unwrap();
+    let before = broker.publish(publish()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = broker.publish(publish()).await.unwrap();
+    assert_eq!(after.seq.get(), 1, "the metadata expired: seqs start over");
+    assert_ne!(
+        after.epoch, before.epoch,
+        "seqs that start over must not reuse the epoch"
+    );
+    match broker.read_since(&channel, &before, 10).await.unwrap() {
+        resync_broker::ReadOutcome::Reset { reason, .. } => {
+            assert_eq!(reason, ResetReason::EpochChanged)
+        }
+        other => panic!("an old position must reset, got {other:?}"),
+    }
+}

@@ -3,6 +3,10 @@
 //! - **Publish** is one Lua script, atomic in Redis: it assigns the channel's next seq (the
 //!   epoch lives in Redis too, and a channel whose metadata is gone gets a new one), appends to
 //!   the channel's Stream trimmed to the history size, and `PUBLISH`es the encoded event.
+//!   Only a publish creates a channel's keys: subscribing to, reading or asking the position
+//!   of a channel never published costs no Redis memory (it stands at seq 0 of one shared
+//!   epoch). Redis must not evict keys (`maxmemory-policy noeviction`, its default): a
+//!   channel's metadata evicted early could start its seqs over in the same epoch.
 //!   A publish that Redis did not confirm returns [`Error::Unavailable`](resync_broker::Error)
 //!   and was not stored. Concurrent publishes share multiplexed connections, so they are
 //!   pipelined rather than paying one round trip each. deadpool-redis opens and checks the
@@ -89,8 +93,11 @@ impl RedisBrokerBuilder {
         self
     }
 
-    /// How long a channel's epoch and seq are kept after its last use. Losing them starts a
-    /// new epoch (clients get a reset). Defaults to 7 days.
+    /// How long a channel's epoch and seq are kept after its last use (a publish, or a read
+    /// of a channel that has them). Losing them starts a new epoch (clients get a reset).
+    /// Defaults to 7 days. The shared epoch of channels without metadata changes every half
+    /// of this, so a subscriber of a never-published channel across that change gets a
+    /// reset (`epoch_changed`) at the channel's first publish.
     pub fn meta_ttl(mut self, ttl: Duration) -> Self {
         self.meta_ttl = ttl;
         self
@@ -231,6 +238,16 @@ impl RedisBroker {
         format!("{}{{{}}}:{suffix}", self.inner.settings.key_prefix, channel)
     }
 
+    /// The shared epoch's key: channel keys always hold a `{`, so it meets none of them.
+    fn shared_epoch_key(&self) -> String {
+        format!("{}epoch", self.inner.settings.key_prefix)
+    }
+
+    /// The shared epoch lives half as long as metadata (see `scripts`).
+    fn shared_epoch_ttl(&self) -> u64 {
+        (millis(self.inner.settings.meta_ttl) / 2).max(1)
+    }
+
     /// Runs a script with the command timeout; any failure is "unavailable".
     async fn run<T: redis::FromRedisValue>(
         &self,
@@ -325,6 +342,7 @@ impl Broker for RedisBroker {
             .key(self.key(&publish.channel, "meta"))
             .key(self.key(&publish.channel, "stream"))
             .key(idempotency_key)
+            .key(self.shared_epoch_key())
             .arg(publish.data.as_str())
             .arg(settings.retention.max_events())
             .arg(stream_ttl)
@@ -336,7 +354,8 @@ impl Broker for RedisBroker {
             } else {
                 "0"
             })
-            .arg(millis(settings.idempotency_ttl).max(1));
+            .arg(millis(settings.idempotency_ttl).max(1))
+            .arg(self.shared_epoch_ttl());
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
         Self::position_from(epoch, seq)
     }
@@ -371,9 +390,11 @@ impl Broker for RedisBroker {
         let mut invocation = self.inner.scripts.read_since.prepare_invoke();
         invocation
             .key(self.key(channel, "meta"))
+            .key(self.shared_epoch_key())
             .key(self.key(channel, "stream"))
-            .arg(random_epoch())
             .arg(millis(settings.meta_ttl))
+            .arg(self.shared_epoch_ttl())
+            .arg(random_epoch())
             .arg(since.epoch.as_str())
             .arg(since.seq.get())
             .arg(limit.clamp(1, i64::MAX as usize));
@@ -416,8 +437,10 @@ impl Broker for RedisBroker {
         let mut invocation = self.inner.scripts.position.prepare_invoke();
         invocation
             .key(self.key(channel, "meta"))
-            .arg(random_epoch())
-            .arg(millis(self.inner.settings.meta_ttl));
+            .key(self.shared_epoch_key())
+            .arg(millis(self.inner.settings.meta_ttl))
+            .arg(self.shared_epoch_ttl())
+            .arg(random_epoch());
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
         Self::position_from(epoch, seq)
     }

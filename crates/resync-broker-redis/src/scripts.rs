@@ -5,14 +5,22 @@
 //! (a Stream whose entry ids are `0-<seq>`, field `d` the payload) and
 //! `<prefix>{<channel>}:idem:<key>` (the position of a keyed publish). Live events are
 //! published on the Pub/Sub channel `<prefix>{<channel>}` as `<epoch>:<seq>:<payload>`.
+//!
+//! Only a publish creates a channel's keys. A channel without metadata (never published, or
+//! forgotten) stands at seq 0 of the *shared epoch*, `<prefix>epoch`, one key for the whole
+//! prefix, and the first publish gives the channel that epoch, so a subscriber that came in
+//! at seq 0 replays from seq 1 without a reset. The shared epoch lives half as long as a
+//! channel's metadata and is never refreshed: metadata made under it expires (at least
+//! `meta ttl` after it was made) only after the shared epoch has changed, so seqs that start
+//! over never reuse an epoch (`docs/decisions.md`, "The shared epoch").
 
-/// Publish: honour the idempotency key, pick an epoch if the channel's metadata is missing
-/// (first use, or lost: a new epoch makes old positions reset), increment the seq, append to
-/// the stream trimmed to the history size, refresh expiries, PUBLISH, remember the key.
+/// Publish: honour the idempotency key; a channel without metadata takes the shared epoch
+/// (made now if missing) and drops any stream left behind; increment the seq, append to the
+/// stream trimmed to the history size, refresh expiries, PUBLISH, remember the key.
 ///
-/// KEYS: meta, stream, idempotency key (or a placeholder). ARGV: payload, max events, stream
-/// ttl ms (0 = none), meta ttl ms, epoch candidate, pub/sub channel, use idempotency (0/1),
-/// idempotency ttl ms.
+/// KEYS: meta, stream, idempotency key (or a placeholder), shared epoch. ARGV: payload, max
+/// events, stream ttl ms (0 = none), meta ttl ms, epoch candidate, pub/sub channel, use
+/// idempotency (0/1), idempotency ttl ms, shared epoch ttl ms.
 pub(crate) const PUBLISH: &str = r"
 if ARGV[7] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -23,7 +31,11 @@ if ARGV[7] == '1' then
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
-  epoch = ARGV[5]
+  epoch = redis.call('GET', KEYS[4])
+  if not epoch then
+    epoch = ARGV[5]
+    redis.call('SET', KEYS[4], epoch, 'PX', ARGV[9])
+  end
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
   redis.call('DEL', KEYS[2])
 end
@@ -40,35 +52,57 @@ end
 return {epoch, seq}
 ";
 
-/// Position: the channel's epoch (chosen now if missing) and last seq.
+/// The channel's position: its epoch and last seq, or seq 0 of the shared epoch when it has
+/// no metadata. Creates no channel key (only the shared epoch, when it is missing) and
+/// refreshes the expiry of metadata that exists, so a channel in use is kept.
 ///
-/// KEYS: meta. ARGV: epoch candidate, meta ttl ms.
-pub(crate) const POSITION: &str = r"
-if redis.call('HSETNX', KEYS[1], 'e', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 's', 0)
+/// Used at the start of both scripts below; `meta ttl` and `shared epoch ttl` are ARGV[1] and
+/// ARGV[2], the candidate epoch ARGV[3]; KEYS[1] is the metadata, KEYS[2] the shared epoch.
+macro_rules! position_prelude {
+    () => {
+        r"
+local function position()
+  local meta = redis.call('HMGET', KEYS[1], 'e', 's')
+  if meta[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+    return meta[1], tonumber(meta[2] or '0')
+  end
+  local shared = redis.call('GET', KEYS[2])
+  if not shared then
+    shared = ARGV[3]
+    redis.call('SET', KEYS[2], shared, 'PX', ARGV[2])
+  end
+  return shared, 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local meta = redis.call('HMGET', KEYS[1], 'e', 's')
-return {meta[1], tonumber(meta[2] or '0')}
-";
+"
+    };
+}
+
+/// Position. KEYS: meta, shared epoch. ARGV: meta ttl ms, shared epoch ttl ms, epoch
+/// candidate.
+pub(crate) const POSITION: &str = concat!(
+    position_prelude!(),
+    r"
+local epoch, seq = position()
+return {epoch, seq}
+"
+);
 
 /// Read since: the position, then up to `limit` entries after `since_seq` when the epoch
 /// matches; the caller decides replay, up-to-date or reset from the answer.
 ///
-/// KEYS: meta, stream. ARGV: epoch candidate, meta ttl ms, since epoch, since seq, limit.
-/// Returns {epoch, last seq, entries} where entries are XRANGE results.
-pub(crate) const READ_SINCE: &str = r"
-if redis.call('HSETNX', KEYS[1], 'e', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 's', 0)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local meta = redis.call('HMGET', KEYS[1], 'e', 's')
-local epoch = meta[1]
-local last = tonumber(meta[2] or '0')
-local since = tonumber(ARGV[4])
-if epoch ~= ARGV[3] or since >= last then
+/// KEYS: meta, shared epoch, stream. ARGV: meta ttl ms, shared epoch ttl ms, epoch
+/// candidate, since epoch, since seq, limit. Returns {epoch, last seq, entries} where entries
+/// are XRANGE results.
+pub(crate) const READ_SINCE: &str = concat!(
+    position_prelude!(),
+    r"
+local epoch, last = position()
+local since = tonumber(ARGV[5])
+if epoch ~= ARGV[4] or since >= last then
   return {epoch, last, {}}
 end
-local entries = redis.call('XRANGE', KEYS[2], '0-' .. (since + 1), '+', 'COUNT', ARGV[5])
+local entries = redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+', 'COUNT', ARGV[6])
 return {epoch, last, entries}
-";
+"
+);
