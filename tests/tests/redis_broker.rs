@@ -220,7 +220,10 @@ async fn defect_6_subscribing_and_reading_never_published_channels_create_no_red
     }
     // One key at most: the epoch that channels without state stand at.
     let keys = key_count(&redis);
-    assert!(keys <= 1, "300 channels read and subscribed made {keys} keys");
+    assert!(
+        keys <= 1,
+        "300 channels read and subscribed made {keys} keys"
+    );
 
     // A subscriber that came in at seq 0 of a never-published channel gets its first event
     // gap-free, without a reset.
@@ -268,5 +271,89 @@ async fn a_channel_whose_metadata_expired_starts_a_new_epoch_so_old_positions_re
             assert_eq!(reason, ResetReason::EpochChanged)
         }
         other => panic!("an old position must reset, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defect_4_redis_history_has_a_byte_budget_per_channel() {
+    let redis = RedisServer::start();
+    let broker: Arc<dyn Broker> = Arc::new(
+        RedisBroker::builder(redis.url())
+            .retention(
+                Retention::default()
+                    .with_max_events(1_000)
+                    .with_max_bytes(Some(20 * 1024)),
+            )
+            .command_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    let channel = Channel::new("big").unwrap();
+    let data = Payload::from_value(&"x".repeat(1_022)).unwrap(); // 1,024 bytes with quotes
+    let mut positions = Vec::new();
+    for _ in 0..200 {
+        positions.push(
+            broker
+                .publish(Publish::new(channel.clone(), data.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XLEN", "resync:{big}:stream"])
+        .output()
+        .unwrap();
+    let kept: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(kept, 20, "20 KiB hold 20 events of 1 KiB, of 200 published");
+    // Further back than the budget reaches: a typed reset; within it: the replay.
+    match broker
+        .read_since(&channel, &positions[100], 100)
+        .await
+        .unwrap()
+    {
+        resync_broker::ReadOutcome::Reset { reason, .. } => {
+            assert_eq!(reason, ResetReason::Truncated)
+        }
+        other => panic!("expected truncated, got {other:?}"),
+    }
+    match broker
+        .read_since(&channel, &positions[179], 100)
+        .await
+        .unwrap()
+    {
+        resync_broker::ReadOutcome::Replayed { events, .. } => assert_eq!(events.len(), 20),
+        other => panic!("expected a replay of 20, got {other:?}"),
+    }
+    // The count limit still holds with the byte limit in play.
+    let small = Channel::new("small").unwrap();
+    let counted: Arc<dyn Broker> = Arc::new(
+        RedisBroker::builder(redis.url())
+            .retention(
+                Retention::default()
+                    .with_max_events(5)
+                    .with_max_bytes(Some(1 << 20)),
+            )
+            .build()
+            .unwrap(),
+    );
+    let mut last = None;
+    for value in 0..12u64 {
+        last = Some(
+            counted
+                .publish(Publish::new(
+                    small.clone(),
+                    Payload::from_value(&value).unwrap(),
+                ))
+                .await
+                .unwrap(),
+        );
+    }
+    let since = resync_protocol::Position::new(last.unwrap().epoch, resync_protocol::Seq::new(7));
+    match counted.read_since(&small, &since, 100).await.unwrap() {
+        resync_broker::ReadOutcome::Replayed { events, .. } => assert_eq!(events.len(), 5),
+        other => panic!("expected the last 5, got {other:?}"),
     }
 }

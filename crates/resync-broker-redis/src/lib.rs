@@ -72,9 +72,9 @@ impl RedisBrokerBuilder {
         self
     }
 
-    /// History per channel. The count limit trims the Stream (`MAXLEN`); the age limit expires
-    /// a channel's whole history that long after its last publish (Redis Streams keep no
-    /// per-entry age). Defaults to [`Retention::default`] (10,000 events, 24 hours).
+    /// History per channel. The count and byte limits (payload bytes) trim the Stream's
+    /// oldest entries at each publish; the age limit expires a channel's whole history that
+    /// long after its last publish (Redis Streams keep no per-entry age). Defaults to [`Retention::default`] (10,000 events, 24 hours).
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
         self
@@ -355,7 +355,8 @@ impl Broker for RedisBroker {
                 "0"
             })
             .arg(millis(settings.idempotency_ttl).max(1))
-            .arg(self.shared_epoch_ttl());
+            .arg(self.shared_epoch_ttl())
+            .arg(settings.retention.max_bytes().unwrap_or(0));
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
         Self::position_from(epoch, seq)
     }

@@ -1,7 +1,7 @@
 //! The Lua scripts that make each operation atomic in Redis.
 //!
 //! Keys of a channel share the hash tag `{channel}`, so they live in one cluster slot:
-//! `<prefix>{<channel>}:meta` (hash: `e` epoch, `s` last seq), `<prefix>{<channel>}:stream`
+//! `<prefix>{<channel>}:meta` (hash: `e` epoch, `s` last seq, `b` bytes kept), `<prefix>{<channel>}:stream`
 //! (a Stream whose entry ids are `0-<seq>`, field `d` the payload) and
 //! `<prefix>{<channel>}:idem:<key>` (the position of a keyed publish). Live events are
 //! published on the Pub/Sub channel `<prefix>{<channel>}` as `<epoch>:<seq>:<payload>`.
@@ -20,7 +20,7 @@
 ///
 /// KEYS: meta, stream, idempotency key (or a placeholder), shared epoch. ARGV: payload, max
 /// events, stream ttl ms (0 = none), meta ttl ms, epoch candidate, pub/sub channel, use
-/// idempotency (0/1), idempotency ttl ms, shared epoch ttl ms.
+/// idempotency (0/1), idempotency ttl ms, shared epoch ttl ms, max bytes (0 = none).
 pub(crate) const PUBLISH: &str = r"
 if ARGV[7] == '1' then
   local existing = redis.call('GET', KEYS[3])
@@ -39,8 +39,39 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
   redis.call('DEL', KEYS[2])
 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[1], 'b', 0)
+end
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'd', ARGV[1])
+redis.call('XADD', KEYS[2], '0-' .. seq, 'd', ARGV[1])
+local bytes = redis.call('HINCRBY', KEYS[1], 'b', #ARGV[1])
+local max_events = tonumber(ARGV[2])
+local max_bytes = tonumber(ARGV[10])
+local over = redis.call('XLEN', KEYS[2]) - max_events
+if over > 0 or (max_bytes > 0 and bytes > max_bytes) then
+  local cut = nil
+  local from = '-'
+  local done = false
+  while not done do
+    local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', math.max(over, 16))
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      if over <= 0 and (max_bytes == 0 or bytes <= max_bytes) then
+        done = true
+        break
+      end
+      bytes = bytes - #entry[2][2]
+      over = over - 1
+      cut = entry[1]
+    end
+    from = '(' .. batch[#batch][1]
+  end
+  if cut then
+    local cut_seq = tonumber(string.match(cut, '^0%-(%d+)$'))
+    redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. (cut_seq + 1))
+    redis.call('HSET', KEYS[1], 'b', bytes)
+  end
+end
 if tonumber(ARGV[3]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
