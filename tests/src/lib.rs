@@ -48,6 +48,8 @@ impl TestServer {
             connections_per_ip_per_second: 100_000.0,
             connection_burst_per_ip: 100_000,
             max_subscriptions_per_ip: 1_000_000,
+            max_connections_per_user: 100_000,
+            max_subscriptions_per_user: 1_000_000,
             ..Settings::default()
         };
         configure(&mut settings);

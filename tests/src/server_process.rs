@@ -77,6 +77,10 @@ impl ServerProcess {
                     "100000",
                     "--max-subscriptions-per-ip",
                     "1000000",
+                    "--max-connections-per-user",
+                    "100000",
+                    "--max-subscriptions-per-user",
+                    "1000000",
                 ][..]
             })
             .args(arguments)

@@ -511,6 +511,78 @@ async fn defect_6_one_address_has_a_channel_budget_across_its_connections() {
 }
 
 #[tokio::test]
+async fn defect_6_one_user_has_connection_and_channel_budgets_whatever_its_addresses() {
+    // The fixture lifts the per-address limits: only the user's budget is in play.
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.max_connections_per_user = 2;
+        settings.max_subscriptions_per_user = 3;
+    });
+    let token = |subject: &str| {
+        signed(&jwt::Claims {
+            sub: Some(subject.into()),
+            exp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 600,
+            subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+    };
+    let alice = token("alice");
+    let mut first = WsClient::connect_ready(&server.ws_url(&format!("?token={alice}"))).await;
+    let _second = WsClient::connect_ready(&server.ws_url(&format!("?token={alice}"))).await;
+    assert_eq!(
+        WsClient::connect(&server.ws_url(&format!("?token={alice}")))
+            .await
+            .err(),
+        Some(429),
+        "a third connection of the same user"
+    );
+    let poll = server
+        .http
+        .get(server.url(&format!("/poll?channel=p&cursor=&token={alice}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status().as_u16(), 429);
+    // Another user is not affected.
+    let bob = token("bob");
+    let _bob = WsClient::connect_ready(&server.ws_url(&format!("?token={bob}"))).await;
+    // Channels: three for alice across her connections, then `rate_limited`.
+    for channel in ["a1", "a2", "a3"] {
+        first.subscribe(channel, None).await;
+    }
+    let id = first.next_request_id();
+    first
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "a4".parse().unwrap(),
+            since: None,
+        })
+        .await;
+    assert!(matches!(
+        first.frame().await,
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            ..
+        }
+    ));
+    // A connection that leaves gives its place back.
+    drop(first);
+    let mut deadline = 50;
+    while WsClient::connect(&server.ws_url(&format!("?token={alice}")))
+        .await
+        .is_err()
+    {
+        deadline -= 1;
+        assert!(deadline > 0, "the user's place was not given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn defect_10_a_websocket_holds_one_descriptor_and_sse_two() {
     use resync_tests::server_process::ServerProcess;
     let server = ServerProcess::start(&[]);

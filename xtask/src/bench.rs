@@ -147,6 +147,10 @@ impl Bench {
             "100000",
             "--max-subscriptions-per-ip",
             "1000000",
+            "--max-connections-per-user",
+            "100000",
+            "--max-subscriptions-per-user",
+            "1000000",
         ];
         arguments.extend_from_slice(extra);
         Server::start(&self.release.join("resync-server"), &arguments)

@@ -62,6 +62,15 @@ pub(crate) enum Refusal {
     /// This address holds too many connections, opens them too fast, or follows too many
     /// channels (429, `rate_limited`).
     TooMuchFromAddress(&'static str),
+    /// This user (token subject) holds too many connections or follows too many channels,
+    /// from whatever addresses (429, `rate_limited`): a leaked token's reach.
+    TooMuchForUser(&'static str),
+}
+
+#[derive(Default)]
+struct UserState {
+    connections: usize,
+    subscriptions: usize,
 }
 
 struct AddressState {
@@ -73,6 +82,9 @@ struct AddressState {
 /// Addresses tracked at most; past it, addresses with no connection are forgotten, and if
 /// none is, new addresses are refused as if the server were full.
 const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// How long a full address table is not swept again after a sweep that freed nothing.
+const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The admission state shared by every connection.
 pub(crate) struct Admission {
@@ -87,12 +99,19 @@ struct Limits {
     connections_per_second: f64,
     connection_burst: u32,
     max_subscriptions_per_address: usize,
+    max_connections_per_user: usize,
+    max_subscriptions_per_user: usize,
     trusted_proxies: Vec<IpAddr>,
 }
 
 struct AdmissionState {
     connections: usize,
     addresses: HashMap<IpAddr, AddressState>,
+    /// Users with at least one connection, so at most `max_connections` of them.
+    users: HashMap<Arc<str>, UserState>,
+    /// After a sweep of the address table that freed nothing, no other sweep before this:
+    /// a flood of new addresses at a full table costs a lookup each, not a scan each.
+    next_sweep: Option<Instant>,
 }
 
 impl Admission {
@@ -104,11 +123,15 @@ impl Admission {
                 connections_per_second: config.connections_per_ip_per_second,
                 connection_burst: config.connection_burst_per_ip,
                 max_subscriptions_per_address: config.max_subscriptions_per_ip,
+                max_connections_per_user: config.max_connections_per_user,
+                max_subscriptions_per_user: config.max_subscriptions_per_user,
                 trusted_proxies: config.trusted_proxies.clone(),
             },
             state: Mutex::new(AdmissionState {
                 connections: 0,
                 addresses: HashMap::new(),
+                users: HashMap::new(),
+                next_sweep: None,
             }),
         }
     }
@@ -150,10 +173,14 @@ impl Admission {
         }
         if !state.addresses.contains_key(&address) && state.addresses.len() >= MAX_TRACKED_ADDRESSES
         {
+            if state.next_sweep.is_some_and(|next| now < next) {
+                return Err(Refusal::ServerFull);
+            }
             state
                 .addresses
                 .retain(|_, tracked| tracked.connections > 0 || !tracked.rate.is_full(now));
             if state.addresses.len() >= MAX_TRACKED_ADDRESSES {
+                state.next_sweep = Some(now + SWEEP_PAUSE);
                 return Err(Refusal::ServerFull);
             }
         }
@@ -181,6 +208,7 @@ impl Admission {
         Ok(AdmissionGuard {
             admission: self.clone(),
             address,
+            user: None,
             subscriptions: 0,
         })
     }
@@ -212,23 +240,63 @@ fn bucket_of(address: IpAddr) -> IpAddr {
 pub(crate) struct AdmissionGuard {
     admission: Arc<Admission>,
     address: IpAddr,
+    /// The token subject this connection also counts against, once authenticated.
+    user: Option<Arc<str>>,
     subscriptions: usize,
 }
 
 impl AdmissionGuard {
-    /// Counts `count` more channels followed, within the address's budget.
+    /// Counts this connection against its user (the token's subject; anonymous connections
+    /// count against their address only), within the user's connection budget.
+    pub(crate) fn identify(&mut self, subject: Option<&str>) -> Result<(), Refusal> {
+        let Some(subject) = subject else {
+            return Ok(());
+        };
+        let mut state = self.admission.lock();
+        let limits = &self.admission.limits;
+        let user = state.users.entry(Arc::from(subject)).or_default();
+        if user.connections >= limits.max_connections_per_user {
+            let idle = user.connections == 0;
+            if idle {
+                state.users.remove(subject);
+            }
+            return Err(Refusal::TooMuchForUser(
+                "this user holds too many connections",
+            ));
+        }
+        user.connections += 1;
+        drop(state);
+        self.user = Some(Arc::from(subject));
+        Ok(())
+    }
+
+    /// Counts `count` more channels followed, within the address's and the user's budgets.
     pub(crate) fn subscribe(&mut self, count: usize) -> Result<(), Refusal> {
         let mut state = self.admission.lock();
-        let limit = self.admission.limits.max_subscriptions_per_address;
+        let limits = &self.admission.limits;
+        if let Some(user) = self.user.as_ref().and_then(|user| state.users.get(user)) {
+            if user.subscriptions.saturating_add(count) > limits.max_subscriptions_per_user {
+                return Err(Refusal::TooMuchForUser(
+                    "this user follows too many channels",
+                ));
+            }
+        }
         let Some(tracked) = state.addresses.get_mut(&self.address) else {
             return Ok(());
         };
-        if tracked.subscriptions.saturating_add(count) > limit {
+        if tracked.subscriptions.saturating_add(count) > limits.max_subscriptions_per_address {
             return Err(Refusal::TooMuchFromAddress(
                 "this address follows too many channels",
             ));
         }
         tracked.subscriptions += count;
+        if let Some(user) = self
+            .user
+            .as_ref()
+            .and_then(|user| state.users.get_mut(user))
+        {
+            user.subscriptions += count;
+        }
         self.subscriptions += count;
         Ok(())
     }
@@ -240,6 +308,13 @@ impl AdmissionGuard {
         let mut state = self.admission.lock();
         if let Some(tracked) = state.addresses.get_mut(&self.address) {
             tracked.subscriptions = tracked.subscriptions.saturating_sub(count);
+        }
+        if let Some(user) = self
+            .user
+            .as_ref()
+            .and_then(|user| state.users.get_mut(user))
+        {
+            user.subscriptions = user.subscriptions.saturating_sub(count);
         }
     }
 }
@@ -259,6 +334,16 @@ impl Drop for AdmissionGuard {
         };
         if forget {
             state.addresses.remove(&self.address);
+        }
+        if let Some(subject) = &self.user {
+            let gone = state.users.get_mut(subject).is_some_and(|user| {
+                user.connections = user.connections.saturating_sub(1);
+                user.subscriptions = user.subscriptions.saturating_sub(self.subscriptions);
+                user.connections == 0
+            });
+            if gone {
+                state.users.remove(subject);
+            }
         }
     }
 }

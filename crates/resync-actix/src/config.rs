@@ -62,6 +62,11 @@ pub struct TransportConfig {
     pub connection_burst_per_ip: u32,
     /// The most channels followed by all connections of one address. Defaults to 10,000.
     pub max_subscriptions_per_ip: usize,
+    /// The most connections of one user (token subject), from any addresses. Defaults to
+    /// 1,000.
+    pub max_connections_per_user: usize,
+    /// The most channels followed by all connections of one user. Defaults to 10,000.
+    pub max_subscriptions_per_user: usize,
     /// Proxies whose `X-Forwarded-For` names the client address. Defaults to none: the TCP
     /// peer is the client.
     pub trusted_proxies: Vec<std::net::IpAddr>,
@@ -99,6 +104,8 @@ impl Default for TransportConfig {
             connections_per_ip_per_second: 50.0,
             connection_burst_per_ip: 200,
             max_subscriptions_per_ip: 10_000,
+            max_connections_per_user: 1_000,
+            max_subscriptions_per_user: 10_000,
             trusted_proxies: Vec::new(),
             ws_messages_per_second: 100.0,
             ws_message_burst: 200,

@@ -229,6 +229,10 @@ pub(crate) async fn admit(
         shared.config.max_channels_per_connection,
     )?;
     let identity = authenticate(shared, request, &query).await?;
+    let mut guard = guard;
+    guard
+        .identify(identity.subject.as_deref())
+        .map_err(refusal)?;
     Ok(Admitted {
         query,
         identity,
@@ -251,7 +255,9 @@ pub(crate) fn refusal(refusal: Refusal) -> ApiError {
             ErrorCode::Unavailable,
             "the server is at its connection limit; try again later",
         ),
-        Refusal::TooMuchFromAddress(why) => ApiError::new(ErrorCode::RateLimited, why),
+        Refusal::TooMuchFromAddress(why) | Refusal::TooMuchForUser(why) => {
+            ApiError::new(ErrorCode::RateLimited, why)
+        }
     }
 }
 

@@ -120,6 +120,8 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         connections_per_ip_per_second: settings.connections_per_ip_per_second,
         connection_burst_per_ip: settings.connection_burst_per_ip,
         max_subscriptions_per_ip: settings.max_subscriptions_per_ip,
+        max_connections_per_user: settings.max_connections_per_user,
+        max_subscriptions_per_user: settings.max_subscriptions_per_user,
         trusted_proxies: settings.trusted_proxies.clone(),
         ws_messages_per_second: settings.ws_messages_per_second,
         ws_message_burst: settings.ws_message_burst,

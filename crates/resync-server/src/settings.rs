@@ -91,6 +91,10 @@ pub struct Settings {
     pub connection_burst_per_ip: u32,
     /// Most channels followed by one address.
     pub max_subscriptions_per_ip: usize,
+    /// Most connections of one user (token subject).
+    pub max_connections_per_user: usize,
+    /// Most channels followed by one user.
+    pub max_subscriptions_per_user: usize,
     /// WebSocket messages a second per connection.
     pub ws_messages_per_second: f64,
     /// WebSocket messages in a burst.
@@ -170,6 +174,8 @@ impl Default for Settings {
             connections_per_ip_per_second: 50.0,
             connection_burst_per_ip: 200,
             max_subscriptions_per_ip: 10_000,
+            max_connections_per_user: 1_000,
+            max_subscriptions_per_user: 10_000,
             ws_messages_per_second: 100.0,
             ws_message_burst: 200,
             ws_publishes_per_second: 20.0,
@@ -329,6 +335,13 @@ pub struct Args {
     /// Channels followed by all connections of one address. [default: 10000]
     #[arg(long, env = "RESYNC_MAX_SUBSCRIPTIONS_PER_IP")]
     max_subscriptions_per_ip: Option<usize>,
+    /// Connections of one user (token subject), from any addresses: a leaked token's reach.
+    /// [default: 1000]
+    #[arg(long, env = "RESYNC_MAX_CONNECTIONS_PER_USER")]
+    max_connections_per_user: Option<usize>,
+    /// Channels followed by all connections of one user. [default: 10000]
+    #[arg(long, env = "RESYNC_MAX_SUBSCRIPTIONS_PER_USER")]
+    max_subscriptions_per_user: Option<usize>,
     /// WebSocket messages a second per connection, sustained; past it `rate_limited`, then
     /// close 4100. [default: 100]
     #[arg(long, env = "RESYNC_WS_MESSAGES_PER_SECOND")]
@@ -427,6 +440,8 @@ impl Settings {
             connections_per_ip_per_second,
             connection_burst_per_ip,
             max_subscriptions_per_ip,
+            max_connections_per_user,
+            max_subscriptions_per_user,
             ws_messages_per_second,
             ws_message_burst,
             ws_publishes_per_second,
