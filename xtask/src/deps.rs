@@ -133,9 +133,10 @@ mod tests {
             .iter()
             .filter(|package| package["source"].is_null())
             .filter_map(|package| package["name"].as_str().map(str::to_owned))
-            // Test and benchmark harnesses may use anything.
+            // Test, fuzz and benchmark harnesses may use anything.
             .filter(|name| {
-                name.starts_with("resync-") && name != "resync-tests" && name != "resync-bench"
+                name.starts_with("resync-")
+                    && !["resync-tests", "resync-bench", "resync-fuzz"].contains(&name.as_str())
             })
             .collect();
         for member in &members {

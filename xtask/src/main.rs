@@ -7,6 +7,9 @@
 //! - `bench`: load tests over loopback against a raw baseline, written to
 //!   `docs/benchmarks.md` (`--quick` for a short run).
 //! - `micro`: the micro-benchmarks (`cargo bench`).
+//! - `fuzz`: every fuzz target of `fuzz/` under libFuzzer for a bounded time (`--seconds N`,
+//!   60 by default; name targets to run only those). CI runs their smoke test instead
+//!   (`cargo test -p resync-fuzz`, part of the workspace's tests).
 
 use std::process::Command;
 
@@ -14,6 +17,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod deps;
+mod fuzz;
 mod prerequisites;
 
 fn main() -> Result<()> {
@@ -26,8 +30,9 @@ fn main() -> Result<()> {
         Some("bench") => bench::bench(std::env::args().any(|argument| argument == "--quick")),
         Some("micro") => micro(),
         Some("e2e") => e2e(),
+        Some("fuzz") => fuzz::fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            eprintln!("usage: cargo xtask <ci|e2e|bench>");
+            eprintln!("usage: cargo xtask <ci|e2e|bench|micro|fuzz>");
             eprintln!("  ci     fmt check, clippy -D warnings, all tests, docs -D warnings, e2e");
             eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
             eprintln!(
@@ -35,6 +40,9 @@ fn main() -> Result<()> {
                  --report-only: rewrite the report from the last run's figures)"
             );
             eprintln!("  micro  micro-benchmarks of the log and local fan-out (cargo bench)");
+            eprintln!(
+                "  fuzz   each fuzz target under libFuzzer (--seconds N, default 60; [target…])"
+            );
             std::process::exit(2);
         }
     }

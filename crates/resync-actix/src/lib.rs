@@ -40,6 +40,9 @@ mod admission;
 mod auth;
 mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jwt;
 mod metrics;
 mod poll;

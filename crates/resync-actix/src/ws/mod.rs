@@ -1,7 +1,7 @@
 //! WebSocket: many channels over one socket, both directions, with heartbeats and close codes
 //! that tell the client what to do next.
 
-mod socket;
+pub(crate) mod socket;
 
 use std::sync::Arc;
 

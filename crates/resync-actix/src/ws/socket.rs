@@ -43,10 +43,7 @@ pub(crate) fn accept(
         .into();
     let inbox = Inbox {
         payload: payload.into_inner(),
-        buffer: BytesMut::new(),
-        codec: Codec::new().max_size(max_message),
-        partial: None,
-        max_message,
+        reader: FrameReader::new(max_message),
         pipe: pipe.clone(),
         ended: false,
     };
@@ -108,6 +105,13 @@ impl<'a> Outgoing<'a> {
             Outgoing::Pong(payload) => (OpCode::Pong, payload),
         }
     }
+}
+
+/// Appends one unmasked, final server frame. The only caller of actix-http's encoder, whose
+/// signature changes upstream (it gains an `rsv_bits` argument): the bytes are pinned by the
+/// tests below.
+fn write_frame(out: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
+    Parser::write_message(out, payload, opcode, true, false);
 }
 
 /// The socket is gone: nothing more can be sent.
@@ -189,7 +193,7 @@ impl Outbox {
             // size: an idle connection's one frame should not leave a large hole behind.)
             pipe.frames.reserve(BURST_RESERVE.max(payload.len() + 14));
         }
-        Parser::write_message(&mut pipe.frames, payload, opcode, true, false);
+        write_frame(&mut pipe.frames, opcode, payload);
         wake(&mut pipe.body);
         Ok(true)
     }
@@ -269,32 +273,47 @@ impl From<ProtocolError> for InboxError {
     }
 }
 
-/// What the first bytes of a frame say, read before its payload arrives.
+/// What the first bytes of a frame say, read before its payload arrives: each rule is
+/// checked as soon as the bytes it needs are in, so a stream is refused for the same reason
+/// however it is split into reads.
 #[derive(Debug, PartialEq, Eq)]
 struct FrameHeader {
     fin: bool,
     reserved_bits: u8,
     opcode: u8,
-    length: u64,
+    /// The mask bit, once the second byte is in.
+    masked: Option<bool>,
+    /// The 7-bit length field, once the second byte is in.
+    short_length: Option<u8>,
+    /// The payload length, once the extended length (if any) is in.
+    length: Option<u64>,
 }
 
 impl FrameHeader {
-    /// The header at the start of `bytes`, or `None` until enough of it has arrived.
+    /// What has arrived of the header at the start of `bytes`, or `None` before its first
+    /// byte.
     fn peek(bytes: &[u8]) -> Option<FrameHeader> {
-        let (&first, &second) = (bytes.first()?, bytes.get(1)?);
-        let length = match second & 0x7F {
-            126 => u64::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
-            127 => {
-                let mut long = [0u8; 8];
-                long.copy_from_slice(bytes.get(2..10)?);
-                u64::from_be_bytes(long)
-            }
-            short => u64::from(short),
+        let &first = bytes.first()?;
+        let second = bytes.get(1).copied();
+        let short_length = second.map(|second| second & 0x7F);
+        let length = match short_length {
+            None => None,
+            Some(126) => bytes
+                .get(2..4)
+                .map(|long| u64::from(u16::from_be_bytes([long[0], long[1]]))),
+            Some(127) => bytes.get(2..10).map(|long| {
+                let mut eight = [0u8; 8];
+                eight.copy_from_slice(long);
+                u64::from_be_bytes(eight)
+            }),
+            Some(short) => Some(u64::from(short)),
         };
         Some(FrameHeader {
             fin: first & 0x80 != 0,
             reserved_bits: first & 0x70,
             opcode: first & 0x0F,
+            masked: second.map(|second| second & 0x80 != 0),
+            short_length,
             length,
         })
     }
@@ -308,24 +327,43 @@ impl FrameHeader {
                 "reserved bits set without an extension",
             ));
         }
-        let control = self.opcode & 0x08 != 0;
-        if control {
-            if !self.fin {
-                return Err(InboxError::Framing("fragmented control frame"));
-            }
-            if self.length > 125 {
-                return Err(InboxError::Framing("control frame over 125 bytes"));
-            }
-            return Ok(());
+        if matches!(self.opcode, 3..=7 | 11..=15) {
+            return Err(InboxError::Framing("reserved opcode"));
         }
-        if joined.is_some() && self.opcode != 0 {
-            return Err(InboxError::Framing(
-                "new data frame inside a fragmented message",
-            ));
+        let control = self.opcode & 0x08 != 0;
+        if control && !self.fin {
+            return Err(InboxError::Framing("fragmented control frame"));
+        }
+        if !control {
+            match (joined.is_some(), self.opcode) {
+                (true, 1 | 2) => {
+                    return Err(InboxError::Framing(
+                        "new data frame inside a fragmented message",
+                    ));
+                }
+                (false, 0) => {
+                    return Err(InboxError::Framing(
+                        "continuation frame without a message to continue",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.masked == Some(false) {
+            return Err(InboxError::Framing("client frames must be masked"));
+        }
+        if control && self.short_length.is_some_and(|length| length > 125) {
+            return Err(InboxError::Framing("control frame over 125 bytes"));
+        }
+        let Some(length) = self.length else {
+            return Ok(());
+        };
+        if control {
+            return Ok(());
         }
         let total = u64::try_from(joined.unwrap_or(0))
             .unwrap_or(u64::MAX)
-            .saturating_add(self.length);
+            .saturating_add(length);
         if total > u64::try_from(max_message).unwrap_or(u64::MAX) {
             return Err(InboxError::TooBig);
         }
@@ -356,19 +394,65 @@ struct Partial {
     bytes: BytesMut,
 }
 
-/// The receiving half: the client's messages, ending when the connection does.
-pub(crate) struct Inbox {
-    payload: actix_http::Payload,
+/// Turns the client's bytes into messages: frames checked against RFC 6455 and the size
+/// limit on their header, continuation frames joined. Sans-IO, so it is tested (and fuzzed,
+/// `fuzz/`) byte by byte.
+pub(crate) struct FrameReader {
     /// Received bytes not yet decoded into frames; allocated only while a frame is partial.
     buffer: BytesMut,
     codec: Codec,
     partial: Option<Partial>,
     max_message: usize,
-    pipe: Rc<RefCell<Pipe>>,
-    ended: bool,
 }
 
-impl Inbox {
+impl FrameReader {
+    pub(crate) fn new(max_message: usize) -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            codec: Codec::new().max_size(max_message),
+            partial: None,
+            max_message,
+        }
+    }
+
+    /// Adds bytes read from the socket.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        // Copied: keeping the chunk would keep actix-http's whole read buffer alive.
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    #[cfg(any(test, feature = "fuzzing"))]
+    /// Bytes held: received and not yet decoded, plus a fragmented message being joined.
+    pub(crate) fn held(&self) -> usize {
+        self.buffer.len()
+            + self
+                .partial
+                .as_ref()
+                .map_or(0, |partial| partial.bytes.len())
+    }
+
+    /// The next whole message, `None` until more bytes are fed. After an error the reader
+    /// must not be used again: the connection ends.
+    pub(crate) fn next_message(&mut self) -> Result<Option<Incoming>, InboxError> {
+        loop {
+            self.check_next_header()?;
+            match self.codec.decode(&mut self.buffer)? {
+                Some(frame) => {
+                    if let Some(message) = self.assemble(frame)? {
+                        return Ok(Some(message));
+                    }
+                }
+                None => {
+                    if self.buffer.is_empty() {
+                        // Give the memory back between messages.
+                        self.buffer = BytesMut::new();
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
     /// Begins joining a fragmented message.
     fn start(&mut self, text: bool, bytes: &[u8]) -> Result<Option<Incoming>, InboxError> {
         self.partial = Some(Partial {
@@ -436,6 +520,14 @@ impl Inbox {
     }
 }
 
+/// The receiving half: the client's messages, ending when the connection does.
+pub(crate) struct Inbox {
+    payload: actix_http::Payload,
+    reader: FrameReader,
+    pipe: Rc<RefCell<Pipe>>,
+    ended: bool,
+}
+
 impl Stream for Inbox {
     type Item = Result<Incoming, InboxError>;
 
@@ -445,29 +537,13 @@ impl Stream for Inbox {
             return Poll::Ready(None);
         }
         loop {
-            if let Err(error) = this.check_next_header() {
-                this.ended = true;
-                this.buffer = BytesMut::new();
-                return Poll::Ready(Some(Err(error)));
-            }
-            match this.codec.decode(&mut this.buffer) {
-                Ok(Some(frame)) => match this.assemble(frame) {
-                    Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
-                    Ok(None) => continue,
-                    Err(error) => {
-                        this.ended = true;
-                        return Poll::Ready(Some(Err(error)));
-                    }
-                },
-                Ok(None) => {
-                    if this.buffer.is_empty() {
-                        // Give the memory back between messages.
-                        this.buffer = BytesMut::new();
-                    }
-                }
+            match this.reader.next_message() {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
                 Err(error) => {
                     this.ended = true;
-                    return Poll::Ready(Some(Err(error.into())));
+                    this.reader = FrameReader::new(0);
+                    return Poll::Ready(Some(Err(error)));
                 }
             }
             if this.pipe.borrow().gone {
@@ -475,8 +551,7 @@ impl Stream for Inbox {
                 return Poll::Ready(None);
             }
             match Pin::new(&mut this.payload).poll_next(context) {
-                // Copied: keeping the chunk would keep actix-http's whole read buffer alive.
-                Poll::Ready(Some(Ok(bytes))) => this.buffer.extend_from_slice(&bytes),
+                Poll::Ready(Some(Ok(bytes))) => this.reader.feed(&bytes),
                 Poll::Ready(Some(Err(error))) => {
                     this.ended = true;
                     return Poll::Ready(Some(Err(InboxError::Io(error.to_string()))));
@@ -491,5 +566,141 @@ impl Stream for Inbox {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
+    use super::*;
+
+    /// A masked client frame (mask 0: the payload reads as sent).
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![first];
+        match payload.len() {
+            length @ 0..=125 => frame.push(0x80 | length as u8),
+            length @ 126..=65_535 => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(length as u16).to_be_bytes());
+            }
+            length => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(length as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    fn text(message: &Incoming) -> &[u8] {
+        match message {
+            Incoming::Text(bytes) => bytes,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_frames_are_unmasked_final_frames_with_the_shortest_length() {
+        let mut out = BytesMut::new();
+        write_frame(&mut out, OpCode::Text, b"hi");
+        assert_eq!(&out[..], &[0x81, 0x02, b'h', b'i']);
+        out.clear();
+        write_frame(&mut out, OpCode::Pong, b"");
+        assert_eq!(&out[..], &[0x8A, 0x00]);
+        out.clear();
+        write_frame(&mut out, OpCode::Text, &[b'x'; 300]);
+        assert_eq!(&out[..4], &[0x81, 126, 0x01, 0x2C]);
+        assert_eq!(out.len(), 4 + 300);
+        out.clear();
+        write_frame(&mut out, OpCode::Close, &1000u16.to_be_bytes());
+        assert_eq!(&out[..], &[0x88, 0x02, 0x03, 0xE8]);
+        out.clear();
+        write_frame(&mut out, OpCode::Text, &vec![b'y'; 70_000]);
+        assert_eq!(&out[..2], &[0x81, 127]);
+        assert_eq!(&out[2..10], &70_000u64.to_be_bytes());
+    }
+
+    #[test]
+    fn fragments_are_joined_and_a_ping_between_them_comes_first() {
+        let mut reader = FrameReader::new(1024);
+        reader.feed(&client_frame(0x01, b"hel")); // text, not final
+        assert!(reader.next_message().unwrap().is_none());
+        reader.feed(&client_frame(0x89, b"p")); // ping inside the fragmented message
+        match reader.next_message().unwrap() {
+            Some(Incoming::Ping(bytes)) => assert_eq!(&bytes[..], b"p"),
+            other => panic!("expected the ping, got {other:?}"),
+        }
+        reader.feed(&client_frame(0x00, b"lo ")); // continuation
+        reader.feed(&client_frame(0x80, b"world")); // final continuation
+        assert_eq!(
+            text(&reader.next_message().unwrap().unwrap()),
+            b"hello world"
+        );
+        assert!(reader.next_message().unwrap().is_none());
+        assert_eq!(reader.held(), 0);
+    }
+
+    #[test]
+    fn a_frame_split_byte_by_byte_is_one_message() {
+        let mut reader = FrameReader::new(1024);
+        let frame = client_frame(0x81, b"{\"type\":\"ping\"}");
+        for (index, byte) in frame.iter().enumerate() {
+            reader.feed(&[*byte]);
+            let message = reader.next_message().unwrap();
+            assert_eq!(message.is_some(), index == frame.len() - 1);
+        }
+    }
+
+    #[test]
+    fn a_header_past_the_limit_is_refused_before_its_payload() {
+        let mut reader = FrameReader::new(1024);
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        reader.feed(&header);
+        assert!(matches!(reader.next_message(), Err(InboxError::TooBig)));
+        assert_eq!(
+            reader.held(),
+            header.len(),
+            "nothing of the payload was waited for"
+        );
+    }
+
+    #[test]
+    fn fragments_past_the_limit_together_are_refused() {
+        let mut reader = FrameReader::new(100);
+        reader.feed(&client_frame(0x01, &[b'a'; 60]));
+        assert!(reader.next_message().unwrap().is_none());
+        reader.feed(&client_frame(0x80, &[b'b'; 60]));
+        assert!(matches!(reader.next_message(), Err(InboxError::TooBig)));
+        assert!(reader.held() <= 100 + 14 + 60);
+    }
+
+    #[test]
+    fn framing_violations_are_refused() {
+        for (frame, why) in [
+            (client_frame(0xC1, b"x"), "reserved bit"),
+            (client_frame(0x09, b"x"), "fragmented ping"),
+            (client_frame(0x89, &[b'x'; 126]), "oversized ping"),
+            (
+                client_frame(0x88, &1005u16.to_be_bytes()),
+                "reserved close code",
+            ),
+        ] {
+            let mut reader = FrameReader::new(1024);
+            reader.feed(&frame);
+            assert!(
+                matches!(reader.next_message(), Err(InboxError::Framing(_))),
+                "{why}"
+            );
+        }
+        let mut reader = FrameReader::new(1024);
+        reader.feed(&client_frame(0x01, b"a"));
+        reader.feed(&client_frame(0x81, b"b"));
+        assert!(
+            matches!(reader.next_message(), Err(InboxError::Framing(_))),
+            "a new text frame inside a fragmented message"
+        );
     }
 }
