@@ -156,6 +156,22 @@ impl Bench {
         Server::start(&self.release.join("resync-server"), &arguments)
     }
 
+    /// resync with its default limits (the per-address ones included: the flood scenario's
+    /// attackers come from their own loopback addresses), the global cap at `cap`.
+    fn ours_at_defaults(&self, cap: &str) -> Result<Server> {
+        Server::start(
+            &self.release.join("resync-server"),
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--api-key",
+                "bench-key",
+                "--max-connections",
+                cap,
+            ],
+        )
+    }
+
     fn baseline(&self) -> Result<Server> {
         Server::start(&self.release.join("baseline"), &[])
     }
@@ -217,6 +233,14 @@ impl Bench {
         values[values.len() / 2]
     }
 }
+
+/// The global connection cap of the flood scenario's server, which its connection flood
+/// reaches.
+const FLOOD_CAP: &str = "3000";
+
+/// The flood scenario's bound on the server's peak RSS, in MiB: the cap's connections at
+/// ~13 KB each, the legitimate traffic, and headroom; documented in `docs/security.md`.
+const FLOOD_PEAK_RSS_MIB: f64 = 256.0;
 
 /// Events per subscriber in the Redis comparison's bursts: 1,000,000 deliveries at 5,000
 /// subscribers, long enough that the two rows' ratio is not scheduling noise.
@@ -348,6 +372,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                 ],
             )?;
         }
+        flood_round(&mut bench, quick)?;
         // Redis against in-memory twice per repetition, taking turns at going first: the
         // two rows run on the same noisy cores, so they get more samples than the others.
         redis_round(&mut bench, false)?;
@@ -367,6 +392,60 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     )?;
     write_report(&bench, sizes, repetitions, seconds)?;
     eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg in {seconds} s");
+    Ok(())
+}
+
+/// Legitimate subscribers with and without floods beside them, on the default limits.
+fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    for floods in ["off", "on"] {
+        let server = bench.ours_at_defaults(FLOOD_CAP)?;
+        let pid = server.pid();
+        bench.load(
+            &format!("flood/{floods}"),
+            &[
+                "flood",
+                "--url",
+                &server.url,
+                "--pid",
+                &pid,
+                "--floods",
+                floods,
+                "--subscribers",
+                "150",
+                "--seconds",
+                if quick { "5" } else { "10" },
+                "--rate",
+                "50",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench flood`: only the flood scenario, three rounds, its section printed
+/// (and written to `target/bench/flood.md`); `docs/benchmarks.md` is left as it is.
+pub(crate) fn flood_only() -> Result<()> {
+    let root = workspace_root();
+    run(cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "resync-server",
+        "-p",
+        "resync-bench",
+    ]))?;
+    let mut bench = Bench {
+        release: root.join("target/release"),
+        results: BTreeMap::new(),
+    };
+    for _ in 0..3 {
+        flood_round(&mut bench, false)?;
+    }
+    let section = flood_section(&bench);
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::write(root.join("target/bench/flood.md"), &section)?;
+    println!("{section}");
     Ok(())
 }
 
@@ -508,7 +587,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
          second descriptor per connection, and 10,000 clients would pass this machine's 20,000 open-file limit.\n",
     );
     out.push_str(
-        "- Load generator: `bench/src/bin/loadgen.rs`, a release binary of ours (not the client SDK): subscribers count \
+        "- Load generator: `bench/src/bin/loadgen/`, a release binary of ours (not the client SDK): subscribers count \
          events, 200 of them parse a timestamp for latency. Fan-out: a burst of events (about a million deliveries: \
          400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by sixteen concurrent HTTP \
          publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
@@ -610,6 +689,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.median("redis/fanout", "latency_p99_us") / 1000.0,
         bench.median("redis/memory-fanout", "latency_p99_us") / 1000.0,
     ));
+    out.push_str(&flood_section(bench));
     out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
     out.push_str(&format!(
         "| WebSocket fan-out >= 0.6x baseline at {largest} subscribers | {ws_ratio:.2}x | {} |\n",
@@ -637,11 +717,90 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         "| Redis fan-out >= 0.8x in-memory | {redis_ratio:.2}x | {} |\n",
         verdict(redis_ratio >= 0.8)
     ));
+    let flood_lost = bench.median("flood/on", "lost");
+    let flood_p99 =
+        bench.median("flood/on", "latency_p99_us") / bench.median("flood/off", "latency_p99_us");
+    let flood_rss = bench.median("flood/on", "server_peak_rss_kib") / 1024.0;
+    out.push_str(&format!(
+        "| under floods: zero lost, server peak RSS <= {FLOOD_PEAK_RSS_MIB:.0} MiB | lost {flood_lost:.0}, p99 {flood_p99:.2}x without floods, peak RSS {flood_rss:.0} MiB | {} |\n",
+        verdict(flood_lost == 0.0 && flood_rss <= FLOOD_PEAK_RSS_MIB)
+    ));
     out.push_str(FIXES);
     out.push_str(
         "\nThe raw figures of the last run are in `target/bench/results.json`. Micro-benchmarks of the log and of \
          local fan-out: `cargo xtask micro`.\n",
     );
+    out
+}
+
+/// The flood scenario: what the legitimate subscribers saw, and how far each flood got.
+fn flood_section(bench: &Bench) -> String {
+    let on = |field: &str| bench.median("flood/on", field);
+    let off = |field: &str| bench.median("flood/off", field);
+    let mut out = String::from("\n## Under attack\n\n");
+    out.push_str(&format!(
+        "{:.0} WebSocket subscribers of one channel (from 127.0.0.1) receive 50 events/s published through the \
+         HTTP API, on a server with its default limits and a global cap of {FLOOD_CAP} connections; then the same \
+         beside bounded floods, each from its own loopback address: 2 streams of WebSocket frames declaring 2^40 \
+         bytes, 2 anonymous WebSockets publishing to the channel as fast as they can write, 2 sprayers of SSE \
+         requests naming 128 never-published channels each, a connection flood from 30 addresses to past the \
+         cap, and 2 WebSockets that send pings without pause and never read (`loadgen flood`).\n\n",
+        on("subscribers")
+    ));
+    out.push_str("| | without floods | with floods |\n|---|---:|---:|\n");
+    out.push_str(&format!(
+        "| events lost by the subscribers | {:.0} | {:.0} |\n",
+        off("lost"),
+        on("lost")
+    ));
+    out.push_str(&format!(
+        "| latency p50 / p99 (ms) | {:.1} / {:.1} | {:.1} / {:.1} ({} of p99 without) |\n",
+        off("latency_p50_us") / 1000.0,
+        off("latency_p99_us") / 1000.0,
+        on("latency_p50_us") / 1000.0,
+        on("latency_p99_us") / 1000.0,
+        ratio(on("latency_p99_us"), off("latency_p99_us")),
+    ));
+    out.push_str(&format!(
+        "| slowest `/healthz` (ms) | {:.1} | {:.1} |\n",
+        off("health_max_ms"),
+        on("health_max_ms")
+    ));
+    out.push_str(&format!(
+        "| server peak RSS (MiB) | {:.0} | {:.0} (bound {FLOOD_PEAK_RSS_MIB:.0}) |\n",
+        off("server_peak_rss_kib") / 1024.0,
+        on("server_peak_rss_kib") / 1024.0
+    ));
+    out.push_str(&format!(
+        "| server CPU during the run (s) | {:.1} | {:.1} |\n\n",
+        off("server_cpu_seconds"),
+        on("server_cpu_seconds")
+    ));
+    out.push_str("| flood | what it got |\n|---|---|\n");
+    out.push_str(&format!(
+        "| oversized frames | {:.0} closed 1009 on the header ({:.0} KiB written per attempt before the close arrived, nearly all of it into socket buffers) |\n",
+        on("oversized_closed_1009"),
+        on("oversized_bytes_written") / on("oversized_closed_1009").max(1.0) / 1024.0
+    ));
+    out.push_str(&format!(
+        "| anonymous publishing | {:.0} publish frames written, {:.0} `error` answers, nothing stored (events lost or added: see above) |\n",
+        on("anonymous_publishes"),
+        on("anonymous_errors")
+    ));
+    out.push_str(&format!(
+        "| channel spraying | {:.0} streams followed (channels never published cost their subscription only), {:.0} refused |\n",
+        on("spray_followed"),
+        on("spray_refused")
+    ));
+    out.push_str(&format!(
+        "| connection flood | {:.0} admitted up to the cap, {:.0} refused (cap or per-address rate) |\n",
+        on("flood_admitted"),
+        on("flood_refused")
+    ));
+    out.push_str(&format!(
+        "| ping floods | {:.0} connections cut by the server |\n",
+        on("pingers_reaped")
+    ));
     out
 }
 

@@ -5,7 +5,8 @@
 //! - `e2e`: the browser client's unit tests (`node --test`) and the end-to-end tests in
 //!   headless Chromium against the real server binary (needs Node.js and Chromium).
 //! - `bench`: load tests over loopback against a raw baseline, written to
-//!   `docs/benchmarks.md` (`--quick` for a short run).
+//!   `docs/benchmarks.md` (`--quick` for a short run; `bench flood` runs only the flood
+//!   scenario, legitimate subscribers beside bounded attacks, and prints its section).
 //! - `micro`: the micro-benchmarks (`cargo bench`).
 //! - `fuzz`: every fuzz target of `fuzz/` under libFuzzer for a bounded time (`--seconds N`,
 //!   60 by default; name targets to run only those). CI runs their smoke test instead
@@ -24,6 +25,7 @@ fn main() -> Result<()> {
     let task = std::env::args().nth(1);
     match task.as_deref() {
         Some("ci") => ci(),
+        Some("bench") if std::env::args().nth(2).as_deref() == Some("flood") => bench::flood_only(),
         Some("bench") if std::env::args().any(|argument| argument == "--report-only") => {
             bench::report_only()
         }
@@ -37,7 +39,8 @@ fn main() -> Result<()> {
             eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
             eprintln!(
                 "  bench  load tests against the raw baseline -> docs/benchmarks.md (--quick: short; \
-                 --report-only: rewrite the report from the last run's figures)"
+                 --report-only: rewrite the report from the last run's figures; `bench flood`: only the \
+                 flood scenario)"
             );
             eprintln!("  micro  micro-benchmarks of the log and local fan-out (cargo bench)");
             eprintln!(

@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+mod flood;
+
 const API_KEY: &str = "bench-key";
 /// Subscribers that parse timestamps for latency; the rest only count.
 const LATENCY_SAMPLE: usize = 200;
@@ -55,6 +57,7 @@ async fn main() -> Result<()> {
         "storm" => storm(&arguments, &url).await?,
         "poll" => poll(&arguments, &url).await?,
         "channels" => channels(&arguments, &url).await?,
+        "flood" => flood::flood(&arguments, &url).await?,
         other => bail!("unknown scenario {other:?}"),
     };
     println!("{result}");
