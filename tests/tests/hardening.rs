@@ -718,10 +718,11 @@ async fn defect_8_a_long_poll_reply_is_bounded_in_bytes_and_the_cursor_continues
 }
 
 fn memory_broker(server: &TestServer) -> resync_broker::MemoryBroker {
-    match &**server.server.resync.broker() {
-        resync_server::ServerBroker::Memory(broker) => broker.clone(),
-        _ => panic!("not the memory broker"),
-    }
+    server
+        .server
+        .memory_broker
+        .clone()
+        .expect("the test server runs the memory broker")
 }
 
 #[tokio::test]

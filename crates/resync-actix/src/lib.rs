@@ -48,6 +48,7 @@ mod metrics;
 mod poll;
 mod probe;
 mod request;
+mod shared;
 mod sse;
 mod subscriptions;
 mod ws;
@@ -59,6 +60,9 @@ use resync_broker::{Broker, Publish};
 use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
 use tokio::sync::watch;
 
+pub(crate) use shared::Shared;
+use shared::Ticker;
+
 pub use auth::{
     AllowAllSubscribers, AuthError, Authorizer, ChannelPattern, Credentials, Identity,
     JwtAuthorizer, MIN_SECRET_BYTES, TokenSource, WeakSecret, redact_query,
@@ -68,95 +72,17 @@ pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};
 pub use metrics::{ConnectionGuard, MAX_NAMESPACE_LABELS, Metrics, Transport};
 pub use probe::{ConnectOptions, on_connect, track_disconnects};
 
-/// What every connection shares.
-pub(crate) struct Shared {
-    /// Connection caps and per-address budgets.
-    pub(crate) admission: Arc<admission::Admission>,
-    pub(crate) broker: Arc<dyn Broker>,
-    /// The one publish path (counts and times every publish), for client publishes too.
-    pub(crate) publisher: Publisher,
-    pub(crate) authorizer: Arc<dyn Authorizer>,
-    pub(crate) config: TransportConfig,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) shutdown: watch::Sender<bool>,
-    /// Shared heartbeat clocks, so that idle connections hold no timer of their own.
-    pub(crate) sse_heartbeat: Ticker,
-    pub(crate) ws_ping: Ticker,
-}
-
-impl Shared {
-    /// Ticks of `clock`, which also wake the receiver when the server shuts down (see
-    /// [`Resync::shutdown`]); already pending if shutdown came first, so a connection
-    /// admitted just before it does not miss it.
-    pub(crate) fn clock(&self, clock: &Ticker) -> watch::Receiver<u64> {
-        let mut ticks = clock.subscribe();
-        if *self.shutdown.borrow() {
-            ticks.mark_changed();
-        }
-        ticks
-    }
-}
-
-/// A clock shared by every connection: one task ticks, connections wait on a `watch`.
-pub(crate) struct Ticker {
-    period: std::time::Duration,
-    ticks: watch::Sender<u64>,
-    started: std::sync::Once,
-}
-
-impl Ticker {
-    fn new(period: std::time::Duration) -> Self {
-        Self {
-            period,
-            ticks: watch::channel(0).0,
-            started: std::sync::Once::new(),
-        }
-    }
-
-    /// Wakes every receiver now, as a tick would.
-    pub(crate) fn wake_all(&self) {
-        self.ticks
-            .send_modify(|count| *count = count.wrapping_add(1));
-    }
-
-    /// A receiver of ticks; the ticking task starts with the first subscriber, on the runtime
-    /// of the worker that serves it (it stops with the server).
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.started.call_once(|| {
-            let ticks = self.ticks.clone();
-            let period = self.period;
-            actix_web::rt::spawn(async move {
-                let mut interval =
-                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    interval.tick().await;
-                    ticks.send_modify(|count| *count = count.wrapping_add(1));
-                }
-            });
-        });
-        let mut receiver = self.ticks.subscribe();
-        receiver.mark_unchanged();
-        receiver
-    }
-}
-
 /// The transports, ready to mount. Cloning is cheap and shares everything.
-pub struct Resync<B: Broker> {
-    broker: Arc<B>,
+///
+/// It holds its broker as `Arc<dyn Broker>`: the transports call the broker through the
+/// trait only, so an application picks its backend at run time (the reference server does,
+/// from `--broker`) without a type parameter following it up the stack.
+#[derive(Clone)]
+pub struct Resync {
     shared: Arc<Shared>,
 }
 
-impl<B: Broker> Clone for Resync<B> {
-    fn clone(&self) -> Self {
-        Self {
-            broker: self.broker.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl<B: Broker> std::fmt::Debug for Resync<B> {
+impl std::fmt::Debug for Resync {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Resync")
@@ -166,13 +92,22 @@ impl<B: Broker> std::fmt::Debug for Resync<B> {
 }
 
 /// Builds a [`Resync`].
-pub struct ResyncBuilder<B: Broker> {
-    broker: Arc<B>,
+pub struct ResyncBuilder {
+    broker: Arc<dyn Broker>,
     authorizer: Arc<dyn Authorizer>,
     config: TransportConfig,
 }
 
-impl<B: Broker> ResyncBuilder<B> {
+impl std::fmt::Debug for ResyncBuilder {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ResyncBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResyncBuilder {
     /// Who may subscribe and publish. Defaults to [`AllowAllSubscribers`]: anyone may
     /// subscribe to anything, no client may publish.
     pub fn authorizer(mut self, authorizer: impl Authorizer) -> Self {
@@ -187,13 +122,12 @@ impl<B: Broker> ResyncBuilder<B> {
     }
 
     /// Builds the transports.
-    pub fn build(self) -> Resync<B> {
-        let broker: Arc<dyn Broker> = self.broker.clone();
+    pub fn build(self) -> Resync {
+        let broker = self.broker;
         let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);
         let ws_ping = Ticker::new(self.config.ping_interval);
         let metrics = Arc::new(Metrics::default());
         Resync {
-            broker: self.broker,
             shared: Arc::new(Shared {
                 admission: Arc::new(admission::Admission::new(&self.config)),
                 publisher: Publisher {
@@ -212,14 +146,15 @@ impl<B: Broker> ResyncBuilder<B> {
     }
 }
 
-impl<B: Broker> Resync<B> {
+impl Resync {
     /// A builder for transports over `broker`.
-    pub fn builder(broker: B) -> ResyncBuilder<B> {
+    pub fn builder(broker: impl Broker) -> ResyncBuilder {
         Self::builder_shared(Arc::new(broker))
     }
 
-    /// A builder for transports over a broker the caller also keeps.
-    pub fn builder_shared(broker: Arc<B>) -> ResyncBuilder<B> {
+    /// A builder for transports over a broker the caller also keeps (to read its own
+    /// figures, say, or to share it with other code).
+    pub fn builder_shared(broker: Arc<dyn Broker>) -> ResyncBuilder {
         ResyncBuilder {
             broker,
             authorizer: Arc::new(AllowAllSubscribers),
@@ -263,8 +198,8 @@ impl<B: Broker> Resync<B> {
     }
 
     /// The broker.
-    pub fn broker(&self) -> &Arc<B> {
-        &self.broker
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.shared.broker
     }
 
     /// The transport settings.

@@ -39,9 +39,9 @@ use deadpool_redis::{Config, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use resync_broker::{
     Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
-    Publish, ReadOutcome, Result, Retention,
+    Publish, ReadDecision, ReadOutcome, Result, Retention, decide_read,
 };
-use resync_protocol::{Channel, Epoch, Event, Payload, Position, ResetReason, Seq};
+use resync_protocol::{Channel, Epoch, Event, Payload, Position, Seq};
 use tokio::sync::{mpsc, watch};
 
 /// Builds a [`RedisBroker`].
@@ -362,7 +362,7 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
-        let (live, _) = self.inner.hub.subscribe(channel);
+        let live = self.inner.hub.subscribe(channel);
         // Wait until Redis confirms the SUBSCRIBE: only then is every later publish delivered.
         let (reply, confirmed) = tokio::sync::oneshot::channel();
         self.inner
@@ -401,37 +401,20 @@ impl Broker for RedisBroker {
             .arg(limit.clamp(1, i64::MAX as usize));
         let (epoch, last, entries): (String, u64, Vec<redis::Value>) = self.run(invocation).await?;
         let latest = Self::position_from(epoch, last)?;
-        if latest.epoch != since.epoch {
-            return Ok(ReadOutcome::Reset {
-                reason: ResetReason::EpochChanged,
-                latest,
-            });
-        }
-        if since.seq > latest.seq {
-            return Ok(ReadOutcome::Reset {
-                reason: ResetReason::PositionAhead,
-                latest,
-            });
-        }
-        if since.seq == latest.seq {
-            return Ok(ReadOutcome::UpToDate { latest });
-        }
         let mut events = Vec::with_capacity(entries.len().min(limit));
         for entry in &entries {
             events.push(event_from_entry(channel, &latest.epoch, entry)?);
         }
-        // History must start right after the position; otherwise it was trimmed or expired.
-        let starts_right_after = events
-            .first()
-            .is_some_and(|first| Some(first.position().seq) == since.seq.next());
-        if !starts_right_after {
-            return Ok(ReadOutcome::Reset {
-                reason: ResetReason::Truncated,
-                latest,
-            });
+        // The script read from `since + 1` on, so the first entry is the oldest that counts.
+        let oldest = events.first().map(|first| first.position().seq);
+        match decide_read(since, &latest, oldest) {
+            ReadDecision::Replay { .. } => {
+                events.truncate(limit);
+                Ok(ReadOutcome::Replayed { events, latest })
+            }
+            ReadDecision::UpToDate => Ok(ReadOutcome::UpToDate { latest }),
+            ReadDecision::Reset(reason) => Ok(ReadOutcome::Reset { reason, latest }),
         }
-        events.truncate(limit);
-        Ok(ReadOutcome::Replayed { events, latest })
     }
 
     async fn position(&self, channel: &Channel) -> Result<Position> {
@@ -448,6 +431,12 @@ impl Broker for RedisBroker {
 
     fn subscriber_count(&self, channel: &Channel) -> usize {
         self.inner.hub.subscriber_count(channel)
+    }
+
+    async fn close(&self) {
+        self.inner.hub.close_all();
+        // Best effort: a full queue means the task is busy, and it ends with the process.
+        let _ = self.inner.commands.try_send(pubsub::Command::Close);
     }
 
     async fn health(&self) -> Result<()> {

@@ -13,6 +13,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub(crate) enum Command {
     Subscribe(Channel, oneshot::Sender<Result<(), Error>>),
     Unsubscribe(Channel),
+    /// The broker was closed: stop for good.
+    Close,
 }
 
 fn pubsub_name(prefix: &str, channel: &Channel) -> String {
@@ -119,7 +121,10 @@ pub(crate) async fn run(
                     }
                 }
                 command = commands.recv() => match command {
-                    None => return,
+                    None | Some(Command::Close) => {
+                        connected.send_replace(false);
+                        return;
+                    }
                     Some(Command::Subscribe(channel, reply)) => {
                         if subscribed.contains(&channel) {
                             let _ = reply.send(Ok(()));
@@ -159,7 +164,7 @@ async fn wait_refusing(commands: &mut mpsc::Receiver<Command>, delay: Duration) 
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return true,
             command = commands.recv() => match command {
-                None => return false,
+                None | Some(Command::Close) => return false,
                 Some(Command::Subscribe(_, reply)) => {
                     let _ = reply.send(Err(Error::Unavailable("redis pub/sub is not connected".to_owned())));
                 }

@@ -18,9 +18,7 @@ fn hundred_byte_payload() -> Payload {
 fn deliver_to_subscribers(bencher: divan::Bencher<'_, '_>, subscribers: usize) {
     let hub = Hub::new(16);
     let channel = Channel::new("bench").expect("valid channel");
-    let mut subscriptions: Vec<_> = (0..subscribers)
-        .map(|_| hub.subscribe(&channel).0)
-        .collect();
+    let mut subscriptions: Vec<_> = (0..subscribers).map(|_| hub.subscribe(&channel)).collect();
     let event = EncodedEvent::new(Event {
         channel: channel.clone(),
         position: Position::new(Epoch::new("bench").expect("valid epoch"), Seq::new(1)),

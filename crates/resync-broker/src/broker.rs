@@ -81,4 +81,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can serve requests now (for readiness checks).
     async fn health(&self) -> Result<()>;
+
+    /// Ends the broker's work at shutdown: local subscriptions end (with
+    /// [`LiveError::Closed`](crate::LiveError::Closed) after their queued events) and
+    /// background tasks stop. The reference server calls it once, after its transports have
+    /// closed their connections; a broker with nothing to release keeps the default, which
+    /// does nothing.
+    async fn close(&self) {}
 }

@@ -75,6 +75,8 @@ pub async fn run_all<B: Broker>(broker: Arc<B>, config: ConformanceConfig) {
     dropping_a_subscription_unsubscribes(&broker, &config).await;
     lagging_subscriber_is_told_and_can_resume(&broker, &config).await;
     concurrent_publishers_and_resuming_subscribers_see_no_gap(&broker, &config).await;
+    // Last: it ends the broker's work.
+    close_ends_local_subscriptions(&broker, &config).await;
 }
 
 fn payload(value: u64) -> Payload {
@@ -632,5 +634,49 @@ pub async fn concurrent_publishers_and_resuming_subscribers_see_no_gap(
         assert_eq!(seqs, expected, "{name}: subscriber {index} from {first}");
         let unique: HashSet<u64> = seqs.iter().copied().collect();
         assert_eq!(unique.len(), seqs.len(), "{name}: no duplicates");
+    }
+}
+
+/// [`Broker::close`] ends every local subscription: events already delivered to it first, then
+/// [`LiveError::Closed`]; a resumed subscription ends with [`SubscriptionError::Closed`]. Run
+/// last: the broker is closed afterwards.
+pub async fn close_ends_local_subscriptions(broker: &Arc<dyn Broker>, config: &ConformanceConfig) {
+    let name = "close_ends_local_subscriptions";
+    let channel = config.channel("close");
+    let mut live = broker.subscribe(&channel).await.expect("subscribe");
+    let (_, mut resumed) = resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .expect("resume");
+    let position = broker
+        .publish(Publish::new(channel.clone(), payload(1)))
+        .await
+        .expect("publish");
+    let within = Duration::from_secs(5);
+    // Delivered before the close (a broker over a network delivers a moment later).
+    match tokio::time::timeout(within, resumed.next()).await {
+        Ok(Ok(SubscriptionItem::Event(event))) => assert_eq!(event.position(), &position, "{name}"),
+        other => panic!("{name}: expected the event, got {other:?}"),
+    }
+    broker.close().await;
+    let mut ended = false;
+    for _ in 0..3 {
+        match tokio::time::timeout(within, live.recv()).await {
+            Ok(Err(LiveError::Closed)) => {
+                ended = true;
+                break;
+            }
+            Ok(Ok(_)) => continue,
+            other => panic!("{name}: the live subscription did not end: {other:?}"),
+        }
+    }
+    assert!(ended, "{name}: the live subscription ended with Closed");
+    match tokio::time::timeout(within, resumed.next()).await {
+        Ok(Err(SubscriptionError::Closed)) => {}
+        other => panic!("{name}: the resumed subscription did not end: {other:?}"),
     }
 }

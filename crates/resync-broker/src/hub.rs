@@ -195,12 +195,10 @@ impl Hub {
         }
     }
 
-    /// Registers a local subscriber of `channel`. The second value is `true` when this is the
-    /// channel's first local subscriber (a Redis broker subscribes to the channel then).
-    pub fn subscribe(&self, channel: &Channel) -> (LiveSubscription, bool) {
+    /// Registers a local subscriber of `channel`.
+    pub fn subscribe(&self, channel: &Channel) -> LiveSubscription {
         let queue = Arc::new(Queue::new());
         let mut channels = lock(&self.inner.channels);
-        let first = !channels.contains_key(channel);
         let slots = channels
             .entry(channel.clone())
             .or_insert_with(|| Arc::new(Mutex::new(Slab::new())))
@@ -210,15 +208,14 @@ impl Hub {
             open: true,
         });
         drop(channels);
-        let subscription = LiveSubscription {
+        LiveSubscription {
             queue,
             registration: Registration {
                 hub: self.inner.clone(),
                 channel: channel.clone(),
                 key,
             },
-        };
-        (subscription, first)
+        }
     }
 
     /// Queues `event` for every local subscriber of its channel and returns how many got it.
@@ -372,8 +369,8 @@ mod tests {
     async fn full_queue_cuts_off_only_the_slow_subscriber() {
         let hub = Hub::new(2);
         let channel = Channel::new("c").unwrap();
-        let (mut slow, _) = hub.subscribe(&channel);
-        let (mut fast, _) = hub.subscribe(&channel);
+        let mut slow = hub.subscribe(&channel);
+        let mut fast = hub.subscribe(&channel);
         for seq in 1..=2 {
             hub.deliver(&event(&channel, seq));
             assert_eq!(seq_of(fast.recv().await.unwrap()), seq);
@@ -392,9 +389,9 @@ mod tests {
         let seen = idle.clone();
         let hub = Hub::with_idle_callback(4, move |channel| lock(&seen).push(channel.clone()));
         let channel = Channel::new("c").unwrap();
-        let (first, is_first) = hub.subscribe(&channel);
-        let (second, is_second_first) = hub.subscribe(&channel);
-        assert!(is_first && !is_second_first);
+        let first = hub.subscribe(&channel);
+        let second = hub.subscribe(&channel);
+        assert_eq!(hub.subscriber_count(&channel), 2);
         drop(first);
         assert!(lock(&idle).is_empty());
         assert_eq!(hub.subscriber_count(&channel), 1);

@@ -56,4 +56,4 @@ pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use resume::{
     REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
 };
-pub use resync_log::{ReadOutcome, Retention};
+pub use resync_log::{ReadDecision, ReadOutcome, Retention, decide_read};

@@ -347,7 +347,7 @@ impl Broker for MemoryBroker {
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
         // No state: a channel never published stands at seq 0 of the process's epoch, which
         // its first publish continues.
-        Ok(self.inner.hub.subscribe(channel).0)
+        Ok(self.inner.hub.subscribe(channel))
     }
 
     async fn read_since(
@@ -378,6 +378,10 @@ impl Broker for MemoryBroker {
 
     fn subscriber_count(&self, channel: &Channel) -> usize {
         self.inner.hub.subscriber_count(channel)
+    }
+
+    async fn close(&self) {
+        self.inner.hub.close_all();
     }
 
     async fn health(&self) -> Result<()> {

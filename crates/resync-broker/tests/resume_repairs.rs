@@ -83,7 +83,7 @@ impl Broker for LossyBroker {
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
-        Ok(self.hub.subscribe(channel).0)
+        Ok(self.hub.subscribe(channel))
     }
 
     async fn read_since(

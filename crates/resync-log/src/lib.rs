@@ -6,6 +6,10 @@
 //! its [`Position`]; [`ChannelLog::read_since`] answers "what came after this position?" with
 //! the events, with "nothing", or with a reset when the history no longer reaches back.
 //!
+//! The answer is decided by [`decide_read`], a pure function of the reader's position, the
+//! newest position and the oldest seq kept, which brokers with history elsewhere (Redis)
+//! call too.
+//!
 //! Retention is by count and by age ([`Retention`]), so memory stays bounded however fast a
 //! channel is published to. Appending is O(1) (amortized; an append may expire old events, each
 //! of which is removed once), and a read costs O(events returned).
@@ -121,6 +125,55 @@ pub enum ReadOutcome<T> {
         /// The channel's newest position, where a reader continues after refetching.
         latest: Position,
     },
+}
+
+/// What a history read must answer, decided from three facts only: the reader's position,
+/// the channel's newest position, and the oldest seq the history still holds.
+///
+/// [`ChannelLog::read_since`] decides with it, and so does every broker whose history lives
+/// elsewhere (Redis, or your own): one decision, so the brokers cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadDecision {
+    /// History holds every event after the reader's position: read from `first` on.
+    Replay {
+        /// The seq right after the reader's position.
+        first: Seq,
+    },
+    /// The reader has the newest event.
+    UpToDate,
+    /// The position cannot be resumed.
+    Reset(ResetReason),
+}
+
+/// Decides a read of history after `since`, on a channel at `latest` whose oldest readable
+/// event is `oldest` (`None` when history holds nothing). A broker that reads only from
+/// `since + 1` on may pass the first seq it found there.
+///
+/// ```
+/// use resync_log::{ReadDecision, decide_read};
+/// use resync_protocol::{Epoch, Position, ResetReason, Seq};
+///
+/// let epoch = Epoch::new("e1").unwrap();
+/// let at = |seq| Position::new(epoch.clone(), Seq::new(seq));
+/// assert_eq!(decide_read(&at(3), &at(9), Some(Seq::new(2))), ReadDecision::Replay { first: Seq::new(4) });
+/// assert_eq!(decide_read(&at(9), &at(9), Some(Seq::new(2))), ReadDecision::UpToDate);
+/// assert_eq!(decide_read(&at(1), &at(9), Some(Seq::new(5))), ReadDecision::Reset(ResetReason::Truncated));
+/// assert_eq!(decide_read(&at(10), &at(9), None), ReadDecision::Reset(ResetReason::PositionAhead));
+/// ```
+pub fn decide_read(since: &Position, latest: &Position, oldest: Option<Seq>) -> ReadDecision {
+    if since.epoch != latest.epoch {
+        return ReadDecision::Reset(ResetReason::EpochChanged);
+    }
+    if since.seq > latest.seq {
+        return ReadDecision::Reset(ResetReason::PositionAhead);
+    }
+    let Some(first) = since.seq.next().filter(|_| since.seq < latest.seq) else {
+        return ReadDecision::UpToDate;
+    };
+    match oldest {
+        Some(oldest) if oldest <= first => ReadDecision::Replay { first },
+        _ => ReadDecision::Reset(ResetReason::Truncated),
+    }
 }
 
 /// The retained history of one channel in one epoch.
@@ -256,33 +309,14 @@ impl<T: Clone> ChannelLog<T> {
     pub fn read_since(&mut self, since: &Position, limit: usize, now: Instant) -> ReadOutcome<T> {
         self.trim(now);
         let latest = self.position();
-        if since.epoch != self.epoch {
-            return ReadOutcome::Reset {
-                reason: ResetReason::EpochChanged,
-                latest,
-            };
-        }
-        if since.seq > self.last_seq {
-            return ReadOutcome::Reset {
-                reason: ResetReason::PositionAhead,
-                latest,
-            };
-        }
-        if since.seq == self.last_seq {
-            return ReadOutcome::UpToDate { latest };
-        }
-        // Here since.seq < last_seq, so at least one event was missed.
-        let first_missed = since.seq.get() + 1;
-        let oldest = match self.oldest_seq() {
-            Some(oldest) if oldest.get() <= first_missed => oldest.get(),
-            _ => {
-                return ReadOutcome::Reset {
-                    reason: ResetReason::Truncated,
-                    latest,
-                };
-            }
+        let first = match decide_read(since, &latest, self.oldest_seq()) {
+            ReadDecision::Replay { first } => first,
+            ReadDecision::UpToDate => return ReadOutcome::UpToDate { latest },
+            ReadDecision::Reset(reason) => return ReadOutcome::Reset { reason, latest },
         };
-        let start = (first_missed - oldest) as usize;
+        // A replay means the oldest kept event is at or before `first`.
+        let oldest = self.oldest_seq().unwrap_or(first);
+        let start = usize::try_from(first.get() - oldest.get()).unwrap_or(usize::MAX);
         let events = self
             .entries
             .range(start..)

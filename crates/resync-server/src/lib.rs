@@ -20,9 +20,6 @@ use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, Resync, T
 use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
 use resync_broker_redis::RedisBroker;
 
-mod server_broker;
-pub use server_broker::ServerBroker;
-
 pub use settings::{Args, BrokerKind, LogFormat, Settings};
 
 fn generate_api_key() -> Result<String> {
@@ -47,7 +44,10 @@ pub struct RunningServer {
     /// The addresses it listens on.
     pub addresses: Vec<std::net::SocketAddr>,
     /// The transports, for shutdown and metrics.
-    pub resync: Resync<ServerBroker>,
+    pub resync: Resync,
+    /// The in-memory broker, when it is the backend (for its own figures: channels, history
+    /// bytes); `None` on Redis.
+    pub memory_broker: Option<MemoryBroker>,
     /// The API key for publishing.
     pub api_key: String,
     /// Whether it serves TLS.
@@ -83,24 +83,28 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         .with_max_events(settings.history_size)
         .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs)))
         .with_max_bytes(Some(settings.history_max_bytes_per_channel));
-    let broker = Arc::new(match settings.broker {
-        BrokerKind::Memory => ServerBroker::Memory(
-            MemoryBroker::builder()
+    let (broker, memory_broker): (Arc<dyn Broker>, _) = match settings.broker {
+        BrokerKind::Memory => {
+            let memory = MemoryBroker::builder()
                 .retention(retention)
                 .max_history_bytes(Some(settings.history_max_bytes))
                 .subscriber_queue(settings.subscriber_queue)
-                .build(),
+                .build();
+            (Arc::new(memory.clone()), Some(memory))
+        }
+        BrokerKind::Redis => (
+            Arc::new(
+                RedisBroker::builder(settings.redis_url.clone())
+                    .key_prefix(settings.redis_prefix.clone())
+                    .pool_size(settings.redis_pool_size)
+                    .retention(retention)
+                    .subscriber_queue(settings.subscriber_queue)
+                    .build()
+                    .context("configuring the redis broker")?,
+            ),
+            None,
         ),
-        BrokerKind::Redis => ServerBroker::Redis(
-            RedisBroker::builder(settings.redis_url.clone())
-                .key_prefix(settings.redis_prefix.clone())
-                .pool_size(settings.redis_pool_size)
-                .retention(retention)
-                .subscriber_queue(settings.subscriber_queue)
-                .build()
-                .context("configuring the redis broker")?,
-        ),
-    });
+    };
     let config = TransportConfig {
         ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
         sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
@@ -158,11 +162,10 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         ),
     };
     let resync = builder.build();
-    let broker_for_api: Arc<dyn Broker> = broker.clone();
     let state = web::Data::new(api::ApiState {
         api_key: api_key.clone(),
         publisher: resync.publisher(),
-        broker: broker_for_api,
+        broker,
         metrics: resync.metrics().clone(),
         max_body_bytes: settings.max_body_bytes,
         max_replay: settings.max_replay,
@@ -231,6 +234,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     let running = RunningServer {
         addresses,
         resync,
+        memory_broker,
         api_key,
         tls: serves_tls,
         handle: server.handle(),
@@ -311,12 +315,15 @@ async fn log_summaries(
 /// The listener closes first so that a client coming back meets a refused connection, a
 /// network error that `EventSource` and every resync client retry, rather than an answer from
 /// a process on its way out (a non-200 answer would close an `EventSource` for good).
-pub async fn drain_then_stop(resync: Resync<ServerBroker>, handle: ServerHandle) {
+pub async fn drain_then_stop(resync: Resync, handle: ServerHandle) {
     // The stop command is sent now; workers then drain their connections (at most the
     // shutdown timeout) while the spread closes them.
     let stopped = handle.stop(true);
     resync.shutdown();
     stopped.await;
+    // Only now: closing the broker ends subscriptions, which would cut streams still
+    // waiting for their moment in the spread.
+    resync.broker().close().await;
 }
 
 /// Runs the server until a signal stops it.
