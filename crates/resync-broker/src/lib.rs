@@ -38,6 +38,55 @@
 //! }
 //! # });
 //! ```
+//!
+//! # Writing a broker
+//!
+//! A broker for another backend (NATS JetStream, Postgres, Kafka) implements [`Broker`] and
+//! gets the rest from this crate: [`Hub`] for local fan-out, [`resume`] for catching clients
+//! up, [`decide_read`] for answering history reads, [`EncodedEvent`] so each event is encoded
+//! once. What it must get right:
+//!
+//! - **Atomic in the backend**: a publish assigns the channel's next seq, stores the event in
+//!   history and makes it visible to other processes as one step (Redis does it in one Lua
+//!   script). Two processes publishing at once must never give out the same seq, and a
+//!   publish that returns an error must not have stored the event.
+//! - **Epochs**: whenever a channel's seqs may start over (its metadata expired, the backend
+//!   lost data), the channel must get an epoch it never had, so old positions reset instead
+//!   of resuming into a different history. A channel never published stands at seq 0 of an
+//!   epoch that its first publish keeps, and asking its position must create nothing in the
+//!   backend (a client can name any channel).
+//! - **Reads decide with [`decide_read`]**: from the reader's position, the newest position
+//!   and the oldest seq still readable; return the events it allows, oldest first,
+//!   contiguous.
+//! - **Live delivery** goes through a [`Hub`]: deliver each event once per process with
+//!   [`Hub::deliver`], in seq order per channel. Gaps and duplicates are allowed (the resume
+//!   algorithm repairs them from history); reordering is not. When the link to the backend
+//!   breaks and comes back, call [`Hub::request_resync`] for every channel so subscribers
+//!   check history for what they missed.
+//! - **Bounded**: history by count, bytes and age ([`Retention`]); the hub's queues are
+//!   bounded already.
+//! - **Lifecycle**: [`Broker::health`] for readiness, [`Broker::close`] ends subscriptions
+//!   and background tasks at shutdown.
+//!
+//! The conformance suite (feature `testing`) checks all of it that can be seen from outside:
+//! consecutive seqs from 1, in-order live delivery, every history outcome (replay,
+//! up-to-date, reset by epoch, by truncation, position ahead), idempotent publishes, every
+//! resume outcome, unsubscribe on drop, a lagging subscriber told and able to resume,
+//! concurrent publishers with resuming subscribers seeing no gap, and `close`. Run it against
+//! your broker built as in production, from a multi-threaded tokio test:
+//!
+//! ```no_run
+//! # async fn run(my_broker: resync_broker::MemoryBroker) {
+//! use std::sync::Arc;
+//! use resync_broker::conformance::{ConformanceConfig, run_all};
+//! // History of 2,000 events per channel, subscriber queues of 64 events.
+//! run_all(Arc::new(my_broker), ConformanceConfig::new(2_000, 64)).await;
+//! # }
+//! ```
+//!
+//! `resync-broker-redis` is the worked example: its `scripts.rs` holds the atomic parts, its
+//! `pubsub.rs` the delivery and the reconnect, and its tests run this suite against a real
+//! `redis-server`.
 
 mod broker;
 #[cfg(feature = "testing")]
