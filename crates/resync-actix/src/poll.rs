@@ -8,6 +8,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::FutureExt;
 use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
+use resync_protocol::bodies::{PollReply, ResetNotice};
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
 
 use crate::Shared;
@@ -15,7 +16,6 @@ use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers};
-use crate::sse::reset_json;
 use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 pub(crate) async fn handle(
@@ -68,7 +68,11 @@ pub(crate) async fn handle(
             .cursor
             .set(channel.clone(), subscription.position().clone());
         if let RecoveryOutcome::Reset { reason, position } = outcome {
-            batch.resets.push(reset_json(&channel, reason, &position));
+            batch.resets.push(ResetNotice {
+                channel: channel.clone(),
+                reason,
+                position,
+            });
         }
         subscriptions.push(subscription);
     }
@@ -132,7 +136,7 @@ struct Batch {
     /// the rest to the next poll), so one poll of a channel of large events cannot make the
     /// server build a reply of tens of megabytes.
     bytes: usize,
-    resets: Vec<String>,
+    resets: Vec<ResetNotice>,
     cursor: Cursor,
 }
 
@@ -164,35 +168,23 @@ impl Batch {
                 self.events.retain(|(earlier, _)| earlier != channel);
                 self.bytes = self.events.iter().map(|(_, frame)| frame.len()).sum();
                 self.cursor.set(channel.clone(), position.clone());
-                self.resets.push(reset_json(channel, reason, &position));
+                self.resets.push(ResetNotice {
+                    channel: channel.clone(),
+                    reason,
+                    position,
+                });
             }
         }
     }
 }
 
-/// `{"events":[…],"resets":[…],"cursor":"…"}`, assembled from pre-encoded event frames.
+/// The reply ([`PollReply`]), assembled from pre-encoded event frames.
 fn reply(batch: &Batch, cors: Vec<(actix_web::http::header::HeaderName, String)>) -> HttpResponse {
-    let cursor = serde_json::to_string(&batch.cursor.to_string()).unwrap_or_default();
-    let size = batch
-        .events
-        .iter()
-        .map(|(_, frame)| frame.len() + 1)
-        .sum::<usize>()
-        + cursor.len()
-        + 64;
-    let mut body = Vec::with_capacity(size);
-    body.extend_from_slice(b"{\"events\":[");
-    for (index, (_, frame)) in batch.events.iter().enumerate() {
-        if index > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(frame);
-    }
-    body.extend_from_slice(b"],\"resets\":[");
-    body.extend_from_slice(batch.resets.join(",").as_bytes());
-    body.extend_from_slice(b"],\"cursor\":");
-    body.extend_from_slice(cursor.as_bytes());
-    body.push(b'}');
+    let body = PollReply::encode(
+        batch.events.iter().map(|(_, frame)| &frame[..]),
+        &batch.resets,
+        &batch.cursor,
+    );
     let mut response = HttpResponse::Ok();
     for (name, value) in cors {
         response.insert_header((name, value));

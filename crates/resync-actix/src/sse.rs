@@ -9,8 +9,9 @@ use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use resync_broker::{SubscriptionError, SubscriptionItem};
+use resync_protocol::bodies::{ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, Cursor, ErrorCode, Position, RecoveryOutcome, ResetReason};
+use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ResetReason};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -100,7 +101,9 @@ async fn open_stream(
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = opened.len(), "stream opened");
 
     let mut positions = Cursor::new();
-    let mut outcomes = serde_json::Map::new();
+    let mut opening = SseOpening {
+        channels: std::collections::BTreeMap::new(),
+    };
     // Resets found now also go out as `reset` events, right after the opening: a client
     // that listens only for `reset` (as a browser page written from the docs does) must see
     // the refetch it owes after a deploy or a truncation.
@@ -118,15 +121,20 @@ async fn open_stream(
         };
         positions.set(channel.clone(), subscription.position().clone());
         if let RecoveryOutcome::Reset { reason, position } = &outcome {
-            resets.push(reset_json(&channel, *reason, position));
+            resets.push(
+                ResetNotice {
+                    channel: channel.clone(),
+                    reason: *reason,
+                    position: position.clone(),
+                }
+                .to_json(),
+            );
         }
-        outcomes.insert(
-            channel.to_string(),
-            serde_json::to_value(&outcome).unwrap_or_default(),
-        );
+        opening.channels.insert(channel.clone(), outcome);
         streams.insert(channel, subscription);
     }
-    let opening = serde_json::json!({ "channels": outcomes }).to_string();
+    // Validated names and enums: serializing cannot fail.
+    let opening = serde_json::to_string(&opening).unwrap_or_default();
     let mut first_chunk = encode_comment("resync");
     SseFrame {
         id: Some(&positions.to_string()),
@@ -352,7 +360,12 @@ impl StreamState {
             SubscriptionItem::Reset { reason, position } => {
                 self.shared.metrics.reset(reason);
                 self.positions.set(channel.clone(), position.clone());
-                let data = reset_json(channel, reason, &position);
+                let data = ResetNotice {
+                    channel: channel.clone(),
+                    reason,
+                    position,
+                }
+                .to_json();
                 SseFrame {
                     id: Some(&self.positions.to_string()),
                     event: Some("reset"),
@@ -369,8 +382,4 @@ impl StreamState {
         chunk.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
         self.ended = true;
     }
-}
-
-pub(crate) fn reset_json(channel: &Channel, reason: ResetReason, position: &Position) -> String {
-    serde_json::json!({ "channel": channel, "reason": reason, "position": position }).to_string()
 }

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use resync_client::{Client, ConnectionState, TransportChoice, TransportKind, Update};
-use resync_protocol::{Channel, Cursor};
+use resync_protocol::bodies::PublishRequest;
+use resync_protocol::{Channel, Cursor, IdempotencyKey, Payload};
 
 /// Follow and publish resync channels from the command line.
 #[derive(Parser)]
@@ -235,11 +236,14 @@ async fn publish(
     api_key: &str,
     key: Option<String>,
 ) -> Result<()> {
-    let data: serde_json::Value = serde_json::from_str(data).context("the data must be JSON")?;
-    let mut body = serde_json::json!({ "channel": channel, "data": data });
-    if let Some(key) = key {
-        body["idempotency_key"] = key.into();
-    }
+    let body = PublishRequest {
+        channel: Channel::new(channel).context("the channel name")?,
+        data: Payload::from_json(data).context("the data must be JSON")?,
+        idempotency_key: key
+            .map(IdempotencyKey::new)
+            .transpose()
+            .context("the idempotency key")?,
+    };
     let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
     let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(pem) = ca_cert {

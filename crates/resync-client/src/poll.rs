@@ -2,20 +2,11 @@
 
 use std::collections::HashSet;
 
-use resync_protocol::{Channel, Cursor, ServerFrame};
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use resync_protocol::{Channel, ServerFrame};
 
 use crate::connection::{ConnectFailure, Manager, SessionEnd};
-use crate::sse::ResetBody;
 use crate::{ConnectionState, Error, TransportKind, Update};
-
-#[derive(Deserialize)]
-struct Reply {
-    events: Vec<Box<RawValue>>,
-    resets: Vec<ResetBody>,
-    cursor: String,
-}
+use resync_protocol::bodies::PollReply;
 
 enum Wake {
     Reply(std::result::Result<reqwest::Result<reqwest::Response>, tokio::time::error::Elapsed>),
@@ -75,7 +66,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
                 other => SessionEnd::Lost(format!("{other:?}")),
             });
         }
-        let reply: Reply = match response.json().await {
+        let reply: PollReply = match response.json().await {
             Ok(reply) => reply,
             Err(error) if connected => {
                 return Ok(SessionEnd::Lost(crate::error::with_causes(&error)));
@@ -112,11 +103,9 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
             }
         }
         // Channels that started fresh learn their position from the cursor.
-        if let Ok(cursor) = Cursor::parse(&reply.cursor) {
-            for (channel, position) in cursor.iter() {
-                if following.contains(channel) && manager.registry.position(channel).is_none() {
-                    manager.registry.set_position(channel, position.clone());
-                }
+        for (channel, position) in reply.cursor.iter() {
+            if following.contains(channel) && manager.registry.position(channel).is_none() {
+                manager.registry.set_position(channel, position.clone());
             }
         }
     }

@@ -4,24 +4,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use resync_protocol::bodies::{ResetNotice, SseOpening};
 use resync_protocol::sse::{SseMessage, SseParser};
-use resync_protocol::{Channel, Position, RecoveryOutcome, ResetReason, ServerFrame};
-use serde::Deserialize;
+use resync_protocol::{Channel, ServerFrame};
 
 use crate::connection::{ConnectFailure, Manager, SessionEnd};
 use crate::{ConnectionState, Error, TransportKind, Update};
-
-#[derive(Deserialize)]
-struct Opening {
-    channels: std::collections::BTreeMap<Channel, RecoveryOutcome>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct ResetBody {
-    pub(crate) channel: Channel,
-    pub(crate) reason: ResetReason,
-    pub(crate) position: Position,
-}
 
 enum Wake {
     Chunk(Option<reqwest::Result<bytes::Bytes>>),
@@ -134,7 +122,7 @@ async fn on_message(manager: &Manager, message: SseMessage) {
             }
             other => tracing::warn!(target: "resync::client", ?other, "unexpected sse message"),
         },
-        "subscribed" => match serde_json::from_str::<Opening>(&message.data) {
+        "subscribed" => match serde_json::from_str::<SseOpening>(&message.data) {
             Ok(opening) => {
                 for (channel, outcome) in opening.channels {
                     manager.registry.apply_recovery(&channel, outcome).await;
@@ -144,7 +132,7 @@ async fn on_message(manager: &Manager, message: SseMessage) {
                 tracing::warn!(target: "resync::client", %error, "unreadable subscribed event")
             }
         },
-        "reset" => match serde_json::from_str::<ResetBody>(&message.data) {
+        "reset" => match serde_json::from_str::<ResetNotice>(&message.data) {
             Ok(reset) => {
                 let update = Update::Reset {
                     reason: reset.reason,

@@ -170,6 +170,25 @@ impl std::str::FromStr for Cursor {
     }
 }
 
+/// A cursor travels as its text (`a:e1:5,b:e1:0`), in JSON too.
+impl serde::Serialize for Cursor {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cursor {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Cursor::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromIterator<(Channel, Position)> for Cursor {
     fn from_iter<I: IntoIterator<Item = (Channel, Position)>>(iter: I) -> Self {
         let mut cursor = Cursor::new();

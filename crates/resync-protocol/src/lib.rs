@@ -12,7 +12,9 @@
 //!   [`RecoveryOutcome`] of a subscription and stable [`ErrorCode`]s;
 //! - [`sse`] encoding and parsing, and the multi-channel [`Cursor`] that serves as an SSE
 //!   event id so that a browser's own `EventSource` resumes a whole stream;
-//! - the [`close`] codes, each with the [`ReconnectAdvice`] a client follows.
+//! - the [`close`] codes, each with the [`ReconnectAdvice`] a client follows;
+//! - the [`bodies`] outside WebSocket frames: SSE `subscribed` and `reset` data, the
+//!   long-poll reply, and the HTTP API's requests and replies.
 //!
 //! Every decoder returns [`Error`] on bad input and never panics. `docs/protocol.md` in the
 //! repository describes the same contract in prose, for writing a client in any language.
@@ -33,6 +35,7 @@
 //! # Ok::<(), resync_protocol::Error>(())
 //! ```
 
+pub mod bodies;
 pub mod close;
 pub mod cursor;
 mod error;

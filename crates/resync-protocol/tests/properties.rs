@@ -2,6 +2,7 @@
 //! panics on arbitrary input.
 
 use proptest::prelude::*;
+use resync_protocol::bodies::{HistoryOutcome, HistoryReply, PollReply, ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
     Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Payload, Position,
@@ -166,7 +167,56 @@ fn cursor() -> impl Strategy<Value = Cursor> {
         .prop_map(|entries| entries.into_iter().collect())
 }
 
+fn reset_notice() -> impl Strategy<Value = ResetNotice> {
+    (channel(), reset_reason(), position()).prop_map(|(channel, reason, position)| ResetNotice {
+        channel,
+        reason,
+        position,
+    })
+}
+
 proptest! {
+    #[test]
+    fn sse_openings_and_resets_round_trip(
+        outcomes in prop::collection::btree_map(channel(), recovery(), 0..6),
+        reset in reset_notice(),
+    ) {
+        let opening = SseOpening { channels: outcomes };
+        let text = serde_json::to_string(&opening).unwrap();
+        prop_assert_eq!(serde_json::from_str::<SseOpening>(&text).unwrap(), opening);
+        prop_assert_eq!(serde_json::from_str::<ResetNotice>(&reset.to_json()).unwrap(), reset);
+    }
+
+    #[test]
+    fn hand_written_poll_replies_decode_as_the_type(
+        events in prop::collection::vec(event(), 0..6),
+        resets in prop::collection::vec(reset_notice(), 0..4),
+        cursor in cursor(),
+    ) {
+        let frames: Vec<String> = events.iter().map(Event::encode_frame).collect();
+        let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor);
+        let reply: PollReply = serde_json::from_slice(&body).unwrap();
+        let decoded: Vec<&str> = reply.events.iter().map(|raw| raw.get()).collect();
+        prop_assert_eq!(decoded, frames.iter().map(String::as_str).collect::<Vec<_>>());
+        prop_assert_eq!(reply.resets, resets);
+        prop_assert_eq!(reply.cursor, cursor);
+    }
+
+    #[test]
+    fn hand_written_history_replies_decode_as_the_type(
+        events in prop::collection::vec(event(), 0..6),
+        latest in position(),
+    ) {
+        let frames: Vec<String> = events.iter().map(Event::encode_frame).collect();
+        let body = HistoryReply::encode_replayed(frames.iter().map(String::as_bytes), &latest);
+        let reply: HistoryReply = serde_json::from_slice(&body).unwrap();
+        prop_assert_eq!(reply.outcome, HistoryOutcome::Replayed);
+        prop_assert_eq!(reply.reason, None);
+        let decoded: Vec<&str> = reply.events.iter().map(|raw| raw.get()).collect();
+        prop_assert_eq!(decoded, frames.iter().map(String::as_str).collect::<Vec<_>>());
+        prop_assert_eq!(reply.latest, latest);
+    }
+
     #[test]
     fn client_frames_round_trip(frame in client_frame()) {
         let encoded = frame.encode();

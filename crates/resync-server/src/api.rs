@@ -7,9 +7,11 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use resync_actix::{ApiError, Metrics, Publisher};
 use resync_broker::{Broker, Publish, ReadOutcome};
-use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Payload, Position, ResetReason};
+use resync_protocol::bodies::{
+    ChannelInfo, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
+};
+use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Position};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 /// What the API handlers share.
 pub(crate) struct ApiState {
@@ -102,15 +104,6 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     Ok(body)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    channel: String,
-    data: Box<RawValue>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
 async fn publish(
     state: web::Data<ApiState>,
     request: HttpRequest,
@@ -118,33 +111,37 @@ async fn publish(
 ) -> Result<HttpResponse, ApiError> {
     require_api_key(&state, &request)?;
     let body = read_body(payload, state.max_body_bytes).await?;
-    let body: PublishBody = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::new(
-            ErrorCode::BadRequest,
-            format!("malformed publish body: {error}"),
-        )
+    // One parse: the channel, the key and the data are validated as the body is read.
+    let body: PublishRequest = serde_json::from_slice(&body).map_err(|error| {
+        // A bad channel name keeps its own code (the message is the protocol crate's own
+        // `Error::InvalidChannel`, raised while the body is read).
+        let code = if error.to_string().starts_with("invalid channel name") {
+            ErrorCode::InvalidChannel
+        } else {
+            ErrorCode::BadRequest
+        };
+        ApiError::new(code, format!("malformed publish body: {error}"))
     })?;
-    let channel = Channel::new(&body.channel)?;
-    let data = Payload::from_json(body.data.get())?;
     let header_key = request
         .headers()
         .get("idempotency-key")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let idempotency_key = body
-        .idempotency_key
-        .or(header_key)
-        .map(IdempotencyKey::new)
+        .map(|value| {
+            value
+                .to_str()
+                .map_err(|_| ApiError::new(ErrorCode::BadRequest, "Idempotency-Key is not text"))
+                .and_then(|key| Ok(IdempotencyKey::new(key)?))
+        })
         .transpose()?;
+    let channel = body.channel;
     let position = state
         .publisher
         .send(Publish {
             channel: channel.clone(),
-            data,
-            idempotency_key,
+            data: body.data,
+            idempotency_key: body.idempotency_key.or(header_key),
         })
         .await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "channel": channel, "position": position })))
+    Ok(HttpResponse::Ok().json(PublishReply { channel, position }))
 }
 
 #[derive(Deserialize)]
@@ -169,22 +166,29 @@ async fn history(
     };
     let body = match state.broker.read_since(&channel, &since, limit).await? {
         ReadOutcome::Replayed { events, latest } => {
-            let frames: Vec<&RawValue> = events
-                .iter()
-                .filter_map(|event| serde_json::from_slice(event.frame()).ok())
-                .collect();
-            serde_json::json!({ "outcome": "replayed", "events": frames, "latest": latest })
+            HistoryReply::encode_replayed(events.iter().map(|event| &event.frame()[..]), &latest)
         }
-        ReadOutcome::UpToDate { latest } => {
-            serde_json::json!({ "outcome": "up_to_date", "events": [], "latest": latest })
-        }
-        ReadOutcome::Reset { reason, latest } => reset_body(reason, &latest),
+        ReadOutcome::UpToDate { latest } => json_bytes(&HistoryReply {
+            outcome: HistoryOutcome::UpToDate,
+            reason: None,
+            events: Vec::new(),
+            latest,
+        }),
+        ReadOutcome::Reset { reason, latest } => json_bytes(&HistoryReply {
+            outcome: HistoryOutcome::Reset,
+            reason: Some(reason),
+            events: Vec::new(),
+            latest,
+        }),
     };
-    Ok(HttpResponse::Ok().json(body))
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
 }
 
-fn reset_body(reason: ResetReason, latest: &Position) -> serde_json::Value {
-    serde_json::json!({ "outcome": "reset", "reason": reason, "events": [], "latest": latest })
+/// A body of validated names and enums: serializing cannot fail.
+fn json_bytes(body: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap_or_default()
 }
 
 fn serde_urlencoded_from<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ApiError> {
@@ -201,11 +205,12 @@ async fn channel_info(
     require_api_key(&state, &request)?;
     let channel = Channel::new(path.into_inner())?;
     let position = state.broker.position(&channel).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "channel": channel,
-        "position": position,
-        "subscribers": state.broker.subscriber_count(&channel),
-    })))
+    let subscribers = state.broker.subscriber_count(&channel);
+    Ok(HttpResponse::Ok().json(ChannelInfo {
+        channel,
+        position,
+        subscribers,
+    }))
 }
 
 #[cfg(test)]
