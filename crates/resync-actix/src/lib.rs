@@ -38,6 +38,7 @@
 
 mod admission;
 mod auth;
+mod channel_set;
 mod config;
 mod error;
 #[cfg(feature = "fuzzing")]
@@ -50,7 +51,6 @@ mod probe;
 mod request;
 mod shared;
 mod sse;
-mod subscriptions;
 mod ws;
 
 use std::sync::Arc;

@@ -6,17 +6,16 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
-use futures_util::FutureExt;
-use resync_broker::{Subscription, SubscriptionError, SubscriptionItem};
+use resync_broker::SubscriptionItem;
 use resync_protocol::bodies::{PollReply, ResetNotice};
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
 
 use crate::Shared;
+use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers};
-use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -44,7 +43,8 @@ pub(crate) async fn handle(
             cursor.set(channel.clone(), position?);
         }
         return Ok(reply(
-            &Batch::new(cursor),
+            &Batch::new(),
+            &cursor,
             cors_headers(&request, &shared.config.allowed_origins),
         ));
     };
@@ -54,61 +54,46 @@ pub(crate) async fn handle(
         .map_or(shared.config.poll_timeout, Duration::from_secs)
         .min(shared.config.poll_timeout_max)
         .min(identity.remaining().unwrap_or(Duration::MAX));
-    let opened = open_all(&shared, &query.channels, Some(&cursor)).await?;
-    let mut batch = Batch::new(Cursor::new());
-    let mut subscriptions: Vec<Subscription> = Vec::with_capacity(opened.len());
+    let (mut channels, outcomes) =
+        ChannelSet::open(&shared, &query.channels, &Since::Cursor(cursor)).await?;
+    let mut batch = Batch::new();
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
     // starts now, like a first poll: the client needs its position at once, not after the
     // timeout.
     let mut starts_now = false;
-    for (outcome, subscription) in opened {
+    for (channel, outcome) in outcomes {
         starts_now |= matches!(outcome, RecoveryOutcome::Fresh { .. });
-        let channel = subscription.channel().clone();
-        batch
-            .cursor
-            .set(channel.clone(), subscription.position().clone());
         if let RecoveryOutcome::Reset { reason, position } = outcome {
             batch.resets.push(ResetNotice {
-                channel: channel.clone(),
+                channel,
                 reason,
                 position,
             });
         }
-        subscriptions.push(subscription);
     }
 
     // Whatever is ready now (replays) goes out at once.
     let max_events = shared.config.poll_max_events;
     let max_bytes = shared.config.poll_max_bytes;
-    'channels: for subscription in &mut subscriptions {
-        while batch.events.len() < max_events && batch.bytes < max_bytes {
-            let channel = subscription.channel().clone();
-            match subscription.try_next().await {
-                Some(Ok(item)) => batch.add(&shared, &channel, item),
-                Some(Err(SubscriptionError::Lagged { .. })) => continue 'channels,
-                Some(Err(error)) => {
-                    return Err(ApiError::new(ErrorCode::Unavailable, error.to_string()));
-                }
-                None => continue 'channels,
-            }
-        }
-    }
+    channels
+        .take_ready(|channel, item| {
+            batch.add(&shared, channel, item);
+            batch.events.len() < max_events && batch.bytes < max_bytes
+        })
+        .await
+        .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
 
     if batch.is_empty() && !starts_now {
-        let mut streams: Subscriptions = subscriptions
-            .into_iter()
-            .map(|subscription| (subscription.channel().clone(), subscription))
-            .collect();
         let mut shutdown = shared.shutdown.subscribe();
         tokio::select! {
-            first = next_item(&mut streams) => {
+            first = channels.next() => {
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
                     batch.add(&shared, &channel, item);
                     if batch.events.len() >= max_events || batch.bytes >= max_bytes {
                         break;
                     }
-                    next = next_item(&mut streams).now_or_never().flatten();
+                    next = channels.next_ready().flatten();
                 }
             }
             _ = tokio::time::sleep(wait) => {}
@@ -124,6 +109,7 @@ pub(crate) async fn handle(
         .delivered(Transport::Poll, batch.events.len() as u64);
     Ok(reply(
         &batch,
+        &channels.cursor(),
         cors_headers(&request, &shared.config.allowed_origins),
     ))
 }
@@ -137,16 +123,14 @@ struct Batch {
     /// server build a reply of tens of megabytes.
     bytes: usize,
     resets: Vec<ResetNotice>,
-    cursor: Cursor,
 }
 
 impl Batch {
-    fn new(cursor: Cursor) -> Self {
+    fn new() -> Self {
         Self {
             bytes: 0,
             events: Vec::new(),
             resets: Vec::new(),
-            cursor,
         }
     }
 
@@ -157,7 +141,6 @@ impl Batch {
     fn add(&mut self, shared: &Shared, channel: &Channel, item: SubscriptionItem) {
         match item {
             SubscriptionItem::Event(event) => {
-                self.cursor.set(channel.clone(), event.position().clone());
                 self.bytes += event.frame().len();
                 self.events.push((channel.clone(), event.frame().clone()));
             }
@@ -167,7 +150,6 @@ impl Batch {
                 // reply: every event left in a reply comes after its channel's resets.
                 self.events.retain(|(earlier, _)| earlier != channel);
                 self.bytes = self.events.iter().map(|(_, frame)| frame.len()).sum();
-                self.cursor.set(channel.clone(), position.clone());
                 self.resets.push(ResetNotice {
                     channel: channel.clone(),
                     reason,
@@ -178,12 +160,17 @@ impl Batch {
     }
 }
 
-/// The reply ([`PollReply`]), assembled from pre-encoded event frames.
-fn reply(batch: &Batch, cors: Vec<(actix_web::http::header::HeaderName, String)>) -> HttpResponse {
+/// The reply ([`PollReply`]), assembled from pre-encoded event frames; `cursor` is where
+/// the client stands after it.
+fn reply(
+    batch: &Batch,
+    cursor: &Cursor,
+    cors: Vec<(actix_web::http::header::HeaderName, String)>,
+) -> HttpResponse {
     let body = PollReply::encode(
         batch.events.iter().map(|(_, frame)| &frame[..]),
         &batch.resets,
-        &batch.cursor,
+        cursor,
     );
     let mut response = HttpResponse::Ok();
     for (name, value) in cors {

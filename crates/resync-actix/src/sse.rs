@@ -7,19 +7,18 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::FutureExt;
 use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::bodies::{ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ResetReason};
+use resync_protocol::{Channel, ErrorCode, RecoveryOutcome};
 use tokio::sync::watch;
 
 use crate::Shared;
+use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
-use crate::subscriptions::{Subscriptions, next_item, open_all};
 
 /// At most this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -79,71 +78,44 @@ async fn open_stream(
         guard: admitted,
     } = admit_follower(&shared, request).await?;
 
-    // An explicit cursor wins; a Last-Event-ID that cannot be read must not fail the stream
-    // (EventSource would give up silently), so it turns into a reset of every channel.
-    let mut bad_last_event_id = false;
-    let cursor = match query.cursor {
-        Some(cursor) => Some(cursor),
-        None => match request
-            .headers()
-            .get("last-event-id")
-            .map(|value| value.to_str().map(Cursor::parse))
-        {
-            None => None,
-            Some(Ok(Ok(cursor))) => Some(cursor),
-            Some(_) => {
-                bad_last_event_id = true;
-                None
-            }
-        },
-    };
-    let opened = open_all(&shared, &query.channels, cursor.as_ref()).await?;
-    tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = opened.len(), "stream opened");
+    let since = Since::of_stream(query.cursor, request);
+    let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
 
-    let mut positions = Cursor::new();
-    let mut opening = SseOpening {
-        channels: std::collections::BTreeMap::new(),
-    };
     // Resets found now also go out as `reset` events, right after the opening: a client
     // that listens only for `reset` (as a browser page written from the docs does) must see
     // the refetch it owes after a deploy or a truncation.
     let mut resets = Vec::new();
-    // Exactly sized: a map grown by insertion would reserve four subscriptions' room.
-    let mut streams = Subscriptions::with_capacity(opened.len());
-    for (outcome, subscription) in opened {
-        let channel = subscription.channel().clone();
-        let outcome = match outcome {
-            RecoveryOutcome::Fresh { position } if bad_last_event_id => RecoveryOutcome::Reset {
-                reason: ResetReason::BadCursor,
-                position,
-            },
-            other => other,
-        };
-        positions.set(channel.clone(), subscription.position().clone());
-        if let RecoveryOutcome::Reset { reason, position } = &outcome {
+    for (channel, outcome) in &outcomes {
+        if let &RecoveryOutcome::Reset {
+            reason,
+            ref position,
+        } = outcome
+        {
             resets.push(
                 ResetNotice {
                     channel: channel.clone(),
-                    reason: *reason,
+                    reason,
                     position: position.clone(),
                 }
                 .to_json(),
             );
         }
-        opening.channels.insert(channel.clone(), outcome);
-        streams.insert(channel, subscription);
     }
+    let opening = SseOpening {
+        channels: outcomes.into_iter().collect(),
+    };
     // Validated names and enums: serializing cannot fail.
     let opening = serde_json::to_string(&opening).unwrap_or_default();
+    let id = channels.cursor().to_string();
     let mut first_chunk = encode_comment("resync");
     SseFrame {
-        id: Some(&positions.to_string()),
+        id: Some(&id),
         event: Some("subscribed"),
         data: &opening,
         retry_ms: Some(shared.config.sse_retry_ms),
     }
     .encode_into(&mut first_chunk);
-    let id = positions.to_string();
     for reset in &resets {
         SseFrame {
             id: Some(&id),
@@ -161,8 +133,7 @@ async fn open_stream(
         ends: ends(identity.remaining(), ConnectionProbe::of(request)),
         heartbeat: shared.clock(&shared.sse_heartbeat),
         shared,
-        streams,
-        positions,
+        channels,
         first_chunk: Some(Bytes::from(first_chunk)),
         ended: false,
     };
@@ -200,8 +171,7 @@ struct StreamState {
         reason = "held for its Drop, which counts the connection's end"
     )]
     guard: ConnectionGuard,
-    streams: Subscriptions,
-    positions: Cursor,
+    channels: ChannelSet,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
     ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
@@ -249,7 +219,7 @@ impl StreamState {
         // does not register and unregister every stream with the shared clock on each chunk.
         let wake = tokio::select! {
             biased;
-            item = next_item(&mut self.streams) => Wake::Item(item),
+            item = self.channels.next() => Wake::Item(item),
             // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
             _ = self.heartbeat.changed() => {
                 if *self.shared.shutdown.borrow() {
@@ -297,7 +267,7 @@ impl StreamState {
                     if chunk.len() >= MAX_CHUNK_BYTES {
                         break;
                     }
-                    match next_item(&mut self.streams).now_or_never() {
+                    match self.channels.next_ready() {
                         Some(item) => next = item,
                         None => break,
                     }
@@ -347,11 +317,11 @@ impl StreamState {
     ) -> u64 {
         match item {
             SubscriptionItem::Event(event) => {
-                self.positions.advance(channel, event.position());
                 // The hot path, written out: an event frame is one line of JSON and a cursor
                 // has no line breaks, so the generic encoder's line splitting is not needed.
                 chunk.extend_from_slice(b"id: ");
-                self.positions.write_to(chunk);
+                // The set's cursor has moved to this event already.
+                self.channels.write_cursor(chunk);
                 chunk.extend_from_slice(b"\ndata: ");
                 chunk.extend_from_slice(event.frame());
                 chunk.extend_from_slice(b"\n\n");
@@ -359,7 +329,6 @@ impl StreamState {
             }
             SubscriptionItem::Reset { reason, position } => {
                 self.shared.metrics.reset(reason);
-                self.positions.set(channel.clone(), position.clone());
                 let data = ResetNotice {
                     channel: channel.clone(),
                     reason,
@@ -367,7 +336,7 @@ impl StreamState {
                 }
                 .to_json();
                 SseFrame {
-                    id: Some(&self.positions.to_string()),
+                    id: Some(&self.channels.cursor().to_string()),
                     event: Some("reset"),
                     data: &data,
                     retry_ms: None,

@@ -74,8 +74,17 @@ impl Cursor {
     /// Appends the cursor's text (what `Display` writes) to `out` without the formatting
     /// machinery, which cost an SSE stream more per event than the rest of its encoding.
     pub fn write_to(&self, out: &mut Vec<u8>) {
+        Self::write_entries(self.iter(), out);
+    }
+
+    /// Appends the text of a cursor holding `entries`, in their order, without building one:
+    /// for positions kept elsewhere (a server's subscriptions).
+    pub fn write_entries<'a>(
+        entries: impl Iterator<Item = (&'a Channel, &'a Position)>,
+        out: &mut Vec<u8>,
+    ) {
         let mut digits = itoa::Buffer::new();
-        for (index, (channel, position)) in self.entries.iter().enumerate() {
+        for (index, (channel, position)) in entries.enumerate() {
             if index > 0 {
                 out.push(b',');
             }

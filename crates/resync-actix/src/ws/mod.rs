@@ -6,8 +6,8 @@ pub(crate) mod socket;
 use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use futures_util::{FutureExt, StreamExt};
-use resync_broker::{Publish, SubscriptionError, SubscriptionItem, resume};
+use futures_util::StreamExt;
+use resync_broker::{Publish, SubscriptionError, SubscriptionItem};
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
     Position, RequestId, ServerFrame,
@@ -17,10 +17,10 @@ use tokio::time::Instant;
 use crate::Shared;
 use crate::admission::{AdmissionGuard, TokenBucket};
 use crate::auth::Identity;
+use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target, refusal};
-use crate::subscriptions::{Subscriptions, next_item};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
@@ -80,7 +80,7 @@ pub(crate) async fn handle(
         shared,
         identity,
         outbox,
-        subscriptions: Subscriptions::new(),
+        subscriptions: ChannelSet::new(),
         client_id,
         bad_frames: 0,
     };
@@ -100,7 +100,7 @@ struct Connection {
     shared: Arc<Shared>,
     identity: Identity,
     outbox: Outbox,
-    subscriptions: Subscriptions,
+    subscriptions: ChannelSet,
     client_id: String,
     bad_frames: u32,
 }
@@ -154,7 +154,7 @@ impl Connection {
             let wake = tokio::select! {
                 biased;
                 message = messages.next() => Wake::Message(message),
-                Some((channel, item)) = next_item(&mut self.subscriptions), if !self.subscriptions.is_empty() => {
+                Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
                     Wake::Item(channel, item)
                 }
                 _ = ping.changed() => Wake::Ping,
@@ -262,7 +262,7 @@ impl Connection {
             if result.is_err() || handled > MAX_BATCH {
                 break;
             }
-            next = next_item(&mut self.subscriptions).now_or_never().flatten();
+            next = self.subscriptions.next_ready().flatten();
         }
         self.shared
             .metrics
@@ -417,7 +417,7 @@ impl Connection {
                 }
             }
             ClientFrame::Unsubscribe { id, channel } => {
-                if self.subscriptions.remove(&channel).is_some() {
+                if self.subscriptions.remove(&channel) {
                     self.admitted.unsubscribe(1);
                     self.send(ServerFrame::Unsubscribed { id, channel }.encode())
                         .await
@@ -470,7 +470,7 @@ impl Connection {
         channel: Channel,
         since: Option<Position>,
     ) -> Result<ServerFrame, ApiError> {
-        if self.subscriptions.contains_key(&channel) {
+        if self.subscriptions.contains(&channel) {
             return Err(ApiError::new(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to {channel}"),
@@ -496,27 +496,13 @@ impl Connection {
             ));
         }
         self.admitted.subscribe(1).map_err(refusal)?;
-        let resumed = resume(
-            self.shared.broker.clone(),
-            channel.clone(),
-            since,
-            self.shared.config.resume,
-        )
-        .await;
-        let (recovery, subscription) = match resumed {
-            Ok(resumed) => resumed,
+        let recovery = match self.subscriptions.add(&self.shared, &channel, since).await {
+            Ok(recovery) => recovery,
             Err(error) => {
                 self.admitted.unsubscribe(1);
-                return Err(error.into());
+                return Err(error);
             }
         };
-        self.shared.metrics.recovery(&channel, &recovery);
-        if self.subscriptions.capacity() == 0 {
-            // Room for one: most connections follow one channel, and a map grown by
-            // insertion would reserve four subscriptions' room.
-            self.subscriptions = Subscriptions::with_capacity(1);
-        }
-        self.subscriptions.insert(channel.clone(), subscription);
         Ok(ServerFrame::Subscribed {
             id,
             channel,
