@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use resync_broker::{
     Broker, EncodedEvent, HistoryRead, Hub, LiveSubscription, MemoryBroker, Publish, ReadOutcome,
-    Result, ResumeOptions, SubscriptionItem, resume,
+    Result, ResumeOptions, Retention, SubscriptionItem, resume,
 };
 use resync_protocol::{Channel, Payload, Position, RecoveryOutcome, ResetReason, Seq};
 
@@ -22,7 +22,9 @@ use resync_protocol::{Channel, Payload, Position, RecoveryOutcome, ResetReason, 
 struct LossyBroker {
     store: MemoryBroker,
     hub: Hub,
-    deliver_one_in: u64,
+    /// Publish number `n` (from 1) is delivered live when `deliver[(n - 1) % len]` is true.
+    deliver: Vec<bool>,
+    retention: Retention,
     published: Mutex<u64>,
     swapped_store: Mutex<Option<MemoryBroker>>,
     /// How long each history read takes, in milliseconds.
@@ -33,11 +35,25 @@ struct LossyBroker {
 }
 
 impl LossyBroker {
+    /// Delivers one publish in `deliver_one_in` live (the last of each run of that many).
     fn new(deliver_one_in: u64) -> Self {
+        let pattern = if deliver_one_in > 10_000 {
+            vec![false]
+        } else {
+            let mut pattern = vec![false; deliver_one_in as usize - 1];
+            pattern.push(true);
+            pattern
+        };
+        Self::with_pattern(pattern, Retention::default())
+    }
+
+    /// Delivers live by `pattern`, and keeps history by `retention`.
+    fn with_pattern(deliver: Vec<bool>, retention: Retention) -> Self {
         Self {
-            store: MemoryBroker::default(),
+            store: MemoryBroker::builder().retention(retention).build(),
             hub: Hub::new(4_096),
-            deliver_one_in,
+            deliver,
+            retention,
             published: Mutex::new(0),
             swapped_store: Mutex::new(None),
             read_delay_ms: AtomicU64::new(0),
@@ -56,20 +72,27 @@ impl LossyBroker {
     }
 
     fn restart(&self) {
-        *self.swapped_store.lock().unwrap() = Some(MemoryBroker::default());
+        *self.swapped_store.lock().unwrap() =
+            Some(MemoryBroker::builder().retention(self.retention).build());
     }
 }
 
-#[async_trait]
-impl Broker for LossyBroker {
-    async fn publish(&self, publish: Publish) -> Result<Position> {
+impl LossyBroker {
+    /// Publishes and delivers live whatever the pattern says: a subscriber must see a last
+    /// event to learn of the dropped ones before it.
+    fn publish_delivered(&self, publish: Publish) -> Result<Position> {
+        self.publish_with(publish, true)
+    }
+
+    fn publish_with(&self, publish: Publish, force_live: bool) -> Result<Position> {
         // One publish at a time, so live delivery keeps seq order as the trait requires.
         let mut published = self.published.lock().unwrap();
         let channel = publish.channel.clone();
         let store = self.current();
         let position = futures_lite_block_on(store.publish(publish))?;
         *published += 1;
-        if *published % self.deliver_one_in == 0 {
+        let live = self.deliver[((*published - 1) % self.deliver.len() as u64) as usize];
+        if live || force_live {
             let before = Position::new(position.epoch.clone(), Seq::new(position.seq.get() - 1));
             if let ReadOutcome::Replayed { events, .. } =
                 futures_lite_block_on(store.read_since(&channel, &before, 1))?
@@ -80,6 +103,13 @@ impl Broker for LossyBroker {
             }
         }
         Ok(position)
+    }
+}
+
+#[async_trait]
+impl Broker for LossyBroker {
+    async fn publish(&self, publish: Publish) -> Result<Position> {
+        self.publish_with(publish, false)
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
@@ -408,5 +438,67 @@ async fn a_gap_longer_than_a_page_is_filled_in_order() {
     }
     for expected in 1..=1_400 {
         assert_eq!(next_event_seq(&mut stream).await, expected);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 96, ..Default::default() })]
+
+    /// Whatever a lossy broker drops, however short its history and wherever its epoch
+    /// restarts, a resumed subscription yields a contiguous run of seqs from its outcome's
+    /// position, where every break is a reset that says where the new run starts, and it
+    /// reaches the channel's newest position.
+    #[test]
+    fn a_resumed_subscription_is_contiguous_runs_joined_by_resets(
+        pattern in proptest::collection::vec(proptest::bool::ANY, 1..8),
+        max_events in 2usize..40,
+        before in 0u64..30,
+        resume_at in proptest::option::of(0u64..30),
+        publishes in 0u64..120,
+        restarts in proptest::collection::vec(0u64..120, 0..3),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        runtime.block_on(async move {
+            let lossy = Arc::new(LossyBroker::with_pattern(
+                pattern,
+                Retention::default().with_max_events(max_events),
+            ));
+            let broker: Arc<dyn Broker> = lossy.clone();
+            let channel = Channel::new("prop").unwrap();
+            let mut positions = vec![lossy.current().position(&channel).await.unwrap()];
+            for value in 0..before {
+                positions.push(broker.publish(Publish::new(channel.clone(), payload(value))).await.unwrap());
+            }
+            let since = resume_at.map(|at| positions[(at as usize).min(positions.len() - 1)].clone());
+            let (outcome, mut stream) =
+                resume(broker.clone(), channel.clone(), since.clone(), ResumeOptions::default())
+                    .await
+                    .unwrap();
+            let mut at = match &outcome {
+                RecoveryOutcome::Fresh { position } | RecoveryOutcome::Reset { position, .. } => position.clone(),
+                RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => since.clone().unwrap(),
+            };
+            for value in 0..publishes {
+                if restarts.contains(&value) {
+                    lossy.restart();
+                }
+                broker.publish(Publish::new(channel.clone(), payload(value))).await.unwrap();
+            }
+            let newest = lossy.publish_delivered(Publish::new(channel.clone(), payload(0))).unwrap();
+            while at != newest {
+                let item = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("stuck at {at:?}, newest {newest:?}"))
+                    .unwrap();
+                match item {
+                    SubscriptionItem::Event(event) => {
+                        assert_eq!(event.position().epoch, at.epoch, "an event from another epoch without a reset");
+                        assert_eq!(Some(event.position().seq), at.seq.next(), "a gap or a duplicate after {at:?}");
+                        at = event.position().clone();
+                    }
+                    SubscriptionItem::Reset { position, .. } => at = position,
+                }
+            }
+        });
     }
 }
