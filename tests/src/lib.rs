@@ -6,6 +6,10 @@
     reason = "fixtures fail the test loudly on any error"
 )]
 #![allow(missing_docs, reason = "test fixtures, documented by their names")]
+#![allow(
+    missing_debug_implementations,
+    reason = "test fixtures: servers and sockets, never printed"
+)]
 
 pub mod certificate;
 pub mod proxy;
@@ -348,7 +352,7 @@ impl WsClient {
                 Some(Ok(Message::Close(close))) => {
                     return WsRead::Closed(close.map(|close| CloseCode(u16::from(close.code))));
                 }
-                Some(Ok(_)) => continue,
+                Some(Ok(_)) => {}
                 Some(Err(_)) | None => return WsRead::Closed(None),
             }
         }

@@ -126,7 +126,7 @@ impl RawWs {
             let mut buffer = [0u8; 8192];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut buffer)).await {
                 Err(_) => return RawEnd::Silent,
-                Ok(Ok(0)) | Ok(Err(_)) => return RawEnd::Dropped,
+                Ok(Ok(0) | Err(_)) => return RawEnd::Dropped,
                 Ok(Ok(read)) => self.pending.extend_from_slice(&buffer[..read]),
             }
         }

@@ -358,7 +358,7 @@ async fn silent_clients_are_closed_by_the_heartbeat() {
             Some(Ok(tokio_tungstenite::tungstenite::Message::Close(close))) => {
                 break close.map(|close| u16::from(close.code));
             }
-            Some(Ok(_)) => continue,
+            Some(Ok(_)) => {}
             other => panic!("unexpected {other:?}"),
         }
     };

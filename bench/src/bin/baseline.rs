@@ -184,12 +184,12 @@ async fn stream_to(
                         break Err(error);
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
             read = read_half.read(&mut discard) => match read {
                 Ok(0) | Err(_) => break Ok(()),
-                Ok(_) => continue,
+                Ok(_) => {}
             },
         }
     };

@@ -158,10 +158,10 @@ impl ChannelSet {
         std::future::poll_fn(|context| self.poll_next_item(context)).await
     }
 
-    /// The next item if one is ready now (`None` if none is; `Some(None)` if no channel is
-    /// left), for coalescing a burst into one write.
-    pub(crate) fn next_ready(&mut self) -> Option<Option<ChannelItem>> {
-        self.next().now_or_never()
+    /// The next item if one is ready now (`None` if none is, or no channel is left), for
+    /// coalescing a burst into one write.
+    pub(crate) fn next_ready(&mut self) -> Option<ChannelItem> {
+        self.next().now_or_never().flatten()
     }
 
     /// Takes what each channel has ready now, replays included (a replay page may await the

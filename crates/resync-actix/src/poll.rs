@@ -93,7 +93,7 @@ pub(crate) async fn handle(
                     if batch.events.len() >= max_events || batch.bytes >= max_bytes {
                         break;
                     }
-                    next = channels.next_ready().flatten();
+                    next = channels.next_ready();
                 }
             }
             _ = tokio::time::sleep(wait) => {}

@@ -268,7 +268,7 @@ impl StreamState {
                         break;
                     }
                     match self.channels.next_ready() {
-                        Some(item) => next = item,
+                        Some(item) => next = Some(item),
                         None => break,
                     }
                 }

@@ -670,7 +670,7 @@ pub async fn close_ends_local_subscriptions(broker: &Arc<dyn Broker>, config: &C
                 ended = true;
                 break;
             }
-            Ok(Ok(_)) => continue,
+            Ok(Ok(_)) => {}
             other => panic!("{name}: the live subscription did not end: {other:?}"),
         }
     }

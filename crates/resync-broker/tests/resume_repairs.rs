@@ -183,7 +183,7 @@ async fn next_event_seq(stream: &mut resync_broker::Subscription) -> u64 {
         .unwrap()
     {
         SubscriptionItem::Event(event) => event.position().seq.get(),
-        other => panic!("expected an event, got {other:?}"),
+        other @ SubscriptionItem::Reset { .. } => panic!("expected an event, got {other:?}"),
     }
 }
 
@@ -265,7 +265,7 @@ async fn a_new_epoch_mid_stream_is_a_reset_then_the_new_history() {
             assert_eq!(reason, ResetReason::EpochChanged);
             assert_eq!(position, Position::start_of(first_new.epoch.clone()));
         }
-        other => panic!("expected a reset, got {other:?}"),
+        other @ SubscriptionItem::Event(_) => panic!("expected a reset, got {other:?}"),
     }
     assert_eq!(next_event_seq(&mut stream).await, 1);
     assert_eq!(stream.position(), &first_new);

@@ -162,6 +162,14 @@ pub struct ClientBuilder {
     config: std::result::Result<ClientConfig, Error>,
 }
 
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClientBuilder")
+            .finish_non_exhaustive()
+    }
+}
+
 impl ClientBuilder {
     /// A static token, sent as `Authorization: Bearer`. Defaults to none (anonymous).
     pub fn token(mut self, token: impl Into<String>) -> Self {

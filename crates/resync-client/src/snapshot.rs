@@ -43,6 +43,7 @@ pub enum SnapshotUpdate<S> {
 }
 
 /// The stream returned by [`Client::subscribe_with_snapshot`].
+#[derive(Debug)]
 pub struct SnapshotStream<S> {
     receiver: mpsc::Receiver<Result<SnapshotUpdate<S>>>,
     task: tokio::task::JoinHandle<()>,

@@ -39,7 +39,7 @@ fn patterns(patterns: &[String]) -> Vec<ChannelPattern> {
 }
 
 /// A server that is bound and running.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RunningServer {
     /// The addresses it listens on.
     pub addresses: Vec<std::net::SocketAddr>,

@@ -324,7 +324,7 @@ async fn connection_flood(
                             counts.flood_refused.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        Ok(Ok(0)) | Ok(Err(_)) => {
+                        Ok(Ok(0) | Err(_)) => {
                             counts.flood_refused.fetch_add(1, Ordering::Relaxed);
                         }
                         _ => {

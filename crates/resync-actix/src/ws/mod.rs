@@ -262,7 +262,7 @@ impl Connection {
             if result.is_err() || handled > MAX_BATCH {
                 break;
             }
-            next = self.subscriptions.next_ready().flatten();
+            next = self.subscriptions.next_ready();
         }
         self.shared
             .metrics
@@ -345,7 +345,7 @@ impl Connection {
         message: Option<Result<Incoming, InboxError>>,
     ) -> Result<(), Ending> {
         // Ends of the connection are never rate limited.
-        if matches!(message, None | Some(Ok(Incoming::Close)) | Some(Err(_))) {
+        if matches!(message, None | Some(Ok(Incoming::Close) | Err(_))) {
             return self.on_message(message).await;
         }
         self.over_rate += 1;
