@@ -19,6 +19,7 @@ use anyhow::{Context, Result};
 use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, Resync, TransportConfig};
 use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
 use resync_broker_redis::RedisBroker;
+use tracing::Instrument;
 
 pub use settings::{Args, BrokerKind, LogFormat, Settings};
 
@@ -429,11 +430,28 @@ async fn request_log(
     };
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
-    let _entered = span.enter();
-    let mut response = next.call(request).await?;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID.clone(), value);
+    // Attached to the future, not entered across its awaits: an entered guard would mark
+    // whatever else runs on this worker meanwhile as part of this request.
+    async move {
+        let mut response = next.call(request).await?;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID.clone(), value);
+        }
+        log_response(&response, &method, &target, started);
+        Ok(response)
     }
+    .instrument(span)
+    .await
+}
+
+/// Counts the request and logs its outcome: a client's mistakes (4xx) at debug, or one
+/// client could fill the log; the server's own failures as warnings.
+fn log_response<B>(
+    response: &ServiceResponse<B>,
+    method: &actix_web::http::Method,
+    target: &str,
+    started: Instant,
+) {
     let status = response.status().as_u16();
     let failed = response.status().is_client_error() || response.status().is_server_error();
     if let Some(traffic) = response.request().app_data::<web::Data<Traffic>>() {
@@ -453,8 +471,6 @@ async fn request_log(
             .error()
             .map(ToString::to_string)
             .unwrap_or_default();
-        // A client's mistakes (4xx) are debug, or one client could fill the log; the server's
-        // own failures are warnings.
         if response.status().is_server_error() {
             tracing::warn!(%method, %target, status, elapsed_ms, error = %reason, "request failed");
         } else {
@@ -463,7 +479,6 @@ async fn request_log(
     } else {
         tracing::debug!(%method, %target, status, elapsed_ms, "request");
     }
-    Ok(response)
 }
 
 fn fastrand_u64() -> u64 {

@@ -13,6 +13,7 @@ use resync_protocol::{
     Position, RequestId, ServerFrame,
 };
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::Shared;
 use crate::admission::{AdmissionGuard, TokenBucket};
@@ -84,7 +85,11 @@ pub(crate) async fn handle(
         client_id,
         bad_frames: 0,
     };
-    actix_web::rt::spawn(connection.run(messages));
+    // Everything the connection logs carries its client id (a debug span: free when debug
+    // logging is off, so an idle connection holds nothing for it).
+    let span =
+        tracing::debug_span!(target: "resync::ws", "websocket", client_id = %connection.client_id);
+    actix_web::rt::spawn(connection.run(messages).instrument(span));
     Ok(response)
 }
 
