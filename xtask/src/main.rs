@@ -8,6 +8,8 @@
 //!   `docs/benchmarks.md` (`--quick` for a short run; `bench flood` runs only the flood
 //!   scenario, legitimate subscribers beside bounded attacks, and prints its section).
 //! - `micro`: the micro-benchmarks (`cargo bench`).
+//! - `public-api`: the foreign types each library crate exposes, against the list in
+//!   `public_api.rs` (part of `ci`).
 //! - `fuzz`: every fuzz target of `fuzz/` under libFuzzer for a bounded time (`--seconds N`,
 //!   60 by default; name targets to run only those). CI runs their smoke test instead
 //!   (`cargo test -p resync-fuzz`, part of the workspace's tests).
@@ -20,6 +22,7 @@ mod bench;
 mod deps;
 mod fuzz;
 mod prerequisites;
+mod public_api;
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1);
@@ -32,6 +35,7 @@ fn main() -> Result<()> {
         Some("bench") => bench::bench(std::env::args().any(|argument| argument == "--quick")),
         Some("micro") => micro(),
         Some("e2e") => e2e(),
+        Some("public-api") => public_api::check(),
         Some("fuzz") => fuzz::fuzz(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!("usage: cargo xtask <ci|e2e|bench|micro|fuzz>");
@@ -82,6 +86,7 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo(&["test", "--workspace", "--locked"]))?;
+    public_api::check()?;
     let mut doc = cargo(&["doc", "--workspace", "--no-deps", "--locked"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
     run(doc)?;

@@ -45,11 +45,16 @@ pub struct Backoff {
 impl Backoff {
     /// A sequence with a random seed.
     pub fn new(config: BackoffConfig) -> Self {
-        Self::with_rng(config, fastrand::Rng::new())
+        Self::from_rng(config, fastrand::Rng::new())
     }
 
-    /// A sequence with a given random source (seed it for reproducible tests).
-    pub fn with_rng(config: BackoffConfig, rng: fastrand::Rng) -> Self {
+    /// A sequence whose jitter is drawn from `seed`: the same seed, the same delays (for
+    /// reproducible tests).
+    pub fn with_seed(config: BackoffConfig, seed: u64) -> Self {
+        Self::from_rng(config, fastrand::Rng::with_seed(seed))
+    }
+
+    fn from_rng(config: BackoffConfig, rng: fastrand::Rng) -> Self {
         Self {
             config,
             attempt: 0,
@@ -106,7 +111,7 @@ mod tests {
     #[test]
     fn delays_stay_under_a_doubling_capped_ceiling() {
         let config = BackoffConfig::default();
-        let mut backoff = Backoff::with_rng(config, fastrand::Rng::with_seed(7));
+        let mut backoff = Backoff::with_seed(config, 7);
         let expected_ceilings_ms = [
             500, 1_000, 2_000, 4_000, 8_000, 16_000, 20_000, 20_000, 20_000,
         ];
@@ -125,8 +130,7 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_sequence() {
         let delays = |seed| {
-            let mut backoff =
-                Backoff::with_rng(BackoffConfig::default(), fastrand::Rng::with_seed(seed));
+            let mut backoff = Backoff::with_seed(BackoffConfig::default(), seed);
             (0..10).map(|_| backoff.next_delay()).collect::<Vec<_>>()
         };
         assert_eq!(delays(42), delays(42));
@@ -138,7 +142,7 @@ mod tests {
         // At the cap, 10,000 delays should cover the window evenly: every tenth of it gets
         // roughly a tenth of the delays (full jitter, not "cap ± a little").
         let config = BackoffConfig::default();
-        let mut backoff = Backoff::with_rng(config, fastrand::Rng::with_seed(1));
+        let mut backoff = Backoff::with_seed(config, 1);
         let mut buckets = [0u32; 10];
         for _ in 0..10_000 {
             for _ in 0..10 {
@@ -160,7 +164,7 @@ mod tests {
 
     #[test]
     fn soon_is_short_and_does_not_count() {
-        let mut backoff = Backoff::with_rng(BackoffConfig::default(), fastrand::Rng::with_seed(3));
+        let mut backoff = Backoff::with_seed(BackoffConfig::default(), 3);
         for _ in 0..100 {
             assert!(backoff.soon() <= Duration::from_secs(1));
         }

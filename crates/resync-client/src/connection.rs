@@ -79,14 +79,13 @@ impl Manager {
             .use_preconfigured_tls((*tls).clone())
             .build()
             .map_err(|error| Error::Tls(error.to_string()))?;
-        let rng = match config.rng_seed {
-            Some(seed) => fastrand::Rng::with_seed(seed),
-            None => fastrand::Rng::new(),
-        };
         Ok(Self {
             tls,
             last_failure: None,
-            backoff: Backoff::with_rng(config.backoff, rng),
+            backoff: match config.rng_seed {
+                Some(seed) => Backoff::with_seed(config.backoff, seed),
+                None => Backoff::new(config.backoff),
+            },
             token: config.token.clone(),
             http,
             config,
