@@ -169,4 +169,41 @@ mod tests {
             }
         }
     }
+
+    /// `resync-protocol` and `resync-log` are sans-IO: they never read a clock, take a lock,
+    /// or spawn (callers pass the time and guard the log). Their sources outside tests and
+    /// doc comments must not name those.
+    #[test]
+    fn sans_io_crates_never_read_a_clock_take_a_lock_or_spawn() {
+        let forbidden = [
+            "Instant::now",
+            "SystemTime::now",
+            "Mutex",
+            "RwLock",
+            "thread::spawn",
+            "std::thread",
+        ];
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        for krate in ["resync-protocol", "resync-log"] {
+            let directory = std::path::Path::new(root).join("crates").join(krate).join("src");
+            for entry in std::fs::read_dir(&directory).expect("the crate's sources") {
+                let path = entry.expect("a source file").path();
+                let text = std::fs::read_to_string(&path).expect("utf-8 source");
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                for (number, line) in code.lines().enumerate() {
+                    if line.trim_start().starts_with("//") {
+                        continue;
+                    }
+                    for word in forbidden {
+                        assert!(
+                            !line.contains(word),
+                            "{}:{}: {krate} is sans-IO, but names {word}",
+                            path.display(),
+                            number + 1
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
