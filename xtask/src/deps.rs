@@ -185,7 +185,10 @@ mod tests {
         ];
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
         for krate in ["resync-protocol", "resync-log"] {
-            let directory = std::path::Path::new(root).join("crates").join(krate).join("src");
+            let directory = std::path::Path::new(root)
+                .join("crates")
+                .join(krate)
+                .join("src");
             for entry in std::fs::read_dir(&directory).expect("the crate's sources") {
                 let path = entry.expect("a source file").path();
                 let text = std::fs::read_to_string(&path).expect("utf-8 source");

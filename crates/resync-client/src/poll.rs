@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use resync_protocol::{Channel, ServerFrame};
 
 use crate::connection::{ConnectFailure, Manager, SessionEnd};
-use crate::{ConnectionState, Error, TransportKind, Update};
+use crate::{ConnectionState, Error, TransportKind};
 use resync_protocol::bodies::PollReply;
 
 enum Wake {
@@ -84,21 +84,11 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
             });
         }
         for reset in reply.resets {
-            let update = Update::Reset {
-                reason: reset.reason,
-                position: reset.position,
-            };
-            manager.registry.deliver(&reset.channel, update).await;
+            manager.registry.deliver_reset(reset).await;
         }
         for raw in reply.events {
             match ServerFrame::decode(raw.get().as_bytes()) {
-                Ok(ServerFrame::Event(event)) => {
-                    let channel = event.channel.clone();
-                    manager
-                        .registry
-                        .deliver(&channel, Update::Event(event))
-                        .await;
-                }
+                Ok(ServerFrame::Event(event)) => manager.registry.deliver_event(event).await,
                 other => tracing::warn!(target: "resync::client", ?other, "unexpected poll event"),
             }
         }

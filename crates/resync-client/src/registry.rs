@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use resync_protocol::{Channel, Cursor, Position, RecoveryOutcome};
+use resync_protocol::bodies::ResetNotice;
+use resync_protocol::{Channel, Cursor, Event, Position, RecoveryOutcome};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{Error, Result, Update};
@@ -138,6 +139,22 @@ impl Registry {
         if let Some(entry) = self.lock().entries.get_mut(channel) {
             entry.position = Some(position);
         }
+    }
+
+    /// Hands an event to its channel's subscription, as [`deliver`](Self::deliver) does.
+    pub(crate) async fn deliver_event(&self, event: Event) {
+        let channel = event.channel.clone();
+        self.deliver(&channel, Update::Event(event)).await;
+    }
+
+    /// Hands a reset (an SSE `reset` event, a long-poll reply's reset) to its channel's
+    /// subscription.
+    pub(crate) async fn deliver_reset(&self, notice: ResetNotice) {
+        let update = Update::Reset {
+            reason: notice.reason,
+            position: notice.position,
+        };
+        self.deliver(&notice.channel, update).await;
     }
 
     /// Hands an update to the channel's subscription, unless it repeats one already handed

@@ -9,7 +9,7 @@ use resync_protocol::sse::{SseMessage, SseParser};
 use resync_protocol::{Channel, ServerFrame};
 
 use crate::connection::{ConnectFailure, Manager, SessionEnd};
-use crate::{ConnectionState, Error, TransportKind, Update};
+use crate::{ConnectionState, Error, TransportKind};
 
 enum Wake {
     Chunk(Option<reqwest::Result<bytes::Bytes>>),
@@ -113,13 +113,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
 async fn on_message(manager: &Manager, message: SseMessage) {
     match message.event.as_str() {
         "message" => match ServerFrame::decode(message.data.as_bytes()) {
-            Ok(ServerFrame::Event(event)) => {
-                let channel = event.channel.clone();
-                manager
-                    .registry
-                    .deliver(&channel, Update::Event(event))
-                    .await;
-            }
+            Ok(ServerFrame::Event(event)) => manager.registry.deliver_event(event).await,
             other => tracing::warn!(target: "resync::client", ?other, "unexpected sse message"),
         },
         "subscribed" => match serde_json::from_str::<SseOpening>(&message.data) {
@@ -133,13 +127,7 @@ async fn on_message(manager: &Manager, message: SseMessage) {
             }
         },
         "reset" => match serde_json::from_str::<ResetNotice>(&message.data) {
-            Ok(reset) => {
-                let update = Update::Reset {
-                    reason: reset.reason,
-                    position: reset.position,
-                };
-                manager.registry.deliver(&reset.channel, update).await;
-            }
+            Ok(reset) => manager.registry.deliver_reset(reset).await,
             Err(error) => {
                 tracing::warn!(target: "resync::client", %error, "unreadable reset event")
             }

@@ -277,13 +277,7 @@ impl Session {
             }
         };
         match frame {
-            ServerFrame::Event(event) => {
-                let channel = event.channel.clone();
-                manager
-                    .registry
-                    .deliver(&channel, Update::Event(event))
-                    .await;
-            }
+            ServerFrame::Event(event) => manager.registry.deliver_event(event).await,
             ServerFrame::Subscribed {
                 id,
                 channel,

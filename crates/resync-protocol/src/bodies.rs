@@ -74,23 +74,24 @@ impl PollReply {
             + 40;
         let mut body = Vec::with_capacity(size);
         body.extend_from_slice(b"{\"events\":[");
-        for (index, frame) in frames.enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(frame);
-        }
+        push_joined(&mut body, frames);
         body.extend_from_slice(b"],\"resets\":[");
-        for (index, reset) in resets.iter().enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(reset.to_json().as_bytes());
-        }
+        let resets: Vec<String> = resets.iter().map(ResetNotice::to_json).collect();
+        push_joined(&mut body, resets.iter().map(String::as_bytes));
         body.extend_from_slice(b"],\"cursor\":");
         body.extend_from_slice(cursor.as_bytes());
         body.push(b'}');
         body
+    }
+}
+
+/// Appends JSON texts separated by commas: the inside of an array of pre-encoded values.
+fn push_joined<'a>(body: &mut Vec<u8>, values: impl Iterator<Item = &'a [u8]>) {
+    for (index, value) in values.enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(value);
     }
 }
 
@@ -154,12 +155,7 @@ impl HistoryReply {
     ) -> Vec<u8> {
         let mut body = Vec::with_capacity(256);
         body.extend_from_slice(b"{\"outcome\":\"replayed\",\"events\":[");
-        for (index, frame) in frames.enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(frame);
-        }
+        push_joined(&mut body, frames);
         body.extend_from_slice(b"],\"latest\":");
         // A position of validated names: serializing cannot fail.
         body.extend_from_slice(serde_json::to_string(latest).unwrap_or_default().as_bytes());
