@@ -378,6 +378,8 @@ impl WsClient {
             id,
             channel: channel.parse().unwrap(),
             since,
+            presence: None,
+            join_leave: false,
         })
         .await;
         match self.frame().await {

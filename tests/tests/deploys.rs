@@ -353,6 +353,8 @@ async fn defect_1_during_a_broker_outage_a_websocket_subscribe_closes_4101() {
             id,
             channel: "outage".parse().unwrap(),
             since: None,
+            presence: None,
+            join_leave: false,
         })
         .await;
     match client.read().await {

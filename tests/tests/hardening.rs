@@ -499,6 +499,8 @@ async fn defect_6_one_address_has_a_channel_budget_across_its_connections() {
             id,
             channel: "w3".parse().unwrap(),
             since: None,
+            presence: None,
+            join_leave: false,
         })
         .await;
     assert!(matches!(
@@ -560,6 +562,8 @@ async fn defect_6_one_user_has_connection_and_channel_budgets_whatever_its_addre
             id,
             channel: "a4".parse().unwrap(),
             since: None,
+            presence: None,
+            join_leave: false,
         })
         .await;
     assert!(matches!(

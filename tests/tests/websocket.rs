@@ -96,6 +96,8 @@ async fn many_channels_over_one_socket_and_unsubscribe() {
             id,
             channel: "y".parse().unwrap(),
             since: None,
+            presence: None,
+            join_leave: false,
         })
         .await;
     match client.frame().await {
@@ -170,6 +172,8 @@ async fn credentials_are_checked_at_upgrade_and_per_channel() {
             id,
             channel: "chat:1".parse().unwrap(),
             since: None,
+            presence: None,
+            join_leave: false,
         })
         .await;
     assert!(matches!(

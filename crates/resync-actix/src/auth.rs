@@ -112,6 +112,18 @@ pub trait Authorizer: Send + Sync + 'static {
     fn can_publish(&self, identity: &Identity, channel: &Channel) -> bool {
         any_matches(&identity.publish, channel)
     }
+
+    /// Whether `identity` may see who is in `channel` (the member list, the count, join and
+    /// leave events). Defaults to whoever may subscribe.
+    fn can_see_presence(&self, identity: &Identity, channel: &Channel) -> bool {
+        self.can_subscribe(identity, channel)
+    }
+
+    /// Whether `identity` may appear among `channel`'s members. Defaults to whoever may
+    /// subscribe.
+    fn can_join_presence(&self, identity: &Identity, channel: &Channel) -> bool {
+        self.can_subscribe(identity, channel)
+    }
 }
 
 /// Lets everyone subscribe to every channel and nobody publish from a client: the

@@ -30,6 +30,9 @@ pub struct TransportConfig {
     /// The largest WebSocket message accepted from a client, in bytes; a larger one closes the
     /// connection with code 1009. Defaults to 64 KiB.
     pub max_message_bytes: usize,
+    /// The largest presence info a subscriber may join with, in bytes of JSON. Defaults to
+    /// 1 KiB; over it, the subscribe fails with `presence_info_too_large`.
+    pub max_presence_info_bytes: usize,
     /// The most channels one connection may follow. Defaults to 128.
     pub max_channels_per_connection: usize,
     /// The cookie a token may come in. Defaults to `resync_token`.
@@ -92,6 +95,7 @@ impl Default for TransportConfig {
             poll_max_events: 1_000,
             poll_max_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
+            max_presence_info_bytes: 1024,
             max_channels_per_connection: 128,
             token_cookie: "resync_token".to_owned(),
             allowed_origins: Vec::new(),

@@ -88,4 +88,10 @@ pub trait Broker: Send + Sync + 'static {
     /// closed their connections; a broker with nothing to release keeps the default, which
     /// does nothing.
     async fn close(&self) {}
+
+    /// Who is in each channel, if this broker keeps it ([`Presence`](crate::Presence));
+    /// `None` (the default) makes presence requests fail with a clear error.
+    fn presence(&self) -> Option<&dyn crate::Presence> {
+        None
+    }
 }

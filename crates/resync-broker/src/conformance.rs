@@ -75,6 +75,7 @@ pub async fn run_all<B: Broker>(broker: Arc<B>, config: ConformanceConfig) {
     dropping_a_subscription_unsubscribes(&broker, &config).await;
     lagging_subscriber_is_told_and_can_resume(&broker, &config).await;
     concurrent_publishers_and_resuming_subscribers_see_no_gap(&broker, &config).await;
+    presence_is_one_member_per_identity(&broker, &config).await;
     // Last: it ends the broker's work.
     close_ends_local_subscriptions(&broker, &config).await;
 }
@@ -679,4 +680,93 @@ pub async fn close_ends_local_subscriptions(broker: &Arc<dyn Broker>, config: &C
         Ok(Err(SubscriptionError::Closed)) => {}
         other => panic!("{name}: the resumed subscription did not end: {other:?}"),
     }
+}
+
+/// For a broker that keeps presence: a member with two connections joins once and leaves
+/// with its last connection; watchers see exactly those events, in order; the list and the
+/// count agree. Skipped (it passes) for a broker without presence.
+pub async fn presence_is_one_member_per_identity(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    use crate::presence::PresenceEvent;
+    use futures_util::StreamExt;
+    use resync_protocol::Member;
+
+    let name = "presence_is_one_member_per_identity";
+    let Some(presence) = broker.presence() else {
+        return;
+    };
+    let channel = config.channel("presence");
+    let member = |id: &str| Member {
+        id: id.to_owned(),
+        info: Some(payload(7)),
+    };
+    let mut watch = presence.watch(&channel).await.expect("watch");
+    let within = Duration::from_secs(5);
+    assert!(
+        presence
+            .join(&channel, &member("ann"), "c1")
+            .await
+            .expect("join"),
+        "{name}: first connection joins"
+    );
+    assert!(
+        !presence
+            .join(&channel, &member("ann"), "c2")
+            .await
+            .expect("join"),
+        "{name}: a second tab is the same member"
+    );
+    assert!(
+        presence
+            .join(&channel, &member("bob"), "c3")
+            .await
+            .expect("join"),
+        "{name}: another member"
+    );
+    assert_eq!(
+        presence.member_count(&channel).await.expect("count"),
+        2,
+        "{name}: count"
+    );
+    let mut ids: Vec<String> = presence
+        .members(&channel)
+        .await
+        .expect("members")
+        .into_iter()
+        .map(|member| member.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["ann", "bob"], "{name}: list");
+    assert!(
+        !presence.leave(&channel, "ann", "c1").await.expect("leave"),
+        "{name}: one tab left, the member stays"
+    );
+    assert!(
+        presence.leave(&channel, "ann", "c2").await.expect("leave"),
+        "{name}: the last tab left"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        match tokio::time::timeout(within, watch.next()).await {
+            Ok(Some(Ok(event))) => seen.push(event),
+            other => panic!("{name}: expected a presence event, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            PresenceEvent::Join(member("ann")),
+            PresenceEvent::Join(member("bob")),
+            PresenceEvent::Leave(member("ann")),
+        ],
+        "{name}: one join per member, one leave at the last connection"
+    );
+    assert_eq!(
+        presence.member_count(&channel).await.expect("count"),
+        1,
+        "{name}: bob stays"
+    );
+    assert!(presence.leave(&channel, "bob", "c3").await.expect("leave"));
 }

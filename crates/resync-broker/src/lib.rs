@@ -95,6 +95,7 @@ mod error;
 mod event;
 mod hub;
 mod memory;
+pub mod presence;
 mod resume;
 
 pub use broker::{Broker, HistoryRead, Publish};
@@ -102,6 +103,7 @@ pub use error::{Error, Result};
 pub use event::EncodedEvent;
 pub use hub::{Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
+pub use presence::{MemoryPresence, Presence, PresenceEvent, PresenceLagged, PresenceWatch};
 pub use resume::{
     REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
 };

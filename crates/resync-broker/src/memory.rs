@@ -60,6 +60,7 @@ struct Inner {
     /// The bytes of every channel's history, and the most they may add up to.
     history_bytes: std::sync::atomic::AtomicUsize,
     max_history_bytes: Option<usize>,
+    presence: crate::MemoryPresence,
 }
 
 /// The channels that have been published to.
@@ -192,6 +193,7 @@ impl MemoryBrokerBuilder {
                 max_channels: self.max_channels,
                 history_bytes: std::sync::atomic::AtomicUsize::new(0),
                 max_history_bytes: self.max_history_bytes,
+                presence: crate::MemoryPresence::default(),
             }),
         }
     }
@@ -382,6 +384,10 @@ impl Broker for MemoryBroker {
 
     async fn close(&self) {
         self.inner.hub.close_all();
+    }
+
+    fn presence(&self) -> Option<&dyn crate::Presence> {
+        Some(&self.inner.presence)
     }
 
     async fn health(&self) -> Result<()> {

@@ -182,7 +182,14 @@ impl Session {
             }
             let id = self.request_id();
             self.subscribe_requests.insert(id, channel.clone());
-            Self::send(socket, &ClientFrame::Subscribe { id, channel, since }).await?;
+            let subscribe = ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                presence: None,
+                join_leave: false,
+            };
+            Self::send(socket, &subscribe).await?;
         }
         let gone: Vec<Channel> = self
             .channels
@@ -322,7 +329,13 @@ impl Session {
                 tracing::warn!(target: "resync::client", ?code, %message, "server reported an error");
             }
             ServerFrame::Ping => Self::send(socket, &ClientFrame::Pong).await?,
-            ServerFrame::Connected { .. } | ServerFrame::Unsubscribed { .. } => {}
+            // The Rust client does not ask for presence yet (docs/presence.md).
+            ServerFrame::Connected { .. }
+            | ServerFrame::Unsubscribed { .. }
+            | ServerFrame::Presence { .. }
+            | ServerFrame::PresenceCount { .. }
+            | ServerFrame::Join { .. }
+            | ServerFrame::Leave { .. } => {}
         }
         Ok(())
     }

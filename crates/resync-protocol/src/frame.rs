@@ -28,6 +28,12 @@ pub enum ClientFrame {
         /// The last position the client has seen; missed events are replayed first.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<Position>,
+        /// Appear among the channel's members while subscribed, with this info.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        presence: Option<PresenceRequest>,
+        /// Be told when members join and leave (`join` and `leave` frames).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        join_leave: bool,
     },
     /// Stop following a channel.
     Unsubscribe {
@@ -48,8 +54,53 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<IdempotencyKey>,
     },
+    /// Ask who is in a channel now (answered with `presence`).
+    Presence {
+        /// Echoed in the reply.
+        id: RequestId,
+        /// The channel.
+        channel: Channel,
+    },
+    /// Ask how many members a channel has (answered with `presence_count`); cheap for
+    /// channels of many thousands.
+    PresenceCount {
+        /// Echoed in the reply.
+        id: RequestId,
+        /// The channel.
+        channel: Channel,
+    },
     /// The answer to a server `ping`.
     Pong,
+}
+
+/// How a subscriber appears among a channel's members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceRequest {
+    /// A small JSON value the others see with the member (a name, an avatar); bounded in size
+    /// by the server (over it, the subscribe fails with `presence_info_too_large`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_payload"
+    )]
+    pub info: Option<Payload>,
+}
+
+/// One member of a channel: an identity (a token's subject, or an anonymous client's id),
+/// however many connections it has there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// The member's id: the token's subject, or `anon:<client id>`.
+    pub id: String,
+    /// The info its first connection joined with.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_payload"
+    )]
+    pub info: Option<Payload>,
 }
 
 impl ClientFrame {
@@ -164,6 +215,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The broker could not store or read events; retry later.
     Unavailable,
+    /// A subscription's presence info is larger than the server accepts.
+    PresenceInfoTooLarge,
     /// A bug or unexpected state on the server.
     Internal,
     /// A code added in a later protocol version.
@@ -189,6 +242,7 @@ impl ErrorCode {
             ErrorCode::TooManyChannels => "too_many_channels",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::PresenceInfoTooLarge => "presence_info_too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -266,6 +320,39 @@ pub enum ServerFrame {
         /// A human-readable explanation.
         message: String,
     },
+    /// The reply to `presence`: who is in the channel now.
+    Presence {
+        /// The request's id.
+        id: RequestId,
+        /// The channel.
+        channel: Channel,
+        /// Its members, one per identity.
+        members: Vec<Member>,
+    },
+    /// The reply to `presence_count`.
+    PresenceCount {
+        /// The request's id.
+        id: RequestId,
+        /// The channel.
+        channel: Channel,
+        /// How many members it has.
+        count: u64,
+    },
+    /// A member arrived in a followed channel (to subscribers that asked for `join_leave`).
+    /// Never replayed: a client that resumes asks for the list instead.
+    Join {
+        /// The channel.
+        channel: Channel,
+        /// Who arrived.
+        member: Member,
+    },
+    /// A member's last connection left a followed channel.
+    Leave {
+        /// The channel.
+        channel: Channel,
+        /// Who left.
+        member: Member,
+    },
     /// A heartbeat; the client answers with `pong`.
     Ping,
 }
@@ -321,6 +408,8 @@ struct ClientWire {
     #[serde(default, deserialize_with = "present_payload")]
     data: Option<Payload>,
     idempotency_key: Option<IdempotencyKey>,
+    presence: Option<PresenceRequest>,
+    join_leave: Option<bool>,
 }
 
 /// Reads a present `data` field as `Some`, even when it is JSON `null` (a valid payload).
@@ -346,24 +435,38 @@ impl ClientWire {
                     id: required(self.id, kind, "id")?,
                     channel: required(self.channel, kind, "channel")?,
                     since: self.since,
+                    presence: self.presence,
+                    join_leave: self.join_leave.unwrap_or(false),
                 })
             }
-            "unsubscribe" => {
+            "unsubscribe" | "presence" | "presence_count" => {
                 reject_extra(
                     kind,
                     &[
                         ("since", self.since.is_some()),
                         ("data", self.data.is_some()),
                         ("idempotency_key", self.idempotency_key.is_some()),
+                        ("presence", self.presence.is_some()),
+                        ("join_leave", self.join_leave.is_some()),
                     ],
                 )?;
-                Ok(ClientFrame::Unsubscribe {
-                    id: required(self.id, kind, "id")?,
-                    channel: required(self.channel, kind, "channel")?,
+                let id = required(self.id, kind, "id")?;
+                let channel = required(self.channel, kind, "channel")?;
+                Ok(match kind {
+                    "unsubscribe" => ClientFrame::Unsubscribe { id, channel },
+                    "presence" => ClientFrame::Presence { id, channel },
+                    _ => ClientFrame::PresenceCount { id, channel },
                 })
             }
             "publish" => {
-                reject_extra(kind, &[("since", self.since.is_some())])?;
+                reject_extra(
+                    kind,
+                    &[
+                        ("since", self.since.is_some()),
+                        ("presence", self.presence.is_some()),
+                        ("join_leave", self.join_leave.is_some()),
+                    ],
+                )?;
                 Ok(ClientFrame::Publish {
                     id: required(self.id, kind, "id")?,
                     channel: required(self.channel, kind, "channel")?,
@@ -380,6 +483,8 @@ impl ClientWire {
                         ("since", self.since.is_some()),
                         ("data", self.data.is_some()),
                         ("idempotency_key", self.idempotency_key.is_some()),
+                        ("presence", self.presence.is_some()),
+                        ("join_leave", self.join_leave.is_some()),
                     ],
                 )?;
                 Ok(ClientFrame::Pong)
@@ -419,11 +524,14 @@ struct ServerWire {
     reason: Option<ResetReason>,
     code: Option<ErrorCode>,
     message: Option<String>,
+    members: Option<Vec<Member>>,
+    count: Option<u64>,
+    member: Option<Member>,
 }
 
 impl ServerWire {
     /// The names of the fields present, to reject those a frame type does not have.
-    fn present(&self) -> [(&'static str, bool); 13] {
+    fn present(&self) -> [(&'static str, bool); 16] {
         [
             ("client_id", self.client_id.is_some()),
             ("ping_interval_ms", self.ping_interval_ms.is_some()),
@@ -438,6 +546,9 @@ impl ServerWire {
             ("reason", self.reason.is_some()),
             ("code", self.code.is_some()),
             ("message", self.message.is_some()),
+            ("members", self.members.is_some()),
+            ("count", self.count.is_some()),
+            ("member", self.member.is_some()),
         ]
     }
 
@@ -512,6 +623,32 @@ impl ServerWire {
                     message: required(self.message, kind, "message")?,
                 })
             }
+            "presence" => {
+                self.reject_all_but(kind, &["id", "channel", "members"])?;
+                Ok(ServerFrame::Presence {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    members: required(self.members, kind, "members")?,
+                })
+            }
+            "presence_count" => {
+                self.reject_all_but(kind, &["id", "channel", "count"])?;
+                Ok(ServerFrame::PresenceCount {
+                    id: required(self.id, kind, "id")?,
+                    channel: required(self.channel, kind, "channel")?,
+                    count: required(self.count, kind, "count")?,
+                })
+            }
+            "join" | "leave" => {
+                self.reject_all_but(kind, &["channel", "member"])?;
+                let channel = required(self.channel, kind, "channel")?;
+                let member = required(self.member, kind, "member")?;
+                Ok(if kind == "join" {
+                    ServerFrame::Join { channel, member }
+                } else {
+                    ServerFrame::Leave { channel, member }
+                })
+            }
             "ping" => {
                 self.reject_all_but(kind, &[])?;
                 Ok(ServerFrame::Ping)
@@ -549,6 +686,8 @@ mod tests {
                 id: 1,
                 channel: Channel::new("news").unwrap(),
                 since: Some(Position::new(Epoch::new("e1").unwrap(), Seq::new(5))),
+                presence: None,
+                join_leave: false,
             }
         );
     }

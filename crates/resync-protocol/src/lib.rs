@@ -49,7 +49,7 @@ pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Event, Payload};
 pub use frame::{
-    ClientFrame, ErrorBody, ErrorCode, PROTOCOL_VERSION, RecoveryOutcome, RequestId, ResetReason,
-    ServerFrame,
+    ClientFrame, ErrorBody, ErrorCode, Member, PROTOCOL_VERSION, PresenceRequest, RecoveryOutcome,
+    RequestId, ResetReason, ServerFrame,
 };
 pub use names::{Channel, Epoch, IdempotencyKey, MAX_CHANNEL_LEN, Position, Seq};

@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use resync_protocol::bodies::{HistoryOutcome, HistoryReply, PollReply, ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
-    Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Payload, Position,
-    RecoveryOutcome, ResetReason, Seq, ServerFrame,
+    Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Member, Payload,
+    Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame,
 };
 
 fn channel() -> impl Strategy<Value = Channel> {
@@ -75,6 +75,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Forbidden),
         Just(ErrorCode::TooManyChannels),
         Just(ErrorCode::Unavailable),
+        Just(ErrorCode::PresenceInfoTooLarge),
         Just(ErrorCode::Unknown),
     ]
 }
@@ -91,10 +92,27 @@ fn recovery() -> impl Strategy<Value = RecoveryOutcome> {
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
-        (any::<u64>(), channel(), proptest::option::of(position()))
-            .prop_map(|(id, channel, since)| ClientFrame::Subscribe { id, channel, since }),
+        (
+            any::<u64>(),
+            channel(),
+            proptest::option::of(position()),
+            proptest::option::of(proptest::option::of(payload())),
+            any::<bool>()
+        )
+            .prop_map(|(id, channel, since, presence, join_leave)| {
+                ClientFrame::Subscribe {
+                    id,
+                    channel,
+                    since,
+                    presence: presence.map(|info| PresenceRequest { info }),
+                    join_leave,
+                }
+            }),
         (any::<u64>(), channel())
             .prop_map(|(id, channel)| ClientFrame::Unsubscribe { id, channel }),
+        (any::<u64>(), channel()).prop_map(|(id, channel)| ClientFrame::Presence { id, channel }),
+        (any::<u64>(), channel())
+            .prop_map(|(id, channel)| ClientFrame::PresenceCount { id, channel }),
         (
             any::<u64>(),
             channel(),
@@ -109,6 +127,10 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             }),
         Just(ClientFrame::Pong),
     ]
+}
+
+fn member() -> impl Strategy<Value = Member> {
+    ("[a-z:0-9]{1,24}", proptest::option::of(payload())).prop_map(|(id, info)| Member { id, info })
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -158,6 +180,20 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             any::<String>()
         )
             .prop_map(|(id, code, message)| ServerFrame::Error { id, code, message }),
+        (
+            any::<u64>(),
+            channel(),
+            prop::collection::vec(member(), 0..4)
+        )
+            .prop_map(|(id, channel, members)| ServerFrame::Presence {
+                id,
+                channel,
+                members
+            }),
+        (any::<u64>(), channel(), any::<u64>())
+            .prop_map(|(id, channel, count)| ServerFrame::PresenceCount { id, channel, count }),
+        (channel(), member()).prop_map(|(channel, member)| ServerFrame::Join { channel, member }),
+        (channel(), member()).prop_map(|(channel, member)| ServerFrame::Leave { channel, member }),
         Just(ServerFrame::Ping),
     ]
 }

@@ -111,6 +111,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
         poll_timeout: Duration::from_secs(settings.poll_timeout_secs),
         max_message_bytes: settings.max_message_bytes,
+        max_presence_info_bytes: settings.max_presence_info_bytes,
         poll_max_bytes: settings.poll_max_bytes,
         max_channels_per_connection: settings.max_channels_per_connection,
         allowed_origins: settings.allowed_origins.clone(),

@@ -54,6 +54,8 @@ pub struct Settings {
     pub poll_timeout_secs: u64,
     /// Largest WebSocket message accepted.
     pub max_message_bytes: usize,
+    /// Largest presence info a subscriber may join with, in bytes.
+    pub max_presence_info_bytes: usize,
     /// Largest HTTP API body accepted.
     pub max_body_bytes: usize,
     /// Most bytes of events in one long-poll reply.
@@ -156,6 +158,7 @@ impl Default for Settings {
             sse_heartbeat_secs: 15,
             poll_timeout_secs: 25,
             max_message_bytes: 64 * 1024,
+            max_presence_info_bytes: 1024,
             max_body_bytes: 64 * 1024,
             poll_max_bytes: 1024 * 1024,
             max_channels_per_connection: 128,
@@ -273,6 +276,10 @@ pub struct Args {
     /// Largest WebSocket message accepted, in bytes. [default: 65536]
     #[arg(long, env = "RESYNC_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
+    /// Largest presence info (JSON) a subscriber may join a channel's members with; over it,
+    /// the subscribe fails with `presence_info_too_large`. [default: 1024]
+    #[arg(long, env = "RESYNC_MAX_PRESENCE_INFO_BYTES")]
+    max_presence_info_bytes: Option<usize>,
     /// Largest HTTP API request body accepted, in bytes. [default: 65536]
     #[arg(long, env = "RESYNC_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -421,6 +428,7 @@ impl Settings {
             sse_heartbeat_secs,
             poll_timeout_secs,
             max_message_bytes,
+            max_presence_info_bytes,
             max_body_bytes,
             poll_max_bytes,
             max_channels_per_connection,

@@ -7,10 +7,13 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
-use resync_broker::{Publish, SubscriptionError, SubscriptionItem};
+use resync_broker::{
+    Presence, PresenceEvent, PresenceLagged, PresenceWatch, Publish, SubscriptionError,
+    SubscriptionItem,
+};
 use resync_protocol::{
-    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
-    Position, RequestId, ServerFrame,
+    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, Member, PROTOCOL_VERSION, Payload,
+    Position, PresenceRequest, RequestId, ServerFrame,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -82,6 +85,7 @@ pub(crate) async fn handle(
         identity,
         outbox,
         subscriptions: ChannelSet::new(),
+        presence: None,
         client_id,
         bad_frames: 0,
     };
@@ -106,14 +110,27 @@ struct Connection {
     identity: Identity,
     outbox: Outbox,
     subscriptions: ChannelSet,
+    /// Presence memberships and join/leave watches; allocated on first use, so that a
+    /// connection without presence pays one pointer for it.
+    presence: Option<Box<ConnectionPresence>>,
     client_id: String,
     bad_frames: u32,
+}
+
+/// A connection's part in presence.
+#[derive(Default)]
+struct ConnectionPresence {
+    /// Channels where this connection makes its identity a member.
+    memberships: Vec<Channel>,
+    /// Join/leave events of channels subscribed with `join_leave`.
+    watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
 }
 
 /// What woke the connection loop.
 enum Wake {
     Message(Option<Result<Incoming, InboxError>>),
     Item(Channel, Result<SubscriptionItem, SubscriptionError>),
+    Presence(Channel, Result<PresenceEvent, PresenceLagged>),
     /// The ping clock ticked, or the server is shutting down.
     Ping,
     Expired,
@@ -162,6 +179,11 @@ impl Connection {
                 Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
                     Wake::Item(channel, item)
                 }
+                Some((channel, event)) = async {
+                    self.presence.as_mut()?.watches.next().await
+                }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
+                    Wake::Presence(channel, event)
+                }
                 _ = ping.changed() => Wake::Ping,
                 Some(()) = async { expiry.as_mut()?.await; Some(()) }, if expiry.is_some() => {
                     Wake::Expired
@@ -180,6 +202,9 @@ impl Connection {
                     }
                 }
                 Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
+                Wake::Presence(channel, event) => {
+                    Box::pin(self.on_presence_event(channel, event)).await.err()
+                }
                 // Shutdown wakes the ping clock too (see `Resync::shutdown`).
                 Wake::Ping if *self.shared.shutdown.borrow() => {
                     let spread = self.shared.config.shutdown_spread;
@@ -196,8 +221,14 @@ impl Connection {
                 Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
             };
         }
-        // Unsubscribe before the close handshake, so counts drop at once.
+        // Unsubscribe before the close handshake, so counts drop at once, and leave every
+        // channel this connection is a member of.
         self.subscriptions.clear();
+        if let Some(presence) = self.presence.take() {
+            for channel in &presence.memberships {
+                self.leave(channel).await;
+            }
+        }
         if let Some(Ending::Close(code)) = ending {
             tracing::debug!(target: "resync::ws", client_id = %self.client_id, code = code.0, "closing");
             // Boxed: a path taken once should not size the idle connection's task.
@@ -409,8 +440,17 @@ impl Connection {
         };
         self.bad_frames = 0;
         match frame {
-            ClientFrame::Subscribe { id, channel, since } => {
-                match self.subscribe(id, channel, since).await {
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                presence,
+                join_leave,
+            } => {
+                match self
+                    .subscribe(id, channel, since, presence, join_leave)
+                    .await
+                {
                     Ok(reply) => self.send(reply.encode()).await,
                     // The broker cannot serve a resume now: the same advice as a broker that
                     // fails mid-stream (reconnect with backoff, resume), rather than an error
@@ -421,9 +461,43 @@ impl Connection {
                     Err(error) => self.reply_error(id, error).await,
                 }
             }
+            ClientFrame::Presence { id, channel } => {
+                let members = match self.presence_of(&channel) {
+                    Ok(presence) => presence.members(&channel).await.map_err(ApiError::from),
+                    Err(error) => Err(error),
+                };
+                match members {
+                    Ok(members) => {
+                        let reply = ServerFrame::Presence {
+                            id,
+                            channel,
+                            members,
+                        };
+                        self.send(reply.encode()).await
+                    }
+                    Err(error) => self.reply_error(id, error).await,
+                }
+            }
+            ClientFrame::PresenceCount { id, channel } => {
+                let count = match self.presence_of(&channel) {
+                    Ok(presence) => presence
+                        .member_count(&channel)
+                        .await
+                        .map_err(ApiError::from),
+                    Err(error) => Err(error),
+                };
+                match count {
+                    Ok(count) => {
+                        let reply = ServerFrame::PresenceCount { id, channel, count };
+                        self.send(reply.encode()).await
+                    }
+                    Err(error) => self.reply_error(id, error).await,
+                }
+            }
             ClientFrame::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel) {
                     self.admitted.unsubscribe(1);
+                    self.stop_presence(&channel).await;
                     self.send(ServerFrame::Unsubscribed { id, channel }.encode())
                         .await
                 } else {
@@ -467,6 +541,146 @@ impl Connection {
         }
     }
 
+    /// The broker's presence, if `identity` may see `channel`'s.
+    fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
+        if !self
+            .shared
+            .authorizer
+            .can_see_presence(&self.identity, channel)
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to see who is in {channel}"),
+            ));
+        }
+        self.shared.broker.presence().ok_or_else(no_presence)
+    }
+
+    /// This connection's member id: its token's subject, or its own id when anonymous.
+    fn member_id(&self) -> String {
+        match &self.identity.subject {
+            Some(subject) => subject.clone(),
+            None => format!("anon:{}", self.client_id),
+        }
+    }
+
+    /// Leaves `channel`'s members (if this connection is one) and stops its join/leave
+    /// events.
+    async fn stop_presence(&mut self, channel: &Channel) {
+        let Some(presence) = self.presence.as_mut() else {
+            return;
+        };
+        presence.watches.remove(channel);
+        let was_member = presence.memberships.contains(channel);
+        presence
+            .memberships
+            .retain(|member_of| member_of != channel);
+        if was_member {
+            self.leave(channel).await;
+        }
+    }
+
+    /// Removes this connection from `channel`'s members.
+    async fn leave(&self, channel: &Channel) {
+        let Some(presence) = self.shared.broker.presence() else {
+            return;
+        };
+        if let Err(error) = presence
+            .leave(channel, &self.member_id(), &self.client_id)
+            .await
+        {
+            tracing::warn!(target: "resync::ws", client_id = %self.client_id, %channel, %error, "presence leave failed");
+        }
+    }
+
+    /// Forwards a join or leave of a watched channel.
+    async fn on_presence_event(
+        &mut self,
+        channel: Channel,
+        event: Result<PresenceEvent, PresenceLagged>,
+    ) -> Result<(), Ending> {
+        let frame = match event {
+            Ok(PresenceEvent::Join(member)) => ServerFrame::Join { channel, member },
+            Ok(PresenceEvent::Leave(member)) => ServerFrame::Leave { channel, member },
+            Err(lagged) => ServerFrame::Error {
+                id: None,
+                code: ErrorCode::Unavailable,
+                message: format!("{channel}: {lagged}"),
+            },
+        };
+        self.send(frame.encode()).await
+    }
+
+    /// Checks a subscribe's presence options before anything is subscribed.
+    fn check_presence_request(
+        &self,
+        channel: &Channel,
+        request: Option<&PresenceRequest>,
+        join_leave: bool,
+    ) -> Result<Option<&dyn Presence>, ApiError> {
+        if request.is_none() && !join_leave {
+            return Ok(None);
+        }
+        let presence = self.shared.broker.presence().ok_or_else(no_presence)?;
+        if let Some(request) = request {
+            let size = request.info.as_ref().map_or(0, |info| info.as_str().len());
+            let limit = self.shared.config.max_presence_info_bytes;
+            if size > limit {
+                return Err(ApiError::new(
+                    ErrorCode::PresenceInfoTooLarge,
+                    format!("presence info is {size} bytes, the limit is {limit}"),
+                ));
+            }
+            if !self
+                .shared
+                .authorizer
+                .can_join_presence(&self.identity, channel)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("not allowed to appear among the members of {channel}"),
+                ));
+            }
+        }
+        if join_leave {
+            self.presence_of(channel)?;
+        }
+        Ok(Some(presence))
+    }
+
+    /// Starts the subscribe's presence: the join/leave watch first (so the subscriber sees
+    /// its own join), then the membership.
+    async fn start_presence(
+        &mut self,
+        channel: &Channel,
+        request: Option<PresenceRequest>,
+        join_leave: bool,
+    ) -> Result<(), ApiError> {
+        let Some(presence) = self.shared.broker.presence() else {
+            return Ok(());
+        };
+        let watch = if join_leave {
+            Some(presence.watch(channel).await?)
+        } else {
+            None
+        };
+        if let Some(request) = &request {
+            let member = Member {
+                id: self.member_id(),
+                info: request.info.clone(),
+            };
+            presence.join(channel, &member, &self.client_id).await?;
+        }
+        let state = self.presence.get_or_insert_with(Box::default);
+        if let Some(watch) = watch {
+            state.watches.insert(channel.clone(), watch);
+        }
+        if request.is_some() {
+            state.memberships.push(channel.clone());
+        }
+        Ok(())
+    }
+
     /// Resumes `channel` and adds it to the connection; the reply goes out before any of its
     /// events, because the subscription's stream is only polled after this returns.
     async fn subscribe(
@@ -474,6 +688,8 @@ impl Connection {
         id: RequestId,
         channel: Channel,
         since: Option<Position>,
+        presence: Option<PresenceRequest>,
+        join_leave: bool,
     ) -> Result<ServerFrame, ApiError> {
         if self.subscriptions.contains(&channel) {
             return Err(ApiError::new(
@@ -500,6 +716,7 @@ impl Connection {
                 format!("not allowed to subscribe to {channel}"),
             ));
         }
+        self.check_presence_request(&channel, presence.as_ref(), join_leave)?;
         self.admitted.subscribe(1).map_err(refusal)?;
         let recovery = match self.subscriptions.add(&self.shared, &channel, since).await {
             Ok(recovery) => recovery,
@@ -508,6 +725,11 @@ impl Connection {
                 return Err(error);
             }
         };
+        if let Err(error) = self.start_presence(&channel, presence, join_leave).await {
+            self.subscriptions.remove(&channel);
+            self.admitted.unsubscribe(1);
+            return Err(error);
+        }
         Ok(ServerFrame::Subscribed {
             id,
             channel,
@@ -536,4 +758,11 @@ impl Connection {
             })
             .await
     }
+}
+
+fn no_presence() -> ApiError {
+    ApiError::new(
+        ErrorCode::BadRequest,
+        "this server's broker keeps no presence",
+    )
 }

@@ -1,0 +1,255 @@
+//! Presence over WebSocket on the memory broker: members, the list and the count, join and
+//! leave events, leaves that come without a close, several tabs of one user, the size limit
+//! on presence info, and who may see a channel's members.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use resync_actix::jwt;
+use resync_protocol::{ClientFrame, ErrorCode, Member, Payload, PresenceRequest, ServerFrame};
+use resync_tests::proxy::ChaosProxy;
+use resync_tests::{JWT_SECRET, TestServer, WsClient};
+
+fn info(name: &str) -> Option<PresenceRequest> {
+    Some(PresenceRequest {
+        info: Some(Payload::from_value(&serde_json::json!({ "name": name })).unwrap()),
+    })
+}
+
+/// Subscribes as a member (with `join_leave`), returning once `subscribed` came.
+async fn join(client: &mut WsClient, channel: &str, presence: Option<PresenceRequest>) {
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: channel.parse().unwrap(),
+            since: None,
+            presence,
+            join_leave: true,
+        })
+        .await;
+    match client.frame().await {
+        ServerFrame::Subscribed { id: reply, .. } if reply == id => {}
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+/// The next join or leave (skipping events), as ("join"|"leave", member id).
+async fn next_presence(client: &mut WsClient) -> (&'static str, Member) {
+    loop {
+        match client.frame().await {
+            ServerFrame::Join { member, .. } => return ("join", member),
+            ServerFrame::Leave { member, .. } => return ("leave", member),
+            ServerFrame::Event(_) => {}
+            other => panic!("expected join or leave, got {other:?}"),
+        }
+    }
+}
+
+async fn members(client: &mut WsClient, channel: &str) -> Vec<String> {
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Presence {
+            id,
+            channel: channel.parse().unwrap(),
+        })
+        .await;
+    loop {
+        match client.frame().await {
+            ServerFrame::Presence { members, .. } => {
+                let mut ids: Vec<String> = members.into_iter().map(|member| member.id).collect();
+                ids.sort();
+                return ids;
+            }
+            ServerFrame::Join { .. } | ServerFrame::Leave { .. } => {}
+            other => panic!("expected the member list, got {other:?}"),
+        }
+    }
+}
+
+fn token(subject: &str, subscribe: &[&str]) -> String {
+    jwt::sign(
+        &jwt::Claims {
+            sub: Some(subject.into()),
+            exp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 600,
+            subscribe: subscribe
+                .iter()
+                .map(|pattern| (*pattern).to_owned())
+                .collect(),
+            ..Default::default()
+        },
+        JWT_SECRET.as_bytes(),
+    )
+}
+
+fn jwt_server(configure: impl FnOnce(&mut resync_server::Settings)) -> TestServer {
+    TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        configure(settings);
+    })
+}
+
+#[tokio::test]
+async fn two_members_see_each_other_and_a_close_is_a_leave() {
+    let server = jwt_server(|_| {});
+    let url = |subject| server.ws_url(&format!("?token={}", token(subject, &["chat:*"])));
+    let mut ann = WsClient::connect_ready(&url("ann")).await;
+    join(&mut ann, "chat:1", info("Ann")).await;
+    assert_eq!(
+        next_presence(&mut ann).await.1.id,
+        "ann",
+        "a member sees its own join"
+    );
+    let mut bob = WsClient::connect_ready(&url("bob")).await;
+    join(&mut bob, "chat:1", info("Bob")).await;
+    let (kind, member) = next_presence(&mut ann).await;
+    assert_eq!((kind, member.id.as_str()), ("join", "bob"));
+    assert_eq!(
+        member.info.unwrap().as_str(),
+        r#"{"name":"Bob"}"#,
+        "the info it joined with"
+    );
+    assert_eq!(
+        members(&mut bob, "chat:1").await,
+        ["ann", "bob"],
+        "bob sees ann"
+    );
+    assert_eq!(members(&mut ann, "chat:1").await, ["ann", "bob"]);
+    // A close is a leave.
+    bob.stream.close(None).await.unwrap();
+    let (kind, member) = next_presence(&mut ann).await;
+    assert_eq!((kind, member.id.as_str()), ("leave", "bob"));
+    assert_eq!(members(&mut ann, "chat:1").await, ["ann"]);
+}
+
+#[tokio::test]
+async fn two_tabs_of_one_user_are_one_member_who_leaves_with_the_last() {
+    let server = jwt_server(|_| {});
+    let url = |subject| server.ws_url(&format!("?token={}", token(subject, &["chat:*"])));
+    let mut watcher = WsClient::connect_ready(&url("watcher")).await;
+    join(&mut watcher, "chat:tabs", None).await;
+    let mut first_tab = WsClient::connect_ready(&url("cat")).await;
+    join(&mut first_tab, "chat:tabs", info("Cat")).await;
+    let mut second_tab = WsClient::connect_ready(&url("cat")).await;
+    join(&mut second_tab, "chat:tabs", info("Cat")).await;
+    assert_eq!(next_presence(&mut watcher).await.0, "join");
+    let id = watcher.next_request_id();
+    watcher
+        .send(&ClientFrame::PresenceCount {
+            id,
+            channel: "chat:tabs".parse().unwrap(),
+        })
+        .await;
+    match watcher.frame().await {
+        ServerFrame::PresenceCount { count, .. } => assert_eq!(count, 1, "two tabs, one member"),
+        other => panic!("expected the count, got {other:?}"),
+    }
+    drop(first_tab);
+    // The second tab still holds the member: the next presence event is the last tab's leave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(members(&mut watcher, "chat:tabs").await, ["cat"]);
+    drop(second_tab);
+    let (kind, member) = next_presence(&mut watcher).await;
+    assert_eq!((kind, member.id.as_str()), ("leave", "cat"));
+}
+
+#[tokio::test]
+async fn a_member_whose_connection_dies_without_a_close_leaves_within_the_heartbeat_bound() {
+    // Cut at a proxy that stops passing bytes (no FIN, no RST): only the heartbeat can tell.
+    // The bound is two ping intervals (docs/presence.md): 2 s here.
+    let server = jwt_server(|settings| settings.ping_interval_secs = 1);
+    let proxy = ChaosProxy::start(server.server.addresses[0]).await;
+    let token_of = |subject| token(subject, &["chat:*"]);
+    let mut watcher =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token_of("w")))).await;
+    join(&mut watcher, "chat:cut", None).await;
+    let through_proxy = format!(
+        "{}/ws?token={}",
+        proxy.base_url().replacen("http", "ws", 1),
+        token_of("dana")
+    );
+    let mut dana = WsClient::connect_ready(&through_proxy).await;
+    join(&mut dana, "chat:cut", info("Dana")).await;
+    assert_eq!(next_presence(&mut watcher).await.1.id, "dana");
+    // Dana answers pings: past the bound, it is still a member, so the leave below is the
+    // cut's doing.
+    let answering = tokio::spawn(async move {
+        loop {
+            if let resync_tests::WsRead::Closed(_) = dana.read().await {
+                break;
+            }
+        }
+    });
+    for _ in 0..6 {
+        // The watcher reads (and answers pings) every half second too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            members(&mut watcher, "chat:cut").await,
+            ["dana"],
+            "a member that answers pings stays"
+        );
+    }
+    proxy.set_blackhole(true);
+    let cut_at = Instant::now();
+    let (kind, member) = next_presence(&mut watcher).await;
+    let took = cut_at.elapsed();
+    assert_eq!((kind, member.id.as_str()), ("leave", "dana"));
+    assert!(
+        took <= Duration::from_millis(3_500),
+        "left {took:?} after the cut; the bound is two ping intervals (2 s) and a tick"
+    );
+    answering.abort();
+}
+
+#[tokio::test]
+async fn presence_info_over_the_limit_is_refused_and_nothing_is_joined() {
+    let server = jwt_server(|settings| settings.max_presence_info_bytes = 64);
+    let mut client =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("eve", &["*"])))).await;
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "chat:big".parse().unwrap(),
+            since: None,
+            presence: info(&"x".repeat(100)),
+            join_leave: false,
+        })
+        .await;
+    match client.frame().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::PresenceInfoTooLarge),
+        other => panic!("expected presence_info_too_large, got {other:?}"),
+    }
+    assert!(
+        members(&mut client, "chat:big").await.is_empty(),
+        "nothing joined"
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_permission_cannot_list_members() {
+    let server = jwt_server(|_| {});
+    let mut member =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("fay", &["team:*"]))))
+            .await;
+    join(&mut member, "team:secret", info("Fay")).await;
+    let mut outsider =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("gus", &["chat:*"]))))
+            .await;
+    let id = outsider.next_request_id();
+    outsider
+        .send(&ClientFrame::Presence {
+            id,
+            channel: "team:secret".parse().unwrap(),
+        })
+        .await;
+    match outsider.frame().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+}
