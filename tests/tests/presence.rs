@@ -253,3 +253,37 @@ async fn a_client_without_permission_cannot_list_members() {
         other => panic!("expected forbidden, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_http_api_lists_and_counts_members() {
+    let server = jwt_server(|_| {});
+    let mut ann =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("ann", &["*"])))).await;
+    join(&mut ann, "room:api", info("Ann")).await;
+    let get = |query: &'static str| {
+        let request = server
+            .http
+            .get(server.url(&format!("/api/channels/room:api/presence{query}")))
+            .bearer_auth("test-key");
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 200);
+            response
+                .json::<resync_protocol::bodies::ChannelPresence>()
+                .await
+                .unwrap()
+        }
+    };
+    let listed = get("").await;
+    assert_eq!(listed.count, 1);
+    assert_eq!(listed.members.unwrap()[0].id, "ann");
+    let counted = get("?only=count").await;
+    assert_eq!((counted.count, counted.members), (1, None));
+    let refused = server
+        .http
+        .get(server.url("/api/channels/room:api/presence"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401, "the API needs its key");
+}

@@ -176,3 +176,16 @@ pub struct ChannelInfo {
     /// Subscribers connected to this process.
     pub subscribers: usize,
 }
+
+/// `GET /api/channels/{channel}/presence`: who is in a channel, on every instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPresence {
+    /// The channel.
+    pub channel: Channel,
+    /// How many members it has.
+    pub count: u64,
+    /// The members, one per identity; absent when only the count was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<crate::Member>>,
+}

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use resync_actix::{ApiError, Metrics, Publisher};
 use resync_broker::{Broker, Publish, ReadOutcome};
 use resync_protocol::bodies::{
-    ChannelInfo, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
+    ChannelInfo, ChannelPresence, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
 };
 use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Position};
 use serde::Deserialize;
@@ -30,7 +30,11 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/publish", web::post().to(publish))
         .route("/api/history", web::get().to(history))
-        .route("/api/channels/{channel}", web::get().to(channel_info));
+        .route("/api/channels/{channel}", web::get().to(channel_info))
+        .route(
+            "/api/channels/{channel}/presence",
+            web::get().to(channel_presence),
+        );
 }
 
 /// Compares without an early exit, so response timing does not reveal how much matched.
@@ -211,6 +215,54 @@ async fn channel_info(
         position,
         subscribers,
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceQuery {
+    /// `count`: only the number of members.
+    #[serde(default)]
+    only: Option<String>,
+}
+
+/// `GET /api/channels/{channel}/presence` (`?only=count` for the count alone): the channel's
+/// members on every instance. The API key sees every channel.
+async fn channel_presence(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let query: PresenceQuery = serde_urlencoded_from(request.query_string())?;
+    let channel = Channel::new(path.into_inner())?;
+    let presence = state.broker.presence().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "this server's broker keeps no presence",
+        )
+    })?;
+    let body = match query.only.as_deref() {
+        Some("count") => ChannelPresence {
+            count: presence.member_count(&channel).await?,
+            channel,
+            members: None,
+        },
+        None => {
+            let members = presence.members(&channel).await?;
+            ChannelPresence {
+                count: members.len() as u64,
+                channel,
+                members: Some(members),
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("unknown only={other:?}; use only=count"),
+            ));
+        }
+    };
+    Ok(HttpResponse::Ok().json(body))
 }
 
 #[cfg(test)]
