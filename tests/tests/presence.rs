@@ -287,3 +287,70 @@ async fn the_http_api_lists_and_counts_members() {
         .unwrap();
     assert_eq!(refused.status().as_u16(), 401, "the API needs its key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_redis_agree_and_a_killed_instance_s_members_expire() {
+    use resync_tests::redis_server::RedisServer;
+    use resync_tests::server_process::ServerProcess;
+
+    let redis = RedisServer::start();
+    let mut instances: Vec<ServerProcess> = (0..3)
+        .map(|_| {
+            ServerProcess::start(&[
+                "--broker",
+                "redis",
+                "--redis-url",
+                &redis.url(),
+                "--jwt-secret",
+                JWT_SECRET,
+                "--presence-ttl-secs",
+                "2",
+            ])
+        })
+        .collect();
+    let url = |instance: &ServerProcess, subject: &str| {
+        format!(
+            "{}/ws?token={}",
+            instance.base_url.replacen("http", "ws", 1),
+            token(subject, &["room:*"])
+        )
+    };
+    let mut clients = Vec::new();
+    for (index, instance) in instances.iter().enumerate() {
+        let mut client = WsClient::connect_ready(&url(instance, &format!("user{index}"))).await;
+        join(&mut client, "room:cluster", info(&format!("User {index}"))).await;
+        clients.push(client);
+    }
+    // Each watcher sees the joins made after it watched (its own and the later ones), from
+    // whichever instance they came.
+    for (index, client) in clients.iter_mut().enumerate() {
+        let mut joined = Vec::new();
+        while joined.len() < 3 - index {
+            let (kind, member) = next_presence(client).await;
+            assert_eq!(kind, "join");
+            if !joined.contains(&member.id) {
+                joined.push(member.id);
+            }
+        }
+    }
+    for client in &mut clients {
+        assert_eq!(
+            members(client, "room:cluster").await,
+            ["user0", "user1", "user2"],
+            "every instance lists every member"
+        );
+    }
+    // Kill the third instance (SIGKILL: no leave is ever sent); its member expires.
+    instances[2].kill();
+    let killed_at = Instant::now();
+    let (kind, member) = next_presence(&mut clients[0]).await;
+    let took = killed_at.elapsed();
+    assert_eq!((kind, member.id.as_str()), ("leave", "user2"));
+    assert!(
+        took <= Duration::from_millis(4_500),
+        "left {took:?} after the kill; the bound is the ttl and a third (2.7 s) and a sweep"
+    );
+    for client in &mut clients[..2] {
+        assert_eq!(members(client, "room:cluster").await, ["user0", "user1"]);
+    }
+}

@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+mod presence;
 mod pubsub;
 mod scripts;
 
@@ -55,9 +56,18 @@ pub struct RedisBrokerBuilder {
     idempotency_ttl: Duration,
     meta_ttl: Duration,
     command_timeout: Duration,
+    presence_ttl: Duration,
 }
 
 impl RedisBrokerBuilder {
+    /// How long a presence entry lives unless its instance refreshes it (every third of
+    /// this): a member of an instance that died leaves within this and a third. Defaults to
+    /// 30 seconds.
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl = ttl.max(Duration::from_millis(30));
+        self
+    }
+
     /// Prefix of every key and Pub/Sub channel, so several apps can share one Redis.
     /// Defaults to `resync:`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -135,7 +145,10 @@ impl RedisBrokerBuilder {
             let _ = idle_commands.try_send(pubsub::Command::Unsubscribe(channel.clone()));
         });
         let (connected_sender, connected) = watch::channel(false);
+        let presence_fanout = Arc::new(presence::Fanout::default());
         let inner = Arc::new(Inner {
+            presence_fanout: presence_fanout.clone(),
+            presence_local: presence::Local::default(),
             pool,
             connections: (0..self.pool_size)
                 .map(|_| std::sync::Mutex::new(None))
@@ -149,6 +162,10 @@ impl RedisBrokerBuilder {
                 publish: redis::Script::new(scripts::PUBLISH),
                 position: redis::Script::new(scripts::POSITION),
                 read_since: redis::Script::new(scripts::READ_SINCE),
+                presence_join: redis::Script::new(scripts::PRESENCE_JOIN),
+                presence_leave: redis::Script::new(scripts::PRESENCE_LEAVE),
+                presence_refresh: redis::Script::new(scripts::PRESENCE_REFRESH),
+                presence_sweep: redis::Script::new(scripts::PRESENCE_SWEEP),
             },
         });
         tokio::spawn(pubsub::run(
@@ -157,6 +174,11 @@ impl RedisBrokerBuilder {
             receiver,
             inner.settings.key_prefix.clone(),
             connected_sender,
+            presence_fanout,
+        ));
+        tokio::spawn(presence::keep_alive(
+            Arc::downgrade(&inner),
+            inner.settings.presence_ttl / 3,
         ));
         Ok(RedisBroker { inner })
     }
@@ -166,6 +188,10 @@ struct Scripts {
     publish: redis::Script,
     position: redis::Script,
     read_since: redis::Script,
+    presence_join: redis::Script,
+    presence_leave: redis::Script,
+    presence_refresh: redis::Script,
+    presence_sweep: redis::Script,
 }
 
 struct Inner {
@@ -178,6 +204,10 @@ struct Inner {
     connected: watch::Receiver<bool>,
     settings: RedisBrokerBuilder,
     scripts: Scripts,
+    /// This process's watchers of joins and leaves (shared with the Pub/Sub task).
+    presence_fanout: Arc<presence::Fanout>,
+    /// This process's own presence entries, which it keeps alive.
+    presence_local: presence::Local,
 }
 
 /// A [`Broker`] whose seqs, epochs and history live in Redis, shared by every process that
@@ -205,7 +235,7 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn unavailable(error: impl std::fmt::Display) -> Error {
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("redis: {error}"))
 }
 
@@ -231,6 +261,7 @@ impl RedisBroker {
             idempotency_ttl: Duration::from_secs(600),
             meta_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             command_timeout: Duration::from_secs(2),
+            presence_ttl: Duration::from_secs(30),
         }
     }
 
@@ -253,9 +284,23 @@ impl RedisBroker {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        let timeout = self.inner.settings.command_timeout;
-        let slot = self.inner.next_connection.fetch_add(1, Ordering::Relaxed)
-            % self.inner.connections.len();
+        self.inner.run(invocation).await
+    }
+
+    fn position_from(epoch: String, seq: u64) -> Result<Position> {
+        let epoch = Epoch::new(&epoch).map_err(|error| Error::Corrupt(error.to_string()))?;
+        Ok(Position::new(epoch, Seq::new(seq)))
+    }
+}
+
+impl Inner {
+    /// Runs a script with the command timeout; any failure is "unavailable".
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let timeout = self.settings.command_timeout;
+        let slot = self.next_connection.fetch_add(1, Ordering::Relaxed) % self.connections.len();
         let call = async {
             let mut connection = self.connection(slot).await?;
             invocation
@@ -277,22 +322,42 @@ impl RedisBroker {
     /// The shared connection in `slot`, taken from the pool (opened and checked there) the
     /// first time and after a failure.
     async fn connection(&self, slot: usize) -> Result<MultiplexedConnection> {
-        if let Some(connection) = lock(&self.inner.connections[slot]).clone() {
+        if let Some(connection) = lock(&self.connections[slot]).clone() {
             return Ok(connection);
         }
-        let pooled = self.inner.pool.get().await.map_err(unavailable)?;
+        let pooled = self.pool.get().await.map_err(unavailable)?;
         let connection = deadpool_redis::Connection::take(pooled);
-        *lock(&self.inner.connections[slot]) = Some(connection.clone());
+        *lock(&self.connections[slot]) = Some(connection.clone());
         Ok(connection)
     }
 
     fn forget_connection(&self, slot: usize) {
-        lock(&self.inner.connections[slot]).take();
+        lock(&self.connections[slot]).take();
     }
 
-    fn position_from(epoch: String, seq: u64) -> Result<Position> {
-        let epoch = Epoch::new(&epoch).map_err(|error| Error::Corrupt(error.to_string()))?;
-        Ok(Position::new(epoch, Seq::new(seq)))
+    /// Runs one command with the command timeout; any failure is "unavailable".
+    pub(crate) async fn command<T: redis::FromRedisValue>(
+        &self,
+        command: &mut redis::Cmd,
+    ) -> Result<T> {
+        let timeout = self.settings.command_timeout;
+        let slot = self.next_connection.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let call = async {
+            let mut connection = self.connection(slot).await?;
+            command
+                .query_async::<T>(&mut connection)
+                .await
+                .map_err(|error| {
+                    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                        self.forget_connection(slot);
+                    }
+                    unavailable(error)
+                })
+        };
+        tokio::time::timeout(timeout, call).await.map_err(|_| {
+            self.forget_connection(slot);
+            Error::Unavailable(format!("redis did not answer within {timeout:?}"))
+        })?
     }
 }
 
@@ -431,6 +496,10 @@ impl Broker for RedisBroker {
 
     fn subscriber_count(&self, channel: &Channel) -> usize {
         self.inner.hub.subscriber_count(channel)
+    }
+
+    fn presence(&self) -> Option<&dyn resync_broker::Presence> {
+        Some(&*self.inner)
     }
 
     async fn close(&self) {

@@ -13,12 +13,27 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub(crate) enum Command {
     Subscribe(Channel, oneshot::Sender<Result<(), Error>>),
     Unsubscribe(Channel),
+    /// Deliver the channel's joins and leaves to this process's watchers.
+    SubscribePresence(Channel, oneshot::Sender<Result<(), Error>>),
     /// The broker was closed: stop for good.
     Close,
 }
 
 fn pubsub_name(prefix: &str, channel: &Channel) -> String {
     format!("{prefix}{{{channel}}}")
+}
+
+fn presence_name(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}{{{channel}}}:presence")
+}
+
+/// The channel of a presence Pub/Sub name (`<prefix>{<channel>}:presence`).
+fn presence_channel(prefix: &str, name: &str) -> Option<Channel> {
+    let channel = name
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:presence")?;
+    Channel::new(channel).ok()
 }
 
 /// Reads `<prefix>{<channel>}` and `<epoch>:<seq>:<payload>` back into an event.
@@ -45,6 +60,7 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<Command>,
     prefix: String,
     connected: watch::Sender<bool>,
+    presence: crate::presence::SharedFanout,
 ) {
     let mut delay = Duration::from_millis(100);
     let mut was_connected = false;
@@ -81,6 +97,19 @@ pub(crate) async fn run(
             }
             subscribed.insert(channel);
         }
+        let mut presence_subscribed: HashSet<Channel> = HashSet::new();
+        for channel in presence.channels() {
+            if healthy
+                && sink
+                    .subscribe(presence_name(&prefix, &channel))
+                    .await
+                    .is_err()
+            {
+                healthy = false;
+                break;
+            }
+            presence_subscribed.insert(channel);
+        }
         if !healthy {
             continue;
         }
@@ -108,6 +137,20 @@ pub(crate) async fn run(
                             continue;
                         }
                     };
+                    if let Some(channel) = presence_channel(&prefix, &name) {
+                        match crate::presence::decode_event(&payload) {
+                            Some(event) => {
+                                if !presence.deliver(&channel, event)
+                                    && presence_subscribed.remove(&channel)
+                                    && sink.unsubscribe(&name).await.is_err()
+                                {
+                                    break;
+                                }
+                            }
+                            None => tracing::warn!(target: "resync::redis", %name, "undecodable presence message"),
+                        }
+                        continue;
+                    }
                     match decode(&prefix, &name, &payload) {
                         Some(event) => {
                             if hub.deliver(&event) == 0 && hub.subscriber_count(event.channel()) == 0 {
@@ -141,6 +184,22 @@ pub(crate) async fn run(
                             }
                         }
                     }
+                    Some(Command::SubscribePresence(channel, reply)) => {
+                        if presence_subscribed.contains(&channel) {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        match sink.subscribe(presence_name(&prefix, &channel)).await {
+                            Ok(()) => {
+                                presence_subscribed.insert(channel);
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(error) => {
+                                let _ = reply.send(Err(Error::Unavailable(format!("redis SUBSCRIBE failed: {error}"))));
+                                break;
+                            }
+                        }
+                    }
                     Some(Command::Unsubscribe(channel)) => {
                         if hub.subscriber_count(&channel) == 0 && subscribed.remove(&channel)
                             && sink.unsubscribe(pubsub_name(&prefix, &channel)).await.is_err()
@@ -165,7 +224,7 @@ async fn wait_refusing(commands: &mut mpsc::Receiver<Command>, delay: Duration) 
             _ = tokio::time::sleep_until(deadline) => return true,
             command = commands.recv() => match command {
                 None | Some(Command::Close) => return false,
-                Some(Command::Subscribe(_, reply)) => {
+                Some(Command::Subscribe(_, reply) | Command::SubscribePresence(_, reply)) => {
                     let _ = reply.send(Err(Error::Unavailable("redis pub/sub is not connected".to_owned())));
                 }
                 Some(Command::Unsubscribe(_)) => {}

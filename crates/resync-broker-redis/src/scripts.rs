@@ -137,3 +137,89 @@ local entries = redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+', 'COUNT',
 return {epoch, last, entries}
 "
 );
+
+/// Presence keys of a channel (same hash tag): `<prefix>{<channel>}:pconn`, a sorted set of
+/// `<member id>\n<connection>` scored by expiry (ms since the Unix epoch);
+/// `<prefix>{<channel>}:pcount`, each member's live connections; `<prefix>{<channel>}:pmem`,
+/// each member's info (`-` when none, else `+<json>`). Joins and leaves are published on
+/// `<prefix>{<channel>}:presence` as `j<member json>` / `l<member json>`.
+///
+/// The leave of one connection key, shared by LEAVE and SWEEP: removes it, and the member
+/// when it was its last, publishing the leave. KEYS: pconn, pcount, pmem. Returns 1 when the
+/// member left.
+macro_rules! presence_leave_fn {
+    () => {
+        r"
+local function leave_key(key, channel_name)
+  if redis.call('ZREM', KEYS[1], key) == 0 then
+    return 0
+  end
+  local member = string.match(key, '^(.*)\n')
+  if redis.call('HINCRBY', KEYS[2], member, -1) > 0 then
+    return 0
+  end
+  redis.call('HDEL', KEYS[2], member)
+  local body = redis.call('HGET', KEYS[3], member)
+  redis.call('HDEL', KEYS[3], member)
+  if body then
+    redis.call('PUBLISH', channel_name, 'l' .. body)
+  end
+  return 1
+end
+"
+    };
+}
+
+/// Join. KEYS: pconn, pcount, pmem. ARGV: member id, connection, member json, expiry ms,
+/// keys ttl ms, presence pub/sub name. Returns 1 when the member joined (its first live
+/// connection).
+pub(crate) const PRESENCE_JOIN: &str = r"
+local key = ARGV[1] .. '\n' .. ARGV[2]
+local added = redis.call('ZADD', KEYS[1], ARGV[4], key)
+for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ARGV[5]) end
+if added == 0 then
+  return 0
+end
+local count = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+if count > 1 then
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('PUBLISH', ARGV[6], 'j' .. ARGV[3])
+return 1
+";
+
+/// Leave of one connection. KEYS: pconn, pcount, pmem. ARGV: member id, connection,
+/// presence pub/sub name.
+pub(crate) const PRESENCE_LEAVE: &str = concat!(
+    presence_leave_fn!(),
+    r"
+return leave_key(ARGV[1] .. '\n' .. ARGV[2], ARGV[3])
+"
+);
+
+/// Refresh: pushes the expiry of this instance's live connections forward (only those still
+/// there: a swept one stays gone). KEYS: pconn, pcount, pmem. ARGV: expiry ms, keys ttl ms,
+/// then the connection keys.
+pub(crate) const PRESENCE_REFRESH: &str = r"
+for index = 3, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[index])
+end
+for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ARGV[2]) end
+return 0
+";
+
+/// Sweep: every connection whose expiry passed leaves (its instance died or lost Redis).
+/// KEYS: pconn, pcount, pmem. ARGV: now ms, presence pub/sub name. Returns how many members
+/// left.
+pub(crate) const PRESENCE_SWEEP: &str = concat!(
+    presence_leave_fn!(),
+    r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local left = 0
+for _, key in ipairs(expired) do
+  left = left + leave_key(key, ARGV[2])
+end
+return left
+"
+);

@@ -97,6 +97,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             Arc::new(
                 RedisBroker::builder(settings.redis_url.clone())
                     .key_prefix(settings.redis_prefix.clone())
+                    .presence_ttl(Duration::from_secs(settings.presence_ttl_secs.max(1)))
                     .pool_size(settings.redis_pool_size)
                     .retention(retention)
                     .subscriber_queue(settings.subscriber_queue)

@@ -76,6 +76,8 @@ pub struct Settings {
     pub redis_url: String,
     /// Prefix of Redis keys and Pub/Sub channels.
     pub redis_prefix: String,
+    /// Seconds a Redis presence entry lives unless its instance refreshes it.
+    pub presence_ttl_secs: u64,
     /// Redis command connections per process.
     pub redis_pool_size: usize,
     /// Serve the demo page at `/`, publish ticks on `demo:ticker`, and let anonymous clients
@@ -169,6 +171,7 @@ impl Default for Settings {
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_prefix: "resync:".to_owned(),
+            presence_ttl_secs: 30,
             redis_pool_size: 16,
             demo: false,
             track_disconnects: true,
@@ -314,6 +317,11 @@ pub struct Args {
     /// Prefix of Redis keys and Pub/Sub channels. [default: resync:]
     #[arg(long, env = "RESYNC_REDIS_PREFIX")]
     redis_prefix: Option<String>,
+    /// Seconds a presence entry lives on Redis unless its instance refreshes it (every third
+    /// of this): the members of an instance that dies leave within this and a third.
+    /// [default: 30]
+    #[arg(long, env = "RESYNC_PRESENCE_TTL_SECS")]
+    presence_ttl_secs: Option<u64>,
     /// Redis command connections per process. [default: 16]
     #[arg(long, env = "RESYNC_REDIS_POOL_SIZE")]
     redis_pool_size: Option<usize>,
@@ -438,6 +446,7 @@ impl Settings {
             broker,
             redis_url,
             redis_prefix,
+            presence_ttl_secs,
             redis_pool_size,
             demo,
             track_disconnects,
