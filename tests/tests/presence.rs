@@ -354,3 +354,63 @@ async fn three_instances_on_redis_agree_and_a_killed_instance_s_members_expire()
         assert_eq!(members(client, "room:cluster").await, ["user0", "user1"]);
     }
 }
+
+#[tokio::test]
+async fn an_sse_viewer_is_a_member_and_is_told_of_joins_and_leaves() {
+    let server = jwt_server(|_| {});
+    let mut watcher =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("wes", &["doc:*"]))))
+            .await;
+    join(&mut watcher, "doc:1", None).await;
+    let viewer_info = urlencoding_json(r#"{"name":"Vi"}"#);
+    let mut viewer = resync_tests::SseClient::connect(
+        &server,
+        &format!(
+            "?channel=doc:1&presence={viewer_info}&join_leave=1&token={}",
+            token("vi", &["doc:*"])
+        ),
+        None,
+    )
+    .await;
+    let (kind, member) = next_presence(&mut watcher).await;
+    assert_eq!(
+        (kind, member.id.as_str()),
+        ("join", "vi"),
+        "an SSE viewer counts as a member"
+    );
+    // A WebSocket member joins: the viewer gets a `join` event.
+    let mut editor =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("ed", &["doc:*"]))))
+            .await;
+    join(&mut editor, "doc:1", info("Ed")).await;
+    let mut saw = Vec::new();
+    while saw.len() < 2 {
+        let message = viewer.next().await.expect("the stream stays open");
+        if message.event == "join" {
+            saw.push(message.data);
+        }
+    }
+    assert!(
+        saw[0].contains(r#""id":"vi""#),
+        "its own join first: {saw:?}"
+    );
+    assert!(saw[1].contains(r#""id":"ed""#), "{saw:?}");
+    // The viewer goes away: its leave reaches the others.
+    drop(viewer);
+    loop {
+        let (kind, member) = next_presence(&mut watcher).await;
+        if kind == "leave" {
+            assert_eq!(member.id, "vi");
+            break;
+        }
+    }
+}
+
+fn urlencoding_json(json: &str) -> String {
+    json.bytes()
+        .map(|byte| match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (byte as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

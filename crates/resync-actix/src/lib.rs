@@ -45,6 +45,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod jwt;
+mod membership;
 mod metrics;
 mod poll;
 mod probe;

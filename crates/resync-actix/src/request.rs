@@ -26,6 +26,11 @@ pub(crate) struct QueryParams {
     pub(crate) token: Option<String>,
     /// `timeout=…` in seconds (long polling).
     pub(crate) timeout_seconds: Option<u64>,
+    /// `presence=…` (SSE): appear among the channels' members, with this JSON info (empty:
+    /// none).
+    pub(crate) presence: Option<resync_protocol::PresenceRequest>,
+    /// `join_leave=1` (SSE): be told of joins and leaves.
+    pub(crate) join_leave: bool,
 }
 
 impl QueryParams {
@@ -61,6 +66,15 @@ impl QueryParams {
                     params.cursor = Some(Cursor::parse(&value)?);
                 }
                 "token" => params.token = Some(value.into_owned()),
+                "presence" => {
+                    let info = if value.is_empty() {
+                        None
+                    } else {
+                        Some(resync_protocol::Payload::from_json(value.into_owned())?)
+                    };
+                    params.presence = Some(resync_protocol::PresenceRequest { info });
+                }
+                "join_leave" => params.join_leave = matches!(value.as_ref(), "1" | "true"),
                 "timeout" => {
                     params.timeout_seconds = Some(value.parse().map_err(|_| {
                         ApiError::new(

@@ -7,15 +7,18 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::StreamExt;
+use resync_broker::{PresenceEvent, PresenceLagged, PresenceWatch};
 use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::bodies::{ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, ErrorCode, RecoveryOutcome};
+use resync_protocol::{Channel, ErrorCode, Member, RecoveryOutcome, ServerFrame};
 use tokio::sync::watch;
 
 use crate::Shared;
 use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
+use crate::membership::{self, Memberships};
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
@@ -79,7 +82,24 @@ async fn open_stream(
     } = admit_follower(&shared, request).await?;
 
     let since = Since::of_stream(query.cursor, request);
+    for channel in &query.channels {
+        membership::check(
+            &shared,
+            &identity,
+            channel,
+            query.presence.as_ref(),
+            query.join_leave,
+        )?;
+    }
     let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    let presence = start_presence(
+        &shared,
+        &identity,
+        &query.channels,
+        query.presence,
+        query.join_leave,
+    )
+    .await?;
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
 
     // Resets found now also go out as `reset` events, right after the opening: a client
@@ -134,6 +154,7 @@ async fn open_stream(
         heartbeat: shared.clock(&shared.sse_heartbeat),
         shared,
         channels,
+        presence,
         first_chunk: Some(Bytes::from(first_chunk)),
         ended: false,
     };
@@ -153,9 +174,61 @@ async fn open_stream(
         .streaming(body))
 }
 
+/// A stream's part in presence: it leaves its channels when dropped.
+struct StreamPresence {
+    watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
+    #[allow(dead_code, reason = "held for its Drop, which leaves the channels")]
+    memberships: Memberships,
+}
+
+/// Joins the stream's channels (with `presence=`) and watches their joins and leaves (with
+/// `join_leave=1`); every request was checked by `membership::check` already.
+async fn start_presence(
+    shared: &Arc<Shared>,
+    identity: &crate::auth::Identity,
+    channels: &[Channel],
+    member: Option<resync_protocol::PresenceRequest>,
+    join_leave: bool,
+) -> Result<Option<Box<StreamPresence>>, ApiError> {
+    let Some(presence) = shared.broker.presence() else {
+        return Ok(None);
+    };
+    if member.is_none() && !join_leave {
+        return Ok(None);
+    }
+    let connection = format!("{:016x}", fastrand::u64(..));
+    let mut state = StreamPresence {
+        watches: tokio_stream::StreamMap::new(),
+        memberships: Memberships::new(
+            shared.broker.clone(),
+            membership::member_id(identity, &connection),
+            connection,
+        ),
+    };
+    for channel in channels {
+        if join_leave {
+            state
+                .watches
+                .insert(channel.clone(), presence.watch(channel).await?);
+        }
+        if let Some(request) = &member {
+            let joining = Member {
+                id: state.memberships.member_id().to_owned(),
+                info: request.info.clone(),
+            };
+            presence
+                .join(channel, &joining, state.memberships.connection())
+                .await?;
+            state.memberships.joined(channel.clone());
+        }
+    }
+    Ok(Some(Box::new(state)))
+}
+
 /// What woke a waiting stream.
 enum Wake {
     Item(Option<(Channel, Result<SubscriptionItem, SubscriptionError>)>),
+    Presence(Channel, Result<PresenceEvent, PresenceLagged>),
     Heartbeat,
     Shutdown,
     Expired,
@@ -172,6 +245,8 @@ struct StreamState {
     )]
     guard: ConnectionGuard,
     channels: ChannelSet,
+    /// Presence memberships and join/leave watches, when the stream asked for them.
+    presence: Option<Box<StreamPresence>>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
     ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
@@ -220,6 +295,11 @@ impl StreamState {
         let wake = tokio::select! {
             biased;
             item = self.channels.next() => Wake::Item(item),
+            Some((channel, event)) = async {
+                self.presence.as_mut()?.watches.next().await
+            }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
+                Wake::Presence(channel, event)
+            }
             // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
             _ = self.heartbeat.changed() => {
                 if *self.shared.shutdown.borrow() {
@@ -273,6 +353,32 @@ impl StreamState {
                     }
                 }
                 self.shared.metrics.delivered(Transport::Sse, delivered);
+                Some(Bytes::from(chunk))
+            }
+            Wake::Presence(channel, event) => {
+                // The data is the WebSocket frame's JSON; a lag tells the client to fetch
+                // the list again.
+                let (name, data) = match event {
+                    Ok(PresenceEvent::Join(member)) => {
+                        ("join", ServerFrame::Join { channel, member }.encode())
+                    }
+                    Ok(PresenceEvent::Leave(member)) => {
+                        ("leave", ServerFrame::Leave { channel, member }.encode())
+                    }
+                    Err(lagged) => (
+                        "presence_lagged",
+                        serde_json::json!({ "channel": channel, "message": lagged.to_string() })
+                            .to_string(),
+                    ),
+                };
+                let mut chunk = Vec::new();
+                SseFrame {
+                    id: None,
+                    event: Some(name),
+                    data: &data,
+                    retry_ms: None,
+                }
+                .encode_into(&mut chunk);
                 Some(Bytes::from(chunk))
             }
             Wake::Heartbeat => {

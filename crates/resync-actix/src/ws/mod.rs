@@ -23,6 +23,7 @@ use crate::admission::{AdmissionGuard, TokenBucket};
 use crate::auth::Identity;
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
+use crate::membership;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target, refusal};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
@@ -553,15 +554,15 @@ impl Connection {
                 format!("not allowed to see who is in {channel}"),
             ));
         }
-        self.shared.broker.presence().ok_or_else(no_presence)
+        self.shared
+            .broker
+            .presence()
+            .ok_or_else(membership::no_presence)
     }
 
     /// This connection's member id: its token's subject, or its own id when anonymous.
     fn member_id(&self) -> String {
-        match &self.identity.subject {
-            Some(subject) => subject.clone(),
-            None => format!("anon:{}", self.client_id),
-        }
+        membership::member_id(&self.identity, &self.client_id)
     }
 
     /// Leaves `channel`'s members (if this connection is one) and stops its join/leave
@@ -618,34 +619,7 @@ impl Connection {
         request: Option<&PresenceRequest>,
         join_leave: bool,
     ) -> Result<Option<&dyn Presence>, ApiError> {
-        if request.is_none() && !join_leave {
-            return Ok(None);
-        }
-        let presence = self.shared.broker.presence().ok_or_else(no_presence)?;
-        if let Some(request) = request {
-            let size = request.info.as_ref().map_or(0, |info| info.as_str().len());
-            let limit = self.shared.config.max_presence_info_bytes;
-            if size > limit {
-                return Err(ApiError::new(
-                    ErrorCode::PresenceInfoTooLarge,
-                    format!("presence info is {size} bytes, the limit is {limit}"),
-                ));
-            }
-            if !self
-                .shared
-                .authorizer
-                .can_join_presence(&self.identity, channel)
-            {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!("not allowed to appear among the members of {channel}"),
-                ));
-            }
-        }
-        if join_leave {
-            self.presence_of(channel)?;
-        }
-        Ok(Some(presence))
+        membership::check(&self.shared, &self.identity, channel, request, join_leave)
     }
 
     /// Starts the subscribe's presence: the join/leave watch first (so the subscriber sees
@@ -758,11 +732,4 @@ impl Connection {
             })
             .await
     }
-}
-
-fn no_presence() -> ApiError {
-    ApiError::new(
-        ErrorCode::BadRequest,
-        "this server's broker keeps no presence",
-    )
 }

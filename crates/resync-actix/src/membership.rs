@@ -1,0 +1,122 @@
+//! What every transport does the same for presence: check a subscriber's presence request
+//! (the broker keeps presence, the info is within its limit, the identity may appear or
+//! watch), name its member, and leave when a connection ends.
+
+use std::sync::Arc;
+
+use resync_broker::{Broker, Presence};
+use resync_protocol::{Channel, ErrorCode, PresenceRequest};
+
+use crate::Shared;
+use crate::auth::Identity;
+use crate::error::ApiError;
+
+/// The error for a broker that keeps no presence.
+pub(crate) fn no_presence() -> ApiError {
+    ApiError::new(
+        ErrorCode::BadRequest,
+        "this server's broker keeps no presence",
+    )
+}
+
+/// Checks a subscriber's presence request before anything is subscribed: `member` to appear
+/// among `channel`'s members with `info`, `join_leave` to be told of joins and leaves.
+/// `None` when neither is asked.
+pub(crate) fn check<'a>(
+    shared: &'a Shared,
+    identity: &Identity,
+    channel: &Channel,
+    member: Option<&PresenceRequest>,
+    join_leave: bool,
+) -> Result<Option<&'a dyn Presence>, ApiError> {
+    if member.is_none() && !join_leave {
+        return Ok(None);
+    }
+    let presence = shared.broker.presence().ok_or_else(no_presence)?;
+    if let Some(request) = member {
+        let size = request.info.as_ref().map_or(0, |info| info.as_str().len());
+        let limit = shared.config.max_presence_info_bytes;
+        if size > limit {
+            return Err(ApiError::new(
+                ErrorCode::PresenceInfoTooLarge,
+                format!("presence info is {size} bytes, the limit is {limit}"),
+            ));
+        }
+        if !shared.authorizer.can_join_presence(identity, channel) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to appear among the members of {channel}"),
+            ));
+        }
+    }
+    if join_leave && !shared.authorizer.can_see_presence(identity, channel) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("not allowed to see who is in {channel}"),
+        ));
+    }
+    Ok(Some(presence))
+}
+
+/// A connection's member id: its token's subject, or `anon:<connection>` when anonymous.
+pub(crate) fn member_id(identity: &Identity, connection: &str) -> String {
+    match &identity.subject {
+        Some(subject) => subject.clone(),
+        None => format!("anon:{connection}"),
+    }
+}
+
+/// The channels a connection is a member of; when dropped (the stream ended, however), it
+/// leaves them, on a task of its own since a drop cannot wait.
+pub(crate) struct Memberships {
+    broker: Arc<dyn Broker>,
+    member_id: String,
+    connection: String,
+    channels: Vec<Channel>,
+}
+
+impl Memberships {
+    pub(crate) fn new(broker: Arc<dyn Broker>, member_id: String, connection: String) -> Self {
+        Self {
+            broker,
+            member_id,
+            connection,
+            channels: Vec::new(),
+        }
+    }
+
+    pub(crate) fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    pub(crate) fn connection(&self) -> &str {
+        &self.connection
+    }
+
+    /// Records that the connection joined `channel`.
+    pub(crate) fn joined(&mut self, channel: Channel) {
+        self.channels.push(channel);
+    }
+}
+
+impl Drop for Memberships {
+    fn drop(&mut self) {
+        if self.channels.is_empty() {
+            return;
+        }
+        let broker = self.broker.clone();
+        let member_id = std::mem::take(&mut self.member_id);
+        let connection = std::mem::take(&mut self.connection);
+        let channels = std::mem::take(&mut self.channels);
+        actix_web::rt::spawn(async move {
+            let Some(presence) = broker.presence() else {
+                return;
+            };
+            for channel in channels {
+                if let Err(error) = presence.leave(&channel, &member_id, &connection).await {
+                    tracing::warn!(target: "resync::presence", %channel, %error, "presence leave failed");
+                }
+            }
+        });
+    }
+}
