@@ -414,3 +414,53 @@ fn urlencoding_json(json: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn token_claims_say_who_may_see_and_who_may_appear() {
+    let server = jwt_server(|_| {});
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    // May subscribe to the lobby, but neither see nor appear among its members.
+    let quiet = jwt::sign(
+        &jwt::Claims {
+            sub: Some("quiet".into()),
+            exp,
+            subscribe: vec!["lobby".into()],
+            presence: Some(Vec::new()),
+            appear: Some(Vec::new()),
+            ..Default::default()
+        },
+        JWT_SECRET.as_bytes(),
+    );
+    let mut client = WsClient::connect_ready(&server.ws_url(&format!("?token={quiet}"))).await;
+    client.subscribe("lobby", None).await;
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Presence {
+            id,
+            channel: "lobby".parse().unwrap(),
+        })
+        .await;
+    match client.frame().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden, "may not see"),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    let mut other = WsClient::connect_ready(&server.ws_url(&format!("?token={quiet}"))).await;
+    let id = other.next_request_id();
+    other
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "lobby".parse().unwrap(),
+            since: None,
+            presence: info("Quiet"),
+            join_leave: false,
+        })
+        .await;
+    match other.frame().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden, "may not appear"),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+}

@@ -71,6 +71,11 @@ pub struct Identity {
     pub subscribe: Vec<ChannelPattern>,
     /// Channels this identity may publish to.
     pub publish: Vec<ChannelPattern>,
+    /// Channels whose members this identity may see; `None`: those it may subscribe to.
+    pub presence: Option<Vec<ChannelPattern>>,
+    /// Channels whose members this identity may appear among; `None`: those it may
+    /// subscribe to.
+    pub appear: Option<Vec<ChannelPattern>>,
 }
 
 impl Identity {
@@ -114,15 +119,21 @@ pub trait Authorizer: Send + Sync + 'static {
     }
 
     /// Whether `identity` may see who is in `channel` (the member list, the count, join and
-    /// leave events). Defaults to whoever may subscribe.
+    /// leave events): its `presence` patterns, or by default whoever may subscribe.
     fn can_see_presence(&self, identity: &Identity, channel: &Channel) -> bool {
-        self.can_subscribe(identity, channel)
+        match &identity.presence {
+            Some(patterns) => any_matches(patterns, channel),
+            None => self.can_subscribe(identity, channel),
+        }
     }
 
-    /// Whether `identity` may appear among `channel`'s members. Defaults to whoever may
-    /// subscribe.
+    /// Whether `identity` may appear among `channel`'s members: its `appear` patterns, or
+    /// by default whoever may subscribe.
     fn can_join_presence(&self, identity: &Identity, channel: &Channel) -> bool {
-        self.can_subscribe(identity, channel)
+        match &identity.appear {
+            Some(patterns) => any_matches(patterns, channel),
+            None => self.can_subscribe(identity, channel),
+        }
     }
 }
 
@@ -270,6 +281,12 @@ impl Authorizer for JwtAuthorizer {
                 .into_iter()
                 .map(ChannelPattern::new)
                 .collect(),
+            presence: claims
+                .presence
+                .map(|patterns| patterns.into_iter().map(ChannelPattern::new).collect()),
+            appear: claims
+                .appear
+                .map(|patterns| patterns.into_iter().map(ChannelPattern::new).collect()),
         })
     }
 }

@@ -33,6 +33,14 @@ pub struct Claims {
     /// Channel patterns the bearer may publish to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// Channel patterns whose members the bearer may see (list, count, joins and leaves).
+    /// Absent: those it may subscribe to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<Vec<String>>,
+    /// Channel patterns whose members the bearer may appear among. Absent: those it may
+    /// subscribe to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appear: Option<Vec<String>>,
 }
 
 /// Why a token was refused.
