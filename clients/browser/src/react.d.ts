@@ -1,4 +1,4 @@
-import type { ConnectionState, ResyncClient, ResyncEvent, ResyncReset, TransportKind } from "./resync.js";
+import type { ConnectionState, Member, ResyncClient, ResyncEvent, ResyncReset, TransportKind } from "./resync.js";
 
 export interface ResyncProviderProps {
   url: string;
@@ -20,13 +20,25 @@ export interface ChannelState<T> {
   state: ConnectionState | { status: "connecting" };
   lastReset: ResyncReset | null;
   client: ResyncClient | null;
+  /** The channel's members, when `presence` or `members: true` was asked for. */
+  members: Member[];
+}
+
+/** Presence options of `useChannel`: appear with `presence`, and/or track `members`. */
+export interface PresenceOptions {
+  presence?: true | { info?: unknown };
+  members?: boolean;
 }
 
 /** Follows `channel` on the provider's client. */
-export function useChannel<T = unknown>(channel: string, options?: { keep?: number }): ChannelState<T>;
+export function useChannel<T = unknown>(channel: string, options?: { keep?: number } & PresenceOptions): ChannelState<T>;
 /** Follows `channel` with a client of its own. */
 export function useChannel<T = unknown>(
   url: string,
   channel: string,
   options?: { transport?: "auto" | TransportKind; keep?: number; clientOptions?: object },
 ): ChannelState<T>;
+
+/** Who is in `channel` on the provider's client: joins it (with `info`) and returns the
+ * live member list. */
+export function usePresence(channel: string, options?: { info?: unknown }): Member[];

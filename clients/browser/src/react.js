@@ -75,7 +75,12 @@ export function useChannel(first, second, third) {
   const [own, setOwn] = useState(null);
   const [events, setEvents] = useState([]);
   const [lastReset, setLastReset] = useState(null);
+  const [members, setMembers] = useState([]);
   const [state, setState] = useState({ status: "connecting" });
+  // Presence: appear (`presence`), and/or track the member list (`members`).
+  const presence = options.presence;
+  const tracksMembers = Boolean(options.members || presence);
+  const presenceKey = JSON.stringify(presence ?? null);
   const channelRef = useRef(channel);
 
   // A hook called with a URL has a client of its own, closed on unmount.
@@ -103,8 +108,15 @@ export function useChannel(first, second, third) {
     // A new channel starts empty: the previous one's events are not this one's.
     setEvents([]);
     setLastReset(null);
+    setMembers([]);
     if (!client) return undefined;
     const subscription = client.subscribe(channel, {
+      presence,
+      onPresence: tracksMembers
+        ? (list) => {
+          if (channelRef.current === channel) setMembers(list);
+        }
+        : undefined,
       onEvent: (event) => {
         if (channelRef.current !== channel) return;
         setEvents((previous) => [...previous, event].slice(-keep));
@@ -116,7 +128,20 @@ export function useChannel(first, second, third) {
       },
     });
     return () => subscription.unsubscribe();
-  }, [client, channel, keep]);
+    // The presence options count by value.
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [client, channel, keep, presenceKey, tracksMembers]);
 
-  return { events, state, lastReset, client };
+  return { events, state, lastReset, client, members };
+}
+
+/**
+ * Who is in `channel` on the provider's client: joins it (with `options.info`) and returns
+ * the live member list (docs/presence.md).
+ * @param {string} channel
+ * @param {{ info?: any }} [options]
+ * @returns {any[]}
+ */
+export function usePresence(channel, options = {}) {
+  return useChannel(channel, { keep: 1, presence: options.info === undefined ? true : { info: options.info } }).members;
 }

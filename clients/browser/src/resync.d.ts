@@ -89,6 +89,17 @@ export interface SubscribeHandlers<T = unknown> {
   /** How each (re)subscription started: fresh, replayed (with the count), up to date, reset. */
   onRecovery?: (recovery: Recovery) => void;
   onError?: (error: { code: string; message: string }) => void;
+  /** Appear among the channel's members, with `info` (WebSocket; docs/presence.md). */
+  presence?: true | { info?: unknown };
+  /** The member list, after each subscribe and on every join and leave (WebSocket). */
+  onPresence?: (members: Member[]) => void;
+}
+
+/** One member of a channel: an identity, however many connections it has. */
+export interface Member {
+  /** The token's subject, or `anon:<connection id>`. */
+  id: string;
+  info?: unknown;
 }
 
 export interface Subscription {

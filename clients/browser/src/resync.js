@@ -175,12 +175,17 @@ export class ResyncClient {
    *   onEvent?: (event: ResyncEvent) => void,
    *   onReset?: (reset: ResyncReset) => void,
    *   onError?: (error: { code: string, message: string }) => void,
+   *   presence?: true | { info?: any },
+   *   onPresence?: (members: Member[]) => void,
    * }} [handlers]
+   *   `presence`: appear among the channel's members (with `info`); `onPresence`: be told the
+   *   member list whenever it changes (over WebSocket: the list after each subscribe, then
+   *   every join and leave; docs/presence.md).
    * @returns {{ channel: string, position: () => Position | undefined, unsubscribe: () => void }}
    */
   subscribe(channel, handlers = {}) {
     if (this.channels.has(channel)) throw new Error(`already subscribed to ${channel}`);
-    this.channels.set(channel, { position: handlers.since, handlers });
+    this.channels.set(channel, { position: handlers.since, handlers, members: new Map() });
     this.session?.channelsChanged();
     return {
       channel,
@@ -300,6 +305,16 @@ export class ResyncClient {
   fresh(channel, position) {
     const entry = this.channels.get(channel);
     if (entry && !entry.position) entry.position = position;
+  }
+
+  /** Replaces (`members`) or changes (`join`, `leave`) a channel's member list. */
+  presence(channel, change) {
+    const entry = this.channels.get(channel);
+    if (!entry) return;
+    if (change.members) entry.members = new Map(change.members.map((member) => [member.id, member]));
+    if (change.join) entry.members.set(change.join.id, change.join);
+    if (change.leave) entry.members.delete(change.leave.id);
+    entry.handlers.onPresence?.([...entry.members.values()]);
   }
 
   recovery(channel, recovery) {
@@ -454,8 +469,22 @@ class WebSocketSession {
       case "event":
         client.deliver(frame);
         break;
-      case "subscribed":
+      case "subscribed": {
         client.recovery(frame.channel, frame.recovery);
+        // The list, once subscribed: the joins and leaves that follow change it.
+        if (client.channels.get(frame.channel)?.handlers.onPresence) {
+          this.send({ type: "presence", id: client.nextId++, channel: frame.channel });
+        }
+        break;
+      }
+      case "presence":
+        client.presence(frame.channel, { members: frame.members });
+        break;
+      case "join":
+        client.presence(frame.channel, { join: frame.member });
+        break;
+      case "leave":
+        client.presence(frame.channel, { leave: frame.member });
         break;
       case "reset":
         client.reset(frame);
@@ -495,6 +524,9 @@ class WebSocketSession {
       this.requests.set(id, channel);
       const frame = { type: "subscribe", id, channel };
       if (entry.position) frame.since = entry.position;
+      const { presence, onPresence } = entry.handlers;
+      if (presence) frame.presence = presence === true ? {} : { info: presence.info };
+      if (onPresence) frame.join_leave = true;
       this.send(frame);
     }
     for (const channel of [...this.subscribed]) {

@@ -291,3 +291,27 @@ test("the demo page works and a screenshot is saved", async (t) => {
   await page.screenshot({ path: file });
   assert.ok(fs.statSync(file).size > 10000, "screenshot written");
 });
+
+test("two pages of the demo see each other appear and disappear", async (t) => {
+  const server = await startServer(["--demo", "true"]);
+  const context = await browser.newContext();
+  t.after(async () => {
+    await context.close();
+    await server.stop();
+  });
+  const online = (page) => page.evaluate(() => window.resyncDemo?.online ?? []);
+  const nameOf = (page) => page.evaluate(() => window.resyncDemo.client && document.querySelector("#online").textContent);
+  const first = await context.newPage();
+  await first.goto(`${server.base}/`);
+  await eventually(async () => (await online(first)).length === 1, { message: "the first page sees itself" });
+  const [firstName] = await online(first);
+  const second = await context.newPage();
+  await second.goto(`${server.base}/`);
+  await eventually(async () => (await online(second)).length === 2, { message: "the second page sees both" });
+  await eventually(async () => (await online(first)).length === 2, { message: "the first page sees the second arrive" });
+  assert.ok((await online(second)).includes(firstName), "the second page lists the first by its name");
+  assert.ok((await nameOf(first)).includes(firstName), "and shows it");
+  await second.close();
+  await eventually(async () => (await online(first)).length === 1, { message: "the first page sees the second leave" });
+  assert.deepEqual(await online(first), [firstName]);
+});
