@@ -507,6 +507,7 @@ pub async fn collect_seqs(
             resync_client::Update::Reset { reason, .. } => {
                 panic!("{label}: unexpected reset {reason:?}")
             }
+            resync_client::Update::Members(_) => {}
         }
     }
     seqs

@@ -464,3 +464,64 @@ async fn token_claims_say_who_may_see_and_who_may_appear() {
         other => panic!("expected forbidden, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn rust_clients_see_each_other_in_the_member_list() {
+    use futures_util::StreamExt;
+    use resync_client::{Client, TransportChoice, Update};
+
+    let server = jwt_server(|_| {});
+    let client_of = |subject: &'static str| {
+        Client::builder(&server.server.base_url())
+            .transport(TransportChoice::Only(
+                resync_client::TransportKind::WebSocket,
+            ))
+            .token(token(subject, &["team:*"]))
+            .build()
+            .unwrap()
+    };
+    let channel: resync_protocol::Channel = "team:rust".parse().unwrap();
+    let ann = client_of("ann");
+    let mut ann_sub = ann
+        .subscribe(channel.clone())
+        .with_presence(Some(Payload::from_value(&"Ann").unwrap()))
+        .with_members();
+    let bob = client_of("bob");
+    // Ann sees herself, then Bob arrive (and the list never shows anyone else).
+    let mut bob_sub = None;
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|ids: &Vec<String>| ids.len() < 2) {
+        let update = tokio::time::timeout(Duration::from_secs(10), ann_sub.next())
+            .await
+            .expect("member lists in time")
+            .unwrap()
+            .unwrap();
+        if let Update::Members(members) = update {
+            let mut ids: Vec<String> = members.into_iter().map(|member| member.id).collect();
+            ids.sort();
+            if ids == ["ann"] && bob_sub.is_none() {
+                bob_sub = Some(bob.subscribe(channel.clone()).with_presence(None));
+                // Polled, so it registers and joins.
+                let subscription = bob_sub.as_mut().unwrap();
+                let _ = tokio::time::timeout(Duration::from_millis(50), subscription.next()).await;
+            }
+            seen.push(ids);
+        }
+    }
+    assert_eq!(seen.last().unwrap(), &["ann", "bob"]);
+    // Bob's subscription ends: Ann's list loses him.
+    drop(bob_sub);
+    loop {
+        let update = tokio::time::timeout(Duration::from_secs(10), ann_sub.next())
+            .await
+            .expect("the leave in time")
+            .unwrap()
+            .unwrap();
+        if let Update::Members(members) = update
+            && members.len() == 1
+        {
+            assert_eq!(members[0].id, "ann");
+            break;
+        }
+    }
+}

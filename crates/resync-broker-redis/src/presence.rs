@@ -13,22 +13,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use resync_broker::{Presence, PresenceEvent, PresenceWatch, Result};
+use resync_broker::{Presence, PresenceEvent, PresenceFanout, PresenceWatch, Result};
 use resync_protocol::{Channel, Member};
-use tokio::sync::broadcast;
 
 use crate::{Inner, pubsub, unavailable};
 
 /// This process's watchers of each channel's joins and leaves, shared with the Pub/Sub task.
 #[derive(Default)]
 pub(crate) struct Fanout {
-    watchers: Mutex<HashMap<Channel, broadcast::Sender<PresenceEvent>>>,
+    watchers: Mutex<HashMap<Channel, PresenceFanout>>,
 }
 
 impl Fanout {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Channel, broadcast::Sender<PresenceEvent>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Channel, PresenceFanout>> {
         self.watchers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -39,10 +36,7 @@ impl Fanout {
     pub(crate) fn deliver(&self, channel: &Channel, event: PresenceEvent) -> bool {
         let mut watchers = self.lock();
         match watchers.get(channel) {
-            Some(sender) if sender.receiver_count() > 0 => {
-                let _ = sender.send(event);
-                true
-            }
+            Some(fanout) if fanout.watchers() > 0 => fanout.send(event),
             Some(_) => {
                 watchers.remove(channel);
                 false
@@ -59,10 +53,8 @@ impl Fanout {
     fn watch(&self, channel: &Channel) -> (PresenceWatch, bool) {
         let mut watchers = self.lock();
         let first = !watchers.contains_key(channel);
-        let sender = watchers
-            .entry(channel.clone())
-            .or_insert_with(|| broadcast::channel(resync_broker::presence::PRESENCE_EVENT_QUEUE).0);
-        (PresenceWatch::new(sender.subscribe()), first)
+        let watch = watchers.entry(channel.clone()).or_default().watch();
+        (watch, first)
     }
 }
 

@@ -103,7 +103,9 @@ pub use error::{Error, Result};
 pub use event::EncodedEvent;
 pub use hub::{Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
-pub use presence::{MemoryPresence, Presence, PresenceEvent, PresenceLagged, PresenceWatch};
+pub use presence::{
+    MemoryPresence, Presence, PresenceEvent, PresenceFanout, PresenceLagged, PresenceWatch,
+};
 pub use resume::{
     REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
 };

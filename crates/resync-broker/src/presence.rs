@@ -54,13 +54,37 @@ impl std::fmt::Debug for PresenceWatch {
     }
 }
 
-impl PresenceWatch {
-    /// A watch fed by `receiver` (for presence implementations that fan out with a
-    /// `tokio::sync::broadcast` channel).
-    pub fn new(receiver: broadcast::Receiver<PresenceEvent>) -> Self {
+/// One channel's join/leave fan-out in one process, bounded at [`PRESENCE_EVENT_QUEUE`]:
+/// what a presence implementation sends to and hands out watches from.
+#[derive(Clone, Debug)]
+pub struct PresenceFanout {
+    sender: broadcast::Sender<PresenceEvent>,
+}
+
+impl Default for PresenceFanout {
+    fn default() -> Self {
         Self {
-            events: BroadcastStream::new(receiver),
+            sender: broadcast::channel(PRESENCE_EVENT_QUEUE).0,
         }
+    }
+}
+
+impl PresenceFanout {
+    /// A watch of the events sent from now on.
+    pub fn watch(&self) -> PresenceWatch {
+        PresenceWatch {
+            events: BroadcastStream::new(self.sender.subscribe()),
+        }
+    }
+
+    /// Hands `event` to every watch; `false` when none is left.
+    pub fn send(&self, event: PresenceEvent) -> bool {
+        self.sender.send(event).is_ok()
+    }
+
+    /// How many watches are left.
+    pub fn watchers(&self) -> usize {
+        self.sender.receiver_count()
     }
 }
 
@@ -107,14 +131,14 @@ pub trait Presence: Send + Sync + 'static {
 struct ChannelPresence {
     /// Each member with the connections it is here through.
     members: HashMap<String, (Member, Vec<String>)>,
-    events: Option<broadcast::Sender<PresenceEvent>>,
+    events: Option<PresenceFanout>,
 }
 
 impl ChannelPresence {
     fn tell(&self, event: PresenceEvent) {
         if let Some(events) = &self.events {
             // No watcher left is not an error.
-            let _ = events.send(event);
+            events.send(event);
         }
     }
 
@@ -123,7 +147,7 @@ impl ChannelPresence {
             && self
                 .events
                 .as_ref()
-                .is_none_or(|events| events.receiver_count() == 0)
+                .is_none_or(|events| events.watchers() == 0)
     }
 }
 
@@ -210,9 +234,9 @@ impl Presence for MemoryPresence {
     async fn watch(&self, channel: &Channel) -> Result<PresenceWatch> {
         let mut channels = self.lock();
         let presence = channels.entry(channel.clone()).or_default();
-        let events = presence
+        Ok(presence
             .events
-            .get_or_insert_with(|| broadcast::channel(PRESENCE_EVENT_QUEUE).0);
-        Ok(PresenceWatch::new(events.subscribe()))
+            .get_or_insert_with(PresenceFanout::default)
+            .watch())
     }
 }

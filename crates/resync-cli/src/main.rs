@@ -195,6 +195,11 @@ async fn subscribe(
                 "reason": reason,
                 "position": position,
             }),
+            // Subscriptions here do not ask for members; printed if a later one does.
+            Update::Members(members) => serde_json::json!({
+                "type": "members",
+                "members": members,
+            }),
         };
         println!("{line}");
         if count.is_some_and(|count| seen >= count) {

@@ -45,7 +45,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
-use resync_protocol::{Channel, Event, IdempotencyKey, Payload, Position, ResetReason};
+use resync_protocol::{
+    Channel, Event, IdempotencyKey, Member, Payload, Position, PresenceRequest, ResetReason,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backoff::{Backoff, BackoffConfig};
@@ -67,6 +69,10 @@ pub enum Update {
         /// Where the stream continues from.
         position: Position,
     },
+    /// The channel's members now (for a subscription [`with_members`](Subscription::with_members)):
+    /// the whole list after each subscribe, then after every join and leave. Not history:
+    /// never replayed (docs/presence.md).
+    Members(Vec<Member>),
 }
 
 /// A transport the client can use.
@@ -360,6 +366,7 @@ impl Client {
         Subscription {
             channel,
             since: None,
+            presence: registry::PresenceWish::default(),
             registry: self.inner.registry.clone(),
             receiver: None,
             buffer: self.inner.config.subscription_buffer,
@@ -463,6 +470,7 @@ fn parse_base(base_url: &str) -> Result<reqwest::Url> {
 pub struct Subscription {
     channel: Channel,
     since: Option<Position>,
+    presence: registry::PresenceWish,
     registry: Arc<Registry>,
     receiver: Option<mpsc::Receiver<Result<Update>>>,
     buffer: usize,
@@ -484,6 +492,21 @@ impl Subscription {
     /// after it are replayed first. Only effective before the first poll.
     pub fn since(mut self, position: Position) -> Self {
         self.since = Some(position);
+        self
+    }
+
+    /// Appears among the channel's members while subscribed, with `info` (a small JSON value
+    /// the others see; the server bounds its size). WebSocket only. Only effective before the
+    /// first poll.
+    pub fn with_presence(mut self, info: Option<Payload>) -> Self {
+        self.presence.appear = Some(PresenceRequest { info });
+        self
+    }
+
+    /// Yields the channel's member list as [`Update::Members`], after each subscribe and on
+    /// every join and leave. WebSocket only. Only effective before the first poll.
+    pub fn with_members(mut self) -> Self {
+        self.presence.track = true;
         self
     }
 
@@ -511,10 +534,12 @@ impl Stream for Subscription {
         }
         if this.receiver.is_none() {
             let (sender, receiver) = mpsc::channel(this.buffer);
-            if let Err(error) =
-                this.registry
-                    .register(this.channel.clone(), this.since.clone(), sender)
-            {
+            if let Err(error) = this.registry.register(
+                this.channel.clone(),
+                this.since.clone(),
+                sender,
+                this.presence.clone(),
+            ) {
                 this.receiver = Some(mpsc::channel(1).1);
                 return Poll::Ready(Some(Err(error)));
             }

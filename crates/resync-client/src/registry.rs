@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use resync_protocol::bodies::ResetNotice;
-use resync_protocol::{Channel, Cursor, Event, Position, RecoveryOutcome};
+use resync_protocol::{Channel, Cursor, Event, Member, Position, PresenceRequest, RecoveryOutcome};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{Error, Result, Update};
@@ -32,6 +32,25 @@ pub(crate) struct Entry {
     /// Which registration this is: a session that subscribed for an earlier one must
     /// subscribe again, from this one's position.
     pub(crate) generation: u64,
+    /// What the subscription asks of the channel's presence.
+    pub(crate) presence: PresenceWish,
+    /// The member list, when the subscription tracks it.
+    members: BTreeMap<String, Member>,
+}
+
+/// A subscription's presence: appear among the members (with this request), and/or track
+/// the member list (WebSocket only; docs/presence.md).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PresenceWish {
+    pub(crate) appear: Option<PresenceRequest>,
+    pub(crate) track: bool,
+}
+
+/// A change of a channel's member list.
+pub(crate) enum MembersChange {
+    All(Vec<Member>),
+    Join(Member),
+    Leave(Member),
 }
 
 impl Registry {
@@ -44,6 +63,7 @@ impl Registry {
         channel: Channel,
         since: Option<Position>,
         sender: mpsc::Sender<Result<Update>>,
+        presence: PresenceWish,
     ) -> Result<()> {
         let mut inner = self.lock();
         if let Some(reason) = &inner.closed {
@@ -64,6 +84,8 @@ impl Registry {
                 position: since,
                 sender,
                 generation,
+                presence,
+                members: BTreeMap::new(),
             },
         );
         drop(inner);
@@ -127,6 +149,48 @@ impl Registry {
             .collect()
     }
 
+    /// What `channel`'s subscription asks of its presence.
+    pub(crate) fn presence_wish(&self, channel: &Channel) -> PresenceWish {
+        self.lock()
+            .entries
+            .get(channel)
+            .map(|entry| entry.presence.clone())
+            .unwrap_or_default()
+    }
+
+    /// Applies a change to `channel`'s member list and hands the whole list to its
+    /// subscription (if it tracks members). Waits while the subscription's buffer is full.
+    pub(crate) async fn members_changed(&self, channel: &Channel, change: MembersChange) {
+        let update = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.entries.get_mut(channel) else {
+                return;
+            };
+            if !entry.presence.track {
+                return;
+            }
+            match change {
+                MembersChange::All(members) => {
+                    entry.members = members
+                        .into_iter()
+                        .map(|member| (member.id.clone(), member))
+                        .collect();
+                }
+                MembersChange::Join(member) => {
+                    entry.members.insert(member.id.clone(), member);
+                }
+                MembersChange::Leave(member) => {
+                    entry.members.remove(&member.id);
+                }
+            }
+            (
+                entry.sender.clone(),
+                Update::Members(entry.members.values().cloned().collect()),
+            )
+        };
+        let _ = update.0.send(Ok(update.1)).await;
+    }
+
     pub(crate) fn cursor(&self) -> Cursor {
         self.snapshot()
             .into_iter()
@@ -175,10 +239,13 @@ impl Registry {
             entry.sender.clone()
         };
         let position = match &update {
-            Update::Event(event) => event.position.clone(),
-            Update::Reset { position, .. } => position.clone(),
+            Update::Event(event) => Some(event.position.clone()),
+            Update::Reset { position, .. } => Some(position.clone()),
+            Update::Members(_) => None,
         };
-        if sender.send(Ok(update)).await.is_ok() {
+        if sender.send(Ok(update)).await.is_ok()
+            && let Some(position) = position
+        {
             self.set_position(channel, position);
         }
     }

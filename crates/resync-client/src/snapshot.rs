@@ -106,6 +106,8 @@ where
                         }
                     }
                     Some(Ok(Update::Reset { reason, .. })) => break Some(reason),
+                    // This subscription does not ask for members.
+                    Some(Ok(Update::Members(_))) => {}
                     Some(Err(error)) => {
                         let _ = sender.send(Err(error)).await;
                         return;

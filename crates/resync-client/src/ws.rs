@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::connection::{ConnectFailure, Manager, PublishRequest, SessionEnd};
+use crate::registry::MembersChange;
 use crate::{ConnectionState, Error, Result, TransportKind, Update};
 
 type Socket =
@@ -182,12 +183,13 @@ impl Session {
             }
             let id = self.request_id();
             self.subscribe_requests.insert(id, channel.clone());
+            let wish = manager.registry.presence_wish(&channel);
             let subscribe = ClientFrame::Subscribe {
                 id,
                 channel,
                 since,
-                presence: None,
-                join_leave: false,
+                presence: wish.appear,
+                join_leave: wish.track,
             };
             Self::send(socket, &subscribe).await?;
         }
@@ -292,6 +294,31 @@ impl Session {
             } => {
                 self.subscribe_requests.remove(&id);
                 manager.registry.apply_recovery(&channel, recovery).await;
+                // The list once subscribed; the joins and leaves that follow change it.
+                if manager.registry.presence_wish(&channel).track {
+                    let id = self.request_id();
+                    Self::send(socket, &ClientFrame::Presence { id, channel }).await?;
+                }
+            }
+            ServerFrame::Presence {
+                channel, members, ..
+            } => {
+                manager
+                    .registry
+                    .members_changed(&channel, MembersChange::All(members))
+                    .await;
+            }
+            ServerFrame::Join { channel, member } => {
+                manager
+                    .registry
+                    .members_changed(&channel, MembersChange::Join(member))
+                    .await;
+            }
+            ServerFrame::Leave { channel, member } => {
+                manager
+                    .registry
+                    .members_changed(&channel, MembersChange::Leave(member))
+                    .await;
             }
             ServerFrame::Reset {
                 channel,
@@ -329,13 +356,9 @@ impl Session {
                 tracing::warn!(target: "resync::client", ?code, %message, "server reported an error");
             }
             ServerFrame::Ping => Self::send(socket, &ClientFrame::Pong).await?,
-            // The Rust client does not ask for presence yet (docs/presence.md).
             ServerFrame::Connected { .. }
             | ServerFrame::Unsubscribed { .. }
-            | ServerFrame::Presence { .. }
-            | ServerFrame::PresenceCount { .. }
-            | ServerFrame::Join { .. }
-            | ServerFrame::Leave { .. } => {}
+            | ServerFrame::PresenceCount { .. } => {}
         }
         Ok(())
     }
