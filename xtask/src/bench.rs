@@ -373,6 +373,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
             )?;
         }
         flood_round(&mut bench, quick)?;
+        presence_round(&mut bench, quick)?;
         // Redis against in-memory twice per repetition, taking turns at going first: the
         // two rows run on the same noisy cores, so they get more samples than the others.
         redis_round(&mut bench, false)?;
@@ -392,6 +393,42 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     )?;
     write_report(&bench, sizes, repetitions, seconds)?;
     eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg in {seconds} s");
+    Ok(())
+}
+
+/// Members joining one channel with presence, against the same connections subscribing
+/// without it, in memory and on Redis.
+fn presence_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    let members = if quick { "2000" } else { "10000" };
+    for broker in ["memory", "redis"] {
+        for presence in ["off", "on"] {
+            let redis = if broker == "redis" {
+                Some(Redis::start()?)
+            } else {
+                None
+            };
+            let options: Vec<&str> = match &redis {
+                Some(redis) => vec!["--broker", "redis", "--redis-url", &redis.url],
+                None => Vec::new(),
+            };
+            let server = bench.ours(&options)?;
+            let pid = server.pid();
+            bench.load(
+                &format!("presence/{broker}/{presence}"),
+                &[
+                    "presence",
+                    "--url",
+                    &server.url,
+                    "--pid",
+                    &pid,
+                    "--members",
+                    members,
+                    "--presence",
+                    presence,
+                ],
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -419,6 +456,31 @@ fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
             ],
         )?;
     }
+    Ok(())
+}
+
+/// `cargo xtask bench presence`: only the presence rows, printed (and written to
+/// `target/bench/presence.md`).
+pub(crate) fn presence_only() -> Result<()> {
+    let root = workspace_root();
+    run(cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "resync-server",
+        "-p",
+        "resync-bench",
+    ]))?;
+    let mut bench = Bench {
+        release: root.join("target/release"),
+        results: BTreeMap::new(),
+    };
+    presence_round(&mut bench, false)?;
+    let section = presence_section(&bench);
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::write(root.join("target/bench/presence.md"), &section)?;
+    println!("{section}");
     Ok(())
 }
 
@@ -690,6 +752,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.median("redis/memory-fanout", "latency_p99_us") / 1000.0,
     ));
     out.push_str(&flood_section(bench));
+    out.push_str(&presence_section(bench));
     out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
     out.push_str(&format!(
         "| WebSocket fan-out >= 0.6x baseline at {largest} subscribers | {ws_ratio:.2}x | {} |\n",
@@ -730,6 +793,40 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         "\nThe raw figures of the last run are in `target/bench/results.json`. Micro-benchmarks of the log and of \
          local fan-out: `cargo xtask micro`.\n",
     );
+    out
+}
+
+/// The presence rows: joins, the count query, memory and leaves, against no presence.
+fn presence_section(bench: &Bench) -> String {
+    let mut out = String::from("\n## Presence\n\n");
+    out.push_str(&format!(
+        "{:.0} WebSocket connections join one channel, each its own member, while one watcher counts the joins \
+         (`loadgen presence`); against the same connections subscribing without presence (where \"joined\" is the \
+         server counting them and the query is the channel info). Ratios are presence over none, same broker, same run.\n\n",
+        bench.median("presence/memory/on", "members")
+    ));
+    out.push_str("| broker | joined (s): with / without / ratio | server CPU (s) | bytes per member / connection | count query p50 / p99 (ms) | every leave seen (s) |\n|---|---|---|---|---|---|\n");
+    for broker in ["memory", "redis"] {
+        let on = |field: &str| bench.median(&format!("presence/{broker}/on"), field);
+        let off = |field: &str| bench.median(&format!("presence/{broker}/off"), field);
+        out.push_str(&format!(
+            "| {broker} | {:.2} / {:.2} / {} | {:.2} / {:.2} ({}) | {:.0} / {:.0} | {:.2} / {:.2} (info without: {:.2} / {:.2}) | {:.2} / {:.2} |\n",
+            on("joined_seconds"),
+            off("joined_seconds"),
+            ratio(on("joined_seconds"), off("joined_seconds")),
+            on("server_cpu_seconds"),
+            off("server_cpu_seconds"),
+            ratio(on("server_cpu_seconds"), off("server_cpu_seconds")),
+            on("bytes_per_member"),
+            off("bytes_per_member"),
+            on("query_p50_us") / 1000.0,
+            on("query_p99_us") / 1000.0,
+            off("query_p50_us") / 1000.0,
+            off("query_p99_us") / 1000.0,
+            on("left_seconds"),
+            off("left_seconds"),
+        ));
+    }
     out
 }
 

@@ -18,6 +18,8 @@
 //!     match update? {
 //!         Update::Event(event) => println!("{} {}", event.position, event.data.as_str()),
 //!         Update::Reset { reason, .. } => println!("refetch everything ({reason:?})"),
+//!         // Only for a subscription `with_members()`.
+//!         Update::Members(members) => println!("{} online", members.len()),
 //!     }
 //! }
 //! # Ok(())

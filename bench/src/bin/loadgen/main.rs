@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 mod flood;
+mod presence;
 
 const API_KEY: &str = "bench-key";
 /// Subscribers that parse timestamps for latency; the rest only count.
@@ -58,6 +59,7 @@ async fn main() -> Result<()> {
         "poll" => poll(&arguments, &url).await?,
         "channels" => channels(&arguments, &url).await?,
         "flood" => flood::flood(&arguments, &url).await?,
+        "presence" => presence::presence(&arguments, &url).await?,
         other => bail!("unknown scenario {other:?}"),
     };
     println!("{result}");
