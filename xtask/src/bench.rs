@@ -805,12 +805,12 @@ fn presence_section(bench: &Bench) -> String {
          server counting them and the query is the channel info). Ratios are presence over none, same broker, same run.\n\n",
         bench.median("presence/memory/on", "members")
     ));
-    out.push_str("| broker | joined (s): with / without / ratio | server CPU (s) | bytes per member / connection | count query p50 / p99 (ms) | every leave seen (s) |\n|---|---|---|---|---|---|\n");
+    out.push_str("| broker | joined (s): with / without / ratio | server CPU (s) | bytes per member / connection | count query p50 / p99 (ms) | all left (s): with / without | leaves the watcher saw |\n|---|---|---|---|---|---|---|\n");
     for broker in ["memory", "redis"] {
         let on = |field: &str| bench.median(&format!("presence/{broker}/on"), field);
         let off = |field: &str| bench.median(&format!("presence/{broker}/off"), field);
         out.push_str(&format!(
-            "| {broker} | {:.2} / {:.2} / {} | {:.2} / {:.2} ({}) | {:.0} / {:.0} | {:.2} / {:.2} (info without: {:.2} / {:.2}) | {:.2} / {:.2} |\n",
+            "| {broker} | {:.2} / {:.2} / {} | {:.2} / {:.2} ({}) | {:.0} / {:.0} | {:.2} / {:.2} (info without: {:.2} / {:.2}) | {:.2} / {:.2} | {:.0} |\n",
             on("joined_seconds"),
             off("joined_seconds"),
             ratio(on("joined_seconds"), off("joined_seconds")),
@@ -825,6 +825,7 @@ fn presence_section(bench: &Bench) -> String {
             off("query_p99_us") / 1000.0,
             on("left_seconds"),
             off("left_seconds"),
+            on("leaves_seen_by_watcher"),
         ));
     }
     out
