@@ -57,12 +57,15 @@ async fn members(client: &mut WsClient, channel: &str) -> Vec<String> {
         .await;
     loop {
         match client.frame().await {
-            ServerFrame::Presence { members, .. } => {
+            ServerFrame::Presence {
+                id: reply, members, ..
+            } if reply == id => {
                 let mut ids: Vec<String> = members.into_iter().map(|member| member.id).collect();
                 ids.sort();
                 return ids;
             }
-            ServerFrame::Join { .. } | ServerFrame::Leave { .. } => {}
+            ServerFrame::Join { .. } | ServerFrame::Leave { .. } | ServerFrame::Presence { .. } => {
+            }
             other => panic!("expected the member list, got {other:?}"),
         }
     }

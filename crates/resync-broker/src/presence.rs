@@ -240,3 +240,38 @@ impl Presence for MemoryPresence {
             .watch())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watch_that_falls_behind_a_burst_is_told_it_lagged_then_goes_on() {
+        let presence = MemoryPresence::default();
+        let channel = Channel::new("crowd").unwrap();
+        let mut watch = presence.watch(&channel).await.unwrap();
+        let burst = PRESENCE_EVENT_QUEUE + 44;
+        for index in 0..burst {
+            let member = Member {
+                id: format!("m{index}"),
+                info: None,
+            };
+            assert!(presence.join(&channel, &member, "c").await.unwrap());
+        }
+        // The transports answer this with the whole list (WebSocket) or a refetch hint (SSE).
+        assert_eq!(watch.next().await, Some(Err(PresenceLagged)));
+        // Then the newest events, the queue's worth, and the list is complete.
+        let mut after = 0;
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), watch.next()).await
+        {
+            after += 1;
+        }
+        assert_eq!(after, PRESENCE_EVENT_QUEUE);
+        assert_eq!(presence.member_count(&channel).await.unwrap(), burst as u64);
+    }
+}

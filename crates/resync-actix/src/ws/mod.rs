@@ -603,11 +603,26 @@ impl Connection {
         let frame = match event {
             Ok(PresenceEvent::Join(member)) => ServerFrame::Join { channel, member },
             Ok(PresenceEvent::Leave(member)) => ServerFrame::Leave { channel, member },
-            Err(lagged) => ServerFrame::Error {
-                id: None,
-                code: ErrorCode::Unavailable,
-                message: format!("{channel}: {lagged}"),
-            },
+            // Events were missed (a burst past the watch's queue): the whole list instead, so
+            // the client's list is right again without asking (`id` 0: not an answer).
+            Err(lagged) => {
+                let members = match self.shared.broker.presence() {
+                    Some(presence) => presence.members(&channel).await,
+                    None => Ok(Vec::new()),
+                };
+                match members {
+                    Ok(members) => ServerFrame::Presence {
+                        id: 0,
+                        channel,
+                        members,
+                    },
+                    Err(error) => ServerFrame::Error {
+                        id: None,
+                        code: ErrorCode::Unavailable,
+                        message: format!("{channel}: {lagged} ({error})"),
+                    },
+                }
+            }
         };
         self.send(frame.encode()).await
     }
