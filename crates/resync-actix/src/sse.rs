@@ -365,11 +365,33 @@ impl StreamState {
                     Ok(PresenceEvent::Leave(member)) => {
                         ("leave", ServerFrame::Leave { channel, member }.encode())
                     }
-                    Err(lagged) => (
-                        "presence_lagged",
-                        serde_json::json!({ "channel": channel, "message": lagged.to_string() })
-                            .to_string(),
-                    ),
+                    // Events were missed (a burst past the watch's queue): the whole list, as
+                    // WebSocket sends it (a `presence` event with the frame's JSON, id 0).
+                    Err(lagged) => {
+                        let members = match self.shared.broker.presence() {
+                            Some(presence) => presence.members(&channel).await,
+                            None => Ok(Vec::new()),
+                        };
+                        match members {
+                            Ok(members) => (
+                                "presence",
+                                ServerFrame::Presence {
+                                    id: 0,
+                                    channel,
+                                    members,
+                                }
+                                .encode(),
+                            ),
+                            Err(error) => (
+                                "presence_lagged",
+                                serde_json::json!({
+                                    "channel": channel,
+                                    "message": format!("{lagged} ({error})"),
+                                })
+                                .to_string(),
+                            ),
+                        }
+                    }
                 };
                 let mut chunk = Vec::new();
                 SseFrame {
