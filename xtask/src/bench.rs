@@ -123,6 +123,23 @@ struct Bench {
 }
 
 impl Bench {
+    /// Builds the server and the load generator (release) and starts an empty record.
+    fn built(root: &Path) -> Result<Self> {
+        run(cargo(&[
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "resync-server",
+            "-p",
+            "resync-bench",
+        ]))?;
+        Ok(Self {
+            release: root.join("target/release"),
+            results: BTreeMap::new(),
+        })
+    }
+
     fn ours(&self, extra: &[&str]) -> Result<Server> {
         // Without the disconnect probe's second descriptor per connection, 10,000 clients fit
         // this machine's open-file limit (20,000); nothing measured here depends on it.
@@ -248,19 +265,7 @@ const REDIS_BURST: &str = "200";
 
 pub(crate) fn bench(quick: bool) -> Result<()> {
     let root = workspace_root();
-    run(cargo(&[
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "resync-server",
-        "-p",
-        "resync-bench",
-    ]))?;
-    let mut bench = Bench {
-        release: root.join("target/release"),
-        results: BTreeMap::new(),
-    };
+    let mut bench = Bench::built(&root)?;
     let repetitions = if quick { 1 } else { 3 };
     let sizes = sizes(quick);
     let started = Instant::now();
@@ -463,19 +468,7 @@ fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
 /// `target/bench/presence.md`).
 pub(crate) fn presence_only() -> Result<()> {
     let root = workspace_root();
-    run(cargo(&[
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "resync-server",
-        "-p",
-        "resync-bench",
-    ]))?;
-    let mut bench = Bench {
-        release: root.join("target/release"),
-        results: BTreeMap::new(),
-    };
+    let mut bench = Bench::built(&root)?;
     presence_round(&mut bench, false)?;
     let section = presence_section(&bench);
     std::fs::create_dir_all(root.join("target/bench"))?;
@@ -488,19 +481,7 @@ pub(crate) fn presence_only() -> Result<()> {
 /// (and written to `target/bench/flood.md`); `docs/benchmarks.md` is left as it is.
 pub(crate) fn flood_only() -> Result<()> {
     let root = workspace_root();
-    run(cargo(&[
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "resync-server",
-        "-p",
-        "resync-bench",
-    ]))?;
-    let mut bench = Bench {
-        release: root.join("target/release"),
-        results: BTreeMap::new(),
-    };
+    let mut bench = Bench::built(&root)?;
     for _ in 0..3 {
         flood_round(&mut bench, false)?;
     }

@@ -299,21 +299,42 @@ impl Inner {
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
+        self.on_connection(|mut connection| async move {
+            invocation.invoke_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs one command with the command timeout; any failure is "unavailable".
+    pub(crate) async fn command<T: redis::FromRedisValue>(
+        &self,
+        command: &mut redis::Cmd,
+    ) -> Result<T> {
+        self.on_connection(|mut connection| async move {
+            command.query_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs `call` on the next shared connection within the command timeout; a connection
+    /// that failed or timed out is forgotten, so the next call takes a fresh one.
+    async fn on_connection<T, Call, Fut>(&self, call: Call) -> Result<T>
+    where
+        Call: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let timeout = self.settings.command_timeout;
         let slot = self.next_connection.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let call = async {
-            let mut connection = self.connection(slot).await?;
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(|error| {
-                    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
-                        self.forget_connection(slot);
-                    }
-                    unavailable(error)
-                })
+        let attempt = async {
+            let connection = self.connection(slot).await?;
+            call(connection).await.map_err(|error| {
+                if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                    self.forget_connection(slot);
+                }
+                unavailable(error)
+            })
         };
-        tokio::time::timeout(timeout, call).await.map_err(|_| {
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
             self.forget_connection(slot);
             Error::Unavailable(format!("redis did not answer within {timeout:?}"))
         })?
@@ -333,31 +354,6 @@ impl Inner {
 
     fn forget_connection(&self, slot: usize) {
         lock(&self.connections[slot]).take();
-    }
-
-    /// Runs one command with the command timeout; any failure is "unavailable".
-    pub(crate) async fn command<T: redis::FromRedisValue>(
-        &self,
-        command: &mut redis::Cmd,
-    ) -> Result<T> {
-        let timeout = self.settings.command_timeout;
-        let slot = self.next_connection.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let call = async {
-            let mut connection = self.connection(slot).await?;
-            command
-                .query_async::<T>(&mut connection)
-                .await
-                .map_err(|error| {
-                    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
-                        self.forget_connection(slot);
-                    }
-                    unavailable(error)
-                })
-        };
-        tokio::time::timeout(timeout, call).await.map_err(|_| {
-            self.forget_connection(slot);
-            Error::Unavailable(format!("redis did not answer within {timeout:?}"))
-        })?
     }
 }
 
