@@ -28,6 +28,28 @@ use tokio_tungstenite::tungstenite::Message;
 /// The HS256 secret of test servers that verify tokens (32 bytes or more, as servers require).
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
+/// A token for `subject`, signed with [`JWT_SECRET`], valid for ten minutes, that may
+/// subscribe to `subscribe` (channel patterns).
+pub fn user_token(subject: &str, subscribe: &[&str]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    resync_actix::jwt::sign(
+        &resync_actix::jwt::Claims {
+            sub: Some(subject.into()),
+            exp,
+            subscribe: subscribe
+                .iter()
+                .map(|pattern| (*pattern).to_owned())
+                .collect(),
+            ..Default::default()
+        },
+        JWT_SECRET.as_bytes(),
+    )
+}
+
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 

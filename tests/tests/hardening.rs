@@ -520,18 +520,7 @@ async fn defect_6_one_user_has_connection_and_channel_budgets_whatever_its_addre
         settings.max_connections_per_user = 2;
         settings.max_subscriptions_per_user = 3;
     });
-    let token = |subject: &str| {
-        signed(&jwt::Claims {
-            sub: Some(subject.into()),
-            exp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                + 600,
-            subscribe: vec!["*".into()],
-            ..Default::default()
-        })
-    };
+    let token = |subject: &str| resync_tests::user_token(subject, &["*"]);
     let alice = token("alice");
     let mut first = WsClient::connect_ready(&server.ws_url(&format!("?token={alice}"))).await;
     let _second = WsClient::connect_ready(&server.ws_url(&format!("?token={alice}"))).await;

@@ -72,22 +72,7 @@ async fn members(client: &mut WsClient, channel: &str) -> Vec<String> {
 }
 
 fn token(subject: &str, subscribe: &[&str]) -> String {
-    jwt::sign(
-        &jwt::Claims {
-            sub: Some(subject.into()),
-            exp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                + 600,
-            subscribe: subscribe
-                .iter()
-                .map(|pattern| (*pattern).to_owned())
-                .collect(),
-            ..Default::default()
-        },
-        JWT_SECRET.as_bytes(),
-    )
+    resync_tests::user_token(subject, subscribe)
 }
 
 fn jwt_server(configure: impl FnOnce(&mut resync_server::Settings)) -> TestServer {
