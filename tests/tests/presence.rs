@@ -513,3 +513,276 @@ async fn rust_clients_see_each_other_in_the_member_list() {
         }
     }
 }
+
+/// One long poll, sent as a client written from docs/protocol.md would send it.
+async fn raw_poll(server: &TestServer, query: &str) -> (u16, serde_json::Value) {
+    let response = tokio::time::timeout(
+        Duration::from_secs(40),
+        server.http.get(server.url(&format!("/poll{query}"))).send(),
+    )
+    .await
+    .expect("the poll answers")
+    .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// The presence frames of a poll reply, as (type, member ids, sorted).
+fn poll_presence(reply: &serde_json::Value) -> Vec<(String, Vec<String>)> {
+    reply["presence"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|frame| {
+            let ids = match frame["members"].as_array() {
+                Some(members) => {
+                    let mut ids: Vec<String> = members
+                        .iter()
+                        .map(|member| member["id"].as_str().unwrap().to_owned())
+                        .collect();
+                    ids.sort();
+                    ids
+                }
+                None => vec![frame["member"]["id"].as_str().unwrap().to_owned()],
+            };
+            (frame["type"].as_str().unwrap().to_owned(), ids)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_long_polling_member_appears_hears_joins_and_leaves_when_its_polls_stop() {
+    let server = jwt_server(|settings| settings.poll_presence_idle_secs = 2);
+    let asks = format!(
+        "?channel=chat:lp&token={}&presence={}&join_leave=1",
+        token("pat", &["chat:*"]),
+        urlencoding_json(r#"{"name":"Pat"}"#)
+    );
+    // The first poll answers at once: the cursor, a session, and the list it starts from.
+    let (status, first) = raw_poll(&server, &asks).await;
+    assert_eq!(status, 200, "{first}");
+    let session = first["presence_session"].as_str().unwrap().to_owned();
+    assert_eq!(session.len(), 32, "128 bits in hex: {session}");
+    assert_eq!(
+        poll_presence(&first),
+        [("presence".to_owned(), vec!["pat".to_owned()])]
+    );
+    // A WebSocket member sees the poller among the members.
+    let mut ann =
+        WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("ann", &["chat:*"]))))
+            .await;
+    join(&mut ann, "chat:lp", info("Ann")).await;
+    assert_eq!(members(&mut ann, "chat:lp").await, ["ann", "pat"]);
+    // The next poll of the session hears ann's join, with the channel's events.
+    server
+        .publish("chat:lp", serde_json::json!({"text": "hi"}))
+        .await;
+    let next = format!(
+        "{asks}&presence_session={session}&cursor={}",
+        urlencoding_json(first["cursor"].as_str().unwrap())
+    );
+    let (status, second) = raw_poll(&server, &next).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(
+        second["presence_session"],
+        session.as_str(),
+        "the same session"
+    );
+    let mut heard = poll_presence(&second);
+    let mut events = second["events"].as_array().unwrap().len();
+    let mut cursor = second["cursor"].as_str().unwrap().to_owned();
+    while !heard.contains(&("join".to_owned(), vec!["ann".to_owned()])) || events == 0 {
+        let (_, more) = raw_poll(
+            &server,
+            &format!(
+                "{asks}&presence_session={session}&cursor={}",
+                urlencoding_json(&cursor)
+            ),
+        )
+        .await;
+        heard.extend(poll_presence(&more));
+        events += more["events"].as_array().unwrap().len();
+        cursor = more["cursor"].as_str().unwrap().to_owned();
+    }
+    assert!(
+        !heard.iter().any(|(kind, _)| kind == "presence"),
+        "a known session is not sent the whole list again: {heard:?}"
+    );
+    // The poller stops polling: it leaves once its session has been idle 2 s, not before.
+    let stopped = Instant::now();
+    loop {
+        let (kind, member) = next_presence(&mut ann).await;
+        if kind == "leave" {
+            assert_eq!(member.id, "pat");
+            break;
+        }
+        assert_eq!(
+            (kind, member.id.as_str()),
+            ("join", "ann"),
+            "only its own join"
+        );
+    }
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_500) && took <= Duration::from_millis(4_500),
+        "left {took:?} after its last poll; the bound is the idle time (2 s) and a sweep"
+    );
+}
+
+#[tokio::test]
+async fn a_presence_session_belongs_to_its_client_and_a_newer_poll_takes_it_over() {
+    let server = jwt_server(|_| {});
+    let asks = |subject: &str| {
+        format!(
+            "?channel=room:lp&token={}&join_leave=1&presence=",
+            token(subject, &["room:*"])
+        )
+    };
+    let (_, first) = raw_poll(&server, &asks("pat")).await;
+    let session = first["presence_session"].as_str().unwrap().to_owned();
+    let cursor = urlencoding_json(first["cursor"].as_str().unwrap());
+    // Another identity naming pat's session gets a session of its own.
+    let (status, eve) = raw_poll(
+        &server,
+        &format!("{}&presence_session={session}&cursor={cursor}", asks("eve")),
+    )
+    .await;
+    assert_eq!(status, 200, "{eve}");
+    assert_ne!(eve["presence_session"], session.as_str());
+    assert_eq!(
+        poll_presence(&eve).first(),
+        Some(&(
+            "presence".to_owned(),
+            vec!["eve".to_owned(), "pat".to_owned()]
+        )),
+        "a new session starts from the list"
+    );
+    // Pat's poll waits; a newer poll of the same session makes it answer at once.
+    let waiting = format!("{}&presence_session={session}&cursor={cursor}", asks("pat"));
+    let started = Instant::now();
+    let earlier = tokio::spawn({
+        let server_url = server.url(&format!("/poll{waiting}&timeout=30"));
+        let http = server.http.clone();
+        async move { http.get(server_url).send().await.unwrap().status().as_u16() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newer = tokio::spawn({
+        let server_url = server.url(&format!("/poll{waiting}&timeout=2"));
+        let http = server.http.clone();
+        async move {
+            let response = http.get(server_url).send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    });
+    assert_eq!(earlier.await.unwrap(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the earlier poll answered when the newer one came, not at its timeout"
+    );
+    let (status, newer) = newer.await.unwrap();
+    assert_eq!(status, 200, "{newer}");
+    assert_eq!(
+        newer["presence_session"],
+        session.as_str(),
+        "the newer poll holds it"
+    );
+    // A client that may not see the members cannot ask for join/leave.
+    let (status, refused) = raw_poll(
+        &server,
+        &format!(
+            "?channel=room:lp&token={}&join_leave=1",
+            jwt::sign(
+                &jwt::Claims {
+                    sub: Some("mo".into()),
+                    exp: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        + 600,
+                    subscribe: vec!["room:*".into()],
+                    presence: Some(vec![]),
+                    ..jwt::Claims::default()
+                },
+                JWT_SECRET.as_bytes()
+            )
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{refused}");
+}
+
+#[tokio::test]
+async fn a_poller_that_misses_a_burst_of_joins_is_sent_the_whole_list() {
+    let server = jwt_server(|settings| {
+        settings.connection_burst_per_ip = 1_000;
+        settings.connections_per_ip_per_second = 1_000.0;
+    });
+    let asks = format!(
+        "?channel=burst:1&token={}&join_leave=1&presence=",
+        token("pat", &["burst:*"])
+    );
+    let (_, first) = raw_poll(&server, &asks).await;
+    let session = first["presence_session"].as_str().unwrap().to_owned();
+    // More members join than the session's queue holds (256) while it is not polling.
+    let joining = resync_broker::presence::PRESENCE_EVENT_QUEUE + 44;
+    let mut members = Vec::new();
+    for index in 0..joining {
+        let subject = format!("u{index:03}");
+        let mut client = WsClient::connect_ready(
+            &server.ws_url(&format!("?token={}", token(&subject, &["burst:*"]))),
+        )
+        .await;
+        let id = client.next_request_id();
+        client
+            .send(&ClientFrame::Subscribe {
+                id,
+                channel: "burst:1".parse().unwrap(),
+                since: None,
+                presence: info(&subject),
+                join_leave: false,
+            })
+            .await;
+        assert!(matches!(
+            client.frame().await,
+            ServerFrame::Subscribed { .. }
+        ));
+        members.push(client);
+    }
+    let (status, reply) = raw_poll(
+        &server,
+        &format!(
+            "{asks}&presence_session={session}&cursor={}",
+            urlencoding_json(first["cursor"].as_str().unwrap())
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    // Applied in order, the frames give the whole list; one of them is the list itself,
+    // which proves the queue overflowed.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut lists = 0;
+    for (kind, ids) in poll_presence(&reply) {
+        match kind.as_str() {
+            "presence" => {
+                lists += 1;
+                seen = ids.into_iter().collect();
+            }
+            "join" => {
+                seen.extend(ids);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        lists >= 1,
+        "the burst overflowed the queue: a list was sent"
+    );
+    let mut expected: std::collections::BTreeSet<String> =
+        (0..joining).map(|index| format!("u{index:03}")).collect();
+    expected.insert("pat".to_owned());
+    assert_eq!(seen, expected);
+}

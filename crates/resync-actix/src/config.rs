@@ -27,6 +27,10 @@ pub struct TransportConfig {
     /// The most bytes of events in one long-poll reply (at least one event always goes);
     /// the rest come with the next poll. Defaults to 1 MiB.
     pub poll_max_bytes: usize,
+    /// How long a long-polling client's presence session (its memberships and join/leave
+    /// watches) outlives its last poll: its members leave when no poll follows within it.
+    /// Defaults to 30 seconds.
+    pub poll_presence_idle: Duration,
     /// The largest WebSocket message accepted from a client, in bytes; a larger one closes the
     /// connection with code 1009. Defaults to 64 KiB.
     pub max_message_bytes: usize,
@@ -94,6 +98,7 @@ impl Default for TransportConfig {
             poll_timeout_max: Duration::from_secs(60),
             poll_max_events: 1_000,
             poll_max_bytes: 1024 * 1024,
+            poll_presence_idle: Duration::from_secs(30),
             max_message_bytes: 64 * 1024,
             max_presence_info_bytes: 1024,
             max_channels_per_connection: 128,

@@ -48,6 +48,7 @@ pub mod jwt;
 mod membership;
 mod metrics;
 mod poll;
+mod poll_presence;
 mod probe;
 mod request;
 mod shared;
@@ -142,6 +143,7 @@ impl ResyncBuilder {
                 shutdown: watch::channel(false).0,
                 sse_heartbeat,
                 ws_ping,
+                poll_sessions: Default::default(),
             }),
         }
     }

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use resync_broker::{Broker, Presence};
-use resync_protocol::{Channel, ErrorCode, PresenceRequest};
+use resync_broker::{Broker, Presence, PresenceEvent, PresenceLagged};
+use resync_protocol::{Channel, ErrorCode, PresenceRequest, ServerFrame};
 
 use crate::Shared;
 use crate::auth::Identity;
@@ -58,6 +58,35 @@ pub(crate) fn check<'a>(
     Ok(Some(presence))
 }
 
+/// The frame that tells a watcher of `channel` about `event`: a `join` or `leave`, or, when
+/// it missed events (a burst past its queue), the whole list (a `presence` frame with `id`
+/// 0: not an answer), so that its list is right again without asking. `Err` with why when
+/// the list cannot be read either: the watcher must fetch it again.
+pub(crate) async fn watcher_frame(
+    shared: &Shared,
+    channel: Channel,
+    event: Result<PresenceEvent, PresenceLagged>,
+) -> Result<ServerFrame, (Channel, String)> {
+    match event {
+        Ok(PresenceEvent::Join(member)) => Ok(ServerFrame::Join { channel, member }),
+        Ok(PresenceEvent::Leave(member)) => Ok(ServerFrame::Leave { channel, member }),
+        Err(lagged) => {
+            let members = match shared.broker.presence() {
+                Some(presence) => presence.members(&channel).await,
+                None => Ok(Vec::new()),
+            };
+            match members {
+                Ok(members) => Ok(ServerFrame::Presence {
+                    id: 0,
+                    channel,
+                    members,
+                }),
+                Err(error) => Err((channel, format!("{lagged} ({error})"))),
+            }
+        }
+    }
+}
+
 /// A connection's member id: its token's subject, or `anon:<connection>` when anonymous.
 pub(crate) fn member_id(identity: &Identity, connection: &str) -> String {
     match &identity.subject {
@@ -108,7 +137,12 @@ impl Drop for Memberships {
         let member_id = std::mem::take(&mut self.member_id);
         let connection = std::mem::take(&mut self.connection);
         let channels = std::mem::take(&mut self.channels);
-        actix_web::rt::spawn(async move {
+        // On the runtime the drop happens in (a worker's, or a test's when a server is torn
+        // down); none is left when a process ends, and then there is nobody to tell.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
             let Some(presence) = broker.presence() else {
                 return;
             };

@@ -7,13 +7,17 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use resync_broker::SubscriptionItem;
-use resync_protocol::bodies::{PollReply, ResetNotice};
-use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
+use resync_broker::{PresenceEvent, PresenceLagged};
+use resync_protocol::bodies::{PollPresence, PollReply, ResetNotice};
+use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ServerFrame};
+use tokio_stream::StreamExt;
 
 use crate::Shared;
 use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
+use crate::membership;
 use crate::metrics::Transport;
+use crate::poll_presence::{self, Lease};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers};
 
@@ -27,6 +31,11 @@ pub(crate) async fn handle(
         guard: _admitted,
     } = admit_follower(&shared, &request).await?;
     let _guard = shared.metrics.connection(Transport::Poll);
+    let mut session = poll_presence::open(&shared, &request, &identity, &query).await?;
+    let mut batch = Batch::new();
+    if let Some(session) = session.as_mut() {
+        batch.presence = std::mem::take(&mut session.state.owed);
+    }
 
     let Some(cursor) = query.cursor else {
         // The first poll starts "now": answer at once with the current cursor, so that nothing
@@ -43,8 +52,9 @@ pub(crate) async fn handle(
             cursor.set(channel.clone(), position?);
         }
         return Ok(reply(
-            &Batch::new(),
+            &batch,
             &cursor,
+            session.as_ref(),
             cors_headers(&request, &shared.config.allowed_origins),
         ));
     };
@@ -56,7 +66,6 @@ pub(crate) async fn handle(
         .min(identity.remaining().unwrap_or(Duration::MAX));
     let (mut channels, outcomes) =
         ChannelSet::open(&shared, &query.channels, &Since::Cursor(cursor)).await?;
-    let mut batch = Batch::new();
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
     // starts now, like a first poll: the client needs its position at once, not after the
     // timeout.
@@ -83,8 +92,16 @@ pub(crate) async fn handle(
         .await
         .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
 
+    if let Some(session) = session.as_mut() {
+        take_ready_presence(&shared, session, &mut batch).await;
+    }
+
     if batch.is_empty() && !starts_now {
         let mut shutdown = shared.shutdown.subscribe();
+        let watching = session
+            .as_ref()
+            .is_some_and(|session| !session.state.watches.is_empty());
+        let superseded = session.as_ref().map(Lease::superseded);
         tokio::select! {
             first = channels.next() => {
                 let mut next = first;
@@ -94,6 +111,26 @@ pub(crate) async fn handle(
                         break;
                     }
                     next = channels.next_ready();
+                }
+            }
+            Some((channel, event)) = async {
+                session.as_mut()?.state.watches.next().await
+            }, if watching => {
+                batch.push_presence(&shared, channel, event).await;
+                if let Some(session) = session.as_mut() {
+                    take_ready_presence(&shared, session, &mut batch).await;
+                }
+            }
+            () = async {
+                match superseded {
+                    Some(superseded) => superseded.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // A newer poll of this client took over the session: this one's client has
+                // most likely given up on it, so the frames it owes go with the newer one.
+                if let Some(session) = session.as_mut() {
+                    session.state.owed = std::mem::take(&mut batch.presence);
                 }
             }
             _ = tokio::time::sleep(wait) => {}
@@ -110,6 +147,7 @@ pub(crate) async fn handle(
     Ok(reply(
         &batch,
         &channels.cursor(),
+        session.as_ref(),
         cors_headers(&request, &shared.config.allowed_origins),
     ))
 }
@@ -123,6 +161,8 @@ struct Batch {
     /// server build a reply of tens of megabytes.
     bytes: usize,
     resets: Vec<ResetNotice>,
+    /// Presence frames (join, leave, the list) for a poll with a presence session.
+    presence: Vec<String>,
 }
 
 impl Batch {
@@ -131,11 +171,28 @@ impl Batch {
             bytes: 0,
             events: Vec::new(),
             resets: Vec::new(),
+            presence: Vec::new(),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.resets.is_empty()
+        self.events.is_empty() && self.resets.is_empty() && self.presence.is_empty()
+    }
+
+    async fn push_presence(
+        &mut self,
+        shared: &Shared,
+        channel: Channel,
+        event: Result<PresenceEvent, PresenceLagged>,
+    ) {
+        let frame = membership::watcher_frame(shared, channel, event)
+            .await
+            .unwrap_or_else(|(channel, why)| ServerFrame::Error {
+                id: None,
+                code: ErrorCode::Unavailable,
+                message: format!("{channel}: {why}"),
+            });
+        self.presence.push(frame.encode());
     }
 
     fn add(&mut self, shared: &Shared, channel: &Channel, item: SubscriptionItem) {
@@ -160,17 +217,30 @@ impl Batch {
     }
 }
 
+/// Adds the join/leave events the session's watches hold now, without waiting.
+async fn take_ready_presence(shared: &Shared, session: &mut Lease, batch: &mut Batch) {
+    use futures_util::FutureExt;
+    while let Some(Some((channel, event))) = session.state.watches.next().now_or_never() {
+        batch.push_presence(shared, channel, event).await;
+    }
+}
+
 /// The reply ([`PollReply`]), assembled from pre-encoded event frames; `cursor` is where
 /// the client stands after it.
 fn reply(
     batch: &Batch,
     cursor: &Cursor,
+    session: Option<&Lease>,
     cors: Vec<(actix_web::http::header::HeaderName, String)>,
 ) -> HttpResponse {
     let body = PollReply::encode(
         batch.events.iter().map(|(_, frame)| &frame[..]),
         &batch.resets,
         cursor,
+        session.map(|session| PollPresence {
+            session: session.id(),
+            frames: &batch.presence,
+        }),
     );
     let mut response = HttpResponse::Ok();
     for (name, value) in cors {

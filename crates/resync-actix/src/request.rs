@@ -26,11 +26,13 @@ pub(crate) struct QueryParams {
     pub(crate) token: Option<String>,
     /// `timeout=…` in seconds (long polling).
     pub(crate) timeout_seconds: Option<u64>,
-    /// `presence=…` (SSE): appear among the channels' members, with this JSON info (empty:
+    /// `presence=…` (SSE, long polling): appear among the channels' members, with this JSON info (empty:
     /// none).
     pub(crate) presence: Option<resync_protocol::PresenceRequest>,
-    /// `join_leave=1` (SSE): be told of joins and leaves.
+    /// `join_leave=1` (SSE, long polling): be told of joins and leaves.
     pub(crate) join_leave: bool,
+    /// `presence_session=…` (long polling): the presence session of the client's last poll.
+    pub(crate) presence_session: Option<String>,
 }
 
 impl QueryParams {
@@ -75,6 +77,7 @@ impl QueryParams {
                     params.presence = Some(resync_protocol::PresenceRequest { info });
                 }
                 "join_leave" => params.join_leave = matches!(value.as_ref(), "1" | "true"),
+                "presence_session" => params.presence_session = Some(value.into_owned()),
                 "timeout" => {
                     params.timeout_seconds = Some(value.parse().map_err(|_| {
                         ApiError::new(

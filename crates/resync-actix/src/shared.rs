@@ -22,6 +22,8 @@ pub(crate) struct Shared {
     /// Shared heartbeat clocks, so that idle connections hold no timer of their own.
     pub(crate) sse_heartbeat: Ticker,
     pub(crate) ws_ping: Ticker,
+    /// Long-polling clients' presence sessions.
+    pub(crate) poll_sessions: crate::poll_presence::PollSessions,
 }
 
 impl Shared {

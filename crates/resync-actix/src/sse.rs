@@ -358,41 +358,21 @@ impl StreamState {
             Wake::Presence(channel, event) => {
                 // The data is the WebSocket frame's JSON; a lag tells the client to fetch
                 // the list again.
-                let (name, data) = match event {
-                    Ok(PresenceEvent::Join(member)) => {
-                        ("join", ServerFrame::Join { channel, member }.encode())
-                    }
-                    Ok(PresenceEvent::Leave(member)) => {
-                        ("leave", ServerFrame::Leave { channel, member }.encode())
-                    }
-                    // Events were missed (a burst past the watch's queue): the whole list, as
-                    // WebSocket sends it (a `presence` event with the frame's JSON, id 0).
-                    Err(lagged) => {
-                        let members = match self.shared.broker.presence() {
-                            Some(presence) => presence.members(&channel).await,
-                            None => Ok(Vec::new()),
-                        };
-                        match members {
-                            Ok(members) => (
-                                "presence",
-                                ServerFrame::Presence {
-                                    id: 0,
-                                    channel,
-                                    members,
-                                }
-                                .encode(),
-                            ),
-                            Err(error) => (
-                                "presence_lagged",
-                                serde_json::json!({
-                                    "channel": channel,
-                                    "message": format!("{lagged} ({error})"),
-                                })
-                                .to_string(),
-                            ),
+                let (name, data) =
+                    match membership::watcher_frame(&self.shared, channel, event).await {
+                        Ok(frame) => {
+                            let name = match &frame {
+                                ServerFrame::Join { .. } => "join",
+                                ServerFrame::Leave { .. } => "leave",
+                                _ => "presence",
+                            };
+                            (name, frame.encode())
                         }
-                    }
-                };
+                        Err((channel, why)) => (
+                            "presence_lagged",
+                            serde_json::json!({ "channel": channel, "message": why }).to_string(),
+                        ),
+                    };
                 let mut chunk = Vec::new();
                 SseFrame {
                     id: None,

@@ -57,6 +57,23 @@ pub struct PollReply {
     pub resets: Vec<ResetNotice>,
     /// Where every channel of the poll stands after this reply.
     pub cursor: Cursor,
+    /// The presence session to name in the next poll (`presence_session=`), when the poll
+    /// asked for presence (`presence=` or `join_leave=1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_session: Option<String>,
+    /// `join`, `leave` and `presence` (the whole list) frames since the session's last
+    /// reply, oldest first: what a WebSocket watcher would have been sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub presence: Vec<Box<RawValue>>,
+}
+
+/// A long-poll reply's presence part: its session and the frames it owes the client.
+#[derive(Clone, Copy, Debug)]
+pub struct PollPresence<'a> {
+    /// The session to name in the next poll.
+    pub session: &'a str,
+    /// `join`, `leave` and `presence` frames, each one line of JSON.
+    pub frames: &'a [String],
 }
 
 impl PollReply {
@@ -66,11 +83,21 @@ impl PollReply {
         frames: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
         resets: &[ResetNotice],
         cursor: &Cursor,
+        presence: Option<PollPresence<'_>>,
     ) -> Vec<u8> {
         let cursor = serde_json::to_string(&cursor.to_string()).unwrap_or_default();
         let size = frames.clone().map(|frame| frame.len() + 1).sum::<usize>()
             + resets.len() * 96
             + cursor.len()
+            + presence.map_or(0, |presence| {
+                presence.session.len()
+                    + presence
+                        .frames
+                        .iter()
+                        .map(|frame| frame.len() + 1)
+                        .sum::<usize>()
+                    + 40
+            })
             + 40;
         let mut body = Vec::with_capacity(size);
         body.extend_from_slice(b"{\"events\":[");
@@ -80,6 +107,16 @@ impl PollReply {
         push_joined(&mut body, resets.iter().map(String::as_bytes));
         body.extend_from_slice(b"],\"cursor\":");
         body.extend_from_slice(cursor.as_bytes());
+        if let Some(presence) = presence {
+            body.extend_from_slice(b",\"presence_session\":");
+            let session = serde_json::to_string(presence.session).unwrap_or_default();
+            body.extend_from_slice(session.as_bytes());
+            if !presence.frames.is_empty() {
+                body.extend_from_slice(b",\"presence\":[");
+                push_joined(&mut body, presence.frames.iter().map(String::as_bytes));
+                body.push(b']');
+            }
+        }
         body.push(b'}');
         body
     }

@@ -2,7 +2,9 @@
 //! panics on arbitrary input.
 
 use proptest::prelude::*;
-use resync_protocol::bodies::{HistoryOutcome, HistoryReply, PollReply, ResetNotice, SseOpening};
+use resync_protocol::bodies::{
+    HistoryOutcome, HistoryReply, PollPresence, PollReply, ResetNotice, SseOpening,
+};
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
     Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Member, Payload,
@@ -228,14 +230,25 @@ proptest! {
         events in prop::collection::vec(event(), 0..6),
         resets in prop::collection::vec(reset_notice(), 0..4),
         cursor in cursor(),
+        presence in prop::option::of((
+            "[a-z0-9\"\\\\]{0,40}",
+            prop::collection::vec(("[a-z]{1,8}", "\\PC{0,12}"), 0..4),
+        )),
     ) {
         let frames: Vec<String> = events.iter().map(Event::encode_frame).collect();
-        let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor);
+        let presence_frames: Vec<String> = presence.iter().flat_map(|(_, members)| members).map(|(id, info)| {
+            serde_json::json!({"type": "join", "channel": "c", "member": {"id": id, "info": info}}).to_string()
+        }).collect();
+        let part = presence.as_ref().map(|(session, _)| PollPresence { session, frames: &presence_frames });
+        let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor, part);
         let reply: PollReply = serde_json::from_slice(&body).unwrap();
         let decoded: Vec<&str> = reply.events.iter().map(|raw| raw.get()).collect();
         prop_assert_eq!(decoded, frames.iter().map(String::as_str).collect::<Vec<_>>());
         prop_assert_eq!(reply.resets, resets);
         prop_assert_eq!(reply.cursor, cursor);
+        prop_assert_eq!(reply.presence_session.as_deref(), presence.as_ref().map(|(session, _)| session.as_str()));
+        let decoded: Vec<&str> = reply.presence.iter().map(|raw| raw.get()).collect();
+        prop_assert_eq!(decoded, presence_frames.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     #[test]

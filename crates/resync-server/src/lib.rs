@@ -111,6 +111,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
         sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
         poll_timeout: Duration::from_secs(settings.poll_timeout_secs),
+        poll_presence_idle: Duration::from_secs(settings.poll_presence_idle_secs.max(1)),
         max_message_bytes: settings.max_message_bytes,
         max_presence_info_bytes: settings.max_presence_info_bytes,
         poll_max_bytes: settings.poll_max_bytes,

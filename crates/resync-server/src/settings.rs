@@ -52,6 +52,8 @@ pub struct Settings {
     pub sse_heartbeat_secs: u64,
     /// Default long-poll wait in seconds.
     pub poll_timeout_secs: u64,
+    /// How long a long-polling client's presence session outlives its last poll, in seconds.
+    pub poll_presence_idle_secs: u64,
     /// Largest WebSocket message accepted.
     pub max_message_bytes: usize,
     /// Largest presence info a subscriber may join with, in bytes.
@@ -159,6 +161,7 @@ impl Default for Settings {
             ping_interval_secs: 30,
             sse_heartbeat_secs: 15,
             poll_timeout_secs: 25,
+            poll_presence_idle_secs: 30,
             max_message_bytes: 64 * 1024,
             max_presence_info_bytes: 1024,
             max_body_bytes: 64 * 1024,
@@ -276,6 +279,10 @@ pub struct Args {
     /// Default long-poll wait in seconds. [default: 25]
     #[arg(long, env = "RESYNC_POLL_TIMEOUT_SECS")]
     poll_timeout_secs: Option<u64>,
+    /// How long a long-polling client's presence session (its memberships and join/leave
+    /// events) outlives its last poll; its members leave then. [default: 30]
+    #[arg(long, env = "RESYNC_POLL_PRESENCE_IDLE_SECS")]
+    poll_presence_idle_secs: Option<u64>,
     /// Largest WebSocket message accepted, in bytes. [default: 65536]
     #[arg(long, env = "RESYNC_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
@@ -435,6 +442,7 @@ impl Settings {
             ping_interval_secs,
             sse_heartbeat_secs,
             poll_timeout_secs,
+            poll_presence_idle_secs,
             max_message_bytes,
             max_presence_info_bytes,
             max_body_bytes,

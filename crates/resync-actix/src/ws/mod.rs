@@ -600,30 +600,13 @@ impl Connection {
         channel: Channel,
         event: Result<PresenceEvent, PresenceLagged>,
     ) -> Result<(), Ending> {
-        let frame = match event {
-            Ok(PresenceEvent::Join(member)) => ServerFrame::Join { channel, member },
-            Ok(PresenceEvent::Leave(member)) => ServerFrame::Leave { channel, member },
-            // Events were missed (a burst past the watch's queue): the whole list instead, so
-            // the client's list is right again without asking (`id` 0: not an answer).
-            Err(lagged) => {
-                let members = match self.shared.broker.presence() {
-                    Some(presence) => presence.members(&channel).await,
-                    None => Ok(Vec::new()),
-                };
-                match members {
-                    Ok(members) => ServerFrame::Presence {
-                        id: 0,
-                        channel,
-                        members,
-                    },
-                    Err(error) => ServerFrame::Error {
-                        id: None,
-                        code: ErrorCode::Unavailable,
-                        message: format!("{channel}: {lagged} ({error})"),
-                    },
-                }
-            }
-        };
+        let frame = membership::watcher_frame(&self.shared, channel, event)
+            .await
+            .unwrap_or_else(|(channel, why)| ServerFrame::Error {
+                id: None,
+                code: ErrorCode::Unavailable,
+                message: format!("{channel}: {why}"),
+            });
         self.send(frame.encode()).await
     }
 
