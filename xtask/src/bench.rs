@@ -418,20 +418,21 @@ fn presence_round(bench: &mut Bench, quick: bool) -> Result<()> {
             };
             let server = bench.ours(&options)?;
             let pid = server.pid();
-            bench.load(
-                &format!("presence/{broker}/{presence}"),
-                &[
-                    "presence",
-                    "--url",
-                    &server.url,
-                    "--pid",
-                    &pid,
-                    "--members",
-                    members,
-                    "--presence",
-                    presence,
-                ],
-            )?;
+            let mut arguments = vec![
+                "presence",
+                "--url",
+                &server.url,
+                "--pid",
+                &pid,
+                "--members",
+                members,
+                "--presence",
+                presence,
+            ];
+            if let Some(redis) = &redis {
+                arguments.extend(["--redis-url", redis.url.as_str()]);
+            }
+            bench.load(&format!("presence/{broker}/{presence}"), &arguments)?;
         }
     }
     Ok(())
@@ -786,12 +787,12 @@ fn presence_section(bench: &Bench) -> String {
          server counting them and the query is the channel info). Ratios are presence over none, same broker, same run.\n\n",
         bench.median("presence/memory/on", "members")
     ));
-    out.push_str("| broker | joined (s): with / without / ratio | server CPU (s) | bytes per member / connection | count query p50 / p99 (ms) | all left (s): with / without | leaves the watcher saw |\n|---|---|---|---|---|---|---|\n");
+    out.push_str("| broker | joined (s): with / without / ratio | server CPU (s) | server bytes per member / connection | Redis bytes per member / connection | count query p50 / p99 (ms) | all left (s): with / without | leaves the watcher saw |\n|---|---|---|---|---|---|---|---|\n");
     for broker in ["memory", "redis"] {
         let on = |field: &str| bench.median(&format!("presence/{broker}/on"), field);
         let off = |field: &str| bench.median(&format!("presence/{broker}/off"), field);
         out.push_str(&format!(
-            "| {broker} | {:.2} / {:.2} / {} | {:.2} / {:.2} ({}) | {:.0} / {:.0} | {:.2} / {:.2} (info without: {:.2} / {:.2}) | {:.2} / {:.2} | {:.0} |\n",
+            "| {broker} | {:.2} / {:.2} / {} | {:.2} / {:.2} ({}) | {:.0} / {:.0} | {} | {:.2} / {:.2} (info without: {:.2} / {:.2}) | {:.2} / {:.2} | {:.0} |\n",
             on("joined_seconds"),
             off("joined_seconds"),
             ratio(on("joined_seconds"), off("joined_seconds")),
@@ -800,6 +801,15 @@ fn presence_section(bench: &Bench) -> String {
             ratio(on("server_cpu_seconds"), off("server_cpu_seconds")),
             on("bytes_per_member"),
             off("bytes_per_member"),
+            if broker == "redis" {
+                format!(
+                    "{:.0} / {:.0}",
+                    on("redis_bytes_per_member"),
+                    off("redis_bytes_per_member")
+                )
+            } else {
+                "-".to_owned()
+            },
             on("query_p50_us") / 1000.0,
             on("query_p99_us") / 1000.0,
             off("query_p50_us") / 1000.0,

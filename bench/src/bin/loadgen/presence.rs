@@ -62,6 +62,8 @@ pub(crate) async fn presence(arguments: &[String], url: &str) -> Result<serde_js
     let members = number(arguments, "--members", 10_000);
     let with_presence = argument(arguments, "--presence").is_none_or(|value| value != "off");
     let pid = *pids(arguments).first().context("--pid")?;
+    // With the Redis broker: Redis's own memory per member is measured too.
+    let redis_url = argument(arguments, "--redis-url");
     let channel = format!("room-{}", fastrand::u32(..));
     let ws_url = format!("{}/ws", url.replacen("http", "ws", 1));
     let http = reqwest::Client::new();
@@ -87,6 +89,7 @@ pub(crate) async fn presence(arguments: &[String], url: &str) -> Result<serde_js
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(pid);
+    let redis_before = redis_url.as_deref().map(redis_used_memory).transpose()?;
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(members as usize);
@@ -129,6 +132,7 @@ pub(crate) async fn presence(arguments: &[String], url: &str) -> Result<serde_js
     let cpu = cpu_seconds(pid) - cpu_before;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(pid);
+    let redis_after = redis_url.as_deref().map(redis_used_memory).transpose()?;
     // The count query (presence), or the channel info (baseline), 200 times.
     let mut latencies = Vec::with_capacity(200);
     for _ in 0..200 {
@@ -191,7 +195,45 @@ pub(crate) async fn presence(arguments: &[String], url: &str) -> Result<serde_js
         "leaves_seen_by_watcher": leaves.load(Ordering::Relaxed),
         "server_cpu_seconds": cpu,
         "bytes_per_member": (rss_after.saturating_sub(rss_before) * 1024) as f64 / members as f64,
+        "redis_bytes_per_member": match (redis_before, redis_after) {
+            (Some(before), Some(after)) => after.saturating_sub(before) as f64 / members as f64,
+            _ => 0.0,
+        },
         "query_p50_us": percentile(&latencies, 0.5),
         "query_p99_us": percentile(&latencies, 0.99),
     }))
+}
+
+/// Redis's `used_memory` (bytes), read with `INFO memory` over a plain socket.
+fn redis_used_memory(url: &str) -> Result<u64> {
+    use std::io::{Read, Write};
+    let address = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut socket = std::net::TcpStream::connect(&address)
+        .with_context(|| format!("connecting to Redis at {address}"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n")?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let read = socket.read(&mut chunk)?;
+        if read == 0 {
+            bail!("Redis closed the connection");
+        }
+        reply.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&reply);
+        // A bulk string: `$<length>\r\n<body>\r\n`.
+        if let Some((header, body)) = text.split_once("\r\n") {
+            let length: usize = header.trim_start_matches('$').parse()?;
+            if body.len() >= length {
+                let line = body
+                    .lines()
+                    .find_map(|line| line.strip_prefix("used_memory:"))
+                    .context("INFO memory has no used_memory")?;
+                return Ok(line.trim().parse()?);
+            }
+        }
+    }
 }
