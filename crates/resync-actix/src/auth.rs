@@ -153,12 +153,20 @@ impl Authorizer for AllowAllSubscribers {
     }
 }
 
-/// Verifies HS256 JWTs (see [`jwt::Claims`]): the token's `subscribe` and `publish` claims
-/// list channel patterns, `exp` ends the connection. Requests without a token get the
-/// anonymous patterns (none by default); when there are none, they get 401.
+/// Verifies JWTs (see [`jwt::Claims`]) signed with an HS256 secret, with public keys (RS256,
+/// ES256, EdDSA) or with the keys of a JWKS URL: the token's `subscribe` and `publish` claims
+/// list channel patterns, `exp` ends the connection, and `iss` and `aud` are checked when
+/// [`expect`](Self::expect) says so. Requests without a token get the anonymous patterns
+/// (none by default); when there are none, they get 401.
 #[derive(Clone)]
 pub struct JwtAuthorizer {
-    secret: Vec<u8>,
+    /// The HS256 secret, as a key.
+    secret: Option<jwt::VerifyingKey>,
+    /// Public keys from PEM files.
+    public_keys: Vec<jwt::VerifyingKey>,
+    #[cfg(feature = "jwks")]
+    jwks: Option<std::sync::Arc<crate::jwks::Jwks>>,
+    expected: jwt::Expectations,
     anonymous_subscribe: Vec<ChannelPattern>,
     anonymous_publish: Vec<ChannelPattern>,
     max_token_lifetime: Option<Duration>,
@@ -183,7 +191,9 @@ impl std::fmt::Debug for JwtAuthorizer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("JwtAuthorizer")
-            .field("secret", &"<redacted>")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("public_keys", &self.public_keys)
+            .field("expected", &self.expected)
             .field("anonymous_subscribe", &self.anonymous_subscribe)
             .field("anonymous_publish", &self.anonymous_publish)
             .field("max_token_lifetime", &self.max_token_lifetime)
@@ -202,12 +212,89 @@ impl JwtAuthorizer {
                 length: secret.len(),
             });
         }
-        Ok(Self {
-            secret,
+        let mut authorizer = Self::without_keys();
+        authorizer.secret = Some(jwt::VerifyingKey::hs256(&secret));
+        Ok(authorizer)
+    }
+
+    /// An authorizer verifying tokens signed with the private halves of `keys` (see
+    /// [`jwt::VerifyingKey::from_pem`]); no HS256 secret.
+    pub fn with_public_keys(keys: impl IntoIterator<Item = jwt::VerifyingKey>) -> Self {
+        let mut authorizer = Self::without_keys();
+        authorizer.public_keys = keys.into_iter().collect();
+        authorizer
+    }
+
+    /// An authorizer verifying tokens with the keys of a JWKS; no HS256 secret.
+    #[cfg(feature = "jwks")]
+    pub fn with_jwks(jwks: crate::jwks::Jwks) -> Self {
+        Self::without_keys().jwks(jwks)
+    }
+
+    /// Also accepts tokens signed with `key`.
+    pub fn public_key(mut self, key: jwt::VerifyingKey) -> Self {
+        self.public_keys.push(key);
+        self
+    }
+
+    /// Also accepts tokens signed with the keys of `jwks` (after the PEM keys).
+    #[cfg(feature = "jwks")]
+    pub fn jwks(mut self, jwks: crate::jwks::Jwks) -> Self {
+        self.jwks = Some(std::sync::Arc::new(jwks));
+        self
+    }
+
+    /// Requires the tokens' `iss` and `aud` to say what `expected` says.
+    pub fn expect(mut self, expected: jwt::Expectations) -> Self {
+        self.expected = expected;
+        self
+    }
+
+    fn without_keys() -> Self {
+        Self {
+            secret: None,
+            public_keys: Vec::new(),
+            #[cfg(feature = "jwks")]
+            jwks: None,
+            expected: jwt::Expectations::default(),
             anonymous_subscribe: Vec::new(),
             anonymous_publish: Vec::new(),
             max_token_lifetime: None,
-        })
+        }
+    }
+
+    /// Verifies `token` with the first key that fits its header.
+    async fn verify(&self, token: &str) -> Result<jwt::Claims, JwtError> {
+        let header = jwt::header(token)?;
+        #[cfg_attr(
+            not(feature = "jwks"),
+            allow(unused_mut, reason = "grown from the JWKS")
+        )]
+        let mut keys: Vec<jwt::VerifyingKey> = self
+            .secret
+            .iter()
+            .chain(&self.public_keys)
+            .filter(|key| key.fits(&header))
+            .cloned()
+            .collect();
+        #[cfg(feature = "jwks")]
+        if keys.is_empty()
+            && header.alg != "HS256"
+            && let Some(jwks) = &self.jwks
+        {
+            keys = jwks.keys_for(&header).await?;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let mut refusal = JwtError::UnsupportedAlgorithm(header.alg.clone());
+        for key in &keys {
+            match jwt::verify_with(token, key, &self.expected, now) {
+                Ok(claims) => return Ok(claims),
+                Err(error) => refusal = error,
+            }
+        }
+        Err(refusal)
     }
 
     /// Refuses tokens whose `exp` lies further than `lifetime` in the future, so that a leaked
@@ -249,7 +336,7 @@ impl Authorizer for JwtAuthorizer {
                 ..Identity::default()
             });
         };
-        let claims = jwt::verify(token, &self.secret).map_err(|error| match error {
+        let claims = self.verify(token).await.map_err(|error| match error {
             JwtError::Expired => AuthError::Unauthorized("token expired".to_owned()),
             other => AuthError::Unauthorized(other.to_string()),
         })?;

@@ -44,6 +44,8 @@ mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "jwks")]
+pub mod jwks;
 pub mod jwt;
 mod membership;
 mod metrics;

@@ -144,10 +144,9 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         anonymous_publish.push("demo:*".to_owned());
     }
     let max_token_lifetime = settings.max_token_lifetime_secs.map(Duration::from_secs);
-    let builder = match &settings.jwt_secret {
-        Some(secret) => builder.authorizer(
-            JwtAuthorizer::new(secret.as_bytes().to_vec())
-                .context("refusing the JWT secret (--jwt-secret, RESYNC_JWT_SECRET, jwt_secret)")?
+    let builder = match token_authorizer(settings)? {
+        Some(authorizer) => builder.authorizer(
+            authorizer
                 .max_token_lifetime(max_token_lifetime)
                 .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
                 .anonymous_publish(patterns(&anonymous_publish)),
@@ -157,10 +156,9 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         {
             builder.authorizer(AllowAllSubscribers)
         }
-        // Anonymous patterns without a JWT secret: a JWT authorizer that no token can pass.
+        // Anonymous patterns without token keys: a JWT authorizer that no token can pass.
         None => builder.authorizer(
-            JwtAuthorizer::new(generate_api_key()?.into_bytes())
-                .context("generating a JWT secret")?
+            JwtAuthorizer::with_public_keys([])
                 .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
                 .anonymous_publish(patterns(&anonymous_publish)),
         ),
@@ -491,4 +489,38 @@ fn fastrand_u64() -> u64 {
         return Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
     }
     u64::from_le_bytes(bytes)
+}
+
+/// The token verifier the settings ask for: an HS256 secret, PEM public keys and a JWKS URL,
+/// any of them together, with the `iss` and `aud` checks; `None` when no key is configured.
+fn token_authorizer(settings: &Settings) -> Result<Option<JwtAuthorizer>> {
+    let mut authorizer = match &settings.jwt_secret {
+        Some(secret) => JwtAuthorizer::new(secret.as_bytes().to_vec())
+            .context("refusing the JWT secret (--jwt-secret, RESYNC_JWT_SECRET, jwt_secret)")?,
+        None => JwtAuthorizer::with_public_keys([]),
+    };
+    for path in &settings.jwt_public_keys {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the JWT public key {}", path.display()))?;
+        let key = resync_actix::jwt::VerifyingKey::from_pem(&pem, None)
+            .with_context(|| format!("reading the JWT public key {}", path.display()))?;
+        authorizer = authorizer.public_key(key);
+    }
+    if let Some(url) = &settings.jwks_url {
+        let mut config = resync_actix::jwks::JwksConfig::new(url.clone());
+        config.cache = Duration::from_secs(settings.jwks_cache_secs.max(1));
+        config.min_refetch = Duration::from_millis(settings.jwks_min_refetch_ms);
+        authorizer = authorizer
+            .jwks(resync_actix::jwks::Jwks::new(config).context("setting up the JWKS client")?);
+    }
+    if settings.jwt_secret.is_none()
+        && settings.jwt_public_keys.is_empty()
+        && settings.jwks_url.is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(authorizer.expect(resync_actix::jwt::Expectations {
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
+    })))
 }

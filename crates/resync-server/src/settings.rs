@@ -25,6 +25,19 @@ pub struct Settings {
     pub jwt_secret: Option<String>,
     /// Longest token lifetime accepted (`exp` minus now), in seconds; none when unset.
     pub max_token_lifetime_secs: Option<u64>,
+    /// PEM public keys (RSA for RS256, P-256 for ES256, Ed25519 for EdDSA) client tokens may
+    /// be signed with.
+    pub jwt_public_keys: Vec<PathBuf>,
+    /// A JWKS URL whose keys client tokens may be signed with.
+    pub jwks_url: Option<String>,
+    /// How long a fetched JWKS is used before it is fetched again, in seconds.
+    pub jwks_cache_secs: u64,
+    /// The least time between two JWKS fetches caused by unknown `kid`s, in milliseconds.
+    pub jwks_min_refetch_ms: u64,
+    /// The `iss` client tokens must carry; not checked when unset.
+    pub jwt_issuer: Option<String>,
+    /// Audiences of which a client token's `aud` must name one; not checked when empty.
+    pub jwt_audience: Vec<String>,
     /// Channel patterns anonymous clients may subscribe to.
     pub anonymous_subscribe: Vec<String>,
     /// Channel patterns anonymous clients may publish to over WebSocket (none by default;
@@ -148,6 +161,12 @@ impl Default for Settings {
             api_key: None,
             jwt_secret: None,
             max_token_lifetime_secs: None,
+            jwt_public_keys: Vec::new(),
+            jwks_url: None,
+            jwks_cache_secs: 300,
+            jwks_min_refetch_ms: 10_000,
+            jwt_issuer: None,
+            jwt_audience: Vec::new(),
             anonymous_subscribe: vec!["*".to_owned()],
             anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
@@ -234,6 +253,29 @@ pub struct Args {
     /// token is worth less. [default: no limit]
     #[arg(long, env = "RESYNC_MAX_TOKEN_LIFETIME_SECS")]
     max_token_lifetime_secs: Option<u64>,
+    /// PEM public key files client tokens may be signed with (RSA: RS256, P-256: ES256,
+    /// Ed25519: EdDSA), comma-separated. [default: none]
+    #[arg(long, env = "RESYNC_JWT_PUBLIC_KEYS", value_delimiter = ',')]
+    jwt_public_keys: Option<Vec<PathBuf>>,
+    /// A JWKS URL (an identity provider's `/.well-known/jwks.json`) whose keys client
+    /// tokens may be signed with; fetched when needed, cached, refetched for an unknown
+    /// `kid`. [default: none]
+    #[arg(long, env = "RESYNC_JWKS_URL")]
+    jwks_url: Option<String>,
+    /// Seconds a fetched JWKS is used before it is fetched again; when it cannot be, tokens
+    /// are refused. [default: 300]
+    #[arg(long, env = "RESYNC_JWKS_CACHE_SECS")]
+    jwks_cache_secs: Option<u64>,
+    /// The least milliseconds between two JWKS fetches caused by unknown `kid`s. [default: 10000]
+    #[arg(long, env = "RESYNC_JWKS_MIN_REFETCH_MS")]
+    jwks_min_refetch_ms: Option<u64>,
+    /// The `iss` client tokens must carry. [default: not checked]
+    #[arg(long, env = "RESYNC_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Audiences of which a client token's `aud` must name one, comma-separated.
+    /// [default: not checked]
+    #[arg(long, env = "RESYNC_JWT_AUDIENCE", value_delimiter = ',')]
+    jwt_audience: Option<Vec<String>>,
     /// Channel patterns anonymous clients may subscribe to (`*`, `public:*`, `news`),
     /// comma-separated. [default: *]
     #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
@@ -426,6 +468,20 @@ impl Settings {
         if args.max_token_lifetime_secs.is_some() {
             settings.max_token_lifetime_secs = args.max_token_lifetime_secs;
         }
+        if args.jwks_url.is_some() {
+            settings.jwks_url = args.jwks_url;
+        }
+        if args.jwt_issuer.is_some() {
+            settings.jwt_issuer = args.jwt_issuer;
+        }
+        overlay!(
+            settings,
+            args,
+            jwt_public_keys,
+            jwks_cache_secs,
+            jwks_min_refetch_ms,
+            jwt_audience,
+        );
         overlay!(
             settings,
             args,
