@@ -51,6 +51,8 @@ pub enum TokenSource {
     Cookie,
     /// The `token` query parameter.
     Query,
+    /// A WebSocket `refresh` frame, replacing the connection's token.
+    Refresh,
 }
 
 /// The credentials of a request.

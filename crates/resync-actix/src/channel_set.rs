@@ -187,6 +187,11 @@ impl ChannelSet {
         Ok(())
     }
 
+    /// The channels of the set.
+    pub(crate) fn channels(&self) -> impl Iterator<Item = &Channel> {
+        self.subscriptions.keys()
+    }
+
     /// Where the client stands in every channel: each subscription's position, which moves
     /// as the set hands out items.
     pub(crate) fn cursor(&self) -> Cursor {

@@ -119,7 +119,7 @@ impl Manager {
         }
     }
 
-    async fn refresh_token(&mut self) -> Result<()> {
+    pub(crate) async fn refresh_token(&mut self) -> Result<()> {
         let Some(refresher) = self.config.refresher.clone() else {
             return Err(Error::Server {
                 code: resync_protocol::ErrorCode::Unauthorized,

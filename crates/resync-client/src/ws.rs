@@ -22,16 +22,20 @@ enum Wake {
     Silent,
     Changed,
     Publish(Option<PublishRequest>),
+    /// Time to refresh the token in place, ahead of its expiry.
+    Refresh,
 }
 
 pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
     let mut socket = connect(manager).await?;
-    let ping_interval =
+    let (ping_interval, expires_at) =
         match tokio::time::timeout(manager.config.connect_timeout, socket.next()).await {
             Ok(Some(Ok(Message::Text(text)))) => match ServerFrame::decode(text.as_bytes()) {
                 Ok(ServerFrame::Connected {
-                    ping_interval_ms, ..
-                }) => Duration::from_millis(ping_interval_ms),
+                    ping_interval_ms,
+                    expires_at,
+                    ..
+                }) => (Duration::from_millis(ping_interval_ms), expires_at),
                 other => {
                     return Err(ConnectFailure::Refused(format!(
                         "expected a connected frame, got {other:?}"
@@ -63,7 +67,10 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
         channels: HashMap::new(),
         subscribe_requests: HashMap::new(),
         publishes: HashMap::new(),
+        refresh_at: None,
+        refresh_request: None,
     };
+    session.schedule_refresh(manager, expires_at);
     let end = session.follow(manager, &mut socket, ping_interval).await;
     for (_, reply) in session.publishes.drain() {
         let _ = reply.send(Err(Error::Closed(
@@ -136,9 +143,54 @@ struct Session {
     channels: HashMap<Channel, u64>,
     subscribe_requests: HashMap<RequestId, Channel>,
     publishes: HashMap<RequestId, oneshot::Sender<Result<Position>>>,
+    /// When to refresh the token in place (with a token refresher and a token that expires).
+    refresh_at: Option<tokio::time::Instant>,
+    /// The `refresh` awaiting its reply.
+    refresh_request: Option<RequestId>,
 }
 
+/// The longest a token is refreshed ahead of its expiry.
+const MAX_REFRESH_LEAD: Duration = Duration::from_secs(60);
+
 impl Session {
+    /// Plans the next in-place refresh for a token expiring at `expires_at` (Unix seconds):
+    /// when 15-25% of its time is left (at most a minute ahead), the jitter spreading the
+    /// refreshes of many clients whose tokens were issued together.
+    fn schedule_refresh(&mut self, manager: &Manager, expires_at: Option<u64>) {
+        self.refresh_at = None;
+        let (Some(expires_at), Some(_)) = (expires_at, manager.config.refresher.as_ref()) else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let remaining = Duration::from_secs(expires_at).saturating_sub(now);
+        let lead = remaining
+            .mul_f64(0.15 + 0.10 * fastrand::f64())
+            .min(MAX_REFRESH_LEAD);
+        self.refresh_at = Some(tokio::time::Instant::now() + remaining.saturating_sub(lead));
+    }
+
+    /// Asks the refresher for a token and sends it in a `refresh` frame.
+    async fn refresh(
+        &mut self,
+        manager: &mut Manager,
+        socket: &mut Socket,
+    ) -> std::result::Result<(), SessionEnd> {
+        self.refresh_at = None;
+        if let Err(error) = manager.refresh_token().await {
+            // The connection goes on until its token expires; the reconnect tries again.
+            tracing::warn!(target: "resync::client", %error, "token refresh failed");
+            return Ok(());
+        }
+        let Some(token) = manager.token.clone() else {
+            return Ok(());
+        };
+        let id = self.request_id();
+        self.refresh_request = Some(id);
+        Self::send(socket, &ClientFrame::Refresh { id, token }).await
+    }
+
     fn request_id(&mut self) -> RequestId {
         self.next_id += 1;
         self.next_id
@@ -227,6 +279,12 @@ impl Session {
                 },
                 _ = manager.registry.changed.notified() => Wake::Changed,
                 request = manager.publishes.recv() => Wake::Publish(request),
+                () = async {
+                    match self.refresh_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => Wake::Refresh,
             };
             let result = match wake {
                 Wake::Silent => Err(SessionEnd::Lost(format!(
@@ -253,6 +311,7 @@ impl Session {
                         self.sync_channels(manager, socket).await
                     }
                 }
+                Wake::Refresh => self.refresh(manager, socket).await,
                 Wake::Publish(None) => Err(SessionEnd::Shutdown),
                 Wake::Publish(Some(request)) => {
                     let id = self.request_id();
@@ -339,6 +398,16 @@ impl Session {
                 id: Some(id),
                 code,
                 message,
+            } if self.refresh_request == Some(id) => {
+                // The new token was refused: this connection goes on until its current token
+                // expires (close 4300), and the reconnect asks the refresher again.
+                self.refresh_request = None;
+                tracing::warn!(target: "resync::client", ?code, %message, "token refresh refused");
+            }
+            ServerFrame::Error {
+                id: Some(id),
+                code,
+                message,
             } => {
                 let error = Error::Server { code, message };
                 if let Some(reply) = self.publishes.remove(&id) {
@@ -356,8 +425,29 @@ impl Session {
                 tracing::warn!(target: "resync::client", ?code, %message, "server reported an error");
             }
             ServerFrame::Ping => Self::send(socket, &ClientFrame::Pong).await?,
+            ServerFrame::Refreshed { id, expires_at } => {
+                if self.refresh_request == Some(id) {
+                    self.refresh_request = None;
+                    self.schedule_refresh(manager, expires_at);
+                }
+            }
+            // The server ended a subscription (a refreshed token no longer allows it, or the
+            // application unsubscribed the user): the subscription ends with the reason and is
+            // not taken up again.
+            ServerFrame::Unsubscribed {
+                channel,
+                reason: Some(reason),
+                ..
+            } => {
+                self.channels.remove(&channel);
+                let error = Error::Server {
+                    code: resync_protocol::ErrorCode::Forbidden,
+                    message: format!("the server ended the subscription to {channel}: {reason:?}"),
+                };
+                manager.registry.fail(&channel, error).await;
+            }
             ServerFrame::Connected { .. }
-            | ServerFrame::Unsubscribed { .. }
+            | ServerFrame::Unsubscribed { reason: None, .. }
             | ServerFrame::PresenceCount { .. } => {}
         }
         Ok(())

@@ -54,6 +54,16 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<IdempotencyKey>,
     },
+    /// Replace the connection's token before it expires (answered with `refreshed`): the
+    /// connection's deadline moves to the new `exp`, and channels the new token no longer
+    /// allows are unsubscribed (`unsubscribed` with reason `permission`). The token must be
+    /// for the same subject.
+    Refresh {
+        /// Echoed in the `refreshed` or `error` reply.
+        id: RequestId,
+        /// The new token.
+        token: String,
+    },
     /// Ask who is in a channel now (answered with `presence`).
     Presence {
         /// Echoed in the reply.
@@ -71,6 +81,20 @@ pub enum ClientFrame {
     },
     /// The answer to a server `ping`.
     Pong,
+}
+
+/// Why the server ended a subscription by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UnsubscribeReason {
+    /// A refreshed token no longer allows the channel.
+    Permission,
+    /// The application's backend unsubscribed the user (the HTTP API).
+    Server,
+    /// A reason this version does not know.
+    #[serde(other)]
+    Unknown,
 }
 
 /// How a subscriber appears among a channel's members.
@@ -272,6 +296,10 @@ pub enum ServerFrame {
         ping_interval_ms: u64,
         /// The protocol version the server speaks.
         protocol: u32,
+        /// When the connection's token expires (seconds since the Unix epoch), if it does:
+        /// send a `refresh` before then to keep the connection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     /// The reply to `subscribe`; replayed events (if any) follow, then live ones.
     Subscribed {
@@ -282,12 +310,24 @@ pub enum ServerFrame {
         /// What happened to the client's `since`.
         recovery: RecoveryOutcome,
     },
-    /// The reply to `unsubscribe`.
+    /// The reply to `unsubscribe` or, with `id` 0 and a `reason`, the server ending a
+    /// subscription by itself; the client should not subscribe again on its own.
     Unsubscribed {
-        /// The request's id.
+        /// The request's id; 0 when the server ended the subscription.
         id: RequestId,
         /// The channel no longer followed.
         channel: Channel,
+        /// Why the server ended it, when it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<UnsubscribeReason>,
+    },
+    /// The reply to `refresh`: the new token is in force.
+    Refreshed {
+        /// The request's id.
+        id: RequestId,
+        /// When the new token expires (seconds since the Unix epoch), if it does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     /// The reply to `publish`: where the event was stored.
     Published {
@@ -382,6 +422,12 @@ fn malformed(error: serde_json::Error) -> Error {
 // buffers tagged content before it knows the variant, and raw JSON payloads cannot be read
 // back from that buffer. A flat struct reads the payload straight from the input, in one pass.
 
+/// Reads a `reason` string as the enum of its frame type.
+fn named<T: serde::de::DeserializeOwned>(reason: String, kind: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(reason))
+        .map_err(|error| Error::MalformedFrame(format!("{kind} frame has a bad `reason`: {error}")))
+}
+
 /// Takes a field that the frame type requires.
 fn required<T>(field: Option<T>, kind: &str, name: &str) -> Result<T> {
     field.ok_or_else(|| Error::MalformedFrame(format!("{kind} frame is missing field `{name}`")))
@@ -410,6 +456,7 @@ struct ClientWire {
     idempotency_key: Option<IdempotencyKey>,
     presence: Option<PresenceRequest>,
     join_leave: Option<bool>,
+    token: Option<String>,
 }
 
 /// Reads a present `data` field as `Some`, even when it is JSON `null` (a valid payload).
@@ -429,6 +476,7 @@ impl ClientWire {
                     &[
                         ("data", self.data.is_some()),
                         ("idempotency_key", self.idempotency_key.is_some()),
+                        ("token", self.token.is_some()),
                     ],
                 )?;
                 Ok(ClientFrame::Subscribe {
@@ -437,6 +485,23 @@ impl ClientWire {
                     since: self.since,
                     presence: self.presence,
                     join_leave: self.join_leave.unwrap_or(false),
+                })
+            }
+            "refresh" => {
+                reject_extra(
+                    kind,
+                    &[
+                        ("channel", self.channel.is_some()),
+                        ("since", self.since.is_some()),
+                        ("data", self.data.is_some()),
+                        ("idempotency_key", self.idempotency_key.is_some()),
+                        ("presence", self.presence.is_some()),
+                        ("join_leave", self.join_leave.is_some()),
+                    ],
+                )?;
+                Ok(ClientFrame::Refresh {
+                    id: required(self.id, kind, "id")?,
+                    token: required(self.token, kind, "token")?,
                 })
             }
             "unsubscribe" | "presence" | "presence_count" => {
@@ -448,6 +513,7 @@ impl ClientWire {
                         ("idempotency_key", self.idempotency_key.is_some()),
                         ("presence", self.presence.is_some()),
                         ("join_leave", self.join_leave.is_some()),
+                        ("token", self.token.is_some()),
                     ],
                 )?;
                 let id = required(self.id, kind, "id")?;
@@ -465,6 +531,7 @@ impl ClientWire {
                         ("since", self.since.is_some()),
                         ("presence", self.presence.is_some()),
                         ("join_leave", self.join_leave.is_some()),
+                        ("token", self.token.is_some()),
                     ],
                 )?;
                 Ok(ClientFrame::Publish {
@@ -485,6 +552,7 @@ impl ClientWire {
                         ("idempotency_key", self.idempotency_key.is_some()),
                         ("presence", self.presence.is_some()),
                         ("join_leave", self.join_leave.is_some()),
+                        ("token", self.token.is_some()),
                     ],
                 )?;
                 Ok(ClientFrame::Pong)
@@ -521,17 +589,19 @@ struct ServerWire {
     seq: Option<crate::names::Seq>,
     #[serde(default, deserialize_with = "present_payload")]
     data: Option<Payload>,
-    reason: Option<ResetReason>,
+    /// A reset's or a server unsubscribe's reason, read by the frame type.
+    reason: Option<String>,
     code: Option<ErrorCode>,
     message: Option<String>,
     members: Option<Vec<Member>>,
     count: Option<u64>,
     member: Option<Member>,
+    expires_at: Option<u64>,
 }
 
 impl ServerWire {
     /// The names of the fields present, to reject those a frame type does not have.
-    fn present(&self) -> [(&'static str, bool); 16] {
+    fn present(&self) -> [(&'static str, bool); 17] {
         [
             ("client_id", self.client_id.is_some()),
             ("ping_interval_ms", self.ping_interval_ms.is_some()),
@@ -549,6 +619,7 @@ impl ServerWire {
             ("members", self.members.is_some()),
             ("count", self.count.is_some()),
             ("member", self.member.is_some()),
+            ("expires_at", self.expires_at.is_some()),
         ]
     }
 
@@ -566,11 +637,15 @@ impl ServerWire {
         let kind = kind.as_str();
         match kind {
             "connected" => {
-                self.reject_all_but(kind, &["client_id", "ping_interval_ms", "protocol"])?;
+                self.reject_all_but(
+                    kind,
+                    &["client_id", "ping_interval_ms", "protocol", "expires_at"],
+                )?;
                 Ok(ServerFrame::Connected {
                     client_id: required(self.client_id, kind, "client_id")?,
                     ping_interval_ms: required(self.ping_interval_ms, kind, "ping_interval_ms")?,
                     protocol: required(self.protocol, kind, "protocol")?,
+                    expires_at: self.expires_at,
                 })
             }
             "subscribed" => {
@@ -582,10 +657,18 @@ impl ServerWire {
                 })
             }
             "unsubscribed" => {
-                self.reject_all_but(kind, &["id", "channel"])?;
+                self.reject_all_but(kind, &["id", "channel", "reason"])?;
                 Ok(ServerFrame::Unsubscribed {
                     id: required(self.id, kind, "id")?,
                     channel: required(self.channel, kind, "channel")?,
+                    reason: self.reason.map(|reason| named(reason, kind)).transpose()?,
+                })
+            }
+            "refreshed" => {
+                self.reject_all_but(kind, &["id", "expires_at"])?;
+                Ok(ServerFrame::Refreshed {
+                    id: required(self.id, kind, "id")?,
+                    expires_at: self.expires_at,
                 })
             }
             "published" => {
@@ -611,7 +694,7 @@ impl ServerWire {
                 self.reject_all_but(kind, &["channel", "reason", "position"])?;
                 Ok(ServerFrame::Reset {
                     channel: required(self.channel, kind, "channel")?,
-                    reason: required(self.reason, kind, "reason")?,
+                    reason: named(required(self.reason, kind, "reason")?, kind)?,
                     position: required(self.position, kind, "position")?,
                 })
             }

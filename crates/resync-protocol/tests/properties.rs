@@ -8,7 +8,7 @@ use resync_protocol::bodies::{
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
     Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Member, Payload,
-    Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame,
+    Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame, UnsubscribeReason,
 };
 
 fn channel() -> impl Strategy<Value = Channel> {
@@ -128,6 +128,8 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                 idempotency_key: key.map(|key| IdempotencyKey::new(key).expect("valid key")),
             }),
         Just(ClientFrame::Pong),
+        (any::<u64>(), "[A-Za-z0-9._-]{1,64}")
+            .prop_map(|(id, token)| ClientFrame::Refresh { id, token }),
     ]
 }
 
@@ -145,13 +147,20 @@ fn event() -> impl Strategy<Value = Event> {
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        (any::<String>(), any::<u64>(), any::<u32>()).prop_map(
-            |(client_id, ping_interval_ms, protocol)| ServerFrame::Connected {
-                client_id,
-                ping_interval_ms,
-                protocol
-            }
-        ),
+        (
+            any::<String>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(client_id, ping_interval_ms, protocol, expires_at)| {
+                ServerFrame::Connected {
+                    client_id,
+                    ping_interval_ms,
+                    protocol,
+                    expires_at,
+                }
+            }),
         (any::<u64>(), channel(), recovery()).prop_map(|(id, channel, recovery)| {
             ServerFrame::Subscribed {
                 id,
@@ -159,8 +168,21 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                 recovery,
             }
         }),
-        (any::<u64>(), channel())
-            .prop_map(|(id, channel)| ServerFrame::Unsubscribed { id, channel }),
+        (
+            any::<u64>(),
+            channel(),
+            prop::option::of(prop_oneof![
+                Just(UnsubscribeReason::Permission),
+                Just(UnsubscribeReason::Server)
+            ])
+        )
+            .prop_map(|(id, channel, reason)| ServerFrame::Unsubscribed {
+                id,
+                channel,
+                reason
+            }),
+        (any::<u64>(), any::<Option<u64>>())
+            .prop_map(|(id, expires_at)| ServerFrame::Refreshed { id, expires_at }),
         (any::<u64>(), channel(), position()).prop_map(|(id, channel, position)| {
             ServerFrame::Published {
                 id,

@@ -13,14 +13,14 @@ use resync_broker::{
 };
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, Member, PROTOCOL_VERSION, Payload,
-    Position, PresenceRequest, RequestId, ServerFrame,
+    Position, PresenceRequest, RequestId, ServerFrame, UnsubscribeReason,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::Shared;
 use crate::admission::{AdmissionGuard, TokenBucket};
-use crate::auth::Identity;
+use crate::auth::{Credentials, Identity, TokenSource};
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
@@ -89,6 +89,7 @@ pub(crate) async fn handle(
         presence: None,
         client_id,
         bad_frames: 0,
+        refreshed: false,
     };
     // Everything the connection logs carries its client id (a debug span: free when debug
     // logging is off, so an idle connection holds nothing for it).
@@ -116,6 +117,8 @@ struct Connection {
     presence: Option<Box<ConnectionPresence>>,
     client_id: String,
     bad_frames: u32,
+    /// Set by a `refresh`: the loop's expiry timer follows the new token.
+    refreshed: bool,
 }
 
 /// A connection's part in presence.
@@ -167,6 +170,7 @@ impl Connection {
             client_id: self.client_id.clone(),
             ping_interval_ms: ping_interval.as_millis() as u64,
             protocol: PROTOCOL_VERSION,
+            expires_at: unix_seconds(self.identity.expires_at),
         };
         let mut ending = self.send(connected.encode()).await.err();
 
@@ -221,6 +225,13 @@ impl Connection {
                 }
                 Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
             };
+            // A refresh moved the deadline.
+            if std::mem::take(&mut self.refreshed) {
+                expiry = self
+                    .identity
+                    .remaining()
+                    .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
+            }
         }
         // Unsubscribe before the close handshake, so counts drop at once, and leave every
         // channel this connection is a member of.
@@ -462,6 +473,7 @@ impl Connection {
                     Err(error) => self.reply_error(id, error).await,
                 }
             }
+            ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, token)).await,
             ClientFrame::Presence { id, channel } => {
                 let members = match self.presence_of(&channel) {
                     Ok(presence) => presence.members(&channel).await.map_err(ApiError::from),
@@ -499,8 +511,15 @@ impl Connection {
                 if self.subscriptions.remove(&channel) {
                     self.admitted.unsubscribe(1);
                     self.stop_presence(&channel).await;
-                    self.send(ServerFrame::Unsubscribed { id, channel }.encode())
-                        .await
+                    self.send(
+                        ServerFrame::Unsubscribed {
+                            id,
+                            channel,
+                            reason: None,
+                        }
+                        .encode(),
+                    )
+                    .await
                 } else {
                     let error = ApiError::new(
                         ErrorCode::NotSubscribed,
@@ -558,6 +577,95 @@ impl Connection {
             .broker
             .presence()
             .ok_or_else(membership::no_presence)
+    }
+
+    /// Puts a new token in force: the same subject, a new deadline, and the channels (and
+    /// presence) it no longer allows ended with reason `permission`. A refused token changes
+    /// nothing: the connection goes on until its current token expires.
+    async fn refresh(&mut self, id: RequestId, token: String) -> Result<(), Ending> {
+        let credentials = Credentials {
+            token: Some((token, TokenSource::Refresh)),
+        };
+        let identity = match self.shared.authorizer.authenticate(&credentials).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                self.shared.metrics.auth_failed();
+                return self.reply_error(id, ApiError::from(error)).await;
+            }
+        };
+        if identity.subject != self.identity.subject {
+            let error = ApiError::new(
+                ErrorCode::Forbidden,
+                "a refreshed token must be for the connection's own subject",
+            );
+            return self.reply_error(id, error).await;
+        }
+        self.identity = identity;
+        self.refreshed = true;
+        let authorizer = self.shared.authorizer.clone();
+        let revoked: Vec<Channel> = self
+            .subscriptions
+            .channels()
+            .filter(|channel| !authorizer.can_subscribe(&self.identity, channel))
+            .cloned()
+            .collect();
+        for channel in revoked {
+            self.end_subscription(channel, UnsubscribeReason::Permission)
+                .await?;
+        }
+        // Presence the new token no longer allows: no more join/leave events, no membership.
+        if let Some(presence) = self.presence.as_mut() {
+            let unseen: Vec<Channel> = presence
+                .watches
+                .keys()
+                .filter(|channel| !authorizer.can_see_presence(&self.identity, channel))
+                .cloned()
+                .collect();
+            for channel in &unseen {
+                presence.watches.remove(channel);
+            }
+        }
+        let unseated: Vec<Channel> = self
+            .presence
+            .iter()
+            .flat_map(|presence| presence.memberships.iter())
+            .filter(|channel| !authorizer.can_join_presence(&self.identity, channel))
+            .cloned()
+            .collect();
+        for channel in unseated {
+            if let Some(presence) = self.presence.as_mut() {
+                presence
+                    .memberships
+                    .retain(|member_of| *member_of != channel);
+            }
+            self.leave(&channel).await;
+        }
+        let expires_at = unix_seconds(self.identity.expires_at);
+        self.send(ServerFrame::Refreshed { id, expires_at }.encode())
+            .await
+    }
+
+    /// Ends a subscription from the server's side, telling the client why (`unsubscribed`
+    /// with `id` 0).
+    async fn end_subscription(
+        &mut self,
+        channel: Channel,
+        reason: UnsubscribeReason,
+    ) -> Result<(), Ending> {
+        if !self.subscriptions.remove(&channel) {
+            return Ok(());
+        }
+        self.admitted.unsubscribe(1);
+        self.stop_presence(&channel).await;
+        self.send(
+            ServerFrame::Unsubscribed {
+                id: 0,
+                channel,
+                reason: Some(reason),
+            }
+            .encode(),
+        )
+        .await
     }
 
     /// This connection's member id: its token's subject, or its own id when anonymous.
@@ -730,4 +838,10 @@ impl Connection {
             })
             .await
     }
+}
+
+/// A time as seconds since the Unix epoch, as frames carry it.
+fn unix_seconds(at: Option<std::time::SystemTime>) -> Option<u64> {
+    at.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|since| since.as_secs())
 }
