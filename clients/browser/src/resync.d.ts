@@ -65,7 +65,10 @@ export interface ClientOptions {
   transport?: "auto" | TransportKind;
   /** Sent as the `token` query parameter (browsers cannot set headers on WebSocket/EventSource). */
   token?: string;
-  /** Called for a fresh token when the server refuses the current one. */
+  /**
+   * Called for a fresh token when the server refuses the current one, and, over WebSocket,
+   * ahead of the token's expiry to refresh it in place (the connection stays open).
+   */
   getToken?: () => Promise<string>;
   backoff?: Partial<BackoffConfig>;
   /** Extra silence tolerated past the server's ping interval, ms. Default 10000. */
@@ -88,7 +91,8 @@ export interface SubscribeHandlers<T = unknown> {
   onReset?: (reset: ResyncReset) => void;
   /** How each (re)subscription started: fresh, replayed (with the count), up to date, reset. */
   onRecovery?: (recovery: Recovery) => void;
-  onError?: (error: { code: string; message: string }) => void;
+  /** A subscription failed, or the server ended it (`code` "unsubscribed", with `reason`). */
+  onError?: (error: { code: string; message: string; reason?: "permission" | "server" }) => void;
   /** Appear among the channel's members, with `info` (WebSocket; docs/presence.md). */
   presence?: true | { info?: unknown };
   /** The member list, after each subscribe and on every join and leave (WebSocket). */

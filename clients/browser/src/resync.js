@@ -464,8 +464,25 @@ class WebSocketSession {
         }, 1000);
         client.connected(this);
         this.channelsChanged();
+        this.scheduleRefresh(frame.expires_at);
         break;
       }
+      case "refreshed":
+        if (frame.id === this.refreshId) {
+          this.refreshId = undefined;
+          this.scheduleRefresh(frame.expires_at);
+        }
+        break;
+      case "unsubscribed":
+        // The server ended the subscription by itself (a refreshed token no longer allows
+        // it, or the application unsubscribed the user): tell the page, do not take it up again.
+        if (frame.reason) {
+          this.subscribed.delete(frame.channel);
+          const entry = client.channels.get(frame.channel);
+          client.channels.delete(frame.channel);
+          entry?.handlers.onError?.({ code: "unsubscribed", reason: frame.reason, message: `the server ended the subscription (${frame.reason})` });
+        }
+        break;
       case "event":
         client.deliver(frame);
         break;
@@ -497,7 +514,11 @@ class WebSocketSession {
       }
       case "error": {
         const pending = client.pending.get(frame.id);
-        if (pending) {
+        if (frame.id !== undefined && frame.id === this.refreshId) {
+          // The new token was refused: this connection lasts until its token expires (4300),
+          // and the reconnect asks getToken again.
+          this.refreshId = undefined;
+        } else if (pending) {
           client.pending.delete(frame.id);
           pending.reject(Object.assign(new Error(frame.message), { code: frame.code }));
         } else if (this.requests.has(frame.id)) {
@@ -540,10 +561,37 @@ class WebSocketSession {
     if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(frame));
   }
 
+  /**
+   * Plans the in-place refresh of a token expiring at `expiresAt` (Unix seconds): when 15-25%
+   * of its time is left (at most a minute ahead), jittered so that clients whose tokens were
+   * issued together do not refresh together. Only with `getToken`.
+   */
+  scheduleRefresh(expiresAt) {
+    clearTimeout(this.refreshTimer);
+    if (expiresAt === undefined || !this.client.options.getToken) return;
+    const remaining = Math.max(0, expiresAt * 1000 - Date.now());
+    const lead = Math.min(remaining * (0.15 + 0.1 * this.client.options.random()), 60_000);
+    this.refreshTimer = setTimeout(() => this.refresh(), remaining - lead);
+  }
+
+  async refresh() {
+    let token;
+    try {
+      token = await this.client.options.getToken();
+    } catch {
+      return; // the connection lasts until its token expires; the reconnect tries again
+    }
+    if (this.done) return;
+    this.client.token = token;
+    this.refreshId = this.client.nextId++;
+    this.send({ type: "refresh", id: this.refreshId, token });
+  }
+
   finish(outcome) {
     if (this.done) return;
     this.done = true;
     clearTimeout(this.connectTimer);
+    clearTimeout(this.refreshTimer);
     clearInterval(this.watchdog);
     this.socket.onclose = null;
     this.socket.onmessage = null;
@@ -558,6 +606,7 @@ class WebSocketSession {
   close() {
     this.done = true;
     clearTimeout(this.connectTimer);
+    clearTimeout(this.refreshTimer);
     clearInterval(this.watchdog);
     if (this.socket) {
       this.socket.onclose = null;

@@ -3,6 +3,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import crypto from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -314,4 +315,35 @@ test("two pages of the demo see each other appear and disappear", async (t) => {
   await second.close();
   await eventually(async () => (await online(first)).length === 1, { message: "the first page sees the second leave" });
   assert.deepEqual(await online(first), [firstName]);
+});
+
+/** An HS256 token, as an app's backend signs one. */
+function signToken(claims, secret) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const input = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${input}.${crypto.createHmac("sha256", secret).update(input).digest("base64url")}`;
+}
+
+test("a page refreshes its token in place across short expiries, on one WebSocket, losing nothing", async (t) => {
+  const secret = "e2e-jwt-secret-long-enough-for-hs256-0123456789";
+  const { server, proxy, context } = await stack(t, ["--jwt-secret", secret]);
+  const page = await context.newPage();
+  // Tokens of 2 s: the page asks for one before each expiry.
+  await page.exposeFunction("mintToken", () =>
+    signToken({ sub: "ann", exp: Math.floor(Date.now() / 1000) + 2, subscribe: ["feed"] }, secret),
+  );
+  await page.goto(`${proxy.base}/e2e/follow.html?channel=feed&transport=websocket&refresh=1`);
+  await waitConnected(page, "websocket");
+  await waitSubscribed(server.base, "feed");
+  for (let n = 1; n <= 70; n++) {
+    await publish(server.base, "feed", { n });
+    await sleep(100);
+  }
+  await eventually(async () => (await received(page)).length >= 70, { message: "70 events" });
+  assert.deepEqual(seqs(await received(page)), range(1, 70));
+  const states = await page.evaluate(() => window.states.map((state) => state.status));
+  assert.equal(states.filter((status) => status === "connected").length, 1, `one connection throughout: ${states}`);
+  assert.ok(!states.includes("reconnecting"), `never reconnected: ${states}`);
+  const minted = await page.evaluate(() => window.minted);
+  assert.ok(minted >= 4, `the first token and at least 3 refreshes over 7 s of 2 s tokens (minted ${minted})`);
 });
