@@ -386,7 +386,8 @@ export class ResyncClient {
         const advice = closeAdvice(outcome.code ?? 1006);
         if (advice === "stop") {
           this.closed = true;
-          this.setState({ status: "closed", reason: `server closed with ${outcome.code}` });
+          const why = outcome.reason ? `: ${outcome.reason}` : "";
+          this.setState({ status: "closed", reason: `server closed with ${outcome.code}${why}` });
           return;
         }
         if (advice === "refresh-token") return this.refreshThen("soon");
@@ -449,7 +450,7 @@ class WebSocketSession {
     this.socket.onclose = (close) => {
       // A socket that never opened was refused or blocked on the way: let the next transport try.
       if (!opened) return this.finish({ type: "refused" });
-      this.finish(close.code === 1006 ? { type: "lost" } : { type: "closed", code: close.code });
+      this.finish(close.code === 1006 ? { type: "lost" } : { type: "closed", code: close.code, reason: close.reason });
     };
   }
 
@@ -654,6 +655,20 @@ class SseSession {
       client.reset(JSON.parse(message.data));
     });
     source.addEventListener("ping", heard);
+    // The application ended a subscription, or the whole connection (docs/auth.md).
+    source.addEventListener("unsubscribed", (message) => {
+      heard();
+      const { channel, reason } = JSON.parse(message.data);
+      const entry = client.channels.get(channel);
+      client.channels.delete(channel);
+      entry?.handlers.onError?.({ code: "unsubscribed", reason, message: `the server ended the subscription (${reason})` });
+      this.channelsChanged();
+    });
+    source.addEventListener("disconnect", (message) => {
+      const { reason, reconnect } = JSON.parse(message.data);
+      if (reconnect) return this.finish({ type: "closed", code: 4203 });
+      this.finish({ type: "closed", code: 4005, reason });
+    });
     // EventSource would reconnect by itself with a stale URL; this client manages positions and
     // backoff itself, so it closes and reconnects on its own terms.
     source.onerror = () => this.finish(opened ? { type: "lost", retry: 1000 } : { type: "refused" });

@@ -55,6 +55,7 @@ mod probe;
 mod request;
 mod shared;
 mod sse;
+mod users;
 mod ws;
 
 use std::sync::Arc;
@@ -146,6 +147,7 @@ impl ResyncBuilder {
                 sse_heartbeat,
                 ws_ping,
                 poll_sessions: Default::default(),
+                users: Default::default(),
             }),
         }
     }

@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) ws_ping: Ticker,
     /// Long-polling clients' presence sessions.
     pub(crate) poll_sessions: crate::poll_presence::PollSessions,
+    /// Each user's connections, for the user commands.
+    pub(crate) users: Arc<crate::users::UserConnections>,
 }
 
 impl Shared {

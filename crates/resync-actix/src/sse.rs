@@ -22,6 +22,8 @@ use crate::membership::{self, Memberships};
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::probe::{ConnectionProbe, client_gone};
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
+use crate::users::UserInbox;
+use resync_protocol::bodies::UserCommand;
 
 /// At most this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -147,7 +149,12 @@ async fn open_stream(
     }
 
     let cors = cors_headers(request, &shared.config.allowed_origins);
+    let user_commands = identity
+        .subject
+        .as_deref()
+        .map(|user| Box::new(shared.users.register(&shared.broker, user)));
     let state = StreamState {
+        user_commands,
         _admitted: admitted,
         guard: shared.metrics.connection(Transport::Sse),
         ends: ends(identity.remaining(), ConnectionProbe::of(request)),
@@ -229,11 +236,16 @@ async fn start_presence(
 enum Wake {
     Item(Option<(Channel, Result<SubscriptionItem, SubscriptionError>)>),
     Presence(Channel, Result<PresenceEvent, PresenceLagged>),
+    UserCommand(UserCommand),
     Heartbeat,
     Shutdown,
     Expired,
     Gone,
 }
+
+/// The `retry:` of a stream whose user was told not to come back (a bare `EventSource`
+/// reconnects whatever it is told; this makes it wait an hour).
+const STAY_AWAY_RETRY_MS: u64 = 3_600_000;
 
 struct StreamState {
     shared: Arc<Shared>,
@@ -247,6 +259,8 @@ struct StreamState {
     channels: ChannelSet,
     /// Presence memberships and join/leave watches, when the stream asked for them.
     presence: Option<Box<StreamPresence>>,
+    /// The user commands for the stream's user; `None` when anonymous.
+    user_commands: Option<Box<UserInbox>>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
     ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
@@ -300,6 +314,9 @@ impl StreamState {
             }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
                 Wake::Presence(channel, event)
             }
+            Some(command) = async {
+                self.user_commands.as_mut()?.commands.recv().await
+            }, if self.user_commands.is_some() => Wake::UserCommand(command),
             // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
             _ = self.heartbeat.changed() => {
                 if *self.shared.shutdown.borrow() {
@@ -394,6 +411,51 @@ impl StreamState {
                     retry_ms: None,
                 }
                 .encode_into(&mut chunk);
+                Some(Bytes::from(chunk))
+            }
+            Wake::UserCommand(command) => {
+                let mut chunk = Vec::new();
+                match command {
+                    // A `disconnect` event, then the end. A bare `EventSource` reconnects
+                    // by itself whatever it is told: one told to stay away is given a retry
+                    // of an hour; the browser client closes on the event.
+                    UserCommand::Disconnect {
+                        reason, reconnect, ..
+                    } => {
+                        let data = serde_json::json!({ "reason": reason, "reconnect": reconnect })
+                            .to_string();
+                        SseFrame {
+                            id: None,
+                            event: Some("disconnect"),
+                            data: &data,
+                            retry_ms: None,
+                        }
+                        .encode_into(&mut chunk);
+                        let retry_ms = if reconnect {
+                            self.shared.config.sse_retry_ms
+                        } else {
+                            STAY_AWAY_RETRY_MS
+                        };
+                        self.end_with_retry(&mut chunk, retry_ms);
+                    }
+                    UserCommand::Unsubscribe { channel, .. } => {
+                        if self.channels.remove(&channel) {
+                            let data =
+                                serde_json::json!({ "channel": channel, "reason": "server" })
+                                    .to_string();
+                            SseFrame {
+                                id: None,
+                                event: Some("unsubscribed"),
+                                data: &data,
+                                retry_ms: None,
+                            }
+                            .encode_into(&mut chunk);
+                            if self.channels.is_empty() {
+                                self.end_with_retry(&mut chunk, STAY_AWAY_RETRY_MS);
+                            }
+                        }
+                    }
+                }
                 Some(Bytes::from(chunk))
             }
             Wake::Shutdown => {

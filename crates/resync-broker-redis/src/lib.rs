@@ -146,7 +146,9 @@ impl RedisBrokerBuilder {
         });
         let (connected_sender, connected) = watch::channel(false);
         let presence_fanout = Arc::new(presence::Fanout::default());
+        let user_commands = tokio::sync::broadcast::channel(resync_broker::USER_COMMAND_QUEUE).0;
         let inner = Arc::new(Inner {
+            user_commands: user_commands.clone(),
             presence_fanout: presence_fanout.clone(),
             presence_local: presence::Local::default(),
             pool,
@@ -175,6 +177,7 @@ impl RedisBrokerBuilder {
             inner.settings.key_prefix.clone(),
             connected_sender,
             presence_fanout,
+            user_commands,
         ));
         tokio::spawn(presence::keep_alive(
             Arc::downgrade(&inner),
@@ -208,6 +211,8 @@ struct Inner {
     presence_fanout: Arc<presence::Fanout>,
     /// This process's own presence entries, which it keeps alive.
     presence_local: presence::Local,
+    /// User commands from every instance, fed by the Pub/Sub task.
+    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
 }
 
 /// A [`Broker`] whose seqs, epochs and history live in Redis, shared by every process that
@@ -496,6 +501,25 @@ impl Broker for RedisBroker {
 
     fn presence(&self) -> Option<&dyn resync_broker::Presence> {
         Some(&*self.inner)
+    }
+
+    async fn send_user_command(
+        &self,
+        command: &resync_protocol::bodies::UserCommand,
+    ) -> Result<()> {
+        // A plain enum of strings: serializing cannot fail.
+        let message = serde_json::to_string(command).unwrap_or_default();
+        let name = pubsub::user_commands_name(&self.inner.settings.key_prefix);
+        self.inner
+            .command::<u64>(redis::cmd("PUBLISH").arg(name).arg(message))
+            .await
+            .map(|_| ())
+    }
+
+    fn user_commands(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<resync_protocol::bodies::UserCommand>> {
+        Some(self.inner.user_commands.subscribe())
     }
 
     async fn close(&self) {

@@ -19,6 +19,11 @@ pub(crate) enum Command {
     Close,
 }
 
+/// The Pub/Sub channel of user commands (`Broker::send_user_command`), one per key prefix.
+pub(crate) fn user_commands_name(prefix: &str) -> String {
+    format!("{prefix}user-commands")
+}
+
 fn pubsub_name(prefix: &str, channel: &Channel) -> String {
     format!("{prefix}{{{channel}}}")
 }
@@ -61,7 +66,9 @@ pub(crate) async fn run(
     prefix: String,
     connected: watch::Sender<bool>,
     presence: crate::presence::SharedFanout,
+    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
 ) {
+    let commands_name = user_commands_name(&prefix);
     let mut delay = Duration::from_millis(100);
     let mut was_connected = false;
     loop {
@@ -88,8 +95,12 @@ pub(crate) async fn run(
         };
         let (mut sink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<Channel> = HashSet::new();
-        let mut healthy = true;
+        // User commands are few and every instance needs them: always subscribed.
+        let mut healthy = sink.subscribe(&commands_name).await.is_ok();
         for channel in hub.channels() {
+            if !healthy {
+                break;
+            }
             if let Err(error) = sink.subscribe(pubsub_name(&prefix, &channel)).await {
                 tracing::warn!(target: "resync::redis", %error, "resubscribe failed");
                 healthy = false;
@@ -137,6 +148,14 @@ pub(crate) async fn run(
                             continue;
                         }
                     };
+                    if name == commands_name {
+                        match serde_json::from_str(&payload) {
+                            // No receiver yet (no connection asked): nobody to tell.
+                            Ok(command) => drop(user_commands.send(command)),
+                            Err(error) => tracing::warn!(target: "resync::redis", %error, "undecodable user command"),
+                        }
+                        continue;
+                    }
                     if let Some(channel) = presence_channel(&prefix, &name) {
                         match crate::presence::decode_event(&payload) {
                             Some(event) => {

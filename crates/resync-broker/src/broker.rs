@@ -1,6 +1,7 @@
 //! The `Broker` trait: what a backend must do to carry resync's channels.
 
 use async_trait::async_trait;
+use resync_protocol::bodies::UserCommand;
 use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
 
 use crate::error::Result;
@@ -94,4 +95,24 @@ pub trait Broker: Send + Sync + 'static {
     fn presence(&self) -> Option<&dyn crate::Presence> {
         None
     }
+
+    /// Carries `command` to every server instance of this broker (this one included), each
+    /// of which applies it to its own connections of the user ([`Broker::user_commands`]).
+    /// The default refuses: a broker without it cannot disconnect users across instances.
+    async fn send_user_command(&self, command: &UserCommand) -> Result<()> {
+        let _ = command;
+        Err(crate::Error::Unavailable(
+            "this broker carries no user commands".to_owned(),
+        ))
+    }
+
+    /// The user commands sent through this broker from any instance, as they arrive; `None`
+    /// when it carries none. Each call is a receiver of its own, [`USER_COMMAND_QUEUE`]
+    /// deep.
+    fn user_commands(&self) -> Option<tokio::sync::broadcast::Receiver<UserCommand>> {
+        None
+    }
 }
+
+/// User commands a receiver may fall behind by before it misses some.
+pub const USER_COMMAND_QUEUE: usize = 256;

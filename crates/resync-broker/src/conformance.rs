@@ -76,6 +76,7 @@ pub async fn run_all<B: Broker>(broker: Arc<B>, config: ConformanceConfig) {
     lagging_subscriber_is_told_and_can_resume(&broker, &config).await;
     concurrent_publishers_and_resuming_subscribers_see_no_gap(&broker, &config).await;
     presence_is_one_member_per_identity(&broker, &config).await;
+    user_commands_reach_every_receiver(&broker, &config).await;
     // Last: it ends the broker's work.
     close_ends_local_subscriptions(&broker, &config).await;
 }
@@ -769,4 +770,45 @@ pub async fn presence_is_one_member_per_identity(
         "{name}: bob stays"
     );
     assert!(presence.leave(&channel, "bob", "c3").await.expect("leave"));
+}
+
+/// A user command sent through the broker reaches every receiver, in order (when the broker
+/// carries user commands at all).
+pub async fn user_commands_reach_every_receiver(
+    broker: &Arc<dyn Broker>,
+    config: &ConformanceConfig,
+) {
+    use resync_protocol::bodies::UserCommand;
+
+    let name = "user_commands_reach_every_receiver";
+    let (Some(mut first), Some(mut second)) = (broker.user_commands(), broker.user_commands())
+    else {
+        return;
+    };
+    let commands = [
+        UserCommand::Unsubscribe {
+            user: "ann".to_owned(),
+            channel: config.channel("commands"),
+        },
+        UserCommand::Disconnect {
+            user: "ann".to_owned(),
+            reason: "banned".to_owned(),
+            reconnect: false,
+        },
+    ];
+    for command in &commands {
+        broker
+            .send_user_command(command)
+            .await
+            .unwrap_or_else(|error| panic!("{name}: send failed: {error}"));
+    }
+    for receiver in [&mut first, &mut second] {
+        for expected in &commands {
+            let received = tokio::time::timeout(config.timeout, receiver.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no command within {:?}", config.timeout))
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert_eq!(&received, expected, "{name}: in order, unchanged");
+        }
+    }
 }

@@ -98,7 +98,7 @@ mod memory;
 pub mod presence;
 mod resume;
 
-pub use broker::{Broker, HistoryRead, Publish};
+pub use broker::{Broker, HistoryRead, Publish, USER_COMMAND_QUEUE};
 pub use error::{Error, Result};
 pub use event::EncodedEvent;
 pub use hub::{Hub, Live, LiveError, LiveSubscription};

@@ -61,6 +61,8 @@ struct Inner {
     history_bytes: std::sync::atomic::AtomicUsize,
     max_history_bytes: Option<usize>,
     presence: crate::MemoryPresence,
+    /// User commands, from this process to this process.
+    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
 }
 
 /// The channels that have been published to.
@@ -194,6 +196,7 @@ impl MemoryBrokerBuilder {
                 history_bytes: std::sync::atomic::AtomicUsize::new(0),
                 max_history_bytes: self.max_history_bytes,
                 presence: crate::MemoryPresence::default(),
+                user_commands: tokio::sync::broadcast::channel(crate::USER_COMMAND_QUEUE).0,
             }),
         }
     }
@@ -388,6 +391,21 @@ impl Broker for MemoryBroker {
 
     fn presence(&self) -> Option<&dyn crate::Presence> {
         Some(&self.inner.presence)
+    }
+
+    async fn send_user_command(
+        &self,
+        command: &resync_protocol::bodies::UserCommand,
+    ) -> Result<()> {
+        // No receiver (no connection has asked yet) is not an error: nobody to tell.
+        let _ = self.inner.user_commands.send(command.clone());
+        Ok(())
+    }
+
+    fn user_commands(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<resync_protocol::bodies::UserCommand>> {
+        Some(self.inner.user_commands.subscribe())
     }
 
     async fn health(&self) -> Result<()> {

@@ -226,3 +226,35 @@ pub struct ChannelPresence {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<crate::Member>>,
 }
+
+/// A command for every connection of one user, on every server instance: the body of
+/// `POST /api/users/{user}/…` and what the broker carries between instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum UserCommand {
+    /// Close the user's connections, saying why and whether to come back.
+    Disconnect {
+        /// The token subject.
+        user: String,
+        /// Shown to the client (WebSocket close reason, at most 123 bytes; SSE `disconnect`).
+        reason: String,
+        /// Whether the client should reconnect (close 4203) or stay away (close 4005).
+        reconnect: bool,
+    },
+    /// End the user's subscriptions to `channel` (`unsubscribed` with reason `server`).
+    Unsubscribe {
+        /// The token subject.
+        user: String,
+        /// The channel.
+        channel: Channel,
+    },
+}
+
+impl UserCommand {
+    /// The user the command is for.
+    pub fn user(&self) -> &str {
+        match self {
+            UserCommand::Disconnect { user, .. } | UserCommand::Unsubscribe { user, .. } => user,
+        }
+    }
+}

@@ -39,6 +39,8 @@ impl CloseCode {
     pub const FORBIDDEN: CloseCode = CloseCode(4003);
     /// The server no longer speaks the client's protocol version; terminal.
     pub const UNSUPPORTED_PROTOCOL: CloseCode = CloseCode(4004);
+    /// The application disconnected the user and asked it not to come back; terminal.
+    pub const DISCONNECTED: CloseCode = CloseCode(4005);
     /// Too many connections or requests; reconnect with backoff.
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(4100);
     /// The broker is unavailable; reconnect with backoff.
@@ -50,6 +52,8 @@ impl CloseCode {
     pub const SLOW_CONSUMER: CloseCode = CloseCode(4201);
     /// The server heard nothing from the client (no pong) for too long; reconnect soon.
     pub const HEARTBEAT_TIMEOUT: CloseCode = CloseCode(4202);
+    /// The application disconnected the user and lets it come back: reconnect soon.
+    pub const DISCONNECTED_RECONNECT: CloseCode = CloseCode(4203);
     /// The token is missing, invalid or has expired: get a fresh one, then reconnect.
     pub const TOKEN_EXPIRED: CloseCode = CloseCode(4300);
 
@@ -87,11 +91,13 @@ impl CloseCode {
             4000 => "protocol violation",
             4003 => "forbidden",
             4004 => "unsupported protocol version",
+            4005 => "disconnected by the server, do not reconnect",
             4100 => "try again later",
             4101 => "broker unavailable, reconnect with backoff",
             4200 => "shutdown, reconnect and resume",
             4201 => "slow consumer, reconnect and resume",
             4202 => "heartbeat timeout, reconnect",
+            4203 => "disconnected by the server, reconnect",
             4300 => "token expired, refresh then reconnect",
             _ => "",
         }

@@ -9,6 +9,7 @@ use resync_actix::{ApiError, Metrics, Publisher};
 use resync_broker::{Broker, Publish, ReadOutcome};
 use resync_protocol::bodies::{
     ChannelInfo, ChannelPresence, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
+    UserCommand,
 };
 use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Position};
 use serde::Deserialize;
@@ -34,7 +35,105 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
         .route(
             "/api/channels/{channel}/presence",
             web::get().to(channel_presence),
+        )
+        .route(
+            "/api/users/{user}/disconnect",
+            web::post().to(disconnect_user),
+        )
+        .route(
+            "/api/users/{user}/unsubscribe",
+            web::post().to(unsubscribe_user),
         );
+}
+
+/// The longest user id (token subject) the user commands take.
+const MAX_USER_BYTES: usize = 256;
+
+fn user_of(path: web::Path<String>) -> Result<String, ApiError> {
+    let user = path.into_inner();
+    if user.is_empty() || user.len() > MAX_USER_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("a user id is 1 to {MAX_USER_BYTES} bytes"),
+        ));
+    }
+    Ok(user)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    reconnect: bool,
+}
+
+/// `POST /api/users/{user}/disconnect` (`{"reason":…,"reconnect":false}`, both optional):
+/// closes the user's WebSocket connections (4005, or 4203 with `reconnect`) and SSE streams
+/// (a `disconnect` event) on every instance, through the broker.
+async fn disconnect_user(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let user = user_of(path)?;
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let body: DisconnectBody = if body.is_empty() {
+        DisconnectBody {
+            reason: None,
+            reconnect: false,
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(|error| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("malformed disconnect body: {error}"),
+            )
+        })?
+    };
+    let command = UserCommand::Disconnect {
+        user,
+        reason: body
+            .reason
+            .unwrap_or_else(|| "disconnected by the application".to_owned()),
+        reconnect: body.reconnect,
+    };
+    state.broker.send_user_command(&command).await?;
+    Ok(HttpResponse::Ok().json(command))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeBody {
+    channel: Channel,
+}
+
+/// `POST /api/users/{user}/unsubscribe` (`{"channel":…}`): ends the user's subscriptions to
+/// the channel on every instance (`unsubscribed` with reason `server`).
+async fn unsubscribe_user(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let user = user_of(path)?;
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let body: UnsubscribeBody = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("malformed unsubscribe body: {error}"),
+        )
+    })?;
+    let command = UserCommand::Unsubscribe {
+        user,
+        channel: body.channel,
+    };
+    state.broker.send_user_command(&command).await?;
+    Ok(HttpResponse::Ok().json(command))
 }
 
 /// Compares without an early exit, so response timing does not reveal how much matched.

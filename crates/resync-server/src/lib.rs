@@ -404,7 +404,8 @@ async fn index() -> HttpResponse {
          GET  /poll?channel=NAME        long polling\n\
          POST /api/publish              {\"channel\":…,\"data\":…} with Authorization: Bearer <API key>\n\
          GET  /api/history?channel=NAME&since=EPOCH:SEQ\n\
-         GET  /api/channels/NAME\n\
+         GET  /api/channels/NAME  /api/channels/NAME/presence\n\
+         POST /api/users/USER/disconnect  /api/users/USER/unsubscribe\n\
          GET  /healthz /readyz /metrics\n",
     )
 }

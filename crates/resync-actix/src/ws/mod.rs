@@ -11,6 +11,7 @@ use resync_broker::{
     Presence, PresenceEvent, PresenceLagged, PresenceWatch, Publish, SubscriptionError,
     SubscriptionItem,
 };
+use resync_protocol::bodies::UserCommand;
 use resync_protocol::{
     Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, Member, PROTOCOL_VERSION, Payload,
     Position, PresenceRequest, RequestId, ServerFrame, UnsubscribeReason,
@@ -26,6 +27,7 @@ use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target, refusal};
+use crate::users::UserInbox;
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
@@ -69,7 +71,14 @@ pub(crate) async fn handle(
     let now = std::time::Instant::now();
     let client_id = format!("{:016x}", fastrand::u64(..));
     tracing::debug!(target: "resync::ws", %client_id, request = %loggable_target(&request), subject = ?identity.subject, "connected");
+    // A user's connections hear the user commands sent from any instance (kick, unsubscribe).
+    let user_commands = identity
+        .subject
+        .as_deref()
+        .map(|user| Box::new(shared.users.register(&shared.broker, user)));
     let connection = Connection {
+        user_commands,
+        close_reason: None,
         messages: TokenBucket::new(
             shared.config.ws_messages_per_second,
             shared.config.ws_message_burst,
@@ -119,6 +128,10 @@ struct Connection {
     bad_frames: u32,
     /// Set by a `refresh`: the loop's expiry timer follows the new token.
     refreshed: bool,
+    /// The user commands for this connection's user; `None` when anonymous.
+    user_commands: Option<Box<UserInbox>>,
+    /// The close reason an application gave (a user command), instead of the code's own.
+    close_reason: Option<String>,
 }
 
 /// A connection's part in presence.
@@ -135,6 +148,7 @@ enum Wake {
     Message(Option<Result<Incoming, InboxError>>),
     Item(Channel, Result<SubscriptionItem, SubscriptionError>),
     Presence(Channel, Result<PresenceEvent, PresenceLagged>),
+    UserCommand(UserCommand),
     /// The ping clock ticked, or the server is shutting down.
     Ping,
     Expired,
@@ -189,6 +203,9 @@ impl Connection {
                 }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
                     Wake::Presence(channel, event)
                 }
+                Some(command) = async {
+                    self.user_commands.as_mut()?.commands.recv().await
+                }, if self.user_commands.is_some() => Wake::UserCommand(command),
                 _ = ping.changed() => Wake::Ping,
                 Some(()) = async { expiry.as_mut()?.await; Some(()) }, if expiry.is_some() => {
                     Wake::Expired
@@ -210,6 +227,7 @@ impl Connection {
                 Wake::Presence(channel, event) => {
                     Box::pin(self.on_presence_event(channel, event)).await.err()
                 }
+                Wake::UserCommand(command) => Box::pin(self.on_user_command(command)).await.err(),
                 // Shutdown wakes the ping clock too (see `Resync::shutdown`).
                 Wake::Ping if *self.shared.shutdown.borrow() => {
                     let spread = self.shared.config.shutdown_spread;
@@ -244,7 +262,10 @@ impl Connection {
         if let Some(Ending::Close(code)) = ending {
             tracing::debug!(target: "resync::ws", client_id = %self.client_id, code = code.0, "closing");
             // Boxed: a path taken once should not size the idle connection's task.
-            let close = self.outbox.close(code.0, code.reason());
+            let reason = self.close_reason.take();
+            let close = self
+                .outbox
+                .close(code.0, reason.as_deref().unwrap_or(code.reason()));
             let _ = Box::pin(tokio::time::timeout(
                 self.shared.config.write_timeout,
                 close,
@@ -645,6 +666,26 @@ impl Connection {
             .await
     }
 
+    /// Applies a user command (from this instance's API or another's, through the broker).
+    async fn on_user_command(&mut self, command: UserCommand) -> Result<(), Ending> {
+        match command {
+            UserCommand::Disconnect {
+                reason, reconnect, ..
+            } => {
+                self.close_reason = Some(close_reason(&reason));
+                Err(Ending::Close(if reconnect {
+                    CloseCode::DISCONNECTED_RECONNECT
+                } else {
+                    CloseCode::DISCONNECTED
+                }))
+            }
+            UserCommand::Unsubscribe { channel, .. } => {
+                self.end_subscription(channel, UnsubscribeReason::Server)
+                    .await
+            }
+        }
+    }
+
     /// Ends a subscription from the server's side, telling the client why (`unsubscribed`
     /// with `id` 0).
     async fn end_subscription(
@@ -844,4 +885,13 @@ impl Connection {
 fn unix_seconds(at: Option<std::time::SystemTime>) -> Option<u64> {
     at.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|since| since.as_secs())
+}
+
+/// An application's reason as a WebSocket close reason: at most 123 bytes, cut at a character.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
 }
