@@ -86,6 +86,9 @@ pub struct TransportConfig {
     pub ws_publishes_per_second: f64,
     /// Publishes in a burst above the rate. Defaults to 50.
     pub ws_publish_burst: u32,
+    /// Rules by namespace (the part of a channel's name before its first `:`), in front of
+    /// the authorizer. Defaults to none.
+    pub namespaces: std::collections::HashMap<String, crate::NamespacePolicy>,
 }
 
 impl Default for TransportConfig {
@@ -120,6 +123,7 @@ impl Default for TransportConfig {
             ws_message_burst: 200,
             ws_publishes_per_second: 20.0,
             ws_publish_burst: 50,
+            namespaces: std::collections::HashMap::new(),
         }
     }
 }

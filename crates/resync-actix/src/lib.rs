@@ -49,6 +49,7 @@ pub mod jwks;
 pub mod jwt;
 mod membership;
 mod metrics;
+mod namespaces;
 mod poll;
 mod poll_presence;
 mod probe;
@@ -75,6 +76,7 @@ pub use auth::{
 pub use config::TransportConfig;
 pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};
 pub use metrics::{ConnectionGuard, MAX_NAMESPACE_LABELS, Metrics, Transport};
+pub use namespaces::NamespacePolicy;
 pub use probe::{ConnectOptions, on_connect, track_disconnects};
 
 /// The transports, ready to mount. Cloning is cheap and shares everything.
@@ -129,6 +131,15 @@ impl ResyncBuilder {
     /// Builds the transports.
     pub fn build(self) -> Resync {
         let broker = self.broker;
+        // The namespaces' rules go in front of the application's authorizer.
+        let authorizer: Arc<dyn Authorizer> = if self.config.namespaces.is_empty() {
+            self.authorizer
+        } else {
+            Arc::new(namespaces::NamespaceRules {
+                inner: self.authorizer,
+                namespaces: self.config.namespaces.clone(),
+            })
+        };
         let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);
         let ws_ping = Ticker::new(self.config.ping_interval);
         let metrics = Arc::new(Metrics::default());
@@ -140,7 +151,7 @@ impl ResyncBuilder {
                     metrics: metrics.clone(),
                 },
                 broker,
-                authorizer: self.authorizer,
+                authorizer,
                 config: self.config,
                 metrics,
                 shutdown: watch::channel(false).0,

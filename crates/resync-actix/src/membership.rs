@@ -49,6 +49,22 @@ pub(crate) fn check<'a>(
             ));
         }
     }
+    if join_leave
+        && shared
+            .config
+            .namespaces
+            .get(channel.namespace())
+            .and_then(|policy| policy.join_leave)
+            == Some(false)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "join and leave events are off in namespace {}",
+                channel.namespace()
+            ),
+        ));
+    }
     if join_leave && !shared.authorizer.can_see_presence(identity, channel) {
         return Err(ApiError::new(
             ErrorCode::Forbidden,

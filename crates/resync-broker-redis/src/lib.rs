@@ -52,6 +52,7 @@ pub struct RedisBrokerBuilder {
     key_prefix: String,
     pool_size: usize,
     retention: Retention,
+    namespace_retention: std::collections::HashMap<String, Retention>,
     subscriber_queue: usize,
     idempotency_ttl: Duration,
     meta_ttl: Duration,
@@ -87,6 +88,17 @@ impl RedisBrokerBuilder {
     /// long after its last publish (Redis Streams keep no per-entry age). Defaults to [`Retention::default`] (10,000 events, 24 hours).
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// History kept per channel of `namespace` (the part of a channel's name before its
+    /// first `:`), instead of [`retention`](Self::retention).
+    pub fn namespace_retention(
+        mut self,
+        namespace: impl Into<String>,
+        retention: Retention,
+    ) -> Self {
+        self.namespace_retention.insert(namespace.into(), retention);
         self
     }
 
@@ -262,6 +274,7 @@ impl RedisBroker {
             key_prefix: "resync:".to_owned(),
             pool_size: 16,
             retention: Retention::default(),
+            namespace_retention: std::collections::HashMap::new(),
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
             idempotency_ttl: Duration::from_secs(600),
             meta_ttl: Duration::from_secs(7 * 24 * 60 * 60),
@@ -402,7 +415,11 @@ impl Broker for RedisBroker {
             Some(key) => self.key(&publish.channel, &format!("idem:{key}")),
             None => self.key(&publish.channel, "idem:"),
         };
-        let stream_ttl = settings.retention.max_age().map_or(0, millis);
+        let retention = settings
+            .namespace_retention
+            .get(publish.channel.namespace())
+            .unwrap_or(&settings.retention);
+        let stream_ttl = retention.max_age().map_or(0, millis);
         let mut invocation = self.inner.scripts.publish.prepare_invoke();
         invocation
             .key(self.key(&publish.channel, "meta"))
@@ -410,7 +427,7 @@ impl Broker for RedisBroker {
             .key(idempotency_key)
             .key(self.shared_epoch_key())
             .arg(publish.data.as_str())
-            .arg(settings.retention.max_events())
+            .arg(retention.max_events())
             .arg(stream_ttl)
             .arg(millis(settings.meta_ttl))
             .arg(random_epoch())
@@ -422,7 +439,7 @@ impl Broker for RedisBroker {
             })
             .arg(millis(settings.idempotency_ttl).max(1))
             .arg(self.shared_epoch_ttl())
-            .arg(settings.retention.max_bytes().unwrap_or(0));
+            .arg(retention.max_bytes().unwrap_or(0));
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
         Self::position_from(epoch, seq)
     }

@@ -55,6 +55,9 @@ struct Inner {
     table: Mutex<ChannelTable>,
     hub: Hub,
     retention: Retention,
+    /// Retention by namespace (the part of a channel name before its first `:`), where it
+    /// differs from `retention`.
+    namespace_retention: std::collections::HashMap<String, Retention>,
     idempotency_window: usize,
     max_channels: usize,
     /// The bytes of every channel's history, and the most they may add up to.
@@ -121,6 +124,7 @@ impl IdempotencyWindow {
 #[derive(Clone, Debug)]
 pub struct MemoryBrokerBuilder {
     retention: Retention,
+    namespace_retention: std::collections::HashMap<String, Retention>,
     subscriber_queue: usize,
     idempotency_window: usize,
     max_channels: usize,
@@ -131,6 +135,7 @@ impl Default for MemoryBrokerBuilder {
     fn default() -> Self {
         Self {
             retention: Retention::default(),
+            namespace_retention: std::collections::HashMap::new(),
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
             idempotency_window: 1_000,
             max_channels: 100_000,
@@ -147,6 +152,17 @@ impl MemoryBrokerBuilder {
     /// History kept per channel. Defaults to [`Retention::default`] (10,000 events, 24 hours).
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// History kept per channel of `namespace` (the part of a channel's name before its
+    /// first `:`), instead of [`retention`](Self::retention).
+    pub fn namespace_retention(
+        mut self,
+        namespace: impl Into<String>,
+        retention: Retention,
+    ) -> Self {
+        self.namespace_retention.insert(namespace.into(), retention);
         self
     }
 
@@ -191,6 +207,7 @@ impl MemoryBrokerBuilder {
                 }),
                 hub: Hub::new(self.subscriber_queue),
                 retention: self.retention,
+                namespace_retention: self.namespace_retention,
                 idempotency_window: self.idempotency_window,
                 max_channels: self.max_channels,
                 history_bytes: std::sync::atomic::AtomicUsize::new(0),
@@ -251,7 +268,14 @@ impl MemoryBroker {
             }
         }
         let state = Arc::new(Mutex::new(ChannelState {
-            log: ChannelLog::new(table.epoch.clone(), self.inner.retention),
+            log: ChannelLog::new(
+                table.epoch.clone(),
+                self.inner
+                    .namespace_retention
+                    .get(channel.namespace())
+                    .copied()
+                    .unwrap_or(self.inner.retention),
+            ),
             keys: IdempotencyWindow::default(),
         }));
         table.channels.insert(channel.clone(), state.clone());

@@ -16,7 +16,9 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::{Context, Result};
-use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, Resync, TransportConfig};
+use resync_actix::{
+    AllowAllSubscribers, ChannelPattern, JwtAuthorizer, NamespacePolicy, Resync, TransportConfig,
+};
 use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
 use resync_broker_redis::RedisBroker;
 use tracing::Instrument;
@@ -84,9 +86,31 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         .with_max_events(settings.history_size)
         .with_max_age(Some(Duration::from_secs(settings.history_max_age_secs)))
         .with_max_bytes(Some(settings.history_max_bytes_per_channel));
+    // A namespace's own history size or age, over the server-wide retention.
+    let namespace_retention: Vec<(String, Retention)> = settings
+        .namespaces
+        .iter()
+        .filter(|(_, namespace)| {
+            namespace.history_size.is_some() || namespace.history_max_age_secs.is_some()
+        })
+        .map(|(name, namespace)| {
+            let mut own = retention;
+            if let Some(size) = namespace.history_size {
+                own = own.with_max_events(size);
+            }
+            if let Some(age) = namespace.history_max_age_secs {
+                own = own.with_max_age(Some(Duration::from_secs(age)));
+            }
+            (name.clone(), own)
+        })
+        .collect();
     let (broker, memory_broker): (Arc<dyn Broker>, _) = match settings.broker {
         BrokerKind::Memory => {
-            let memory = MemoryBroker::builder()
+            let mut memory = MemoryBroker::builder();
+            for (name, own) in &namespace_retention {
+                memory = memory.namespace_retention(name.clone(), *own);
+            }
+            let memory = memory
                 .retention(retention)
                 .max_history_bytes(Some(settings.history_max_bytes))
                 .subscriber_queue(settings.subscriber_queue)
@@ -95,7 +119,12 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         }
         BrokerKind::Redis => (
             Arc::new(
-                RedisBroker::builder(settings.redis_url.clone())
+                namespace_retention
+                    .iter()
+                    .fold(
+                        RedisBroker::builder(settings.redis_url.clone()),
+                        |builder, (name, own)| builder.namespace_retention(name.clone(), *own),
+                    )
                     .key_prefix(settings.redis_prefix.clone())
                     .presence_ttl(Duration::from_secs(settings.presence_ttl_secs.max(1)))
                     .pool_size(settings.redis_pool_size)
@@ -135,11 +164,37 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         ws_message_burst: settings.ws_message_burst,
         ws_publishes_per_second: settings.ws_publishes_per_second,
         ws_publish_burst: settings.ws_publish_burst,
+        namespaces: settings
+            .namespaces
+            .iter()
+            .map(|(name, namespace)| {
+                let policy = NamespacePolicy {
+                    anonymous_subscribe: namespace.anonymous_subscribe,
+                    anonymous_publish: namespace.anonymous_publish,
+                    client_publish: namespace.client_publish,
+                    presence: namespace.presence,
+                    join_leave: namespace.join_leave,
+                };
+                (name.clone(), policy)
+            })
+            .collect(),
         ..TransportConfig::default()
     };
     let builder = Resync::builder_shared(broker.clone()).config(config);
     // The demo page's chat publishes anonymously; nothing else does unless configured.
     let mut anonymous_publish = settings.anonymous_publish.clone();
+    // A namespace open to anonymous clients lets them past authentication (its rules decide
+    // per channel after that).
+    let mut anonymous_subscribe = settings.anonymous_subscribe.clone();
+    let everything = |patterns: &[String]| patterns.iter().any(|pattern| pattern == "*");
+    for (name, namespace) in &settings.namespaces {
+        if namespace.anonymous_subscribe == Some(true) && !everything(&anonymous_subscribe) {
+            anonymous_subscribe.push(format!("{name}:*"));
+        }
+        if namespace.anonymous_publish == Some(true) && !everything(&anonymous_publish) {
+            anonymous_publish.push(format!("{name}:*"));
+        }
+    }
     if settings.demo && !anonymous_publish.iter().any(|pattern| pattern == "demo:*") {
         anonymous_publish.push("demo:*".to_owned());
     }
@@ -148,10 +203,10 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         Some(authorizer) => builder.authorizer(
             authorizer
                 .max_token_lifetime(max_token_lifetime)
-                .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
+                .anonymous_subscribe(patterns(&anonymous_subscribe))
                 .anonymous_publish(patterns(&anonymous_publish)),
         ),
-        None if patterns(&settings.anonymous_subscribe) == [ChannelPattern::new("*")]
+        None if patterns(&anonymous_subscribe) == [ChannelPattern::new("*")]
             && anonymous_publish.is_empty() =>
         {
             builder.authorizer(AllowAllSubscribers)
@@ -159,7 +214,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         // Anonymous patterns without token keys: a JWT authorizer that no token can pass.
         None => builder.authorizer(
             JwtAuthorizer::with_public_keys([])
-                .anonymous_subscribe(patterns(&settings.anonymous_subscribe))
+                .anonymous_subscribe(patterns(&anonymous_subscribe))
                 .anonymous_publish(patterns(&anonymous_publish)),
         ),
     };

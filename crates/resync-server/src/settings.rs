@@ -9,6 +9,27 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Deserialize;
 
+/// What one namespace (the channels named `<namespace>:…`) does differently; each field
+/// left out keeps the server-wide setting. TOML: `[namespaces.chat]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceSettings {
+    /// Events of history kept per channel.
+    pub history_size: Option<usize>,
+    /// Seconds an event is kept in history.
+    pub history_max_age_secs: Option<u64>,
+    /// Presence (members, list, count) on or off.
+    pub presence: Option<bool>,
+    /// Join and leave events on or off.
+    pub join_leave: Option<bool>,
+    /// Anonymous clients may subscribe, or may not.
+    pub anonymous_subscribe: Option<bool>,
+    /// Anonymous clients may publish over WebSocket, or may not.
+    pub anonymous_publish: Option<bool>,
+    /// Clients may publish over WebSocket (as their tokens allow), or no client may.
+    pub client_publish: Option<bool>,
+}
+
 /// Every setting of the reference server, with its default.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +59,8 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     /// Audiences of which a client token's `aud` must name one; not checked when empty.
     pub jwt_audience: Vec<String>,
+    /// Per-namespace settings (TOML only), by namespace.
+    pub namespaces: std::collections::BTreeMap<String, NamespaceSettings>,
     /// Channel patterns anonymous clients may subscribe to.
     pub anonymous_subscribe: Vec<String>,
     /// Channel patterns anonymous clients may publish to over WebSocket (none by default;
@@ -167,6 +190,7 @@ impl Default for Settings {
             jwks_min_refetch_ms: 10_000,
             jwt_issuer: None,
             jwt_audience: Vec::new(),
+            namespaces: std::collections::BTreeMap::new(),
             anonymous_subscribe: vec!["*".to_owned()],
             anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
