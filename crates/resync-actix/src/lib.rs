@@ -53,6 +53,7 @@ mod namespaces;
 mod poll;
 mod poll_presence;
 mod probe;
+pub mod proxy;
 mod request;
 mod shared;
 mod sse;
@@ -103,6 +104,7 @@ pub struct ResyncBuilder {
     broker: Arc<dyn Broker>,
     authorizer: Arc<dyn Authorizer>,
     config: TransportConfig,
+    proxy: Option<(Arc<dyn proxy::AppProxy>, proxy::ProxyOptions)>,
 }
 
 impl std::fmt::Debug for ResyncBuilder {
@@ -119,6 +121,13 @@ impl ResyncBuilder {
     /// subscribe to anything, no client may publish.
     pub fn authorizer(mut self, authorizer: impl Authorizer) -> Self {
         self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// Asks the application (`proxy`) about what `options` names: connects, refreshes, and
+    /// the subscribes and client publishes of some namespaces. Defaults to none.
+    pub fn proxy(mut self, proxy: impl proxy::AppProxy, options: proxy::ProxyOptions) -> Self {
+        self.proxy = Some((Arc::new(proxy), options));
         self
     }
 
@@ -159,6 +168,9 @@ impl ResyncBuilder {
                 ws_ping,
                 poll_sessions: Default::default(),
                 users: Default::default(),
+                proxy: self
+                    .proxy
+                    .map(|(proxy, options)| proxy::ProxyGate::new(proxy, options)),
             }),
         }
     }
@@ -177,6 +189,7 @@ impl Resync {
             broker,
             authorizer: Arc::new(AllowAllSubscribers),
             config: TransportConfig::default(),
+            proxy: None,
         }
     }
 

@@ -11,6 +11,7 @@ use crate::Shared;
 use crate::admission::{AdmissionGuard, Refusal};
 use crate::auth::{AuthError, Credentials, Identity, TokenSource};
 use crate::error::ApiError;
+use crate::proxy::ProxyRequest;
 
 /// Query parameters besides `channel` that a request may carry (cache busters, tracking).
 const MAX_OTHER_PARAMETERS: usize = 32;
@@ -245,7 +246,23 @@ pub(crate) async fn admit(
         request.query_string(),
         shared.config.max_channels_per_connection,
     )?;
-    let identity = authenticate(shared, request, &query).await?;
+    let mut identity = authenticate(shared, request, &query).await?;
+    if let Some(proxy) = shared
+        .proxy
+        .as_ref()
+        .filter(|proxy| proxy.asks_on_connect())
+    {
+        let token = credentials(request, query.token.as_deref(), &shared.config.token_cookie)
+            .token
+            .map(|(token, _)| token);
+        let asked = ProxyRequest::Connect {
+            user: identity.subject.clone(),
+            token,
+        };
+        if let Some(answer) = proxy.ask(&asked).await? {
+            crate::proxy::apply_connect(&mut identity, answer);
+        }
+    }
     let mut guard = guard;
     guard
         .identify(identity.subject.as_deref())
@@ -287,6 +304,17 @@ pub(crate) async fn admit_follower(
     let mut admitted = admit(shared, request).await?;
     admitted.query.require_channels()?;
     authorize_subscriptions(shared, &admitted.identity, &admitted.query.channels)?;
+    if let Some(proxy) = &shared.proxy {
+        for channel in &admitted.query.channels {
+            if proxy.asks_for(channel) {
+                let asked = ProxyRequest::Subscribe {
+                    user: admitted.identity.subject.clone(),
+                    channel: channel.clone(),
+                };
+                proxy.ask(&asked).await?;
+            }
+        }
+    }
     admitted
         .guard
         .subscribe(admitted.query.channels.len())

@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) poll_sessions: crate::poll_presence::PollSessions,
     /// Each user's connections, for the user commands.
     pub(crate) users: Arc<crate::users::UserConnections>,
+    /// The application's backend, when it is asked.
+    pub(crate) proxy: Option<crate::proxy::ProxyGate>,
 }
 
 impl Shared {

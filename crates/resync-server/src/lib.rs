@@ -23,7 +23,7 @@ use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
 use resync_broker_redis::RedisBroker;
 use tracing::Instrument;
 
-pub use settings::{Args, BrokerKind, LogFormat, Settings};
+pub use settings::{Args, BrokerKind, LogFormat, NamespaceSettings, Settings};
 
 fn generate_api_key() -> Result<String> {
     let mut bytes = [0u8; 24];
@@ -180,7 +180,25 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             .collect(),
         ..TransportConfig::default()
     };
-    let builder = Resync::builder_shared(broker.clone()).config(config);
+    let mut builder = Resync::builder_shared(broker.clone()).config(config);
+    if let Some(url) = &settings.proxy_url {
+        let options = resync_actix::proxy::ProxyOptions {
+            connect: settings.proxy_connect,
+            refresh: settings.proxy_refresh,
+            namespaces: settings
+                .namespaces
+                .iter()
+                .filter(|(_, namespace)| namespace.proxy == Some(true))
+                .map(|(name, _)| name.clone())
+                .collect(),
+            timeout: Duration::from_millis(settings.proxy_timeout_ms.max(1)),
+            max_in_flight: settings.proxy_max_in_flight.max(1),
+            fail_open: settings.proxy_fail_open,
+        };
+        let proxy = resync_actix::proxy::HttpProxy::new(url.clone())
+            .context("setting up the application proxy (--proxy-url)")?;
+        builder = builder.proxy(proxy, options);
+    }
     // The demo page's chat publishes anonymously; nothing else does unless configured.
     let mut anonymous_publish = settings.anonymous_publish.clone();
     // A namespace open to anonymous clients lets them past authentication (its rules decide

@@ -28,6 +28,9 @@ pub struct NamespaceSettings {
     pub anonymous_publish: Option<bool>,
     /// Clients may publish over WebSocket (as their tokens allow), or no client may.
     pub client_publish: Option<bool>,
+    /// Ask the application's proxy (`proxy_url`) about this namespace's subscribes and client
+    /// publishes.
+    pub proxy: Option<bool>,
 }
 
 /// Every setting of the reference server, with its default.
@@ -61,6 +64,19 @@ pub struct Settings {
     pub jwt_audience: Vec<String>,
     /// Per-namespace settings (TOML only), by namespace.
     pub namespaces: std::collections::BTreeMap<String, NamespaceSettings>,
+    /// The application's endpoint asked about connects, refreshes and the subscribes and
+    /// publishes of namespaces with `proxy = true` (POST, JSON); none when unset.
+    pub proxy_url: Option<String>,
+    /// Ask the proxy on every connect.
+    pub proxy_connect: bool,
+    /// Ask the proxy on every WebSocket token refresh.
+    pub proxy_refresh: bool,
+    /// The deadline of one proxy call, in milliseconds.
+    pub proxy_timeout_ms: u64,
+    /// Proxy calls in flight at once.
+    pub proxy_max_in_flight: usize,
+    /// Let requests through when the proxy cannot be asked (default: refuse them).
+    pub proxy_fail_open: bool,
     /// Channel patterns anonymous clients may subscribe to.
     pub anonymous_subscribe: Vec<String>,
     /// Channel patterns anonymous clients may publish to over WebSocket (none by default;
@@ -191,6 +207,12 @@ impl Default for Settings {
             jwt_issuer: None,
             jwt_audience: Vec::new(),
             namespaces: std::collections::BTreeMap::new(),
+            proxy_url: None,
+            proxy_connect: false,
+            proxy_refresh: false,
+            proxy_timeout_ms: 1_000,
+            proxy_max_in_flight: 64,
+            proxy_fail_open: false,
             anonymous_subscribe: vec!["*".to_owned()],
             anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
@@ -300,6 +322,11 @@ pub struct Args {
     /// [default: not checked]
     #[arg(long, env = "RESYNC_JWT_AUDIENCE", value_delimiter = ',')]
     jwt_audience: Option<Vec<String>>,
+    /// The application's endpoint asked (POST, JSON) about connects, refreshes and the
+    /// subscribes and publishes of proxied namespaces; the rest is in the config file
+    /// (docs/auth.md). [default: none]
+    #[arg(long, env = "RESYNC_PROXY_URL")]
+    proxy_url: Option<String>,
     /// Channel patterns anonymous clients may subscribe to (`*`, `public:*`, `news`),
     /// comma-separated. [default: *]
     #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
@@ -494,6 +521,9 @@ impl Settings {
         }
         if args.jwks_url.is_some() {
             settings.jwks_url = args.jwks_url;
+        }
+        if args.proxy_url.is_some() {
+            settings.proxy_url = args.proxy_url;
         }
         if args.jwt_issuer.is_some() {
             settings.jwt_issuer = args.jwt_issuer;

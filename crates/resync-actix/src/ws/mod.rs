@@ -26,6 +26,7 @@ use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
+use crate::proxy::ProxyRequest;
 use crate::request::{admit, loggable_target, refusal};
 use crate::users::UserInbox;
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
@@ -621,6 +622,23 @@ impl Connection {
             );
             return self.reply_error(id, error).await;
         }
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_on_refresh())
+        {
+            let Some((token, _)) = credentials.token else {
+                return Ok(());
+            };
+            let asked = ProxyRequest::Refresh {
+                user: identity.subject.clone(),
+                token,
+            };
+            if let Err(error) = proxy.ask(&asked).await {
+                return self.reply_error(id, error).await;
+            }
+        }
         self.identity = identity;
         self.refreshed = true;
         let authorizer = self.shared.authorizer.clone();
@@ -838,6 +856,18 @@ impl Connection {
             ));
         }
         self.check_presence_request(&channel, presence.as_ref(), join_leave)?;
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_for(&channel))
+        {
+            let asked = ProxyRequest::Subscribe {
+                user: self.identity.subject.clone(),
+                channel: channel.clone(),
+            };
+            proxy.ask(&asked).await?;
+        }
         self.admitted.subscribe(1).map_err(refusal)?;
         let recovery = match self.subscriptions.add(&self.shared, &channel, since).await {
             Ok(recovery) => recovery,
@@ -869,6 +899,23 @@ impl Connection {
                 ErrorCode::Forbidden,
                 format!("not allowed to publish on {channel}"),
             ));
+        }
+        let mut data = data;
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_for(&channel))
+        {
+            let asked = ProxyRequest::Publish {
+                user: self.identity.subject.clone(),
+                channel: channel.clone(),
+                data: data.clone(),
+            };
+            // The application may rewrite what is stored.
+            if let Some(rewritten) = proxy.ask(&asked).await?.and_then(|answer| answer.data) {
+                data = rewritten;
+            }
         }
         self.shared
             .publisher

@@ -1,0 +1,270 @@
+//! The application's backend in the loop: on connect, subscribe, client publish and refresh,
+//! resync can ask the application (an [`AppProxy`], such as [`HttpProxy`] with the `proxy`
+//! feature) and follow its answer: allow, deny with a reason, attach an identity, rewrite the
+//! published data.
+//!
+//! Never on the delivery path: only a connection's own requests wait for their answer. Every
+//! call has a deadline and a bounded number of calls are in flight at once (past it, a call
+//! fails as a timeout would); a failed call follows the failure policy, closed by default.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use resync_protocol::{Channel, ErrorCode, Payload};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{ChannelPattern, Identity};
+use crate::error::ApiError;
+
+/// What a client asks for, as the application is told it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+#[non_exhaustive]
+pub enum ProxyRequest {
+    /// A client connects (any transport), with the token it brought (if any).
+    Connect {
+        /// The token's subject, if it had a token.
+        user: Option<String>,
+        /// The raw token, for a backend that verifies its own.
+        token: Option<String>,
+    },
+    /// A client refreshes its token over WebSocket.
+    Refresh {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The new token.
+        token: String,
+    },
+    /// A client subscribes to a channel of a proxied namespace.
+    Subscribe {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The channel.
+        channel: Channel,
+    },
+    /// A client publishes on a channel of a proxied namespace.
+    Publish {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The channel.
+        channel: Channel,
+        /// The event's data.
+        data: Payload,
+    },
+}
+
+/// The application's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyAnswer {
+    /// Refuse the request, with this reason shown to the client.
+    #[serde(default)]
+    pub deny: Option<String>,
+    /// Connect: act as this user from now on.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Connect: the channel patterns the connection may subscribe to, instead of its token's.
+    #[serde(default)]
+    pub subscribe: Option<Vec<String>>,
+    /// Connect: the channel patterns it may publish to, instead of its token's.
+    #[serde(default)]
+    pub publish: Option<Vec<String>>,
+    /// Publish: store this data instead of the client's.
+    #[serde(default, deserialize_with = "present_payload")]
+    pub data: Option<Payload>,
+}
+
+fn present_payload<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Payload>, D::Error> {
+    Payload::deserialize(deserializer).map(Some)
+}
+
+/// A call to the application failed (no answer in time, an error status, an unreadable answer).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the application's proxy failed: {0}")]
+pub struct ProxyError(pub String);
+
+/// The application's side of the proxy.
+#[async_trait]
+pub trait AppProxy: Send + Sync + 'static {
+    /// Answers one request.
+    async fn ask(&self, request: &ProxyRequest) -> Result<ProxyAnswer, ProxyError>;
+}
+
+/// What is proxied, and what a failed call means.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Ask on every connect. Defaults to false.
+    pub connect: bool,
+    /// Ask on every WebSocket refresh. Defaults to false.
+    pub refresh: bool,
+    /// Namespaces whose subscribes and client publishes are asked about. Defaults to none.
+    pub namespaces: HashSet<String>,
+    /// The deadline of one call. Defaults to 1 second.
+    pub timeout: Duration,
+    /// Calls in flight at once; past it, a call fails as a timeout would. Defaults to 64.
+    pub max_in_flight: usize,
+    /// Let requests through when a call fails (`true`), or refuse them (`false`, the
+    /// default: an outage of the application's backend must not open its channels).
+    pub fail_open: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            connect: false,
+            refresh: false,
+            namespaces: HashSet::new(),
+            timeout: Duration::from_secs(1),
+            max_in_flight: 64,
+            fail_open: false,
+        }
+    }
+}
+
+/// The proxy as the transports use it.
+pub(crate) struct ProxyGate {
+    proxy: Arc<dyn AppProxy>,
+    options: ProxyOptions,
+    in_flight: tokio::sync::Semaphore,
+}
+
+impl ProxyGate {
+    pub(crate) fn new(proxy: Arc<dyn AppProxy>, options: ProxyOptions) -> Self {
+        Self {
+            in_flight: tokio::sync::Semaphore::new(options.max_in_flight.max(1)),
+            proxy,
+            options,
+        }
+    }
+
+    pub(crate) fn asks_on_connect(&self) -> bool {
+        self.options.connect
+    }
+
+    pub(crate) fn asks_on_refresh(&self) -> bool {
+        self.options.refresh
+    }
+
+    pub(crate) fn asks_for(&self, channel: &Channel) -> bool {
+        self.options.namespaces.contains(channel.namespace())
+    }
+
+    /// Asks the application within the deadline. `Ok(None)`: let through without an answer
+    /// (a failed call under `fail_open`); a denial or a failed call under `fail_closed` is
+    /// the error to give the client.
+    pub(crate) async fn ask(
+        &self,
+        request: &ProxyRequest,
+    ) -> Result<Option<ProxyAnswer>, ApiError> {
+        let call = async {
+            let _permit = self
+                .in_flight
+                .acquire()
+                .await
+                .map_err(|_| ProxyError("closed".to_owned()))?;
+            self.proxy.ask(request).await
+        };
+        let outcome = match tokio::time::timeout(self.options.timeout, call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ProxyError(format!(
+                "no answer within {:?}",
+                self.options.timeout
+            ))),
+        };
+        match outcome {
+            Ok(answer) => match &answer.deny {
+                Some(reason) => Err(ApiError::new(ErrorCode::Forbidden, reason.clone())),
+                None => Ok(Some(answer)),
+            },
+            Err(error) => {
+                tracing::warn!(target: "resync::proxy", %error, "proxy call failed");
+                if self.options.fail_open {
+                    Ok(None)
+                } else {
+                    // Fail closed: refused, as a denial would be.
+                    Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "refused: the application could not be asked (try again later)",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Applies a connect answer to the identity.
+pub(crate) fn apply_connect(identity: &mut Identity, answer: ProxyAnswer) {
+    if let Some(user) = answer.user {
+        identity.subject = Some(user);
+    }
+    if let Some(patterns) = answer.subscribe {
+        identity.subscribe = patterns.into_iter().map(ChannelPattern::new).collect();
+    }
+    if let Some(patterns) = answer.publish {
+        identity.publish = patterns.into_iter().map(ChannelPattern::new).collect();
+    }
+}
+
+/// An [`AppProxy`] that POSTs each request as JSON to `url` and reads the answer's JSON
+/// (`{}` to allow, `{"deny":"why"}`, `{"user":…}`, `{"data":…}`); a non-2xx status or an
+/// unreadable answer is a failure.
+#[cfg(feature = "proxy")]
+#[derive(Debug)]
+pub struct HttpProxy {
+    url: String,
+    http: reqwest::Client,
+}
+
+#[cfg(feature = "proxy")]
+impl HttpProxy {
+    /// A proxy posting to `url`.
+    pub fn new(url: impl Into<String>) -> Result<Self, ProxyError> {
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|error| ProxyError(error.to_string()))?;
+        Ok(Self {
+            url: url.into(),
+            http,
+        })
+    }
+}
+
+/// The largest answer read from the application, in bytes.
+#[cfg(feature = "proxy")]
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+#[cfg(feature = "proxy")]
+#[async_trait]
+impl AppProxy for HttpProxy {
+    async fn ask(&self, request: &ProxyRequest) -> Result<ProxyAnswer, ProxyError> {
+        let mut response = self
+            .http
+            .post(&self.url)
+            .json(request)
+            .send()
+            .await
+            .map_err(|error| ProxyError(error.to_string()))?;
+        if !response.status().is_success() {
+            return Err(ProxyError(format!("answered {}", response.status())));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|error| ProxyError(error.to_string()))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(ProxyError(format!(
+                    "answer larger than {MAX_ANSWER_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body)
+            .map_err(|error| ProxyError(format!("unreadable answer: {error}")))
+    }
+}
