@@ -164,7 +164,19 @@ async fn refused_websockets_fall_back_to_sse_then_long_polling() {
     let start = channel_start(&server, "fallback").await;
 
     proxy.refuse_websocket(true);
-    let sse_client = client(&proxy.base_url(), TransportChoice::Auto);
+    // A connect deadline with room for a loaded machine (the whole suite runs at once): a
+    // slow SSE opening must not make this client skip to long polling.
+    let patient = |base: &str| {
+        Client::builder(base)
+            .transport(TransportChoice::Auto)
+            .backoff(resync_tests::fast_backoff())
+            .heartbeat_grace(Duration::from_secs(1))
+            .poll_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(8))
+            .build()
+            .unwrap()
+    };
+    let sse_client = patient(&proxy.base_url());
     let sse_subscription = sse_client
         .subscribe(Channel::new("fallback").unwrap())
         .since(start.clone());
@@ -182,7 +194,7 @@ async fn refused_websockets_fall_back_to_sse_then_long_polling() {
     .await;
 
     proxy.refuse_sse(true);
-    let poll_client = client(&proxy.base_url(), TransportChoice::Auto);
+    let poll_client = patient(&proxy.base_url());
     let poll_subscription = poll_client
         .subscribe(Channel::new("fallback").unwrap())
         .since(start);

@@ -238,3 +238,42 @@ async fn the_rust_client_refreshes_ahead_of_expiry_on_one_connection() {
         "refreshed in place, never reconnected"
     );
 }
+
+#[tokio::test]
+async fn an_sse_stream_whose_token_expires_resumes_with_a_new_token_and_loses_nothing() {
+    let server = jwt_server();
+    let short = token("ann", &["feed"], Duration::from_secs(2));
+    let mut stream =
+        resync_tests::SseClient::connect(&server, &format!("?channel=feed&token={short}"), None)
+            .await;
+    assert_eq!(stream.next().await.unwrap().event, "subscribed");
+    server.publish("feed", serde_json::json!({"n": 1})).await;
+    let first = stream.next_event().await.unwrap();
+    // The stream ends at the token's expiry…
+    let ended = Instant::now();
+    while stream.next().await.is_some() {}
+    assert!(
+        ended.elapsed() < Duration::from_secs(4),
+        "ended at the expiry"
+    );
+    // …events published meanwhile are not lost: the documented path is a reconnect with a
+    // new token and the last event id.
+    server.publish("feed", serde_json::json!({"n": 2})).await;
+    server.publish("feed", serde_json::json!({"n": 3})).await;
+    let fresh = token("ann", &["feed"], Duration::from_secs(600));
+    let mut resumed = resync_tests::SseClient::connect(
+        &server,
+        &format!("?channel=feed&token={fresh}"),
+        Some(&first.last_event_id),
+    )
+    .await;
+    assert_eq!(resumed.next().await.unwrap().event, "subscribed");
+    let mut data = Vec::new();
+    while data.len() < 2 {
+        data.push(resumed.next_event().await.unwrap().data);
+    }
+    assert!(
+        data[0].contains(r#""n":2"#) && data[1].contains(r#""n":3"#),
+        "{data:?}"
+    );
+}
