@@ -65,7 +65,8 @@ impl Backend {
                         .to_owned();
                     let answer = match (request["kind"].as_str().unwrap(), how.as_str()) {
                         ("connect", _) if request["user"].is_null() => {
-                            r#"{"user":"from-backend","subscribe":["*"]}"#.to_owned()
+                            r#"{"user":"from-backend","subscribe":["*"],"info":{"name":"Backend"}}"#
+                                .to_owned()
                         }
                         (_, "denied") => r#"{"deny":"not on the guest list"}"#.to_owned(),
                         (_, "slow") => {
@@ -199,6 +200,35 @@ async fn the_backend_allows_denies_times_out_closed_and_rewrites() {
     assert_eq!(
         published["user"], "from-backend",
         "the identity the backend attached on connect"
+    );
+    // The info the backend attached is what the client appears among members with.
+    let id = client.next_request_id();
+    client
+        .send(&ClientFrame::Subscribe {
+            id,
+            channel: "room:1".parse().unwrap(),
+            since: None,
+            presence: Some(resync_protocol::PresenceRequest { info: None }),
+            join_leave: false,
+        })
+        .await;
+    assert!(matches!(
+        client.frame().await,
+        ServerFrame::Subscribed { .. }
+    ));
+    let members: serde_json::Value = server
+        .http
+        .get(server.url("/api/channels/room:1/presence"))
+        .bearer_auth(&server.server.api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        members["members"],
+        serde_json::json!([{"id": "from-backend", "info": {"name": "Backend"}}])
     );
     // SSE: a denied channel is a 403 with the reason.
     let response = server

@@ -78,6 +78,9 @@ pub struct Identity {
     /// Channels whose members this identity may appear among; `None`: those it may
     /// subscribe to.
     pub appear: Option<Vec<ChannelPattern>>,
+    /// The info this identity appears among members with when its subscribe gives none (an
+    /// application's proxy attaches it on connect).
+    pub info: Option<resync_protocol::Payload>,
 }
 
 impl Identity {
@@ -376,6 +379,7 @@ impl Authorizer for JwtAuthorizer {
             appear: claims
                 .appear
                 .map(|patterns| patterns.into_iter().map(ChannelPattern::new).collect()),
+            info: None,
         })
     }
 }

@@ -225,7 +225,7 @@ async fn start(
         if let Some(request) = &query.presence {
             let joining = Member {
                 id: state.memberships.member_id().to_owned(),
-                info: request.info.clone(),
+                info: request.info.clone().or_else(|| identity.info.clone()),
             };
             presence
                 .join(channel, &joining, state.memberships.connection())

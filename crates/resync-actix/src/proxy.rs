@@ -71,6 +71,10 @@ pub struct ProxyAnswer {
     /// Connect: the channel patterns it may publish to, instead of its token's.
     #[serde(default)]
     pub publish: Option<Vec<String>>,
+    /// Connect: the info the client appears among members with (when its subscribe gives
+    /// none).
+    #[serde(default, deserialize_with = "present_payload")]
+    pub info: Option<Payload>,
     /// Publish: store this data instead of the client's.
     #[serde(default, deserialize_with = "present_payload")]
     pub data: Option<Payload>,
@@ -206,6 +210,9 @@ pub(crate) fn apply_connect(identity: &mut Identity, answer: ProxyAnswer) {
     }
     if let Some(patterns) = answer.publish {
         identity.publish = patterns.into_iter().map(ChannelPattern::new).collect();
+    }
+    if let Some(info) = answer.info {
+        identity.info = Some(info);
     }
 }
 

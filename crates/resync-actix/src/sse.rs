@@ -221,7 +221,7 @@ async fn start_presence(
         if let Some(request) = &member {
             let joining = Member {
                 id: state.memberships.member_id().to_owned(),
-                info: request.info.clone(),
+                info: request.info.clone().or_else(|| identity.info.clone()),
             };
             presence
                 .join(channel, &joining, state.memberships.connection())

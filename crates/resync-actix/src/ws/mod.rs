@@ -806,7 +806,7 @@ impl Connection {
         if let Some(request) = &request {
             let member = Member {
                 id: self.member_id(),
-                info: request.info.clone(),
+                info: request.info.clone().or_else(|| self.identity.info.clone()),
             };
             presence.join(channel, &member, &self.client_id).await?;
         }
