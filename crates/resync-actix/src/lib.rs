@@ -32,8 +32,9 @@
 //! The three transports keep one contract (`docs/protocol.md`): every event carries its
 //! channel position, a client that comes back with its position gets exactly what it missed
 //! (the resume algorithm of `resync-broker`), and a client that cannot be caught up gets an
-//! explicit reset. Each connection's buffers are bounded; a client that reads too slowly is
-//! disconnected with a "resume" signal and loses nothing. [`Resync::shutdown`] closes every
+//! explicit reset. Each connection's buffers are bounded; a client that reads slower than a
+//! burst is caught up from history on its connection, and one that stops reading is dropped
+//! at the write deadline and loses nothing when it resumes. [`Resync::shutdown`] closes every
 //! connection with a "reconnect" signal, spread over a short window.
 
 mod admission;

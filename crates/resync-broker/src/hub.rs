@@ -4,8 +4,11 @@
 //! subscriber and [`Hub::deliver`] for each event it learns of (published here, or received
 //! from Redis pub/sub, NATS, …). The hub gives each subscriber its own bounded queue, so a
 //! slow subscriber never delays a fast one and never makes the process buffer without limit.
-//! A subscriber whose queue is full is cut off and told it *lagged*: it must resume from its
-//! last position, which the resume algorithm does from history. Nothing is skipped silently.
+//! A subscriber whose queue is full is not cut off: the events that do not fit are dropped for
+//! it, and once it has taken what was queued it is told to catch up ([`Live::Resync`]), which
+//! the resume algorithm does from history, a page at a time. Nothing is skipped silently, and
+//! a reader that is merely slower than a burst keeps its connection; a reader that stops
+//! reading is the transports' to cut (by how long its socket stays unwritable).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,11 +38,13 @@ struct HubInner {
     channels: Mutex<HashMap<Channel, Arc<Mutex<Slab<Slot>>>>>,
     queue_capacity: usize,
     on_idle: Option<IdleCallback>,
+    /// Times a subscriber's queue overflowed (each overflow counts once, until it caught up).
+    overflows: std::sync::atomic::AtomicU64,
 }
 
 struct Slot {
     queue: Arc<Queue>,
-    /// `false` once the subscriber lagged or was closed: nothing more is queued for it.
+    /// `false` once the subscription was closed: nothing more is queued for it.
     open: bool,
 }
 
@@ -58,13 +63,17 @@ struct QueueState {
     waker: Option<Waker>,
     /// Why no more items will come, reported once the queued ones are taken.
     end: Option<LiveError>,
+    /// Items were dropped because the queue was full: once the queued ones are taken, the
+    /// subscriber is told to catch up from history.
+    missed: bool,
 }
 
 /// What [`Queue::offer`] did with an item.
 enum Offer {
     Queued,
-    /// The queue was full: the subscriber is cut off as lagged.
-    Lagged,
+    /// The queue was full: the item was dropped, and the subscriber will catch up. `true`
+    /// when this began an overflow (the queue had not dropped anything since it caught up).
+    Dropped(bool),
     /// The queue had already ended.
     Ended,
 }
@@ -80,6 +89,7 @@ impl Queue {
                 items: VecDeque::new(),
                 waker: None,
                 end: None,
+                missed: false,
             }),
         }
     }
@@ -90,8 +100,9 @@ impl Queue {
             return Offer::Ended;
         }
         let offer = if state.items.len() >= capacity {
-            state.end = Some(LiveError::Lagged);
-            Offer::Lagged
+            let began = !state.missed;
+            state.missed = true;
+            Offer::Dropped(began)
         } else {
             state.items.push_back(item);
             Offer::Queued
@@ -124,6 +135,10 @@ impl Queue {
                 state.items = VecDeque::new();
             }
             return Some(Ok(item));
+        }
+        if state.missed {
+            state.missed = false;
+            return Some(Ok(Live::Resync));
         }
         if let Some(end) = state.end {
             return Some(Err(end));
@@ -161,7 +176,9 @@ pub enum Live {
 /// What [`LiveSubscription::recv`] reports when no event comes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LiveError {
-    /// The subscriber's queue overflowed and it was cut off; it must resume from its position.
+    /// The subscriber fell behind and was cut off; it must resume from its position. The
+    /// [`Hub`] itself no longer cuts anyone off (a full queue makes its subscriber catch up
+    /// from history); a broker with live subscriptions of its own may still report it.
     #[error("subscriber lagged behind and was cut off")]
     Lagged,
     /// The broker dropped the subscription (shutdown).
@@ -191,6 +208,7 @@ impl Hub {
                 channels: Mutex::new(HashMap::new()),
                 queue_capacity: queue_capacity.max(1),
                 on_idle,
+                overflows: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -219,7 +237,8 @@ impl Hub {
     }
 
     /// Queues `event` for every local subscriber of its channel and returns how many got it.
-    /// Subscribers whose queue is full are cut off (they will see [`LiveError::Lagged`]).
+    /// A subscriber whose queue is full misses it for now, and is told to catch up from
+    /// history ([`Live::Resync`]) once it has taken what was queued.
     pub fn deliver(&self, event: &EncodedEvent) -> usize {
         let Some(slots) = lock(&self.inner.channels).get(event.channel()).cloned() else {
             return 0;
@@ -230,10 +249,27 @@ impl Hub {
         for (_, slot) in slots.iter_mut().filter(|(_, slot)| slot.open) {
             match slot.queue.offer(Live::Event(event.clone()), capacity) {
                 Offer::Queued => delivered += 1,
-                Offer::Lagged | Offer::Ended => slot.open = false,
+                Offer::Dropped(began) => self.count_overflow(began),
+                Offer::Ended => slot.open = false,
             }
         }
         delivered
+    }
+
+    fn count_overflow(&self, began: bool) {
+        if began {
+            self.inner
+                .overflows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How many times a subscriber's queue overflowed (a burst it then caught up with from
+    /// history), since the hub was made.
+    pub fn overflows(&self) -> u64 {
+        self.inner
+            .overflows
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tells every local subscriber of `channel` to check history from its last position,
@@ -244,10 +280,11 @@ impl Hub {
         };
         let capacity = self.inner.queue_capacity;
         for (_, slot) in lock(&slots).iter_mut().filter(|(_, slot)| slot.open) {
-            // A full queue means the subscriber lags anyway; it will resume from history.
+            // A full queue means the subscriber catches up from history anyway.
             match slot.queue.offer(Live::Resync, capacity) {
                 Offer::Queued => {}
-                Offer::Lagged | Offer::Ended => slot.open = false,
+                Offer::Dropped(began) => self.count_overflow(began),
+                Offer::Ended => slot.open = false,
             }
         }
     }
@@ -366,7 +403,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn full_queue_cuts_off_only_the_slow_subscriber() {
+    async fn a_full_queue_drops_for_the_slow_subscriber_only_and_tells_it_to_catch_up() {
         let hub = Hub::new(2);
         let channel = Channel::new("c").unwrap();
         let mut slow = hub.subscribe(&channel);
@@ -376,11 +413,21 @@ mod tests {
             assert_eq!(seq_of(fast.recv().await.unwrap()), seq);
         }
         hub.deliver(&event(&channel, 3));
+        hub.deliver(&event(&channel, 4));
         assert_eq!(seq_of(fast.recv().await.unwrap()), 3);
-        // The slow one still gets what was queued, then learns it lagged.
+        assert_eq!(seq_of(fast.recv().await.unwrap()), 4);
+        assert_eq!(
+            hub.overflows(),
+            1,
+            "one overflow, however many events it dropped"
+        );
+        // The slow one gets what was queued, then is told to catch up, and stays subscribed.
         assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
         assert_eq!(seq_of(slow.recv().await.unwrap()), 2);
-        assert_eq!(slow.recv().await, Err(LiveError::Lagged));
+        assert_eq!(slow.recv().await, Ok(Live::Resync));
+        hub.deliver(&event(&channel, 5));
+        assert_eq!(seq_of(slow.recv().await.unwrap()), 5);
+        assert_eq!(hub.subscriber_count(&channel), 2);
     }
 
     #[tokio::test]

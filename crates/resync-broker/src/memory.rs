@@ -226,6 +226,12 @@ impl Default for MemoryBroker {
 }
 
 impl MemoryBroker {
+    /// How many times a subscriber's queue overflowed in a burst (each then caught up from
+    /// history), since the broker was made.
+    pub fn subscriber_overflows(&self) -> u64 {
+        self.inner.hub.overflows()
+    }
+
     /// A builder with the defaults.
     pub fn builder() -> MemoryBrokerBuilder {
         MemoryBrokerBuilder::default()

@@ -63,7 +63,9 @@ pub enum SubscriptionItem {
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriptionError {
     /// The subscriber did not keep up and was cut off. It has lost nothing: it resumes from
-    /// its position (which the transport tells the client) on a new connection.
+    /// its position (which the transport tells the client) on a new connection. Only from a
+    /// live subscription that reports [`LiveError::Lagged`]; the [`Hub`](crate::Hub) catches
+    /// an overflowing subscriber up from history instead.
     #[error("subscriber lagged behind at {position}")]
     Lagged {
         /// The position of the last event delivered.

@@ -360,7 +360,7 @@ pub struct Args {
     /// Most events replayed to a resuming client; further behind is a reset. [default: 10000]
     #[arg(long, env = "RESYNC_MAX_REPLAY")]
     max_replay: Option<usize>,
-    /// Events a subscriber may have queued before it counts as a slow consumer. [default: 1024]
+    /// Events a subscriber may have queued; past it, it catches up from history. [default: 1024]
     #[arg(long, env = "RESYNC_SUBSCRIBER_QUEUE")]
     subscriber_queue: Option<usize>,
     /// Seconds between WebSocket pings. [default: 30]
