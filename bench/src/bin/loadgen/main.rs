@@ -136,35 +136,116 @@ fn count(tally: &Tally, seen: &mut u64, expected: u64, frame: &[u8], sampled: bo
     }
 }
 
-async fn ws_subscriber(
+/// A masked client frame (RFC 6455 requires clients to mask), for the few frames a lean
+/// subscriber sends: its subscribe, `pong`s and protocol pongs.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask: [u8; 4] = fastrand::u32(..).to_be_bytes();
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        length @ 0..=125 => frame.push(0x80 | length as u8),
+        length @ 126..=65535 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(length as u16).to_be_bytes());
+        }
+        length => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(length as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(index, byte)| byte ^ mask[index % 4]));
+    frame
+}
+
+/// A WebSocket subscriber on a bare socket: the handshake written by hand, and server frames
+/// (unmasked) read in place from one buffer, their payloads searched without a copy. A
+/// general WebSocket client (tokio-tungstenite) allocates and checks UTF-8 per message, which
+/// made the load generator, sharing two cores with the server, the bottleneck of its own
+/// baseline (issue 17).
+async fn lean_ws_subscriber(
     base: String,
     channel: String,
     tally: Arc<Tally>,
     expected: u64,
     sampled: bool,
 ) -> Result<()> {
-    let url = format!("{}/ws", base.replacen("http", "ws", 1));
-    let (mut socket, _) =
-        with_retries(|| async { Ok(tokio_tungstenite::connect_async(&url).await?) }).await?;
+    let address = base.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    let mut stream = with_retries(|| async {
+        let mut stream = TcpStream::connect(&address).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(request.as_bytes()).await?;
+        Ok(stream)
+    })
+    .await?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(8192);
+    // The response head; what follows it is already frames.
+    let head_end = loop {
+        if stream.read_buf(&mut buffer).await? == 0 {
+            bail!("closed during the handshake");
+        }
+        if let Some(end) = memchr::memmem::find(&buffer, b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    if !buffer.starts_with(b"HTTP/1.1 101") {
+        bail!("upgrade refused: {}", String::from_utf8_lossy(&buffer[..head_end.min(64)]));
+    }
+    buffer.drain(..head_end);
     let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
-    socket.send(Message::text(subscribe)).await?;
+    stream.write_all(&client_frame(1, subscribe.as_bytes())).await?;
     tally.ready.fetch_add(1, Ordering::Relaxed);
     let mut seen = 0;
-    while let Some(message) = socket.next().await {
-        match message? {
-            Message::Text(text) => {
-                let bytes = text.as_bytes();
-                if is_event(bytes) {
-                    count(&tally, &mut seen, expected, bytes, sampled);
-                } else if bytes.starts_with(br#"{"type":"ping""#) {
-                    socket.send(Message::text(r#"{"type":"pong"}"#)).await?;
-                }
+    loop {
+        // Every complete frame in the buffer.
+        let mut start = 0;
+        let mut replies: Vec<u8> = Vec::new();
+        loop {
+            let rest = &buffer[start..];
+            if rest.len() < 2 {
+                break;
             }
-            Message::Close(_) => break,
-            _ => {}
+            let opcode = rest[0] & 0x0f;
+            let (length, header) = match rest[1] & 0x7f {
+                126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                127 if rest.len() >= 10 => {
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(&rest[2..10]);
+                    (u64::from_be_bytes(bytes) as usize, 10)
+                }
+                126 | 127 => break,
+                length => (length as usize, 2),
+            };
+            if rest.len() < header + length {
+                break;
+            }
+            let payload = &rest[header..header + length];
+            match opcode {
+                1 if is_event(payload) => count(&tally, &mut seen, expected, payload, sampled),
+                1 if payload.starts_with(br#"{"type":"ping""#) => {
+                    replies.extend(client_frame(1, br#"{"type":"pong"}"#));
+                }
+                9 => replies.extend(client_frame(10, payload)),
+                8 => return Ok(()),
+                _ => {}
+            }
+            start += header + length;
+        }
+        buffer.drain(..start);
+        if !replies.is_empty() {
+            stream.write_all(&replies).await?;
+        }
+        if buffer.capacity() - buffer.len() < 4096 {
+            buffer.reserve(8192);
+        }
+        if stream.read_buf(&mut buffer).await? == 0 {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 async fn sse_subscriber(
@@ -229,7 +310,7 @@ async fn open_subscribers(
         let is_ws = transport == "ws";
         tasks.push(tokio::spawn(async move {
             let result = if is_ws {
-                ws_subscriber(base, channel, tally, expected, sampled).await
+                lean_ws_subscriber(base, channel, tally, expected, sampled).await
             } else {
                 sse_subscriber(base, channel, tally, expected, sampled).await
             };
@@ -369,6 +450,7 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let own_cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     // Concurrent publishers, enough that the burst measures fan-out rather than publish
     // round trips (with 4, a Redis-backed server waiting on Redis replies was paced by them).
@@ -405,6 +487,7 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         .unwrap_or_else(Instant::now);
     let elapsed = finished_at.duration_since(started).as_secs_f64();
     let cpu_after: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
     let deliveries = (subscribers as u64 * burst) as f64;
     let deliveries_per_sec = deliveries / elapsed;
     tally.latencies.lock().unwrap().clear();
@@ -432,6 +515,10 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         "subscribers": subscribers,
         "deliveries_per_sec": deliveries_per_sec,
         "cpu_seconds_per_million": (cpu_after - cpu_before) / deliveries * 1e6,
+        // The load generator's own CPU over the burst: if it nears the burst's wall time on
+        // these two cores, the generator, not the server, sets the pace.
+        "loadgen_cpu_seconds_per_million": own_cpu / deliveries * 1e6,
+        "loadgen_cpu_share": own_cpu / elapsed,
         "latency_rate_events_per_sec": rate,
         "latency_events": published,
         "latency_p50_us": percentile(&latencies, 0.5),
