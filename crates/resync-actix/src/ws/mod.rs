@@ -157,8 +157,10 @@ enum Wake {
 
 /// A subscription item on its way to the socket.
 enum Outgoing {
-    /// An event's frame, encoded once and shared by every subscriber.
-    Event(bytes::Bytes),
+    /// An event, whose frame (encoded once, shared by every subscriber) is written by
+    /// reference: cloning the frame's `Bytes` per delivery was a contended atomic on the one
+    /// reference count every subscriber of the event shares (8% of a 5,000-subscriber burst).
+    Event(resync_broker::EncodedEvent),
     Text(String),
 }
 
@@ -321,9 +323,9 @@ impl Connection {
         let mut result = Ok(());
         while let Some((channel, item)) = next.take() {
             result = match self.on_item(channel, item) {
-                Ok(Outgoing::Event(frame)) => {
+                Ok(Outgoing::Event(event)) => {
                     delivered += 1;
-                    self.send_text(&frame).await
+                    self.send_text(event.frame()).await
                 }
                 Ok(Outgoing::Text(text)) => self.send_text(text.as_bytes()).await,
                 Err(ending) => Err(ending),
@@ -347,7 +349,7 @@ impl Connection {
         item: Result<SubscriptionItem, SubscriptionError>,
     ) -> Result<Outgoing, Ending> {
         match item {
-            Ok(SubscriptionItem::Event(event)) => Ok(Outgoing::Event(event.frame().clone())),
+            Ok(SubscriptionItem::Event(event)) => Ok(Outgoing::Event(event)),
             Ok(SubscriptionItem::Reset { reason, position }) => {
                 self.shared.metrics.reset(reason);
                 Ok(Outgoing::Text(
