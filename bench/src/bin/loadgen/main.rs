@@ -154,7 +154,12 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         }
     }
     frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(index, byte)| byte ^ mask[index % 4]));
+    frame.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(index, byte)| byte ^ mask[index % 4]),
+    );
     frame
 }
 
@@ -193,11 +198,16 @@ async fn lean_ws_subscriber(
         }
     };
     if !buffer.starts_with(b"HTTP/1.1 101") {
-        bail!("upgrade refused: {}", String::from_utf8_lossy(&buffer[..head_end.min(64)]));
+        bail!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&buffer[..head_end.min(64)])
+        );
     }
     buffer.drain(..head_end);
     let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
-    stream.write_all(&client_frame(1, subscribe.as_bytes())).await?;
+    stream
+        .write_all(&client_frame(1, subscribe.as_bytes()))
+        .await?;
     tally.ready.fetch_add(1, Ordering::Relaxed);
     let mut seen = 0;
     loop {
