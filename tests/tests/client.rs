@@ -164,37 +164,50 @@ async fn refused_websockets_fall_back_to_sse_then_long_polling() {
     let start = channel_start(&server, "fallback").await;
 
     proxy.refuse_websocket(true);
-    // A connect deadline with room for a loaded machine (the whole suite runs at once): a
-    // slow SSE opening must not make this client skip to long polling.
-    let patient = |base: &str| {
-        Client::builder(base)
-            .transport(TransportChoice::Auto)
-            .backoff(resync_tests::fast_backoff())
-            .heartbeat_grace(Duration::from_secs(1))
-            .poll_timeout(Duration::from_secs(2))
-            .connect_timeout(Duration::from_secs(8))
-            .build()
-            .unwrap()
-    };
-    let sse_client = patient(&proxy.base_url());
+    let sse_client = client(&proxy.base_url(), TransportChoice::Auto);
+    // Every state the client passes through, to say why when it does not settle on SSE.
+    let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut states = sse_client.state();
+    let recorder = tokio::spawn({
+        let history = history.clone();
+        async move {
+            loop {
+                history
+                    .lock()
+                    .unwrap()
+                    .push(states.borrow_and_update().clone());
+                if states.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
     let sse_subscription = sse_client
         .subscribe(Channel::new("fallback").unwrap())
         .since(start.clone());
     let sse_collector = tokio::spawn(collect(sse_subscription, 20, "sse fallback"));
-    wait_for_state(
-        &sse_client,
-        |state| {
-            *state
-                == ConnectionState::Connected {
-                    transport: TransportKind::Sse,
-                }
-        },
-        "falls back to sse",
-    )
+    let settled = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut state = sse_client.state();
+        state
+            .wait_for(|state| {
+                *state
+                    == ConnectionState::Connected {
+                        transport: TransportKind::Sse,
+                    }
+            })
+            .await
+            .is_ok()
+    })
     .await;
+    assert!(
+        matches!(settled, Ok(true)),
+        "falls back to sse; the states were {:?}",
+        history.lock().unwrap()
+    );
+    recorder.abort();
 
     proxy.refuse_sse(true);
-    let poll_client = patient(&proxy.base_url());
+    let poll_client = client(&proxy.base_url(), TransportChoice::Auto);
     let poll_subscription = poll_client
         .subscribe(Channel::new("fallback").unwrap())
         .since(start);

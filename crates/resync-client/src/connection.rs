@@ -204,6 +204,14 @@ impl Manager {
     async fn connect_and_follow(&mut self) -> Result<Option<Duration>> {
         let mut last_failure = None;
         for kind in self.order() {
+            // SSE and long polling follow channels named in the request: with none registered
+            // yet (a subscription registers when first polled), the server refuses them, and
+            // the client would fall through to, and then remember, the last transport. A
+            // refused WebSocket waits for a channel instead of skipping past SSE.
+            if kind != TransportKind::WebSocket && self.registry.snapshot().is_empty() {
+                last_failure = Some("no channel to follow yet".to_owned());
+                continue;
+            }
             self.set_state(ConnectionState::Connecting { transport: kind });
             let started = Instant::now();
             let result = match kind {
