@@ -209,7 +209,8 @@ impl Manager {
             // the client would fall through to, and then remember, the last transport. A
             // refused WebSocket waits for a channel instead of skipping past SSE.
             if kind != TransportKind::WebSocket && self.registry.snapshot().is_empty() {
-                last_failure = Some("no channel to follow yet".to_owned());
+                // The WebSocket's own failure, if any, says more.
+                last_failure.get_or_insert_with(|| "no channel to follow yet".to_owned());
                 continue;
             }
             self.set_state(ConnectionState::Connecting { transport: kind });
