@@ -632,9 +632,10 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     );
     out.push_str(
         "- Load generator: `bench/src/bin/loadgen/`, a release binary of ours (not the client SDK): subscribers count \
-         events, 200 of them parse a timestamp for latency. Fan-out: a burst of events (about a million deliveries: \
-         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by sixteen concurrent HTTP \
-         publishers, timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
+         events, 200 of them parse a timestamp for latency; WebSocket and SSE subscribers read bare sockets and search \
+         frames in place, and the fan-out rows report the generator's own CPU. Fan-out: a burst of events (about a million deliveries: \
+         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by 64 concurrent HTTP \
+         publishers (with 16, the bare-sockets baseline was paced by them), timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
          million deliveries from /proc); then a steady rate at half that saturation for 3 s (publish-to-deliver \
          latency). 100-byte payloads.\n\n",
     );
