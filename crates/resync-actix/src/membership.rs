@@ -103,6 +103,37 @@ pub(crate) async fn watcher_frame(
     }
 }
 
+/// Watches the joins and leaves of each channel (with `join_leave`), then joins it as
+/// `memberships`' member (with a presence request): what an SSE stream and a long-poll
+/// session do at their start. The watch comes first, so a change in between is not missed
+/// (a join of a member already listed changes nothing for the client).
+pub(crate) async fn watch_and_join(
+    presence: &dyn Presence,
+    identity: &Identity,
+    channels: &[Channel],
+    member: Option<&PresenceRequest>,
+    join_leave: bool,
+    memberships: &mut Memberships,
+    watches: &mut tokio_stream::StreamMap<Channel, resync_broker::PresenceWatch>,
+) -> Result<(), ApiError> {
+    for channel in channels {
+        if join_leave {
+            watches.insert(channel.clone(), presence.watch(channel).await?);
+        }
+        if let Some(request) = member {
+            let joining = resync_protocol::Member {
+                id: memberships.member_id().to_owned(),
+                info: request.info.clone().or_else(|| identity.info.clone()),
+            };
+            presence
+                .join(channel, &joining, memberships.connection())
+                .await?;
+            memberships.joined(channel.clone());
+        }
+    }
+    Ok(())
+}
+
 /// A connection's member id: its token's subject, or `anon:<connection>` when anonymous.
 pub(crate) fn member_id(identity: &Identity, connection: &str) -> String {
     match &identity.subject {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpRequest;
 use resync_broker::PresenceWatch;
-use resync_protocol::{Channel, ErrorCode, Member, PresenceRequest, ServerFrame};
+use resync_protocol::{Channel, ErrorCode, PresenceRequest, ServerFrame};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::Shared;
@@ -214,25 +214,16 @@ async fn start(
         admitted,
         owed: Vec::new(),
     };
-    for channel in &query.channels {
-        if query.join_leave {
-            // The watch before the list: a change between the two is not missed (a join of
-            // a member already listed changes nothing for the client).
-            state
-                .watches
-                .insert(channel.clone(), presence.watch(channel).await?);
-        }
-        if let Some(request) = &query.presence {
-            let joining = Member {
-                id: state.memberships.member_id().to_owned(),
-                info: request.info.clone().or_else(|| identity.info.clone()),
-            };
-            presence
-                .join(channel, &joining, state.memberships.connection())
-                .await?;
-            state.memberships.joined(channel.clone());
-        }
-    }
+    membership::watch_and_join(
+        presence,
+        identity,
+        &query.channels,
+        query.presence.as_ref(),
+        query.join_leave,
+        &mut state.memberships,
+        &mut state.watches,
+    )
+    .await?;
     if query.join_leave {
         for channel in &query.channels {
             let members = presence.members(channel).await?;

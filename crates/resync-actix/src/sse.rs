@@ -12,7 +12,7 @@ use resync_broker::{PresenceEvent, PresenceLagged, PresenceWatch};
 use resync_broker::{SubscriptionError, SubscriptionItem};
 use resync_protocol::bodies::{ResetNotice, SseOpening};
 use resync_protocol::sse::{SseFrame, encode_comment};
-use resync_protocol::{Channel, ErrorCode, Member, RecoveryOutcome, ServerFrame};
+use resync_protocol::{Channel, ErrorCode, RecoveryOutcome, ServerFrame};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -212,23 +212,16 @@ async fn start_presence(
             connection,
         ),
     };
-    for channel in channels {
-        if join_leave {
-            state
-                .watches
-                .insert(channel.clone(), presence.watch(channel).await?);
-        }
-        if let Some(request) = &member {
-            let joining = Member {
-                id: state.memberships.member_id().to_owned(),
-                info: request.info.clone().or_else(|| identity.info.clone()),
-            };
-            presence
-                .join(channel, &joining, state.memberships.connection())
-                .await?;
-            state.memberships.joined(channel.clone());
-        }
-    }
+    membership::watch_and_join(
+        presence,
+        identity,
+        channels,
+        member.as_ref(),
+        join_leave,
+        &mut state.memberships,
+        &mut state.watches,
+    )
+    .await?;
     Ok(Some(Box::new(state)))
 }
 
