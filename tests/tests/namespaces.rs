@@ -8,7 +8,7 @@ use resync_protocol::{
     ClientFrame, ErrorCode, Payload, PresenceRequest, RecoveryOutcome, ServerFrame,
 };
 use resync_server::Settings;
-use resync_tests::{JWT_SECRET, TestServer, WsClient};
+use resync_tests::{TestServer, WsClient};
 
 const TOML: &str = r#"
 jwt_secret = "an-hs256-secret-that-is-long-enough-for-the-test"
@@ -73,7 +73,6 @@ async fn expect_error(client: &mut WsClient, code: ErrorCode) {
 
 #[tokio::test]
 async fn each_namespace_keeps_its_own_rules_and_the_others_keep_the_defaults() {
-    let _ = JWT_SECRET;
     let server = server();
     let mut ann =
         WsClient::connect_ready(&server.ws_url(&format!("?token={}", token("ann")))).await;
