@@ -71,3 +71,143 @@ async fn a_full_speed_reader_outrun_by_a_burst_is_caught_up_not_cut_off() {
         .await;
     assert_eq!(reader.next_event("burst").await.seq.get(), total + 1);
 }
+
+/// Lagging subscribers made in the broker itself (queue of 1, two events each): the state a
+/// server is in when its fan-out falls behind its publishers.
+async fn lagging_subscribers(
+    server: &TestServer,
+    count: usize,
+) -> Vec<resync_broker::LiveSubscription> {
+    let memory = server.server.memory_broker.clone().unwrap();
+    let channel = Channel::new(&format!("lagging-{count}")).unwrap();
+    let mut subscriptions = Vec::new();
+    for _ in 0..count {
+        subscriptions.push(memory.subscribe(&channel).await.unwrap());
+    }
+    for n in 0..2 {
+        let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
+        memory
+            .publish(Publish::new(channel.clone(), data))
+            .await
+            .unwrap();
+    }
+    subscriptions
+}
+
+async fn publish_status(server: &TestServer, channel: &str) -> (u16, Option<String>, String) {
+    let response = server
+        .http
+        .post(server.url("/api/publish"))
+        .bearer_auth(&server.server.api_key)
+        .json(&serde_json::json!({ "channel": channel, "data": {"n": 1} }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().to_owned());
+    (status, retry_after, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_wait_while_most_subscribers_lag_and_past_the_hold_get_503_with_retry_after() {
+    let server = TestServer::start(|settings| {
+        settings.subscriber_queue = 1;
+        settings.publish_hold_max_ms = 300;
+    });
+    let mut lagging = lagging_subscribers(&server, 10).await;
+    let memory = server.server.memory_broker.clone().unwrap();
+    assert_eq!(
+        memory.delivery_lag().lagging,
+        10,
+        "the fault happened: every subscriber is behind by more than its queue"
+    );
+
+    let started = std::time::Instant::now();
+    let (status, retry_after, body) = publish_status(&server, "refused").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(
+        body.contains("unavailable") && body.contains("behind"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "held first"
+    );
+    let position = memory
+        .position(&Channel::new("refused").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(position.seq.get(), 0, "a refused publish is not stored");
+
+    // Held, then stored once the subscribers catch up within the hold.
+    let publishing = tokio::spawn({
+        let http = server.http.clone();
+        let url = server.url("/api/publish");
+        let key = server.server.api_key.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&serde_json::json!({ "channel": "held", "data": {"n": 1} }))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), started.elapsed())
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for subscription in &mut lagging {
+        while subscription.recv().await.unwrap() != resync_broker::Live::Resync {}
+    }
+    let (status, took) = publishing.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        took >= std::time::Duration::from_millis(100),
+        "it waited: {took:?}"
+    );
+    assert_eq!(server.metric("resync_publishes_held_total").await, 2);
+    assert_eq!(
+        server.metric("resync_publishes_refused_busy_total").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_lagging_subscribers_among_many_do_not_hold_publishers_back() {
+    let server = TestServer::start(|settings| {
+        settings.subscriber_queue = 1;
+        settings.publish_hold_max_ms = 5_000;
+    });
+    // 8 of 40 behind (20%, under the 25% share): slow clients, not a server behind.
+    let _lagging = lagging_subscribers(&server, 8).await;
+    let memory = server.server.memory_broker.clone().unwrap();
+    let _readers: Vec<_> = {
+        let channel = Channel::new("keeping-up").unwrap();
+        let mut readers = Vec::new();
+        for _ in 0..32 {
+            readers.push(memory.subscribe(&channel).await.unwrap());
+        }
+        readers
+    };
+    assert_eq!(
+        memory.delivery_lag(),
+        resync_broker::DeliveryLag {
+            lagging: 8,
+            subscribers: 40
+        }
+    );
+    let started = std::time::Instant::now();
+    let (status, _, body) = publish_status(&server, "free").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "not held: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.metric("resync_publishes_held_total").await, 0);
+}

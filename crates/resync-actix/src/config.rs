@@ -86,6 +86,16 @@ pub struct TransportConfig {
     pub ws_publishes_per_second: f64,
     /// Publishes in a burst above the rate. Defaults to 50.
     pub ws_publish_burst: u32,
+    /// Publishes are held back while at least this share of the process's subscribers (and
+    /// at least [`PUBLISH_HOLD_MIN_LAGGING`](crate::PUBLISH_HOLD_MIN_LAGGING) of them) are
+    /// behind by more than their queue ([`resync_broker::DeliveryLag`]): that many readers
+    /// behind at once means the server cannot keep up with its publishers, and holding the
+    /// publishers lets everyone catch up from history instead of falling out of it. `0.0`
+    /// turns the hold off. Defaults to 0.25.
+    pub publish_hold_share: f64,
+    /// The longest a publish is held back; past it, it fails with `unavailable` (HTTP 503
+    /// with `Retry-After`). Defaults to 2 seconds.
+    pub publish_hold_max: Duration,
     /// Rules by namespace (the part of a channel's name before its first `:`), in front of
     /// the authorizer. Defaults to none.
     pub namespaces: std::collections::HashMap<String, crate::NamespacePolicy>,
@@ -123,6 +133,8 @@ impl Default for TransportConfig {
             ws_message_burst: 200,
             ws_publishes_per_second: 20.0,
             ws_publish_burst: 50,
+            publish_hold_share: 0.25,
+            publish_hold_max: Duration::from_secs(2),
             namespaces: std::collections::HashMap::new(),
         }
     }

@@ -65,7 +65,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 use resync_broker::{Broker, Publish};
-use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
+use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Payload, Position};
 use tokio::sync::watch;
 
 pub(crate) use shared::Shared;
@@ -159,6 +159,10 @@ impl ResyncBuilder {
                 publisher: Publisher {
                     broker: broker.clone(),
                     metrics: metrics.clone(),
+                    hold: PublishHold {
+                        share: self.config.publish_hold_share,
+                        max: self.config.publish_hold_max,
+                    },
                 },
                 broker,
                 authorizer,
@@ -269,6 +273,29 @@ impl Resync {
 pub struct Publisher {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+    hold: PublishHold,
+}
+
+/// Fewer lagging subscribers than this never hold publishers back, whatever their share:
+/// a handful of slow clients are slow clients (the transports cut the stuck ones).
+pub const PUBLISH_HOLD_MIN_LAGGING: u64 = 8;
+
+/// When publishes wait for the fan-out to catch up ([`TransportConfig::publish_hold_share`]).
+#[derive(Clone, Copy, Debug)]
+struct PublishHold {
+    share: f64,
+    max: std::time::Duration,
+}
+
+impl PublishHold {
+    /// How often a held publish looks at the lag again.
+    const RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+
+    fn holds(&self, lag: resync_broker::DeliveryLag) -> bool {
+        self.share > 0.0
+            && lag.lagging >= PUBLISH_HOLD_MIN_LAGGING
+            && lag.lagging as f64 >= self.share * lag.subscribers as f64
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -300,10 +327,30 @@ impl Publisher {
             .await
     }
 
-    /// Publishes a prepared request.
+    /// Publishes a prepared request. While the server is behind delivering (a large share
+    /// of subscribers lag, [`TransportConfig::publish_hold_share`]) the publish waits, and
+    /// after [`TransportConfig::publish_hold_max`] fails with `unavailable` (HTTP 503 with
+    /// `Retry-After`) without being stored, so the caller may simply retry it.
     pub async fn send(&self, publish: Publish) -> Result<Position> {
         let channel = publish.channel.clone();
         let started = std::time::Instant::now();
+        if self.hold.holds(self.broker.delivery_lag()) {
+            let deadline = started + self.hold.max;
+            loop {
+                if std::time::Instant::now() >= deadline {
+                    self.metrics.publish_held(true);
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the server is behind delivering events: publish again after Retry-After",
+                    ));
+                }
+                tokio::time::sleep(PublishHold::RECHECK).await;
+                if !self.hold.holds(self.broker.delivery_lag()) {
+                    break;
+                }
+            }
+            self.metrics.publish_held(false);
+        }
         match self.broker.publish(publish).await {
             Ok(position) => {
                 self.metrics.published(&channel, started.elapsed());

@@ -117,6 +117,8 @@ pub struct Metrics {
     slow_consumer_closes: PerTransport<Counter>,
     published: Counter,
     publish_failures: Counter,
+    publishes_held: Counter,
+    publishes_refused_busy: Counter,
     publish_seconds: Histogram,
     recoveries: [Counter; 4],
     resets: [Counter; 6],
@@ -174,6 +176,18 @@ impl Default for Metrics {
             "resync_publish_failures",
             "Publishes the broker could not store",
             publish_failures.clone(),
+        );
+        let publishes_held = Counter::default();
+        registry.register(
+            "resync_publishes_held",
+            "Publishes held back while a large share of subscribers lagged (the server was behind)",
+            publishes_held.clone(),
+        );
+        let publishes_refused_busy = Counter::default();
+        registry.register(
+            "resync_publishes_refused_busy",
+            "Publishes refused (503) after being held back for the longest hold",
+            publishes_refused_busy.clone(),
         );
         // 100 us to ~3.3 s.
         let publish_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -239,6 +253,8 @@ impl Default for Metrics {
             slow_consumer_closes,
             published,
             publish_failures,
+            publishes_held,
+            publishes_refused_busy,
             publish_seconds,
             recoveries,
             resets,
@@ -317,6 +333,20 @@ impl Metrics {
     /// Counts a publish the broker refused.
     pub(crate) fn publish_failed(&self) {
         self.publish_failures.inc();
+    }
+
+    /// Counts a publish held back because the server was behind; `refused` when it was then
+    /// turned away.
+    pub(crate) fn publish_held(&self, refused: bool) {
+        self.publishes_held.inc();
+        if refused {
+            self.publishes_refused_busy.inc();
+        }
+    }
+
+    /// Publishes held back since start because the server was behind.
+    pub fn publishes_held(&self) -> u64 {
+        self.publishes_held.get()
     }
 
     /// Counts how a subscription started.

@@ -516,6 +516,10 @@ impl Broker for RedisBroker {
         self.inner.hub.subscriber_count(channel)
     }
 
+    fn delivery_lag(&self) -> resync_broker::DeliveryLag {
+        self.inner.hub.delivery_lag()
+    }
+
     fn presence(&self) -> Option<&dyn resync_broker::Presence> {
         Some(&*self.inner)
     }

@@ -83,6 +83,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the broker can serve requests now (for readiness checks).
     async fn health(&self) -> Result<()>;
 
+    /// How far this process's fan-out is behind ([`Hub::delivery_lag`](crate::Hub::delivery_lag)
+    /// for a broker that delivers through a hub); publishers are held back while a large
+    /// share of subscribers lag. The default reports no lag: such a broker's publishers are
+    /// never held back.
+    fn delivery_lag(&self) -> crate::DeliveryLag {
+        crate::DeliveryLag::default()
+    }
+
     /// Ends the broker's work at shutdown: local subscriptions end (with
     /// [`LiveError::Closed`](crate::LiveError::Closed) after their queued events) and
     /// background tasks stop. The reference server calls it once, after its transports have

@@ -11,6 +11,7 @@
 //! reading is the transports' to cut (by how long its socket stays unwritable).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -38,8 +39,31 @@ struct HubInner {
     channels: Mutex<HashMap<Channel, Arc<Mutex<Slab<Slot>>>>>,
     queue_capacity: usize,
     on_idle: Option<IdleCallback>,
+    gauges: Arc<Gauges>,
+}
+
+/// Counters shared by the hub and every queue, read without taking a lock.
+#[derive(Default)]
+struct Gauges {
     /// Times a subscriber's queue overflowed (each overflow counts once, until it caught up).
-    overflows: std::sync::atomic::AtomicU64,
+    overflows: AtomicU64,
+    /// Subscribers whose queue has overflowed and who have not yet taken their
+    /// [`Live::Resync`]: behind by more than a queue.
+    lagging: AtomicU64,
+    /// Subscribers registered now.
+    subscribers: AtomicU64,
+}
+
+/// How far this process's fan-out is behind: how many of its subscribers are behind by
+/// more than their queue right now, out of how many. One lagging subscriber is a slow
+/// client; a large share of them at once is a server that cannot keep up with its
+/// publishers (the transports push back on publishers then, rather than cut readers off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryLag {
+    /// Subscribers whose queue overflowed and who have not caught up yet.
+    pub lagging: u64,
+    /// Subscribers in all.
+    pub subscribers: u64,
 }
 
 struct Slot {
@@ -55,6 +79,7 @@ struct Slot {
 /// and idle connections are what a real-time server holds most of.
 struct Queue {
     state: Mutex<QueueState>,
+    gauges: Arc<Gauges>,
 }
 
 struct QueueState {
@@ -83,7 +108,7 @@ enum Offer {
 const RETAINED_QUEUE_SLOTS: usize = 64;
 
 impl Queue {
-    fn new() -> Self {
+    fn new(gauges: Arc<Gauges>) -> Self {
         Self {
             state: Mutex::new(QueueState {
                 items: VecDeque::new(),
@@ -91,6 +116,7 @@ impl Queue {
                 end: None,
                 missed: false,
             }),
+            gauges,
         }
     }
 
@@ -101,6 +127,9 @@ impl Queue {
         }
         let offer = if state.items.len() >= capacity {
             let began = !state.missed;
+            if began {
+                self.gauges.lagging.fetch_add(1, Ordering::Relaxed);
+            }
             state.missed = true;
             Offer::Dropped(began)
         } else {
@@ -138,6 +167,7 @@ impl Queue {
         }
         if state.missed {
             state.missed = false;
+            self.gauges.lagging.fetch_sub(1, Ordering::Relaxed);
             return Some(Ok(Live::Resync));
         }
         if let Some(end) = state.end {
@@ -150,6 +180,14 @@ impl Queue {
             }
         }
         None
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if lock(&self.state).missed {
+            self.gauges.lagging.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -208,14 +246,18 @@ impl Hub {
                 channels: Mutex::new(HashMap::new()),
                 queue_capacity: queue_capacity.max(1),
                 on_idle,
-                overflows: std::sync::atomic::AtomicU64::new(0),
+                gauges: Arc::default(),
             }),
         }
     }
 
     /// Registers a local subscriber of `channel`.
     pub fn subscribe(&self, channel: &Channel) -> LiveSubscription {
-        let queue = Arc::new(Queue::new());
+        let queue = Arc::new(Queue::new(self.inner.gauges.clone()));
+        self.inner
+            .gauges
+            .subscribers
+            .fetch_add(1, Ordering::Relaxed);
         let mut channels = lock(&self.inner.channels);
         let slots = channels
             .entry(channel.clone())
@@ -258,18 +300,22 @@ impl Hub {
 
     fn count_overflow(&self, began: bool) {
         if began {
-            self.inner
-                .overflows
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.gauges.overflows.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// How many times a subscriber's queue overflowed (a burst it then caught up with from
     /// history), since the hub was made.
     pub fn overflows(&self) -> u64 {
-        self.inner
-            .overflows
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.gauges.overflows.load(Ordering::Relaxed)
+    }
+
+    /// How many subscribers are behind by more than their queue now, out of how many.
+    pub fn delivery_lag(&self) -> DeliveryLag {
+        DeliveryLag {
+            lagging: self.inner.gauges.lagging.load(Ordering::Relaxed),
+            subscribers: self.inner.gauges.subscribers.load(Ordering::Relaxed),
+        }
     }
 
     /// Tells every local subscriber of `channel` to check history from its last position,
@@ -321,6 +367,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.hub.gauges.subscribers.fetch_sub(1, Ordering::Relaxed);
         let mut channels = lock(&self.hub.channels);
         let Some(slots) = channels.get(&self.channel) else {
             return;
@@ -424,10 +471,31 @@ mod tests {
         // The slow one gets what was queued, then is told to catch up, and stays subscribed.
         assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
         assert_eq!(seq_of(slow.recv().await.unwrap()), 2);
+        assert_eq!(
+            hub.delivery_lag(),
+            DeliveryLag {
+                lagging: 1,
+                subscribers: 2
+            },
+            "behind until it takes its resync"
+        );
         assert_eq!(slow.recv().await, Ok(Live::Resync));
+        assert_eq!(hub.delivery_lag().lagging, 0);
         hub.deliver(&event(&channel, 5));
         assert_eq!(seq_of(slow.recv().await.unwrap()), 5);
         assert_eq!(hub.subscriber_count(&channel), 2);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_that_leaves_no_longer_counts_as_lagging() {
+        let hub = Hub::new(1);
+        let channel = Channel::new("c").unwrap();
+        let slow = hub.subscribe(&channel);
+        hub.deliver(&event(&channel, 1));
+        hub.deliver(&event(&channel, 2));
+        assert_eq!(hub.delivery_lag().lagging, 1);
+        drop(slow);
+        assert_eq!(hub.delivery_lag(), DeliveryLag::default());
     }
 
     #[tokio::test]

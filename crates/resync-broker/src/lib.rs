@@ -101,7 +101,7 @@ mod resume;
 pub use broker::{Broker, HistoryRead, Publish, USER_COMMAND_QUEUE};
 pub use error::{Error, Result};
 pub use event::EncodedEvent;
-pub use hub::{Hub, Live, LiveError, LiveSubscription};
+pub use hub::{DeliveryLag, Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use presence::{
     MemoryPresence, Presence, PresenceEvent, PresenceFanout, PresenceLagged, PresenceWatch,

@@ -415,6 +415,10 @@ impl Broker for MemoryBroker {
         self.inner.hub.subscriber_count(channel)
     }
 
+    fn delivery_lag(&self) -> crate::DeliveryLag {
+        self.inner.hub.delivery_lag()
+    }
+
     async fn close(&self) {
         self.inner.hub.close_all();
     }

@@ -149,6 +149,8 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         public_origin: settings.public_origin.clone(),
         shutdown_spread: Duration::from_millis(settings.shutdown_spread_ms),
         write_timeout: Duration::from_secs(settings.write_timeout_secs.max(1)),
+        publish_hold_share: settings.publish_hold_share.clamp(0.0, 1.0),
+        publish_hold_max: Duration::from_millis(settings.publish_hold_max_ms),
         resume: ResumeOptions {
             max_replay: settings.max_replay,
         },

@@ -124,6 +124,10 @@ pub struct Settings {
     pub workers: Option<usize>,
     /// Seconds one WebSocket write may take before the client is dropped as stuck.
     pub write_timeout_secs: u64,
+    /// Share of subscribers that must lag at once before publishes are held back.
+    pub publish_hold_share: f64,
+    /// Milliseconds a publish may be held back before it is refused with 503.
+    pub publish_hold_max_ms: u64,
     /// Which broker carries the channels.
     pub broker: BrokerKind,
     /// Redis URL, for the Redis broker.
@@ -236,6 +240,8 @@ impl Default for Settings {
             shutdown_spread_ms: 2_000,
             workers: None,
             write_timeout_secs: 10,
+            publish_hold_share: 0.25,
+            publish_hold_max_ms: 2_000,
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             redis_prefix: "resync:".to_owned(),
@@ -408,6 +414,15 @@ pub struct Args {
     /// this (TCP_USER_TIMEOUT). [default: 10]
     #[arg(long, env = "RESYNC_WRITE_TIMEOUT_SECS")]
     write_timeout_secs: Option<u64>,
+    /// Publishes wait while at least this share of subscribers (and at least 8) are behind
+    /// by more than their queue: the server is behind, so publishers are slowed rather than
+    /// readers cut off. 0 turns it off. [default: 0.25]
+    #[arg(long, env = "RESYNC_PUBLISH_HOLD_SHARE")]
+    publish_hold_share: Option<f64>,
+    /// Milliseconds a held publish may wait before it is refused with 503 and Retry-After
+    /// (not stored: retry it). [default: 2000]
+    #[arg(long, env = "RESYNC_PUBLISH_HOLD_MAX_MS")]
+    publish_hold_max_ms: Option<u64>,
     /// Broker: `memory` (one process) or `redis` (many processes). [default: memory]
     #[arg(long, env = "RESYNC_BROKER", value_enum)]
     broker: Option<BrokerKind>,
@@ -561,6 +576,8 @@ impl Settings {
             shutdown_timeout_secs,
             shutdown_spread_ms,
             write_timeout_secs,
+            publish_hold_share,
+            publish_hold_max_ms,
             broker,
             redis_url,
             redis_prefix,
