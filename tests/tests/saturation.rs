@@ -79,7 +79,7 @@ async fn lagging_subscribers(
     count: usize,
 ) -> Vec<resync_broker::LiveSubscription> {
     let memory = server.server.memory_broker.clone().unwrap();
-    let channel = Channel::new(&format!("lagging-{count}")).unwrap();
+    let channel = Channel::new(format!("lagging-{count}")).unwrap();
     let mut subscriptions = Vec::new();
     for _ in 0..count {
         subscriptions.push(memory.subscribe(&channel).await.unwrap());
