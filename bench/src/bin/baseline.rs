@@ -23,6 +23,7 @@ struct State {
     ws: broadcast::Sender<Bytes>,
     subscribers: AtomicU64,
     seq: AtomicU64,
+    order: std::sync::Mutex<()>,
 }
 
 #[tokio::main]
@@ -34,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         ws: broadcast::channel(4096).0,
         subscribers: AtomicU64::new(0),
         seq: AtomicU64::new(0),
+        order: std::sync::Mutex::new(()),
     });
     loop {
         let (stream, _) = listener.accept().await?;
@@ -114,15 +116,22 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
                 body.extend_from_slice(&chunk[..read]);
             }
             let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let seq = state.seq.fetch_add(1, Ordering::Relaxed) + 1;
-            // The same event frame resync sends, encoded once and shared by every socket.
-            let frame = format!(
-                "{{\"type\":\"event\",\"channel\":\"{}\",\"epoch\":\"baseline\",\"seq\":{seq},\"data\":{}}}",
-                request["channel"].as_str().unwrap_or("c"),
-                request["data"]
-            );
-            let _ = state.sse.send(Bytes::from(format!("data: {frame}\n\n")));
-            let _ = state.ws.send(Bytes::from(ws_text_frame(frame.as_bytes())));
+            // Numbered and sent under one lock, so that concurrent publishers' events reach
+            // every socket in seq order (the load generator checks order; resync orders them
+            // the same way).
+            let seq = {
+                let _ordered = state.order.lock().unwrap();
+                let seq = state.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                // The same event frame resync sends, encoded once and shared by every socket.
+                let frame = format!(
+                    "{{\"type\":\"event\",\"channel\":\"{}\",\"epoch\":\"baseline\",\"seq\":{seq},\"data\":{}}}",
+                    request["channel"].as_str().unwrap_or("c"),
+                    request["data"]
+                );
+                let _ = state.sse.send(Bytes::from(format!("data: {frame}\n\n")));
+                let _ = state.ws.send(Bytes::from(ws_text_frame(frame.as_bytes())));
+                seq
+            };
             respond(
                 &mut stream,
                 &format!("{{\"position\":{{\"epoch\":\"baseline\",\"seq\":{seq}}}}}"),

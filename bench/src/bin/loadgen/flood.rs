@@ -23,7 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::{
-    Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids, publish,
+    OnCut, Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids, publish,
     wait_subscribed,
 };
 
@@ -410,6 +410,8 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         |_| channel.clone(),
         &tally,
         expected,
+        |_| Progress::default(),
+        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;

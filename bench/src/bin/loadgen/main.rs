@@ -54,6 +54,7 @@ async fn main() -> Result<()> {
     let url = argument(&arguments, "--url").context("--url")?;
     let result = match scenario.as_str() {
         "fanout" => fanout(&arguments, &url).await?,
+        "resume" => resume(&arguments, &url).await?,
         "memory" => memory(&arguments, &url).await?,
         "storm" => storm(&arguments, &url).await?,
         "poll" => poll(&arguments, &url).await?,
@@ -72,6 +73,15 @@ struct Tally {
     delivered: AtomicU64,
     ready: AtomicU64,
     finished: AtomicU64,
+    /// Connections that ended under a subscriber before the run did.
+    cutoffs: AtomicU64,
+    /// Events seen again (seq not past the last one).
+    duplicates: AtomicU64,
+    /// Events skipped over (seq jumped past the next one).
+    gap_events: AtomicU64,
+    /// Frames telling a subscriber to refetch.
+    resets: AtomicU64,
+
     latencies: Mutex<Vec<u64>>,
     last_finish: Mutex<Option<Instant>>,
 }
@@ -115,13 +125,74 @@ where
     }
 }
 
+/// Searchers built once: the subscribers run them on every frame, and building a searcher
+/// per call showed in the generator's own profile.
+static EVENT_TYPE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""type":"event""#));
+static SEQ_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""seq":"#));
+
 fn is_event(frame: &[u8]) -> bool {
-    memchr::memmem::find(frame, br#""type":"event""#).is_some()
+    // WebSocket frames start with it; an SSE event has its `id:` line first.
+    frame.starts_with(br#"{"type":"event""#) || EVENT_TYPE.find(frame).is_some()
 }
 
-/// Counts an event; the `expected`-th one marks the subscriber finished.
-fn count(tally: &Tally, seen: &mut u64, expected: u64, frame: &[u8], sampled: bool) {
-    *seen += 1;
+/// One subscriber's place in its channel: what it has seen, so that it can check order and
+/// resume after a cut (WebSocket `since`, SSE `Last-Event-ID`).
+#[derive(Default)]
+struct Progress {
+    /// Events counted: new seqs only.
+    seen: u64,
+    last_seq: u64,
+    epoch: Option<String>,
+}
+
+/// The number after `key` in `frame` (`"seq":` → 17).
+fn number_after(frame: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(frame, key)? + key.len();
+    let mut value: u64 = 0;
+    let mut digits = 0;
+    for byte in &frame[at..] {
+        if !byte.is_ascii_digit() {
+            break;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(byte - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(value)
+}
+
+/// The string after `"epoch":"` in an event frame.
+fn epoch_of(frame: &[u8]) -> Option<String> {
+    let key = br#""epoch":""#;
+    let at = memchr::memmem::find(frame, key)? + key.len();
+    let end = memchr::memchr(b'"', &frame[at..])?;
+    String::from_utf8(frame[at..at + end].to_vec()).ok()
+}
+
+/// Counts an event by its seq: a new one counts (and the `expected`-th marks the subscriber
+/// finished), an old one is a duplicate, a jump past the next is a gap (events lost).
+fn count(tally: &Tally, progress: &mut Progress, expected: u64, frame: &[u8], sampled: bool) {
+    let Some(seq) = SEQ_KEY
+        .find(frame)
+        .and_then(|at| number_after(&frame[at..], br#""seq":"#))
+    else {
+        return;
+    };
+    if progress.epoch.is_none() {
+        progress.epoch = epoch_of(frame);
+    }
+    if seq <= progress.last_seq {
+        tally.duplicates.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if seq > progress.last_seq + 1 {
+        tally
+            .gap_events
+            .fetch_add(seq - progress.last_seq - 1, Ordering::Relaxed);
+    }
+    progress.last_seq = seq;
+    progress.seen += 1;
     tally.delivered.fetch_add(1, Ordering::Relaxed);
     if sampled && let Some(sent) = timestamp(frame) {
         tally
@@ -130,10 +201,16 @@ fn count(tally: &Tally, seen: &mut u64, expected: u64, frame: &[u8], sampled: bo
             .unwrap()
             .push(now_micros().saturating_sub(sent));
     }
-    if *seen == expected {
+    if progress.seen == expected {
         tally.finished.fetch_add(1, Ordering::Relaxed);
         *tally.last_finish.lock().unwrap() = Some(Instant::now());
     }
+}
+
+/// A frame that is not an event but says the client must refetch.
+fn is_reset(frame: &[u8]) -> bool {
+    memchr::memmem::find(frame, br#""outcome":"reset""#).is_some()
+        || frame.starts_with(br#"{"type":"reset""#)
 }
 
 /// A masked client frame (RFC 6455 requires clients to mask), for the few frames a lean
@@ -163,17 +240,70 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// A WebSocket subscriber on a bare socket: the handshake written by hand, and server frames
-/// (unmasked) read in place from one buffer, their payloads searched without a copy. A
-/// general WebSocket client (tokio-tungstenite) allocates and checks UTF-8 per message, which
-/// made the load generator, sharing two cores with the server, the bottleneck of its own
-/// baseline (issue 17).
-async fn lean_ws_subscriber(
+/// Whether a subscriber, once its connection ends, comes back with its position.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnCut {
+    Resume,
+    Stop,
+}
+
+/// A subscriber that resumes after every cut, as a real client does: each cut counted.
+async fn resuming_subscriber(
     base: String,
     channel: String,
     tally: Arc<Tally>,
     expected: u64,
     sampled: bool,
+    transport: Transport,
+    mut progress: Progress,
+    on_cut: OnCut,
+) -> Result<()> {
+    let mut first = true;
+    loop {
+        let ended = match transport {
+            Transport::Ws => {
+                lean_ws_subscriber(&base, &channel, &tally, expected, sampled, &mut progress, first)
+                    .await
+            }
+            Transport::Sse => {
+                sse_subscriber(&base, &channel, &tally, expected, sampled, &mut progress, first)
+                    .await
+            }
+        };
+        first = false;
+        if let Err(error) = ended
+            && progress.seen == 0
+            && progress.epoch.is_none()
+        {
+            return Err(error);
+        }
+        tally.cutoffs.fetch_add(1, Ordering::Relaxed);
+        if on_cut == OnCut::Stop {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(10..=200))).await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Ws,
+    Sse,
+}
+
+/// A WebSocket subscriber on a bare socket: the handshake written by hand, and server frames
+/// (unmasked) read in place from one buffer, their payloads searched without a copy. A
+/// general WebSocket client (tokio-tungstenite) allocates and checks UTF-8 per message, which
+/// made the load generator, sharing two cores with the server, the bottleneck of its own
+/// baseline (issue 17). Returns when the connection ends.
+async fn lean_ws_subscriber(
+    base: &str,
+    channel: &str,
+    tally: &Tally,
+    expected: u64,
+    sampled: bool,
+    progress: &mut Progress,
+    first: bool,
 ) -> Result<()> {
     let address = base.trim_start_matches("http://").to_owned();
     let request = format!(
@@ -204,12 +334,19 @@ async fn lean_ws_subscriber(
         );
     }
     buffer.drain(..head_end);
-    let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+    let subscribe = match &progress.epoch {
+        Some(epoch) => format!(
+            r#"{{"type":"subscribe","id":1,"channel":"{channel}","since":{{"epoch":"{epoch}","seq":{}}}}}"#,
+            progress.last_seq
+        ),
+        None => format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#),
+    };
     stream
         .write_all(&client_frame(1, subscribe.as_bytes()))
         .await?;
-    tally.ready.fetch_add(1, Ordering::Relaxed);
-    let mut seen = 0;
+    if first {
+        tally.ready.fetch_add(1, Ordering::Relaxed);
+    }
     loop {
         // Every complete frame in the buffer.
         let mut start = 0;
@@ -235,9 +372,12 @@ async fn lean_ws_subscriber(
             }
             let payload = &rest[header..header + length];
             match opcode {
-                1 if is_event(payload) => count(&tally, &mut seen, expected, payload, sampled),
+                1 if is_event(payload) => count(tally, progress, expected, payload, sampled),
                 1 if payload.starts_with(br#"{"type":"ping""#) => {
                     replies.extend(client_frame(1, br#"{"type":"pong"}"#));
+                }
+                1 if is_reset(payload) => {
+                    tally.resets.fetch_add(1, Ordering::Relaxed);
                 }
                 9 => replies.extend(client_frame(10, payload)),
                 8 => return Ok(()),
@@ -258,16 +398,24 @@ async fn lean_ws_subscriber(
     }
 }
 
+/// An SSE subscriber on a bare socket; comes back with `Last-Event-ID` as `EventSource`
+/// does. Returns when the stream ends.
 async fn sse_subscriber(
-    base: String,
-    channel: String,
-    tally: Arc<Tally>,
+    base: &str,
+    channel: &str,
+    tally: &Tally,
     expected: u64,
     sampled: bool,
+    progress: &mut Progress,
+    first: bool,
 ) -> Result<()> {
     let address = base.trim_start_matches("http://").to_owned();
+    let resume = match &progress.epoch {
+        Some(epoch) => format!("last-event-id: {channel}:{epoch}:{}\r\n", progress.last_seq),
+        None => String::new(),
+    };
     let request = format!(
-        "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
+        "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n{resume}\r\n"
     );
     let mut stream = with_retries(|| async {
         let mut stream = TcpStream::connect(&address).await?;
@@ -276,12 +424,13 @@ async fn sse_subscriber(
         Ok(stream)
     })
     .await?;
-    tally.ready.fetch_add(1, Ordering::Relaxed);
+    if first {
+        tally.ready.fetch_add(1, Ordering::Relaxed);
+    }
     // Read straight into one buffer and search it with memchr: 10,000 of these share two
     // cores with the server, and a byte-by-byte scan made the client the bottleneck.
     let blank_line = memchr::memmem::Finder::new(b"\n\n");
     let mut buffer = Vec::with_capacity(4096);
-    let mut seen = 0;
     loop {
         if buffer.capacity() - buffer.len() < 1024 {
             buffer.reserve(4096);
@@ -295,7 +444,9 @@ async fn sse_subscriber(
         while let Some(end) = blank_line.find(&buffer[start..]) {
             let event = &buffer[start..start + end];
             if is_event(event) {
-                count(&tally, &mut seen, expected, event, sampled);
+                count(tally, progress, expected, event, sampled);
+            } else if is_reset(event) || memchr::memmem::find(event, b"event: reset").is_some() {
+                tally.resets.fetch_add(1, Ordering::Relaxed);
             }
             start += end + 2;
         }
@@ -310,6 +461,8 @@ async fn open_subscribers(
     channel_of: impl Fn(usize) -> String,
     tally: &Arc<Tally>,
     expected: u64,
+    start_at: impl Fn(usize) -> Progress,
+    on_cut: OnCut,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::with_capacity(subscribers);
     for index in 0..subscribers {
@@ -317,13 +470,17 @@ async fn open_subscribers(
         let channel = channel_of(index);
         let tally = tally.clone();
         let sampled = index < LATENCY_SAMPLE;
-        let is_ws = transport == "ws";
+        let transport = if transport == "ws" {
+            Transport::Ws
+        } else {
+            Transport::Sse
+        };
+        let progress = start_at(index);
         tasks.push(tokio::spawn(async move {
-            let result = if is_ws {
-                lean_ws_subscriber(base, channel, tally, expected, sampled).await
-            } else {
-                sse_subscriber(base, channel, tally, expected, sampled).await
-            };
+            let result = resuming_subscriber(
+                base, channel, tally, expected, sampled, transport, progress, on_cut,
+            )
+            .await;
             if let Err(error) = result {
                 eprintln!("loadgen: subscriber {index} failed: {error}");
             }
@@ -371,17 +528,33 @@ async fn wait_subscribed(
     }
 }
 
+/// Publishes answered 503 (held by the server for its longest hold, then refused), each
+/// retried after its `Retry-After` as a well-behaved backend would.
+static PUBLISH_REFUSALS: AtomicU64 = AtomicU64::new(0);
+
 async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()> {
-    let response = http
-        .post(format!("{base}/api/publish"))
-        .bearer_auth(API_KEY)
-        .json(&serde_json::json!({ "channel": channel, "data": payload() }))
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("publish failed: {}", response.status());
+    loop {
+        let response = http
+            .post(format!("{base}/api/publish"))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({ "channel": channel, "data": payload() }))
+            .send()
+            .await?;
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            PUBLISH_REFUSALS.fetch_add(1, Ordering::Relaxed);
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        if !response.status().is_success() {
+            bail!("publish failed: {}", response.status());
+        }
+        return Ok(());
     }
-    Ok(())
 }
 
 /// User plus system CPU time of a process, in seconds.
@@ -454,10 +627,14 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         |_| channel.clone(),
         &tally,
         burst,
+        |_| Progress::default(),
+        OnCut::Resume,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let held_before = publishes_held(&http, &bases).await;
+    let refusals_before = PUBLISH_REFUSALS.load(Ordering::Relaxed);
 
     let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
     let own_cpu_before = cpu_seconds(std::process::id());
@@ -481,26 +658,39 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     for publisher in publishers {
         publisher.await??;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tally.finished.load(Ordering::Relaxed) < subscribers as u64 {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {subscribers} subscribers got all {burst} events",
-                tally.finished.load(Ordering::Relaxed)
-            );
-        }
+    // Subscribers that never get every event are reported as lost events, not waited for.
+    let deadline = Instant::now() + Duration::from_secs(number(arguments, "--finish-seconds", 30));
+    while tally.finished.load(Ordering::Relaxed) < subscribers as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let finished_at = tally
-        .last_finish
-        .lock()
-        .unwrap()
-        .unwrap_or_else(Instant::now);
+    let all_finished = tally.finished.load(Ordering::Relaxed) >= subscribers as u64;
+    let finished_at = if all_finished {
+        tally
+            .last_finish
+            .lock()
+            .unwrap()
+            .unwrap_or_else(Instant::now)
+    } else {
+        Instant::now()
+    };
     let elapsed = finished_at.duration_since(started).as_secs_f64();
     let cpu_after: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
-    let deliveries = (subscribers as u64 * burst) as f64;
+    let expected = subscribers as u64 * burst;
+    let delivered = tally.delivered.load(Ordering::Relaxed).min(expected);
+    let deliveries = delivered as f64;
     let deliveries_per_sec = deliveries / elapsed;
+    let burst_report = serde_json::json!({
+        "expected": expected,
+        "lost_events": expected - delivered,
+        "unfinished_subscribers": subscribers as u64 - tally.finished.load(Ordering::Relaxed).min(subscribers as u64),
+        "cutoffs": tally.cutoffs.load(Ordering::Relaxed),
+        "duplicates": tally.duplicates.load(Ordering::Relaxed),
+        "gap_events": tally.gap_events.load(Ordering::Relaxed),
+        "resets": tally.resets.load(Ordering::Relaxed),
+        "publish_refusals": PUBLISH_REFUSALS.load(Ordering::Relaxed) - refusals_before,
+        "publishes_held": publishes_held(&http, &bases).await - held_before,
+    });
     tally.latencies.lock().unwrap().clear();
 
     // Half of saturation, as a steady publish rate.
@@ -520,10 +710,12 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     for task in tasks {
         task.abort();
     }
-    Ok(serde_json::json!({
+    let mut result = serde_json::json!({
         "scenario": "fanout",
         "transport": transport,
         "subscribers": subscribers,
+        "burst": burst,
+        "publishers": concurrency,
         "deliveries_per_sec": deliveries_per_sec,
         "cpu_seconds_per_million": (cpu_after - cpu_before) / deliveries * 1e6,
         // The load generator's own CPU over the burst: if it nears the burst's wall time on
@@ -535,6 +727,105 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         "latency_p50_us": percentile(&latencies, 0.5),
         "latency_p99_us": percentile(&latencies, 0.99),
         "latency_max_us": latencies.last().copied().unwrap_or(0),
+    });
+    if let (Some(result), serde_json::Value::Object(burst)) = (result.as_object_mut(), burst_report) {
+        result.extend(burst);
+    }
+    Ok(result)
+}
+
+/// Publishes the servers held back (`resync_publishes_held_total`; 0 where there is no such
+/// metric, as on the baseline).
+async fn publishes_held(http: &reqwest::Client, bases: &[String]) -> u64 {
+    let mut total = 0;
+    for base in bases {
+        let Ok(response) = http.get(format!("{base}/metrics")).bearer_auth(API_KEY).send().await else {
+            continue;
+        };
+        let Ok(text) = response.text().await else {
+            continue;
+        };
+        total += text
+            .lines()
+            .find_map(|line| line.strip_prefix("resync_publishes_held_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+    }
+    total
+}
+
+/// Subscribers that all come back at once with a position `--behind` events back: the
+/// resume path (admission, history read, encoding, replay) at scale, per transport.
+async fn resume(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let transport = argument(arguments, "--transport").unwrap_or_else(|| "ws".to_owned());
+    let subscribers = number(arguments, "--subscribers", 5_000) as usize;
+    let behind = number(arguments, "--behind", 100);
+    let server_pids = pids(arguments);
+    let channel = format!("resume-{}", fastrand::u32(..));
+    let http = reqwest::Client::new();
+    let bases = vec![url.to_owned()];
+    for _ in 0..behind {
+        publish(&http, url, &channel).await?;
+    }
+    let info: serde_json::Value = http
+        .get(format!("{url}/api/channels/{channel}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let epoch = info["position"]["epoch"]
+        .as_str()
+        .context("epoch")?
+        .to_owned();
+    let tally = Arc::new(Tally::default());
+    let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let own_cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let tasks = open_subscribers(
+        &bases,
+        &transport,
+        subscribers,
+        |_| channel.clone(),
+        &tally,
+        behind,
+        |_| Progress {
+            epoch: Some(epoch.clone()),
+            ..Progress::default()
+        },
+        OnCut::Resume,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tally.finished.load(Ordering::Relaxed) < subscribers as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let finished_at = tally
+        .last_finish
+        .lock()
+        .unwrap()
+        .unwrap_or_else(Instant::now);
+    let elapsed = finished_at.duration_since(started).as_secs_f64();
+    let cpu = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>() - cpu_before;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
+    let expected = subscribers as u64 * behind;
+    let delivered = tally.delivered.load(Ordering::Relaxed).min(expected);
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "resume",
+        "transport": transport,
+        "subscribers": subscribers,
+        "behind": behind,
+        "seconds_until_all_caught_up": elapsed,
+        "replayed_per_sec": delivered as f64 / elapsed,
+        "cpu_seconds_per_million": cpu / delivered.max(1) as f64 * 1e6,
+        "loadgen_cpu_share": own_cpu / elapsed,
+        "lost_events": expected - delivered,
+        "cutoffs": tally.cutoffs.load(Ordering::Relaxed),
+        "duplicates": tally.duplicates.load(Ordering::Relaxed),
+        "resets": tally.resets.load(Ordering::Relaxed),
     }))
 }
 
@@ -555,6 +846,8 @@ async fn memory(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         |_| channel.clone(),
         &tally,
         u64::MAX,
+        |_| Progress::default(),
+        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, 100).await?;
@@ -567,6 +860,8 @@ async fn memory(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         |_| channel.clone(),
         &tally,
         u64::MAX,
+        |_| Progress::default(),
+        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, connections as u64 + 100).await?;
@@ -811,6 +1106,8 @@ async fn channels(arguments: &[String], url: &str) -> Result<serde_json::Value> 
         |index| format!("{prefix}-{index}"),
         &tally,
         u64::MAX,
+        |_| Progress::default(),
+        OnCut::Stop,
     )
     .await;
     // Wait for the last channel's subscriber (they subscribe in order).
