@@ -261,9 +261,18 @@ async fn resuming_subscriber(
     let mut first = true;
     loop {
         let ended = match transport {
-            Transport::Ws => {
-                lean_ws_subscriber(&base, &channel, &tally, expected, sampled, &mut progress, first)
-                    .await
+            Transport::Ws | Transport::SocketIo => {
+                lean_ws_subscriber(
+                    &base,
+                    &channel,
+                    &tally,
+                    expected,
+                    sampled,
+                    &mut progress,
+                    first,
+                    transport == Transport::SocketIo,
+                )
+                .await
             }
             Transport::Sse => {
                 sse_subscriber(&base, &channel, &tally, expected, sampled, &mut progress, first)
@@ -289,6 +298,8 @@ async fn resuming_subscriber(
 enum Transport {
     Ws,
     Sse,
+    /// Socket.IO 4 over its WebSocket transport (Engine.IO 4 packets), for the peer row.
+    SocketIo,
 }
 
 /// A WebSocket subscriber on a bare socket: the handshake written by hand, and server frames
@@ -304,10 +315,16 @@ async fn lean_ws_subscriber(
     sampled: bool,
     progress: &mut Progress,
     first: bool,
+    socket_io: bool,
 ) -> Result<()> {
     let address = base.trim_start_matches("http://").to_owned();
+    let path = if socket_io {
+        "/socket.io/?EIO=4&transport=websocket"
+    } else {
+        "/ws"
+    };
     let request = format!(
-        "GET /ws HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
     );
     let mut stream = with_retries(|| async {
@@ -341,9 +358,14 @@ async fn lean_ws_subscriber(
         ),
         None => format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#),
     };
-    stream
-        .write_all(&client_frame(1, subscribe.as_bytes()))
-        .await?;
+    if socket_io {
+        // Join the default namespace; the channel's room once it is joined (below).
+        stream.write_all(&client_frame(1, b"40")).await?;
+    } else {
+        stream
+            .write_all(&client_frame(1, subscribe.as_bytes()))
+            .await?;
+    }
     if first {
         tally.ready.fetch_add(1, Ordering::Relaxed);
     }
@@ -376,6 +398,13 @@ async fn lean_ws_subscriber(
                 1 if payload.starts_with(br#"{"type":"ping""#) => {
                     replies.extend(client_frame(1, br#"{"type":"pong"}"#));
                 }
+                // Engine.IO's ping, answered with its pong.
+                1 if socket_io && payload == b"2" => replies.extend(client_frame(1, b"3")),
+                // Socket.IO drops a connection that emits before its namespace is joined.
+                1 if socket_io && payload.starts_with(b"40") => replies.extend(client_frame(
+                    1,
+                    format!(r#"42["subscribe","{channel}"]"#).as_bytes(),
+                )),
                 1 if is_reset(payload) => {
                     tally.resets.fetch_add(1, Ordering::Relaxed);
                 }
@@ -470,10 +499,10 @@ async fn open_subscribers(
         let channel = channel_of(index);
         let tally = tally.clone();
         let sampled = index < LATENCY_SAMPLE;
-        let transport = if transport == "ws" {
-            Transport::Ws
-        } else {
-            Transport::Sse
+        let transport = match transport {
+            "ws" => Transport::Ws,
+            "socketio" => Transport::SocketIo,
+            _ => Transport::Sse,
         };
         let progress = start_at(index);
         tasks.push(tokio::spawn(async move {
@@ -619,6 +648,14 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let server_pids = pids(arguments);
     let channel = format!("fanout-{}", fastrand::u32(..));
     let http = reqwest::Client::new();
+    // Publish round trips on the idle server, to compare those under load with.
+    let mut idle_publishes = Vec::new();
+    for _ in 0..100 {
+        let sent = Instant::now();
+        publish(&http, &bases[0], &format!("{channel}-idle")).await?;
+        idle_publishes.push(sent.elapsed().as_micros() as u64);
+    }
+    idle_publishes.sort_unstable();
     let tally = Arc::new(Tally::default());
     let tasks = open_subscribers(
         &bases,
@@ -699,11 +736,15 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let mut ticker = tokio::time::interval(interval);
     let latency_end = Instant::now() + Duration::from_secs(latency_seconds);
     let mut published = 0u64;
+    let mut loaded_publishes = Vec::new();
     while Instant::now() < latency_end {
         ticker.tick().await;
+        let sent = Instant::now();
         publish(&http, &bases[0], &channel).await?;
+        loaded_publishes.push(sent.elapsed().as_micros() as u64);
         published += 1;
     }
+    loaded_publishes.sort_unstable();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = std::mem::take(&mut *tally.latencies.lock().unwrap());
     latencies.sort_unstable();
@@ -727,6 +768,12 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         "latency_p50_us": percentile(&latencies, 0.5),
         "latency_p99_us": percentile(&latencies, 0.99),
         "latency_max_us": latencies.last().copied().unwrap_or(0),
+        // HTTP publish round trips while the subscribers receive at half saturation,
+        // against the same server idle (before any subscriber connected).
+        "publish_p50_us": percentile(&loaded_publishes, 0.5),
+        "publish_p99_us": percentile(&loaded_publishes, 0.99),
+        "idle_publish_p50_us": percentile(&idle_publishes, 0.5),
+        "idle_publish_p99_us": percentile(&idle_publishes, 0.99),
     });
     if let (Some(result), serde_json::Value::Object(burst)) = (result.as_object_mut(), burst_report) {
         result.extend(burst);
