@@ -29,6 +29,7 @@
 
 mod presence;
 mod pubsub;
+mod recent;
 mod scripts;
 
 use std::sync::Arc;
@@ -151,7 +152,10 @@ impl RedisBrokerBuilder {
             .map_err(|error| Error::Unavailable(format!("cannot create redis pool: {error}")))?;
         let (commands, receiver) = mpsc::channel(1_024);
         let idle_commands = commands.clone();
+        let recent = Arc::new(recent::RecentEvents::default());
+        let idle_recent = recent.clone();
         let hub = Hub::with_idle_callback(self.subscriber_queue, move |channel| {
+            idle_recent.forget(channel);
             // If the queue is full the Pub/Sub task catches up later: it unsubscribes from any
             // channel that delivers a message with no local subscriber.
             let _ = idle_commands.try_send(pubsub::Command::Unsubscribe(channel.clone()));
@@ -169,6 +173,7 @@ impl RedisBrokerBuilder {
                 .collect(),
             next_connection: AtomicUsize::new(0),
             hub: hub.clone(),
+            recent: recent.clone(),
             commands,
             connected,
             settings: self,
@@ -190,6 +195,7 @@ impl RedisBrokerBuilder {
             connected_sender,
             presence_fanout,
             user_commands,
+            recent.clone(),
         ));
         tokio::spawn(presence::keep_alive(
             Arc::downgrade(&inner),
@@ -215,6 +221,8 @@ struct Inner {
     connections: Vec<std::sync::Mutex<Option<MultiplexedConnection>>>,
     next_connection: AtomicUsize,
     hub: Hub,
+    /// The events received over Pub/Sub lately, for catch-up reads.
+    recent: Arc<recent::RecentEvents>,
     commands: mpsc::Sender<pubsub::Command>,
     connected: watch::Receiver<bool>,
     settings: RedisBrokerBuilder,
@@ -470,6 +478,11 @@ impl Broker for RedisBroker {
         since: &Position,
         limit: usize,
     ) -> Result<HistoryRead> {
+        // Catch-up reads of what this process has just received are answered here, once
+        // decoded, instead of every lagging subscriber asking Redis for the same events.
+        if let Some(read) = self.inner.recent.read_since(channel, since, limit) {
+            return Ok(read);
+        }
         let settings = &self.inner.settings;
         let mut invocation = self.inner.scripts.read_since.prepare_invoke();
         invocation

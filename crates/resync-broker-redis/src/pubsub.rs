@@ -67,6 +67,7 @@ pub(crate) async fn run(
     connected: watch::Sender<bool>,
     presence: crate::presence::SharedFanout,
     user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
+    recent: std::sync::Arc<crate::recent::RecentEvents>,
 ) {
     let commands_name = user_commands_name(&prefix);
     let mut delay = Duration::from_millis(100);
@@ -124,6 +125,8 @@ pub(crate) async fn run(
         if !healthy {
             continue;
         }
+        // Messages may have been missed while disconnected: the local copy starts over.
+        recent.clear();
         if was_connected {
             // Events may have been published while we were away: every local subscription
             // checks history from its last position (and learns of a new epoch).
@@ -172,8 +175,12 @@ pub(crate) async fn run(
                     }
                     match decode(&prefix, &name, &payload) {
                         Some(event) => {
+                            // Kept before it is delivered: a subscriber registering between
+                            // the two finds it in one place or the other.
+                            recent.record(&event);
                             if hub.deliver(&event) == 0 && hub.subscriber_count(event.channel()) == 0 {
                                 let channel = event.channel().clone();
+                                recent.forget(&channel);
                                 if subscribed.remove(&channel) && sink.unsubscribe(&name).await.is_err() {
                                     break;
                                 }
