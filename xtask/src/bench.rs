@@ -241,6 +241,15 @@ impl Bench {
         }
     }
 
+    /// The largest sample (lost events and cut-offs: the worst run counts).
+    fn max(&self, key: &str, field: &str) -> f64 {
+        let values = self.samples(key, field);
+        if values.is_empty() {
+            return f64::NAN;
+        }
+        values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+
     fn median(&self, key: &str, field: &str) -> f64 {
         let mut values = self.samples(key, field);
         if values.is_empty() {
@@ -259,23 +268,101 @@ const FLOOD_CAP: &str = "3000";
 /// ~13 KB each, the legitimate traffic, and headroom; documented in `docs/security.md`.
 const FLOOD_PEAK_RSS_MIB: f64 = 256.0;
 
-/// Events per subscriber in the Redis comparison's bursts: 1,000,000 deliveries at 5,000
-/// subscribers, long enough that the two rows' ratio is not scheduling noise.
-const REDIS_BURST: &str = "200";
+/// Events per subscriber in the Redis comparison's bursts, as in the fan-out rows.
+const REDIS_BURST: &str = SATURATION_BURST;
+
+/// Events of a fan-out burst, published at full speed: twice the subscriber queue.
+const SATURATION_BURST: &str = "2000";
+
+/// The resume rows: this many subscribers come back at once, each this many events behind.
+const RESUME_SUBSCRIBERS: &str = "5000";
+const RESUME_BEHIND: &str = "1000";
+
+/// Socket.IO 4 (its default in-memory adapter), the peer row: 1,000 subscribers and a
+/// shorter burst, since it delivers ~30x slower than resync and a 2,000-event burst would
+/// take a minute a run.
+const SOCKET_IO_SUBSCRIBERS: &str = "1000";
+const SOCKET_IO_BURST: &str = "200";
+
+/// The Socket.IO peer server, installed from npm on first use; `None` (and a line on
+/// stderr) where Node.js is missing, in which case the report says the row did not run.
+fn socket_io_server(root: &Path) -> Result<Option<PathBuf>> {
+    let directory = root.join("bench/peers/socketio");
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("bench: node not found: the Socket.IO peer row is skipped");
+        return Ok(None);
+    }
+    if !directory.join("node_modules/socket.io").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&directory)
+            .status()
+            .context("running npm ci for the Socket.IO peer")?;
+        if !status.success() {
+            bail!("npm ci in {} failed", directory.display());
+        }
+    }
+    Ok(Some(directory.join("server.js")))
+}
+
+fn socket_io_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    let Some(script) = socket_io_server(&workspace_root())? else {
+        return Ok(());
+    };
+    let script = script.to_string_lossy().into_owned();
+    let server = Server::start(Path::new("node"), &[&script])?;
+    let pid = server.pid();
+    bench.load(
+        "fanout/socketio/peer",
+        &[
+            "fanout",
+            "--url",
+            &server.url,
+            "--pid",
+            &pid,
+            "--transport",
+            "socketio",
+            "--subscribers",
+            SOCKET_IO_SUBSCRIBERS,
+            "--burst",
+            if quick { "100" } else { SOCKET_IO_BURST },
+            "--latency-seconds",
+            "3",
+        ],
+    )?;
+    drop(server);
+    let server = Server::start(Path::new("node"), &[&script])?;
+    let pid = server.pid();
+    bench.load(
+        "memory/socketio/peer",
+        &[
+            "memory",
+            "--url",
+            &server.url,
+            "--pid",
+            &pid,
+            "--transport",
+            "socketio",
+            "--connections",
+            if quick { "1000" } else { "5000" },
+        ],
+    )?;
+    Ok(())
+}
 
 pub(crate) fn bench(quick: bool) -> Result<()> {
     let root = workspace_root();
     let mut bench = Bench::built(&root)?;
     let repetitions = if quick { 1 } else { 3 };
     let sizes = sizes(quick);
+    // Publishers at full speed for a burst twice the subscriber queue (1,024): the server
+    // falls behind its publishers, and must neither cut off nor lose a reader (issue 17).
+    let burst = if quick { "400" } else { SATURATION_BURST };
     let started = Instant::now();
 
     for repetition in 0..repetitions {
         eprintln!("bench: repetition {} of {repetitions}", repetition + 1);
         for &subscribers in sizes {
-            // About a million deliveries per burst: shorter bursts measured warm-up and
-            // scheduling noise more than throughput (see the fixes below).
-            let burst = (1_000_000 / subscribers).clamp(100, 400).to_string();
             let count = subscribers.to_string();
             for transport in ["ws", "sse"] {
                 // Interleaved: the baseline and resync take turns on the same machine.
@@ -296,13 +383,36 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                         "--subscribers",
                         &count,
                         "--burst",
-                        &burst,
+                        burst,
                         "--latency-seconds",
                         "3",
                     ];
                     bench.load(&key, &arguments)?;
                 }
             }
+        }
+        socket_io_round(&mut bench, quick)?;
+        // Everyone back at once with a position `behind` events back, per transport (long
+        // polling resumes on every poll: its row is the long-polling one below).
+        for transport in ["ws", "sse"] {
+            let server = bench.ours(&[])?;
+            let pid = server.pid();
+            bench.load(
+                &format!("resume/{transport}"),
+                &[
+                    "resume",
+                    "--url",
+                    &server.url,
+                    "--pid",
+                    &pid,
+                    "--transport",
+                    transport,
+                    "--subscribers",
+                    RESUME_SUBSCRIBERS,
+                    "--behind",
+                    RESUME_BEHIND,
+                ],
+            )?;
         }
         let idle = if quick { "2000" } else { "10000" };
         for transport in ["ws", "sse"] {
@@ -631,41 +741,56 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
          second descriptor per connection, and 10,000 clients would pass this machine's 20,000 open-file limit.\n",
     );
     out.push_str(
-        "- Load generator: `bench/src/bin/loadgen/`, a release binary of ours (not the client SDK): subscribers count \
-         events, 200 of them parse a timestamp for latency; WebSocket and SSE subscribers read bare sockets and search \
-         frames in place, and the fan-out rows report the generator's own CPU. Fan-out: a burst of events (about a million deliveries: \
-         400, 200 and 100 events at 1,000, 5,000 and 10,000 subscribers) published by 64 concurrent HTTP \
-         publishers (with 16, the bare-sockets baseline was paced by them), timed until every subscriber has all of them (deliveries/s at saturation, server CPU per \
-         million deliveries from /proc); then a steady rate at half that saturation for 3 s (publish-to-deliver \
-         latency). 100-byte payloads.\n\n",
+        "- Load generator: `bench/src/bin/loadgen/`, a release binary of ours (not the client SDK). Its WebSocket, SSE \
+         and Socket.IO subscribers read bare sockets and search frames in place; each checks every event's seq (a \
+         repeat is a duplicate, a jump is a gap), counts the connections that end under it (cut-offs) and comes back \
+         with its position (`since`, `Last-Event-ID`) as a real client would. 200 of them parse a timestamp for \
+         latency. Fan-out: a burst of 2,000 events per subscriber (twice the 1,024-event subscriber queue) published \
+         at full speed by 64 concurrent HTTP publishers, timed until every subscriber has every event (or 30 s: the \
+         rest are lost events); server CPU per million deliveries from /proc, and the generator's own CPU beside it \
+         (it shares the two cores, so a baseline only reaches the machine's limit if the generator is cheap); then a \
+         steady rate at half that saturation for 3 s (publish-to-deliver latency, and HTTP publish round trips \
+         against the same server idle). 100-byte payloads. A publish answered 503 is retried after its \
+         `Retry-After`.\n\n",
     );
     out.push_str("![fan-out throughput](benchmarks.svg)\n\n");
-    out.push_str("## Fan-out to one channel\n\n");
-    out.push_str("| transport | subscribers | resync deliveries/s | resync range | baseline deliveries/s | baseline range | ratio | resync p50 / p99 / max (ms) | baseline p99 (ms) | p99 ratio | resync CPU s per 1M | baseline CPU s per 1M |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n");
+    out.push_str("## Fan-out to one channel, publishers at full speed\n\n");
+    out.push_str("| transport | subscribers | resync deliveries/s | resync range | baseline deliveries/s | baseline range | ratio | resync lost / cut-offs | publishes held | resync p50 / p99 / max (ms) | baseline p99 (ms) | resync CPU s per 1M | baseline CPU s per 1M | generator CPU s per 1M (cores) |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|\n");
     for transport in ["ws", "sse"] {
         for &subscribers in sizes {
             let ours = format!("fanout/{transport}/{subscribers}/resync");
             let base = format!("fanout/{transport}/{subscribers}/baseline");
             let ms = |key: &str, field: &str| bench.median(key, field) / 1000.0;
             out.push_str(&format!(
-                "| {} | {subscribers} | {:.0} | {} | {:.0} | {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {} | {:.2} | {:.2} |\n",
+                "| {} | {subscribers} | {:.0} | {} | {:.0} | {} | {} | {:.0} / {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2} | {:.2} | {:.2} ({:.2}) |\n",
                 if transport == "ws" { "WebSocket" } else { "SSE" },
                 bench.median(&ours, "deliveries_per_sec"),
                 bench.spread(&ours, "deliveries_per_sec"),
                 bench.median(&base, "deliveries_per_sec"),
                 bench.spread(&base, "deliveries_per_sec"),
                 ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+                bench.max(&ours, "lost_events"),
+                bench.max(&ours, "cutoffs"),
+                bench.median(&ours, "publishes_held"),
                 ms(&ours, "latency_p50_us"),
                 ms(&ours, "latency_p99_us"),
                 ms(&ours, "latency_max_us"),
                 ms(&base, "latency_p99_us"),
-                ratio(bench.median(&ours, "latency_p99_us"), bench.median(&base, "latency_p99_us")),
                 bench.median(&ours, "cpu_seconds_per_million"),
                 bench.median(&base, "cpu_seconds_per_million"),
+                bench.median(&base, "loadgen_cpu_seconds_per_million"),
+                bench.median(&base, "loadgen_cpu_share"),
             ));
         }
     }
+    out.push_str(
+        "\nLost events and cut-offs are the worst of the runs, not the median. \"Publishes held\": publishes the \
+         server made wait while a quarter of its subscribers lagged their queues (`resync_publishes_held_total`); \
+         the generator's CPU column is measured in the baseline runs (cores: its CPU over the burst's wall time).\n",
+    );
+    out.push_str(&peer_section(bench));
+    out.push_str(&resume_section(bench));
     let largest = sizes.last().copied().unwrap_or(0);
     let ws = |kind: &str, field: &str| bench.median(&format!("fanout/ws/{largest}/{kind}"), field);
     let sse =
@@ -725,20 +850,67 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.median("channels", "latency_p99_us") / 1000.0,
     ));
     out.push_str(&format!(
-        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each), publishing through one, vs one in-memory instance (two worker threads); bursts of 200 events | {:.0} ({}) vs {:.0} ({}) deliveries/s ({}); p99 {:.1} vs {:.1} ms |\n",
+        "| Redis: 5,000 WebSocket subscribers split over two instances (one worker thread each, two threads in all), publishing through one, vs one in-memory instance (two worker threads); bursts of {REDIS_BURST} events at full speed | {:.0} ({}) vs {:.0} ({}) deliveries/s ({}); lost / cut-offs {:.0} / {:.0} vs {:.0} / {:.0}; delivery p99 {:.1} vs {:.1} ms; HTTP publish p50 under load {:.1} ms (idle {:.2} ms) vs {:.1} ms (idle {:.2} ms) |\n",
         bench.median("redis/fanout", "deliveries_per_sec"),
         bench.spread("redis/fanout", "deliveries_per_sec"),
         bench.median("redis/memory-fanout", "deliveries_per_sec"),
         bench.spread("redis/memory-fanout", "deliveries_per_sec"),
         ratio(bench.median("redis/fanout", "deliveries_per_sec"), bench.median("redis/memory-fanout", "deliveries_per_sec")),
+        bench.max("redis/fanout", "lost_events"),
+        bench.max("redis/fanout", "cutoffs"),
+        bench.max("redis/memory-fanout", "lost_events"),
+        bench.max("redis/memory-fanout", "cutoffs"),
         bench.median("redis/fanout", "latency_p99_us") / 1000.0,
         bench.median("redis/memory-fanout", "latency_p99_us") / 1000.0,
+        bench.median("redis/fanout", "publish_p50_us") / 1000.0,
+        bench.median("redis/fanout", "idle_publish_p50_us") / 1000.0,
+        bench.median("redis/memory-fanout", "publish_p50_us") / 1000.0,
+        bench.median("redis/memory-fanout", "idle_publish_p50_us") / 1000.0,
     ));
     out.push_str(&flood_section(bench));
     out.push_str(&presence_section(bench));
     out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
+    for transport in ["ws", "sse"] {
+        let ratios: Vec<f64> = sizes
+            .iter()
+            .map(|subscribers| {
+                bench.median(&format!("fanout/{transport}/{subscribers}/resync"), "deliveries_per_sec")
+                    / bench.median(&format!("fanout/{transport}/{subscribers}/baseline"), "deliveries_per_sec")
+            })
+            .collect();
+        let shown: Vec<String> = sizes
+            .iter()
+            .zip(&ratios)
+            .map(|(subscribers, ratio)| format!("{ratio:.2}x at {subscribers}"))
+            .collect();
+        out.push_str(&format!(
+            "| {} fan-out at full speed >= 0.8x bare sockets at every size (issue 17) | {} | {} |\n",
+            if transport == "ws" { "WebSocket" } else { "SSE" },
+            shown.join(", "),
+            verdict(ratios.iter().all(|ratio| *ratio >= 0.8))
+        ));
+    }
+    let mut lost = 0.0;
+    let mut cutoffs = 0.0;
+    for transport in ["ws", "sse"] {
+        for subscribers in sizes {
+            let key = format!("fanout/{transport}/{subscribers}/resync");
+            lost += bench.max(&key, "lost_events");
+            cutoffs += bench.max(&key, "cutoffs");
+        }
+    }
     out.push_str(&format!(
-        "| WebSocket fan-out >= 0.6x baseline at {largest} subscribers | {ws_ratio:.2}x | {} |\n",
+        "| full-speed readers: zero lost, zero cut off (every fan-out run) | lost {lost:.0}, cut-offs {cutoffs:.0} | {} |\n",
+        verdict(lost == 0.0 && cutoffs == 0.0)
+    ));
+    let redis_publish = bench.median("redis/fanout", "publish_p50_us")
+        / bench.median("redis/fanout", "idle_publish_p50_us");
+    out.push_str(&format!(
+        "| Redis: HTTP publish p50 at half saturation <= 2x the idle server's | {redis_publish:.1}x | {} |\n",
+        verdict(redis_publish <= 2.0)
+    ));
+    out.push_str(&format!(
+        "| WebSocket fan-out >= 0.6x baseline at {largest} subscribers (issue 7) | {ws_ratio:.2}x | {} |\n",
         verdict(ws_ratio >= 0.6)
     ));
     out.push_str(&format!(
@@ -776,6 +948,80 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         "\nThe raw figures of the last run are in `target/bench/results.json`. Micro-benchmarks of the log and of \
          local fan-out: `cargo xtask micro`.\n",
     );
+    out
+}
+
+/// Where the field stands: Socket.IO 4 against the same run's bare sockets and resync.
+fn peer_section(bench: &Bench) -> String {
+    let mut out = String::from("\n## Where the field stands: Socket.IO 4\n\n");
+    let peer = "fanout/socketio/peer";
+    if bench.samples(peer, "deliveries_per_sec").is_empty() {
+        out.push_str("Not measured in this run (Node.js was not found).\n");
+        return out;
+    }
+    let subscribers = bench.median(peer, "subscribers");
+    let base = format!("fanout/ws/{subscribers:.0}/baseline");
+    let ours = format!("fanout/ws/{subscribers:.0}/resync");
+    out.push_str(&format!(
+        "`bench/peers/socketio/server.js`: Socket.IO 4.8 with its default in-memory adapter on Node.js (one \
+         thread, as it runs by default), WebSocket transport only, each subscriber in the channel's room; the same \
+         load generator, {subscribers:.0} subscribers, bursts of {:.0} events.\n\n",
+        bench.median(peer, "burst"),
+    ));
+    out.push_str("| target | deliveries/s | ratio to bare sockets | lost / cut-offs | p99 at half saturation (ms) | server CPU s per 1M | idle bytes/connection |\n|---|---:|---:|---|---:|---:|---:|\n");
+    out.push_str(&format!(
+        "| Socket.IO 4.8 | {:.0} | {} | {:.0} / {:.0} | {:.1} | {:.2} | {:.0} |\n",
+        bench.median(peer, "deliveries_per_sec"),
+        ratio(bench.median(peer, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+        bench.max(peer, "lost_events"),
+        bench.max(peer, "cutoffs"),
+        bench.median(peer, "latency_p99_us") / 1000.0,
+        bench.median(peer, "cpu_seconds_per_million"),
+        bench.median("memory/socketio/peer", "bytes_per_connection"),
+    ));
+    out.push_str(&format!(
+        "| resync WebSocket | {:.0} | {} | {:.0} / {:.0} | {:.1} | {:.2} | {:.0} |\n",
+        bench.median(&ours, "deliveries_per_sec"),
+        ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+        bench.max(&ours, "lost_events"),
+        bench.max(&ours, "cutoffs"),
+        bench.median(&ours, "latency_p99_us") / 1000.0,
+        bench.median(&ours, "cpu_seconds_per_million"),
+        bench.median("memory/ws/resync", "bytes_per_connection"),
+    ));
+    out.push_str(&format!(
+        "\nresync delivers {} what Socket.IO does, on the same cores.\n",
+        ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(peer, "deliveries_per_sec")),
+    ));
+    out
+}
+
+/// Everyone back at once with a position: the resume path at scale, per transport.
+fn resume_section(bench: &Bench) -> String {
+    let mut out = String::from("\n## Resume: everyone back at once\n\n");
+    out.push_str(&format!(
+        "{RESUME_SUBSCRIBERS} subscribers connect at once (200 every 20 ms), each with a position {RESUME_BEHIND} \
+         events back (`since` on WebSocket, `Last-Event-ID` on SSE), and are timed until every one has replayed \
+         them all; compared with bare sockets' live fan-out to as many subscribers in the same run (there is no \
+         replay without history). Long polling resumes on every poll: its row is the long-polling one below.\n\n"
+    ));
+    out.push_str("| transport | replayed deliveries/s | ratio to bare-sockets live fan-out | until all caught up (s) | server CPU s per 1M | lost / duplicated / cut-offs / resets |\n|---|---:|---:|---:|---:|---|\n");
+    for transport in ["ws", "sse"] {
+        let key = format!("resume/{transport}");
+        let live = format!("fanout/{transport}/{RESUME_SUBSCRIBERS}/baseline");
+        out.push_str(&format!(
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} / {:.0} |\n",
+            if transport == "ws" { "WebSocket" } else { "SSE" },
+            bench.median(&key, "replayed_per_sec"),
+            ratio(bench.median(&key, "replayed_per_sec"), bench.median(&live, "deliveries_per_sec")),
+            bench.median(&key, "seconds_until_all_caught_up"),
+            bench.median(&key, "cpu_seconds_per_million"),
+            bench.max(&key, "lost_events"),
+            bench.max(&key, "duplicates"),
+            bench.max(&key, "cutoffs"),
+            bench.max(&key, "resets"),
+        ));
+    }
     out
 }
 
