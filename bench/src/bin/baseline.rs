@@ -22,8 +22,8 @@ struct State {
     sse: broadcast::Sender<Bytes>,
     ws: broadcast::Sender<Bytes>,
     subscribers: AtomicU64,
-    seq: AtomicU64,
-    order: std::sync::Mutex<()>,
+    /// Each channel's last seq; numbering and sending happen under this lock.
+    order: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[tokio::main]
@@ -34,8 +34,7 @@ async fn main() -> anyhow::Result<()> {
         sse: broadcast::channel(4096).0,
         ws: broadcast::channel(4096).0,
         subscribers: AtomicU64::new(0),
-        seq: AtomicU64::new(0),
-        order: std::sync::Mutex::new(()),
+        order: std::sync::Mutex::default(),
     });
     loop {
         let (stream, _) = listener.accept().await?;
@@ -120,8 +119,11 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
             // every socket in seq order (the load generator checks order; resync orders them
             // the same way).
             let seq = {
-                let _ordered = state.order.lock().unwrap();
-                let seq = state.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut seqs = state.order.lock().unwrap();
+                let channel = request["channel"].as_str().unwrap_or("c").to_owned();
+                let seq = seqs.entry(channel).or_insert(0);
+                *seq += 1;
+                let seq = *seq;
                 // The same event frame resync sends, encoded once and shared by every socket.
                 let frame = format!(
                     "{{\"type\":\"event\",\"channel\":\"{}\",\"epoch\":\"baseline\",\"seq\":{seq},\"data\":{}}}",
