@@ -156,13 +156,23 @@ impl Queue {
         }
     }
 
-    /// The next item, or the end once the queue is drained; `None` when there is neither yet.
-    fn take(&self, waker: Option<&Waker>) -> Option<Result<Live, LiveError>> {
+    /// Moves every queued item into `taken` (which must be empty) under one lock, or, with
+    /// none queued, the catch-up signal or the end; `None` when there is nothing yet (the
+    /// waker is registered). One lock per wake-up rather than per event: a subscriber behind
+    /// a burst takes it all at once.
+    fn take_all(
+        &self,
+        taken: &mut VecDeque<Live>,
+        waker: Option<&Waker>,
+    ) -> Option<Result<Live, LiveError>> {
         let mut state = lock(&self.state);
         if let Some(item) = state.items.pop_front() {
-            if state.items.is_empty() && state.items.capacity() > RETAINED_QUEUE_SLOTS {
-                state.items = VecDeque::new();
+            // The drained buffer (with its room) goes back to the queue; a large one is
+            // given back to the allocator instead.
+            if taken.capacity() > RETAINED_QUEUE_SLOTS {
+                *taken = VecDeque::new();
             }
+            std::mem::swap(&mut state.items, taken);
             return Some(Ok(item));
         }
         if state.missed {
@@ -270,6 +280,7 @@ impl Hub {
         drop(channels);
         LiveSubscription {
             queue,
+            taken: VecDeque::new(),
             registration: Registration {
                 hub: self.inner.clone(),
                 channel: channel.clone(),
@@ -392,6 +403,8 @@ impl Drop for Registration {
 /// stream. Dropping it unsubscribes at once.
 pub struct LiveSubscription {
     queue: Arc<Queue>,
+    /// Items taken from the queue in one go, not yet handed out.
+    taken: VecDeque<Live>,
     registration: Registration,
 }
 
@@ -417,7 +430,10 @@ impl LiveSubscription {
 
     /// Polls for the next live item; queued items come before a lag or close is reported.
     pub fn poll_recv(&mut self, context: &mut Context<'_>) -> Poll<Result<Live, LiveError>> {
-        match self.queue.take(Some(context.waker())) {
+        if let Some(item) = self.taken.pop_front() {
+            return Poll::Ready(Ok(item));
+        }
+        match self.queue.take_all(&mut self.taken, Some(context.waker())) {
             Some(item) => Poll::Ready(item),
             None => Poll::Pending,
         }
@@ -425,7 +441,10 @@ impl LiveSubscription {
 
     /// The next live item if one is queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Result<Live, LiveError>> {
-        self.queue.take(None)
+        if let Some(item) = self.taken.pop_front() {
+            return Some(Ok(item));
+        }
+        self.queue.take_all(&mut self.taken, None)
     }
 }
 
