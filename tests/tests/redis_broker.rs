@@ -357,3 +357,70 @@ async fn defect_4_redis_history_has_a_byte_budget_per_channel() {
         other => panic!("expected the last 5, got {other:?}"),
     }
 }
+
+/// How many times Redis ran `command` (scripts' own calls included).
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let port = redis
+        .url()
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "info", "commandstats"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_behind_a_burst_catch_up_from_what_pub_sub_delivered_not_from_redis() {
+    let redis = RedisServer::start();
+    let publisher = broker(&redis, 10_000, 16);
+    let receiver: Arc<dyn Broker> = Arc::new(broker(&redis, 10_000, 16));
+    let channel = Channel::new("burst").unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (_, subscription) = resume(
+            receiver.clone(),
+            channel.clone(),
+            None,
+            ResumeOptions::default(),
+        )
+        .await
+        .unwrap();
+        readers.push(subscription);
+    }
+    let reads_before = command_calls(&redis, "xrange");
+    let total = 2_000u64;
+    for n in 0..total {
+        let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
+        publisher
+            .publish(Publish::new(channel.clone(), data))
+            .await
+            .unwrap();
+    }
+    // Only now do the readers read: 2,000 events against queues of 16, so every one of them
+    // overflowed and had to catch up (the fault happened by construction).
+    for reader in &mut readers {
+        for expected in 1..=total {
+            let item = tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .unwrap()
+                .unwrap();
+            let SubscriptionItem::Event(event) = item else {
+                panic!("unexpected {item:?}");
+            };
+            assert_eq!(event.position().seq.get(), expected, "in order, no gap");
+        }
+    }
+    assert_eq!(
+        command_calls(&redis, "xrange") - reads_before,
+        0,
+        "four subscribers caught up 2,000 events without one history read from Redis"
+    );
+}

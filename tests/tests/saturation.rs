@@ -211,3 +211,41 @@ async fn a_few_lagging_subscribers_among_many_do_not_hold_publishers_back() {
     );
     assert_eq!(server.metric("resync_publishes_held_total").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_reader_outrun_by_a_burst_keeps_its_stream_and_gets_every_event_in_order() {
+    let server = TestServer::start(|settings| settings.subscriber_queue = 16);
+    let memory = server.server.memory_broker.clone().unwrap();
+    let mut reader = resync_tests::SseClient::connect(&server, "?channel=burst", None).await;
+    assert_eq!(reader.status, 200);
+    assert_eq!(reader.next_event().await.unwrap().event, "subscribed");
+    let channel = Channel::new("burst").unwrap();
+    let total = 3_000u64;
+    let publisher = tokio::spawn({
+        let memory = memory.clone();
+        async move {
+            for n in 0..total {
+                let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
+                memory
+                    .publish(Publish::new(channel.clone(), data))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    for expected in 1..=total {
+        assert_eq!(reader.next_seq("burst").await, expected, "in order, no gap");
+    }
+    publisher.await.unwrap();
+    assert!(
+        memory.subscriber_overflows() >= 1,
+        "the burst overflowed the 16-event queue: the fault happened"
+    );
+    assert_eq!(
+        server
+            .metric("resync_connections_total{transport=\"sse\"}")
+            .await,
+        1,
+        "the reader kept its one stream"
+    );
+}

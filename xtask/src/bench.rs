@@ -874,8 +874,13 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         let ratios: Vec<f64> = sizes
             .iter()
             .map(|subscribers| {
-                bench.median(&format!("fanout/{transport}/{subscribers}/resync"), "deliveries_per_sec")
-                    / bench.median(&format!("fanout/{transport}/{subscribers}/baseline"), "deliveries_per_sec")
+                bench.median(
+                    &format!("fanout/{transport}/{subscribers}/resync"),
+                    "deliveries_per_sec",
+                ) / bench.median(
+                    &format!("fanout/{transport}/{subscribers}/baseline"),
+                    "deliveries_per_sec",
+                )
             })
             .collect();
         let shown: Vec<String> = sizes
@@ -972,7 +977,10 @@ fn peer_section(bench: &Bench) -> String {
     out.push_str(&format!(
         "| Socket.IO 4.8 | {:.0} | {} | {:.0} / {:.0} | {:.1} | {:.2} | {:.0} |\n",
         bench.median(peer, "deliveries_per_sec"),
-        ratio(bench.median(peer, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+        ratio(
+            bench.median(peer, "deliveries_per_sec"),
+            bench.median(&base, "deliveries_per_sec")
+        ),
         bench.max(peer, "lost_events"),
         bench.max(peer, "cutoffs"),
         bench.median(peer, "latency_p99_us") / 1000.0,
@@ -982,7 +990,10 @@ fn peer_section(bench: &Bench) -> String {
     out.push_str(&format!(
         "| resync WebSocket | {:.0} | {} | {:.0} / {:.0} | {:.1} | {:.2} | {:.0} |\n",
         bench.median(&ours, "deliveries_per_sec"),
-        ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(&base, "deliveries_per_sec")),
+        ratio(
+            bench.median(&ours, "deliveries_per_sec"),
+            bench.median(&base, "deliveries_per_sec")
+        ),
         bench.max(&ours, "lost_events"),
         bench.max(&ours, "cutoffs"),
         bench.median(&ours, "latency_p99_us") / 1000.0,
@@ -991,7 +1002,10 @@ fn peer_section(bench: &Bench) -> String {
     ));
     out.push_str(&format!(
         "\nresync delivers {} what Socket.IO does, on the same cores.\n",
-        ratio(bench.median(&ours, "deliveries_per_sec"), bench.median(peer, "deliveries_per_sec")),
+        ratio(
+            bench.median(&ours, "deliveries_per_sec"),
+            bench.median(peer, "deliveries_per_sec")
+        ),
     ));
     out
 }
@@ -1011,9 +1025,16 @@ fn resume_section(bench: &Bench) -> String {
         let live = format!("fanout/{transport}/{RESUME_SUBSCRIBERS}/baseline");
         out.push_str(&format!(
             "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} / {:.0} |\n",
-            if transport == "ws" { "WebSocket" } else { "SSE" },
+            if transport == "ws" {
+                "WebSocket"
+            } else {
+                "SSE"
+            },
             bench.median(&key, "replayed_per_sec"),
-            ratio(bench.median(&key, "replayed_per_sec"), bench.median(&live, "deliveries_per_sec")),
+            ratio(
+                bench.median(&key, "replayed_per_sec"),
+                bench.median(&live, "deliveries_per_sec")
+            ),
             bench.median(&key, "seconds_until_all_caught_up"),
             bench.median(&key, "cpu_seconds_per_million"),
             bench.max(&key, "lost_events"),
@@ -1144,6 +1165,54 @@ fn flood_section(bench: &Bench) -> String {
 /// hand: it is history, not a measurement of this run).
 const FIXES: &str = "
 ## Fixes and what they bought
+
+Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen` is
+`target/release/loadgen`, servers as in the rows above):
+
+- **Readers at full speed are no longer cut off.** A full subscriber queue drops events for that
+  subscriber only and then catches it up from history on its connection (`hub.rs`); before,
+  nearly every subscriber of a 2,000-event burst at full speed was closed with 4201 (the
+  issue's table: ~4.2M of 10M deliveries lost at 5,000 subscribers without resume, 4,946
+  cut-offs with it). Now every fan-out row above has 0 cut-offs and 0 lost events.
+- **Publishers wait instead** while a quarter of the subscribers lag their queues
+  (`Publisher::send`, `docs/decisions.md`). At 5,000 WebSocket subscribers and bursts of
+  2,000: 1.92M deliveries/s and 0.64 CPU s per million with the hold off
+  (`--publish-hold-share 0`), 2.96M and 0.38 with it (`loadgen fanout --subscribers 5000
+  --burst 2000`): subscribers that fall ever further behind re-read history again and again,
+  which costs more than making the publishers wait.
+- **Redis: catch-up reads from what Pub/Sub just delivered** (`recent.rs`). Thousands of
+  subscribers catching up at once each read the same events from Redis, which starved the
+  publishes and timed reads out (\"redis did not answer within 2s\", close 4101): 1.34M
+  deliveries/s, 1,956 cut-offs and 59 refused publishes before, 2.86M and none after
+  (`loadgen fanout --url A --extra-url B --subscribers 5000 --burst 2000`, two instances of
+  one worker each).
+- **One lock per wake-up, not per event**: a subscriber takes everything queued at once
+  (`LiveSubscription` keeps the batch); within this machine's noise (0.37-0.50 CPU s per
+  million over three runs at 5,000 WebSocket subscribers).
+- **A load generator that checks order and still reaches the machine's limit.** Every event's
+  seq is parsed and checked (repeats and gaps counted); with a searcher built per call that
+  cost the generator 0.30 CPU s per million deliveries and held the bare-sockets baseline at
+  3.4M/s at 5,000 WebSocket subscribers; with searchers built once, 0.17-0.19 s and 5.0-5.5M/s
+  (server and generator then use one core each: the machine's limit). The baseline itself
+  numbered concurrent publishes with an atomic and sent them unlocked, so its sockets saw
+  events out of order (the generator counted gaps); it now numbers and sends under one lock
+  per channel, as resync does.
+- **SSE resume is not slower than WebSocket resume any more.** The issue's 3x (1.34M against
+  3.84M at 5,000 subscribers) was measured while every subscriber was being cut off and
+  reconnecting under a running burst; with nobody cut off, everyone coming back at once 1,000
+  events behind replays 2.7M (WebSocket) and 3.1M (SSE) deliveries/s (`loadgen resume
+  --subscribers 5000 --behind 1000`), and the resume rows above measure it every run.
+- **Where WebSocket still loses to bare sockets** (0.4-0.5x at 5,000): per delivery resync does
+  twice the CPU (0.38-0.45 against 0.19-0.21 s per million) though it makes a fifth of the
+  baseline's `sendto` calls (37k against 175k in 3 s, `perf stat -e syscalls:sys_enter_sendto`):
+  the cost is in user space, spread over the connection task and actix-http's dispatcher (two
+  tasks woken per connection per batch where the baseline has one), a second copy of every
+  frame (our outbox into actix-http's write buffer) and the resume bookkeeping per event
+  (`perf record`: the connection future 8%, `memmove` 8%, queue take 4%, resume 3%). Closing
+  it means writing frames to the socket from the connection task itself, without actix-http's
+  dispatcher in between: the next step, not done.
+
+Earlier:
 
 - **SSE hot path written out** (the event line and the cursor id are written straight into
   the chunk, with no intermediate cursor string and no generic line splitting) and the

@@ -171,15 +171,27 @@ mod tests {
         for seq in 5..=9 {
             recent.record(&event("e", seq));
         }
-        assert_eq!(seqs(recent.read_since(&channel, &at("e", 4), 10)), [5, 6, 7, 8, 9]);
+        assert_eq!(
+            seqs(recent.read_since(&channel, &at("e", 4), 10)),
+            [5, 6, 7, 8, 9]
+        );
         assert_eq!(seqs(recent.read_since(&channel, &at("e", 6), 2)), [7, 8]);
         assert!(matches!(
             recent.read_since(&channel, &at("e", 9), 10),
             Some(ReadOutcome::UpToDate { .. })
         ));
-        assert!(recent.read_since(&channel, &at("e", 3), 10).is_none(), "older: Redis");
-        assert!(recent.read_since(&channel, &at("e", 10), 10).is_none(), "ahead: Redis");
-        assert!(recent.read_since(&channel, &at("f", 6), 10).is_none(), "epoch: Redis");
+        assert!(
+            recent.read_since(&channel, &at("e", 3), 10).is_none(),
+            "older: Redis"
+        );
+        assert!(
+            recent.read_since(&channel, &at("e", 10), 10).is_none(),
+            "ahead: Redis"
+        );
+        assert!(
+            recent.read_since(&channel, &at("f", 6), 10).is_none(),
+            "epoch: Redis"
+        );
         // A gap (a message lost) starts the run over.
         recent.record(&event("e", 11));
         assert!(recent.read_since(&channel, &at("e", 6), 10).is_none());

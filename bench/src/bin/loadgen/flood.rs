@@ -23,8 +23,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::{
-    OnCut, Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids, publish,
-    wait_subscribed,
+    OnCut, Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids,
+    publish, wait_subscribed,
 };
 
 /// What the floods did, counted as they went.

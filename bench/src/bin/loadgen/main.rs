@@ -275,8 +275,16 @@ async fn resuming_subscriber(
                 .await
             }
             Transport::Sse => {
-                sse_subscriber(&base, &channel, &tally, expected, sampled, &mut progress, first)
-                    .await
+                sse_subscriber(
+                    &base,
+                    &channel,
+                    &tally,
+                    expected,
+                    sampled,
+                    &mut progress,
+                    first,
+                )
+                .await
             }
         };
         first = false;
@@ -775,7 +783,8 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         "idle_publish_p50_us": percentile(&idle_publishes, 0.5),
         "idle_publish_p99_us": percentile(&idle_publishes, 0.99),
     });
-    if let (Some(result), serde_json::Value::Object(burst)) = (result.as_object_mut(), burst_report) {
+    if let (Some(result), serde_json::Value::Object(burst)) = (result.as_object_mut(), burst_report)
+    {
         result.extend(burst);
     }
     Ok(result)
@@ -786,7 +795,12 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
 async fn publishes_held(http: &reqwest::Client, bases: &[String]) -> u64 {
     let mut total = 0;
     for base in bases {
-        let Ok(response) = http.get(format!("{base}/metrics")).bearer_auth(API_KEY).send().await else {
+        let Ok(response) = http
+            .get(format!("{base}/metrics"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+        else {
             continue;
         };
         let Ok(text) = response.text().await else {
