@@ -189,13 +189,15 @@ impl RedisBrokerBuilder {
         });
         tokio::spawn(pubsub::run(
             client,
-            hub,
+            pubsub::Delivery {
+                hub,
+                recent: recent.clone(),
+            },
             receiver,
             inner.settings.key_prefix.clone(),
             connected_sender,
             presence_fanout,
             user_commands,
-            recent.clone(),
         ));
         tokio::spawn(presence::keep_alive(
             Arc::downgrade(&inner),

@@ -59,16 +59,22 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
     }))
 }
 
+/// Where received events go: the recent copy first, then the hub's subscribers.
+pub(crate) struct Delivery {
+    pub(crate) hub: Hub,
+    pub(crate) recent: std::sync::Arc<crate::recent::RecentEvents>,
+}
+
 pub(crate) async fn run(
     client: redis::Client,
-    hub: Hub,
+    delivery: Delivery,
     mut commands: mpsc::Receiver<Command>,
     prefix: String,
     connected: watch::Sender<bool>,
     presence: crate::presence::SharedFanout,
     user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
-    recent: std::sync::Arc<crate::recent::RecentEvents>,
 ) {
+    let Delivery { hub, recent } = delivery;
     let commands_name = user_commands_name(&prefix);
     let mut delay = Duration::from_millis(100);
     let mut was_connected = false;
