@@ -10,27 +10,34 @@ use resync_broker::{Broker, Publish};
 use resync_protocol::{Channel, Payload, ServerFrame};
 use resync_tests::{TestServer, WsClient};
 
+/// Publishes `total` events straight into the broker, without yielding: far faster than any
+/// socket takes them.
+fn burst_into(
+    memory: &resync_broker::MemoryBroker,
+    channel: &str,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
+    let memory = memory.clone();
+    let channel = Channel::new(channel).unwrap();
+    tokio::spawn(async move {
+        for n in 0..total {
+            let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
+            memory
+                .publish(Publish::new(channel.clone(), data))
+                .await
+                .unwrap();
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_speed_reader_outrun_by_a_burst_is_caught_up_not_cut_off() {
     let server = TestServer::start(|settings| settings.subscriber_queue = 16);
     let memory = server.server.memory_broker.clone().unwrap();
     let mut reader = WsClient::connect_ready(&server.ws_url("")).await;
     reader.subscribe("burst", None).await;
-    let channel = Channel::new("burst").unwrap();
     let total = 3_000u64;
-    // Published straight into the broker, without yielding: far faster than any socket.
-    let publisher = tokio::spawn({
-        let memory = memory.clone();
-        async move {
-            for n in 0..total {
-                let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
-                memory
-                    .publish(Publish::new(channel.clone(), data))
-                    .await
-                    .unwrap();
-            }
-        }
-    });
+    let publisher = burst_into(&memory, "burst", total);
     let mut last = 0;
     while last < total {
         match reader.frame().await {
@@ -219,20 +226,8 @@ async fn an_sse_reader_outrun_by_a_burst_keeps_its_stream_and_gets_every_event_i
     let mut reader = resync_tests::SseClient::connect(&server, "?channel=burst", None).await;
     assert_eq!(reader.status, 200);
     assert_eq!(reader.next_event().await.unwrap().event, "subscribed");
-    let channel = Channel::new("burst").unwrap();
     let total = 3_000u64;
-    let publisher = tokio::spawn({
-        let memory = memory.clone();
-        async move {
-            for n in 0..total {
-                let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
-                memory
-                    .publish(Publish::new(channel.clone(), data))
-                    .await
-                    .unwrap();
-            }
-        }
-    });
+    let publisher = burst_into(&memory, "burst", total);
     for expected in 1..=total {
         assert_eq!(reader.next_seq("burst").await, expected, "in order, no gap");
     }

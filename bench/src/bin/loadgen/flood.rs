@@ -23,8 +23,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::{
-    OnCut, Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids,
-    publish, wait_subscribed,
+    Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids, publish,
+    wait_subscribed,
 };
 
 /// What the floods did, counted as they went.
@@ -411,7 +411,6 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         &tally,
         expected,
         |_| Progress::default(),
-        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;

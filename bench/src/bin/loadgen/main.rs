@@ -145,6 +145,26 @@ struct Progress {
     seen: u64,
     last_seq: u64,
     epoch: Option<String>,
+    /// Whether the subscriber comes back after its connection ends (or stops there).
+    resumes: bool,
+}
+
+impl Progress {
+    /// From nothing seen, coming back after every cut.
+    fn resuming() -> Self {
+        Self {
+            resumes: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a subscriber counts into: the run's tally, how many events finish it, and whether it
+/// samples latency.
+struct Counting {
+    tally: Arc<Tally>,
+    expected: u64,
+    sampled: bool,
 }
 
 /// The number after `key` in `frame` (`"seq":` → 17).
@@ -172,7 +192,13 @@ fn epoch_of(frame: &[u8]) -> Option<String> {
 
 /// Counts an event by its seq: a new one counts (and the `expected`-th marks the subscriber
 /// finished), an old one is a duplicate, a jump past the next is a gap (events lost).
-fn count(tally: &Tally, progress: &mut Progress, expected: u64, frame: &[u8], sampled: bool) {
+fn count(counting: &Counting, progress: &mut Progress, frame: &[u8]) {
+    let Counting {
+        tally,
+        expected,
+        sampled,
+    } = counting;
+    let (expected, sampled) = (*expected, *sampled);
     let Some(seq) = SEQ_KEY
         .find(frame)
         .and_then(|at| number_after(&frame[at..], br#""seq":"#))
@@ -240,23 +266,13 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// Whether a subscriber, once its connection ends, comes back with its position.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OnCut {
-    Resume,
-    Stop,
-}
-
 /// A subscriber that resumes after every cut, as a real client does: each cut counted.
 async fn resuming_subscriber(
     base: String,
     channel: String,
-    tally: Arc<Tally>,
-    expected: u64,
-    sampled: bool,
+    counting: Counting,
     transport: Transport,
     mut progress: Progress,
-    on_cut: OnCut,
 ) -> Result<()> {
     let mut first = true;
     loop {
@@ -265,9 +281,7 @@ async fn resuming_subscriber(
                 lean_ws_subscriber(
                     &base,
                     &channel,
-                    &tally,
-                    expected,
-                    sampled,
+                    &counting,
                     &mut progress,
                     first,
                     transport == Transport::SocketIo,
@@ -275,16 +289,7 @@ async fn resuming_subscriber(
                 .await
             }
             Transport::Sse => {
-                sse_subscriber(
-                    &base,
-                    &channel,
-                    &tally,
-                    expected,
-                    sampled,
-                    &mut progress,
-                    first,
-                )
-                .await
+                sse_subscriber(&base, &channel, &counting, &mut progress, first).await
             }
         };
         first = false;
@@ -294,8 +299,8 @@ async fn resuming_subscriber(
         {
             return Err(error);
         }
-        tally.cutoffs.fetch_add(1, Ordering::Relaxed);
-        if on_cut == OnCut::Stop {
+        counting.tally.cutoffs.fetch_add(1, Ordering::Relaxed);
+        if !progress.resumes {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(10..=200))).await;
@@ -318,9 +323,7 @@ enum Transport {
 async fn lean_ws_subscriber(
     base: &str,
     channel: &str,
-    tally: &Tally,
-    expected: u64,
-    sampled: bool,
+    counting: &Counting,
     progress: &mut Progress,
     first: bool,
     socket_io: bool,
@@ -375,7 +378,7 @@ async fn lean_ws_subscriber(
             .await?;
     }
     if first {
-        tally.ready.fetch_add(1, Ordering::Relaxed);
+        counting.tally.ready.fetch_add(1, Ordering::Relaxed);
     }
     loop {
         // Every complete frame in the buffer.
@@ -402,7 +405,7 @@ async fn lean_ws_subscriber(
             }
             let payload = &rest[header..header + length];
             match opcode {
-                1 if is_event(payload) => count(tally, progress, expected, payload, sampled),
+                1 if is_event(payload) => count(counting, progress, payload),
                 1 if payload.starts_with(br#"{"type":"ping""#) => {
                     replies.extend(client_frame(1, br#"{"type":"pong"}"#));
                 }
@@ -414,7 +417,7 @@ async fn lean_ws_subscriber(
                     format!(r#"42["subscribe","{channel}"]"#).as_bytes(),
                 )),
                 1 if is_reset(payload) => {
-                    tally.resets.fetch_add(1, Ordering::Relaxed);
+                    counting.tally.resets.fetch_add(1, Ordering::Relaxed);
                 }
                 9 => replies.extend(client_frame(10, payload)),
                 8 => return Ok(()),
@@ -440,9 +443,7 @@ async fn lean_ws_subscriber(
 async fn sse_subscriber(
     base: &str,
     channel: &str,
-    tally: &Tally,
-    expected: u64,
-    sampled: bool,
+    counting: &Counting,
     progress: &mut Progress,
     first: bool,
 ) -> Result<()> {
@@ -462,7 +463,7 @@ async fn sse_subscriber(
     })
     .await?;
     if first {
-        tally.ready.fetch_add(1, Ordering::Relaxed);
+        counting.tally.ready.fetch_add(1, Ordering::Relaxed);
     }
     // Read straight into one buffer and search it with memchr: 10,000 of these share two
     // cores with the server, and a byte-by-byte scan made the client the bottleneck.
@@ -481,9 +482,9 @@ async fn sse_subscriber(
         while let Some(end) = blank_line.find(&buffer[start..]) {
             let event = &buffer[start..start + end];
             if is_event(event) {
-                count(tally, progress, expected, event, sampled);
+                count(counting, progress, event);
             } else if is_reset(event) || memchr::memmem::find(event, b"event: reset").is_some() {
-                tally.resets.fetch_add(1, Ordering::Relaxed);
+                counting.tally.resets.fetch_add(1, Ordering::Relaxed);
             }
             start += end + 2;
         }
@@ -499,14 +500,16 @@ async fn open_subscribers(
     tally: &Arc<Tally>,
     expected: u64,
     start_at: impl Fn(usize) -> Progress,
-    on_cut: OnCut,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::with_capacity(subscribers);
     for index in 0..subscribers {
         let base = bases[index % bases.len()].clone();
         let channel = channel_of(index);
-        let tally = tally.clone();
-        let sampled = index < LATENCY_SAMPLE;
+        let counting = Counting {
+            tally: tally.clone(),
+            expected,
+            sampled: index < LATENCY_SAMPLE,
+        };
         let transport = match transport {
             "ws" => Transport::Ws,
             "socketio" => Transport::SocketIo,
@@ -514,10 +517,7 @@ async fn open_subscribers(
         };
         let progress = start_at(index);
         tasks.push(tokio::spawn(async move {
-            let result = resuming_subscriber(
-                base, channel, tally, expected, sampled, transport, progress, on_cut,
-            )
-            .await;
+            let result = resuming_subscriber(base, channel, counting, transport, progress).await;
             if let Err(error) = result {
                 eprintln!("loadgen: subscriber {index} failed: {error}");
             }
@@ -672,8 +672,7 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         |_| channel.clone(),
         &tally,
         burst,
-        |_| Progress::default(),
-        OnCut::Resume,
+        |_| Progress::resuming(),
     )
     .await;
     wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;
@@ -815,6 +814,21 @@ async fn publishes_held(http: &reqwest::Client, bases: &[String]) -> u64 {
     total
 }
 
+/// The channel's epoch, from the HTTP API.
+async fn epoch_of_channel(http: &reqwest::Client, url: &str, channel: &str) -> Result<String> {
+    let info: serde_json::Value = http
+        .get(format!("{url}/api/channels/{channel}"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(info["position"]["epoch"]
+        .as_str()
+        .context("epoch")?
+        .to_owned())
+}
+
 /// Subscribers that all come back at once with a position `--behind` events back: the
 /// resume path (admission, history read, encoding, replay) at scale, per transport.
 async fn resume(arguments: &[String], url: &str) -> Result<serde_json::Value> {
@@ -828,17 +842,7 @@ async fn resume(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     for _ in 0..behind {
         publish(&http, url, &channel).await?;
     }
-    let info: serde_json::Value = http
-        .get(format!("{url}/api/channels/{channel}"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let epoch = info["position"]["epoch"]
-        .as_str()
-        .context("epoch")?
-        .to_owned();
+    let epoch = epoch_of_channel(&http, url, &channel).await?;
     let tally = Arc::new(Tally::default());
     let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
     let own_cpu_before = cpu_seconds(std::process::id());
@@ -852,9 +856,8 @@ async fn resume(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         behind,
         |_| Progress {
             epoch: Some(epoch.clone()),
-            ..Progress::default()
+            ..Progress::resuming()
         },
-        OnCut::Resume,
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -908,7 +911,6 @@ async fn memory(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         &tally,
         u64::MAX,
         |_| Progress::default(),
-        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, 100).await?;
@@ -922,7 +924,6 @@ async fn memory(arguments: &[String], url: &str) -> Result<serde_json::Value> {
         &tally,
         u64::MAX,
         |_| Progress::default(),
-        OnCut::Stop,
     )
     .await;
     wait_subscribed(&http, &bases, &channel, connections as u64 + 100).await?;
@@ -948,17 +949,7 @@ async fn storm(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let rate = number(arguments, "--rate", 20);
     let channel = format!("storm-{}", fastrand::u32(..));
     let http = reqwest::Client::new();
-    let info: serde_json::Value = http
-        .get(format!("{url}/api/channels/{channel}"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let epoch = info["position"]["epoch"]
-        .as_str()
-        .context("epoch")?
-        .to_owned();
+    let epoch = epoch_of_channel(&http, url, &channel).await?;
     let (cut_sender, cut) = watch::channel(None::<(Instant, u64)>);
     let lost = Arc::new(AtomicU64::new(0));
     let duplicated = Arc::new(AtomicU64::new(0));
@@ -1168,7 +1159,6 @@ async fn channels(arguments: &[String], url: &str) -> Result<serde_json::Value> 
         &tally,
         u64::MAX,
         |_| Progress::default(),
-        OnCut::Stop,
     )
     .await;
     // Wait for the last channel's subscriber (they subscribe in order).
