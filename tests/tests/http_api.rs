@@ -270,3 +270,51 @@ async fn sse_and_polls_carry_cors_headers_for_pages_on_other_origins() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_on_its_own_listener_publishes_to_subscribers_of_the_public_one() {
+    let server = TestServer::start(|settings| {
+        settings.api_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let api = format!("http://{}", server.server.api_address.unwrap());
+    assert_ne!(api, server.server.base_url(), "a listener of its own");
+    let mut stream = SseClient::connect(&server, "?channel=internal", None).await;
+    assert_eq!(stream.next_event().await.unwrap().event, "subscribed");
+    let response = server
+        .http
+        .post(format!("{api}/api/publish"))
+        .bearer_auth(&server.server.api_key)
+        .json(&serde_json::json!({ "channel": "internal", "data": {"from": "backend"} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        stream.next_seq("internal").await,
+        1,
+        "delivered on the public listener"
+    );
+    // The API key still guards it, and it serves no client transports.
+    let unauthorized = server
+        .http
+        .post(format!("{api}/api/publish"))
+        .json(&serde_json::json!({ "channel": "internal", "data": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status().as_u16(), 401);
+    let sse = server
+        .http
+        .get(format!("{api}/sse?channel=internal"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status().as_u16(), 404);
+    let health = server
+        .http
+        .get(format!("{api}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}

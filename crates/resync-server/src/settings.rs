@@ -39,6 +39,9 @@ pub struct NamespaceSettings {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// A second address serving only the HTTP API, health and metrics, on a worker thread
+    /// of its own; none by default (the API is on `listen` either way).
+    pub api_listen: Option<SocketAddr>,
     /// PEM certificate chain for serving TLS itself (with `tls_key`); plain HTTP without.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -199,6 +202,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_listen: None,
             tls_cert: None,
             tls_key: None,
             api_key: None,
@@ -287,6 +291,12 @@ pub struct Args {
     /// Address to listen on. [default: 127.0.0.1:8080]
     #[arg(long, env = "RESYNC_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Also serve the HTTP API (publish, history, channels, users), health and metrics on
+    /// this address, with a worker thread of its own: backends' publishes then never wait
+    /// behind the fan-out to thousands of connections. Keep it on an internal network.
+    /// [default: none; the API is on --listen either way]
+    #[arg(long, env = "RESYNC_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
     /// Serve TLS (https://, wss://) with this PEM certificate chain; needs --tls-key. For
     /// deployments without a TLS proxy in front. [default: plain HTTP]
     #[arg(long, env = "RESYNC_TLS_CERT", requires = "tls_key")]
@@ -600,6 +610,9 @@ impl Settings {
             ws_publish_burst,
             trusted_proxies,
         );
+        if args.api_listen.is_some() {
+            settings.api_listen = args.api_listen;
+        }
         if args.workers.is_some() {
             settings.workers = args.workers;
         }

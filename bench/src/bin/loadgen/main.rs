@@ -656,11 +656,13 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let server_pids = pids(arguments);
     let channel = format!("fanout-{}", fastrand::u32(..));
     let http = reqwest::Client::new();
+    // Where publishes go: the server's own API listener (`--api-listen`) when given.
+    let publish_base = argument(arguments, "--publish-url").unwrap_or_else(|| bases[0].clone());
     // Publish round trips on the idle server, to compare those under load with.
     let mut idle_publishes = Vec::new();
     for _ in 0..100 {
         let sent = Instant::now();
-        publish(&http, &bases[0], &format!("{channel}-idle")).await?;
+        publish(&http, &publish_base, &format!("{channel}-idle")).await?;
         idle_publishes.push(sent.elapsed().as_micros() as u64);
     }
     idle_publishes.sort_unstable();
@@ -689,7 +691,7 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let concurrency = number(arguments, "--publishers", 64).max(1);
     let publishers: Vec<_> = (0..concurrency)
         .map(|index| {
-            let (http, base, channel) = (http.clone(), bases[0].clone(), channel.clone());
+            let (http, base, channel) = (http.clone(), publish_base.clone(), channel.clone());
             let share = burst / concurrency + u64::from(index < burst % concurrency);
             tokio::spawn(async move {
                 for _ in 0..share {
@@ -747,7 +749,7 @@ async fn fanout(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     while Instant::now() < latency_end {
         ticker.tick().await;
         let sent = Instant::now();
-        publish(&http, &bases[0], &channel).await?;
+        publish(&http, &publish_base, &channel).await?;
         loaded_publishes.push(sent.elapsed().as_micros() as u64);
         published += 1;
     }
