@@ -1249,7 +1249,8 @@ Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen`
   reconnecting under a running burst; with nobody cut off, everyone coming back at once 1,000
   events behind replays 2.7M (WebSocket) and 3.1M (SSE) deliveries/s (`loadgen resume
   --subscribers 5000 --behind 1000`), and the resume rows above measure it every run.
-- **Where WebSocket still loses to bare sockets** (0.4-0.5x at 5,000): per delivery resync does
+- **Where WebSocket still loses to bare sockets** (0.56-0.65x at 5,000 and 10,000 in the rows
+  above; 0.4-0.5x in this paragraph's spot runs, before the API listener): per delivery resync does
   twice the CPU (0.38-0.45 against 0.19-0.21 s per million) though it makes a fifth of the
   baseline's `sendto` calls (37k against 175k in 3 s, `perf stat -e syscalls:sys_enter_sendto`):
   the cost is in user space, spread over the connection task and actix-http's dispatcher (two
