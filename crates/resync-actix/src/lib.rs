@@ -288,8 +288,9 @@ struct PublishHold {
 }
 
 impl PublishHold {
-    /// How often a held publish looks at the lag again.
-    const RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+    /// The longest a held publish waits for word that the lag eased before it looks again:
+    /// a backstop, since a subscriber may catch up between a look and the wait.
+    const RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
     fn holds(&self, lag: resync_broker::DeliveryLag) -> bool {
         self.share > 0.0
@@ -328,9 +329,9 @@ impl Publisher {
     }
 
     /// Publishes a prepared request. While the server is behind delivering (a large share
-    /// of subscribers lag, [`TransportConfig::publish_hold_share`]) the publish waits, and
-    /// after [`TransportConfig::publish_hold_max`] fails with `unavailable` (HTTP 503 with
-    /// `Retry-After`) without being stored, so the caller may simply retry it.
+    /// of subscribers lag, [`TransportConfig::publish_hold_share`]) the publish waits for them
+    /// to catch up, and after [`TransportConfig::publish_hold_max`] fails with `unavailable`
+    /// (HTTP 503 with `Retry-After`) without being stored, so the caller may simply retry it.
     pub async fn send(&self, publish: Publish) -> Result<Position> {
         let channel = publish.channel.clone();
         let started = std::time::Instant::now();
@@ -344,7 +345,10 @@ impl Publisher {
                         "the server is behind delivering events: publish again after Retry-After",
                     ));
                 }
-                tokio::time::sleep(PublishHold::RECHECK).await;
+                // Woken when a lagging subscriber catches up, not on a timer per publish.
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let wait = PublishHold::RECHECK.min(left);
+                let _ = tokio::time::timeout(wait, self.broker.lag_eased()).await;
                 if !self.hold.holds(self.broker.delivery_lag()) {
                     break;
                 }

@@ -535,6 +535,10 @@ impl Broker for RedisBroker {
         self.inner.hub.delivery_lag()
     }
 
+    async fn lag_eased(&self) {
+        self.inner.hub.lag_eased().await;
+    }
+
     fn presence(&self) -> Option<&dyn resync_broker::Presence> {
         Some(&*self.inner)
     }

@@ -91,6 +91,13 @@ pub trait Broker: Send + Sync + 'static {
         crate::DeliveryLag::default()
     }
 
+    /// Completes when the lag may have eased ([`Hub::lag_eased`](crate::Hub::lag_eased)); a
+    /// held publisher waits for it, with a short timeout as a backstop. The default never
+    /// completes, which is right for a broker that reports no lag.
+    async fn lag_eased(&self) {
+        std::future::pending::<()>().await;
+    }
+
     /// Ends the broker's work at shutdown: local subscriptions end (with
     /// [`LiveError::Closed`](crate::LiveError::Closed) after their queued events) and
     /// background tasks stop. The reference server calls it once, after its transports have

@@ -52,6 +52,15 @@ struct Gauges {
     lagging: AtomicU64,
     /// Subscribers registered now.
     subscribers: AtomicU64,
+    /// Woken whenever a lagging subscriber stops lagging (caught up, or gone).
+    lag_eased: tokio::sync::Notify,
+}
+
+impl Gauges {
+    fn lag_ended(&self) {
+        self.lagging.fetch_sub(1, Ordering::Relaxed);
+        self.lag_eased.notify_waiters();
+    }
 }
 
 /// How far this process's fan-out is behind: how many of its subscribers are behind by
@@ -177,7 +186,7 @@ impl Queue {
         }
         if state.missed {
             state.missed = false;
-            self.gauges.lagging.fetch_sub(1, Ordering::Relaxed);
+            self.gauges.lag_ended();
             return Some(Ok(Live::Resync));
         }
         if let Some(end) = state.end {
@@ -196,7 +205,7 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         if lock(&self.state).missed {
-            self.gauges.lagging.fetch_sub(1, Ordering::Relaxed);
+            self.gauges.lag_ended();
         }
     }
 }
@@ -319,6 +328,13 @@ impl Hub {
     /// history), since the hub was made.
     pub fn overflows(&self) -> u64 {
         self.inner.gauges.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Completes the next time a lagging subscriber stops lagging (it took its
+    /// [`Live::Resync`], or left): what a held publisher waits for, instead of polling
+    /// [`delivery_lag`](Self::delivery_lag).
+    pub async fn lag_eased(&self) {
+        self.inner.gauges.lag_eased.notified().await;
     }
 
     /// How many subscribers are behind by more than their queue now, out of how many.
@@ -515,6 +531,27 @@ mod tests {
         assert_eq!(hub.delivery_lag().lagging, 1);
         drop(slow);
         assert_eq!(hub.delivery_lag(), DeliveryLag::default());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_for_the_lag_to_ease_is_woken_when_a_lagging_subscriber_catches_up() {
+        let hub = Hub::new(1);
+        let channel = Channel::new("c").unwrap();
+        let mut slow = hub.subscribe(&channel);
+        hub.deliver(&event(&channel, 1));
+        hub.deliver(&event(&channel, 2));
+        let waiter = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.lag_eased().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing eased yet");
+        assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
+        assert_eq!(slow.recv().await, Ok(Live::Resync));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the catch-up, not by a timer")
+            .unwrap();
     }
 
     #[tokio::test]

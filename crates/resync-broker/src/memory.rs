@@ -419,6 +419,10 @@ impl Broker for MemoryBroker {
         self.inner.hub.delivery_lag()
     }
 
+    async fn lag_eased(&self) {
+        self.inner.hub.lag_eased().await;
+    }
+
     async fn close(&self) {
         self.inner.hub.close_all();
     }
