@@ -147,9 +147,20 @@ struct Progress {
     epoch: Option<String>,
     /// Whether the subscriber comes back after its connection ends (or stops there).
     resumes: bool,
+    /// Events counted but not yet added to the run's tally: added once per read, not per
+    /// event, since one counter shared by every subscriber was the generator's hottest line.
+    unflushed: u64,
 }
 
 impl Progress {
+    fn flush(&mut self, tally: &Tally) {
+        if self.unflushed > 0 {
+            tally
+                .delivered
+                .fetch_add(std::mem::take(&mut self.unflushed), Ordering::Relaxed);
+        }
+    }
+
     /// From nothing seen, coming back after every cut.
     fn resuming() -> Self {
         Self {
@@ -167,12 +178,11 @@ struct Counting {
     sampled: bool,
 }
 
-/// The number after `key` in `frame` (`"seq":` → 17).
-fn number_after(frame: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(frame, key)? + key.len();
+/// The number `bytes` start with.
+fn digits_at(bytes: &[u8]) -> Option<u64> {
     let mut value: u64 = 0;
     let mut digits = 0;
-    for byte in &frame[at..] {
+    for byte in bytes {
         if !byte.is_ascii_digit() {
             break;
         }
@@ -201,7 +211,7 @@ fn count(counting: &Counting, progress: &mut Progress, frame: &[u8]) {
     let (expected, sampled) = (*expected, *sampled);
     let Some(seq) = SEQ_KEY
         .find(frame)
-        .and_then(|at| number_after(&frame[at..], br#""seq":"#))
+        .and_then(|at| digits_at(&frame[at + br#""seq":"#.len()..]))
     else {
         return;
     };
@@ -219,7 +229,7 @@ fn count(counting: &Counting, progress: &mut Progress, frame: &[u8]) {
     }
     progress.last_seq = seq;
     progress.seen += 1;
-    tally.delivered.fetch_add(1, Ordering::Relaxed);
+    progress.unflushed += 1;
     if sampled && let Some(sent) = timestamp(frame) {
         tally
             .latencies
@@ -228,6 +238,7 @@ fn count(counting: &Counting, progress: &mut Progress, frame: &[u8]) {
             .push(now_micros().saturating_sub(sent));
     }
     if progress.seen == expected {
+        progress.flush(tally);
         tally.finished.fetch_add(1, Ordering::Relaxed);
         *tally.last_finish.lock().unwrap() = Some(Instant::now());
     }
@@ -420,11 +431,15 @@ async fn lean_ws_subscriber(
                     counting.tally.resets.fetch_add(1, Ordering::Relaxed);
                 }
                 9 => replies.extend(client_frame(10, payload)),
-                8 => return Ok(()),
+                8 => {
+                    progress.flush(&counting.tally);
+                    return Ok(());
+                }
                 _ => {}
             }
             start += header + length;
         }
+        progress.flush(&counting.tally);
         buffer.drain(..start);
         if !replies.is_empty() {
             stream.write_all(&replies).await?;
@@ -488,6 +503,7 @@ async fn sse_subscriber(
             }
             start += end + 2;
         }
+        progress.flush(&counting.tally);
         buffer.drain(..start);
     }
 }
