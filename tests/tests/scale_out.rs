@@ -173,7 +173,12 @@ async fn a_redis_outage_shows_in_readyz_and_publish_answers_503() {
         let url = format!("{}{path}", instance.base_url);
         async move { http.get(url).send().await.unwrap().status().as_u16() }
     };
-    assert_eq!(status("/readyz").await, 200);
+    // Ready once its Pub/Sub connection is up, which may come a moment after it listens.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while status("/readyz").await != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     redis.stop();
     assert_eq!(status("/readyz").await, 503);
     let response = http

@@ -2,17 +2,20 @@
 //!
 //! Every broker uses a [`Hub`] the same way: it calls [`Hub::subscribe`] for each local
 //! subscriber and [`Hub::deliver`] for each event it learns of (published here, or received
-//! from Redis pub/sub, NATS, …). The hub gives each subscriber its own bounded queue, so a
-//! slow subscriber never delays a fast one and never makes the process buffer without limit.
-//! A subscriber whose queue is full is not cut off: the events that do not fit are dropped for
-//! it, and once it has taken what was queued it is told to catch up ([`Live::Resync`]), which
-//! the resume algorithm does from history, a page at a time. Nothing is skipped silently, and
-//! a reader that is merely slower than a burst keeps its connection; a reader that stops
-//! reading is the transports' to cut (by how long its socket stays unwritable).
+//! from Redis pub/sub, NATS, …). Each channel keeps one bounded ring of its newest items,
+//! shared by all its local subscribers, and each subscriber reads it at its own cursor: a
+//! publish stores the event once and wakes the subscribers that wait, however many there
+//! are, so its cost does not grow with the subscribers that are busy reading (a queue per
+//! subscriber cost the publisher a lock and a reference count per subscriber per event, most
+//! of a thread at 10,000 subscribers). A subscriber that falls a whole ring behind is not cut
+//! off: it is told to catch up ([`Live::Resync`]), which the resume algorithm does from
+//! history, a page at a time. Nothing is skipped silently, a slow subscriber never delays a
+//! fast one, and a reader that is merely slower than a burst keeps its connection; a reader
+//! that stops reading is the transports' to cut (by how long its socket stays unwritable).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll, Waker};
 
 use resync_protocol::Channel;
@@ -26,29 +29,38 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Called with a channel when its last local subscriber leaves.
 type IdleCallback = Box<dyn Fn(&Channel) + Send + Sync>;
 
-/// Local fan-out to subscribers with bounded queues. Cloning shares the hub.
+/// Local fan-out to subscribers, each at most a bounded number of items behind the newest
+/// (then told to catch up). Cloning shares the hub.
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<HubInner>,
 }
 
 struct HubInner {
-    channels: Mutex<HashMap<Channel, Arc<Mutex<Slab<Slot>>>>>,
+    channels: Mutex<HashMap<Channel, Arc<Feed>>>,
     queue_capacity: usize,
     on_idle: Option<IdleCallback>,
     gauges: Arc<Gauges>,
 }
 
-/// Counters shared by the hub and every queue, read without taking a lock.
+/// Counters shared by the hub and every feed, read without taking a lock.
 #[derive(Default)]
 struct Gauges {
-    /// Times a subscriber's queue overflowed (each overflow counts once, until it caught up).
+    /// Times a subscriber fell a whole ring behind (each counts once, until it caught up).
     overflows: AtomicU64,
-    /// Subscribers whose queue has overflowed and who have not yet taken their
-    /// [`Live::Resync`]: behind by more than a queue.
+    /// Subscribers that fell a whole ring behind and have not yet taken their
+    /// [`Live::Resync`].
     lagging: AtomicU64,
     /// Subscribers registered now.
     subscribers: AtomicU64,
@@ -75,140 +87,147 @@ pub struct DeliveryLag {
     pub subscribers: u64,
 }
 
-struct Slot {
-    queue: Arc<Queue>,
-    /// `false` once the subscription was closed: nothing more is queued for it.
-    open: bool,
-}
-
-/// One subscriber's bounded queue, shared by the hub (which fills it) and the subscription.
+/// One channel's newest items and the subscribers reading them.
 ///
-/// Hand-written rather than a channel: an idle subscriber's queue is a few dozen bytes and
-/// allocates nothing until its first event, where a channel allocates its slots up front,
-/// and idle connections are what a real-time server holds most of.
-struct Queue {
-    state: Mutex<QueueState>,
-    gauges: Arc<Gauges>,
+/// Hand-written rather than a broadcast channel: it allocates nothing until its first
+/// event and gives back what every subscriber has read, where a broadcast channel
+/// allocates all its slots up front, and it counts, without visiting them, the subscribers
+/// that fell behind (what the publish hold needs).
+struct Feed {
+    ring: RwLock<Ring>,
+    /// The index one past the newest item, for a subscriber to see without the ring's lock
+    /// that something arrived after it registered to be woken.
+    end: AtomicU64,
+    waiters: Mutex<Waiters>,
+    /// Times the feed was closed ([`Hub::close_all`]): a subscription made before a close
+    /// ends once it has read what was there.
+    closes: AtomicU64,
+    /// Subscribers registered; changed only under the hub's channel map lock.
+    subscribers: AtomicUsize,
 }
 
-struct QueueState {
-    items: VecDeque<Live>,
-    /// The subscription waiting for an item.
-    waker: Option<Waker>,
-    /// Why no more items will come, reported once the queued ones are taken.
-    end: Option<LiveError>,
-    /// Items were dropped because the queue was full: once the queued ones are taken, the
-    /// subscriber is told to catch up from history.
-    missed: bool,
+/// Where every subscriber of a feed stands is kept as counts, so a publish learns in one
+/// step who fell behind: each item counts the subscribers whose next item it is, `at_end`
+/// those that have read everything, `behind` those whose next item was dropped. A
+/// subscriber moves its own count (atomically, under the read lock); pushes and drops move
+/// whole counts under the write lock.
+struct Ring {
+    items: VecDeque<Slot>,
+    /// The index of `items[0]`; indices only grow.
+    first: u64,
+    at_end: AtomicU64,
+    behind: AtomicU64,
 }
 
-/// What [`Queue::offer`] did with an item.
-enum Offer {
-    Queued,
-    /// The queue was full: the item was dropped, and the subscriber will catch up. `true`
-    /// when this began an overflow (the queue had not dropped anything since it caught up).
-    Dropped(bool),
-    /// The queue had already ended.
-    Ended,
+struct Slot {
+    item: Live,
+    /// Subscribers whose next item this is.
+    readers: AtomicU64,
 }
 
-/// Queues that grew past this many slots during a burst give their memory back once drained;
-/// smaller ones keep it (at most 512 bytes), so bursts do not regrow every queue each time.
-const RETAINED_QUEUE_SLOTS: usize = 64;
-
-impl Queue {
-    fn new(gauges: Arc<Gauges>) -> Self {
-        Self {
-            state: Mutex::new(QueueState {
-                items: VecDeque::new(),
-                waker: None,
-                end: None,
-                missed: false,
-            }),
-            gauges,
-        }
+impl Ring {
+    fn end(&self) -> u64 {
+        self.first + self.items.len() as u64
     }
 
-    fn offer(&self, item: Live, capacity: usize) -> Offer {
-        let mut state = lock(&self.state);
-        if state.end.is_some() {
-            return Offer::Ended;
+    /// Moves one subscriber out of the count its `cursor` puts it in; `true` if it was
+    /// behind.
+    fn leave(&self, cursor: u64) -> bool {
+        if cursor < self.first {
+            self.behind.fetch_sub(1, Ordering::Relaxed);
+            return true;
         }
-        let offer = if state.items.len() >= capacity {
-            let began = !state.missed;
-            if began {
-                self.gauges.lagging.fetch_add(1, Ordering::Relaxed);
-            }
-            state.missed = true;
-            Offer::Dropped(began)
-        } else {
-            state.items.push_back(item);
-            Offer::Queued
+        match self.items.get((cursor - self.first) as usize) {
+            Some(slot) => slot.readers.fetch_sub(1, Ordering::Relaxed),
+            None => self.at_end.fetch_sub(1, Ordering::Relaxed),
         };
-        let waker = state.waker.take();
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        offer
-    }
-
-    fn end(&self, reason: LiveError) {
-        let mut state = lock(&self.state);
-        if state.end.is_none() {
-            state.end = Some(reason);
-        }
-        let waker = state.waker.take();
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
-    /// Moves every queued item into `taken` (which must be empty) under one lock, or, with
-    /// none queued, the catch-up signal or the end; `None` when there is nothing yet (the
-    /// waker is registered). One lock per wake-up rather than per event: a subscriber behind
-    /// a burst takes it all at once.
-    fn take_all(
-        &self,
-        taken: &mut VecDeque<Live>,
-        waker: Option<&Waker>,
-    ) -> Option<Result<Live, LiveError>> {
-        let mut state = lock(&self.state);
-        if let Some(item) = state.items.pop_front() {
-            // The drained buffer (with its room) goes back to the queue; a large one is
-            // given back to the allocator instead.
-            if taken.capacity() > RETAINED_QUEUE_SLOTS {
-                *taken = VecDeque::new();
-            }
-            std::mem::swap(&mut state.items, taken);
-            return Some(Ok(item));
-        }
-        if state.missed {
-            state.missed = false;
-            self.gauges.lag_ended();
-            return Some(Ok(Live::Resync));
-        }
-        if let Some(end) = state.end {
-            return Some(Err(end));
-        }
-        if let Some(waker) = waker {
-            match &state.waker {
-                Some(registered) if registered.will_wake(waker) => {}
-                _ => state.waker = Some(waker.clone()),
-            }
-        }
-        None
+        false
     }
 }
 
-impl Drop for Queue {
-    fn drop(&mut self) {
-        if lock(&self.state).missed {
-            self.gauges.lag_ended();
+/// The wakers of subscribers waiting for the next item. Each publish takes them all, and a
+/// subscriber that leaves takes its own out, so each subscriber is in it at most once
+/// (bounded by the subscriber count).
+#[derive(Default)]
+struct Waiters {
+    wakers: Slab<Waker>,
+    /// Times the wakers were taken: a subscriber's registration of an earlier round is gone.
+    round: u64,
+}
+
+impl Feed {
+    fn new() -> Self {
+        Self {
+            ring: RwLock::new(Ring {
+                items: VecDeque::new(),
+                first: 0,
+                at_end: AtomicU64::new(0),
+                behind: AtomicU64::new(0),
+            }),
+            end: AtomicU64::new(0),
+            waiters: Mutex::default(),
+            closes: AtomicU64::new(0),
+            subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Stores `item` as the newest, dropping the items nobody still needs and, once the
+    /// ring is full, the oldest (whose readers are then behind): returns how many fell
+    /// behind.
+    fn push(&self, item: Live, capacity: usize) -> u64 {
+        let mut ring = write(&self.ring);
+        while ring
+            .items
+            .front()
+            .is_some_and(|slot| slot.readers.load(Ordering::Relaxed) == 0)
+        {
+            ring.items.pop_front();
+            ring.first += 1;
+        }
+        let mut fell_behind = 0;
+        if ring.items.len() >= capacity
+            && let Some(mut oldest) = ring.items.pop_front()
+        {
+            ring.first += 1;
+            fell_behind = *oldest.readers.get_mut();
+            *ring.behind.get_mut() += fell_behind;
+        }
+        let readers = std::mem::take(ring.at_end.get_mut());
+        ring.items.push_back(Slot {
+            item,
+            readers: AtomicU64::new(readers),
+        });
+        if ring.items.capacity() > RETAINED_SLOTS && ring.items.len() <= RETAINED_SLOTS / 4 {
+            ring.items.shrink_to(RETAINED_SLOTS);
+        }
+        self.end.store(ring.end(), Ordering::Release);
+        drop(ring);
+        self.wake_all();
+        fell_behind
+    }
+
+    fn wake_all(&self) {
+        let mut wakers = {
+            let mut waiters = lock(&self.waiters);
+            waiters.round += 1;
+            std::mem::take(&mut waiters.wakers)
+        };
+        if wakers.is_empty() {
+            return;
+        }
+        for waker in wakers.drain() {
+            waker.wake();
+        }
+        // The emptied list goes back, so the next round does not grow one from nothing.
+        let mut waiters = lock(&self.waiters);
+        if waiters.wakers.is_empty() && waiters.wakers.capacity() < wakers.capacity() {
+            waiters.wakers = wakers;
         }
     }
 }
+
+/// A ring that grew past this many slots in a burst gives its memory back once drained.
+const RETAINED_SLOTS: usize = 64;
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -244,7 +263,8 @@ pub enum LiveError {
 }
 
 impl Hub {
-    /// A hub whose subscribers each queue at most `queue_capacity` events (at least 1).
+    /// A hub whose subscribers may each fall at most `queue_capacity` items (at least 1)
+    /// behind the newest before they are told to catch up.
     pub fn new(queue_capacity: usize) -> Self {
         Self::build(queue_capacity, None)
     }
@@ -270,62 +290,60 @@ impl Hub {
         }
     }
 
-    /// Registers a local subscriber of `channel`.
+    /// Registers a local subscriber of `channel`: it receives what is delivered from now on.
     pub fn subscribe(&self, channel: &Channel) -> LiveSubscription {
-        let queue = Arc::new(Queue::new(self.inner.gauges.clone()));
+        let mut channels = lock(&self.inner.channels);
+        let feed = channels
+            .entry(channel.clone())
+            .or_insert_with(|| Arc::new(Feed::new()))
+            .clone();
+        feed.subscribers.fetch_add(1, Ordering::Relaxed);
         self.inner
             .gauges
             .subscribers
             .fetch_add(1, Ordering::Relaxed);
-        let mut channels = lock(&self.inner.channels);
-        let slots = channels
-            .entry(channel.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(Slab::new())))
-            .clone();
-        let key = lock(&slots).insert(Slot {
-            queue: queue.clone(),
-            open: true,
-        });
         drop(channels);
+        let cursor = {
+            let ring = read(&feed.ring);
+            ring.at_end.fetch_add(1, Ordering::Relaxed);
+            ring.end()
+        };
+        let closes = feed.closes.load(Ordering::Acquire);
         LiveSubscription {
-            queue,
+            feed,
+            cursor,
+            closes,
+            registered: None,
             taken: VecDeque::new(),
             registration: Registration {
                 hub: self.inner.clone(),
                 channel: channel.clone(),
-                key,
             },
         }
     }
 
-    /// Queues `event` for every local subscriber of its channel and returns how many got it.
-    /// A subscriber whose queue is full misses it for now, and is told to catch up from
-    /// history ([`Live::Resync`]) once it has taken what was queued.
+    /// Delivers `event` to every local subscriber of its channel and returns how many there
+    /// are. A subscriber that is a whole ring behind misses it for now, and is told to catch
+    /// up from history ([`Live::Resync`]).
     pub fn deliver(&self, event: &EncodedEvent) -> usize {
-        let Some(slots) = lock(&self.inner.channels).get(event.channel()).cloned() else {
+        self.push(event.channel(), Live::Event(event.clone()))
+    }
+
+    fn push(&self, channel: &Channel, item: Live) -> usize {
+        let Some(feed) = lock(&self.inner.channels).get(channel).cloned() else {
             return 0;
         };
-        let capacity = self.inner.queue_capacity;
-        let mut slots = lock(&slots);
-        let mut delivered = 0;
-        for (_, slot) in slots.iter_mut().filter(|(_, slot)| slot.open) {
-            match slot.queue.offer(Live::Event(event.clone()), capacity) {
-                Offer::Queued => delivered += 1,
-                Offer::Dropped(began) => self.count_overflow(began),
-                Offer::Ended => slot.open = false,
-            }
+        let fell_behind = feed.push(item, self.inner.queue_capacity);
+        if fell_behind > 0 {
+            let gauges = &self.inner.gauges;
+            gauges.lagging.fetch_add(fell_behind, Ordering::Relaxed);
+            gauges.overflows.fetch_add(fell_behind, Ordering::Relaxed);
         }
-        delivered
+        feed.subscribers.load(Ordering::Relaxed)
     }
 
-    fn count_overflow(&self, began: bool) {
-        if began {
-            self.inner.gauges.overflows.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// How many times a subscriber's queue overflowed (a burst it then caught up with from
-    /// history), since the hub was made.
+    /// How many times a subscriber fell a whole ring behind (a burst it then caught up with
+    /// from history), since the hub was made.
     pub fn overflows(&self) -> u64 {
         self.inner.gauges.overflows.load(Ordering::Relaxed)
     }
@@ -348,25 +366,14 @@ impl Hub {
     /// Tells every local subscriber of `channel` to check history from its last position,
     /// because this process may have missed events (a broker reconnected).
     pub fn request_resync(&self, channel: &Channel) {
-        let Some(slots) = lock(&self.inner.channels).get(channel).cloned() else {
-            return;
-        };
-        let capacity = self.inner.queue_capacity;
-        for (_, slot) in lock(&slots).iter_mut().filter(|(_, slot)| slot.open) {
-            // A full queue means the subscriber catches up from history anyway.
-            match slot.queue.offer(Live::Resync, capacity) {
-                Offer::Queued => {}
-                Offer::Dropped(began) => self.count_overflow(began),
-                Offer::Ended => slot.open = false,
-            }
-        }
+        self.push(channel, Live::Resync);
     }
 
     /// How many local subscribers `channel` has.
     pub fn subscriber_count(&self, channel: &Channel) -> usize {
         lock(&self.inner.channels)
             .get(channel)
-            .map_or(0, |slots| lock(slots).len())
+            .map_or(0, |feed| feed.subscribers.load(Ordering::Relaxed))
     }
 
     /// The channels that have at least one local subscriber.
@@ -374,13 +381,13 @@ impl Hub {
         lock(&self.inner.channels).keys().cloned().collect()
     }
 
-    /// Ends every subscription (they see [`LiveError::Closed`] after draining their queue).
+    /// Ends every subscription (they see [`LiveError::Closed`] once they have read what was
+    /// delivered before).
     pub fn close_all(&self) {
-        for slots in lock(&self.inner.channels).values() {
-            for (_, slot) in lock(slots).iter_mut() {
-                slot.queue.end(LiveError::Closed);
-                slot.open = false;
-            }
+        let feeds: Vec<_> = lock(&self.inner.channels).values().cloned().collect();
+        for feed in feeds {
+            feed.closes.fetch_add(1, Ordering::Release);
+            feed.wake_all();
         }
     }
 }
@@ -389,39 +396,43 @@ impl Hub {
 struct Registration {
     hub: Arc<HubInner>,
     channel: Channel,
-    key: usize,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.hub.gauges.subscribers.fetch_sub(1, Ordering::Relaxed);
-        let mut channels = lock(&self.hub.channels);
-        let Some(slots) = channels.get(&self.channel) else {
-            return;
-        };
-        let now_empty = {
-            let mut slots = lock(slots);
-            slots.try_remove(self.key);
-            slots.is_empty()
-        };
-        if now_empty {
-            channels.remove(&self.channel);
-            if let Some(on_idle) = &self.hub.on_idle {
-                on_idle(&self.channel);
-            }
-        }
-    }
-}
-
-/// The live events of one channel for one subscriber, from the moment it subscribed.
+/// The live items of one channel for one subscriber, from the moment it subscribed.
 ///
 /// Knows nothing of history; [`crate::resume`] combines it with history into a gap-free
 /// stream. Dropping it unsubscribes at once.
 pub struct LiveSubscription {
-    queue: Arc<Queue>,
-    /// Items taken from the queue in one go, not yet handed out.
+    feed: Arc<Feed>,
+    /// The index of the next item to read.
+    cursor: u64,
+    /// The feed's close count when this subscription was made.
+    closes: u64,
+    /// The waiters' round and slot of this subscriber's waker, if it registered one.
+    registered: Option<(u64, usize)>,
+    /// Items read in one go, not yet handed out.
     taken: VecDeque<Live>,
     registration: Registration,
+}
+
+impl Drop for LiveSubscription {
+    fn drop(&mut self) {
+        self.unregister();
+        let was_behind = read(&self.feed.ring).leave(self.cursor);
+        let hub = &self.registration.hub;
+        if was_behind {
+            hub.gauges.lag_ended();
+        }
+        hub.gauges.subscribers.fetch_sub(1, Ordering::Relaxed);
+        let channel = &self.registration.channel;
+        let mut channels = lock(&hub.channels);
+        if self.feed.subscribers.fetch_sub(1, Ordering::Relaxed) == 1 {
+            channels.remove(channel);
+            if let Some(on_idle) = &hub.on_idle {
+                on_idle(channel);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for LiveSubscription {
@@ -429,6 +440,7 @@ impl std::fmt::Debug for LiveSubscription {
         formatter
             .debug_struct("LiveSubscription")
             .field("channel", &self.registration.channel)
+            .field("cursor", &self.cursor)
             .finish()
     }
 }
@@ -439,28 +451,108 @@ impl LiveSubscription {
         &self.registration.channel
     }
 
-    /// The next live item. Queued items are delivered before a lag or close is reported.
+    /// The next live item. Delivered items come before a close is reported.
     pub async fn recv(&mut self) -> Result<Live, LiveError> {
         std::future::poll_fn(|context| self.poll_recv(context)).await
     }
 
-    /// Polls for the next live item; queued items come before a lag or close is reported.
+    /// Polls for the next live item; delivered items come before a close is reported.
     pub fn poll_recv(&mut self, context: &mut Context<'_>) -> Poll<Result<Live, LiveError>> {
         if let Some(item) = self.taken.pop_front() {
             return Poll::Ready(Ok(item));
         }
-        match self.queue.take_all(&mut self.taken, Some(context.waker())) {
+        match self.take_all(Some(context.waker())) {
             Some(item) => Poll::Ready(item),
             None => Poll::Pending,
         }
     }
 
-    /// The next live item if one is queued, without waiting.
+    /// The next live item if one is there, without waiting.
     pub fn try_recv(&mut self) -> Option<Result<Live, LiveError>> {
         if let Some(item) = self.taken.pop_front() {
             return Some(Ok(item));
         }
-        self.queue.take_all(&mut self.taken, None)
+        self.take_all(None)
+    }
+
+    /// Reads everything after the cursor under one lock (the first item is returned, the
+    /// rest kept in `taken`, which must be empty), or the catch-up signal if the ring moved
+    /// past the cursor, or the end; `None` when there is nothing yet (the waker, if given,
+    /// is registered).
+    fn take_all(&mut self, waker: Option<&Waker>) -> Option<Result<Live, LiveError>> {
+        loop {
+            if let Some(item) = self.read_ring() {
+                return Some(item);
+            }
+            let waker = waker?;
+            self.register(waker);
+            // A publish between the read and the registration took the wakers before this
+            // one was there: look again rather than wait for the next.
+            if self.feed.end.load(Ordering::Acquire) == self.cursor && !self.closed() {
+                return None;
+            }
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.feed.closes.load(Ordering::Acquire) != self.closes
+    }
+
+    fn read_ring(&mut self) -> Option<Result<Live, LiveError>> {
+        let ring = read(&self.feed.ring);
+        let end = ring.end();
+        if self.cursor == end {
+            drop(ring);
+            return self.closed().then_some(Err(LiveError::Closed));
+        }
+        let behind = self.cursor < ring.first;
+        let first = if behind {
+            Live::Resync
+        } else {
+            let start = (self.cursor - ring.first) as usize;
+            // The cursor is before the end, so its item is there.
+            let first = ring.items.get(start)?.item.clone();
+            if self.taken.capacity() > RETAINED_SLOTS {
+                self.taken = VecDeque::new();
+            }
+            self.taken
+                .extend(ring.items.range(start + 1..).map(|slot| slot.item.clone()));
+            first
+        };
+        ring.leave(self.cursor);
+        ring.at_end.fetch_add(1, Ordering::Relaxed);
+        self.cursor = end;
+        drop(ring);
+        if behind {
+            self.registration.hub.gauges.lag_ended();
+        }
+        Some(Ok(first))
+    }
+
+    fn register(&mut self, waker: &Waker) {
+        let mut waiters = lock(&self.feed.waiters);
+        let round = waiters.round;
+        if let Some((registered_round, key)) = self.registered
+            && registered_round == round
+            && let Some(registered) = waiters.wakers.get_mut(key)
+        {
+            if !registered.will_wake(waker) {
+                *registered = waker.clone();
+            }
+            return;
+        }
+        self.registered = Some((round, waiters.wakers.insert(waker.clone())));
+    }
+
+    /// Takes this subscriber's waker out of the waiters, if it is still there.
+    fn unregister(&mut self) {
+        let Some((registered_round, key)) = self.registered.take() else {
+            return;
+        };
+        let mut waiters = lock(&self.feed.waiters);
+        if waiters.round == registered_round {
+            waiters.wakers.try_remove(key);
+        }
     }
 }
 
@@ -485,7 +577,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_queue_drops_for_the_slow_subscriber_only_and_tells_it_to_catch_up() {
+    async fn a_full_ring_drops_for_the_slow_subscriber_only_and_tells_it_to_catch_up() {
         let hub = Hub::new(2);
         let channel = Channel::new("c").unwrap();
         let mut slow = hub.subscribe(&channel);
@@ -503,9 +595,7 @@ mod tests {
             1,
             "one overflow, however many events it dropped"
         );
-        // The slow one gets what was queued, then is told to catch up, and stays subscribed.
-        assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
-        assert_eq!(seq_of(slow.recv().await.unwrap()), 2);
+        // The slow one, a whole ring behind, is told to catch up, and stays subscribed.
         assert_eq!(
             hub.delivery_lag(),
             DeliveryLag {
@@ -546,7 +636,6 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "nothing eased yet");
-        assert_eq!(seq_of(slow.recv().await.unwrap()), 1);
         assert_eq!(slow.recv().await, Ok(Live::Resync));
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
@@ -570,5 +659,58 @@ mod tests {
         assert_eq!(*lock(&idle), vec![channel.clone()]);
         assert_eq!(hub.subscriber_count(&channel), 0);
         assert!(hub.channels().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_ring_keeps_only_what_a_subscriber_still_needs_and_no_waker_of_one_that_left() {
+        let hub = Hub::new(1_024);
+        let channel = Channel::new("c").unwrap();
+        let mut reader = hub.subscribe(&channel);
+        for seq in 1..=100 {
+            hub.deliver(&event(&channel, seq));
+        }
+        for seq in 1..=100 {
+            assert_eq!(seq_of(reader.recv().await.unwrap()), seq);
+        }
+        hub.deliver(&event(&channel, 101));
+        let feed = lock(&hub.inner.channels).get(&channel).cloned().unwrap();
+        assert_eq!(
+            read(&feed.ring).items.len(),
+            1,
+            "what every subscriber has read is given back at the next delivery"
+        );
+        // Subscribers that wait and leave take their wakers with them: churn on a quiet
+        // channel does not grow its waiters.
+        for _ in 0..100 {
+            let mut passer_by = hub.subscribe(&channel);
+            let mut context = Context::from_waker(Waker::noop());
+            assert!(passer_by.poll_recv(&mut context).is_pending());
+            drop(passer_by);
+        }
+        assert!(lock(&feed.waiters).wakers.is_empty());
+        assert_eq!(hub.subscriber_count(&channel), 1);
+    }
+
+    #[tokio::test]
+    async fn close_all_ends_subscriptions_after_what_was_delivered_and_wakes_waiters() {
+        let hub = Hub::new(8);
+        let channel = Channel::new("c").unwrap();
+        let mut reader = hub.subscribe(&channel);
+        let mut waiting = hub.subscribe(&channel);
+        let waiter = tokio::spawn(async move { waiting.recv().await });
+        tokio::task::yield_now().await;
+        hub.deliver(&event(&channel, 1));
+        hub.close_all();
+        assert_eq!(seq_of(reader.recv().await.unwrap()), 1);
+        assert_eq!(reader.recv().await, Err(LiveError::Closed));
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiting subscriber was woken")
+            .unwrap();
+        assert_eq!(woken.map(seq_of), Ok(1));
+        // A subscription made after the close is open.
+        let mut later = hub.subscribe(&channel);
+        hub.deliver(&event(&channel, 2));
+        assert_eq!(seq_of(later.recv().await.unwrap()), 2);
     }
 }
