@@ -1206,6 +1206,21 @@ const FIXES: &str = "
 Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen` is
 `target/release/loadgen`, servers as in the rows above):
 
+- **One ring per channel instead of a queue per subscriber** (`hub.rs`, the last stop of
+  issue 17). A publish took a lock, pushed into and counted a reference on every
+  subscriber's queue: at 10,000 WebSocket subscribers the API listener's thread spent 28% of
+  the server's samples, 20% in that loop alone (`perf record` during `loadgen fanout
+  --subscribers 10000 --burst 2000`). Now it stores the event once in the channel's ring
+  and wakes the subscribers that wait; the same profile puts that thread at 2.7%. Server
+  CPU per million deliveries at 10,000: 0.40-0.41 (three spot runs) against 0.42 in the
+  report before; the freed core goes to the connection workers. Publishers now outrun the
+  fan-out more easily, so the hold engages at 10,000 (64 held publishes, each refused once
+  after 2 s and retried after `Retry-After`, nothing lost).
+- **A cheaper load generator**: each subscriber adds what it counted to the shared tally once
+  per read instead of once per event (one counter every subscriber shared was its hottest
+  line), and reads a frame's seq where the searcher found it instead of building a second
+  searcher per frame: 0.27 to 0.17 CPU s per million deliveries against resync at 10,000
+  WebSocket subscribers (`perf` on the generator, then two runs).
 - **The HTTP API on a listener of its own** (`--api-listen`, one worker thread that holds no
   client connection), which every resync row above publishes through. On the shared
   workers a publish waited behind a round of writes to thousands of sockets: at 5,000
@@ -1214,8 +1229,8 @@ Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen`
   3.6-3.9M deliveries/s (0.39 to 0.30-0.34 CPU s per million: publishes that arrive together
   are fanned out together). Two runs each, `loadgen fanout --subscribers 5000 --burst 2000
   --publish-url http://<api listener>`. What remains of a publish's time under load is the
-  fan-out it does before answering (every subscriber's queue is offered the event), so the
-  2x-of-idle goal is still missed.
+  fan-out it did before answering (every subscriber's queue was offered the event, until
+  the ring above).
 - **Readers at full speed are no longer cut off.** A full subscriber queue drops events for that
   subscriber only and then catches it up from history on its connection (`hub.rs`); before,
   nearly every subscriber of a 2,000-event burst at full speed was closed with 4201 (the
