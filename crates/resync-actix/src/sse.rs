@@ -25,8 +25,15 @@ use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
 use crate::users::UserInbox;
 use resync_protocol::bodies::UserCommand;
 
-/// At most this many bytes of ready events are coalesced into one write.
-const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// At most about this many bytes of ready events are coalesced into one write.
+///
+/// actix-http copies every chunk into its connection's write buffer, which never shrinks,
+/// and keeps pulling chunks until that buffer holds 32 KiB: 64 KiB chunks left each
+/// connection ~100 KB of buffer after one burst (1.03 GB at 10,000 SSE subscribers), and
+/// 7 KiB ones cost 1.7x the CPU per delivery in write calls. One chunk of ~30 KiB per
+/// write (see `StreamState::full`) costs the least CPU of the sizes tried and keeps ~50 KB
+/// (`loadgen fanout`, docs/decisions.md).
+const MAX_CHUNK_BYTES: usize = 30 * 1024;
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -164,6 +171,7 @@ async fn open_stream(
         presence,
         first_chunk: Some(Bytes::from(first_chunk)),
         ended: false,
+        full: false,
     };
     let body = futures_util::stream::unfold(state, |mut state| async move {
         let chunk = state.next_chunk().await?;
@@ -260,6 +268,10 @@ struct StreamState {
     heartbeat: watch::Receiver<u64>,
     first_chunk: Option<Bytes>,
     ended: bool,
+    /// The last chunk stopped at the size limit with more events ready: the next poll hands
+    /// control back once, so actix-http writes that chunk before copying in another rather
+    /// than growing its buffer to hold both.
+    full: bool,
 }
 
 /// Waits for whichever ends the stream first: token expiry or the client's departure. `None`
@@ -296,6 +308,9 @@ impl StreamState {
         }
         if self.ended {
             return None;
+        }
+        if std::mem::take(&mut self.full) {
+            tokio::task::yield_now().await;
         }
         // Biased: while events are ready, the other branches are never polled, so a burst
         // does not register and unregister every stream with the shared clock on each chunk.
@@ -355,6 +370,7 @@ impl StreamState {
                         }
                     }
                     if chunk.len() >= MAX_CHUNK_BYTES {
+                        self.full = true;
                         break;
                     }
                     match self.channels.next_ready() {

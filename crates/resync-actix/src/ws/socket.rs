@@ -22,8 +22,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 
-/// Bytes of frames that may wait for the socket before a send waits for room.
-pub(crate) const OUTBOX_LIMIT: usize = 64 * 1024;
+/// Bytes of frames that may wait for the socket before a send waits for room; the body hands
+/// them to actix-http in one chunk per write.
+///
+/// actix-http copies each chunk into its connection's write buffer, which never shrinks: at
+/// 64 KiB every connection kept ~85 KB after one burst (855 MB at 10,000 subscribers), at
+/// 16 KiB write calls cost more CPU per delivery; ~30 KiB cost the least of the sizes tried
+/// and keeps ~55 KB (`loadgen fanout`, docs/decisions.md).
+pub(crate) const OUTBOX_LIMIT: usize = 30 * 1024;
 
 /// Room reserved when a second frame queues up behind the first: small enough for the
 /// allocator's per-thread cache (bursts grow it further).
