@@ -35,6 +35,9 @@ use resync_protocol::bodies::UserCommand;
 /// (`loadgen fanout`, docs/decisions.md).
 const MAX_CHUNK_BYTES: usize = 30 * 1024;
 
+/// Room for a typical last event past [`MAX_CHUNK_BYTES`].
+const CHUNK_SLACK: usize = 1024;
+
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
@@ -344,7 +347,7 @@ impl StreamState {
             Wake::Item(item) => {
                 // 1 KiB: a few events, and small enough for the allocator's per-thread cache,
                 // so the common one-event chunk reuses memory just freed instead of taking a
-                // fresh 8 KiB block per event. Bursts grow it.
+                // fresh 8 KiB block per event. A burst gets its full size at once.
                 let mut chunk = Vec::with_capacity(1024);
                 let mut delivered = 0;
                 let mut next = item;
@@ -374,7 +377,14 @@ impl StreamState {
                         break;
                     }
                     match self.channels.next_ready() {
-                        Some(item) => next = Some(item),
+                        Some(item) => {
+                            // A burst, which will likely fill the chunk: growing it by
+                            // doubling from 1 KiB cost five reallocations and copies.
+                            if chunk.capacity() < MAX_CHUNK_BYTES {
+                                chunk.reserve(MAX_CHUNK_BYTES + CHUNK_SLACK - chunk.len());
+                            }
+                            next = Some(item);
+                        }
                         None => break,
                     }
                 }

@@ -31,9 +31,9 @@ use futures_util::Stream;
 /// and keeps ~55 KB (`loadgen fanout`, docs/decisions.md).
 pub(crate) const OUTBOX_LIMIT: usize = 30 * 1024;
 
-/// Room reserved when a second frame queues up behind the first: small enough for the
-/// allocator's per-thread cache (bursts grow it further).
-const BURST_RESERVE: usize = 1024;
+/// Room for a typical last frame past [`OUTBOX_LIMIT`], so that a burst's buffer is
+/// allocated once at its full size.
+const FRAME_SLACK: usize = 1024;
 
 /// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
 /// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
@@ -195,10 +195,13 @@ impl Outbox {
             return Ok(false);
         }
         if !pipe.frames.is_empty() {
-            // A second frame before the writer came round: a burst. Room for it at once,
-            // rather than growing frame by frame. (The first frame alone gets exactly its
-            // size: an idle connection's one frame should not leave a large hole behind.)
-            pipe.frames.reserve(BURST_RESERVE.max(payload.len() + 14));
+            // A second frame before the writer came round: a burst, which will likely fill
+            // the outbox. Room for all of it at once: growing by doubling from one frame
+            // cost five reallocations and copies per write. (The first frame alone gets
+            // exactly its size: an idle connection's one frame should not leave a large hole
+            // behind.)
+            let room = (OUTBOX_LIMIT + FRAME_SLACK).saturating_sub(pipe.frames.len());
+            pipe.frames.reserve(room.max(payload.len() + 14));
         }
         write_frame(&mut pipe.frames, opcode, payload);
         wake(&mut pipe.body);
