@@ -1,5 +1,6 @@
 //! The raw limit: a minimal tokio server that writes the same pre-encoded SSE bytes or
-//! WebSocket frames to every connected socket. No protocol features: no positions, no history,
+//! WebSocket frames to every connected socket, of the same shape and length as resync's (an
+//! SSE event carries its `id:` line). No protocol features: no positions, no history,
 //! no auth, no heartbeats. It speaks just enough HTTP for the load generator:
 //! `GET /sse`, `GET /ws` (upgrade), `POST /api/publish` (body `{"channel":…,"data":…}`) and
 //! `GET /api/channels/<name>` (subscriber count).
@@ -17,6 +18,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+
+/// As long as resync's epochs (13 characters), so that both send as many bytes per event.
+const EPOCH: &str = "baseline00000";
 
 struct State {
     sse: broadcast::Sender<Bytes>,
@@ -120,23 +124,24 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
             // the same way).
             let seq = {
                 let mut seqs = state.order.lock().unwrap();
-                let channel = request["channel"].as_str().unwrap_or("c").to_owned();
-                let seq = seqs.entry(channel).or_insert(0);
+                let channel = request["channel"].as_str().unwrap_or("c");
+                let seq = seqs.entry(channel.to_owned()).or_insert(0);
                 *seq += 1;
                 let seq = *seq;
                 // The same event frame resync sends, encoded once and shared by every socket.
                 let frame = format!(
-                    "{{\"type\":\"event\",\"channel\":\"{}\",\"epoch\":\"baseline\",\"seq\":{seq},\"data\":{}}}",
-                    request["channel"].as_str().unwrap_or("c"),
+                    "{{\"type\":\"event\",\"channel\":\"{channel}\",\"epoch\":\"{EPOCH}\",\"seq\":{seq},\"data\":{}}}",
                     request["data"]
                 );
-                let _ = state.sse.send(Bytes::from(format!("data: {frame}\n\n")));
+                let _ = state.sse.send(Bytes::from(format!(
+                    "id: {channel}:{EPOCH}:{seq}\ndata: {frame}\n\n"
+                )));
                 let _ = state.ws.send(Bytes::from(ws_text_frame(frame.as_bytes())));
                 seq
             };
             respond(
                 &mut stream,
-                &format!("{{\"position\":{{\"epoch\":\"baseline\",\"seq\":{seq}}}}}"),
+                &format!("{{\"position\":{{\"epoch\":\"{EPOCH}\",\"seq\":{seq}}}}}"),
             )
             .await?;
             continue;
