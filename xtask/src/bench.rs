@@ -770,7 +770,8 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     ));
     out.push_str(
         "- Baseline (\"the limit\"): `bench/src/bin/baseline.rs`, a minimal tokio server that writes the same \
-         pre-encoded SSE bytes or WebSocket frames to every socket (coalescing queued frames into one write), with no \
+         pre-encoded SSE bytes or WebSocket frames to every socket (coalescing queued frames into one write), of the \
+         same shape and length as resync's (an SSE event with its `id:` line, epochs of 13 characters), with no \
          protocol features at all.\n",
     );
     out.push_str(
@@ -1206,6 +1207,27 @@ const FIXES: &str = "
 Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen` is
 `target/release/loadgen`, servers as in the rows above):
 
+- **Writes of ~30 KiB, one chunk at a time** (`sse.rs`, `ws/socket.rs`). actix-http copies
+  every body chunk into a per-connection write buffer that never shrinks and pulls chunks
+  until it holds 32 KiB: with 64 KiB SSE chunks and a 64 KiB WebSocket outbox, one burst left
+  each connection ~85-100 KB (server RSS after `loadgen fanout --subscribers 10000 --burst
+  2000`: WebSocket 855 MB, SSE 1.03 GB), and first touches of those pages were a quarter of
+  the server's samples. Now ~30 KiB per write, an SSE stream yielding once between chunks:
+  RSS 545 MB and ~0.5-0.6 GB, CPU s per million 0.25 to 0.20 (WebSocket) and ~0.28 to 0.22
+  (SSE), two to three runs each on a quiet machine. 7 KiB chunks cost 0.40, a 16 KiB outbox
+  0.23, a 44 KiB one the same as 30 KiB with more memory.
+- **A burst's buffer allocated once at its full size** (the SSE chunk, the WebSocket outbox)
+  instead of doubling from one event: at 10,000 subscribers, old and new builds alternating,
+  four runs each: WebSocket 7.1-8.6M to 8.1-9.3M deliveries/s (0.15-0.19 to 0.14-0.16 CPU s
+  per million), SSE 5.5-6.3M to 6.2-7.3M (0.18-0.22 to 0.15-0.18).
+- **A baseline that sends what resync sends.** Its SSE events had no `id:` line and its
+  epoch was 8 characters against resync's 13: about 20% fewer bytes per SSE event than
+  resync must send for `Last-Event-ID` to work, which flattered the limit. The SSE ratios
+  from this report on are against the same bytes.
+- **The resume rows' slowdown in the last report was the machine**: 1.50M (WebSocket) and
+  1.39M (SSE) replayed deliveries/s were measured under 30-40% CPU steal; on a quiet machine
+  the same build replays 3.3-3.7M and 4.4-4.8M (`loadgen resume --subscribers 5000 --behind
+  1000`, two runs each), and this round's build 3.7-4.0M and 4.6-4.8M.
 - **One ring per channel instead of a queue per subscriber** (`hub.rs`, the last stop of
   issue 17). A publish took a lock, pushed into and counted a reference on every
   subscriber's queue: at 10,000 WebSocket subscribers the API listener's thread spent 28% of
