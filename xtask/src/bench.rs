@@ -1205,7 +1205,10 @@ const FIXES: &str = "
 ## Fixes and what they bought
 
 Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen` is
-`target/release/loadgen`, servers as in the rows above):
+`target/release/loadgen`, servers as in the rows above). The machine under this project
+changed during the last round (an Intel Xeon under 30-40% CPU steal, then an AMD EPYC with
+almost none; this report ran on the EPYC): compare a report's ratios with an earlier one's,
+not its absolute figures. The first four entries below compare old and new on one machine.
 
 - **Writes of ~30 KiB, one chunk at a time** (`sse.rs`, `ws/socket.rs`). actix-http copies
   every body chunk into a per-connection write buffer that never shrinks and pulls chunks
@@ -1214,8 +1217,9 @@ Issue 17 (spot runs on this machine, one each unless a range is given; `loadgen`
   2000`: WebSocket 855 MB, SSE 1.03 GB), and first touches of those pages were a quarter of
   the server's samples. Now ~30 KiB per write, an SSE stream yielding once between chunks:
   RSS 545 MB and ~0.5-0.6 GB, CPU s per million 0.25 to 0.20 (WebSocket) and ~0.28 to 0.22
-  (SSE), two to three runs each on a quiet machine. 7 KiB chunks cost 0.40, a 16 KiB outbox
-  0.23, a 44 KiB one the same as 30 KiB with more memory.
+  (SSE), two to three runs each, old and new minutes apart on one machine (steal under
+  0.1%). 7 KiB chunks cost 0.40, a 16 KiB outbox 0.23, a 44 KiB one the same as 30 KiB with
+  more memory.
 - **A burst's buffer allocated once at its full size** (the SSE chunk, the WebSocket outbox)
   instead of doubling from one event: at 10,000 subscribers, old and new builds alternating,
   four runs each: WebSocket 7.1-8.6M to 8.1-9.3M deliveries/s (0.15-0.19 to 0.14-0.16 CPU s
