@@ -59,6 +59,7 @@ mod request;
 mod shared;
 mod sse;
 mod users;
+mod write_size;
 mod ws;
 
 use std::sync::Arc;

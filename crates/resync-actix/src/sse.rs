@@ -26,17 +26,7 @@ use crate::users::UserInbox;
 use resync_protocol::bodies::UserCommand;
 
 /// At most about this many bytes of ready events are coalesced into one write.
-///
-/// actix-http copies every chunk into its connection's write buffer, which never shrinks,
-/// and keeps pulling chunks until that buffer holds 32 KiB: 64 KiB chunks left each
-/// connection ~100 KB of buffer after one burst (1.03 GB at 10,000 SSE subscribers), and
-/// 7 KiB ones cost 1.7x the CPU per delivery in write calls. One chunk of ~30 KiB per
-/// write (see `StreamState::full`) costs the least CPU of the sizes tried and keeps ~50 KB
-/// (`loadgen fanout`, docs/decisions.md).
-const MAX_CHUNK_BYTES: usize = 30 * 1024;
-
-/// Room for a typical last event past [`MAX_CHUNK_BYTES`].
-const CHUNK_SLACK: usize = 1024;
+const MAX_CHUNK_BYTES: usize = crate::write_size::WRITE_BYTES;
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -378,10 +368,8 @@ impl StreamState {
                     }
                     match self.channels.next_ready() {
                         Some(item) => {
-                            // A burst, which will likely fill the chunk: growing it by
-                            // doubling from 1 KiB cost five reallocations and copies.
                             if chunk.capacity() < MAX_CHUNK_BYTES {
-                                chunk.reserve(MAX_CHUNK_BYTES + CHUNK_SLACK - chunk.len());
+                                chunk.reserve(crate::write_size::burst_room(chunk.len()));
                             }
                             next = Some(item);
                         }

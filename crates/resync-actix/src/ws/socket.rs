@@ -24,16 +24,7 @@ use futures_util::Stream;
 
 /// Bytes of frames that may wait for the socket before a send waits for room; the body hands
 /// them to actix-http in one chunk per write.
-///
-/// actix-http copies each chunk into its connection's write buffer, which never shrinks: at
-/// 64 KiB every connection kept ~85 KB after one burst (855 MB at 10,000 subscribers), at
-/// 16 KiB write calls cost more CPU per delivery; ~30 KiB cost the least of the sizes tried
-/// and keeps ~55 KB (`loadgen fanout`, docs/decisions.md).
-pub(crate) const OUTBOX_LIMIT: usize = 30 * 1024;
-
-/// Room for a typical last frame past [`OUTBOX_LIMIT`], so that a burst's buffer is
-/// allocated once at its full size.
-const FRAME_SLACK: usize = 1024;
+pub(crate) const OUTBOX_LIMIT: usize = crate::write_size::WRITE_BYTES;
 
 /// Accepts the WebSocket handshake of `request`. The response must be returned to actix-web;
 /// frames written to the [`Outbox`] go out through it, and the [`Inbox`] yields the client's
@@ -195,12 +186,8 @@ impl Outbox {
             return Ok(false);
         }
         if !pipe.frames.is_empty() {
-            // A second frame before the writer came round: a burst, which will likely fill
-            // the outbox. Room for all of it at once: growing by doubling from one frame
-            // cost five reallocations and copies per write. (The first frame alone gets
-            // exactly its size: an idle connection's one frame should not leave a large hole
-            // behind.)
-            let room = (OUTBOX_LIMIT + FRAME_SLACK).saturating_sub(pipe.frames.len());
+            // A second frame before the writer came round: a burst.
+            let room = crate::write_size::burst_room(pipe.frames.len());
             pipe.frames.reserve(room.max(payload.len() + 14));
         }
         write_frame(&mut pipe.frames, opcode, payload);
@@ -630,6 +617,43 @@ mod tests {
         write_frame(&mut out, OpCode::Text, &vec![b'y'; 70_000]);
         assert_eq!(&out[..2], &[0x81, 127]);
         assert_eq!(&out[2..10], &70_000u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_burst_fills_one_write_allocated_once_and_the_body_hands_it_over_whole() {
+        let pipe = Rc::new(RefCell::new(Pipe::default()));
+        let mut outbox = Outbox { pipe: pipe.clone() };
+        let mut body = OutboxBody { pipe: pipe.clone() };
+        let payload = [b'x'; 100];
+        let frame = 2 + payload.len();
+        let mut queued = 0;
+        while outbox.try_send(Outgoing::Text(&payload)).unwrap() {
+            queued += 1;
+        }
+        assert_eq!(
+            queued,
+            OUTBOX_LIMIT.div_ceil(frame),
+            "full at the write size"
+        );
+        assert_eq!(
+            pipe.borrow().frames.capacity(),
+            frame + crate::write_size::burst_room(frame),
+            "the burst's buffer was sized once, at its second frame, not doubled past it"
+        );
+        let mut context = Context::from_waker(Waker::noop());
+        let Poll::Ready(Some(Ok(chunk))) = Pin::new(&mut body).poll_next(&mut context) else {
+            panic!("the body had frames to hand over");
+        };
+        assert_eq!(
+            chunk.len(),
+            queued * frame,
+            "every queued frame in one chunk"
+        );
+        assert!(pipe.borrow().frames.is_empty());
+        assert!(
+            outbox.try_send(Outgoing::Text(&payload)).unwrap(),
+            "room again once the writer took them"
+        );
     }
 
     #[test]
