@@ -11,6 +11,8 @@
     reason = "test fixtures: servers and sockets, never printed"
 )]
 
+pub mod attack;
+pub mod backend;
 pub mod certificate;
 pub mod proxy;
 pub mod raw_ws;

@@ -50,12 +50,20 @@ pub fn server_binary() -> PathBuf {
 pub struct ServerProcess {
     pub base_url: String,
     pub address: std::net::SocketAddr,
+    /// The API listener's address, when started with `--api-listen`.
+    pub api_address: Option<std::net::SocketAddr>,
     child: Child,
 }
 
 impl ServerProcess {
     /// Starts the binary on a free port with `arguments` added.
     pub fn start(arguments: &[&str]) -> Self {
+        Self::start_with_env(arguments, &[])
+    }
+
+    /// Starts the binary on a free port with `arguments` added and `RESYNC_*` settings in
+    /// its environment (a setting this build does not know is ignored, not refused).
+    pub fn start_with_env(arguments: &[&str], environment: &[(&str, &str)]) -> Self {
         let mut child = Command::new(server_binary())
             .args(["--listen", "127.0.0.1:0", "--api-key", "test-key"])
             .args(if arguments.contains(&"--shutdown-spread-ms") {
@@ -84,15 +92,15 @@ impl ServerProcess {
                 ][..]
             })
             .args(arguments)
+            .envs(environment.iter().copied())
             .env("RESYNC_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("server binary starts");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        stdout.read_line(&mut line).expect("listening line");
         let base_url = line
             .trim()
             .strip_prefix("listening on ")
@@ -100,11 +108,22 @@ impl ServerProcess {
             .to_owned();
         let address = base_url
             .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .parse()
             .expect("address");
+        let api_address = arguments.contains(&"--api-listen").then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("api listening line");
+            line.trim()
+                .strip_prefix("api listening on http://")
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .parse()
+                .expect("api address")
+        });
         Self {
             base_url,
             address,
+            api_address,
             child,
         }
     }
@@ -121,6 +140,26 @@ impl ServerProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The process's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        crate::attack::rss_kib(self.child.id())
+    }
+
+    /// `/metrics`, read over HTTP (from the API listener when there is one: plain HTTP even
+    /// when the main listener serves TLS).
+    pub async fn metrics(&self) -> String {
+        let base = match self.api_address {
+            Some(address) => format!("http://{address}"),
+            None => self.base_url.clone(),
+        };
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     /// Whether the process still runs.

@@ -145,7 +145,8 @@ async fn the_backend_allows_denies_times_out_closed_and_rewrites() {
     }
     let asked_at = Instant::now();
     match subscribe_reply(&mut client, "gated:hang").await {
-        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden, "fail closed"),
+        // Fail closed, as "later" (issue 25, L1): the application did not say no.
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Unavailable, "fail closed"),
         other => panic!("expected a refusal, got {other:?}"),
     }
     let waited = asked_at.elapsed();
@@ -277,5 +278,132 @@ async fn a_slow_backend_does_not_delay_delivery_to_clients_already_subscribed() 
     assert!(
         delivered < Duration::from_millis(1_000) && answered >= Duration::from_millis(1_400),
         "delivered after {delivered:?}, while the backend answered after {answered:?}"
+    );
+}
+
+/// Whether an SSE request was served (`subscribed`), told to come back later (a retry
+/// stream), or refused for good (any other status).
+async fn sse_outcome(http: &reqwest::Client, url: String) -> String {
+    let mut response = http.get(url).send().await.unwrap();
+    if response.status() != 200 {
+        return format!("status {}", response.status().as_u16());
+    }
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        match tokio::time::timeout(Duration::from_secs(10), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    if text.contains("event: subscribed") {
+        "subscribed".to_owned()
+    } else if text.contains("retry:") {
+        "retry".to_owned()
+    } else {
+        format!("unexpected {text:?}")
+    }
+}
+
+#[tokio::test]
+async fn l1_a_proxy_that_cannot_be_asked_gives_sse_a_retry_stream_not_a_403() {
+    let backend =
+        resync_tests::backend::AppBackend::start(|_| (Duration::from_secs(5), "{}".to_owned()))
+            .await;
+    let url = backend.url.clone();
+    let server = TestServer::start(move |settings| {
+        settings.proxy_url = Some(url);
+        settings.proxy_timeout_ms = 200;
+        settings.namespaces.insert(
+            "gated".to_owned(),
+            resync_server::NamespaceSettings {
+                proxy: Some(true),
+                ..Default::default()
+            },
+        );
+    });
+    // A 403 would end a browser's EventSource for good; the application never said no.
+    assert_eq!(
+        sse_outcome(&server.http, server.url("/sse?channel=gated:1")).await,
+        "retry"
+    );
+}
+
+#[tokio::test]
+async fn item_6_one_address_cannot_take_the_proxys_slots() {
+    // A backend that takes 0.9 s to answer a subscribe.
+    let backend = resync_tests::backend::AppBackend::start(|request| {
+        let delay = if request["kind"] == "subscribe" {
+            Duration::from_millis(900)
+        } else {
+            Duration::ZERO
+        };
+        (delay, "{}".to_owned())
+    })
+    .await;
+    let url = backend.url.clone();
+    let server = TestServer::start(move |settings| {
+        settings.proxy_url = Some(url);
+        settings.proxy_timeout_ms = 2_000;
+        settings.proxy_max_in_flight = 64;
+        settings.namespaces.insert(
+            "slow".to_owned(),
+            resync_server::NamespaceSettings {
+                proxy: Some(true),
+                ..Default::default()
+            },
+        );
+    });
+    // One address keeps 192 subscribes to the proxied namespace in flight, again and again.
+    let target = server.server.addresses[0];
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut hogs = Vec::new();
+    for index in 0..192 {
+        let stopped = stopped.clone();
+        let started = started.clone();
+        hogs.push(tokio::spawn(async move {
+            while !*stopped.borrow() {
+                let Ok(mut stream) =
+                    resync_tests::attack::connect_from(resync_tests::attack::address(60), target)
+                        .await
+                else {
+                    continue;
+                };
+                let request =
+                    format!("GET /sse?channel=slow:hog{index} HTTP/1.1\r\nHost: test\r\n\r\n");
+                let _ = stream.write_all(request.as_bytes()).await;
+                started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut head = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut head)).await;
+            }
+        }));
+    }
+    while started.load(std::sync::atomic::Ordering::Relaxed) < 384 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nine legitimate subscribes from three other addresses, at once: every one is asked and
+    // let in.
+    let clients: Vec<reqwest::Client> = (0..3)
+        .map(|index| {
+            reqwest::Client::builder()
+                .local_address(resync_tests::attack::address(70 + index))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let outcomes = futures_util::future::join_all((0..9).map(|index| {
+        sse_outcome(
+            &clients[index % 3],
+            server.url(&format!("/sse?channel=slow:legit{index}")),
+        )
+    }))
+    .await;
+    stop.send_replace(true);
+    for hog in hogs {
+        hog.await.unwrap();
+    }
+    assert!(
+        outcomes.iter().all(|outcome| outcome == "subscribed"),
+        "{outcomes:?}"
     );
 }

@@ -74,9 +74,31 @@ struct UserState {
 }
 
 struct AddressState {
+    /// Streams (SSE, WebSocket, long polls) counted here: those that did not come through
+    /// the edge, whose sockets are counted instead.
     connections: usize,
+    /// Sockets accepted by the edge and still open.
+    sockets: usize,
     subscriptions: usize,
+    /// New streams.
     rate: TokenBucket,
+    /// New sockets (through the edge).
+    socket_rate: TokenBucket,
+}
+
+impl AddressState {
+    fn idle(&self, now: Instant) -> bool {
+        self.connections == 0
+            && self.sockets == 0
+            && self.rate.is_full(now)
+            && self.socket_rate.is_full(now)
+    }
+}
+
+/// An address's socket cap (and socket rate) for its stream cap (and rate): 10% more, and at
+/// least 16 more, so that a client over its stream cap still gets a polite refusal.
+pub(crate) fn socket_margin(stream_limit: usize) -> usize {
+    stream_limit.saturating_add((stream_limit / 10).max(16))
 }
 
 /// Addresses tracked at most; past it, addresses with no connection are forgotten, and if
@@ -94,6 +116,7 @@ pub(crate) struct Admission {
 
 #[derive(Clone, Debug)]
 struct Limits {
+    max_sockets: usize,
     max_connections: usize,
     max_connections_per_address: usize,
     connections_per_second: f64,
@@ -105,7 +128,10 @@ struct Limits {
 }
 
 struct AdmissionState {
+    /// Streams open (SSE, WebSocket, long polls).
     connections: usize,
+    /// Sockets the edge accepted and holds.
+    sockets: usize,
     addresses: HashMap<IpAddr, AddressState>,
     /// Users with at least one connection, so at most `max_connections` of them.
     users: HashMap<Arc<str>, UserState>,
@@ -118,6 +144,7 @@ impl Admission {
     pub(crate) fn new(config: &TransportConfig) -> Self {
         Self {
             limits: Limits {
+                max_sockets: config.max_sockets,
                 max_connections: config.max_connections,
                 max_connections_per_address: config.max_connections_per_ip,
                 connections_per_second: config.connections_per_ip_per_second,
@@ -129,6 +156,7 @@ impl Admission {
             },
             state: Mutex::new(AdmissionState {
                 connections: 0,
+                sockets: 0,
                 addresses: HashMap::new(),
                 users: HashMap::new(),
                 next_sweep: None,
@@ -161,7 +189,8 @@ impl Admission {
         bucket_of(client)
     }
 
-    /// Lets a connection from `address` in, or says why not.
+    /// Lets a stream (SSE, WebSocket, long poll) from `address` in, or says why not: the
+    /// global stream cap, then the address's stream cap and rate.
     pub(crate) fn enter(
         self: &Arc<Self>,
         address: IpAddr,
@@ -171,28 +200,8 @@ impl Admission {
         if state.connections >= self.limits.max_connections {
             return Err(Refusal::ServerFull);
         }
-        if !state.addresses.contains_key(&address) && state.addresses.len() >= MAX_TRACKED_ADDRESSES
-        {
-            if state.next_sweep.is_some_and(|next| now < next) {
-                return Err(Refusal::ServerFull);
-            }
-            state
-                .addresses
-                .retain(|_, tracked| tracked.connections > 0 || !tracked.rate.is_full(now));
-            if state.addresses.len() >= MAX_TRACKED_ADDRESSES {
-                state.next_sweep = Some(now + SWEEP_PAUSE);
-                return Err(Refusal::ServerFull);
-            }
-        }
         let limits = &self.limits;
-        let tracked = state
-            .addresses
-            .entry(address)
-            .or_insert_with(|| AddressState {
-                connections: 0,
-                subscriptions: 0,
-                rate: TokenBucket::new(limits.connections_per_second, limits.connection_burst, now),
-            });
+        let tracked = Self::track(&mut state, limits, address, now)?;
         if tracked.connections >= limits.max_connections_per_address {
             return Err(Refusal::TooMuchFromAddress(
                 "too many connections from this address",
@@ -213,6 +222,80 @@ impl Admission {
         })
     }
 
+    /// Lets a socket just accepted from `address` in, or says why not: the global socket cap,
+    /// then the address's socket cap and socket rate. Both are a margin above the address's
+    /// stream cap and rate ([`socket_margin`]), so that a client past its streams is still
+    /// read and told why (a `429`, a retry stream), while a flood of sockets is closed at
+    /// `accept`. A trusted proxy's sockets count globally only: its clients are counted by
+    /// their forwarded address, per request.
+    pub(crate) fn enter_socket(
+        self: &Arc<Self>,
+        address: IpAddr,
+        now: Instant,
+    ) -> Result<SocketGuard, Refusal> {
+        let mut state = self.lock();
+        if state.sockets >= self.limits.max_sockets {
+            return Err(Refusal::ServerFull);
+        }
+        let per_address = !self.limits.trusted_proxies.contains(&address);
+        if per_address {
+            let limits = &self.limits;
+            let tracked = Self::track(&mut state, limits, address, now)?;
+            if tracked.sockets >= socket_margin(limits.max_connections_per_address) {
+                return Err(Refusal::TooMuchFromAddress(
+                    "too many connections from this address",
+                ));
+            }
+            if !tracked.socket_rate.take(now) {
+                return Err(Refusal::TooMuchFromAddress(
+                    "connections opened too fast from this address",
+                ));
+            }
+            tracked.sockets += 1;
+        }
+        state.sockets += 1;
+        Ok(SocketGuard {
+            admission: self.clone(),
+            address,
+            per_address,
+        })
+    }
+
+    /// The address's entry, made if needed; a full table is swept at most once a second.
+    fn track<'a>(
+        state: &'a mut AdmissionState,
+        limits: &Limits,
+        address: IpAddr,
+        now: Instant,
+    ) -> Result<&'a mut AddressState, Refusal> {
+        if !state.addresses.contains_key(&address) && state.addresses.len() >= MAX_TRACKED_ADDRESSES
+        {
+            if state.next_sweep.is_some_and(|next| now < next) {
+                return Err(Refusal::ServerFull);
+            }
+            state.addresses.retain(|_, tracked| !tracked.idle(now));
+            if state.addresses.len() >= MAX_TRACKED_ADDRESSES {
+                state.next_sweep = Some(now + SWEEP_PAUSE);
+                return Err(Refusal::ServerFull);
+            }
+        }
+        Ok(state
+            .addresses
+            .entry(address)
+            .or_insert_with(|| AddressState {
+                connections: 0,
+                sockets: 0,
+                subscriptions: 0,
+                rate: TokenBucket::new(limits.connections_per_second, limits.connection_burst, now),
+                socket_rate: TokenBucket::new(
+                    socket_margin(limits.connections_per_second as usize) as f64,
+                    u32::try_from(socket_margin(limits.connection_burst as usize))
+                        .unwrap_or(u32::MAX),
+                    now,
+                ),
+            }))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
         self.state
             .lock()
@@ -221,7 +304,7 @@ impl Admission {
 }
 
 /// IPv6 addresses count by their /64; IPv4 addresses one by one.
-fn bucket_of(address: IpAddr) -> IpAddr {
+pub(crate) fn bucket_of(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(_) => address,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -328,7 +411,7 @@ impl Drop for AdmissionGuard {
             Some(tracked) => {
                 tracked.connections = tracked.connections.saturating_sub(1);
                 tracked.subscriptions = tracked.subscriptions.saturating_sub(self.subscriptions);
-                tracked.connections == 0 && tracked.rate.is_full(now)
+                tracked.idle(now)
             }
             None => false,
         };
@@ -344,6 +427,35 @@ impl Drop for AdmissionGuard {
             if gone {
                 state.users.remove(subject);
             }
+        }
+    }
+}
+
+/// A socket the edge accepted: counts against the global socket cap and its address until
+/// dropped.
+pub(crate) struct SocketGuard {
+    admission: Arc<Admission>,
+    address: IpAddr,
+    per_address: bool,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut state = self.admission.lock();
+        state.sockets = state.sockets.saturating_sub(1);
+        if !self.per_address {
+            return;
+        }
+        let forget = state
+            .addresses
+            .get_mut(&self.address)
+            .is_some_and(|tracked| {
+                tracked.sockets = tracked.sockets.saturating_sub(1);
+                tracked.idle(now)
+            });
+        if forget {
+            state.addresses.remove(&self.address);
         }
     }
 }

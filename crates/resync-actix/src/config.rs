@@ -61,9 +61,16 @@ pub struct TransportConfig {
     /// health and metrics are not counted and keep answering. Defaults to 8,000 (with the
     /// disconnect probe's second descriptor, 16,000 of a 20,000 open-file limit).
     pub max_connections: usize,
-    /// The most connections from one client address (IPv6: one /64). Defaults to 1,000.
+    /// The most sockets the edge ([`Edge`](crate::edge::Edge)) holds at once, whatever they
+    /// carry (streams, API requests, health checks, TLS handshakes); past it, a new socket
+    /// is closed at once. Above `max_connections`, so health checks and the API still get in
+    /// when the streams are full. Defaults to 10,000 (one descriptor each).
+    pub max_sockets: usize,
+    /// The most connections from one client address (IPv6: one /64): its sockets, counted
+    /// from `accept` through the edge, or its streams otherwise. Defaults to 1,000.
     pub max_connections_per_ip: usize,
-    /// New connections a second from one address, sustained. Defaults to 50.
+    /// New connections (sockets, through the edge) a second from one address, sustained.
+    /// Defaults to 50.
     pub connections_per_ip_per_second: f64,
     /// New connections from one address in a burst above the rate. Defaults to 200.
     pub connection_burst_per_ip: u32,
@@ -96,6 +103,16 @@ pub struct TransportConfig {
     /// The longest a publish is held back; past it, it fails with `unavailable` (HTTP 503
     /// with `Retry-After`). Defaults to 2 seconds.
     pub publish_hold_max: Duration,
+    /// How long a connection with no request in flight may take to send a complete request
+    /// head, counted from `accept` (a TLS handshake included) and from the end of its last
+    /// response: a header dripped a byte at a time and an idle keep-alive connection both
+    /// close at it (through the edge). Defaults to 10 seconds.
+    pub request_header_timeout: Duration,
+    /// The most bytes of responses waiting for clients' sockets, over the whole process
+    /// (through the edge): past it, a connection holding more than a small floor
+    /// ([`CONNECTION_OUTPUT_FLOOR`](crate::edge::CONNECTION_OUTPUT_FLOOR)) waits until its
+    /// client has read, and long polls shrink their replies to fit. Defaults to 64 MiB.
+    pub queued_bytes_budget: usize,
     /// Rules by namespace (the part of a channel's name before its first `:`), in front of
     /// the authorizer. Defaults to none.
     pub namespaces: std::collections::HashMap<String, crate::NamespacePolicy>,
@@ -122,6 +139,7 @@ impl Default for TransportConfig {
             write_timeout: Duration::from_secs(10),
             resume: ResumeOptions::default(),
             max_connections: 8_000,
+            max_sockets: 10_000,
             max_connections_per_ip: 1_000,
             connections_per_ip_per_second: 50.0,
             connection_burst_per_ip: 200,
@@ -135,6 +153,8 @@ impl Default for TransportConfig {
             ws_publish_burst: 50,
             publish_hold_share: 0.25,
             publish_hold_max: Duration::from_secs(2),
+            request_header_timeout: Duration::from_secs(10),
+            queued_bytes_budget: 64 * 1024 * 1024,
             namespaces: std::collections::HashMap::new(),
         }
     }

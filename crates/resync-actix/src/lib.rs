@@ -41,6 +41,7 @@ mod admission;
 mod auth;
 mod channel_set;
 mod config;
+pub mod edge;
 mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -51,6 +52,7 @@ pub mod jwt;
 mod membership;
 mod metrics;
 mod namespaces;
+mod permissions;
 mod poll;
 mod poll_presence;
 mod probe;
@@ -142,18 +144,11 @@ impl ResyncBuilder {
     /// Builds the transports.
     pub fn build(self) -> Resync {
         let broker = self.broker;
-        // The namespaces' rules go in front of the application's authorizer.
-        let authorizer: Arc<dyn Authorizer> = if self.config.namespaces.is_empty() {
-            self.authorizer
-        } else {
-            Arc::new(namespaces::NamespaceRules {
-                inner: self.authorizer,
-                namespaces: self.config.namespaces.clone(),
-            })
-        };
+        let authorizer = self.authorizer;
         let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);
         let ws_ping = Ticker::new(self.config.ping_interval);
         let metrics = Arc::new(Metrics::default());
+        metrics.set_queued_bytes_budget(self.config.queued_bytes_budget);
         Resync {
             shared: Arc::new(Shared {
                 admission: Arc::new(admission::Admission::new(&self.config)),
@@ -242,6 +237,11 @@ impl Resync {
     /// The transport settings.
     pub fn config(&self) -> &TransportConfig {
         &self.shared.config
+    }
+
+    /// The edge its listeners put every accepted socket under (`edge` module docs).
+    pub fn edge(&self) -> edge::Edge {
+        edge::Edge::new(self.shared.clone())
     }
 
     /// The counters of every connection.

@@ -10,6 +10,7 @@ use resync_protocol::{Channel, ErrorCode, PresenceRequest, ServerFrame};
 use crate::Shared;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::permissions::{self, Action};
 
 /// The error for a broker that keeps no presence.
 pub(crate) fn no_presence() -> ApiError {
@@ -42,34 +43,10 @@ pub(crate) fn check<'a>(
                 format!("presence info is {size} bytes, the limit is {limit}"),
             ));
         }
-        if !shared.authorizer.can_join_presence(identity, channel) {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to appear among the members of {channel}"),
-            ));
-        }
+        permissions::check(shared, identity, Action::Appear, channel)?;
     }
-    if join_leave
-        && shared
-            .config
-            .namespaces
-            .get(channel.namespace())
-            .and_then(|policy| policy.join_leave)
-            == Some(false)
-    {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            format!(
-                "join and leave events are off in namespace {}",
-                channel.namespace()
-            ),
-        ));
-    }
-    if join_leave && !shared.authorizer.can_see_presence(identity, channel) {
-        return Err(ApiError::new(
-            ErrorCode::Forbidden,
-            format!("not allowed to see who is in {channel}"),
-        ));
+    if join_leave {
+        permissions::check(shared, identity, Action::JoinLeave, channel)?;
     }
     Ok(Some(presence))
 }

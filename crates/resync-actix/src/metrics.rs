@@ -124,6 +124,12 @@ pub struct Metrics {
     resets: [Counter; 6],
     replayed: Histogram,
     auth_failures: Counter,
+    sockets_open: Gauge,
+    sockets_refused: [Counter; 2],
+    header_timeouts: Counter,
+    requests_held: Counter,
+    queued_bytes: Gauge,
+    queued_bytes_budget: std::sync::atomic::AtomicI64,
     namespace_published: Family<NamespaceLabel, Counter>,
     namespace_subscriptions: Family<NamespaceLabel, Counter>,
     /// Namespaces that have a label of their own.
@@ -233,6 +239,41 @@ impl Default for Metrics {
             "Requests refused for bad or missing credentials",
             auth_failures.clone(),
         );
+        let sockets_open = Gauge::default();
+        registry.register(
+            "resync_sockets_open",
+            "Sockets the edge holds (every accepted connection, whatever it carries)",
+            sockets_open.clone(),
+        );
+        let refused_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "resync_sockets_refused",
+            "Sockets closed at accept: the server's socket cap, or their address's cap or rate",
+            refused_family.clone(),
+        );
+        let sockets_refused = ["server_full", "address"].map(|reason| {
+            refused_family
+                .get_or_create(&ReasonLabel { reason })
+                .clone()
+        });
+        let header_timeouts = Counter::default();
+        registry.register(
+            "resync_header_timeouts",
+            "Connections closed for not completing a request head within the header deadline",
+            header_timeouts.clone(),
+        );
+        let requests_held = Counter::default();
+        registry.register(
+            "resync_pipelined_requests_held",
+            "Times a connection's next request was held back until the response before it ended",
+            requests_held.clone(),
+        );
+        let queued_bytes = Gauge::default();
+        registry.register(
+            "resync_queued_bytes",
+            "Bytes of responses waiting for clients' sockets, over the process",
+            queued_bytes.clone(),
+        );
         let namespace_published = Family::<NamespaceLabel, Counter>::default();
         registry.register(
             "resync_namespace_events_published",
@@ -260,6 +301,12 @@ impl Default for Metrics {
             resets,
             replayed,
             auth_failures,
+            sockets_open,
+            sockets_refused,
+            header_timeouts,
+            requests_held,
+            queued_bytes,
+            queued_bytes_budget: std::sync::atomic::AtomicI64::new(i64::MAX),
             namespace_published,
             namespace_subscriptions,
             namespaces: Mutex::new(HashMap::new()),
@@ -381,6 +428,69 @@ impl Metrics {
     /// Counts refused credentials.
     pub(crate) fn auth_failed(&self) {
         self.auth_failures.inc();
+    }
+
+    pub(crate) fn socket_opened(&self) {
+        self.sockets_open.inc();
+    }
+
+    pub(crate) fn socket_closed(&self) {
+        self.sockets_open.dec();
+    }
+
+    /// Sockets the edge holds now.
+    pub fn sockets_open(&self) -> u64 {
+        u64::try_from(self.sockets_open.get()).unwrap_or(0)
+    }
+
+    pub(crate) fn socket_refused(&self, refusal: &crate::admission::Refusal) {
+        let index = match refusal {
+            crate::admission::Refusal::ServerFull => 0,
+            _ => 1,
+        };
+        self.sockets_refused[index].inc();
+    }
+
+    pub(crate) fn header_timed_out(&self) {
+        self.header_timeouts.inc();
+    }
+
+    pub(crate) fn request_held(&self) {
+        self.requests_held.inc();
+    }
+
+    pub(crate) fn set_queued_bytes_budget(&self, budget: usize) {
+        self.queued_bytes_budget.store(
+            i64::try_from(budget).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub(crate) fn queued_bytes_add(&self, bytes: usize) {
+        if bytes > 0 {
+            self.queued_bytes
+                .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub(crate) fn queued_bytes_sub(&self, bytes: usize) {
+        if bytes > 0 {
+            self.queued_bytes
+                .dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Bytes of responses waiting for clients now, over the process.
+    pub fn queued_bytes(&self) -> u64 {
+        u64::try_from(self.queued_bytes.get()).unwrap_or(0)
+    }
+
+    /// Whether the bytes waiting for clients are past the process's budget.
+    pub(crate) fn queued_bytes_over(&self) -> bool {
+        self.queued_bytes.get()
+            >= self
+                .queued_bytes_budget
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn namespace_label(&self, channel: &Channel) -> NamespaceLabel {

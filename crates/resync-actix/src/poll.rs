@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
 use crate::poll_presence::{self, Lease};
-use crate::probe::{ConnectionProbe, client_gone};
+use crate::probe::Departure;
 use crate::request::{Admitted, admit_follower, cors_headers};
 
 pub(crate) async fn handle(
@@ -29,6 +29,7 @@ pub(crate) async fn handle(
         query,
         identity,
         guard: _admitted,
+        ..
     } = admit_follower(&shared, &request).await?;
     let _guard = shared.metrics.connection(Transport::Poll);
     let mut session = poll_presence::open(&shared, &request, &identity, &query).await?;
@@ -102,6 +103,7 @@ pub(crate) async fn handle(
             .as_ref()
             .is_some_and(|session| !session.state.watches.is_empty());
         let superseded = session.as_ref().map(Lease::superseded);
+        let departure = Departure::of(&request);
         tokio::select! {
             first = channels.next() => {
                 let mut next = first;
@@ -135,7 +137,7 @@ pub(crate) async fn handle(
             }
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|shutting_down| *shutting_down) => {}
-            _ = client_gone(ConnectionProbe::of(&request)) => {
+            _ = departure.wait() => {
                 // Nobody is left to read the reply; free the subscriptions now.
                 return Ok(HttpResponse::NoContent().finish());
             }

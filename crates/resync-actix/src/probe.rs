@@ -103,14 +103,14 @@ pub fn on_connect(options: ConnectOptions) -> impl Fn(&dyn Any, &mut Extensions)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn set_write_deadline(stream: &actix_web::rt::net::TcpStream, deadline: Duration) {
+pub(crate) fn set_write_deadline(stream: &actix_web::rt::net::TcpStream, deadline: Duration) {
     if let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(deadline)) {
         tracing::debug!(target: "resync::connection", %error, "no TCP user timeout on this socket");
     }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn set_write_deadline(_stream: &actix_web::rt::net::TcpStream, _deadline: Duration) {}
+pub(crate) fn set_write_deadline(_stream: &actix_web::rt::net::TcpStream, _deadline: Duration) {}
 
 impl ConnectionProbe {
     pub(crate) fn of(request: &HttpRequest) -> Option<ConnectionProbe> {
@@ -144,10 +144,37 @@ impl ConnectionProbe {
     }
 }
 
-/// Completes when the request's client disconnects, or never when it cannot be told.
-pub(crate) async fn client_gone(probe: Option<ConnectionProbe>) {
-    match probe {
-        Some(probe) => probe.closed().await,
-        None => std::future::pending().await,
+/// How a request learns that its client left: from the edge's own read of the socket, from
+/// a probe (an app on actix-web's `HttpServer` with [`track_disconnects`]), or not at all.
+pub(crate) enum Departure {
+    Edge(std::rc::Rc<crate::edge::EdgeConnection>),
+    Probe(ConnectionProbe),
+    Unknown,
+}
+
+impl Departure {
+    /// How `request`'s departure is seen.
+    pub(crate) fn of(request: &HttpRequest) -> Departure {
+        if let Some(connection) = crate::edge::EdgeConnection::of(request) {
+            return Departure::Edge(connection);
+        }
+        match ConnectionProbe::of(request) {
+            Some(probe) => Departure::Probe(probe),
+            None => Departure::Unknown,
+        }
+    }
+
+    /// Whether it can be seen at all.
+    pub(crate) fn is_known(&self) -> bool {
+        !matches!(self, Departure::Unknown)
+    }
+
+    /// Completes when the client has left, or never when that cannot be told.
+    pub(crate) async fn wait(&self) {
+        match self {
+            Departure::Edge(connection) => connection.departed().await,
+            Departure::Probe(probe) => probe.closed().await,
+            Departure::Unknown => std::future::pending().await,
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::Shared;
 use crate::admission::{AdmissionGuard, Refusal};
 use crate::auth::{AuthError, Credentials, Identity, TokenSource};
 use crate::error::ApiError;
-use crate::proxy::ProxyRequest;
+use crate::proxy::{Narrowing, ProxyRequest};
 
 /// Query parameters besides `channel` that a request may carry (cache busters, tracking).
 const MAX_OTHER_PARAMETERS: usize = 32;
@@ -166,11 +166,9 @@ fn check_origin(
     let own_origin = match public_origin {
         Some(configured) => configured.to_owned(),
         None => {
-            let scheme = if request.app_config().secure() {
-                "https"
-            } else {
-                "http"
-            };
+            let secure = crate::edge::EdgeConnection::of(request)
+                .map_or_else(|| request.app_config().secure(), |edge| edge.secure());
+            let scheme = if secure { "https" } else { "http" };
             let host = request
                 .headers()
                 .get(header::HOST)
@@ -247,6 +245,8 @@ pub(crate) async fn admit(
         shared.config.max_channels_per_connection,
     )?;
     let mut identity = authenticate(shared, request, &query).await?;
+    let token_subject = identity.subject.clone();
+    let mut narrowing = Narrowing::default();
     if let Some(proxy) = shared
         .proxy
         .as_ref()
@@ -259,8 +259,9 @@ pub(crate) async fn admit(
             user: identity.subject.clone(),
             token,
         };
-        if let Some(answer) = proxy.ask(&asked).await? {
-            crate::proxy::apply_connect(&mut identity, answer);
+        if let Some(answer) = proxy.ask(&asked, address).await? {
+            narrowing.update(&answer);
+            narrowing.apply(&mut identity);
         }
     }
     let mut guard = guard;
@@ -270,6 +271,9 @@ pub(crate) async fn admit(
     Ok(Admitted {
         query,
         identity,
+        token_subject,
+        narrowing,
+        address,
         guard,
     })
 }
@@ -278,6 +282,13 @@ pub(crate) async fn admit(
 pub(crate) struct Admitted {
     pub(crate) query: QueryParams,
     pub(crate) identity: Identity,
+    /// The subject of the token the client brought, before the application mapped it: a
+    /// refresh must bring a token of the same subject.
+    pub(crate) token_subject: Option<String>,
+    /// What the application's proxy decided about the connection, kept across refreshes.
+    pub(crate) narrowing: Narrowing,
+    /// The client's address (behind trusted proxies: the forwarded one).
+    pub(crate) address: std::net::IpAddr,
     pub(crate) guard: AdmissionGuard,
 }
 
@@ -311,7 +322,7 @@ pub(crate) async fn admit_follower(
                     user: admitted.identity.subject.clone(),
                     channel: channel.clone(),
                 };
-                proxy.ask(&asked).await?;
+                proxy.ask(&asked, admitted.address).await?;
             }
         }
     }
@@ -328,16 +339,15 @@ pub(crate) fn authorize_subscriptions(
     identity: &Identity,
     channels: &[Channel],
 ) -> Result<(), ApiError> {
-    match channels
-        .iter()
-        .find(|channel| !shared.authorizer.can_subscribe(identity, channel))
-    {
-        Some(channel) => Err(ApiError::new(
-            ErrorCode::Forbidden,
-            format!("not allowed to subscribe to {channel}"),
-        )),
-        None => Ok(()),
+    for channel in channels {
+        crate::permissions::check(
+            shared,
+            identity,
+            crate::permissions::Action::Subscribe,
+            channel,
+        )?;
     }
+    Ok(())
 }
 
 /// CORS headers for an SSE or long-poll response, so pages on other origins can follow

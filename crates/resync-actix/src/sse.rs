@@ -20,7 +20,7 @@ use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
 use crate::membership::{self, Memberships};
 use crate::metrics::{ConnectionGuard, Transport};
-use crate::probe::{ConnectionProbe, client_gone};
+use crate::probe::Departure;
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
 use crate::users::UserInbox;
 use resync_protocol::bodies::UserCommand;
@@ -81,6 +81,7 @@ async fn open_stream(
         query,
         identity,
         guard: admitted,
+        ..
     } = admit_follower(&shared, request).await?;
 
     let since = Since::of_stream(query.cursor, request);
@@ -157,7 +158,7 @@ async fn open_stream(
         user_commands,
         _admitted: admitted,
         guard: shared.metrics.connection(Transport::Sse),
-        ends: ends(identity.remaining(), ConnectionProbe::of(request)),
+        ends: ends(identity.remaining(), Departure::of(request)),
         heartbeat: shared.clock(&shared.sse_heartbeat),
         shared,
         channels,
@@ -257,7 +258,7 @@ struct StreamState {
     user_commands: Option<Box<UserInbox>>,
     /// Completes when the token expires or the client goes away; kept across chunks, so the
     /// per-event path does not set up timers or socket interest again.
-    ends: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>>,
+    ends: Option<Ending>,
     heartbeat: watch::Receiver<u64>,
     first_chunk: Option<Bytes>,
     ended: bool,
@@ -268,30 +269,30 @@ struct StreamState {
 }
 
 /// Waits for whichever ends the stream first: token expiry or the client's departure. `None`
-/// when neither can happen (no expiry, no probe), so such a stream allocates nothing for it.
-#[allow(clippy::type_complexity, reason = "a boxed future, named once here")]
-fn ends(
-    expiry: Option<Duration>,
-    probe: Option<ConnectionProbe>,
-) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Wake> + Send>>> {
-    match (expiry, probe) {
-        (None, None) => None,
-        (Some(remaining), None) => Some(Box::pin(async move {
+/// when neither can happen (no expiry, no way to see a departure), so such a stream
+/// allocates nothing for it.
+fn ends(expiry: Option<Duration>, departure: Departure) -> Option<Ending> {
+    match (expiry, departure.is_known()) {
+        (None, false) => None,
+        (Some(remaining), false) => Some(Box::pin(async move {
             tokio::time::sleep(remaining).await;
             Wake::Expired
         })),
-        (None, Some(probe)) => Some(Box::pin(async move {
-            client_gone(Some(probe)).await;
+        (None, true) => Some(Box::pin(async move {
+            departure.wait().await;
             Wake::Gone
         })),
-        (Some(remaining), Some(probe)) => Some(Box::pin(async move {
+        (Some(remaining), true) => Some(Box::pin(async move {
             tokio::select! {
                 _ = tokio::time::sleep(remaining) => Wake::Expired,
-                _ = client_gone(Some(probe)) => Wake::Gone,
+                _ = departure.wait() => Wake::Gone,
             }
         })),
     }
 }
+
+/// What ends a stream besides its channels: see [`ends`].
+type Ending = std::pin::Pin<Box<dyn std::future::Future<Output = Wake>>>;
 
 impl StreamState {
     /// The next bytes to write, or `None` to end the stream.

@@ -4,6 +4,7 @@
 
 mod api;
 mod assets;
+mod listener;
 mod settings;
 mod tls;
 
@@ -14,7 +15,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpResponse, web};
 use anyhow::{Context, Result};
 use resync_actix::{
     AllowAllSubscribers, ChannelPattern, JwtAuthorizer, NamespacePolicy, Resync, TransportConfig,
@@ -76,7 +77,7 @@ impl RunningServer {
 
 /// Binds the server; it serves once the returned future is awaited.
 /// Must be called inside an actix runtime.
-pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Server)> {
+pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)> {
     let api_key = match &settings.api_key {
         Some(key) if !key.is_empty() => key.clone(),
         _ => {
@@ -158,6 +159,9 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
             max_replay: settings.max_replay,
         },
         max_connections: settings.max_connections,
+        max_sockets: settings.max_sockets,
+        request_header_timeout: Duration::from_secs(settings.request_header_timeout_secs.max(1)),
+        queued_bytes_budget: settings.queued_bytes_budget,
         max_connections_per_ip: settings.max_connections_per_ip,
         connections_per_ip_per_second: settings.connections_per_ip_per_second,
         connection_burst_per_ip: settings.connection_burst_per_ip,
@@ -251,25 +255,40 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         max_replay: settings.max_replay,
     });
 
+    let edge = resync.edge();
+    let header_timeout = Duration::from_secs(settings.request_header_timeout_secs.max(1));
     // The API's own listener: one worker thread that holds no client connections, so a
     // publish is read, stored and answered without waiting for a worker busy writing a burst
     // to thousands of sockets (issue 17: p50 38 ms under load against 0.2 ms idle).
     let api_server = match settings.api_listen {
         Some(address) => {
             let api_state = state.clone();
-            let server = HttpServer::new(move || {
-                App::new()
-                    .app_data(api_state.clone())
-                    .wrap(from_fn(request_log))
-                    .configure(api::configure)
-            })
-            .disable_signals()
-            .shutdown_timeout(settings.shutdown_timeout_secs)
-            .workers(1)
-            .bind(address)
-            .with_context(|| format!("binding the API listener {address}"))?;
-            let address = server.addrs().first().copied();
-            Some((address, server.run()))
+            let socket = listener::tcp_listener(address)
+                .with_context(|| format!("binding the API listener {address}"))?;
+            let address = socket.local_addr().ok();
+            let builder = actix_server::Server::build()
+                .disable_signals()
+                .shutdown_timeout(settings.shutdown_timeout_secs)
+                .workers(1);
+            let builder = listener::listen(
+                builder,
+                listener::Listener {
+                    name: "resync-api",
+                    socket,
+                    tls: None,
+                    header_timeout,
+                },
+                edge.clone(),
+                move || {
+                    App::new()
+                        .app_data(api_state.clone())
+                        .wrap(from_fn(request_log))
+                        .wrap(from_fn(resync_actix::edge::track))
+                        .configure(api::configure)
+                },
+            )
+            .context("serving the API listener")?;
+            Some((address, builder.run()))
         }
         None => None,
     };
@@ -278,12 +297,14 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
     let app_traffic = traffic.clone();
     let app_resync = resync.clone();
     let demo = settings.demo;
-    let server = HttpServer::new(move || {
+    let make_app = move || {
         let resync = app_resync.clone();
         let mut app = App::new()
             .app_data(state.clone())
             .app_data(app_traffic.clone())
             .wrap(from_fn(request_log))
+            // Outermost: every response, errors included, is held to the edge's bounds.
+            .wrap(from_fn(resync_actix::edge::track))
             .configure(|config| assets::configure(config, demo));
         if !demo {
             // Without the demo, `/` says what the server offers instead of a 404.
@@ -292,37 +313,41 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_web::dev::Serve
         app.route("/help", web::get().to(index))
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
-    })
-    .on_connect(resync_actix::on_connect(resync_actix::ConnectOptions {
-        track_disconnects: settings.track_disconnects,
-        // The kernel drops a connection whose client has taken nothing for twice the write
-        // timeout: the backstop behind every write, on every transport, after the
-        // application's own timeout (which counts the slow consumer) has had its turn.
-        write_deadline: Some(Duration::from_secs(settings.write_timeout_secs.max(1) * 2)),
-    }))
-    // A real-time server sees bursts of connects (after a deploy, a network blip): a deep
-    // accept queue keeps them from being dropped (the kernel caps it at somaxconn).
-    .backlog(8192)
-    .disable_signals()
-    .shutdown_timeout(settings.shutdown_timeout_secs)
-    .workers(
-        settings
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
-    );
+    };
     let tls = match (&settings.tls_cert, &settings.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(cert, key)?)),
         (None, None) => None,
         _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
     };
     let serves_tls = tls.is_some();
-    let server = match tls {
-        Some(config) => server.bind_rustls_0_23(settings.listen, config),
-        None => server.bind(settings.listen),
-    }
-    .with_context(|| format!("binding {}", settings.listen))?;
-    let addresses = server.addrs();
-    let server = server.run();
+    let socket = listener::tcp_listener(settings.listen)
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let addresses = vec![
+        socket
+            .local_addr()
+            .with_context(|| format!("binding {}", settings.listen))?,
+    ];
+    let builder = actix_server::Server::build()
+        .disable_signals()
+        .shutdown_timeout(settings.shutdown_timeout_secs)
+        .workers(
+            settings
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from)),
+        );
+    let builder = listener::listen(
+        builder,
+        listener::Listener {
+            name: "resync",
+            socket,
+            tls,
+            header_timeout,
+        },
+        edge,
+        make_app,
+    )
+    .with_context(|| format!("serving {}", settings.listen))?;
+    let server = builder.run();
     if settings.demo {
         let publisher = resync.publisher();
         actix_web::rt::spawn(demo_ticker(publisher));

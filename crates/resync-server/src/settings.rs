@@ -144,10 +144,14 @@ pub struct Settings {
     /// Serve the demo page at `/`, publish ticks on `demo:ticker`, and let anonymous clients
     /// publish on `demo:*` (its chat). Off by default: the demo is open by design.
     pub demo: bool,
-    /// Notice departed SSE and long-poll clients at once (one extra descriptor per connection).
-    pub track_disconnects: bool,
     /// Most SSE, WebSocket and long-poll connections at once.
     pub max_connections: usize,
+    /// Most sockets held at once, whatever they carry.
+    pub max_sockets: usize,
+    /// Seconds a connection with no request in flight has to send a complete request head.
+    pub request_header_timeout_secs: u64,
+    /// Bytes of responses that may wait for clients' sockets over the whole process.
+    pub queued_bytes_budget: usize,
     /// Most connections from one client address.
     pub max_connections_per_ip: usize,
     /// New connections a second from one address.
@@ -252,8 +256,10 @@ impl Default for Settings {
             presence_ttl_secs: 30,
             redis_pool_size: 16,
             demo: false,
-            track_disconnects: true,
             max_connections: 8_000,
+            max_sockets: 10_000,
+            request_header_timeout_secs: 10,
+            queued_bytes_budget: 64 * 1024 * 1024,
             max_connections_per_ip: 1_000,
             connections_per_ip_per_second: 50.0,
             connection_burst_per_ip: 200,
@@ -455,17 +461,28 @@ pub struct Args {
     /// `--demo` alone means true. [default: false]
     #[arg(long, env = "RESYNC_DEMO", num_args = 0..=1, default_missing_value = "true")]
     demo: Option<bool>,
-    /// Notice departed SSE and long-poll clients at once, at the cost of a second file
-    /// descriptor per connection (budget the open-file limit accordingly). [default: true]
-    #[arg(long, env = "RESYNC_TRACK_DISCONNECTS")]
-    track_disconnects: Option<bool>,
     /// SSE, WebSocket and long-poll connections at once; past it SSE gets a retry stream, polls
     /// 503, WebSocket close 1013. [default: 8000]
     #[arg(long, env = "RESYNC_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
-    /// Connections from one client address (IPv6: one /64). [default: 1000]
+    /// Sockets held at once, whatever they carry (streams, API requests, health checks, TLS
+    /// handshakes); past it a new socket is closed at accept. [default: 10000]
+    #[arg(long, env = "RESYNC_MAX_SOCKETS")]
+    max_sockets: Option<usize>,
+    /// Connections (sockets, counted from accept) from one client address (IPv6: one /64).
+    /// [default: 1000]
     #[arg(long, env = "RESYNC_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
+    /// Seconds a connection with no request in flight has to send a complete request head,
+    /// from accept (TLS handshake included) and from the end of its last response: dripped
+    /// headers and idle keep-alive connections close at it. [default: 10]
+    #[arg(long, env = "RESYNC_REQUEST_HEADER_TIMEOUT_SECS")]
+    request_header_timeout_secs: Option<u64>,
+    /// Bytes of responses that may wait for clients' sockets over the whole process; past
+    /// it, connections holding more than 16 KiB wait for their clients to read, and long
+    /// polls shrink their replies. [default: 67108864]
+    #[arg(long, env = "RESYNC_QUEUED_BYTES_BUDGET")]
+    queued_bytes_budget: Option<usize>,
     /// New connections a second from one address, sustained. [default: 50]
     #[arg(long, env = "RESYNC_CONNECTIONS_PER_IP_PER_SECOND")]
     connections_per_ip_per_second: Option<f64>,
@@ -594,10 +611,12 @@ impl Settings {
             presence_ttl_secs,
             redis_pool_size,
             demo,
-            track_disconnects,
             log_format,
             log_summary_secs,
             max_connections,
+            max_sockets,
+            request_header_timeout_secs,
+            queued_bytes_budget,
             max_connections_per_ip,
             connections_per_ip_per_second,
             connection_burst_per_ip,

@@ -26,7 +26,8 @@ use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
-use crate::proxy::ProxyRequest;
+use crate::permissions::{self, Action};
+use crate::proxy::{Narrowing, ProxyRequest};
 use crate::request::{admit, loggable_target, refusal};
 use crate::users::UserInbox;
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
@@ -92,6 +93,9 @@ pub(crate) async fn handle(
         ),
         over_rate: 0,
         admitted: admitted.guard,
+        token_subject: admitted.token_subject,
+        narrowing: admitted.narrowing,
+        address: admitted.address,
         shared,
         identity,
         outbox,
@@ -120,6 +124,13 @@ struct Connection {
     over_rate: u32,
     shared: Arc<Shared>,
     identity: Identity,
+    /// The subject of the token the connection was opened with (before the application
+    /// mapped it): a refresh must be for the same.
+    token_subject: Option<String>,
+    /// What the application's proxy decided about this connection; a refresh keeps it.
+    narrowing: Narrowing,
+    /// The client's address, for its share of the proxy's calls.
+    address: std::net::IpAddr,
     outbox: Outbox,
     subscriptions: ChannelSet,
     /// Presence memberships and join/leave watches; allocated on first use, so that a
@@ -162,6 +173,19 @@ enum Outgoing {
     /// reference count every subscriber of the event shares (8% of a 5,000-subscriber burst).
     Event(resync_broker::EncodedEvent),
     Text(String),
+}
+
+/// Why a `subscribe` failed: refused (its checks, the application's answer: an `error` reply),
+/// or the broker could not resume it (a broker that is down closes the connection 4101).
+enum SubscribeFailure {
+    Refused(ApiError),
+    Broker(ApiError),
+}
+
+impl From<ApiError> for SubscribeFailure {
+    fn from(error: ApiError) -> Self {
+        SubscribeFailure::Refused(error)
+    }
 }
 
 /// Why the connection loop stopped, and the close code to send.
@@ -491,10 +515,14 @@ impl Connection {
                     // The broker cannot serve a resume now: the same advice as a broker that
                     // fails mid-stream (reconnect with backoff, resume), rather than an error
                     // a client would take as final for the channel.
-                    Err(error) if error.code == ErrorCode::Unavailable => {
+                    Err(SubscribeFailure::Broker(error))
+                        if error.code == ErrorCode::Unavailable =>
+                    {
                         Err(Ending::Close(CloseCode::BROKER_UNAVAILABLE))
                     }
-                    Err(error) => self.reply_error(id, error).await,
+                    Err(SubscribeFailure::Broker(error) | SubscribeFailure::Refused(error)) => {
+                        self.reply_error(id, error).await
+                    }
                 }
             }
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, token)).await,
@@ -587,16 +615,7 @@ impl Connection {
 
     /// The broker's presence, if `identity` may see `channel`'s.
     fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
-        if !self
-            .shared
-            .authorizer
-            .can_see_presence(&self.identity, channel)
-        {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to see who is in {channel}"),
-            ));
-        }
+        permissions::check(&self.shared, &self.identity, Action::SeePresence, channel)?;
         self.shared
             .broker
             .presence()
@@ -610,20 +629,24 @@ impl Connection {
         let credentials = Credentials {
             token: Some((token, TokenSource::Refresh)),
         };
-        let identity = match self.shared.authorizer.authenticate(&credentials).await {
+        let mut identity = match self.shared.authorizer.authenticate(&credentials).await {
             Ok(identity) => identity,
             Err(error) => {
                 self.shared.metrics.auth_failed();
                 return self.reply_error(id, ApiError::from(error)).await;
             }
         };
-        if identity.subject != self.identity.subject {
+        // Compared before the application's mapping: the token's own subject.
+        if identity.subject != self.token_subject {
             let error = ApiError::new(
                 ErrorCode::Forbidden,
                 "a refreshed token must be for the connection's own subject",
             );
             return self.reply_error(id, error).await;
         }
+        // What the application decided on connect stays decided.
+        let mut narrowing = self.narrowing.clone();
+        narrowing.apply(&mut identity);
         if let Some(proxy) = self
             .shared
             .proxy
@@ -637,17 +660,26 @@ impl Connection {
                 user: identity.subject.clone(),
                 token,
             };
-            if let Err(error) = proxy.ask(&asked).await {
-                return self.reply_error(id, error).await;
+            match proxy.ask(&asked, self.address).await {
+                Ok(Some(answer)) => {
+                    narrowing.update(&answer);
+                    narrowing.apply(&mut identity);
+                }
+                Ok(None) => {}
+                Err(error) => return self.reply_error(id, error).await,
             }
         }
+        self.narrowing = narrowing;
         self.identity = identity;
         self.refreshed = true;
-        let authorizer = self.shared.authorizer.clone();
+        let shared = self.shared.clone();
+        let allows = |identity: &Identity, action: Action, channel: &Channel| {
+            permissions::allows(&shared, identity, action, channel)
+        };
         let revoked: Vec<Channel> = self
             .subscriptions
             .channels()
-            .filter(|channel| !authorizer.can_subscribe(&self.identity, channel))
+            .filter(|channel| !allows(&self.identity, Action::Subscribe, channel))
             .cloned()
             .collect();
         for channel in revoked {
@@ -659,7 +691,7 @@ impl Connection {
             let unseen: Vec<Channel> = presence
                 .watches
                 .keys()
-                .filter(|channel| !authorizer.can_see_presence(&self.identity, channel))
+                .filter(|channel| !allows(&self.identity, Action::SeePresence, channel))
                 .cloned()
                 .collect();
             for channel in &unseen {
@@ -670,7 +702,7 @@ impl Connection {
             .presence
             .iter()
             .flat_map(|presence| presence.memberships.iter())
-            .filter(|channel| !authorizer.can_join_presence(&self.identity, channel))
+            .filter(|channel| !allows(&self.identity, Action::Appear, channel))
             .cloned()
             .collect();
         for channel in unseated {
@@ -831,12 +863,13 @@ impl Connection {
         since: Option<Position>,
         presence: Option<PresenceRequest>,
         join_leave: bool,
-    ) -> Result<ServerFrame, ApiError> {
+    ) -> Result<ServerFrame, SubscribeFailure> {
         if self.subscriptions.contains(&channel) {
             return Err(ApiError::new(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to {channel}"),
-            ));
+            )
+            .into());
         }
         if self.subscriptions.len() >= self.shared.config.max_channels_per_connection {
             return Err(ApiError::new(
@@ -845,18 +878,10 @@ impl Connection {
                     "at most {} channels per connection",
                     self.shared.config.max_channels_per_connection
                 ),
-            ));
+            )
+            .into());
         }
-        if !self
-            .shared
-            .authorizer
-            .can_subscribe(&self.identity, &channel)
-        {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to subscribe to {channel}"),
-            ));
-        }
+        permissions::check(&self.shared, &self.identity, Action::Subscribe, &channel)?;
         self.check_presence_request(&channel, presence.as_ref(), join_leave)?;
         if let Some(proxy) = self
             .shared
@@ -868,20 +893,20 @@ impl Connection {
                 user: self.identity.subject.clone(),
                 channel: channel.clone(),
             };
-            proxy.ask(&asked).await?;
+            proxy.ask(&asked, self.address).await?;
         }
         self.admitted.subscribe(1).map_err(refusal)?;
         let recovery = match self.subscriptions.add(&self.shared, &channel, since).await {
             Ok(recovery) => recovery,
             Err(error) => {
                 self.admitted.unsubscribe(1);
-                return Err(error);
+                return Err(SubscribeFailure::Broker(error));
             }
         };
         if let Err(error) = self.start_presence(&channel, presence, join_leave).await {
             self.subscriptions.remove(&channel);
             self.admitted.unsubscribe(1);
-            return Err(error);
+            return Err(SubscribeFailure::Broker(error));
         }
         Ok(ServerFrame::Subscribed {
             id,
@@ -896,12 +921,7 @@ impl Connection {
         data: Payload,
         idempotency_key: Option<IdempotencyKey>,
     ) -> Result<Position, ApiError> {
-        if !self.shared.authorizer.can_publish(&self.identity, &channel) {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to publish on {channel}"),
-            ));
-        }
+        permissions::check(&self.shared, &self.identity, Action::Publish, &channel)?;
         let mut data = data;
         if let Some(proxy) = self
             .shared
@@ -915,7 +935,11 @@ impl Connection {
                 data: data.clone(),
             };
             // The application may rewrite what is stored.
-            if let Some(rewritten) = proxy.ask(&asked).await?.and_then(|answer| answer.data) {
+            if let Some(rewritten) = proxy
+                .ask(&asked, self.address)
+                .await?
+                .and_then(|answer| answer.data)
+            {
                 data = rewritten;
             }
         }
