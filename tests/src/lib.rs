@@ -30,6 +30,9 @@ use tokio_tungstenite::tungstenite::Message;
 /// The HS256 secret of test servers that verify tokens (32 bytes or more, as servers require).
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
+/// The API key of test servers (16 bytes or more, as servers require outside the demo).
+pub const TEST_API_KEY: &str = "test-api-key-0123456789";
+
 /// A token for `subject`, signed with [`JWT_SECRET`], valid for ten minutes, that may
 /// subscribe to `subscribe` (channel patterns).
 pub fn user_token(subject: &str, subscribe: &[&str]) -> String {
@@ -66,7 +69,7 @@ impl TestServer {
     pub fn start(configure: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
-            api_key: Some("test-key".to_owned()),
+            api_key: Some(TEST_API_KEY.to_owned()),
             workers: Some(2),
             shutdown_spread_ms: 100,
             demo: false,

@@ -65,7 +65,12 @@ impl ServerProcess {
     /// its environment (a setting this build does not know is ignored, not refused).
     pub fn start_with_env(arguments: &[&str], environment: &[(&str, &str)]) -> Self {
         let mut child = Command::new(server_binary())
-            .args(["--listen", "127.0.0.1:0", "--api-key", "test-key"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api-key",
+                "test-api-key-0123456789",
+            ])
             .args(if arguments.contains(&"--shutdown-spread-ms") {
                 &[][..]
             } else {

@@ -318,7 +318,7 @@ async fn item_9_a_tls_client_that_stops_reading_is_dropped_by_the_write_deadline
     for _ in 0..40 {
         let response = http
             .post(format!("{}/api/publish", server.base_url))
-            .bearer_auth("test-key")
+            .bearer_auth("test-api-key-0123456789")
             .json(&serde_json::json!({ "channel": "tls-stuck", "data": big }))
             .send()
             .await
@@ -345,4 +345,54 @@ async fn wait_for(server: &ServerProcess, done: impl Fn(&str) -> bool, what: &st
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn l3_a_one_byte_close_payload_or_a_non_utf8_close_reason_closes_1002() {
+    use resync_tests::raw_ws::{RawEnd, RawWs};
+    let server = ServerProcess::start(&[]);
+    let mut non_utf8 = 1000u16.to_be_bytes().to_vec();
+    non_utf8.extend_from_slice(&[0xC3, 0x28]);
+    for (case, frame) in [
+        (
+            "a close payload of one byte",
+            RawWs::frame(0x88, 1, &[0x03]),
+        ),
+        (
+            "a close reason that is not UTF-8",
+            RawWs::frame(0x88, 4, &non_utf8),
+        ),
+    ] {
+        let mut client = RawWs::connect(server.address, "").await.unwrap();
+        client.send(&frame).await.unwrap();
+        assert_eq!(
+            client.close_code(Duration::from_secs(10)).await,
+            RawEnd::Closed(1002),
+            "{case}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn l4_a_message_flood_that_keeps_under_a_run_of_refusals_is_closed() {
+    use resync_tests::raw_ws::{RawEnd, RawWs};
+    let server =
+        ServerProcess::start(&["--ws-messages-per-second", "20", "--ws-message-burst", "20"]);
+    let mut client = RawWs::connect(server.address, "").await.unwrap();
+    // Three times the rate, for up to 15 s: every third message gets a token, so refusals
+    // never run past the burst in a row, while two of every three are refused.
+    let pong = RawWs::frame(0x81, 15, br#"{"type":"pong"}"#);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut end = RawEnd::Silent;
+    while tokio::time::Instant::now() < deadline {
+        if client.send(&pong).await.is_err() {
+            end = client.close_code(Duration::from_secs(5)).await;
+            break;
+        }
+        end = client.close_code(Duration::from_millis(16)).await;
+        if end != RawEnd::Silent {
+            break;
+        }
+    }
+    assert_eq!(end, RawEnd::Closed(4100), "the flood was never closed");
 }

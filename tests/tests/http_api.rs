@@ -25,7 +25,7 @@ async fn post(server: &TestServer, body: &str, key: Option<&str>) -> (u16, serde
 #[tokio::test]
 async fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
     let server = TestServer::start(|settings| settings.max_body_bytes = 1024);
-    let key = Some("test-key");
+    let key = Some("test-api-key-0123456789");
     let huge = format!(r#"{{"channel":"c","data":"{}"}}"#, "x".repeat(2048));
     let cases = [
         (r#"{"channel":"c","data":1}"#, None, 401, "unauthorized"),
@@ -78,8 +78,8 @@ async fn idempotent_publish_history_and_channel_info() {
     let mut client = SseClient::connect(&server, "?channel=orders", None).await;
     client.next_event().await.unwrap();
     let body = r#"{"channel":"orders","data":{"id":7},"idempotency_key":"order-7"}"#;
-    let (_, first) = post(&server, body, Some("test-key")).await;
-    let (_, again) = post(&server, body, Some("test-key")).await;
+    let (_, first) = post(&server, body, Some("test-api-key-0123456789")).await;
+    let (_, again) = post(&server, body, Some("test-api-key-0123456789")).await;
     assert_eq!(
         first["position"], again["position"],
         "a retried publish is stored once"
@@ -98,7 +98,7 @@ async fn idempotent_publish_history_and_channel_info() {
     let history: serde_json::Value = server
         .http
         .get(server.url(&format!("/api/history?channel=orders&since={epoch}:0")))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .send()
         .await
         .unwrap()
@@ -112,7 +112,7 @@ async fn idempotent_publish_history_and_channel_info() {
     let stale: serde_json::Value = server
         .http
         .get(server.url("/api/history?channel=orders&since=oldepoch:3"))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .send()
         .await
         .unwrap()
@@ -125,7 +125,7 @@ async fn idempotent_publish_history_and_channel_info() {
     let bad = server
         .http
         .get(server.url("/api/history?channel=orders&since=nonsense"))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .send()
         .await
         .unwrap();

@@ -350,3 +350,123 @@ async fn l2_a_user_the_proxy_mapped_can_refresh_in_place() {
         ServerFrame::Subscribed { .. }
     ));
 }
+
+#[tokio::test]
+async fn item_12_refreshes_have_their_own_small_rate_and_bad_ones_count() {
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+    });
+    // An anonymous socket sending bad refreshes as fast as it may send messages: each one a
+    // signature check, unless refreshes are rationed.
+    let mut client = WsClient::connect_ready(&server.ws_url("")).await;
+    let bad = resync_actix::jwt::sign(
+        &resync_actix::jwt::Claims {
+            sub: Some("mallory".into()),
+            exp: 1,
+            ..Default::default()
+        },
+        b"not-the-server-secret-0123456789abcdef",
+    );
+    for id in 1..=30 {
+        client
+            .send(&ClientFrame::Refresh {
+                id,
+                token: bad.clone(),
+            })
+            .await;
+    }
+    let (mut checked, mut rationed) = (0, 0);
+    for _ in 1..=30 {
+        match client.frame().await {
+            ServerFrame::Error {
+                code:
+                    resync_protocol::ErrorCode::Unauthorized | resync_protocol::ErrorCode::Forbidden,
+                ..
+            } => checked += 1,
+            ServerFrame::Error {
+                code: resync_protocol::ErrorCode::RateLimited,
+                ..
+            } => rationed += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        checked <= 3 && rationed >= 27,
+        "{checked} refreshes were checked, {rationed} rationed"
+    );
+}
+
+#[test]
+fn l5_uniform_jwt_secrets_and_short_api_keys_stop_the_server_at_start() {
+    let start = |configure: &dyn Fn(&mut resync_server::Settings)| {
+        let mut settings = resync_server::Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_key: Some(resync_tests::TEST_API_KEY.to_owned()),
+            ..resync_server::Settings::default()
+        };
+        configure(&mut settings);
+        resync_server::start(settings).map(|_| ())
+    };
+    for secret in [" ".repeat(32), "a".repeat(32), "ab".repeat(40)] {
+        let error = start(&|settings| settings.jwt_secret = Some(secret.clone()))
+            .expect_err("a uniform secret was accepted");
+        assert!(format!("{error:#}").contains("different"), "{error:#}");
+    }
+    for key in ["k", "dev-key", "aaaaaaaaaaaaaaaaaaaa"] {
+        let error = start(&|settings| settings.api_key = Some(key.to_owned()))
+            .expect_err("a weak API key was accepted");
+        assert!(format!("{error:#}").contains("API key"), "{error:#}");
+    }
+    // The demo's openness is the point: its short key is only a warning.
+    start(&|settings| {
+        settings.api_key = Some("dev-key".to_owned());
+        settings.demo = true;
+    })
+    .expect("the demo starts with the README's key");
+}
+
+#[tokio::test]
+async fn l6_a_token_with_a_crit_header_is_refused() {
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.anonymous_subscribe = Vec::new();
+    });
+    let claims = resync_actix::jwt::Claims {
+        sub: Some("ann".into()),
+        exp: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600,
+        subscribe: vec!["*".into()],
+        ..Default::default()
+    };
+    let plain = token("ann", &["*"], &[]);
+    // Signed correctly, with a header naming an extension the reader must understand.
+    use base64::Engine;
+    let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let message = format!(
+        "{}.{}",
+        encode(r#"{"alg":"HS256","typ":"JWT","crit":["exp"]}"#),
+        encode(&serde_json::to_string(&claims).unwrap())
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .unwrap();
+    let critical = format!("{message}.{signature}");
+    let status = |token: String| {
+        let request = server
+            .http
+            .get(server.url(&format!("/poll?channel=a&token={token}")));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(plain).await, 200);
+    assert_eq!(
+        status(critical).await,
+        401,
+        "an extension the server does not understand"
+    );
+}

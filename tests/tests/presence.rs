@@ -252,7 +252,7 @@ async fn the_http_api_lists_and_counts_members() {
         let request = server
             .http
             .get(server.url(&format!("/api/channels/room:api/presence{query}")))
-            .bearer_auth("test-key");
+            .bearer_auth("test-api-key-0123456789");
         async move {
             let response = request.send().await.unwrap();
             assert_eq!(response.status().as_u16(), 200);

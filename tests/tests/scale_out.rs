@@ -38,13 +38,13 @@ fn client(base: &str, transport: TransportKind) -> Client {
 }
 
 async fn position(http: &reqwest::Client, base: &str, channel: &str) -> Position {
-    channel_position(http, base, "test-key", channel).await
+    channel_position(http, base, "test-api-key-0123456789", channel).await
 }
 
 async fn publish(http: &reqwest::Client, base: &str, channel: &str, value: u64) -> bool {
     let response = http
         .post(format!("{base}/api/publish"))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .json(&serde_json::json!({ "channel": channel, "data": value }))
         .send()
         .await;
@@ -183,7 +183,7 @@ async fn a_redis_outage_shows_in_readyz_and_publish_answers_503() {
     assert_eq!(status("/readyz").await, 503);
     let response = http
         .post(format!("{}/api/publish", instance.base_url))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .json(&serde_json::json!({ "channel": "c", "data": 1 }))
         .send()
         .await

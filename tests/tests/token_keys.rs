@@ -122,6 +122,8 @@ struct JwksServer {
     url: String,
     document: Arc<Mutex<String>>,
     requests: Arc<AtomicUsize>,
+    /// While true, requests are answered only once it turns false (a provider that hangs).
+    held: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -131,19 +133,24 @@ impl JwksServer {
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         let document = Arc::new(Mutex::new(String::new()));
         let requests = Arc::new(AtomicUsize::new(0));
+        let held = tokio::sync::watch::channel(false).0;
         let task = tokio::spawn({
             let document = document.clone();
             let requests = requests.clone();
+            let held = held.clone();
             async move {
                 loop {
                     let Ok((mut socket, _)) = listener.accept().await else {
                         return;
                     };
                     requests.fetch_add(1, Ordering::SeqCst);
-                    let body = document.lock().unwrap().clone();
+                    let document = document.clone();
+                    let mut released = held.subscribe();
                     tokio::spawn(async move {
                         let mut request = [0u8; 4096];
                         let _ = socket.read(&mut request).await;
+                        let _ = released.wait_for(|held| !*held).await;
+                        let body = document.lock().unwrap().clone();
                         let response = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                             body.len()
@@ -158,6 +165,7 @@ impl JwksServer {
             url,
             document,
             requests,
+            held,
             task,
         };
         server.serve(jwks);
@@ -175,6 +183,11 @@ impl JwksServer {
 
     fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Makes every request wait (`true`) or answers them (`false`).
+    fn hold(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     /// Takes the endpoint down: the port refuses connections from now on.
@@ -282,4 +295,46 @@ async fn with_the_jwks_down_new_connections_fail_closed_and_open_ones_last_until
             WsRead::Frame(_) => {}
         }
     }
+}
+
+#[tokio::test]
+async fn item_13_a_hanging_identity_provider_does_not_hold_up_tokens_whose_key_is_known() {
+    let jwks = JwksServer::start(&["rsa.jwk.json"]).await;
+    let server = TestServer::start(|settings| {
+        settings.jwks_url = Some(jwks.url.clone());
+        settings.jwks_min_refetch_ms = 0;
+    });
+    let long = Duration::from_secs(600);
+    let known = sign(
+        Algorithm::RS256,
+        "rsa.key",
+        Some("rsa-1"),
+        &claims("ann", long),
+    );
+    assert_eq!(upgrade_status(&server, &known).await, 101);
+    // The provider hangs; a token with a made-up kid starts a refetch that hangs with it.
+    jwks.hold(true);
+    let made_up = sign(
+        Algorithm::RS256,
+        "rsa2.key",
+        Some("made-up"),
+        &claims("eve", long),
+    );
+    let stuck_server = server.ws_url(&format!("?token={made_up}"));
+    let stuck = tokio::spawn(async move { WsClient::connect(&stuck_server).await.err() });
+    while jwks.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A token whose key the fresh copy holds is verified at once, whatever fetch hangs (the
+    // fetch's own deadline is 5 s: this waits well under it).
+    let answered = tokio::time::timeout(Duration::from_secs(2), upgrade_status(&server, &known))
+        .await
+        .ok();
+    jwks.hold(false);
+    assert_eq!(
+        answered,
+        Some(101),
+        "a known key waited for the hanging fetch"
+    );
+    assert_eq!(stuck.await.unwrap(), Some(401));
 }

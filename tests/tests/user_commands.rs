@@ -197,7 +197,7 @@ async fn disconnecting_a_user_closes_their_connections_on_every_instance_of_a_re
     let status = command(
         &http,
         &instances[0].base_url,
-        "test-key",
+        "test-api-key-0123456789",
         "/api/users/ann/disconnect",
         serde_json::json!({"reason": "password changed", "reconnect": true}),
     )
@@ -212,7 +212,7 @@ async fn disconnecting_a_user_closes_their_connections_on_every_instance_of_a_re
     // Bob, on the third instance, still gets the room's events.
     let published = http
         .post(format!("{}/api/publish", instances[1].base_url))
-        .bearer_auth("test-key")
+        .bearer_auth("test-api-key-0123456789")
         .json(&serde_json::json!({"channel": "room", "data": {"n": 1}}))
         .send()
         .await

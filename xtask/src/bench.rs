@@ -170,7 +170,7 @@ impl Bench {
             "--listen",
             "127.0.0.1:0",
             "--api-key",
-            "bench-key",
+            "bench-api-key-0123456789",
             "--demo",
             "false",
             // Every load-generator client comes from 127.0.0.1: lift the per-address limits
@@ -209,7 +209,7 @@ impl Bench {
                 "--listen",
                 "127.0.0.1:0",
                 "--api-key",
-                "bench-key",
+                "bench-api-key-0123456789",
                 "--max-connections",
                 cap,
             ],

@@ -84,6 +84,8 @@ struct AddressState {
     rate: TokenBucket,
     /// New sockets (through the edge).
     socket_rate: TokenBucket,
+    /// Token refreshes of the address's connections: each a signature check.
+    refresh_rate: TokenBucket,
 }
 
 impl AddressState {
@@ -92,6 +94,7 @@ impl AddressState {
             && self.sockets == 0
             && self.rate.is_full(now)
             && self.socket_rate.is_full(now)
+            && self.refresh_rate.is_full(now)
     }
 }
 
@@ -100,6 +103,11 @@ impl AddressState {
 pub(crate) fn socket_margin(stream_limit: usize) -> usize {
     stream_limit.saturating_add((stream_limit / 10).max(16))
 }
+
+/// Token refreshes a second one address's connections may ask for, sustained, and in a
+/// burst: each is a signature check (an RSA-4096 one costs ~0.1 ms of CPU).
+const ADDRESS_REFRESHES_PER_SECOND: f64 = 5.0;
+const ADDRESS_REFRESH_BURST: u32 = 20;
 
 /// Addresses tracked at most; past it, addresses with no connection are forgotten, and if
 /// none is, new addresses are refused as if the server were full.
@@ -261,6 +269,16 @@ impl Admission {
         })
     }
 
+    /// Takes one of `address`'s token refreshes, if it has one left.
+    pub(crate) fn take_refresh(&self, address: IpAddr, now: Instant) -> bool {
+        let mut state = self.lock();
+        match state.addresses.get_mut(&address) {
+            Some(tracked) => tracked.refresh_rate.take(now),
+            // An address without a connection has nothing to refresh.
+            None => false,
+        }
+    }
+
     /// The address's entry, made if needed; a full table is swept at most once a second.
     fn track<'a>(
         state: &'a mut AdmissionState,
@@ -291,6 +309,11 @@ impl Admission {
                     socket_margin(limits.connections_per_second as usize) as f64,
                     u32::try_from(socket_margin(limits.connection_burst as usize))
                         .unwrap_or(u32::MAX),
+                    now,
+                ),
+                refresh_rate: TokenBucket::new(
+                    ADDRESS_REFRESHES_PER_SECOND,
+                    ADDRESS_REFRESH_BURST,
                     now,
                 ),
             }))

@@ -181,15 +181,32 @@ pub struct JwtAuthorizer {
 /// as long as the hash (256 bits); a shorter one can be guessed offline from one token.
 pub const MIN_SECRET_BYTES: usize = 32;
 
-/// A JWT secret too short to be safe (see [`MIN_SECRET_BYTES`]).
+/// The fewest different bytes an HS256 secret must hold: 32 spaces or 32 times `a` are as
+/// long as a good key and as easy to guess as one character (`openssl rand -hex 32` has 16).
+pub const MIN_SECRET_DISTINCT_BYTES: usize = 8;
+
+/// A JWT secret too short or too uniform to be safe (see [`MIN_SECRET_BYTES`] and
+/// [`MIN_SECRET_DISTINCT_BYTES`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the JWT secret has {length} bytes; at least {MIN_SECRET_BYTES} are required (for example \
-     the output of `openssl rand -hex 32`)"
+    "the JWT secret has {length} bytes, {distinct} of them different; at least \
+     {MIN_SECRET_BYTES} bytes with {MIN_SECRET_DISTINCT_BYTES} different ones are required \
+     (for example the output of `openssl rand -hex 32`)"
 )]
 pub struct WeakSecret {
     /// The length of the refused secret.
     pub length: usize,
+    /// How many different bytes it holds.
+    pub distinct: usize,
+}
+
+/// How many different bytes `bytes` holds.
+pub fn distinct_bytes(bytes: &[u8]) -> usize {
+    let mut seen = [false; 256];
+    for &byte in bytes {
+        seen[usize::from(byte)] = true;
+    }
+    seen.iter().filter(|seen| **seen).count()
 }
 
 impl std::fmt::Debug for JwtAuthorizer {
@@ -212,9 +229,12 @@ impl JwtAuthorizer {
     /// could sign tokens.
     pub fn new(secret: impl Into<Vec<u8>>) -> Result<Self, WeakSecret> {
         let secret = secret.into();
-        if secret.len() < MIN_SECRET_BYTES {
+        let distinct = distinct_bytes(&secret);
+        let whitespace = secret.iter().all(u8::is_ascii_whitespace);
+        if secret.len() < MIN_SECRET_BYTES || distinct < MIN_SECRET_DISTINCT_BYTES || whitespace {
             return Err(WeakSecret {
                 length: secret.len(),
+                distinct,
             });
         }
         let mut authorizer = Self::without_keys();
@@ -457,7 +477,11 @@ mod tests {
     fn empty_and_short_secrets_are_refused() {
         assert_eq!(JwtAuthorizer::new("").unwrap_err().length, 0);
         assert_eq!(JwtAuthorizer::new(vec![7u8; 31]).unwrap_err().length, 31);
-        assert!(JwtAuthorizer::new(vec![7u8; 32]).is_ok());
+        assert!(JwtAuthorizer::new(b"0123456789abcdef0123456789abcdef".to_vec()).is_ok());
+        // Long enough, but one byte over and over: refused (issue 25, L5).
+        for uniform in [vec![b' '; 32], vec![b'a'; 64], vec![7u8; 32]] {
+            assert!(JwtAuthorizer::new(uniform).is_err());
+        }
     }
 
     #[tokio::test]

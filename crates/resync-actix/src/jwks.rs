@@ -5,6 +5,11 @@
 //! `min_refetch` so that tokens with made-up `kid`s cannot make the server hammer the
 //! provider. It fails closed: when the copy is too old and cannot be fetched again, tokens
 //! are refused. Connections already open are not touched; they end at their own `exp`.
+//!
+//! No lock is held across a fetch: a token whose key the fresh copy holds is verified at
+//! once, whatever fetch is under way (issue 25, item 13: tokens with made-up `kid`s used to
+//! make every login wait for a slow provider). A token with an unknown `kid` starts a
+//! refetch or, while one is under way, is refused without waiting for it.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +48,10 @@ impl JwksConfig {
 pub struct Jwks {
     config: JwksConfig,
     http: reqwest::Client,
-    cached: tokio::sync::Mutex<Cached>,
+    /// The copy held; its lock is never held across an await.
+    cached: std::sync::Mutex<Cached>,
+    /// Held by the one fetch under way.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -76,61 +84,97 @@ impl Jwks {
         Ok(Self {
             config,
             http,
-            cached: tokio::sync::Mutex::new(Cached::default()),
+            cached: std::sync::Mutex::new(Cached::default()),
+            fetching: tokio::sync::Mutex::new(()),
         })
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, Cached> {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The keys of the copy held that fit `header`, and whether the copy is fresh.
+    fn held_keys(&self, header: &TokenHeader) -> (Vec<VerifyingKey>, bool) {
+        let cached = self.cached();
+        let fresh = cached
+            .fetched
+            .is_some_and(|fetched| fetched.elapsed() < self.config.cache);
+        let keys = cached
+            .keys
+            .iter()
+            .filter(|key| key.fits(header))
+            .cloned()
+            .collect();
+        (keys, fresh)
+    }
+
+    /// Whether a fetch was tried less than `within` ago.
+    fn tried_within(&self, within: Duration) -> bool {
+        self.cached()
+            .tried
+            .is_some_and(|tried| tried.elapsed() < within)
     }
 
     /// The keys that may verify a token with `header`: from the cached copy while it is
     /// fresh, else from a new fetch; `UnknownKey` when none fits, `KeysUnavailable` when
     /// the copy is stale and cannot be fetched.
     pub async fn keys_for(&self, header: &TokenHeader) -> Result<Vec<VerifyingKey>, JwtError> {
-        // One fetch at a time: verifications that arrive during it wait for its keys.
-        let mut cached = self.cached.lock().await;
-        let fresh = cached
-            .fetched
-            .is_some_and(|fetched| fetched.elapsed() < self.config.cache);
+        let (keys, fresh) = self.held_keys(header);
+        if fresh && !keys.is_empty() {
+            return Ok(keys);
+        }
+        if fresh {
+            // A `kid` the copy lacks: the provider may have rotated its keys since. One
+            // refetch per `min_refetch` at most, and never a wait for someone else's.
+            if self.tried_within(self.config.min_refetch) {
+                return Err(JwtError::UnknownKey(header.kid.clone()));
+            }
+            let Ok(_fetching) = self.fetching.try_lock() else {
+                return Err(JwtError::UnknownKey(header.kid.clone()));
+            };
+            if !self.tried_within(self.config.min_refetch) {
+                let _ = self.fetch_into().await;
+            }
+            let (keys, _) = self.held_keys(header);
+            if keys.is_empty() {
+                return Err(JwtError::UnknownKey(header.kid.clone()));
+            }
+            return Ok(keys);
+        }
+        // A stale copy (or none yet): every token needs the fetch; they wait for one.
+        let _fetching = self.fetching.lock().await;
+        let (keys, fresh) = self.held_keys(header);
         if !fresh {
-            // A stale copy is fetched again whenever it is needed, unless a fetch was just
-            // tried (and failed): then the stale copy is refused without another request.
-            let just_tried = cached.tried.is_some_and(|tried| {
-                tried.elapsed() < self.config.min_refetch.min(self.config.cache)
-            });
-            if just_tried || self.fetch_into(&mut cached).await.is_err() {
+            // Fetched again whenever needed, unless a fetch was just tried (and failed):
+            // then the stale copy is refused without another request.
+            let just_tried = self.tried_within(self.config.min_refetch.min(self.config.cache));
+            if just_tried || self.fetch_into().await.is_err() {
                 return Err(JwtError::KeysUnavailable(format!(
                     "the JWKS at {} cannot be fetched and the copy held is too old",
                     self.config.url
                 )));
             }
-        }
-        let fitting = |cached: &Cached| -> Vec<VerifyingKey> {
-            cached
-                .keys
-                .iter()
-                .filter(|key| key.fits(header))
-                .cloned()
-                .collect()
-        };
-        let keys = fitting(&cached);
-        if !keys.is_empty() {
+            let (keys, _) = self.held_keys(header);
+            if keys.is_empty() {
+                return Err(JwtError::UnknownKey(header.kid.clone()));
+            }
             return Ok(keys);
         }
-        // A `kid` the copy lacks: the provider may have rotated its keys since.
-        let may_refetch = cached
-            .tried
-            .is_none_or(|tried| tried.elapsed() >= self.config.min_refetch);
-        if may_refetch && self.fetch_into(&mut cached).await.is_ok() {
-            let keys = fitting(&cached);
-            if !keys.is_empty() {
-                return Ok(keys);
-            }
+        if keys.is_empty() {
+            return Err(JwtError::UnknownKey(header.kid.clone()));
         }
-        Err(JwtError::UnknownKey(header.kid.clone()))
+        Ok(keys)
     }
 
-    async fn fetch_into(&self, cached: &mut Cached) -> Result<(), JwksError> {
-        cached.tried = Some(Instant::now());
+    /// Fetches the document and, when it is good, makes it the copy held. Called by the one
+    /// holder of `fetching`; the copy's lock is taken only around the updates.
+    async fn fetch_into(&self) -> Result<(), JwksError> {
+        self.cached().tried = Some(Instant::now());
         match self.fetch().await {
             Ok(keys) => {
+                let mut cached = self.cached();
                 cached.keys = keys;
                 cached.fetched = Some(Instant::now());
                 Ok(())

@@ -121,6 +121,9 @@ struct RawHeader {
     alg: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kid: Option<String>,
+    /// Extensions the token says its reader must understand (RFC 7515 4.1.11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crit: Option<serde_json::Value>,
 }
 
 /// Reads a token's header without checking anything else: which key to verify it with.
@@ -137,6 +140,13 @@ pub fn header(token: &str) -> Result<TokenHeader, JwtError> {
         .map_err(|_| JwtError::Malformed("header is not base64url"))?;
     let raw: RawHeader =
         serde_json::from_slice(&json).map_err(|_| JwtError::Malformed("header is not json"))?;
+    if raw.crit.is_some() {
+        // RFC 7515 4.1.11: a token naming extensions its reader must understand is refused
+        // by a reader that understands none of them.
+        return Err(JwtError::Malformed(
+            "header names critical extensions (crit) this server does not understand",
+        ));
+    }
     Ok(TokenHeader {
         alg: raw.alg,
         kid: raw.kid,

@@ -76,7 +76,8 @@ use shared::Ticker;
 
 pub use auth::{
     AllowAllSubscribers, AuthError, Authorizer, ChannelPattern, Credentials, Identity,
-    JwtAuthorizer, MIN_SECRET_BYTES, TokenSource, WeakSecret, redact_query,
+    JwtAuthorizer, MIN_SECRET_BYTES, MIN_SECRET_DISTINCT_BYTES, TokenSource, WeakSecret,
+    distinct_bytes, redact_query,
 };
 pub use config::TransportConfig;
 pub use error::{ApiError, RETRY_AFTER_SECONDS, Result, status_of};

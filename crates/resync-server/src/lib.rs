@@ -33,6 +33,31 @@ fn generate_api_key() -> Result<String> {
     Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
+/// The shortest API key accepted outside the demo, and the fewest different bytes in it: the
+/// key publishes to every channel, and a short or uniform one is guessed.
+const MIN_API_KEY_BYTES: usize = 16;
+const MIN_API_KEY_DISTINCT_BYTES: usize = 6;
+
+/// Refuses an API key that is easy to guess, except with `--demo`, whose openness is the
+/// point (the README's `dev-key`): then it is only a warning.
+fn check_api_key(key: &str, demo: bool) -> Result<()> {
+    let distinct = resync_actix::distinct_bytes(key.as_bytes());
+    if key.len() >= MIN_API_KEY_BYTES && distinct >= MIN_API_KEY_DISTINCT_BYTES {
+        return Ok(());
+    }
+    let why = format!(
+        "the API key has {} bytes, {distinct} of them different; at least {MIN_API_KEY_BYTES} \
+         bytes with {MIN_API_KEY_DISTINCT_BYTES} different ones are required (for example the \
+         output of `openssl rand -hex 24`), or leave it unset for a generated one",
+        key.len()
+    );
+    if demo {
+        tracing::warn!("{why}; accepted because the demo is on");
+        return Ok(());
+    }
+    anyhow::bail!("refusing the API key (--api-key, RESYNC_API_KEY, api_key): {why}")
+}
+
 /// Channel patterns from settings; empty entries (`--anonymous-subscribe ""`) mean none.
 fn patterns(patterns: &[String]) -> Vec<ChannelPattern> {
     patterns
@@ -79,7 +104,10 @@ impl RunningServer {
 /// Must be called inside an actix runtime.
 pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)> {
     let api_key = match &settings.api_key {
-        Some(key) if !key.is_empty() => key.clone(),
+        Some(key) if !key.is_empty() => {
+            check_api_key(key, settings.demo)?;
+            key.clone()
+        }
         _ => {
             let key = generate_api_key()?;
             tracing::warn!(api_key = %key, "no API key configured (RESYNC_API_KEY); generated one for this run");

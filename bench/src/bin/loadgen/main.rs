@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 mod flood;
 mod presence;
 
-const API_KEY: &str = "bench-key";
+const API_KEY: &str = "bench-api-key-0123456789";
 /// Subscribers that parse timestamps for latency; the rest only count.
 const LATENCY_SAMPLE: usize = 200;
 

@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-export const API_KEY = "e2e-key";
+export const API_KEY = "e2e-api-key-0123456789";
 
 /** Starts the resync-server binary; resolves once it listens. */
 export async function startServer(args = []) {

@@ -35,6 +35,11 @@ use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 /// Ready items handled in one wake-up of a connection.
 const MAX_BATCH: usize = 64;
 
+/// Token refreshes a second one connection may ask for, sustained, and in a burst: a token
+/// is refreshed every few minutes; each refresh is a signature check.
+const REFRESHES_PER_SECOND: f64 = 1.0;
+const REFRESH_BURST: u32 = 3;
+
 /// Malformed frames in a row after which the connection is closed (4000).
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 10;
 
@@ -92,6 +97,12 @@ pub(crate) async fn handle(
             now,
         ),
         over_rate: 0,
+        refusals: TokenBucket::new(
+            shared.config.ws_messages_per_second,
+            shared.config.ws_message_burst,
+            now,
+        ),
+        refreshes: TokenBucket::new(REFRESHES_PER_SECOND, REFRESH_BURST, now),
         admitted: admitted.guard,
         token_subject: admitted.token_subject,
         narrowing: admitted.narrowing,
@@ -120,8 +131,15 @@ struct Connection {
     messages: TokenBucket,
     /// Publishes the client may send.
     publishes: TokenBucket,
-    /// Messages in a row refused for the rate; past the burst, the connection closes.
+    /// Messages in a row refused for the rate (the first of a run is answered).
     over_rate: u32,
+    /// Refusals the connection may still earn: as many a second as it may send messages,
+    /// and a burst. Past it, it closes: a flood that keeps just under a run of refusals is
+    /// still a flood (issue 25, L4).
+    refusals: TokenBucket,
+    /// Token refreshes the connection may ask for, each a signature check, bad ones
+    /// included (issue 25, item 12).
+    refreshes: TokenBucket,
     shared: Arc<Shared>,
     identity: Identity,
     /// The subject of the token the connection was opened with (before the application
@@ -445,7 +463,7 @@ impl Connection {
             return self.on_message(message).await;
         }
         self.over_rate += 1;
-        if self.over_rate > self.shared.config.ws_message_burst {
+        if !self.refusals.take(std::time::Instant::now()) {
             return Err(Ending::Close(CloseCode::TRY_AGAIN_LATER));
         }
         if self.over_rate == 1 {
@@ -626,6 +644,16 @@ impl Connection {
     /// presence) it no longer allows ended with reason `permission`. A refused token changes
     /// nothing: the connection goes on until its current token expires.
     async fn refresh(&mut self, id: RequestId, token: String) -> Result<(), Ending> {
+        // Each refresh is a signature check: rationed per connection and per address,
+        // before it is made, whatever it turns out to be.
+        let now = std::time::Instant::now();
+        if !self.refreshes.take(now) || !self.shared.admission.take_refresh(self.address, now) {
+            let error = ApiError::new(
+                ErrorCode::RateLimited,
+                "token refreshes asked too often; the current token stays in force",
+            );
+            return self.reply_error(id, error).await;
+        }
         let credentials = Credentials {
             token: Some((token, TokenSource::Refresh)),
         };

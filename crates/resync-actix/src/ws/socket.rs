@@ -352,6 +352,10 @@ impl FrameHeader {
         if control && self.short_length.is_some_and(|length| length > 125) {
             return Err(InboxError::Framing("control frame over 125 bytes"));
         }
+        if self.opcode == 8 && self.short_length == Some(1) {
+            // A close payload is empty, or a two-byte code and a reason (RFC 6455 5.5.1).
+            return Err(InboxError::Framing("close payload of one byte"));
+        }
         let Some(length) = self.length else {
             return Ok(());
         };
@@ -365,6 +369,33 @@ impl FrameHeader {
             return Err(InboxError::TooBig);
         }
         Ok(())
+    }
+}
+
+/// A whole close frame at the start of `bytes` must carry its reason as UTF-8 (RFC 6455
+/// 5.5.1; actix-http reads it lossily). A close frame not yet whole passes until it is.
+fn check_close_reason(bytes: &[u8]) -> Result<(), InboxError> {
+    // A checked header: masked, at most 125 bytes, so 2 bytes of header and 4 of mask.
+    let Some(&second) = bytes.get(1) else {
+        return Ok(());
+    };
+    let length = usize::from(second & 0x7F);
+    let Some(frame) = bytes.get(..6 + length) else {
+        return Ok(());
+    };
+    let (mask, payload) = frame[2..].split_at(4);
+    if payload.len() <= 2 {
+        return Ok(());
+    }
+    let reason: Vec<u8> = payload
+        .iter()
+        .enumerate()
+        .skip(2)
+        .map(|(index, byte)| byte ^ mask[index % 4])
+        .collect();
+    match std::str::from_utf8(&reason) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(InboxError::Framing("close reason is not UTF-8")),
     }
 }
 
@@ -477,10 +508,16 @@ impl FrameReader {
     /// arrived, so a header declaring 2^40 bytes would have us keep whatever the client sends.
     fn check_next_header(&self) -> Result<(), InboxError> {
         match FrameHeader::peek(&self.buffer) {
-            Some(header) => header.check(
-                self.partial.as_ref().map(|partial| partial.bytes.len()),
-                self.max_message,
-            ),
+            Some(header) => {
+                header.check(
+                    self.partial.as_ref().map(|partial| partial.bytes.len()),
+                    self.max_message,
+                )?;
+                if header.opcode == 8 {
+                    check_close_reason(&self.buffer)?;
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
