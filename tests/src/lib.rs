@@ -336,6 +336,29 @@ impl WsClient {
         }
     }
 
+    /// Connects from the loopback address `source` (each test attacker has its own) and
+    /// reads the `connected` frame.
+    pub async fn connect_ready_from(url: &str, source: std::net::IpAddr) -> Self {
+        let address: std::net::SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let stream = attack::connect_from(source, address).await.unwrap();
+        let (stream, _) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::client_async_tls(url, stream))
+                .await
+                .unwrap()
+                .unwrap();
+        let mut client = Self { stream, next_id: 1 };
+        match client.read().await {
+            WsRead::Frame(ServerFrame::Connected { .. }) => client,
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
     /// Connects and reads the `connected` frame.
     pub async fn connect_ready(url: &str) -> Self {
         let mut client = Self::connect(url).await.unwrap();

@@ -45,7 +45,7 @@ async fn defect_7_logs_at_the_default_level_are_plain_text_and_summarised_not_pe
             "--listen",
             "127.0.0.1:0",
             "--api-key",
-            "log-key",
+            "log-api-key-0123456789",
             "--log-summary-secs",
             "1",
         ])
@@ -69,7 +69,7 @@ async fn defect_7_logs_at_the_default_level_are_plain_text_and_summarised_not_pe
     for n in 0..50 {
         let published = http
             .post(format!("{base}/api/publish"))
-            .bearer_auth("log-key")
+            .bearer_auth("log-api-key-0123456789")
             .json(&serde_json::json!({ "channel": "logged", "data": n }))
             .send()
             .await

@@ -201,19 +201,19 @@ impl Bench {
     }
 
     /// resync with its default limits (the per-address ones included: the flood scenario's
-    /// attackers come from their own loopback addresses), the global cap at `cap`.
-    fn ours_at_defaults(&self, cap: &str) -> Result<Server> {
-        Server::start(
-            &self.release.join("resync-server"),
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--api-key",
-                "bench-api-key-0123456789",
-                "--max-connections",
-                cap,
-            ],
-        )
+    /// attackers come from their own loopback addresses), the global cap at `cap`, and
+    /// `extra`.
+    fn ours_at_defaults(&self, cap: &str, extra: &[&str]) -> Result<Server> {
+        let mut arguments = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            "bench-api-key-0123456789",
+            "--max-connections",
+            cap,
+        ];
+        arguments.extend_from_slice(extra);
+        Server::start(&self.release.join("resync-server"), &arguments)
     }
 
     fn baseline(&self) -> Result<Server> {
@@ -577,11 +577,69 @@ fn presence_round(bench: &mut Bench, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// What the flood scenario's servers need besides their defaults: a self-signed certificate
+/// for the TLS listener the handshake-stall flood meets, the RSA key refresh floods' tokens
+/// claim, and a config naming the proxied namespace of the proxy-hogging flood.
+struct FloodFixtures {
+    directory: std::path::PathBuf,
+    cert: String,
+    key: String,
+    rsa_public_key: String,
+    config: String,
+}
+
+impl FloodFixtures {
+    fn new(root: &Path) -> Result<Self> {
+        let directory = root.join("target/bench/flood-fixtures");
+        std::fs::create_dir_all(&directory)?;
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+            .context("a self-signed certificate")?;
+        let cert = directory.join("cert.pem");
+        let key = directory.join("key.pem");
+        std::fs::write(&cert, certified.cert.pem())?;
+        std::fs::write(&key, certified.signing_key.serialize_pem())?;
+        let config = directory.join("flood.toml");
+        std::fs::write(&config, "[namespaces.slow]\nproxy = true\n")?;
+        let text = |path: &Path| path.to_string_lossy().into_owned();
+        Ok(Self {
+            rsa_public_key: text(&root.join("tests/fixtures/keys/rsa.pub")),
+            cert: text(&cert),
+            key: text(&key),
+            config: text(&config),
+            directory,
+        })
+    }
+}
+
+/// A free loopback port, for the proxy backend the load generator serves.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
 /// Legitimate subscribers with and without floods beside them, on the default limits.
 fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    let fixtures = FloodFixtures::new(&workspace_root())?;
     for floods in ["off", "on"] {
-        let server = bench.ours_at_defaults(FLOOD_CAP)?;
+        let proxy_port = free_port()?.to_string();
+        let proxy_url = format!("http://127.0.0.1:{proxy_port}/resync");
+        let server = bench.ours_at_defaults(
+            FLOOD_CAP,
+            &[
+                "--jwt-public-keys",
+                &fixtures.rsa_public_key,
+                "--proxy-url",
+                &proxy_url,
+                "--config",
+                &fixtures.config,
+            ],
+        )?;
+        let tls = bench.ours_at_defaults(
+            FLOOD_CAP,
+            &["--tls-cert", &fixtures.cert, "--tls-key", &fixtures.key],
+        )?;
         let pid = server.pid();
+        let ca = fixtures.directory.join("cert.pem");
         bench.load(
             &format!("flood/{floods}"),
             &[
@@ -598,6 +656,12 @@ fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
                 if quick { "5" } else { "10" },
                 "--rate",
                 "50",
+                "--tls-url",
+                &tls.url,
+                "--tls-ca",
+                &ca.to_string_lossy(),
+                "--proxy-port",
+                &proxy_port,
             ],
         )?;
     }
@@ -1138,7 +1202,13 @@ fn flood_section(bench: &Bench) -> String {
          beside bounded floods, each from its own loopback address: 2 streams of WebSocket frames declaring 2^40 \
          bytes, 2 anonymous WebSockets publishing to the channel as fast as they can write, 2 sprayers of SSE \
          requests naming 128 never-published channels each, a connection flood from 30 addresses to past the \
-         cap, and 2 WebSockets that send pings without pause and never read (`loadgen flood`).\n\n",
+         cap, and 2 WebSockets that send pings without pause and never read; and issue 25's: 200 keep-alive \
+         connections dripping their next request's head, 600 TCP connections to a TLS listener that never say \
+         hello, 50 sockets pipelining 64 KiB of requests and never reading, first polls with `join_leave=1` on 8 \
+         channels of 100 members with 1 KiB of info, 4 addresses holding 250 non-reading polls each of a channel \
+         of 60 KB events, 50 WebSockets sending bad RS256 refreshes, and 128 subscribes at a time to a proxied \
+         namespace whose backend takes 0.9 s (`loadgen flood`). Beside them, legitimate checks: `/healthz`, \
+         `https://…/healthz` on the TLS listener twice a second, and a proxied subscribe twice a second.\n\n",
         on("subscribers")
     ));
     out.push_str("| | without floods | with floods |\n|---|---:|---:|\n");
@@ -1164,6 +1234,32 @@ fn flood_section(bench: &Bench) -> String {
         "| server peak RSS (MiB) | {:.0} | {:.0} (bound {FLOOD_PEAK_RSS_MIB:.0}) |\n",
         off("server_peak_rss_kib") / 1024.0,
         on("server_peak_rss_kib") / 1024.0
+    ));
+    out.push_str(&format!(
+        "| server RSS before / after the run (MiB) | {:.0} / {:.0} | {:.0} / {:.0} (after within 64 MiB of before: {}) |\n",
+        off("server_rss_start_kib") / 1024.0,
+        off("server_rss_after_kib") / 1024.0,
+        on("server_rss_start_kib") / 1024.0,
+        on("server_rss_after_kib") / 1024.0,
+        if on("server_rss_after_kib") - on("server_rss_start_kib") <= 64.0 * 1024.0 {
+            "yes"
+        } else {
+            "no"
+        },
+    ));
+    out.push_str(&format!(
+        "| `https://…/healthz` answered / failed | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+        off("tls_health_ok"),
+        off("tls_health_failed"),
+        on("tls_health_ok"),
+        on("tls_health_failed")
+    ));
+    out.push_str(&format!(
+        "| proxied subscribes let in / refused | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+        off("proxy_legit_allowed"),
+        off("proxy_legit_refused"),
+        on("proxy_legit_allowed"),
+        on("proxy_legit_refused")
     ));
     out.push_str(&format!(
         "| server CPU during the run (s) | {:.1} | {:.1} |\n\n",
@@ -1194,6 +1290,36 @@ fn flood_section(bench: &Bench) -> String {
     out.push_str(&format!(
         "| ping floods | {:.0} connections cut by the server |\n",
         on("pingers_reaped")
+    ));
+    out.push_str(&format!(
+        "| keep-alive drip | {:.0} connections closed at the header deadline |\n",
+        on("drips_closed")
+    ));
+    out.push_str(&format!(
+        "| TLS handshake stall | {:.0} stalled connections closed (deadline, per-address caps) |\n",
+        on("tls_stalls_closed")
+    ));
+    out.push_str(&format!(
+        "| pipelining non-readers | {:.0} sockets, each held to one response |\n",
+        on("pipelines_opened")
+    ));
+    out.push_str(&format!(
+        "| long-poll presence | {:.0} first polls, the largest reply {:.0} KiB (limit 1 MiB) |\n",
+        on("presence_polls"),
+        on("presence_reply_max_bytes") / 1024.0
+    ));
+    out.push_str(&format!(
+        "| non-reading polls | {:.0} polls from 4 addresses, their replies within the budget of bytes waiting for clients |\n",
+        on("heavy_polls")
+    ));
+    out.push_str(&format!(
+        "| refresh-signature flood | {:.0} refreshes sent, {:.0} refused for their rate before any signature check |\n",
+        on("refreshes_sent"),
+        on("refreshes_rationed")
+    ));
+    out.push_str(&format!(
+        "| proxy-slot hogging | {:.0} subscribes to the slow namespace, at most an eighth of the proxy's slots at a time |\n",
+        on("proxy_hogs")
     ));
     out
 }

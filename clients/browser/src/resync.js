@@ -307,11 +307,18 @@ export class ResyncClient {
     if (entry && !entry.position) entry.position = position;
   }
 
-  /** Replaces (`members`) or changes (`join`, `leave`) a channel's member list. */
+  /** Replaces (`members`) or changes (`join`, `leave`) a channel's member list. A long list
+   * comes in pages (`more` on every page but the last): it replaces the list once whole. */
   presence(channel, change) {
     const entry = this.channels.get(channel);
     if (!entry) return;
-    if (change.members) entry.members = new Map(change.members.map((member) => [member.id, member]));
+    if (change.members) {
+      const pages = (entry.memberPages ??= []);
+      pages.push(...change.members);
+      if (change.more) return;
+      entry.memberPages = undefined;
+      entry.members = new Map(pages.map((member) => [member.id, member]));
+    }
     if (change.join) entry.members.set(change.join.id, change.join);
     if (change.leave) entry.members.delete(change.leave.id);
     entry.handlers.onPresence?.([...entry.members.values()]);
@@ -496,7 +503,7 @@ class WebSocketSession {
         break;
       }
       case "presence":
-        client.presence(frame.channel, { members: frame.members });
+        client.presence(frame.channel, { members: frame.members, more: frame.more === true });
         break;
       case "join":
         client.presence(frame.channel, { join: frame.member });

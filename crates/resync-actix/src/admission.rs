@@ -48,6 +48,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether a token could be taken now (without taking it).
+    pub(crate) fn has_token(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.burst) >= 1.0
+    }
+
     fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens + elapsed * self.rate >= self.burst
@@ -67,10 +73,21 @@ pub(crate) enum Refusal {
     TooMuchForUser(&'static str),
 }
 
-#[derive(Default)]
 struct UserState {
     connections: usize,
     subscriptions: usize,
+    /// Channels the user's publishes made, from whatever addresses.
+    channel_rate: TokenBucket,
+}
+
+impl UserState {
+    fn new(now: Instant) -> Self {
+        Self {
+            connections: 0,
+            subscriptions: 0,
+            channel_rate: TokenBucket::new(CHANNELS_MADE_PER_SECOND, CHANNELS_MADE_BURST, now),
+        }
+    }
 }
 
 struct AddressState {
@@ -80,21 +97,27 @@ struct AddressState {
     /// Sockets accepted by the edge and still open.
     sockets: usize,
     subscriptions: usize,
+    /// Bytes of presence its connections hold.
+    presence_bytes: usize,
     /// New streams.
     rate: TokenBucket,
     /// New sockets (through the edge).
     socket_rate: TokenBucket,
     /// Token refreshes of the address's connections: each a signature check.
     refresh_rate: TokenBucket,
+    /// Channels its clients' publishes made (each lasting state in the broker).
+    channel_rate: TokenBucket,
 }
 
 impl AddressState {
     fn idle(&self, now: Instant) -> bool {
         self.connections == 0
             && self.sockets == 0
+            && self.presence_bytes == 0
             && self.rate.is_full(now)
             && self.socket_rate.is_full(now)
             && self.refresh_rate.is_full(now)
+            && self.channel_rate.is_full(now)
     }
 }
 
@@ -108,6 +131,12 @@ pub(crate) fn socket_margin(stream_limit: usize) -> usize {
 /// burst: each is a signature check (an RSA-4096 one costs ~0.1 ms of CPU).
 const ADDRESS_REFRESHES_PER_SECOND: f64 = 5.0;
 const ADDRESS_REFRESH_BURST: u32 = 20;
+
+/// Channels the client publishes of one address (or one user) may make a second, sustained,
+/// and in a burst: each is lasting state in the broker (its history, for a day by default),
+/// and a flood of them would fill the table the application's own publishes need.
+const CHANNELS_MADE_PER_SECOND: f64 = 1.0;
+const CHANNELS_MADE_BURST: u32 = 100;
 
 /// Addresses tracked at most; past it, addresses with no connection are forgotten, and if
 /// none is, new addresses are refused as if the server were full.
@@ -132,6 +161,8 @@ struct Limits {
     max_subscriptions_per_address: usize,
     max_connections_per_user: usize,
     max_subscriptions_per_user: usize,
+    max_presence_bytes: usize,
+    max_presence_bytes_per_address: usize,
     trusted_proxies: Vec<IpAddr>,
 }
 
@@ -140,6 +171,8 @@ struct AdmissionState {
     connections: usize,
     /// Sockets the edge accepted and holds.
     sockets: usize,
+    /// Bytes of presence (memberships and join/leave watches) held for clients.
+    presence_bytes: usize,
     addresses: HashMap<IpAddr, AddressState>,
     /// Users with at least one connection, so at most `max_connections` of them.
     users: HashMap<Arc<str>, UserState>,
@@ -160,11 +193,14 @@ impl Admission {
                 max_subscriptions_per_address: config.max_subscriptions_per_ip,
                 max_connections_per_user: config.max_connections_per_user,
                 max_subscriptions_per_user: config.max_subscriptions_per_user,
+                max_presence_bytes: config.max_presence_bytes,
+                max_presence_bytes_per_address: config.max_presence_bytes_per_ip,
                 trusted_proxies: config.trusted_proxies.clone(),
             },
             state: Mutex::new(AdmissionState {
                 connections: 0,
                 sockets: 0,
+                presence_bytes: 0,
                 addresses: HashMap::new(),
                 users: HashMap::new(),
                 next_sweep: None,
@@ -225,6 +261,7 @@ impl Admission {
         Ok(AdmissionGuard {
             admission: self.clone(),
             address,
+            presence_bytes: 0,
             user: None,
             subscriptions: 0,
         })
@@ -269,6 +306,35 @@ impl Admission {
         })
     }
 
+    /// Whether `address` (and `user`) may still make channels with client publishes now.
+    pub(crate) fn may_make_channel(
+        &self,
+        address: IpAddr,
+        user: Option<&str>,
+        now: Instant,
+    ) -> bool {
+        let state = self.lock();
+        let address_may = state
+            .addresses
+            .get(&address)
+            .is_some_and(|tracked| tracked.channel_rate.has_token(now));
+        let user_may = user
+            .and_then(|user| state.users.get(user))
+            .is_none_or(|user| user.channel_rate.has_token(now));
+        address_may && user_may
+    }
+
+    /// Counts a channel a client publish of `address` (and `user`) made.
+    pub(crate) fn made_channel(&self, address: IpAddr, user: Option<&str>, now: Instant) {
+        let mut state = self.lock();
+        if let Some(tracked) = state.addresses.get_mut(&address) {
+            tracked.channel_rate.take(now);
+        }
+        if let Some(user) = user.and_then(|user| state.users.get_mut(user)) {
+            user.channel_rate.take(now);
+        }
+    }
+
     /// Takes one of `address`'s token refreshes, if it has one left.
     pub(crate) fn take_refresh(&self, address: IpAddr, now: Instant) -> bool {
         let mut state = self.lock();
@@ -304,6 +370,7 @@ impl Admission {
                 connections: 0,
                 sockets: 0,
                 subscriptions: 0,
+                presence_bytes: 0,
                 rate: TokenBucket::new(limits.connections_per_second, limits.connection_burst, now),
                 socket_rate: TokenBucket::new(
                     socket_margin(limits.connections_per_second as usize) as f64,
@@ -316,6 +383,7 @@ impl Admission {
                     ADDRESS_REFRESH_BURST,
                     now,
                 ),
+                channel_rate: TokenBucket::new(CHANNELS_MADE_PER_SECOND, CHANNELS_MADE_BURST, now),
             }))
     }
 
@@ -346,6 +414,8 @@ pub(crate) fn bucket_of(address: IpAddr) -> IpAddr {
 pub(crate) struct AdmissionGuard {
     admission: Arc<Admission>,
     address: IpAddr,
+    /// Bytes of presence this connection holds, given back when it ends.
+    presence_bytes: usize,
     /// The token subject this connection also counts against, once authenticated.
     user: Option<Arc<str>>,
     subscriptions: usize,
@@ -360,7 +430,10 @@ impl AdmissionGuard {
         };
         let mut state = self.admission.lock();
         let limits = &self.admission.limits;
-        let user = state.users.entry(Arc::from(subject)).or_default();
+        let user = state
+            .users
+            .entry(Arc::from(subject))
+            .or_insert_with(|| UserState::new(Instant::now()));
         if user.connections >= limits.max_connections_per_user {
             let idle = user.connections == 0;
             if idle {
@@ -407,6 +480,41 @@ impl AdmissionGuard {
         Ok(())
     }
 
+    /// Counts `bytes` more of presence held for this connection (a membership, a join/leave
+    /// watch), within its address's and the process's presence budgets.
+    pub(crate) fn hold_presence(&mut self, bytes: usize) -> Result<(), Refusal> {
+        let mut state = self.admission.lock();
+        let limits = &self.admission.limits;
+        if state.presence_bytes.saturating_add(bytes) > limits.max_presence_bytes {
+            return Err(Refusal::TooMuchFromAddress(
+                "the server holds all the presence it may; try again later",
+            ));
+        }
+        let Some(tracked) = state.addresses.get_mut(&self.address) else {
+            return Ok(());
+        };
+        if tracked.presence_bytes.saturating_add(bytes) > limits.max_presence_bytes_per_address {
+            return Err(Refusal::TooMuchFromAddress(
+                "this address holds too much presence (members and join/leave watches)",
+            ));
+        }
+        tracked.presence_bytes += bytes;
+        state.presence_bytes += bytes;
+        self.presence_bytes += bytes;
+        Ok(())
+    }
+
+    /// Gives back `bytes` of presence this connection held.
+    pub(crate) fn release_presence(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.presence_bytes);
+        self.presence_bytes -= bytes;
+        let mut state = self.admission.lock();
+        state.presence_bytes = state.presence_bytes.saturating_sub(bytes);
+        if let Some(tracked) = state.addresses.get_mut(&self.address) {
+            tracked.presence_bytes = tracked.presence_bytes.saturating_sub(bytes);
+        }
+    }
+
     /// Counts `count` fewer channels followed.
     pub(crate) fn unsubscribe(&mut self, count: usize) {
         let count = count.min(self.subscriptions);
@@ -430,9 +538,11 @@ impl Drop for AdmissionGuard {
         let now = Instant::now();
         let mut state = self.admission.lock();
         state.connections = state.connections.saturating_sub(1);
+        state.presence_bytes = state.presence_bytes.saturating_sub(self.presence_bytes);
         let forget = match state.addresses.get_mut(&self.address) {
             Some(tracked) => {
                 tracked.connections = tracked.connections.saturating_sub(1);
+                tracked.presence_bytes = tracked.presence_bytes.saturating_sub(self.presence_bytes);
                 tracked.subscriptions = tracked.subscriptions.saturating_sub(self.subscriptions);
                 tracked.idle(now)
             }

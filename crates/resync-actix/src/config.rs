@@ -37,6 +37,13 @@ pub struct TransportConfig {
     /// The largest presence info a subscriber may join with, in bytes of JSON. Defaults to
     /// 1 KiB; over it, the subscribe fails with `presence_info_too_large`.
     pub max_presence_info_bytes: usize,
+    /// The most bytes of presence (each membership: its info, member id and channel, and
+    /// 256 bytes; each join/leave watch: 512 bytes) the connections of one address may hold.
+    /// Past it, a subscribe asking for presence fails with `rate_limited`. Defaults to 4 MiB.
+    pub max_presence_bytes_per_ip: usize,
+    /// The most bytes of presence the process holds for its clients, counted as for
+    /// [`max_presence_bytes_per_ip`](Self::max_presence_bytes_per_ip). Defaults to 64 MiB.
+    pub max_presence_bytes: usize,
     /// The most channels one connection may follow. Defaults to 128.
     pub max_channels_per_connection: usize,
     /// The cookie a token may come in. Defaults to `resync_token`.
@@ -131,6 +138,8 @@ impl Default for TransportConfig {
             poll_presence_idle: Duration::from_secs(30),
             max_message_bytes: 64 * 1024,
             max_presence_info_bytes: 1024,
+            max_presence_bytes_per_ip: 4 * 1024 * 1024,
+            max_presence_bytes: 64 * 1024 * 1024,
             max_channels_per_connection: 128,
             token_cookie: "resync_token".to_owned(),
             allowed_origins: Vec::new(),

@@ -16,9 +16,9 @@
 //!   deadline ([`TransportConfig::request_header_timeout`](crate::TransportConfig)), counted
 //!   from `accept` (a TLS handshake is within it) and from the end of its last response: a
 //!   dripped header and an idle keep-alive connection both close at it.
-//! - One request at a time: [`RequestGate`], above TLS, hands the dispatcher a request head,
-//!   then exactly the body its `Content-Length` declares, then nothing until the response has
-//!   ended. actix-http would otherwise decode every pipelined request in its read buffer at
+//! - One request at a time: [`RequestGate`], above TLS, gathers a request head whole, hands
+//!   it to the dispatcher with exactly the body its `Content-Length` declares, then nothing
+//!   until the response has ended. actix-http would otherwise decode every pipelined request in its read buffer at
 //!   once (a 32 KiB read of small requests is ~700 requests of ~6 KB each, per connection);
 //!   what a client pipelines waits in the gate (at most [`GATE_HOLD`] bytes), and the gate
 //!   stops reading past that.
@@ -133,7 +133,7 @@ impl Edge {
             secure,
             header_timeout: self.shared.config.request_header_timeout,
             in_flight: Cell::new(0),
-            admit: Cell::new(Admit::HEAD),
+            admit: Cell::new(Admit::Head),
             idle_since: Cell::new(now),
             produced: Cell::new(0),
             written: Cell::new(0),
@@ -420,9 +420,8 @@ impl AsyncWrite for EdgeStream {
 struct RequestInFlight(Rc<EdgeConnection>);
 
 impl RequestInFlight {
-    fn start(connection: Rc<EdgeConnection>, body: Admit) -> Self {
+    fn start(connection: Rc<EdgeConnection>) -> Self {
         connection.in_flight.set(connection.in_flight.get() + 1);
-        connection.set_admit(body);
         Self(connection)
     }
 }
@@ -434,8 +433,11 @@ impl Drop for RequestInFlight {
         connection.in_flight.set(left);
         if left == 0 {
             connection.idle_since.set(Instant::now());
-            // The next request, which may be waiting in the gate already.
-            connection.set_admit(Admit::HEAD);
+            // The next request, which may be waiting in the gate already; a body the response
+            // did not wait for is still handed over first (as actix-http expects it).
+            if connection.admit.get() == Admit::Nothing {
+                connection.set_admit(Admit::Head);
+            }
         }
     }
 }
@@ -443,10 +445,11 @@ impl Drop for RequestInFlight {
 /// What a [`RequestGate`] may hand the HTTP dispatcher next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Admit {
-    /// A request head, through the empty line that ends it; `line_ends` counts the line
-    /// ends in a row seen so far (a `\r` does not break a row: `\r\n\r\n` and `\n\n` both
-    /// end a head, as httparse reads them).
-    Head { line_ends: u8 },
+    /// A request head: gathered whole in the gate (up to actix-http's own limit), read for
+    /// where its body ends, then handed over.
+    Head,
+    /// This many bytes of a head the gate has read, then what its headers say follows.
+    HeadOut { bytes: usize, then: Follows },
     /// This many more bytes of the request's body (its `Content-Length`).
     Body(u64),
     /// Everything: a WebSocket's frames, for as long as it lives.
@@ -455,68 +458,86 @@ enum Admit {
     Nothing,
 }
 
-impl Admit {
-    const HEAD: Admit = Admit::Head { line_ends: 0 };
+/// What a request head says follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Follows {
+    Body(u64),
+    Stream,
+    Nothing,
+}
 
-    /// How many of `bytes` may be handed over, and what may follow them.
-    fn take(self, bytes: &[u8]) -> (usize, Admit) {
-        match self {
-            Admit::Head { mut line_ends } => {
-                for (index, &byte) in bytes.iter().enumerate() {
-                    if byte == b'\n' {
-                        line_ends += 1;
-                        if line_ends == 2 {
-                            return (index + 1, Admit::Nothing);
-                        }
-                    } else if byte != b'\r' {
-                        line_ends = 0;
-                    }
-                }
-                (bytes.len(), Admit::Head { line_ends })
+/// The largest head the gate gathers: actix-http refuses a larger one (431) anyway.
+const HEAD_MAX: usize = 128 * 1024;
+
+/// Where the head at the start of `bytes` ends (just past its empty line), scanning from
+/// `from`: `\r\n\r\n` and `\n\n` both end a head, as httparse reads them.
+fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut line_ends = 0;
+    // Back up over the line ends the last scan may have stopped in.
+    let start = from.saturating_sub(3);
+    for (index, &byte) in bytes.iter().enumerate().skip(start) {
+        if byte == b'\n' {
+            line_ends += 1;
+            if line_ends == 2 {
+                return Some(index + 1);
             }
-            Admit::Body(left) => {
-                let taken = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-                let left = left - taken as u64;
-                (
-                    taken,
-                    if left == 0 {
-                        Admit::Nothing
-                    } else {
-                        Admit::Body(left)
-                    },
-                )
-            }
-            Admit::Stream => (bytes.len(), Admit::Stream),
-            Admit::Nothing => (0, Admit::Nothing),
+        } else if byte != b'\r' {
+            line_ends = 0;
         }
     }
+    None
+}
 
-    /// What a request's body lets through, from its headers.
-    fn body_of(request: &ServiceRequest) -> Admit {
-        use actix_web::http::header;
-        let headers = request.headers();
-        if headers.contains_key(header::UPGRADE) {
-            return Admit::Stream;
+/// What follows a request `head`: its `Content-Length` of body, a WebSocket's stream, or
+/// nothing (a head actix-http will refuse, or a chunked body the middleware refuses, included).
+fn follows(head: &[u8]) -> Follows {
+    let mut headers = [httparse::EMPTY_HEADER; 96];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Follows::Nothing;
+    }
+    let mut length = None;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("upgrade") {
+            return Follows::Stream;
         }
-        match headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-        {
-            Some(length) if length > 0 => Admit::Body(length),
-            _ => Admit::Nothing,
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Follows::Nothing;
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|value| value.trim().parse::<u64>().ok());
+        }
+    }
+    match length {
+        Some(length) if length > 0 => Follows::Body(length),
+        _ => Follows::Nothing,
+    }
+}
+
+impl Follows {
+    fn admit(self) -> Admit {
+        match self {
+            Follows::Body(length) => Admit::Body(length),
+            Follows::Stream => Admit::Stream,
+            Follows::Nothing => Admit::Nothing,
         }
     }
 }
 
 /// Hands actix-http's dispatcher one request at a time (see the module docs): under it, the
-/// connection's bytes (TLS already removed); over it, the dispatcher. Needs the [`track`]
-/// middleware on the app, which tells it where each request's body ends.
+/// connection's bytes (TLS already removed); over it, the dispatcher. A head is gathered whole
+/// and read for where its body ends; then the head and exactly that body are handed over, and
+/// nothing more until the response has ended (the [`track`] middleware on the app says when).
 pub struct RequestGate<IO> {
     io: IO,
     connection: Rc<EdgeConnection>,
-    /// What the client sent past what may be handed over now.
+    /// What the client sent that is not handed over yet: a head being gathered, and whatever
+    /// it pipelined after it.
     held: bytes::BytesMut,
+    /// How far `held` was scanned for the end of a head.
+    scanned: usize,
 }
 
 impl<IO> std::fmt::Debug for RequestGate<IO> {
@@ -537,6 +558,7 @@ impl<IO> RequestGate<IO> {
             io,
             connection,
             held: bytes::BytesMut::new(),
+            scanned: 0,
         }
     }
 
@@ -552,6 +574,29 @@ impl<IO> RequestGate<IO> {
     }
 }
 
+impl<IO: AsyncRead + Unpin> RequestGate<IO> {
+    /// Reads what the socket has into `held`, at most `limit` held in all: `Ready(false)` at
+    /// the end of the stream, `Pending` when nothing more came.
+    fn read_ahead(
+        &mut self,
+        context: &mut Context<'_>,
+        limit: usize,
+    ) -> Poll<std::io::Result<bool>> {
+        let mut scratch = [0u8; 4096];
+        let room = limit.saturating_sub(self.held.len()).min(scratch.len());
+        let mut ahead = ReadBuf::new(&mut scratch[..room]);
+        match Pin::new(&mut self.io).poll_read(context, &mut ahead) {
+            Poll::Ready(Ok(())) if ahead.filled().is_empty() => Poll::Ready(Ok(false)),
+            Poll::Ready(Ok(())) => {
+                self.held.extend_from_slice(ahead.filled());
+                Poll::Ready(Ok(true))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for RequestGate<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -559,77 +604,169 @@ impl<IO: AsyncRead + Unpin> AsyncRead for RequestGate<IO> {
         buffer: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let connection = &this.connection;
         loop {
-            let admit = connection.admit.get();
-            if admit == Admit::Nothing {
-                // Nothing may go to the dispatcher, but the socket is still read (up to the
-                // hold), so that a client that leaves is seen at once.
-                if this.held.len() >= GATE_HOLD {
-                    connection.read_waker.set(Some(context.waker().clone()));
-                    return Poll::Pending;
-                }
-                let mut scratch = [0u8; 1024];
-                let mut ahead = ReadBuf::new(&mut scratch);
-                match Pin::new(&mut this.io).poll_read(context, &mut ahead) {
-                    Poll::Ready(Ok(())) if ahead.filled().is_empty() => {
-                        connection.mark_closed();
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Ready(Ok(())) => {
-                        if this.held.is_empty() {
-                            connection.shared.metrics.request_held();
-                        }
-                        this.held.extend_from_slice(ahead.filled());
+            let connection = this.connection.clone();
+            match connection.admit.get() {
+                Admit::Head => {
+                    if let Some(end) = head_end(&this.held, this.scanned) {
+                        let then = follows(&this.held[..end]);
+                        this.scanned = 0;
+                        connection.admit.set(Admit::HeadOut { bytes: end, then });
                         continue;
                     }
-                    Poll::Ready(Err(error)) => {
-                        connection.mark_closed();
-                        return Poll::Ready(Err(error));
+                    this.scanned = this.held.len();
+                    if this.held.len() > HEAD_MAX {
+                        // Too large for actix-http to take: handed over for it to refuse.
+                        let bytes = this.held.len();
+                        connection.admit.set(Admit::HeadOut {
+                            bytes,
+                            then: Follows::Nothing,
+                        });
+                        continue;
                     }
-                    Poll::Pending => {
+                    match this.read_ahead(context, HEAD_MAX + 1) {
+                        Poll::Ready(Ok(true)) => {}
+                        Poll::Ready(Ok(false)) => {
+                            connection.mark_closed();
+                            // The stream ended: what was gathered goes over for the
+                            // dispatcher to answer or drop, then the end.
+                            if this.held.is_empty() {
+                                return Poll::Ready(Ok(()));
+                            }
+                            let bytes = this.held.len();
+                            connection.admit.set(Admit::HeadOut {
+                                bytes,
+                                then: Follows::Nothing,
+                            });
+                        }
+                        Poll::Ready(Err(error)) => {
+                            connection.mark_closed();
+                            return Poll::Ready(Err(error));
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                Admit::HeadOut { bytes, then } => {
+                    let handed = bytes.min(buffer.remaining()).min(this.held.len());
+                    buffer.put_slice(&this.held[..handed]);
+                    bytes::Buf::advance(&mut this.held, handed);
+                    let left = bytes - handed;
+                    connection.admit.set(if left == 0 {
+                        then.admit()
+                    } else {
+                        Admit::HeadOut { bytes: left, then }
+                    });
+                    if !this.held.is_empty() && connection.admit.get() == Admit::Nothing {
+                        connection.shared.metrics.request_held();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Admit::Body(left) => {
+                    if !this.held.is_empty() {
+                        let handed = usize::try_from(left)
+                            .unwrap_or(usize::MAX)
+                            .min(buffer.remaining())
+                            .min(this.held.len());
+                        buffer.put_slice(&this.held[..handed]);
+                        bytes::Buf::advance(&mut this.held, handed);
+                        this.body_handed(left, handed);
+                        return Poll::Ready(Ok(()));
+                    }
+                    let before = buffer.filled().len();
+                    return match Pin::new(&mut this.io).poll_read(context, buffer) {
+                        Poll::Ready(Ok(())) => {
+                            let fresh = buffer.filled().len() - before;
+                            if fresh == 0 {
+                                if buffer.remaining() > 0 {
+                                    connection.mark_closed();
+                                }
+                                return Poll::Ready(Ok(()));
+                            }
+                            let handed = usize::try_from(left).unwrap_or(usize::MAX).min(fresh);
+                            if handed < fresh {
+                                // Past the body: the next request waits in the gate.
+                                this.held
+                                    .extend_from_slice(&buffer.filled()[before + handed..]);
+                                buffer.set_filled(before + handed);
+                            }
+                            this.body_handed(left, handed);
+                            Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Err(error)) => {
+                            connection.mark_closed();
+                            Poll::Ready(Err(error))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Admit::Stream => {
+                    if !this.held.is_empty() {
+                        let handed = buffer.remaining().min(this.held.len());
+                        buffer.put_slice(&this.held[..handed]);
+                        bytes::Buf::advance(&mut this.held, handed);
+                        return Poll::Ready(Ok(()));
+                    }
+                    let before = buffer.filled().len();
+                    return match Pin::new(&mut this.io).poll_read(context, buffer) {
+                        Poll::Ready(Ok(())) => {
+                            if buffer.filled().len() == before && buffer.remaining() > 0 {
+                                connection.mark_closed();
+                            }
+                            Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Err(error)) => {
+                            connection.mark_closed();
+                            Poll::Ready(Err(error))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Admit::Nothing => {
+                    // Nothing may go to the dispatcher, but the socket is still read (up to
+                    // the hold), so that a client that leaves is seen at once.
+                    if this.held.len() >= GATE_HOLD {
                         connection.read_waker.set(Some(context.waker().clone()));
                         return Poll::Pending;
                     }
-                }
-            }
-            if !this.held.is_empty() {
-                let room = buffer.remaining().min(this.held.len());
-                let (taken, next) = admit.take(&this.held[..room]);
-                buffer.put_slice(&this.held[..taken]);
-                bytes::Buf::advance(&mut this.held, taken);
-                connection.admit.set(next);
-                return Poll::Ready(Ok(()));
-            }
-            let before = buffer.filled().len();
-            return match Pin::new(&mut this.io).poll_read(context, buffer) {
-                Poll::Ready(Ok(())) => {
-                    let fresh = &buffer.filled()[before..];
-                    if fresh.is_empty() {
-                        if buffer.remaining() > 0 {
+                    let was_empty = this.held.is_empty();
+                    match this.read_ahead(context, GATE_HOLD) {
+                        Poll::Ready(Ok(true)) => {
+                            if was_empty {
+                                connection.shared.metrics.request_held();
+                            }
+                        }
+                        Poll::Ready(Ok(false)) => {
                             connection.mark_closed();
+                            return Poll::Ready(Ok(()));
                         }
-                        return Poll::Ready(Ok(()));
-                    }
-                    let (taken, next) = admit.take(fresh);
-                    if taken < fresh.len() {
-                        // The rest waits in the gate for its turn.
-                        if this.held.is_empty() {
-                            connection.shared.metrics.request_held();
+                        Poll::Ready(Err(error)) => {
+                            connection.mark_closed();
+                            return Poll::Ready(Err(error));
                         }
-                        this.held.extend_from_slice(&fresh[taken..]);
-                        buffer.set_filled(before + taken);
+                        Poll::Pending => {
+                            connection.read_waker.set(Some(context.waker().clone()));
+                            return Poll::Pending;
+                        }
                     }
-                    connection.admit.set(next);
-                    Poll::Ready(Ok(()))
                 }
-                Poll::Ready(Err(error)) => {
-                    connection.mark_closed();
-                    Poll::Ready(Err(error))
-                }
-                Poll::Pending => Poll::Pending,
-            };
+            }
         }
+    }
+}
+
+impl<IO> RequestGate<IO> {
+    /// `handed` bytes of a body that had `left` went over: the rest of it, or, once it is
+    /// all over, nothing until the response ends (or the next head, when it already has).
+    fn body_handed(&mut self, left: u64, handed: usize) {
+        let left = left.saturating_sub(handed as u64);
+        let connection = &self.connection;
+        connection.admit.set(if left > 0 {
+            Admit::Body(left)
+        } else if connection.in_flight.get() == 0 {
+            Admit::Head
+        } else {
+            Admit::Nothing
+        });
     }
 }
 
@@ -755,9 +892,8 @@ pub async fn track<B: MessageBody + 'static>(
         )
         .into());
     }
-    let in_flight = connection.map(|ConnectionHandle(connection)| {
-        RequestInFlight::start(connection, Admit::body_of(&request))
-    });
+    let in_flight =
+        connection.map(|ConnectionHandle(connection)| RequestInFlight::start(connection));
     let response = next.call(request).await?;
     Ok(response.map_body(|_, inner| EdgeBody {
         inner,

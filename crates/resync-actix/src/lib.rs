@@ -52,6 +52,7 @@ pub mod jwt;
 mod membership;
 mod metrics;
 mod namespaces;
+mod output;
 mod permissions;
 mod poll;
 mod poll_presence;
@@ -169,6 +170,7 @@ impl ResyncBuilder {
                 sse_heartbeat,
                 ws_ping,
                 poll_sessions: Default::default(),
+                replies: Default::default(),
                 users: Default::default(),
                 proxy: self
                     .proxy

@@ -51,39 +51,95 @@ pub(crate) fn check<'a>(
     Ok(Some(presence))
 }
 
-/// The frame that tells a watcher of `channel` about `event`: a `join` or `leave`, or, when
-/// it missed events (a burst past its queue), the whole list (a `presence` frame with `id`
-/// 0: not an answer), so that its list is right again without asking. `Err` with why when
-/// the list cannot be read either: the watcher must fetch it again.
-pub(crate) async fn watcher_frame(
+/// The most bytes of members in one `presence` frame: a longer list comes in pages (every
+/// page but the last says `more`), so no frame, SSE event or long-poll reply grows with a
+/// channel's members.
+pub(crate) const PRESENCE_PAGE_BYTES: usize = 64 * 1024;
+
+/// `members` of `channel` as `presence` frames answering `id` (0: not an answer), each at
+/// most [`PRESENCE_PAGE_BYTES`] of members (and at least one member).
+pub(crate) fn list_pages(
+    id: resync_protocol::RequestId,
+    channel: &Channel,
+    members: Vec<resync_protocol::Member>,
+) -> Vec<ServerFrame> {
+    let mut pages = Vec::new();
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    for member in members {
+        let size =
+            member.id.len() + member.info.as_ref().map_or(0, |info| info.as_str().len()) + 24;
+        if !page.is_empty() && bytes + size > PRESENCE_PAGE_BYTES {
+            pages.push(std::mem::take(&mut page));
+            bytes = 0;
+        }
+        bytes += size;
+        page.push(member);
+    }
+    pages.push(page);
+    let last = pages.len() - 1;
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(index, members)| ServerFrame::Presence {
+            id,
+            channel: channel.clone(),
+            members,
+            more: index < last,
+        })
+        .collect()
+}
+
+/// The frames that tell a watcher of `channel` about `event`: a `join` or `leave`, or, when
+/// it missed events (a burst past its queue), the whole list (`presence` frames with `id` 0:
+/// not an answer, in pages), so that its list is right again without asking. `Err` with why
+/// when the list cannot be read either: the watcher must fetch it again.
+pub(crate) async fn watcher_frames(
     shared: &Shared,
     channel: Channel,
     event: Result<PresenceEvent, PresenceLagged>,
-) -> Result<ServerFrame, (Channel, String)> {
+) -> Result<Vec<ServerFrame>, (Channel, String)> {
     match event {
-        Ok(PresenceEvent::Join(member)) => Ok(ServerFrame::Join { channel, member }),
-        Ok(PresenceEvent::Leave(member)) => Ok(ServerFrame::Leave { channel, member }),
+        Ok(PresenceEvent::Join(member)) => Ok(vec![ServerFrame::Join { channel, member }]),
+        Ok(PresenceEvent::Leave(member)) => Ok(vec![ServerFrame::Leave { channel, member }]),
         Err(lagged) => {
             let members = match shared.broker.presence() {
                 Some(presence) => presence.members(&channel).await,
                 None => Ok(Vec::new()),
             };
             match members {
-                Ok(members) => Ok(ServerFrame::Presence {
-                    id: 0,
-                    channel,
-                    members,
-                }),
+                Ok(members) => Ok(list_pages(0, &channel, members)),
                 Err(error) => Err((channel, format!("{lagged} ({error})"))),
             }
         }
     }
 }
 
+/// Bytes a membership costs the presence budgets (`docs/security.md`): its info, member id and
+/// channel as the broker keeps them, and the entry around them.
+pub(crate) fn membership_cost(channel: &Channel, member: &resync_protocol::Member) -> usize {
+    const ENTRY: usize = 256;
+    ENTRY
+        + channel.as_str().len()
+        + member.id.len()
+        + member.info.as_ref().map_or(0, |info| info.as_str().len())
+}
+
+/// Bytes a join/leave watch costs the presence budgets: its queue and registration.
+pub(crate) fn watch_cost(channel: &Channel) -> usize {
+    const WATCH: usize = 512;
+    WATCH + channel.as_str().len()
+}
+
 /// Watches the joins and leaves of each channel (with `join_leave`), then joins it as
 /// `memberships`' member (with a presence request): what an SSE stream and a long-poll
 /// session do at their start. The watch comes first, so a change in between is not missed
-/// (a join of a member already listed changes nothing for the client).
+/// (a join of a member already listed changes nothing for the client). Each is held against
+/// the connection's presence budgets (`admitted`), given back when the connection ends.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the one start of presence for SSE and long polls, called twice"
+)]
 pub(crate) async fn watch_and_join(
     presence: &dyn Presence,
     identity: &Identity,
@@ -92,9 +148,13 @@ pub(crate) async fn watch_and_join(
     join_leave: bool,
     memberships: &mut Memberships,
     watches: &mut tokio_stream::StreamMap<Channel, resync_broker::PresenceWatch>,
+    admitted: &mut crate::admission::AdmissionGuard,
 ) -> Result<(), ApiError> {
     for channel in channels {
         if join_leave {
+            admitted
+                .hold_presence(watch_cost(channel))
+                .map_err(crate::request::refusal)?;
             watches.insert(channel.clone(), presence.watch(channel).await?);
         }
         if let Some(request) = member {
@@ -102,6 +162,9 @@ pub(crate) async fn watch_and_join(
                 id: memberships.member_id().to_owned(),
                 info: request.info.clone().or_else(|| identity.info.clone()),
             };
+            admitted
+                .hold_presence(membership_cost(channel, &joining))
+                .map_err(crate::request::refusal)?;
             presence
                 .join(channel, &joining, memberships.connection())
                 .await?;

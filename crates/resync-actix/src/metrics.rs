@@ -485,6 +485,15 @@ impl Metrics {
         u64::try_from(self.queued_bytes.get()).unwrap_or(0)
     }
 
+    /// The process's budget of bytes waiting for clients.
+    pub(crate) fn queued_bytes_budget(&self) -> usize {
+        usize::try_from(
+            self.queued_bytes_budget
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .unwrap_or(usize::MAX)
+    }
+
     /// Whether the bytes waiting for clients are past the process's budget.
     pub(crate) fn queued_bytes_over(&self) -> bool {
         self.queued_bytes.get()

@@ -28,14 +28,39 @@ pub(crate) async fn handle(
     let Admitted {
         query,
         identity,
+        address,
         guard: _admitted,
         ..
     } = admit_follower(&shared, &request).await?;
     let _guard = shared.metrics.connection(Transport::Poll);
     let mut session = poll_presence::open(&shared, &request, &identity, &query).await?;
-    let mut batch = Batch::new();
+    let wait = query
+        .timeout_seconds
+        .map_or(shared.config.poll_timeout, Duration::from_secs)
+        .min(shared.config.poll_timeout_max)
+        .min(identity.remaining().unwrap_or(Duration::MAX));
+    let deadline = tokio::time::Instant::now() + wait;
+    let departure = Departure::of(&request);
+    // The reply's size: the configured most, and what the process's budget of bytes waiting
+    // for clients has left for this address. With too little, wait for room (a client that
+    // never reads cannot make the others' replies wait for ever: theirs are reserved
+    // against their own address's share).
+    let reply_max = shared.config.poll_max_bytes;
+    let room = loop {
+        let room = shared.replies.room(&shared.metrics, address, reply_max);
+        if room >= MIN_REPLY_ROOM.min(reply_max) || tokio::time::Instant::now() >= deadline {
+            break room;
+        }
+        tokio::select! {
+            () = shared.replies.freed(deadline) => {}
+            () = departure.wait() => return Ok(HttpResponse::NoContent().finish()),
+        }
+    };
+    let mut batch = Batch::new(shared.config.poll_max_events, reply_max.min(room));
     if let Some(session) = session.as_mut() {
-        batch.presence = std::mem::take(&mut session.state.owed);
+        for frame in std::mem::take(&mut session.state.owed) {
+            batch.push_presence_frame(frame);
+        }
     }
 
     let Some(cursor) = query.cursor else {
@@ -52,19 +77,9 @@ pub(crate) async fn handle(
         for (channel, position) in query.channels.iter().zip(positions) {
             cursor.set(channel.clone(), position?);
         }
-        return Ok(reply(
-            &batch,
-            &cursor,
-            session.as_ref(),
-            cors_headers(&request, &shared.config.allowed_origins),
-        ));
+        return Ok(reply(&shared, address, batch, &cursor, session, &request));
     };
 
-    let wait = query
-        .timeout_seconds
-        .map_or(shared.config.poll_timeout, Duration::from_secs)
-        .min(shared.config.poll_timeout_max)
-        .min(identity.remaining().unwrap_or(Duration::MAX));
     let (mut channels, outcomes) =
         ChannelSet::open(&shared, &query.channels, &Since::Cursor(cursor)).await?;
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
@@ -82,34 +97,34 @@ pub(crate) async fn handle(
         }
     }
 
-    // Whatever is ready now (replays) goes out at once.
-    let max_events = shared.config.poll_max_events;
-    let max_bytes = shared.config.poll_max_bytes;
-    channels
-        .take_ready(|channel, item| {
-            batch.add(&shared, channel, item);
-            batch.events.len() < max_events && batch.bytes < max_bytes
-        })
-        .await
-        .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
+    // Whatever is ready now (replays) goes out at once, while the reply has room; the cursor
+    // carries the rest to the next poll.
+    if batch.has_room() {
+        channels
+            .take_ready(|channel, item| {
+                batch.add(&shared, channel, item);
+                batch.has_room()
+            })
+            .await
+            .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
+    }
 
     if let Some(session) = session.as_mut() {
         take_ready_presence(&shared, session, &mut batch).await;
     }
 
-    if batch.is_empty() && !starts_now {
+    if batch.is_empty() && !starts_now && batch.has_room() {
         let mut shutdown = shared.shutdown.subscribe();
         let watching = session
             .as_ref()
             .is_some_and(|session| !session.state.watches.is_empty());
         let superseded = session.as_ref().map(Lease::superseded);
-        let departure = Departure::of(&request);
         tokio::select! {
             first = channels.next() => {
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
                     batch.add(&shared, &channel, item);
-                    if batch.events.len() >= max_events || batch.bytes >= max_bytes {
+                    if !batch.has_room() {
                         break;
                     }
                     next = channels.next_ready();
@@ -132,10 +147,10 @@ pub(crate) async fn handle(
                 // A newer poll of this client took over the session: this one's client has
                 // most likely given up on it, so the frames it owes go with the newer one.
                 if let Some(session) = session.as_mut() {
-                    session.state.owed = std::mem::take(&mut batch.presence);
+                    session.state.owed = batch.take_presence();
                 }
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
             _ = shutdown.wait_for(|shutting_down| *shutting_down) => {}
             _ = departure.wait() => {
                 // Nobody is left to read the reply; free the subscriptions now.
@@ -146,39 +161,78 @@ pub(crate) async fn handle(
     shared
         .metrics
         .delivered(Transport::Poll, batch.events.len() as u64);
-    Ok(reply(
-        &batch,
-        &channels.cursor(),
-        session.as_ref(),
-        cors_headers(&request, &shared.config.allowed_origins),
-    ))
+    let cursor = channels.cursor();
+    Ok(reply(&shared, address, batch, &cursor, session, &request))
 }
 
-/// One long-poll reply under construction.
+/// Below this much room in the budget of bytes waiting for clients, a poll waits for room
+/// rather than answer with nothing at once (which its client would poll again at once).
+const MIN_REPLY_ROOM: usize = 64 * 1024;
+
+/// One long-poll reply under construction, within its byte limit: events and presence
+/// frames count alike, and what does not fit waits for the next poll (events by the
+/// cursor, presence frames in the session).
 struct Batch {
     /// Each event's channel and frame.
     events: Vec<(Channel, bytes::Bytes)>,
-    /// The frames' bytes: a reply stops growing past `poll_max_bytes` (the cursor carries
-    /// the rest to the next poll), so one poll of a channel of large events cannot make the
-    /// server build a reply of tens of megabytes.
-    bytes: usize,
+    event_bytes: usize,
+    max_events: usize,
+    /// The most bytes of events and presence frames in this reply (at least one item goes).
+    max_bytes: usize,
     resets: Vec<ResetNotice>,
     /// Presence frames (join, leave, the list) for a poll with a presence session.
     presence: Vec<String>,
+    presence_bytes: usize,
+    /// Presence frames past the limit, owed to the next poll, oldest first.
+    presence_later: Vec<String>,
 }
 
 impl Batch {
-    fn new() -> Self {
+    fn new(max_events: usize, max_bytes: usize) -> Self {
         Self {
-            bytes: 0,
             events: Vec::new(),
+            event_bytes: 0,
+            max_events,
+            max_bytes,
             resets: Vec::new(),
             presence: Vec::new(),
+            presence_bytes: 0,
+            presence_later: Vec::new(),
         }
     }
 
     fn is_empty(&self) -> bool {
         self.events.is_empty() && self.resets.is_empty() && self.presence.is_empty()
+    }
+
+    fn bytes(&self) -> usize {
+        self.event_bytes + self.presence_bytes
+    }
+
+    /// Whether another item may join the reply.
+    fn has_room(&self) -> bool {
+        self.events.len() < self.max_events
+            && self.bytes() < self.max_bytes
+            && self.presence_later.is_empty()
+    }
+
+    /// Adds a presence frame, or keeps it for the next poll when the reply is full.
+    fn push_presence_frame(&mut self, frame: String) {
+        let fits = self.bytes() + frame.len() <= self.max_bytes;
+        if self.presence_later.is_empty() && (fits || self.is_empty()) {
+            self.presence_bytes += frame.len();
+            self.presence.push(frame);
+        } else {
+            self.presence_later.push(frame);
+        }
+    }
+
+    /// Every presence frame of the batch, this reply's and those for later, oldest first.
+    fn take_presence(&mut self) -> Vec<String> {
+        self.presence_bytes = 0;
+        let mut frames = std::mem::take(&mut self.presence);
+        frames.append(&mut self.presence_later);
+        frames
     }
 
     async fn push_presence(
@@ -187,20 +241,24 @@ impl Batch {
         channel: Channel,
         event: Result<PresenceEvent, PresenceLagged>,
     ) {
-        let frame = membership::watcher_frame(shared, channel, event)
+        let frames = membership::watcher_frames(shared, channel, event)
             .await
-            .unwrap_or_else(|(channel, why)| ServerFrame::Error {
-                id: None,
-                code: ErrorCode::Unavailable,
-                message: format!("{channel}: {why}"),
+            .unwrap_or_else(|(channel, why)| {
+                vec![ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::Unavailable,
+                    message: format!("{channel}: {why}"),
+                }]
             });
-        self.presence.push(frame.encode());
+        for frame in frames {
+            self.push_presence_frame(frame.encode());
+        }
     }
 
     fn add(&mut self, shared: &Shared, channel: &Channel, item: SubscriptionItem) {
         match item {
             SubscriptionItem::Event(event) => {
-                self.bytes += event.frame().len();
+                self.event_bytes += event.frame().len();
                 self.events.push((channel.clone(), event.frame().clone()));
             }
             SubscriptionItem::Reset { reason, position } => {
@@ -208,7 +266,7 @@ impl Batch {
                 // The refetch a reset asks for covers the channel's earlier events of this
                 // reply: every event left in a reply comes after its channel's resets.
                 self.events.retain(|(earlier, _)| earlier != channel);
-                self.bytes = self.events.iter().map(|(_, frame)| frame.len()).sum();
+                self.event_bytes = self.events.iter().map(|(_, frame)| frame.len()).sum();
                 self.resets.push(ResetNotice {
                     channel: channel.clone(),
                     reason,
@@ -228,28 +286,38 @@ async fn take_ready_presence(shared: &Shared, session: &mut Lease, batch: &mut B
 }
 
 /// The reply ([`PollReply`]), assembled from pre-encoded event frames; `cursor` is where
-/// the client stands after it.
+/// the client stands after it. Its bytes are reserved against the budget of bytes waiting
+/// for clients until its body is gone; presence frames that did not fit stay owed.
 fn reply(
-    batch: &Batch,
+    shared: &Shared,
+    address: std::net::IpAddr,
+    mut batch: Batch,
     cursor: &Cursor,
-    session: Option<&Lease>,
-    cors: Vec<(actix_web::http::header::HeaderName, String)>,
+    mut session: Option<Lease>,
+    request: &HttpRequest,
 ) -> HttpResponse {
+    if let Some(session) = session.as_mut() {
+        session.state.owed = std::mem::take(&mut batch.presence_later);
+    }
     let body = PollReply::encode(
         batch.events.iter().map(|(_, frame)| &frame[..]),
         &batch.resets,
         cursor,
-        session.map(|session| PollPresence {
+        session.as_ref().map(|session| PollPresence {
             session: session.id(),
             frames: &batch.presence,
         }),
     );
+    let reservation = shared.replies.reserve(&shared.metrics, address, body.len());
     let mut response = HttpResponse::Ok();
-    for (name, value) in cors {
+    for (name, value) in cors_headers(request, &shared.config.allowed_origins) {
         response.insert_header((name, value));
     }
     response
         .insert_header((header::CONTENT_TYPE, "application/json"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .body(body)
+        .body(crate::output::ReservedBody::new(
+            bytes::Bytes::from(body),
+            reservation,
+        ))
 }

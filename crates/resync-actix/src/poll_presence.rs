@@ -89,7 +89,7 @@ pub(crate) struct SessionState {
     pub(crate) watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
     #[allow(dead_code, reason = "held for its Drop, which leaves the channels")]
     memberships: Memberships,
-    #[allow(dead_code, reason = "held for its place under the connection limits")]
+    /// Its place under the connection limits, and the presence it holds.
     admitted: AdmissionGuard,
     /// Frames owed to the client: the lists a new session starts with, or what a superseded
     /// poll could not deliver.
@@ -222,18 +222,16 @@ async fn start(
         query.join_leave,
         &mut state.memberships,
         &mut state.watches,
+        &mut state.admitted,
     )
     .await?;
     if query.join_leave {
         for channel in &query.channels {
             let members = presence.members(channel).await?;
-            state.owed.push(
-                ServerFrame::Presence {
-                    id: 0,
-                    channel: channel.clone(),
-                    members,
-                }
-                .encode(),
+            state.owed.extend(
+                membership::list_pages(0, channel, members)
+                    .iter()
+                    .map(ServerFrame::encode),
             );
         }
     }

@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) users: Arc<crate::users::UserConnections>,
     /// The application's backend, when it is asked.
     pub(crate) proxy: Option<crate::proxy::ProxyGate>,
+    /// Long-poll replies' share of the bytes waiting for clients.
+    pub(crate) replies: Arc<crate::output::ReplyBudget>,
 }
 
 impl Shared {

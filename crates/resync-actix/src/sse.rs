@@ -80,7 +80,7 @@ async fn open_stream(
     let Admitted {
         query,
         identity,
-        guard: admitted,
+        guard: mut admitted,
         ..
     } = admit_follower(&shared, request).await?;
 
@@ -101,6 +101,7 @@ async fn open_stream(
         &query.channels,
         query.presence,
         query.join_leave,
+        &mut admitted,
     )
     .await?;
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
@@ -198,6 +199,7 @@ async fn start_presence(
     channels: &[Channel],
     member: Option<resync_protocol::PresenceRequest>,
     join_leave: bool,
+    admitted: &mut crate::admission::AdmissionGuard,
 ) -> Result<Option<Box<StreamPresence>>, ApiError> {
     let Some(presence) = shared.broker.presence() else {
         return Ok(None);
@@ -222,6 +224,7 @@ async fn start_presence(
         join_leave,
         &mut state.memberships,
         &mut state.watches,
+        admitted,
     )
     .await?;
     Ok(Some(Box::new(state)))
@@ -383,29 +386,33 @@ impl StreamState {
             Wake::Presence(channel, event) => {
                 // The data is the WebSocket frame's JSON; a lag tells the client to fetch
                 // the list again.
-                let (name, data) =
-                    match membership::watcher_frame(&self.shared, channel, event).await {
-                        Ok(frame) => {
+                let events = match membership::watcher_frames(&self.shared, channel, event).await {
+                    Ok(frames) => frames
+                        .into_iter()
+                        .map(|frame| {
                             let name = match &frame {
                                 ServerFrame::Join { .. } => "join",
                                 ServerFrame::Leave { .. } => "leave",
                                 _ => "presence",
                             };
                             (name, frame.encode())
-                        }
-                        Err((channel, why)) => (
-                            "presence_lagged",
-                            serde_json::json!({ "channel": channel, "message": why }).to_string(),
-                        ),
-                    };
+                        })
+                        .collect(),
+                    Err((channel, why)) => vec![(
+                        "presence_lagged",
+                        serde_json::json!({ "channel": channel, "message": why }).to_string(),
+                    )],
+                };
                 let mut chunk = Vec::new();
-                SseFrame {
-                    id: None,
-                    event: Some(name),
-                    data: &data,
-                    retry_ms: None,
+                for (name, data) in &events {
+                    SseFrame {
+                        id: None,
+                        event: Some(name),
+                        data,
+                        retry_ms: None,
+                    }
+                    .encode_into(&mut chunk);
                 }
-                .encode_into(&mut chunk);
                 Some(Bytes::from(chunk))
             }
             Wake::Heartbeat => {

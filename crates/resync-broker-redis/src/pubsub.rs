@@ -274,7 +274,7 @@ mod tests {
         let event = decode("resync:", "resync:{chat:1}", "k3x9:42:{\"a\":\"b:c\"}").unwrap();
         assert_eq!(event.channel().as_str(), "chat:1");
         assert_eq!(event.position().seq.get(), 42);
-        assert_eq!(event.data().as_str(), "{\"a\":\"b:c\"}");
+        assert_eq!(event.data(), "{\"a\":\"b:c\"}");
         assert!(decode("resync:", "other:{x}", "e:1:1").is_none());
         assert!(decode("resync:", "resync:{x}", "e:notanumber:1").is_none());
     }

@@ -11,8 +11,10 @@ use crate::hub::LiveSubscription;
 /// The answer to a history read (see [`Broker::read_since`]).
 pub type HistoryRead = resync_log::ReadOutcome<EncodedEvent>;
 
-/// A request to publish one event.
+/// A request to publish one event. Built with [`Publish::new`] and its `with_*` methods, so
+/// that a field added later does not break the code that builds one.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Publish {
     /// The channel to publish on.
     pub channel: Channel,
@@ -21,21 +23,49 @@ pub struct Publish {
     /// When set, a publish with a key the channel has seen recently is not stored again; the
     /// broker answers with the position of the first one.
     pub idempotency_key: Option<IdempotencyKey>,
+    /// Who asked for it: the application (its API, its own code) or a client over a
+    /// transport. A broker with a bounded channel table keeps room for the application's
+    /// channels that clients cannot take.
+    pub origin: PublishOrigin,
+}
+
+/// Who asked for a publish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishOrigin {
+    /// The application: the HTTP API with its key, or its own code.
+    #[default]
+    Application,
+    /// A client, over WebSocket.
+    Client,
 }
 
 impl Publish {
-    /// A publish of `data` on `channel`, without an idempotency key.
+    /// A publish of `data` on `channel` by the application, without an idempotency key.
     pub fn new(channel: Channel, data: Payload) -> Self {
         Self {
             channel,
             data,
             idempotency_key: None,
+            origin: PublishOrigin::Application,
         }
     }
 
     /// Sets the idempotency key.
     pub fn with_idempotency_key(mut self, key: IdempotencyKey) -> Self {
         self.idempotency_key = Some(key);
+        self
+    }
+
+    /// Sets the idempotency key, if any.
+    pub fn with_optional_idempotency_key(mut self, key: Option<IdempotencyKey>) -> Self {
+        self.idempotency_key = key;
+        self
+    }
+
+    /// Marks the publish as a client's.
+    pub fn from_client(mut self) -> Self {
+        self.origin = PublishOrigin::Client;
         self
     }
 }

@@ -191,7 +191,7 @@ pub async fn history_reads_follow_the_contract(
             assert_eq!(latest, at(10), "{name}: latest");
             assert_eq!(
                 events[0].data(),
-                &payload(3),
+                payload(3).as_str(),
                 "{name}: data survives storage"
             );
         }

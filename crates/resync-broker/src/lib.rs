@@ -98,9 +98,9 @@ mod memory;
 pub mod presence;
 mod resume;
 
-pub use broker::{Broker, HistoryRead, Publish, USER_COMMAND_QUEUE};
+pub use broker::{Broker, HistoryRead, Publish, PublishOrigin, USER_COMMAND_QUEUE};
 pub use error::{Error, Result};
-pub use event::EncodedEvent;
+pub use event::{EVENT_OVERHEAD_BYTES, EncodedEvent};
 pub use hub::{DeliveryLag, Hub, Live, LiveError, LiveSubscription};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use presence::{

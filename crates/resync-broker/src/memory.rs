@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use resync_log::{ChannelLog, Retention};
 use resync_protocol::{Channel, Epoch, Event, IdempotencyKey, Position};
 
-use crate::broker::{Broker, HistoryRead, Publish};
+use crate::broker::{Broker, HistoryRead, Publish, PublishOrigin};
 use crate::error::{Error, Result};
 use crate::event::EncodedEvent;
 use crate::hub::{Hub, LiveSubscription, lock};
@@ -79,6 +79,8 @@ struct ChannelTable {
     /// Channels in the order they were made: where the search for one to forget starts, so
     /// that a full table is handled in O(1), not by scanning every channel.
     eviction_order: VecDeque<Channel>,
+    /// Channels a client's publish made, of the table's.
+    made_by_clients: usize,
 }
 
 /// Channels examined for forgetting when the table is full, per new channel.
@@ -90,6 +92,10 @@ fn new_epoch() -> Epoch {
 
 #[derive(Debug)]
 struct ChannelState {
+    /// The channel's name, shared by every event stored (one allocation, not one per event).
+    channel: Channel,
+    /// A client's publish made it: it counts against the clients' share of the table.
+    made_by_client: bool,
     log: ChannelLog<EncodedEvent>,
     keys: IdempotencyWindow,
 }
@@ -179,7 +185,8 @@ impl MemoryBrokerBuilder {
         self
     }
 
-    /// The most bytes of history over all channels (events' frames), or `None` for no limit.
+    /// The most bytes of history over all channels (each event's frame and
+    /// [`EVENT_OVERHEAD_BYTES`](crate::EVENT_OVERHEAD_BYTES)), or `None` for no limit.
     /// Past it, the channel being published to sheds its oldest events; readers further back
     /// get a `truncated` reset. Defaults to 256 MiB.
     pub fn max_history_bytes(mut self, bytes: Option<usize>) -> Self {
@@ -204,6 +211,7 @@ impl MemoryBrokerBuilder {
                     channels: HashMap::new(),
                     epoch: new_epoch(),
                     eviction_order: VecDeque::new(),
+                    made_by_clients: 0,
                 }),
                 hub: Hub::new(self.subscriber_queue),
                 retention: self.retention,
@@ -260,20 +268,40 @@ impl MemoryBroker {
     }
 
     /// The channel's state, made if needed (only a publish does).
-    fn state_for_publish(&self, channel: &Channel) -> Result<Arc<Mutex<ChannelState>>> {
+    fn state_for_publish(
+        &self,
+        channel: &Channel,
+        origin: PublishOrigin,
+    ) -> Result<Arc<Mutex<ChannelState>>> {
         let mut table = lock(&self.inner.table);
         if let Some(state) = table.channels.get(channel) {
             return Ok(state.clone());
         }
-        if table.channels.len() >= self.inner.max_channels {
+        let by_client = origin == PublishOrigin::Client;
+        // Clients may make channels in half the table: the application's own publishes can
+        // always make theirs, whatever clients do.
+        let client_share = self.inner.max_channels / 2;
+        if table.channels.len() >= self.inner.max_channels
+            || (by_client && table.made_by_clients >= client_share)
+        {
             self.forget_one(&mut table);
-            if table.channels.len() >= self.inner.max_channels {
+            let full = table.channels.len() >= self.inner.max_channels;
+            if full || (by_client && table.made_by_clients >= client_share) {
                 return Err(Error::TooManyChannels {
-                    limit: self.inner.max_channels,
+                    limit: if full {
+                        self.inner.max_channels
+                    } else {
+                        client_share
+                    },
                 });
             }
         }
+        if by_client {
+            table.made_by_clients += 1;
+        }
         let state = Arc::new(Mutex::new(ChannelState {
+            made_by_client: by_client,
+            channel: channel.clone(),
             log: ChannelLog::new(
                 table.epoch.clone(),
                 self.inner
@@ -308,8 +336,14 @@ impl MemoryBroker {
                 state.log.is_empty() && self.inner.hub.subscriber_count(&candidate) == 0
             };
             if forgettable {
-                let used_epoch = lock(&state).log.epoch() == &table.epoch;
+                let (used_epoch, made_by_client) = {
+                    let state = lock(&state);
+                    (state.log.epoch() == &table.epoch, state.made_by_client)
+                };
                 table.channels.remove(&candidate);
+                if made_by_client {
+                    table.made_by_clients = table.made_by_clients.saturating_sub(1);
+                }
                 if used_epoch {
                     // Its seqs were of the shared epoch: a later state must not reuse them.
                     table.epoch = new_epoch();
@@ -346,7 +380,7 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, publish: Publish) -> Result<Position> {
-        let state = self.state_for_publish(&publish.channel)?;
+        let state = self.state_for_publish(&publish.channel, publish.origin)?;
         let mut state = lock(&state);
         if let Some(key) = &publish.idempotency_key
             && let Some(position) = state.keys.get(key)
@@ -360,12 +394,13 @@ impl Broker for MemoryBroker {
             .next()
             .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
         let event = EncodedEvent::new(Event {
-            channel: publish.channel,
+            channel: state.channel.clone(),
             position: Position::new(state.log.epoch().clone(), next_seq),
             data: publish.data,
         });
         let before = state.log.bytes();
-        let size = event.frame().len();
+        // What the event holds, not only its frame: the budgets bound the process's memory.
+        let size = event.held_bytes();
         let position = state.log.append_sized(event.clone(), size, Instant::now());
         self.account(before, state.log.bytes());
         self.keep_within_budget(&mut state.log);

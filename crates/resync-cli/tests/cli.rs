@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 fn cli_subscribe_prints_what_cli_publish_sends() {
     let (server, _thread) = resync_server::start(resync_server::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
-        api_key: Some("cli-key".to_owned()),
+        api_key: Some("cli-api-key-0123456789".to_owned()),
         workers: Some(1),
         ..resync_server::Settings::default()
     })
@@ -20,7 +20,7 @@ fn cli_subscribe_prints_what_cli_publish_sends() {
     let publish = |data: &str| {
         let output = Command::new(env!("CARGO_BIN_EXE_resync"))
             .args(["--url", &base, "publish", "cli", data])
-            .env("RESYNC_API_KEY", "cli-key")
+            .env("RESYNC_API_KEY", "cli-api-key-0123456789")
             .output()
             .unwrap();
         assert!(

@@ -66,6 +66,7 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
         next_id: 0,
         channels: HashMap::new(),
         subscribe_requests: HashMap::new(),
+        member_pages: HashMap::new(),
         publishes: HashMap::new(),
         refresh_at: None,
         refresh_request: None,
@@ -147,6 +148,9 @@ struct Session {
     refresh_at: Option<tokio::time::Instant>,
     /// The `refresh` awaiting its reply.
     refresh_request: Option<RequestId>,
+    /// Member lists arriving in pages (`presence` frames with `more`), by channel, until
+    /// their last page.
+    member_pages: HashMap<Channel, Vec<resync_protocol::Member>>,
 }
 
 /// The longest a token is refreshed ahead of its expiry.
@@ -360,12 +364,22 @@ impl Session {
                 }
             }
             ServerFrame::Presence {
-                channel, members, ..
+                channel,
+                members,
+                more,
+                ..
             } => {
-                manager
-                    .registry
-                    .members_changed(&channel, MembersChange::All(members))
-                    .await;
+                // A long list comes in pages: it replaces the one held once it is whole.
+                let mut list = self.member_pages.remove(&channel).unwrap_or_default();
+                list.extend(members);
+                if more {
+                    self.member_pages.insert(channel, list);
+                } else {
+                    manager
+                        .registry
+                        .members_changed(&channel, MembersChange::All(list))
+                        .await;
+                }
             }
             ServerFrame::Join { channel, member } => {
                 manager

@@ -120,7 +120,11 @@ impl Event {
     /// [`Channel`]), and the payload is already valid JSON text.
     pub fn encode_frame(&self) -> String {
         let data = self.data.as_str();
-        let mut frame = String::with_capacity(64 + self.channel.as_str().len() + data.len());
+        // Exactly sized (the fixed text is 52 bytes, a seq at most 20 digits): stored histories
+        // keep this buffer, and a guess short by a few bytes doubled it.
+        let mut frame = String::with_capacity(
+            72 + self.channel.as_str().len() + self.position.epoch.as_str().len() + data.len(),
+        );
         frame.push_str("{\"type\":\"event\",\"channel\":\"");
         frame.push_str(self.channel.as_str());
         frame.push_str("\",\"epoch\":\"");

@@ -360,7 +360,9 @@ pub enum ServerFrame {
         /// A human-readable explanation.
         message: String,
     },
-    /// The reply to `presence`: who is in the channel now.
+    /// The reply to `presence`: who is in the channel now. A long list comes in pages, each
+    /// frame bounded in bytes: every page but the last says `more`, and the list is the
+    /// pages' members together, once the last has come.
     Presence {
         /// The request's id.
         id: RequestId,
@@ -368,6 +370,9 @@ pub enum ServerFrame {
         channel: Channel,
         /// Its members, one per identity.
         members: Vec<Member>,
+        /// More members follow in the next `presence` frame of this channel.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// The reply to `presence_count`.
     PresenceCount {
@@ -594,6 +599,7 @@ struct ServerWire {
     code: Option<ErrorCode>,
     message: Option<String>,
     members: Option<Vec<Member>>,
+    more: Option<bool>,
     count: Option<u64>,
     member: Option<Member>,
     expires_at: Option<u64>,
@@ -601,7 +607,7 @@ struct ServerWire {
 
 impl ServerWire {
     /// The names of the fields present, to reject those a frame type does not have.
-    fn present(&self) -> [(&'static str, bool); 17] {
+    fn present(&self) -> [(&'static str, bool); 18] {
         [
             ("client_id", self.client_id.is_some()),
             ("ping_interval_ms", self.ping_interval_ms.is_some()),
@@ -617,6 +623,7 @@ impl ServerWire {
             ("code", self.code.is_some()),
             ("message", self.message.is_some()),
             ("members", self.members.is_some()),
+            ("more", self.more.is_some()),
             ("count", self.count.is_some()),
             ("member", self.member.is_some()),
             ("expires_at", self.expires_at.is_some()),
@@ -707,11 +714,12 @@ impl ServerWire {
                 })
             }
             "presence" => {
-                self.reject_all_but(kind, &["id", "channel", "members"])?;
+                self.reject_all_but(kind, &["id", "channel", "members", "more"])?;
                 Ok(ServerFrame::Presence {
                     id: required(self.id, kind, "id")?,
                     channel: required(self.channel, kind, "channel")?,
                     members: required(self.members, kind, "members")?,
+                    more: self.more.unwrap_or(false),
                 })
             }
             "presence_count" => {

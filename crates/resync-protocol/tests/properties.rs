@@ -207,12 +207,14 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         (
             any::<u64>(),
             channel(),
-            prop::collection::vec(member(), 0..4)
+            prop::collection::vec(member(), 0..4),
+            any::<bool>()
         )
-            .prop_map(|(id, channel, members)| ServerFrame::Presence {
+            .prop_map(|(id, channel, members, more)| ServerFrame::Presence {
                 id,
                 channel,
-                members
+                members,
+                more
             }),
         (any::<u64>(), channel(), any::<u64>())
             .prop_map(|(id, channel, count)| ServerFrame::PresenceCount { id, channel, count }),

@@ -238,11 +238,10 @@ async fn publish(
     let channel = body.channel;
     let position = state
         .publisher
-        .send(Publish {
-            channel: channel.clone(),
-            data: body.data,
-            idempotency_key: body.idempotency_key.or(header_key),
-        })
+        .send(
+            Publish::new(channel.clone(), body.data)
+                .with_optional_idempotency_key(body.idempotency_key.or(header_key)),
+        )
         .await?;
     Ok(HttpResponse::Ok().json(PublishReply { channel, position }))
 }

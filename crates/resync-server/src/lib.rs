@@ -145,6 +145,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             let memory = memory
                 .retention(retention)
                 .max_history_bytes(Some(settings.history_max_bytes))
+                .max_channels(settings.max_channels.max(1))
                 .subscriber_queue(settings.subscriber_queue)
                 .build();
             (Arc::new(memory.clone()), Some(memory))
@@ -175,6 +176,8 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
         poll_presence_idle: Duration::from_secs(settings.poll_presence_idle_secs.max(1)),
         max_message_bytes: settings.max_message_bytes,
         max_presence_info_bytes: settings.max_presence_info_bytes,
+        max_presence_bytes_per_ip: settings.max_presence_bytes_per_ip,
+        max_presence_bytes: settings.max_presence_bytes,
         poll_max_bytes: settings.poll_max_bytes,
         max_channels_per_connection: settings.max_channels_per_connection,
         allowed_origins: settings.allowed_origins.clone(),

@@ -97,6 +97,8 @@ pub struct Settings {
     pub history_max_bytes_per_channel: usize,
     /// Bytes of history kept over all channels (memory broker).
     pub history_max_bytes: usize,
+    /// Channels with state at once (memory broker); client publishes may make half of them.
+    pub max_channels: usize,
     /// Most events replayed to one resuming client.
     pub max_replay: usize,
     /// Events a subscriber may have queued before it counts as slow.
@@ -113,6 +115,10 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Largest presence info a subscriber may join with, in bytes.
     pub max_presence_info_bytes: usize,
+    /// Bytes of presence the connections of one address may hold.
+    pub max_presence_bytes_per_ip: usize,
+    /// Bytes of presence the process holds for its clients.
+    pub max_presence_bytes: usize,
     /// Largest HTTP API body accepted.
     pub max_body_bytes: usize,
     /// Most bytes of events in one long-poll reply.
@@ -233,6 +239,7 @@ impl Default for Settings {
             history_max_age_secs: 24 * 60 * 60,
             history_max_bytes_per_channel: 16 * 1024 * 1024,
             history_max_bytes: 256 * 1024 * 1024,
+            max_channels: 100_000,
             max_replay: 10_000,
             subscriber_queue: resync_broker::DEFAULT_SUBSCRIBER_QUEUE,
             ping_interval_secs: 30,
@@ -241,6 +248,8 @@ impl Default for Settings {
             poll_presence_idle_secs: 30,
             max_message_bytes: 64 * 1024,
             max_presence_info_bytes: 1024,
+            max_presence_bytes_per_ip: 4 * 1024 * 1024,
+            max_presence_bytes: 64 * 1024 * 1024,
             max_body_bytes: 64 * 1024,
             poll_max_bytes: 1024 * 1024,
             max_channels_per_connection: 128,
@@ -379,6 +388,12 @@ pub struct Args {
     /// [default: 268435456]
     #[arg(long, env = "RESYNC_HISTORY_MAX_BYTES")]
     history_max_bytes: Option<usize>,
+    /// Channels with state at once (memory broker): past it, a publish to a new channel is
+    /// refused (429 too_many_channels) unless one without history or subscribers can be
+    /// forgotten. Client publishes may make at most half of them, so the API's never run out.
+    /// [default: 100000]
+    #[arg(long, env = "RESYNC_MAX_CHANNELS")]
+    max_channels: Option<usize>,
     /// Most events replayed to a resuming client; further behind is a reset. [default: 10000]
     #[arg(long, env = "RESYNC_MAX_REPLAY")]
     max_replay: Option<usize>,
@@ -405,6 +420,15 @@ pub struct Args {
     /// the subscribe fails with `presence_info_too_large`. [default: 1024]
     #[arg(long, env = "RESYNC_MAX_PRESENCE_INFO_BYTES")]
     max_presence_info_bytes: Option<usize>,
+    /// Bytes of presence the connections of one address may hold: each membership its info,
+    /// member id and channel and 256 bytes, each join/leave watch 512 bytes; past it a
+    /// subscribe asking for presence is refused (rate_limited). [default: 4194304]
+    #[arg(long, env = "RESYNC_MAX_PRESENCE_BYTES_PER_IP")]
+    max_presence_bytes_per_ip: Option<usize>,
+    /// Bytes of presence the process holds for its clients, counted the same way.
+    /// [default: 67108864]
+    #[arg(long, env = "RESYNC_MAX_PRESENCE_BYTES")]
+    max_presence_bytes: Option<usize>,
     /// Largest HTTP API request body accepted, in bytes. [default: 65536]
     #[arg(long, env = "RESYNC_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
@@ -589,6 +613,7 @@ impl Settings {
             history_max_age_secs,
             history_max_bytes_per_channel,
             history_max_bytes,
+            max_channels,
             max_replay,
             subscriber_queue,
             ping_interval_secs,
@@ -597,6 +622,8 @@ impl Settings {
             poll_presence_idle_secs,
             max_message_bytes,
             max_presence_info_bytes,
+            max_presence_bytes_per_ip,
+            max_presence_bytes,
             max_body_bytes,
             poll_max_bytes,
             max_channels_per_connection,

@@ -14,7 +14,7 @@ fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
             "--listen",
             "127.0.0.1:0",
             "--api-key",
-            "smoke-key",
+            "smoke-api-key-0123456789",
             "--shutdown-timeout-secs",
             "5",
         ])
@@ -47,7 +47,12 @@ fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let output = Command::new("curl")
-            .args(["-s", "-H", "Authorization: Bearer smoke-key", &info])
+            .args([
+                "-s",
+                "-H",
+                "Authorization: Bearer smoke-api-key-0123456789",
+                &info,
+            ])
             .output()
             .unwrap();
         if String::from_utf8_lossy(&output.stdout).contains("\"subscribers\":1") {
@@ -62,7 +67,7 @@ fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
             "-X",
             "POST",
             "-H",
-            "Authorization: Bearer smoke-key",
+            "Authorization: Bearer smoke-api-key-0123456789",
             "-d",
             r#"{"channel":"smoke","data":{"hello":"world"}}"#,
             &format!("{base}/api/publish"),

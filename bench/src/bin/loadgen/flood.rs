@@ -6,11 +6,16 @@
 //! - **anonymous publishing**: WebSockets publishing to the legitimate channel without rights;
 //! - **channel spraying**: SSE requests naming 128 never-published channels each;
 //! - **connection flood**: idle connections opened until the server refuses them (its cap);
-//! - **ping floods**: WebSockets that send pings as fast as they can and never read.
+//! - **ping floods**: WebSockets that send pings as fast as they can and never read;
+//! - and the floods of issue 25 (`edge_floods.rs`): keep-alive drip, TLS handshake stall,
+//!   pipelining non-readers, long-poll presence, non-reading polls from four addresses, a
+//!   refresh-signature flood and proxy-slot hogging against a slow backend.
 //!
 //! Every flood task stops at the end of the run and each of its connections has a deadline.
 //! Reported: events lost by the legitimate subscribers (must be 0), their latency, the
-//! server's peak RSS, and what each flood achieved (how far the server let it go).
+//! server's peak RSS and its RSS before and after the floods, the legitimate checks beside
+//! the floods (`/healthz`, `https://…/healthz`, a proxied subscribe), and what each flood
+//! achieved (how far the server let it go).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
+use crate::edge_floods;
 use crate::{
     Progress, Tally, argument, cpu_seconds, number, open_subscribers, percentile, pids, publish,
     wait_subscribed,
@@ -416,9 +422,104 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     wait_subscribed(&http, &bases, &channel, subscribers as u64).await?;
 
     let counts = Arc::new(FloodCounts::default());
+    let edge = Arc::new(edge_floods::EdgeCounts::default());
     let (stop_sender, stop) = watch::channel(false);
     let mut floods = Vec::new();
+    let rss_start_kib = crate::rss_kib(server_pid);
+    // Legitimate checks beside the floods, in both runs.
+    let tls = argument(arguments, "--tls-url")
+        .zip(argument(arguments, "--tls-ca"))
+        .and_then(|(url, ca)| Some((url, std::fs::read(ca).ok()?)));
+    if let Some((tls_url, ca)) = tls.clone() {
+        floods.push(tokio::spawn(edge_floods::tls_health(
+            tls_url,
+            ca,
+            edge.clone(),
+            stop.clone(),
+        )));
+    }
+    let proxied = argument(arguments, "--proxy-port").and_then(|port| port.parse::<u16>().ok());
+    if let Some(port) = proxied {
+        floods.push(tokio::spawn(edge_floods::slow_backend(port, stop.clone())));
+        floods.push(tokio::spawn(edge_floods::proxy_legit(
+            server,
+            edge.clone(),
+            stop.clone(),
+        )));
+    }
     if with_floods {
+        // Issue 25's floods, each from addresses of its own.
+        floods.push(tokio::spawn(edge_floods::drip(
+            flood_address(40),
+            server,
+            200,
+            edge.clone(),
+            stop.clone(),
+        )));
+        if let Some((tls_url, _)) = &tls {
+            let tls_server: SocketAddr = tls_url
+                .trim_start_matches("https://")
+                .parse()
+                .context("--tls-url must be https://<ip>:<port>")?;
+            floods.push(tokio::spawn(edge_floods::tls_stall(
+                flood_address(41),
+                tls_server,
+                600,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
+        floods.push(tokio::spawn(edge_floods::pipeliner(
+            flood_address(42),
+            server,
+            50,
+            edge.clone(),
+            stop.clone(),
+        )));
+        let crowd: Vec<String> = (0..8).map(|index| format!("crowd:{index}")).collect();
+        floods.push(tokio::spawn(edge_floods::presence_crowd(
+            vec![flood_address(43), flood_address(44)],
+            server,
+            crowd.clone(),
+            100,
+            stop.clone(),
+        )));
+        floods.push(tokio::spawn(edge_floods::presence_poller(
+            flood_address(45),
+            server,
+            crowd,
+            edge.clone(),
+            stop.clone(),
+        )));
+        let heavy = format!("heavy-{}", fastrand::u32(..));
+        if let Some(epoch) = edge_floods::heavy_channel(&http, url, &heavy).await {
+            for index in 0..4 {
+                floods.push(tokio::spawn(edge_floods::heavy_poller(
+                    flood_address(46 + index),
+                    server,
+                    heavy.clone(),
+                    epoch.clone(),
+                    250,
+                    edge.clone(),
+                    stop.clone(),
+                )));
+            }
+        }
+        floods.push(tokio::spawn(edge_floods::refresher(
+            flood_address(50),
+            server,
+            50,
+            edge.clone(),
+            stop.clone(),
+        )));
+        if proxied.is_some() {
+            floods.push(tokio::spawn(edge_floods::proxy_hog(
+                flood_address(51),
+                server,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
         for index in 0..2 {
             floods.push(tokio::spawn(oversized(
                 flood_address(index),
@@ -500,6 +601,17 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     for flood in floods {
         let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
     }
+    // The floods' sockets are gone: wait for the server to see them go, then read what it
+    // still holds.
+    let settle = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < settle {
+        let sockets = crate::server_metric(&http, url, "resync_sockets_open").await;
+        if sockets.is_some_and(|sockets| sockets <= subscribers as u64 + 20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss_after_kib = crate::rss_kib(server_pid);
     let delivered = tally.delivered.load(Ordering::Relaxed);
     let lost = (published * subscribers as u64).saturating_sub(delivered);
     let mut latencies = std::mem::take(&mut *tally.latencies.lock().unwrap());
@@ -530,5 +642,20 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         "flood_admitted": count(&counts.flood_admitted),
         "flood_refused": count(&counts.flood_refused),
         "pingers_reaped": count(&counts.pingers_reaped),
+        "server_rss_start_kib": rss_start_kib,
+        "server_rss_after_kib": rss_after_kib,
+        "drips_closed": count(&edge.drips_closed),
+        "tls_stalls_closed": count(&edge.tls_stalls_closed),
+        "tls_health_ok": count(&edge.tls_health_ok),
+        "tls_health_failed": count(&edge.tls_health_failed),
+        "pipelines_opened": count(&edge.pipelines_opened),
+        "presence_polls": count(&edge.presence_polls),
+        "presence_reply_max_bytes": count(&edge.presence_reply_max_bytes),
+        "heavy_polls": count(&edge.heavy_polls),
+        "refreshes_sent": count(&edge.refreshes_sent),
+        "refreshes_rationed": count(&edge.refreshes_rationed),
+        "proxy_hogs": count(&edge.proxy_hogs),
+        "proxy_legit_allowed": count(&edge.proxy_legit_allowed),
+        "proxy_legit_refused": count(&edge.proxy_legit_refused),
     }))
 }

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+mod edge_floods;
 mod flood;
 mod presence;
 
@@ -641,6 +642,24 @@ fn rss_kib(pid: u32) -> u64 {
                 })
         })
         .unwrap_or(0)
+}
+
+/// The value of metric `name` (its full name, with labels) on `base`'s `/metrics`.
+async fn server_metric(http: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .map(|value| value as u64)
+    })
 }
 
 fn percentile(sorted: &[u64], fraction: f64) -> u64 {

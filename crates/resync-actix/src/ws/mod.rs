@@ -167,10 +167,32 @@ struct Connection {
 /// A connection's part in presence.
 #[derive(Default)]
 struct ConnectionPresence {
-    /// Channels where this connection makes its identity a member.
-    memberships: Vec<Channel>,
+    /// Channels where this connection makes its identity a member, and what each membership
+    /// holds of the connection's presence budget.
+    memberships: Vec<(Channel, usize)>,
     /// Join/leave events of channels subscribed with `join_leave`.
     watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
+}
+
+impl ConnectionPresence {
+    fn is_member_of(&self, channel: &Channel) -> bool {
+        self.memberships
+            .iter()
+            .any(|(member_of, _)| member_of == channel)
+    }
+
+    /// Forgets the membership of `channel`; what it held of the budget.
+    fn forget_membership(&mut self, channel: &Channel) -> usize {
+        let mut held = 0;
+        self.memberships.retain(|(member_of, cost)| {
+            let keep = member_of != channel;
+            if !keep {
+                held += cost;
+            }
+            keep
+        });
+        held
+    }
 }
 
 /// What woke the connection loop.
@@ -300,7 +322,7 @@ impl Connection {
         // channel this connection is a member of.
         self.subscriptions.clear();
         if let Some(presence) = self.presence.take() {
-            for channel in &presence.memberships {
+            for (channel, _) in &presence.memberships {
                 self.leave(channel).await;
             }
         }
@@ -551,12 +573,10 @@ impl Connection {
                 };
                 match members {
                     Ok(members) => {
-                        let reply = ServerFrame::Presence {
-                            id,
-                            channel,
-                            members,
-                        };
-                        self.send(reply.encode()).await
+                        for page in membership::list_pages(id, &channel, members) {
+                            self.send(page.encode()).await?;
+                        }
+                        Ok(())
                     }
                     Err(error) => self.reply_error(id, error).await,
                 }
@@ -724,20 +744,22 @@ impl Connection {
                 .collect();
             for channel in &unseen {
                 presence.watches.remove(channel);
+                self.admitted
+                    .release_presence(membership::watch_cost(channel));
             }
         }
         let unseated: Vec<Channel> = self
             .presence
             .iter()
             .flat_map(|presence| presence.memberships.iter())
+            .map(|(channel, _)| channel)
             .filter(|channel| !allows(&self.identity, Action::Appear, channel))
             .cloned()
             .collect();
         for channel in unseated {
             if let Some(presence) = self.presence.as_mut() {
-                presence
-                    .memberships
-                    .retain(|member_of| *member_of != channel);
+                let held = presence.forget_membership(&channel);
+                self.admitted.release_presence(held);
             }
             self.leave(&channel).await;
         }
@@ -800,11 +822,13 @@ impl Connection {
         let Some(presence) = self.presence.as_mut() else {
             return;
         };
-        presence.watches.remove(channel);
-        let was_member = presence.memberships.contains(channel);
-        presence
-            .memberships
-            .retain(|member_of| member_of != channel);
+        if presence.watches.remove(channel).is_some() {
+            self.admitted
+                .release_presence(membership::watch_cost(channel));
+        }
+        let was_member = presence.is_member_of(channel);
+        let held = presence.forget_membership(channel);
+        self.admitted.release_presence(held);
         if was_member {
             self.leave(channel).await;
         }
@@ -829,14 +853,19 @@ impl Connection {
         channel: Channel,
         event: Result<PresenceEvent, PresenceLagged>,
     ) -> Result<(), Ending> {
-        let frame = membership::watcher_frame(&self.shared, channel, event)
+        let frames = membership::watcher_frames(&self.shared, channel, event)
             .await
-            .unwrap_or_else(|(channel, why)| ServerFrame::Error {
-                id: None,
-                code: ErrorCode::Unavailable,
-                message: format!("{channel}: {why}"),
+            .unwrap_or_else(|(channel, why)| {
+                vec![ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::Unavailable,
+                    message: format!("{channel}: {why}"),
+                }]
             });
-        self.send(frame.encode()).await
+        for frame in frames {
+            self.send(frame.encode()).await?;
+        }
+        Ok(())
     }
 
     /// Checks a subscribe's presence options before anything is subscribed.
@@ -860,24 +889,47 @@ impl Connection {
         let Some(presence) = self.shared.broker.presence() else {
             return Ok(());
         };
-        let watch = if join_leave {
-            Some(presence.watch(channel).await?)
+        // Held against the connection's presence budgets before anything is made.
+        let member = request.as_ref().map(|request| Member {
+            id: self.member_id(),
+            info: request.info.clone().or_else(|| self.identity.info.clone()),
+        });
+        let member_cost = member
+            .as_ref()
+            .map_or(0, |member| membership::membership_cost(channel, member));
+        let watch_cost = if join_leave {
+            membership::watch_cost(channel)
         } else {
-            None
+            0
         };
-        if let Some(request) = &request {
-            let member = Member {
-                id: self.member_id(),
-                info: request.info.clone().or_else(|| self.identity.info.clone()),
+        self.admitted
+            .hold_presence(member_cost + watch_cost)
+            .map_err(refusal)?;
+        let made = async {
+            let watch = if join_leave {
+                Some(presence.watch(channel).await?)
+            } else {
+                None
             };
-            presence.join(channel, &member, &self.client_id).await?;
+            if let Some(member) = &member {
+                presence.join(channel, member, &self.client_id).await?;
+            }
+            Ok::<_, ApiError>(watch)
         }
+        .await;
+        let watch = match made {
+            Ok(watch) => watch,
+            Err(error) => {
+                self.admitted.release_presence(member_cost + watch_cost);
+                return Err(error);
+            }
+        };
         let state = self.presence.get_or_insert_with(Box::default);
         if let Some(watch) = watch {
             state.watches.insert(channel.clone(), watch);
         }
-        if request.is_some() {
-            state.memberships.push(channel.clone());
+        if member.is_some() {
+            state.memberships.push((channel.clone(), member_cost));
         }
         Ok(())
     }
@@ -971,14 +1023,32 @@ impl Connection {
                 data = rewritten;
             }
         }
-        self.shared
+        // A publish that makes a channel makes lasting state: an address (and a user) may
+        // make only so many. The position is asked first only once its budget is spent.
+        let admission = &self.shared.admission;
+        let user = self.identity.subject.as_deref();
+        let now = std::time::Instant::now();
+        if !admission.may_make_channel(self.address, user, now)
+            && self.shared.broker.position(&channel).await?.seq.get() == 0
+        {
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                "this client makes new channels too fast; not stored",
+            ));
+        }
+        let position = self
+            .shared
             .publisher
-            .send(Publish {
-                channel,
-                data,
-                idempotency_key,
-            })
-            .await
+            .send(
+                Publish::new(channel, data)
+                    .with_optional_idempotency_key(idempotency_key)
+                    .from_client(),
+            )
+            .await?;
+        if position.seq.get() == 1 {
+            admission.made_channel(self.address, user, now);
+        }
+        Ok(position)
     }
 }
 
