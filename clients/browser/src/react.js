@@ -1,30 +1,73 @@
+"use client";
 // React adapter for the resync browser client.
 //
 // Put one <ResyncProvider url=…> near the root: every hook under it shares its one client and
-// so one connection (the protocol carries many channels per connection).
+// so one connection (the protocol carries many channels per connection), and any number of
+// hooks may follow the same channel (the client follows it once for them).
 //
 //   <ResyncProvider url="https://live.example.com"><App /></ResyncProvider>
 //   const { events, state, lastReset } = useChannel("news");
 //
 // `useChannel(url, channel)` (a URL first) still works without a provider: that hook then has
 // a client and a connection of its own.
+//
+// The module only reads React when a component renders, so it also imports where React has
+// no hooks (the `react-server` condition of server components); the hooks themselves run in
+// client components, hence the "use client" above.
 
-import { createContext, createElement, useContext, useEffect, useRef, useState } from "react";
+import * as React from "react";
 import { ResyncClient } from "./resync.js";
 
-const ResyncContext = createContext(null);
+const IDLE = Object.freeze({ status: "idle" });
+
+let context;
+/** The context, made on first use (not at import: see above). */
+function resyncContext() {
+  if (!context) {
+    if (typeof React.createContext !== "function") {
+      throw new Error("@resync/client/react runs in client components (\"use client\"), not in server components");
+    }
+    context = React.createContext(null);
+  }
+  return context;
+}
+
+function missingProvider(hook) {
+  return new Error(
+    `${hook}() needs a <ResyncProvider> above it in the tree` +
+      (hook === "useChannel" ? " (or a URL first: useChannel(url, channel) has a client of its own)" : ""),
+  );
+}
+
+/** The provider's client, or a clear error when there is no provider. */
+function useProvided(hook) {
+  const provided = React.useContext(resyncContext());
+  if (!provided) throw missingProvider(hook);
+  return provided.client;
+}
 
 /**
- * Shares one client (one connection) with every `useChannel` and `useResyncState` below it.
- * The client is made when the provider mounts, and closed (socket, timers, reconnects) when it
- * unmounts or its `url` or `transport` changes.
- * @param {{ url: string, options?: object, children?: any }} props
+ * Shares one client (one connection) with every hook below it. The client is made when the
+ * provider mounts, and closed (socket, timers, reconnects) when it unmounts or its `url` or
+ * `options.transport` changes. A new `token` (or `options.token`) takes effect at once: the
+ * client reconnects with it, and every channel resumes from its position.
+ * @param {{ url: string, token?: string, options?: object, children?: any }} props
  */
-export function ResyncProvider({ url, options, children }) {
-  const [client, setClient] = useState(null);
+export function ResyncProvider({ url, token, options, children }) {
+  const [client, setClient] = React.useState(null);
   const transport = options?.transport ?? "auto";
-  useEffect(() => {
-    const shared = new ResyncClient(url, { ...(options || {}), transport });
+  const currentToken = token ?? options?.token;
+  const latest = React.useRef({ options, token: currentToken });
+  latest.current = { options, token: currentToken };
+  React.useEffect(() => {
+    const { options: initial, token: initialToken } = latest.current;
+    const shared = new ResyncClient(url, {
+      ...(initial || {}),
+      transport,
+      token: initialToken,
+      // The latest function the app passed, whenever the client needs a token.
+      getToken: initial?.getToken ? () => (latest.current.options?.getToken ?? initial.getToken)() : undefined,
+    });
     setClient(shared);
     return () => {
       shared.close();
@@ -33,24 +76,35 @@ export function ResyncProvider({ url, options, children }) {
     // Rebuilt only when what it connects to changes.
     // eslint-disable-next-line react-hooks/exhaustive-deps
   }, [url, transport]);
-  return createElement(ResyncContext.Provider, { value: client }, children);
+  React.useEffect(() => {
+    client?.setToken(currentToken);
+  }, [client, currentToken]);
+  const value = React.useMemo(() => ({ client }), [client]);
+  return React.createElement(resyncContext().Provider, { value }, children);
 }
 
-/** The provider's client (`null` until it is made). */
+/** The provider's client (`null` until it is made, and while server rendering). */
 export function useResyncClient() {
-  return useContext(ResyncContext);
+  return useProvided("useResyncClient");
+}
+
+/** A client's connection state, re-rendering on every change; `idle` without a client. */
+function useClientState(client) {
+  const [state, setState] = React.useState(() => client?.state ?? IDLE);
+  React.useEffect(() => {
+    if (!client) {
+      setState(IDLE);
+      return undefined;
+    }
+    setState(client.state);
+    return client.onState(setState);
+  }, [client]);
+  return client ? state : IDLE;
 }
 
 /** The provider's connection state, re-rendering on every change. */
 export function useResyncState() {
-  const client = useContext(ResyncContext);
-  const [state, setState] = useState(() => client?.state ?? { status: "connecting" });
-  useEffect(() => {
-    if (!client) return undefined;
-    setState(client.state);
-    return client.onState(setState);
-  }, [client]);
-  return state;
+  return useClientState(useProvided("useResyncState"));
 }
 
 /**
@@ -60,88 +114,158 @@ export function useResyncState() {
  * @param {string} first the channel (under a provider), or the server's base URL
  * @param {string | object} [second] options (under a provider), or the channel
  * @param {object} [third] options, after a URL and a channel
- *   `keep`: how many recent events to keep in state (default 100); `transport` and
- *   `clientOptions` only for a hook with its own client
- * @returns {{ events: any[], state: any, lastReset: any, client: ResyncClient | null }}
+ *   `keep`: how many recent events to keep in state (default 100); `onEvent`, `onReset`,
+ *   `onError`: called for each (the latest functions passed; they need not be stable);
+ *   `enabled` (default true): false follows nothing and holds no events; `since`: a position to
+ *   start after (read when the subscription starts); `presence`, `members`: appear, and track
+ *   the member list; `transport` and `clientOptions` only for a hook with its own client
+ * @returns {{ events: any[], state: any, lastReset: any, client: ResyncClient | null, members: any[], error: any }}
  */
 export function useChannel(first, second, third) {
   const ownsClient = typeof second === "string";
   const url = ownsClient ? first : null;
   const channel = ownsClient ? second : first;
   const options = (ownsClient ? third : second) || {};
-  const keep = options.keep ?? 100;
   const transport = options.transport ?? "auto";
-  const shared = useContext(ResyncContext);
-  const [own, setOwn] = useState(null);
-  const [events, setEvents] = useState([]);
-  const [lastReset, setLastReset] = useState(null);
-  const [members, setMembers] = useState([]);
-  const [state, setState] = useState({ status: "connecting" });
+  const enabled = options.enabled ?? true;
+  const provided = React.useContext(resyncContext());
+  if (!ownsClient && !provided) throw missingProvider("useChannel");
+  const [own, setOwn] = React.useState(null);
+  const [events, setEvents] = React.useState([]);
+  const [lastReset, setLastReset] = React.useState(null);
+  const [members, setMembers] = React.useState([]);
+  const [error, setError] = React.useState(null);
   // Presence: appear (`presence`), and/or track the member list (`members`).
   const presence = options.presence;
   const tracksMembers = Boolean(options.members || presence);
   const presenceKey = JSON.stringify(presence ?? null);
-  const channelRef = useRef(channel);
+  const latest = React.useRef(options);
+  latest.current = options;
 
   // A hook called with a URL has a client of its own, closed on unmount.
-  useEffect(() => {
+  React.useEffect(() => {
     if (!ownsClient) return undefined;
-    const client = new ResyncClient(url, { ...(options.clientOptions || {}), transport });
+    const client = new ResyncClient(url, { ...(latest.current.clientOptions || {}), transport });
     setOwn(client);
     return () => {
       client.close();
       setOwn(null);
     };
-    // eslint-disable-next-line react-hooks/exhaustive-deps
   }, [ownsClient, url, transport]);
 
-  const client = ownsClient ? own : shared;
+  const client = ownsClient ? own : provided.client;
+  const state = useClientState(client);
 
-  useEffect(() => {
-    if (!client) return undefined;
-    setState(client.state);
-    return client.onState(setState);
-  }, [client]);
-
-  useEffect(() => {
-    channelRef.current = channel;
+  React.useEffect(() => {
     // A new channel starts empty: the previous one's events are not this one's.
     setEvents([]);
     setLastReset(null);
     setMembers([]);
-    if (!client) return undefined;
+    setError(null);
+    if (!client || !enabled) return undefined;
+    let live = true;
     const subscription = client.subscribe(channel, {
+      since: latest.current.since,
       presence,
       onPresence: tracksMembers
         ? (list) => {
-          if (channelRef.current === channel) setMembers(list);
+          if (!live) return;
+          setMembers(list);
+          setError((previous) => (previous?.code === "presence_unavailable" ? null : previous));
         }
         : undefined,
       onEvent: (event) => {
-        if (channelRef.current !== channel) return;
+        if (!live) return;
+        const keep = latest.current.keep ?? 100;
         setEvents((previous) => [...previous, event].slice(-keep));
+        latest.current.onEvent?.(event);
       },
       onReset: (reset) => {
-        if (channelRef.current !== channel) return;
+        if (!live) return;
         setLastReset(reset);
         setEvents([]);
+        latest.current.onReset?.(reset);
+      },
+      onRecovery: () => {
+        // Subscribed (again): an earlier refusal is over.
+        if (live) setError((previous) => (previous && previous.code !== "presence_unavailable" ? null : previous));
+      },
+      onError: (problem) => {
+        if (!live) return;
+        setError(problem);
+        latest.current.onError?.(problem);
       },
     });
-    return () => subscription.unsubscribe();
-    // The presence options count by value.
+    return () => {
+      live = false;
+      subscription.unsubscribe();
+    };
+    // The presence options count by value; the callbacks and `since` are read when needed.
     // eslint-disable-next-line react-hooks/exhaustive-deps
-  }, [client, channel, keep, presenceKey, tracksMembers]);
+  }, [client, channel, enabled, presenceKey, tracksMembers]);
 
-  return { events, state, lastReset, client, members };
+  return { events, state, lastReset, client, members, error };
 }
 
 /**
  * Who is in `channel` on the provider's client: joins it (with `options.info`) and returns
- * the live member list (docs/presence.md).
+ * the live member list (docs/presence.md). Presence needs a WebSocket: on SSE or long polling
+ * the list stays empty, `useResyncState().capabilities.presence` is false and
+ * `options.onError` gets a `presence_unavailable` error.
  * @param {string} channel
- * @param {{ info?: any }} [options]
+ * @param {{ info?: any, enabled?: boolean, onError?: (error: any) => void }} [options]
  * @returns {any[]}
  */
 export function usePresence(channel, options = {}) {
-  return useChannel(channel, { keep: 1, presence: options.info === undefined ? true : { info: options.info } }).members;
+  useProvided("usePresence");
+  return useChannel(channel, {
+    keep: 1,
+    enabled: options.enabled,
+    onError: options.onError,
+    presence: options.info === undefined ? true : { info: options.info },
+  }).members;
+}
+
+const LOADING = Object.freeze({ data: undefined, loading: true, error: null, lastReset: null });
+
+/**
+ * Snapshot, then follow: loads the channel's state with `fetchSnapshot` (your backend's
+ * `{ state, position }`), applies every later event with `reduce(state, event)` (a pure
+ * function), and loads a new snapshot after every reset. A failed load is tried again after
+ * the client's backoff (with `error` set meanwhile, and the last `data` kept).
+ * @param {string} channel
+ * @param {{ fetchSnapshot: () => Promise<{ state: any, position: any }>, reduce: (state: any, event: any) => any, enabled?: boolean }} options
+ * @returns {{ data: any, loading: boolean, error: unknown, lastReset: any, state: any }}
+ */
+export function useSnapshotChannel(channel, options) {
+  const client = useProvided("useSnapshotChannel");
+  const state = useClientState(client);
+  const enabled = options.enabled ?? true;
+  const latest = React.useRef(options);
+  latest.current = options;
+  const [view, setView] = React.useState(LOADING);
+  React.useEffect(() => {
+    setView(LOADING);
+    if (!client || !enabled) return undefined;
+    let live = true;
+    const subscription = client.subscribeWithSnapshot(channel, () => latest.current.fetchSnapshot(), {
+      onSnapshot: (snapshot, reset) => {
+        if (live) setView((previous) => ({ data: snapshot, loading: false, error: null, lastReset: reset ?? previous.lastReset }));
+      },
+      onEvent: (event) => {
+        if (live) setView((previous) => (previous.loading ? previous : { ...previous, data: latest.current.reduce(previous.data, event) }));
+      },
+      onFetchError: (error) => {
+        if (live) setView((previous) => ({ ...previous, error }));
+      },
+      onError: (error) => {
+        if (live) setView((previous) => ({ ...previous, error }));
+      },
+    });
+    return () => {
+      live = false;
+      subscription.unsubscribe();
+    };
+  }, [client, channel, enabled]);
+  return { ...view, state };
 }

@@ -35,16 +35,55 @@ export interface ResyncReset {
 
 export type TransportKind = "websocket" | "sse" | "long-polling";
 
+/** What the current transport can do besides following channels (WebSocket: both). */
+export interface Capabilities {
+  /** `publish()` works (WebSocket only). */
+  publish: boolean;
+  /** Presence (`presence`, `onPresence`, `usePresence`) works (WebSocket only). */
+  presence: boolean;
+}
+
+/** Narrow on `status`: each state has its own fields. */
 export type ConnectionState =
+  /** Not connecting yet: `autoConnect: false`, outside a browser, or before a provider's client is made. */
+  | { status: "idle" }
   | { status: "connecting"; transport: TransportKind }
-  | { status: "connected"; transport: TransportKind }
+  | { status: "connected"; transport: TransportKind; capabilities: Capabilities }
   | { status: "reconnecting"; attempt: number; delay: number }
   | { status: "closed"; reason: string };
+
+/** The codes of `ResyncError`: the server's (docs/protocol.md) and the client's own. */
+export type ResyncErrorCode =
+  | "publish_unavailable"
+  | "presence_unavailable"
+  | "not_connected"
+  | "closed"
+  | "connection_lost"
+  | "unsubscribed"
+  | "unauthorized"
+  | "forbidden"
+  | "invalid_channel"
+  | "unknown_channel"
+  | "too_many_channels"
+  | "rate_limited"
+  | "unavailable"
+  | (string & {});
+
+/** An error with a `code` to match on. */
+export class ResyncError extends Error {
+  constructor(code: ResyncErrorCode, message: string, details?: { transport?: TransportKind; reason?: string });
+  readonly name: "ResyncError";
+  readonly code: ResyncErrorCode;
+  /** For `publish_unavailable` and `presence_unavailable`: the transport that cannot. */
+  readonly transport?: TransportKind;
+  /** For `unsubscribed`: `permission` (a refreshed token no longer allows it) or `server`. */
+  readonly reason?: "permission" | "server" | (string & {});
+}
 
 export interface BackoffConfig {
   /** Ceiling of the first delay, ms. Default 500. */
   initial: number;
-  /** Largest ceiling, ms. Default 20000. */
+  /** Largest ceiling, ms. Default 5000. */
   max: number;
   /** A connection up this long resets the attempt count, ms. Default 10000. */
   resetAfter: number;
@@ -59,6 +98,8 @@ export function closeAdvice(code: number): "stop" | "backoff" | "backoff-drop-me
 export function parseCursor(text: string): Map<string, Position>;
 export function formatCursor(positions: Map<string, Position>): string;
 export function isDuplicate(last: Position | undefined, event: { epoch: string; seq: number }): boolean;
+/** Whether a subscription at `position` missed events by a reset to `resetPosition`. */
+export function resetConcerns(position: Position | undefined, resetPosition: Position): boolean;
 
 export interface ClientOptions {
   /** Default "auto": WebSocket, then SSE, then long polling. */
@@ -70,6 +111,17 @@ export interface ClientOptions {
    * ahead of the token's expiry to refresh it in place (the connection stays open).
    */
   getToken?: () => Promise<string>;
+  /**
+   * Connect as soon as the client is made. Default: true in a browser; false elsewhere (server
+   * rendering, Node). When false the client stays `idle` until its first `subscribe` or `connect()`.
+   */
+  autoConnect?: boolean;
+  /**
+   * On SSE or long polling (a WebSocket was refused), try WebSocket again after about this long,
+   * ms; it takes over without a gap if it opens. Doubles while it fails, at most 5 minutes.
+   * Default 30000; 0 never.
+   */
+  upgradeAfter?: number;
   backoff?: Partial<BackoffConfig>;
   /** Extra silence tolerated past the server's ping interval, ms. Default 10000. */
   heartbeatGrace?: number;
@@ -91,8 +143,11 @@ export interface SubscribeHandlers<T = unknown> {
   onReset?: (reset: ResyncReset) => void;
   /** How each (re)subscription started: fresh, replayed (with the count), up to date, reset. */
   onRecovery?: (recovery: Recovery) => void;
-  /** A subscription failed, or the server ended it (`code` "unsubscribed", with `reason`). */
-  onError?: (error: { code: string; message: string; reason?: "permission" | "server" }) => void;
+  /**
+   * A subscription failed (the server's code), the server ended it (`unsubscribed`, with
+   * `reason`), or it asks for presence on a transport without it (`presence_unavailable`).
+   */
+  onError?: (error: ResyncError) => void;
   /** Appear among the channel's members, with `info` (WebSocket; docs/presence.md). */
   presence?: true | { info?: unknown };
   /** The member list, after each subscribe and on every join and leave (WebSocket). */
@@ -100,10 +155,20 @@ export interface SubscribeHandlers<T = unknown> {
 }
 
 /** One member of a channel: an identity, however many connections it has. */
-export interface Member {
+export interface Member<I = unknown> {
   /** The token's subject, or `anon:<connection id>`. */
   id: string;
-  info?: unknown;
+  info?: I;
+}
+
+export interface SnapshotHandlers<S, T = unknown> {
+  /** A snapshot to replace your state with: the first, and again after every reset. */
+  onSnapshot: (state: S, reset?: ResyncReset) => void;
+  /** The next event after the snapshot: apply it. */
+  onEvent: (event: ResyncEvent<T>) => void;
+  /** Loading a snapshot failed; it is tried again in `retryIn` ms. Keep the state you have. */
+  onFetchError?: (error: unknown, retryIn: number) => void;
+  onError?: (error: ResyncError) => void;
 }
 
 export interface Subscription {
@@ -117,14 +182,23 @@ export class ResyncClient {
   readonly state: ConnectionState;
   /** How many times the client scheduled a reconnect. */
   readonly reconnects: number;
+  /** Starts connecting, if it has not (`autoConnect: false`, or outside a browser). */
+  connect(): void;
   onState(listener: (state: ConnectionState) => void): () => void;
+  /**
+   * Follows `channel`. Any number of subscriptions may follow one channel: the connection
+   * follows it once, each keeps its own position.
+   */
   subscribe<T = unknown>(channel: string, handlers?: SubscribeHandlers<T>): Subscription;
   subscribeWithSnapshot<S, T = unknown>(
     channel: string,
     fetchSnapshot: () => Promise<{ state: S; position: Position }>,
-    handlers: { onSnapshot: (state: S, reset?: ResyncReset) => void; onEvent: (event: ResyncEvent<T>) => void },
+    handlers: SnapshotHandlers<S, T>,
   ): { unsubscribe(): void };
+  /** Rejects with a `ResyncError`: `publish_unavailable` on SSE or long polling, `not_connected`. */
   publish(channel: string, data: unknown, options?: { idempotencyKey?: string }): Promise<Position>;
+  /** Reconnects at once with a new token (every channel resumes from its position). */
+  setToken(token: string | undefined): void;
   reconnectNow(): void;
   /** Drops the connection, stays away for `ms`, then reconnects and resumes (demos, tests). */
   disconnectFor(ms: number): void;

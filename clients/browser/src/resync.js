@@ -14,15 +14,54 @@
 /** @typedef {{ channel: string, epoch: string, seq: number, data: any }} ResyncEvent */
 /** @typedef {{ channel: string, reason: string, position: Position }} ResyncReset */
 /** @typedef {"websocket" | "sse" | "long-polling"} TransportKind */
+/** @typedef {{ publish: boolean, presence: boolean }} Capabilities */
 /**
- * @typedef {{ status: "connecting", transport: TransportKind }
- *   | { status: "connected", transport: TransportKind }
+ * @typedef {{ status: "idle" }
+ *   | { status: "connecting", transport: TransportKind }
+ *   | { status: "connected", transport: TransportKind, capabilities: Capabilities }
  *   | { status: "reconnecting", attempt: number, delay: number }
  *   | { status: "closed", reason: string }} ConnectionState
  */
 
-/** Backoff defaults: full jitter, 0.5 s initial ceiling, doubling, 20 s cap, reset after 10 s up. */
-export const DEFAULT_BACKOFF = Object.freeze({ initial: 500, max: 20000, resetAfter: 10000, soon: 1000 });
+/**
+ * Backoff defaults: full jitter, 0.5 s initial ceiling, doubling, 5 s cap, reset after 10 s up.
+ * The cap is lower than the Rust client's 20 s: a page is in front of a person, who should see
+ * it come back within seconds of the server (docs/decisions.md, "Browser client and demo").
+ */
+export const DEFAULT_BACKOFF = Object.freeze({ initial: 500, max: 5000, resetAfter: 10000, soon: 1000 });
+
+/** The longest random wait before reconnecting when the page comes back (online, focus, shown). */
+const WAKE_JITTER = 500;
+/** Failed attempts of a transport that worked before, before checking for a blocked transport. */
+const FALLBACK_AFTER = 3;
+/** The longest wait between two tries to move from SSE or long polling back to WebSocket. */
+const UPGRADE_MAX = 300000;
+
+/** What each transport can do besides following channels. */
+const CAPABILITIES = {
+  websocket: { publish: true, presence: true },
+  sse: { publish: false, presence: false },
+  "long-polling": { publish: false, presence: false },
+};
+
+/**
+ * An error with a `code` to match on: the server's error codes (docs/protocol.md), and the
+ * client's own: `publish_unavailable` and `presence_unavailable` (the connection is on a
+ * transport that cannot do it), `not_connected`, `closed`, `connection_lost`, `unsubscribed`.
+ */
+export class ResyncError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {object} [details] e.g. `transport`, `reason`
+   */
+  constructor(code, message, details = {}) {
+    super(message);
+    this.name = "ResyncError";
+    this.code = code;
+    Object.assign(this, details);
+  }
+}
 
 /**
  * The delay before reconnect attempt `attempt` (from 0): a random time in
@@ -96,7 +135,42 @@ export function isDuplicate(last, event) {
   return last !== undefined && last.epoch === event.epoch && event.seq <= last.seq;
 }
 
+/**
+ * Whether a subscription at `position` must be told of `reset`: unless it already stands at
+ * or past the reset's position in the same epoch (another subscription of the channel asked
+ * for history it had no need of), the events between are lost to it.
+ * @param {Position | undefined} position
+ * @param {Position} resetPosition
+ */
+export function resetConcerns(position, resetPosition) {
+  return !(position !== undefined && position.epoch === resetPosition.epoch && position.seq >= resetPosition.seq);
+}
+
+/** Whether following from `since` needs history before `position` (another epoch counts). */
+function isBefore(since, position) {
+  return position === undefined || since.epoch !== position.epoch || since.seq < position.seq;
+}
+
 const ORDER = ["websocket", "sse", "long-polling"];
+const IDLE = Object.freeze({ status: "idle" });
+
+const wantsPresence = (handlers) => Boolean(handlers.presence || handlers.onPresence);
+
+/**
+ * What a channel asks of the server for all its subscriptions together: to appear (with the
+ * first subscription's `info`) and to hear joins and leaves.
+ */
+function wireOptions(entry) {
+  let presence;
+  let joinLeave = false;
+  for (const { handlers } of entry.listeners) {
+    if (handlers.presence && presence === undefined) presence = handlers.presence === true ? {} : { info: handlers.presence.info };
+    if (handlers.onPresence) joinLeave = true;
+  }
+  return { presence, joinLeave };
+}
+
+const sameWire = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
 /** A connection to a resync server, shared by every subscription. */
 export class ResyncClient {
@@ -106,6 +180,8 @@ export class ResyncClient {
    *   transport?: "auto" | TransportKind,
    *   token?: string,
    *   getToken?: () => Promise<string>,
+   *   autoConnect?: boolean,
+   *   upgradeAfter?: number,
    *   backoff?: Partial<typeof DEFAULT_BACKOFF>,
    *   heartbeatGrace?: number,
    *   sseIdleTimeout?: number,
@@ -113,6 +189,10 @@ export class ResyncClient {
    *   connectTimeout?: number,
    *   random?: () => number,
    * }} [options]
+   *   `autoConnect`: connect when made (the default in a browser); `false`, or outside a
+   *   browser (server rendering, Node): stay `idle` until the first `subscribe` or `connect()`.
+   *   `upgradeAfter`: when on SSE or long polling, try WebSocket again after about this long
+   *   (ms, default 30000, doubling while it fails, at most 5 minutes; 0 never).
    */
   constructor(url, options = {}) {
     this.baseUrl = url.endsWith("/") ? url : `${url}/`;
@@ -122,30 +202,53 @@ export class ResyncClient {
       sseIdleTimeout: 40000,
       pollTimeout: 25,
       connectTimeout: 10000,
+      upgradeAfter: 30000,
       random: Math.random,
       ...options,
       backoff: { ...DEFAULT_BACKOFF, ...(options.backoff || {}) },
     };
     this.token = options.token;
-    /** @type {Map<string, { position?: Position, handlers: any }>} */
+    /**
+     * One entry per channel: the position the connection follows it from, and every
+     * subscription of it, each with its own position.
+     * @type {Map<string, { position?: Position, listeners: Set<{ handlers: any, position?: Position }>, members: Map<string, any>, membersKnown: boolean, wire: any }>}
+     */
     this.channels = new Map();
     /** @type {ConnectionState} */
-    this.state = { status: "connecting", transport: this.order()[0] };
+    this.state = IDLE;
     this.listeners = new Set();
     this.attempt = 0;
+    this.failures = 0;
     this.remembered = undefined;
     this.session = undefined;
     this.timer = undefined;
+    this.started = false;
     this.closed = false;
     this.nextId = 1;
     this.pending = new Map();
     this.reconnects = 0;
-    this.onOnline = () => this.reconnectNow();
-    if (typeof window !== "undefined") window.addEventListener("online", this.onOnline);
-    queueMicrotask(() => this.connect());
+    this.upgradeTries = 0;
+    this.onWake = (event) => {
+      if (event?.type === "visibilitychange" && document.visibilityState !== "visible") return;
+      this.wake();
+    };
+    if (options.autoConnect ?? (typeof window !== "undefined")) this.connect();
   }
 
-  /** The transports to try, in order. */
+  /** Starts connecting, if the client has not yet (see `autoConnect`). */
+  connect() {
+    if (this.started || this.closed) return;
+    this.started = true;
+    if (typeof window !== "undefined" && window.addEventListener) {
+      window.addEventListener("online", this.onWake);
+      window.addEventListener("focus", this.onWake);
+    }
+    if (typeof document !== "undefined" && document.addEventListener) document.addEventListener("visibilitychange", this.onWake);
+    this.setState({ status: "connecting", transport: this.order()[0] });
+    queueMicrotask(() => this.open());
+  }
+
+  /** The transports to try, in order: the last one that worked first. */
   order() {
     if (this.options.transport !== "auto") return [this.options.transport];
     if (!this.remembered) return ORDER;
@@ -168,60 +271,144 @@ export class ResyncClient {
   }
 
   /**
-   * Follows `channel`. Events arrive in order, each once, across reconnects.
+   * Follows `channel`. Events arrive in order, each once, across reconnects. A channel may be
+   * followed by any number of subscriptions: the connection follows it once, and each
+   * subscription keeps its own position (one `since` further back makes the connection
+   * replay from there; the others do not see those events twice).
    * @param {string} channel
    * @param {{
    *   since?: Position,
    *   onEvent?: (event: ResyncEvent) => void,
    *   onReset?: (reset: ResyncReset) => void,
-   *   onError?: (error: { code: string, message: string }) => void,
+   *   onRecovery?: (recovery: any) => void,
+   *   onError?: (error: ResyncError) => void,
    *   presence?: true | { info?: any },
    *   onPresence?: (members: Member[]) => void,
    * }} [handlers]
    *   `presence`: appear among the channel's members (with `info`); `onPresence`: be told the
    *   member list whenever it changes (over WebSocket: the list after each subscribe, then
-   *   every join and leave; docs/presence.md).
+   *   every join and leave; docs/presence.md). On SSE and long polling, neither: `onError`
+   *   gets a `presence_unavailable` error, and the client moves to WebSocket when it can.
    * @returns {{ channel: string, position: () => Position | undefined, unsubscribe: () => void }}
    */
   subscribe(channel, handlers = {}) {
-    if (this.channels.has(channel)) throw new Error(`already subscribed to ${channel}`);
-    this.channels.set(channel, { position: handlers.since, handlers, members: new Map() });
-    this.session?.channelsChanged();
+    const listener = { handlers, position: handlers.since };
+    let entry = this.channels.get(channel);
+    if (!entry) {
+      entry = { position: handlers.since, listeners: new Set([listener]), members: new Map(), membersKnown: false };
+      entry.wire = wireOptions(entry);
+      this.channels.set(channel, entry);
+      this.session?.channelsChanged();
+    } else {
+      const before = entry.wire;
+      entry.listeners.add(listener);
+      entry.wire = wireOptions(entry);
+      let rewind = false;
+      if (handlers.since && isBefore(handlers.since, entry.position)) {
+        entry.position = handlers.since;
+        rewind = true;
+      }
+      // Without `since`, from now: from where the channel is followed.
+      if (!listener.position && entry.position && !rewind) listener.position = entry.position;
+      if (rewind || this.presenceChanged(before, entry.wire)) {
+        this.session?.resubscribe(channel);
+      } else if (handlers.onPresence && entry.membersKnown) {
+        queueMicrotask(() => {
+          if (entry.listeners.has(listener)) handlers.onPresence([...entry.members.values()]);
+        });
+      }
+    }
+    if (wantsPresence(handlers) && this.state.status === "connected" && !this.state.capabilities.presence) {
+      const transport = this.state.transport;
+      queueMicrotask(() => {
+        if (entry.listeners.has(listener)) handlers.onError?.(presenceUnavailable(transport));
+      });
+    }
+    this.connect();
     return {
       channel,
-      position: () => this.channels.get(channel)?.position,
-      unsubscribe: () => {
-        if (this.channels.delete(channel)) this.session?.channelsChanged();
-      },
+      position: () => listener.position,
+      unsubscribe: () => this.unsubscribe(channel, entry, listener),
     };
+  }
+
+  unsubscribe(channel, entry, listener) {
+    if (!entry.listeners.delete(listener) || this.channels.get(channel) !== entry) return;
+    if (entry.listeners.size === 0) {
+      this.channels.delete(channel);
+      this.session?.channelsChanged();
+      return;
+    }
+    const before = entry.wire;
+    entry.wire = wireOptions(entry);
+    if (this.presenceChanged(before, entry.wire)) this.session?.resubscribe(channel);
+  }
+
+  /** Whether the connection must subscribe again for new presence options (WebSocket only has presence). */
+  presenceChanged(before, after) {
+    return this.session?.kind === "websocket" && !sameWire(before, after);
   }
 
   /**
    * Loads a snapshot, follows the channel from its position, and loads a new snapshot on
-   * every reset.
+   * every reset. A failed load is tried again after the client's backoff (`onFetchError`
+   * says so; keep the state you have until the next `onSnapshot`), and so is a reload after a
+   * snapshot that met a reset before any event (a snapshot from a server being replaced).
    * @template S
    * @param {string} channel
    * @param {() => Promise<{ state: S, position: Position }>} fetchSnapshot
-   * @param {{ onSnapshot: (state: S, reset?: ResyncReset) => void, onEvent: (event: ResyncEvent) => void }} handlers
+   * @param {{
+   *   onSnapshot: (state: S, reset?: ResyncReset) => void,
+   *   onEvent: (event: ResyncEvent) => void,
+   *   onFetchError?: (error: unknown, retryIn: number) => void,
+   *   onError?: (error: ResyncError) => void,
+   * }} handlers
    */
   subscribeWithSnapshot(channel, fetchSnapshot, handlers) {
     let subscription;
     let stopped = false;
+    let timer;
+    let failures = 0;
+    const later = (reset) => {
+      const wait = backoffDelay(failures++, this.options.backoff, this.options.random);
+      timer = setTimeout(() => start(reset), wait);
+      return wait;
+    };
     const start = async (reset) => {
-      subscription?.unsubscribe();
-      const { state, position } = await fetchSnapshot();
       if (stopped) return;
-      handlers.onSnapshot(state, reset);
-      subscription = this.subscribe(channel, {
-        since: position,
-        onEvent: handlers.onEvent,
-        onReset: (next) => start(next),
+      let snapshot;
+      try {
+        snapshot = await fetchSnapshot();
+      } catch (error) {
+        if (stopped) return;
+        handlers.onFetchError?.(error, later(reset));
+        return;
+      }
+      if (stopped) return;
+      handlers.onSnapshot(snapshot.state, reset);
+      let followed = false;
+      // Follow from exactly the snapshot's position: nothing between is lost.
+      const current = this.subscribe(channel, {
+        since: snapshot.position,
+        onEvent: (event) => {
+          followed = true;
+          failures = 0;
+          handlers.onEvent(event);
+        },
+        onReset: (next) => {
+          current.unsubscribe();
+          if (followed) start(next);
+          else later(next); // the snapshot was stale on arrival: wait before the next one
+        },
+        onError: handlers.onError,
       });
+      subscription = current;
     };
     start(undefined);
     return {
       unsubscribe: () => {
         stopped = true;
+        clearTimeout(timer);
         subscription?.unsubscribe();
       },
     };
@@ -229,14 +416,22 @@ export class ResyncClient {
 
   /**
    * Publishes over the WebSocket (the server must allow it). Resolves to the stored position.
+   * Rejects with a `ResyncError`: `publish_unavailable` on SSE or long polling (they carry
+   * nothing to the server; `state.capabilities.publish` says so), `not_connected` otherwise.
    * @param {string} channel
    * @param {any} data
    * @param {{ idempotencyKey?: string }} [options]
    * @returns {Promise<Position>}
    */
   publish(channel, data, options = {}) {
+    if (this.state.status === "connected" && !this.state.capabilities.publish) {
+      const transport = this.state.transport;
+      return Promise.reject(
+        new ResyncError("publish_unavailable", `publishing needs a WebSocket; this connection is on ${transport}`, { transport }),
+      );
+    }
     if (!this.session || this.session.kind !== "websocket" || this.state.status !== "connected") {
-      return Promise.reject(new Error("publishing needs a connected websocket"));
+      return Promise.reject(new ResyncError("not_connected", `publishing needs a connected WebSocket (the client is ${this.state.status})`));
     }
     const id = this.nextId++;
     const frame = { type: "publish", id, channel, data };
@@ -247,14 +442,38 @@ export class ResyncClient {
     });
   }
 
+  /**
+   * Uses `token` from now on: the client reconnects with it at once (a new user, new
+   * permissions), and every channel resumes from its position. For a token that is only
+   * renewed, prefer `getToken`, which refreshes it in place over WebSocket.
+   * @param {string | undefined} token
+   */
+  setToken(token) {
+    if (token === this.token) return;
+    this.token = token;
+    if (!this.started || this.closed) return;
+    clearTimeout(this.timer);
+    this.cancelUpgrade();
+    const session = this.session;
+    this.session = undefined;
+    session?.close();
+    this.failPending("reconnected with a new token");
+    this.open();
+  }
+
   /** Stops everything: closes the connection (1000), cancels timers, never reconnects. */
   close() {
     this.closed = true;
     clearTimeout(this.timer);
-    if (typeof window !== "undefined") window.removeEventListener("online", this.onOnline);
+    this.cancelUpgrade();
+    if (typeof window !== "undefined" && window.removeEventListener) {
+      window.removeEventListener("online", this.onWake);
+      window.removeEventListener("focus", this.onWake);
+    }
+    if (typeof document !== "undefined" && document.removeEventListener) document.removeEventListener("visibilitychange", this.onWake);
     this.session?.close();
     this.session = undefined;
-    for (const { reject } of this.pending.values()) reject(new Error("client closed"));
+    for (const { reject } of this.pending.values()) reject(new ResyncError("closed", "client closed"));
     this.pending.clear();
     this.setState({ status: "closed", reason: "closed by the application" });
   }
@@ -267,44 +486,66 @@ export class ResyncClient {
   disconnectFor(ms) {
     if (this.closed) return;
     clearTimeout(this.timer);
+    this.cancelUpgrade();
     const session = this.session;
     // Forgotten first, so its end is not taken for a failure to react to.
     this.session = undefined;
     session?.close();
     this.reconnects += 1;
     this.setState({ status: "reconnecting", attempt: this.attempt, delay: ms });
-    this.timer = setTimeout(() => this.connect(), ms);
+    this.timer = setTimeout(() => this.open(), ms);
   }
 
-  /** Reconnects at once (the browser came back online). */
+  /** Reconnects at once, if the client is waiting to. */
   reconnectNow() {
     if (this.closed) return;
     if (this.state.status === "reconnecting") {
       clearTimeout(this.timer);
       this.attempt = 0;
-      this.connect();
+      this.open();
     }
   }
 
   // ---- internals ----
 
+  /**
+   * The page came back (online, focus, shown): a client waiting to reconnect does it now,
+   * after a random moment of at most half a second, so that pages woken together spread out.
+   */
+  wake() {
+    if (this.closed || this.state.status !== "reconnecting") return;
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.open(), Math.floor(this.options.random() * WAKE_JITTER));
+  }
+
   deliver(event) {
     const entry = this.channels.get(event.channel);
     if (!entry || isDuplicate(entry.position, event)) return;
-    entry.position = { epoch: event.epoch, seq: event.seq };
-    entry.handlers.onEvent?.(event);
+    const position = { epoch: event.epoch, seq: event.seq };
+    entry.position = position;
+    for (const listener of [...entry.listeners]) {
+      if (isDuplicate(listener.position, event)) continue;
+      listener.position = position;
+      listener.handlers.onEvent?.(event);
+    }
   }
 
   reset(reset) {
     const entry = this.channels.get(reset.channel);
     if (!entry) return;
     entry.position = reset.position;
-    entry.handlers.onReset?.(reset);
+    for (const listener of [...entry.listeners]) {
+      if (!resetConcerns(listener.position, reset.position)) continue;
+      listener.position = reset.position;
+      listener.handlers.onReset?.(reset);
+    }
   }
 
   fresh(channel, position) {
     const entry = this.channels.get(channel);
-    if (entry && !entry.position) entry.position = position;
+    if (!entry) return;
+    if (!entry.position) entry.position = position;
+    for (const listener of entry.listeners) if (!listener.position) listener.position = position;
   }
 
   /** Replaces (`members`) or changes (`join`, `leave`) a channel's member list. A long list
@@ -318,16 +559,33 @@ export class ResyncClient {
       if (change.more) return;
       entry.memberPages = undefined;
       entry.members = new Map(pages.map((member) => [member.id, member]));
+      entry.membersKnown = true;
     }
     if (change.join) entry.members.set(change.join.id, change.join);
     if (change.leave) entry.members.delete(change.leave.id);
-    entry.handlers.onPresence?.([...entry.members.values()]);
+    const members = [...entry.members.values()];
+    for (const listener of [...entry.listeners]) listener.handlers.onPresence?.(members);
   }
 
   recovery(channel, recovery) {
     if (recovery.outcome === "fresh") this.fresh(channel, recovery.position);
     if (recovery.outcome === "reset") this.reset({ channel, reason: recovery.reason, position: recovery.position });
-    this.channels.get(channel)?.handlers.onRecovery?.(recovery);
+    for (const listener of [...(this.channels.get(channel)?.listeners ?? [])]) listener.handlers.onRecovery?.(recovery);
+  }
+
+  /** Tells every subscription of `channel` (all channels without one) of `error`. */
+  fail(channel, error) {
+    const entries = channel === undefined ? [...this.channels.values()] : [this.channels.get(channel)];
+    for (const entry of entries) for (const listener of [...(entry?.listeners ?? [])]) listener.handlers.onError?.(error);
+  }
+
+  /** The server ended a channel's subscription by itself: tell the page, do not take it up again. */
+  ended(channel, reason) {
+    const entry = this.channels.get(channel);
+    this.channels.delete(channel);
+    for (const listener of [...(entry?.listeners ?? [])]) {
+      listener.handlers.onError?.(new ResyncError("unsubscribed", `the server ended the subscription (${reason})`, { reason }));
+    }
   }
 
   cursor() {
@@ -350,43 +608,110 @@ export class ResyncClient {
     return params;
   }
 
-  async connect(index = 0) {
+  failPending(why) {
+    for (const { reject } of this.pending.values()) reject(new ResyncError("connection_lost", why));
+    this.pending.clear();
+  }
+
+  /**
+   * One connection attempt, on the `index`th transport of `order()`. `walking`: the server
+   * answered, so a transport that does not open is refused on the way (a proxy), and the
+   * next one is tried at once.
+   */
+  open(index = 0, walking = false) {
     if (this.closed) return;
+    clearTimeout(this.timer);
     const order = this.order();
     if (index >= order.length) return this.scheduleReconnect("backoff");
     const kind = order[index];
     if (kind !== "websocket" && this.channels.size === 0) {
       // SSE and polling need a channel; wait for one.
-      this.session = { kind: "idle", channelsChanged: () => this.connect(), close() {}, send() {} };
+      const idle = () => this.open(index, walking);
+      this.session = { kind: "idle", channelsChanged: idle, resubscribe: idle, close() {}, send() {} };
       return;
     }
     this.setState({ status: "connecting", transport: kind });
     const Session = kind === "websocket" ? WebSocketSession : kind === "sse" ? SseSession : PollSession;
-    const session = new Session(this, (outcome) => this.sessionEnded(session, index, outcome));
+    const session = new Session(this, (outcome) => this.sessionEnded(session, index, walking, outcome));
     this.session = session;
     session.start();
   }
 
   connected(session) {
+    if (session.probe) return this.upgraded(session);
     if (session !== this.session) return;
     this.connectedAt = Date.now();
+    this.failures = 0;
     if (this.options.transport === "auto") this.remembered = session.kind;
-    this.setState({ status: "connected", transport: session.kind });
+    this.setState({ status: "connected", transport: session.kind, capabilities: { ...CAPABILITIES[session.kind] } });
+    if (session.kind !== "websocket") {
+      for (const entry of this.channels.values()) {
+        for (const listener of [...entry.listeners]) {
+          if (wantsPresence(listener.handlers)) listener.handlers.onError?.(presenceUnavailable(session.kind));
+        }
+      }
+      this.planUpgrade();
+    }
+  }
+
+  /** On SSE or long polling: plans a try of WebSocket, which replaces the connection if it opens. */
+  planUpgrade() {
+    clearTimeout(this.upgradeTimer);
+    const after = this.options.upgradeAfter;
+    if (this.options.transport !== "auto" || !(after > 0) || typeof WebSocket === "undefined") return;
+    const ceiling = Math.min(after * 2 ** Math.min(this.upgradeTries, 20), Math.max(after, UPGRADE_MAX));
+    const delay = Math.floor(ceiling * (0.5 + 0.5 * this.options.random()));
+    this.upgradeTimer = setTimeout(() => this.tryUpgrade(), delay);
+  }
+
+  tryUpgrade() {
+    if (this.closed || this.probe || this.state.status !== "connected" || this.session?.kind === "websocket") return;
+    const probe = new WebSocketSession(this, (outcome) => {
+      if (probe === this.session) return this.sessionEnded(probe, 0, false, outcome);
+      if (probe !== this.probe) return;
+      this.probe = undefined;
+      this.upgradeTries += 1;
+      this.planUpgrade();
+    });
+    probe.probe = true;
+    this.probe = probe;
+    probe.start();
+  }
+
+  /** The WebSocket tried beside SSE or long polling opened: it takes over, from the positions. */
+  upgraded(probe) {
+    if (probe !== this.probe || this.closed || this.state.status !== "connected") {
+      probe.close();
+      return;
+    }
+    this.probe = undefined;
+    probe.probe = false;
+    this.upgradeTries = 0;
+    const previous = this.session;
+    this.session = probe;
+    previous?.close();
+    this.connected(probe);
+  }
+
+  cancelUpgrade() {
+    clearTimeout(this.upgradeTimer);
+    this.probe?.close();
+    this.probe = undefined;
   }
 
   /** @param {{ type: "refused" | "lost" | "closed" | "resubscribe" | "unauthorized", code?: number, retry?: number }} outcome */
-  async sessionEnded(session, index, outcome) {
+  async sessionEnded(session, index, walking, outcome) {
     if (session !== this.session || this.closed) return;
     this.session = undefined;
-    for (const { reject } of this.pending.values()) reject(new Error("connection lost before the reply"));
-    this.pending.clear();
+    this.cancelUpgrade();
+    this.failPending("connection lost before the reply");
     if (this.connectedAt && Date.now() - this.connectedAt >= this.options.backoff.resetAfter) this.attempt = 0;
     this.connectedAt = undefined;
     switch (outcome.type) {
       case "refused":
-        return this.connect(index + 1);
+        return this.refused(index, walking);
       case "resubscribe":
-        return this.connect(0);
+        return this.open(0);
       case "unauthorized":
         return this.refreshThen("backoff");
       case "closed": {
@@ -402,6 +727,41 @@ export class ResyncClient {
       }
       default:
         return this.scheduleReconnect(outcome.retry !== undefined ? "retry" : "backoff", outcome.retry);
+    }
+  }
+
+  /**
+   * A transport did not open. When the server is down, every transport fails alike: trying
+   * the others only adds failed requests (and console errors). So the client tries the
+   * transport that worked last, again, with backoff; only when it has failed a few times in
+   * a row (at once, before anything worked) does it ask whether the server answers HTTP at
+   * all, and if it does (a proxy refuses that transport), it goes on to the next transport.
+   */
+  async refused(index, walking) {
+    const order = this.order();
+    if (index + 1 >= order.length) return this.scheduleReconnect("backoff");
+    if (walking) return this.open(index + 1, true);
+    this.failures += 1;
+    if (this.failures < (this.remembered ? FALLBACK_AFTER : 1)) return this.scheduleReconnect("backoff");
+    this.failures = 0;
+    const reachable = await this.reachable();
+    if (this.closed || this.session || this.state.status !== "connecting") return; // something else took over meanwhile
+    if (reachable) return this.open(index + 1, true);
+    this.scheduleReconnect("backoff");
+  }
+
+  /** Whether the server answers HTTP (any status below 500). */
+  async reachable() {
+    if (typeof fetch === "undefined") return true;
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), this.options.connectTimeout);
+    try {
+      const response = await fetch(this.url("poll", [["timeout", "0"]]), { cache: "no-store", signal: controller.signal });
+      return response.status < 500;
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(timer);
     }
   }
 
@@ -427,8 +787,16 @@ export class ResyncClient {
     else delay = backoffDelay(this.attempt++, this.options.backoff, random);
     this.reconnects += 1;
     this.setState({ status: "reconnecting", attempt: this.attempt, delay });
-    this.timer = setTimeout(() => this.connect(), delay);
+    this.timer = setTimeout(() => this.open(), delay);
   }
+}
+
+function presenceUnavailable(transport) {
+  return new ResyncError(
+    "presence_unavailable",
+    `presence needs a WebSocket; this connection is on ${transport} (the client moves to a WebSocket when it can)`,
+    { transport },
+  );
 }
 
 class WebSocketSession {
@@ -438,9 +806,20 @@ class WebSocketSession {
     this.ended = ended;
     this.subscribed = new Set();
     this.requests = new Map();
+    /**
+     * The channels whose latest subscribe is not yet answered, with its id. Their frames
+     * until the answer belong to an earlier subscription of the channel (a resubscribe from
+     * another position or with other presence options): the new one brings them again.
+     */
+    this.awaiting = new Map();
   }
 
   start() {
+    if (typeof WebSocket === "undefined") {
+      // Not in this runtime (Node before 22): as if refused, so the next transport is tried.
+      queueMicrotask(() => this.finish({ type: "refused" }));
+      return;
+    }
     const url = this.client.url("ws", this.client.token ? [["token", this.client.token]] : []);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     let opened = false;
@@ -486,33 +865,35 @@ class WebSocketSession {
         // it, or the application unsubscribed the user): tell the page, do not take it up again.
         if (frame.reason) {
           this.subscribed.delete(frame.channel);
-          const entry = client.channels.get(frame.channel);
-          client.channels.delete(frame.channel);
-          entry?.handlers.onError?.({ code: "unsubscribed", reason: frame.reason, message: `the server ended the subscription (${frame.reason})` });
+          this.awaiting.delete(frame.channel);
+          client.ended(frame.channel, frame.reason);
         }
         break;
       case "event":
-        client.deliver(frame);
+        if (!this.awaiting.has(frame.channel)) client.deliver(frame);
         break;
       case "subscribed": {
+        // An answer to a subscribe that a later one replaced: that one's answer follows.
+        if (this.awaiting.get(frame.channel) !== frame.id) break;
+        this.awaiting.delete(frame.channel);
         client.recovery(frame.channel, frame.recovery);
         // The list, once subscribed: the joins and leaves that follow change it.
-        if (client.channels.get(frame.channel)?.handlers.onPresence) {
+        if (client.channels.get(frame.channel)?.wire.joinLeave) {
           this.send({ type: "presence", id: client.nextId++, channel: frame.channel });
         }
         break;
       }
       case "presence":
-        client.presence(frame.channel, { members: frame.members, more: frame.more === true });
+        if (!this.awaiting.has(frame.channel)) client.presence(frame.channel, { members: frame.members, more: frame.more === true });
         break;
       case "join":
-        client.presence(frame.channel, { join: frame.member });
+        if (!this.awaiting.has(frame.channel)) client.presence(frame.channel, { join: frame.member });
         break;
       case "leave":
-        client.presence(frame.channel, { leave: frame.member });
+        if (!this.awaiting.has(frame.channel)) client.presence(frame.channel, { leave: frame.member });
         break;
       case "reset":
-        client.reset(frame);
+        if (!this.awaiting.has(frame.channel)) client.reset(frame);
         break;
       case "published": {
         const pending = client.pending.get(frame.id);
@@ -528,11 +909,15 @@ class WebSocketSession {
           this.refreshId = undefined;
         } else if (pending) {
           client.pending.delete(frame.id);
-          pending.reject(Object.assign(new Error(frame.message), { code: frame.code }));
+          pending.reject(new ResyncError(frame.code, frame.message));
         } else if (this.requests.has(frame.id)) {
           const channel = this.requests.get(frame.id);
-          this.subscribed.delete(channel);
-          client.channels.get(channel)?.handlers.onError?.({ code: frame.code, message: frame.message });
+          this.requests.delete(frame.id);
+          if (this.awaiting.get(channel) === frame.id) {
+            this.subscribed.delete(channel);
+            this.awaiting.delete(channel);
+            client.fail(channel, new ResyncError(frame.code, frame.message));
+          }
         }
         break;
       }
@@ -544,25 +929,37 @@ class WebSocketSession {
     }
   }
 
+  ready() {
+    return this.socket?.readyState === WebSocket.OPEN && this.client.session === this && this.client.state.status === "connected";
+  }
+
   channelsChanged() {
-    if (!this.socket || this.socket.readyState !== WebSocket.OPEN || this.client.state.status !== "connected") return;
+    if (!this.ready()) return;
     for (const [channel, entry] of this.client.channels) {
       if (this.subscribed.has(channel)) continue;
       this.subscribed.add(channel);
       const id = this.client.nextId++;
       this.requests.set(id, channel);
+      this.awaiting.set(channel, id);
       const frame = { type: "subscribe", id, channel };
       if (entry.position) frame.since = entry.position;
-      const { presence, onPresence } = entry.handlers;
-      if (presence) frame.presence = presence === true ? {} : { info: presence.info };
-      if (onPresence) frame.join_leave = true;
+      if (entry.wire.presence) frame.presence = entry.wire.presence;
+      if (entry.wire.joinLeave) frame.join_leave = true;
       this.send(frame);
     }
     for (const channel of [...this.subscribed]) {
       if (this.client.channels.has(channel)) continue;
       this.subscribed.delete(channel);
+      this.awaiting.delete(channel);
       this.send({ type: "unsubscribe", id: this.client.nextId++, channel });
     }
+  }
+
+  /** Subscribes to `channel` again, from its position and with its presence options now. */
+  resubscribe(channel) {
+    if (!this.ready()) return;
+    if (this.subscribed.delete(channel)) this.send({ type: "unsubscribe", id: this.client.nextId++, channel });
+    this.channelsChanged();
   }
 
   send(frame) {
@@ -601,12 +998,14 @@ class WebSocketSession {
     clearTimeout(this.connectTimer);
     clearTimeout(this.refreshTimer);
     clearInterval(this.watchdog);
-    this.socket.onclose = null;
-    this.socket.onmessage = null;
-    try {
-      this.socket.close();
-    } catch {
-      // already closed
+    if (this.socket) {
+      this.socket.onclose = null;
+      this.socket.onmessage = null;
+      try {
+        this.socket.close();
+      } catch {
+        // already closed
+      }
     }
     this.ended(outcome);
   }
@@ -633,6 +1032,10 @@ class SseSession {
 
   start() {
     const client = this.client;
+    if (typeof EventSource === "undefined") {
+      queueMicrotask(() => this.finish({ type: "refused" }));
+      return;
+    }
     this.following = [...client.channels.keys()].join(",");
     const source = new EventSource(client.url("sse", client.channelParams()));
     this.source = source;
@@ -666,9 +1069,7 @@ class SseSession {
     source.addEventListener("unsubscribed", (message) => {
       heard();
       const { channel, reason } = JSON.parse(message.data);
-      const entry = client.channels.get(channel);
-      client.channels.delete(channel);
-      entry?.handlers.onError?.({ code: "unsubscribed", reason, message: `the server ended the subscription (${reason})` });
+      client.ended(channel, reason);
       this.channelsChanged();
     });
     source.addEventListener("disconnect", (message) => {
@@ -684,6 +1085,11 @@ class SseSession {
   channelsChanged() {
     const now = [...this.client.channels.keys()].join(",");
     if (now !== this.following) this.finish({ type: "resubscribe" });
+  }
+
+  /** A stream's channels and positions are fixed by its URL: open another. */
+  resubscribe() {
+    this.finish({ type: "resubscribe" });
   }
 
   send() {}
@@ -753,6 +1159,11 @@ class PollSession {
     // Poll again at once with the new channel set.
     this.restarting = true;
     this.controller?.abort();
+  }
+
+  /** The next poll carries the channel's position: poll again at once. */
+  resubscribe() {
+    this.channelsChanged();
   }
 
   send() {}

@@ -136,6 +136,16 @@ const reactFiles = {
 };
 
 /**
+ * The client's files as this checkout has them. The server compiles the same files in
+ * (`include_str!`), so in CI, where the binary is built from this tree, they are identical;
+ * served from the tree, the tests follow the source without waiting for a rebuild.
+ */
+const clientFiles = {
+  "/client/resync.js": "resync.js",
+  "/client/react.js": "react.js",
+};
+
+/**
  * A TCP proxy in front of the server: it counts and cuts connections, refuses WebSocket
  * upgrades or SSE requests like a restrictive proxy, and serves the test pages.
  */
@@ -149,6 +159,10 @@ export class Proxy {
     this.upgrades = 0;
     this.refuseWebSocket = false;
     this.refuseSse = false;
+    /** Every request's method and path, in order: `GET /sse`, `UPGRADE /ws`, … */
+    this.requests = [];
+    /** A directory served at `/app/` (a built application), if any. */
+    this.appDirectory = undefined;
   }
 
   async start() {
@@ -189,6 +203,18 @@ export class Proxy {
         ]),
       );
     };
+    this.requests.push(`${lower.includes("upgrade: websocket") ? "UPGRADE" : requestLine.split(" ")[0]} ${pathname}`);
+    if (clientFiles[pathname]) {
+      return respond("200 OK", "text/javascript", fs.readFileSync(path.join(here, "..", "..", "src", clientFiles[pathname])));
+    }
+    if (this.appDirectory && pathname.startsWith("/app/")) {
+      const file = path.join(this.appDirectory, path.normalize(pathname.slice(5) || "index.html"));
+      if (!file.startsWith(this.appDirectory) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
+        return respond("404 Not Found", "text/plain", Buffer.from("no such file"));
+      }
+      const types = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css" };
+      return respond("200 OK", types[path.extname(file)] || "application/octet-stream", fs.readFileSync(file));
+    }
     if (reactFiles[pathname]) {
       const file = path.join(here, "..", "..", "node_modules", reactFiles[pathname]);
       return respond("200 OK", "text/javascript", fs.readFileSync(file));
