@@ -345,7 +345,7 @@ async fn close_code_1000_never_reconnects_but_shutdown_does() {
 async fn publishes_over_websocket_and_refreshes_expiring_tokens() {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(resync_tests::JWT_SECRET.into());
-        settings.anonymous_subscribe = vec![];
+        settings.anonymous_subscribe = Some(vec![]);
     });
     let refreshes = Arc::new(AtomicU64::new(0));
     let counter = refreshes.clone();

@@ -363,3 +363,64 @@ async fn defect_1_during_a_broker_outage_a_websocket_subscribe_closes_4101() {
         other => panic!("expected close 4101, got {other:?}"),
     }
 }
+
+/// Issue 26, the drain defect: a backend publishing over a kept-alive connection while the
+/// server drains (the memory broker, whose history goes with the process) gets `503` with
+/// `Retry-After` (nothing stored) or a refused connection, never an acknowledgement of an
+/// event about to be lost; its connection is closed; and the process exits within the
+/// shutdown spread and a small margin, not at the 10 s drain timeout.
+#[tokio::test]
+async fn issue_26_publishes_during_the_drain_are_refused_with_a_retry_hint_and_the_drain_ends_with_the_spread()
+ {
+    for listener in ["main", "api"] {
+        let mut server =
+            ServerProcess::start(&["--shutdown-spread-ms", "500", "--api-listen", "127.0.0.1:0"]);
+        let publish_base = match listener {
+            "api" => format!("http://{}", server.api_address.unwrap()),
+            _ => server.base_url.clone(),
+        };
+        // One kept-alive connection, as a backend's HTTP client pools it.
+        let backend = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let publish = |n: u64| {
+            let request = backend
+                .post(format!("{publish_base}/api/publish"))
+                .bearer_auth(resync_tests::TEST_API_KEY)
+                .json(&serde_json::json!({"channel": "drain", "data": {"n": n}}));
+            async move { request.send().await }
+        };
+        for n in 0..5 {
+            assert!(publish(n).await.unwrap().status().is_success());
+        }
+        server.terminate();
+        let terminated = Instant::now();
+        let mut acknowledged_after = Vec::new();
+        let mut refused_with_retry = 0;
+        for n in 5..100 {
+            match publish(n).await {
+                Ok(response) if response.status().is_success() => acknowledged_after.push(n),
+                Ok(response) => {
+                    assert_eq!(response.status().as_u16(), 503, "{listener}");
+                    assert!(response.headers().contains_key("retry-after"), "{listener}");
+                    refused_with_retry += 1;
+                }
+                // The listener is closed and the kept connection with it: the backend retries
+                // elsewhere (or later), nothing was acknowledged.
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            acknowledged_after.is_empty(),
+            "{listener}: publishes {acknowledged_after:?} were acknowledged while the process drained on a broker that goes with it"
+        );
+        assert!(
+            server.wait_for_exit(Duration::from_secs(4)),
+            "{listener}: still draining {:?} after SIGTERM (spread 0.5 s)",
+            terminated.elapsed()
+        );
+        let _ = refused_with_retry;
+    }
+}

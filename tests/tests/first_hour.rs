@@ -24,7 +24,7 @@ async fn defect_6_a_websocket_upgrade_without_a_token_gets_401_when_anonymous_cl
  {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(JWT_SECRET.into());
-        settings.anonymous_subscribe = vec![];
+        settings.anonymous_subscribe = Some(vec![]);
     });
     assert_eq!(WsClient::connect(&server.ws_url("")).await.err(), Some(401));
     assert_eq!(

@@ -211,7 +211,7 @@ async fn defect_9_websocket_framing_violations_close_1002() {
 async fn defect_9_the_cookie_origin_check_ignores_x_forwarded_host_and_compares_the_scheme() {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(JWT_SECRET.into());
-        settings.anonymous_subscribe = vec![];
+        settings.anonymous_subscribe = Some(vec![]);
     });
     let token = signed(&jwt::Claims {
         exp: SystemTime::now()

@@ -50,7 +50,8 @@ async fn bad_input_gets_a_4xx_json_error_and_stores_nothing() {
             "invalid_channel",
         ),
         (
-            r#"{"channel":"c","data":1,"idempotency_key":"has space"}"#,
+            // Printable ASCII, the space included (issue 29, defect 11); a tab is not.
+            r#"{"channel":"c","data":1,"idempotency_key":"has\ttab"}"#,
             key,
             400,
             "bad_request",
@@ -187,7 +188,7 @@ async fn health_readiness_metrics_and_request_ids() {
 async fn cookie_credentials_from_a_foreign_origin_are_refused() {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(resync_tests::JWT_SECRET.into());
-        settings.anonymous_subscribe = vec![];
+        settings.anonymous_subscribe = Some(vec![]);
         settings.allowed_origins = vec!["https://app.example.com".into()];
     });
     let exp = std::time::SystemTime::now()

@@ -152,7 +152,7 @@ async fn item_8_every_permission_is_one_decision_over_every_rule_source_and_tran
             source: "token claims",
             server: TestServer::start(|settings| {
                 settings.jwt_secret = Some(JWT_SECRET.into());
-                settings.anonymous_subscribe = Vec::new();
+                settings.anonymous_subscribe = Some(Vec::new());
             }),
             token: Some(token("ann", &["open:*"], &["open:*"])),
             allowed_channel: "open:1",
@@ -355,6 +355,7 @@ async fn l2_a_user_the_proxy_mapped_can_refresh_in_place() {
 async fn item_12_refreshes_have_their_own_small_rate_and_bad_ones_count() {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.anonymous_subscribe = Some(vec!["*".to_owned()]);
     });
     // An anonymous socket sending bad refreshes as fast as it may send messages: each one a
     // signature check, unless refreshes are rationed.
@@ -429,7 +430,7 @@ fn l5_uniform_jwt_secrets_and_short_api_keys_stop_the_server_at_start() {
 async fn l6_a_token_with_a_crit_header_is_refused() {
     let server = TestServer::start(|settings| {
         settings.jwt_secret = Some(JWT_SECRET.into());
-        settings.anonymous_subscribe = Vec::new();
+        settings.anonymous_subscribe = Some(Vec::new());
     });
     let claims = resync_actix::jwt::Claims {
         sub: Some("ann".into()),

@@ -180,9 +180,15 @@ async fn shutdown_ends_streams_with_a_retry_hint_and_refuses_new_ones_with_a_ret
     }
     assert!(retry_hint.is_some(), "shutdown sends a retry hint");
     // A new stream is refused the way EventSource survives: 200, a retry hint, the end (a
-    // 503 would close a browser's EventSource for good).
-    let response = server
-        .http
+    // 503 would close a browser's EventSource for good). It comes on a new connection, as a
+    // reconnecting EventSource's does: the ended stream's connection is closed by the drain,
+    // and a client that races that close retries on a new one (RFC 9112, 9.3.1), which
+    // reqwest does not do by itself.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = fresh
         .get(server.url("/sse?channel=s"))
         .send()
         .await

@@ -626,6 +626,10 @@ fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
         let server = bench.ours_at_defaults(
             FLOOD_CAP,
             &[
+                // Token keys for the refresh flood's RS256 tokens; the legitimate subscribers
+                // stay anonymous.
+                "--anonymous-subscribe",
+                "*",
                 "--jwt-public-keys",
                 &fixtures.rsa_public_key,
                 "--proxy-url",

@@ -209,4 +209,54 @@ mod tests {
             }
         }
     }
+
+    /// Every source file under `directory`, recursively.
+    fn sources(directory: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(directory).expect("a source folder") {
+            let path = entry.expect("a source entry").path();
+            if path.is_dir() {
+                files.extend(sources(&path));
+            } else if path.extension().is_some_and(|extension| extension == "rs") {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn library_code_builds_no_wire_shape_by_hand() {
+        // Every body on the wire is a type of resync-protocol, used by both sides with its
+        // round-trip property test (issue 29, defect 4): a `json!` in library code is a
+        // shape written a second time, free to drift from the document.
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut found = Vec::new();
+        for krate in [
+            "resync-protocol",
+            "resync-log",
+            "resync-broker",
+            "resync-broker-redis",
+            "resync-actix",
+            "resync-client",
+            "resync-server",
+        ] {
+            let directory = std::path::Path::new(root)
+                .join("crates")
+                .join(krate)
+                .join("src");
+            for path in sources(&directory) {
+                let text = std::fs::read_to_string(&path).expect("utf-8 source");
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                for (number, line) in code.lines().enumerate() {
+                    if !line.trim_start().starts_with("//") && line.contains("json!(") {
+                        found.push(format!("{}:{}", path.display(), number + 1));
+                    }
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "JSON built by hand in library code (use a type of resync_protocol::bodies): {found:?}"
+        );
+    }
 }

@@ -57,6 +57,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "http::status::StatusCode",
             "serde_core::ser::Serialize",
             "serde_core::de::Deserialize",
+            // The edge (`resync_actix::edge`) sits under a listener's sockets: it takes the
+            // accepted tokio socket and is itself a tokio byte stream, as TLS and actix-http
+            // expect; its response body's `Unpin` impl is written by pin-project-lite.
+            "tokio::net::tcp::stream::TcpStream",
+            "tokio::io::async_read::AsyncRead",
+            "tokio::io::async_write::AsyncWrite",
+            "pin_project_lite::__private::PinnedFieldsOf",
         ],
     ),
     (

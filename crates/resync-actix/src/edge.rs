@@ -29,11 +29,11 @@
 //!   past the budget, a connection holding more than [`CONNECTION_OUTPUT_FLOOR`] waits until
 //!   its socket takes it, so a thousand non-readers cannot each pin a large buffer.
 //! - A client that closes its side is seen by the read the dispatcher already does, and
-//!   [`departure`](crate::probe) ends the SSE stream or long poll at once: no second
+//!   its departure ends the SSE stream or long poll at once: no second
 //!   descriptor per connection.
 //!
 //! Every connection and request of a listener runs on one worker thread, so the state they
-//! share ([`EdgeConnection`]) is an `Rc` of cells, not atomics and locks.
+//! share (`EdgeConnection`) is an `Rc` of cells, not atomics and locks.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
@@ -133,6 +133,7 @@ impl Edge {
             secure,
             header_timeout: self.shared.config.request_header_timeout,
             in_flight: Cell::new(0),
+            served: Cell::new(0),
             admit: Cell::new(Admit::Head),
             idle_since: Cell::new(now),
             produced: Cell::new(0),
@@ -148,6 +149,7 @@ impl Edge {
             io: stream,
             connection,
             deadline: None,
+            shutdown: None,
         })
     }
 }
@@ -166,6 +168,9 @@ pub(crate) struct EdgeConnection {
     header_timeout: Duration,
     /// Requests handed to the application whose responses have not ended.
     in_flight: Cell<u32>,
+    /// Requests it has carried: a connection that has not carried one yet is not idle, but
+    /// on its way to its first request (which a draining server answers itself).
+    served: Cell<u64>,
     /// What the [`RequestGate`] may hand the dispatcher now.
     admit: Cell<Admit>,
     /// Since when no request is in flight (from accept, then from each response's end).
@@ -280,6 +285,9 @@ pub struct EdgeStream {
     connection: Rc<EdgeConnection>,
     /// The header deadline's timer, while no request is in flight.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The shutdown's notice, while no request is in flight: an idle keep-alive connection
+    /// closes when the server starts draining.
+    shutdown: Option<Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
 impl std::fmt::Debug for EdgeStream {
@@ -298,6 +306,7 @@ impl EdgeStream {
         let connection = &self.connection;
         if connection.in_flight.get() > 0 {
             self.deadline = None;
+            self.shutdown = None;
             return Ok(());
         }
         let deadline = connection.idle_since.get() + connection.header_timeout;
@@ -325,6 +334,24 @@ impl EdgeStream {
     }
 }
 
+impl EdgeStream {
+    /// Whether an idle connection should close because the server drains; otherwise arms
+    /// the notice that wakes the reader when it starts.
+    fn draining(&mut self, context: &mut Context<'_>) -> bool {
+        let connection = &self.connection;
+        if connection.in_flight.get() > 0 || connection.served.get() == 0 {
+            return false;
+        }
+        let shared = &connection.shared;
+        let notice = self
+            .shutdown
+            .get_or_insert_with(|| Box::pin(shared.shutdown_notice.clone().notified_owned()));
+        // Armed before the flag is read, so a shutdown in between still wakes it.
+        let woken = notice.as_mut().poll(context).is_ready();
+        woken || *shared.shutdown.borrow()
+    }
+}
+
 impl AsyncRead for EdgeStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -335,6 +362,11 @@ impl AsyncRead for EdgeStream {
         if let Err(error) = this.check_deadline(context) {
             this.connection.mark_closed();
             return Poll::Ready(Err(error));
+        }
+        if this.draining(context) {
+            // An idle keep-alive connection of a draining server: ended as if the client had
+            // (the dispatcher closes it), so the drain waits for no idle client.
+            return Poll::Ready(Ok(()));
         }
         let connection = &this.connection;
         let before = buffer.filled().len();
@@ -422,6 +454,7 @@ struct RequestInFlight(Rc<EdgeConnection>);
 impl RequestInFlight {
     fn start(connection: Rc<EdgeConnection>) -> Self {
         connection.in_flight.set(connection.in_flight.get() + 1);
+        connection.served.set(connection.served.get() + 1);
         Self(connection)
     }
 }
@@ -894,7 +927,17 @@ pub async fn track<B: MessageBody + 'static>(
     }
     let in_flight =
         connection.map(|ConnectionHandle(connection)| RequestInFlight::start(connection));
-    let response = next.call(request).await?;
+    let mut response = next.call(request).await?;
+    let draining = in_flight
+        .as_ref()
+        .is_some_and(|in_flight| *in_flight.0.shared.shutdown.borrow());
+    if draining {
+        // The server drains: this connection is not kept for another request.
+        response
+            .response_mut()
+            .head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
+    }
     Ok(response.map_body(|_, inner| EdgeBody {
         inner,
         rest: None,

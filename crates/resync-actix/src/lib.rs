@@ -151,6 +151,7 @@ impl ResyncBuilder {
         let ws_ping = Ticker::new(self.config.ping_interval);
         let metrics = Arc::new(Metrics::default());
         metrics.set_queued_bytes_budget(self.config.queued_bytes_budget);
+        let shutdown = watch::channel(false).0;
         Resync {
             shared: Arc::new(Shared {
                 admission: Arc::new(admission::Admission::new(&self.config)),
@@ -161,12 +162,14 @@ impl ResyncBuilder {
                         share: self.config.publish_hold_share,
                         max: self.config.publish_hold_max,
                     },
+                    shutdown: shutdown.subscribe(),
                 },
                 broker,
                 authorizer,
                 config: self.config,
                 metrics,
-                shutdown: watch::channel(false).0,
+                shutdown,
+                shutdown_notice: Arc::new(tokio::sync::Notify::new()),
                 sse_heartbeat,
                 ws_ping,
                 poll_sessions: Default::default(),
@@ -260,6 +263,9 @@ impl Resync {
     /// clients meet a refused connection rather than this process.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
+        // Idle keep-alive connections close now (the edge); busy ones after their response,
+        // which says `Connection: close`.
+        self.shared.shutdown_notice.notify_waiters();
         // Connections learn of it on the clock they already wait on (WebSocket pings, SSE
         // heartbeats): one watch per connection instead of two.
         self.shared.ws_ping.wake_all();
@@ -278,6 +284,8 @@ pub struct Publisher {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     hold: PublishHold,
+    /// Set when the process starts draining for a deploy.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Fewer lagging subscribers than this never hold publishers back, whatever their share:
@@ -336,9 +344,21 @@ impl Publisher {
     /// of subscribers lag, [`TransportConfig::publish_hold_share`]) the publish waits for them
     /// to catch up, and after [`TransportConfig::publish_hold_max`] fails with `unavailable`
     /// (HTTP 503 with `Retry-After`) without being stored, so the caller may simply retry it.
+    /// Once the server drains for a deploy ([`Resync::shutdown`]), a publish on a broker that
+    /// does not outlive the process ([`Broker::durable`]) fails the same way.
     pub async fn send(&self, publish: Publish) -> Result<Position> {
         let channel = publish.channel.clone();
         let started = std::time::Instant::now();
+        if *self.shutdown.borrow() && !self.broker.durable() {
+            // This process is going away and its broker goes with it: a publish taken now
+            // would be acknowledged and lost. Nothing is stored; the retry reaches the next
+            // process.
+            self.metrics.publish_failed();
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down: publish again after Retry-After",
+            ));
+        }
         if self.hold.holds(self.broker.delivery_lag()) {
             let deadline = started + self.hold.max;
             loop {

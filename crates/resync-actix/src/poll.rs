@@ -8,7 +8,10 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use resync_broker::SubscriptionItem;
 use resync_broker::{PresenceEvent, PresenceLagged};
-use resync_protocol::bodies::{PollPresence, PollReply, ResetNotice};
+use resync_protocol::bodies::{
+    DisconnectNotice, PollNotices, PollPresence, PollReply, ResetNotice, UnsubscribedNotice,
+    UserCommand,
+};
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ServerFrame};
 use tokio_stream::StreamExt;
 
@@ -26,12 +29,28 @@ pub(crate) async fn handle(
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let Admitted {
-        query,
+        mut query,
         identity,
         address,
-        guard: _admitted,
+        guard: mut admitted,
         ..
     } = admit_follower(&shared, &request).await?;
+    // The user commands of the last minute and a half: a long-polling client is between two
+    // polls more often than in one, and obeys them all the same (issue 29, defect 3).
+    let mut notices = Notices::default();
+    if let Some(user) = identity.subject.as_deref() {
+        shared.users.start(&shared.broker);
+        for command in shared.users.recent(user) {
+            notices.apply(&command, &mut query.channels, &mut admitted, false);
+        }
+        if notices.disconnect.is_some() {
+            return Ok(notices_only(&shared, address, &query, notices, &request));
+        }
+    }
+    let mut user_commands = identity
+        .subject
+        .as_deref()
+        .map(|user| shared.users.register(&shared.broker, user));
     let _guard = shared.metrics.connection(Transport::Poll);
     let mut session = poll_presence::open(&shared, &request, &identity, &query).await?;
     let wait = query
@@ -77,7 +96,9 @@ pub(crate) async fn handle(
         for (channel, position) in query.channels.iter().zip(positions) {
             cursor.set(channel.clone(), position?);
         }
-        return Ok(reply(&shared, address, batch, &cursor, session, &request));
+        return Ok(reply(
+            &shared, address, batch, &cursor, session, &notices, &request,
+        ));
     };
 
     let (mut channels, outcomes) =
@@ -119,7 +140,18 @@ pub(crate) async fn handle(
             .as_ref()
             .is_some_and(|session| !session.state.watches.is_empty());
         let superseded = session.as_ref().map(Lease::superseded);
+        let listening = user_commands.is_some();
         tokio::select! {
+            Some(command) = async {
+                user_commands.as_mut()?.commands.recv().await
+            }, if listening => {
+                // Answered at once: a disconnect ends the polling, an unsubscribe drops the
+                // channel from the next poll.
+                if let UserCommand::Unsubscribe { channel, .. } = &command {
+                    channels.remove(channel);
+                }
+                notices.apply(&command, &mut query.channels, &mut admitted, true);
+            }
             first = channels.next() => {
                 let mut next = first;
                 while let Some((channel, Ok(item))) = next {
@@ -162,7 +194,73 @@ pub(crate) async fn handle(
         .metrics
         .delivered(Transport::Poll, batch.events.len() as u64);
     let cursor = channels.cursor();
-    Ok(reply(&shared, address, batch, &cursor, session, &request))
+    Ok(reply(
+        &shared, address, batch, &cursor, session, &notices, &request,
+    ))
+}
+
+/// What a poll tells its client besides events: the channels the application unsubscribed
+/// the user from, and a disconnect.
+#[derive(Default)]
+struct Notices {
+    unsubscribed: Vec<UnsubscribedNotice>,
+    disconnect: Option<DisconnectNotice>,
+}
+
+impl Notices {
+    /// Applies a user command to this poll: an unsubscribe drops its channel (and its place
+    /// in the budgets), a disconnect ends the polling. One that lets the client come back
+    /// (`reconnect`) applies only to a poll in flight (`live`), which its client polls again
+    /// after; one that does not applies to every poll of the user while it is remembered.
+    fn apply(
+        &mut self,
+        command: &UserCommand,
+        channels: &mut Vec<Channel>,
+        admitted: &mut crate::admission::AdmissionGuard,
+        live: bool,
+    ) {
+        match command {
+            UserCommand::Disconnect {
+                reason, reconnect, ..
+            } if live || !reconnect => {
+                self.disconnect = Some(DisconnectNotice {
+                    reason: reason.clone(),
+                    reconnect: *reconnect,
+                });
+            }
+            UserCommand::Disconnect { .. } => {}
+            UserCommand::Unsubscribe { channel, .. } => {
+                if let Some(index) = channels.iter().position(|held| held == channel) {
+                    channels.remove(index);
+                    admitted.unsubscribe(1);
+                    self.unsubscribed.push(UnsubscribedNotice {
+                        channel: channel.clone(),
+                        reason: resync_protocol::UnsubscribeReason::Server,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The reply of a poll its user may no longer make: the disconnect, nothing else.
+fn notices_only(
+    shared: &Shared,
+    address: std::net::IpAddr,
+    query: &crate::request::QueryParams,
+    notices: Notices,
+    request: &HttpRequest,
+) -> HttpResponse {
+    let cursor = query.cursor.clone().unwrap_or_default();
+    reply(
+        shared,
+        address,
+        Batch::new(0, 0),
+        &cursor,
+        None,
+        &notices,
+        request,
+    )
 }
 
 /// Below this much room in the budget of bytes waiting for clients, a poll waits for room
@@ -294,6 +392,7 @@ fn reply(
     mut batch: Batch,
     cursor: &Cursor,
     mut session: Option<Lease>,
+    notices: &Notices,
     request: &HttpRequest,
 ) -> HttpResponse {
     if let Some(session) = session.as_mut() {
@@ -307,6 +406,10 @@ fn reply(
             session: session.id(),
             frames: &batch.presence,
         }),
+        PollNotices {
+            unsubscribed: &notices.unsubscribed,
+            disconnect: notices.disconnect.as_ref(),
+        },
     );
     let reservation = shared.replies.reserve(&shared.metrics, address, body.len());
     let mut response = HttpResponse::Ok();

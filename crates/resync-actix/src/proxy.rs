@@ -1,5 +1,5 @@
 //! The application's backend in the loop: on connect, subscribe, client publish and refresh,
-//! resync can ask the application (an [`AppProxy`], such as [`HttpProxy`] with the `proxy`
+//! resync can ask the application (an [`AppProxy`], such as `HttpProxy` with the `proxy`
 //! feature) and follow its answer: allow, deny with a reason, attach an identity, rewrite the
 //! published data.
 //!
@@ -18,78 +18,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use resync_protocol::{Channel, ErrorCode, Payload};
-use serde::{Deserialize, Serialize};
 
 use crate::auth::{ChannelPattern, Identity};
 use crate::error::ApiError;
 
-/// What a client asks for, as the application is told it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-#[non_exhaustive]
-pub enum ProxyRequest {
-    /// A client connects (any transport), with the token it brought (if any).
-    Connect {
-        /// The token's subject, if it had a token.
-        user: Option<String>,
-        /// The raw token, for a backend that verifies its own.
-        token: Option<String>,
-    },
-    /// A client refreshes its token over WebSocket.
-    Refresh {
-        /// The connection's subject.
-        user: Option<String>,
-        /// The new token.
-        token: String,
-    },
-    /// A client subscribes to a channel of a proxied namespace.
-    Subscribe {
-        /// The connection's subject.
-        user: Option<String>,
-        /// The channel.
-        channel: Channel,
-    },
-    /// A client publishes on a channel of a proxied namespace.
-    Publish {
-        /// The connection's subject.
-        user: Option<String>,
-        /// The channel.
-        channel: Channel,
-        /// The event's data.
-        data: Payload,
-    },
-}
-
-/// The application's answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProxyAnswer {
-    /// Refuse the request, with this reason shown to the client.
-    #[serde(default)]
-    pub deny: Option<String>,
-    /// Connect: act as this user from now on.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Connect: the channel patterns the connection may subscribe to, instead of its token's.
-    #[serde(default)]
-    pub subscribe: Option<Vec<String>>,
-    /// Connect: the channel patterns it may publish to, instead of its token's.
-    #[serde(default)]
-    pub publish: Option<Vec<String>>,
-    /// Connect: the info the client appears among members with (when its subscribe gives
-    /// none).
-    #[serde(default, deserialize_with = "present_payload")]
-    pub info: Option<Payload>,
-    /// Publish: store this data instead of the client's.
-    #[serde(default, deserialize_with = "present_payload")]
-    pub data: Option<Payload>,
-}
-
-fn present_payload<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Payload>, D::Error> {
-    Payload::deserialize(deserializer).map(Some)
-}
+pub use resync_protocol::bodies::{ProxyAnswer, ProxyRequest};
 
 /// A call to the application failed (no answer in time, an error status, an unreadable answer).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) config: TransportConfig,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Woken once when the shutdown begins, for idle connections (the edge).
+    pub(crate) shutdown_notice: Arc<tokio::sync::Notify>,
     /// Shared heartbeat clocks, so that idle connections hold no timer of their own.
     pub(crate) sse_heartbeat: Ticker,
     pub(crate) ws_ping: Ticker,

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use resync_broker::{PresenceEvent, PresenceLagged, PresenceWatch};
 use resync_broker::{SubscriptionError, SubscriptionItem};
-use resync_protocol::bodies::{ResetNotice, SseOpening};
+use resync_protocol::bodies::{
+    DisconnectNotice, PresenceLaggedNotice, ResetNotice, SseOpening, UnsubscribedNotice,
+};
 use resync_protocol::sse::{SseFrame, encode_comment};
 use resync_protocol::{Channel, ErrorCode, RecoveryOutcome, ServerFrame};
 use tokio::sync::watch;
@@ -157,7 +159,7 @@ async fn open_stream(
         .map(|user| Box::new(shared.users.register(&shared.broker, user)));
     let state = StreamState {
         user_commands,
-        _admitted: admitted,
+        admitted,
         guard: shared.metrics.connection(Transport::Sse),
         ends: ends(identity.remaining(), Departure::of(request)),
         heartbeat: shared.clock(&shared.sse_heartbeat),
@@ -248,7 +250,7 @@ const STAY_AWAY_RETRY_MS: u64 = 3_600_000;
 struct StreamState {
     shared: Arc<Shared>,
     /// The stream's place under the connection limits, released when it ends.
-    _admitted: crate::admission::AdmissionGuard,
+    admitted: crate::admission::AdmissionGuard,
     #[allow(
         dead_code,
         reason = "held for its Drop, which counts the connection's end"
@@ -398,9 +400,9 @@ impl StreamState {
                             (name, frame.encode())
                         })
                         .collect(),
-                    Err((channel, why)) => vec![(
+                    Err((channel, message)) => vec![(
                         "presence_lagged",
-                        serde_json::json!({ "channel": channel, "message": why }).to_string(),
+                        PresenceLaggedNotice { channel, message }.to_json(),
                     )],
                 };
                 let mut chunk = Vec::new();
@@ -437,8 +439,11 @@ impl StreamState {
                     UserCommand::Disconnect {
                         reason, reconnect, ..
                     } => {
-                        let data = serde_json::json!({ "reason": reason, "reconnect": reconnect })
-                            .to_string();
+                        let data = DisconnectNotice {
+                            reason: reason.clone(),
+                            reconnect,
+                        }
+                        .to_json();
                         SseFrame {
                             id: None,
                             event: Some("disconnect"),
@@ -455,9 +460,13 @@ impl StreamState {
                     }
                     UserCommand::Unsubscribe { channel, .. } => {
                         if self.channels.remove(&channel) {
-                            let data =
-                                serde_json::json!({ "channel": channel, "reason": "server" })
-                                    .to_string();
+                            // Its place in the budgets goes with it, as on every transport.
+                            self.admitted.unsubscribe(1);
+                            let data = UnsubscribedNotice {
+                                channel,
+                                reason: resync_protocol::UnsubscribeReason::Server,
+                            }
+                            .to_json();
                             SseFrame {
                                 id: None,
                                 event: Some("unsubscribed"),

@@ -419,6 +419,11 @@ fn event_from_entry(
 
 #[async_trait]
 impl Broker for RedisBroker {
+    fn durable(&self) -> bool {
+        // Stored in Redis: another process (or the next one) serves it.
+        true
+    }
+
     async fn publish(&self, publish: Publish) -> Result<Position> {
         let settings = &self.inner.settings;
         let idempotency_key = match &publish.idempotency_key {

@@ -128,6 +128,15 @@ pub trait Broker: Send + Sync + 'static {
         std::future::pending::<()>().await;
     }
 
+    /// Whether what this broker stores outlives this process (a restart or a deploy keeps it):
+    /// `true` for a broker on Redis or on disk. While a process drains for a deploy, its
+    /// publishes are taken only when this says so; otherwise they are refused with a retry
+    /// hint, since an acknowledged publish would be lost with the process. The default says
+    /// no.
+    fn durable(&self) -> bool {
+        false
+    }
+
     /// Ends the broker's work at shutdown: local subscriptions end (with
     /// [`LiveError::Closed`](crate::LiveError::Closed) after their queued events) and
     /// background tasks stop. The reference server calls it once, after its transports have

@@ -92,6 +92,12 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
                 other => tracing::warn!(target: "resync::client", ?other, "unexpected poll event"),
             }
         }
+        for notice in reply.unsubscribed {
+            crate::sse::server_unsubscribed(manager, notice).await;
+        }
+        if let Some(notice) = &reply.disconnect {
+            return Ok(crate::sse::disconnected(notice));
+        }
         // Channels that started fresh learn their position from the cursor.
         for (channel, position) in reply.cursor.iter() {
             if following.contains(channel) && manager.registry.position(channel).is_none() {

@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use resync_protocol::bodies::{ResetNotice, SseOpening};
+use resync_protocol::bodies::{DisconnectNotice, ResetNotice, SseOpening, UnsubscribedNotice};
 use resync_protocol::sse::{SseMessage, SseParser};
-use resync_protocol::{Channel, ServerFrame};
+use resync_protocol::{Channel, CloseCode, ServerFrame};
 
 use crate::connection::{ConnectFailure, Manager, SessionEnd};
 use crate::{ConnectionState, Error, TransportKind};
@@ -91,7 +91,9 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
                     if let Some(retry_ms) = message.retry_ms {
                         retry = Duration::from_millis(retry_ms);
                     }
-                    on_message(manager, message).await;
+                    if let Some(end) = on_message(manager, message).await {
+                        return Ok(end);
+                    }
                 }
             }
             Wake::Changed => {
@@ -110,7 +112,9 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
     }
 }
 
-async fn on_message(manager: &Manager, message: SseMessage) {
+/// Applies one SSE message; `Some` when it ends the session (the application disconnected
+/// the user: the same meaning as the WebSocket's close 4005 or 4203).
+async fn on_message(manager: &Manager, message: SseMessage) -> Option<SessionEnd> {
     match message.event.as_str() {
         "message" => match ServerFrame::decode(message.data.as_bytes()) {
             Ok(ServerFrame::Event(event)) => manager.registry.deliver_event(event).await,
@@ -132,6 +136,42 @@ async fn on_message(manager: &Manager, message: SseMessage) {
                 tracing::warn!(target: "resync::client", %error, "unreadable reset event")
             }
         },
+        "unsubscribed" => match serde_json::from_str::<UnsubscribedNotice>(&message.data) {
+            Ok(notice) => server_unsubscribed(manager, notice).await,
+            Err(error) => {
+                tracing::warn!(target: "resync::client", %error, "unreadable unsubscribed event")
+            }
+        },
+        "disconnect" => match serde_json::from_str::<DisconnectNotice>(&message.data) {
+            Ok(notice) => return Some(disconnected(&notice)),
+            Err(error) => {
+                tracing::warn!(target: "resync::client", %error, "unreadable disconnect event")
+            }
+        },
         _ => {}
     }
+    None
+}
+
+/// The server ended a subscription (the application unsubscribed the user): the
+/// subscription ends with why, as on WebSocket.
+pub(crate) async fn server_unsubscribed(manager: &Manager, notice: UnsubscribedNotice) {
+    let error = Error::Server {
+        code: resync_protocol::ErrorCode::Forbidden,
+        message: format!(
+            "the server ended the subscription to {}: {:?}",
+            notice.channel, notice.reason
+        ),
+    };
+    manager.registry.fail(&notice.channel, error).await;
+}
+
+/// The application disconnected the user: the session ends as the WebSocket's close code
+/// says (4005: do not come back; 4203: come back soon).
+pub(crate) fn disconnected(notice: &DisconnectNotice) -> SessionEnd {
+    SessionEnd::Closed(if notice.reconnect {
+        CloseCode::DISCONNECTED_RECONNECT
+    } else {
+        CloseCode::DISCONNECTED
+    })
 }

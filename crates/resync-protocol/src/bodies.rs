@@ -1,7 +1,10 @@
-//! The JSON bodies outside the WebSocket frames: the data of the SSE `subscribed` and `reset`
-//! events, the long-poll reply, and the HTTP API's requests and replies. The server writes
-//! them with these types, the Rust client and the tests read them with the same ones, and
-//! `docs/protocol.md` describes them for clients in other languages.
+//! The JSON bodies outside the WebSocket frames: the data of the SSE `subscribed`, `reset`,
+//! `disconnect`, `unsubscribed` and `presence_lagged` events, the long-poll reply, the HTTP
+//! API's requests and replies, and what resync asks the application's backend and reads back
+//! (its proxy). The server writes them with these types, the Rust client (and an application
+//! backend in Rust) reads them with the same ones, and `docs/protocol.md` describes them for
+//! clients in other languages. No library crate builds a body by hand (`json!`): `xtask`'s
+//! tidy test refuses it.
 //!
 //! The long-poll reply and the history reply have hand-written encoders
 //! ([`PollReply::encode`], [`HistoryReply::encode_replayed`]) that splice event frames
@@ -13,7 +16,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{Channel, Cursor, IdempotencyKey, Payload, Position, RecoveryOutcome, ResetReason};
+use crate::{
+    Channel, Cursor, IdempotencyKey, Payload, Position, RecoveryOutcome, ResetReason,
+    UnsubscribeReason,
+};
 
 /// The data of the `subscribed` event that opens every SSE stream: each channel's recovery
 /// outcome. The event's `id` is the stream's cursor.
@@ -46,6 +52,240 @@ impl ResetNotice {
     }
 }
 
+/// The application disconnected the client's user: the data of an SSE `disconnect` event, and
+/// a long-poll reply's `disconnect`. With `reconnect` false the client must not come back on
+/// its own (WebSocket: close 4005); with true it reconnects soon (4203).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisconnectNotice {
+    /// The application's reason, for people.
+    pub reason: String,
+    /// Whether the client may reconnect.
+    pub reconnect: bool,
+}
+
+/// The server ended a subscription: the data of an SSE `unsubscribed` event, and an entry of a
+/// long-poll reply's `unsubscribed`. No more events of the channel follow; the client does not
+/// subscribe again on its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsubscribedNotice {
+    /// The channel.
+    pub channel: Channel,
+    /// Why: `server` (the application), `permission` (a refreshed token).
+    pub reason: UnsubscribeReason,
+}
+
+/// A watcher of a channel's joins and leaves missed some and its list could not be read
+/// again: the data of an SSE `presence_lagged` event (WebSocket: an `error` without `id`).
+/// The client fetches the list again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceLaggedNotice {
+    /// The channel.
+    pub channel: Channel,
+    /// What happened, for people.
+    pub message: String,
+}
+
+macro_rules! json_line_bodies {
+    ($($name:ident),*) => {
+        $(
+            impl $name {
+                /// The body as one line of JSON.
+                pub fn to_json(&self) -> String {
+                    // Strings, validated names and enums: serialization cannot fail.
+                    serde_json::to_string(self).unwrap_or_default()
+                }
+            }
+        )*
+    };
+}
+
+json_line_bodies!(DisconnectNotice, UnsubscribedNotice, PresenceLaggedNotice);
+
+/// `POST /api/users/{user}/disconnect`: why, and whether the user may come back. An empty
+/// body is no reason and no reconnect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisconnectRequest {
+    /// Shown to the client (a WebSocket close reason: at most 123 bytes are sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the client should reconnect (close 4203) or stay away (close 4005).
+    #[serde(default)]
+    pub reconnect: bool,
+}
+
+/// `POST /api/users/{user}/unsubscribe`: the channel whose subscriptions end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsubscribeRequest {
+    /// The channel.
+    pub channel: Channel,
+}
+
+/// What resync asks the application's backend (its proxy, `docs/auth.md`): a `POST` of this
+/// JSON, answered with a [`ProxyAnswer`].
+///
+/// Read back with serde as well: an application written in Rust decodes it with this type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    rename_all = "snake_case",
+    tag = "kind",
+    deny_unknown_fields,
+    try_from = "ProxyRequestWire"
+)]
+#[non_exhaustive]
+pub enum ProxyRequest {
+    /// A client connects (any transport), with the token it brought (if any).
+    Connect {
+        /// The token's subject, if it had a token.
+        user: Option<String>,
+        /// The raw token, for a backend that verifies its own.
+        token: Option<String>,
+    },
+    /// A client refreshes its token over WebSocket.
+    Refresh {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The new token.
+        token: String,
+    },
+    /// A client subscribes to a channel of a proxied namespace.
+    Subscribe {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The channel.
+        channel: Channel,
+    },
+    /// A client publishes on a channel of a proxied namespace.
+    Publish {
+        /// The connection's subject.
+        user: Option<String>,
+        /// The channel.
+        channel: Channel,
+        /// The event's data.
+        data: Payload,
+    },
+}
+
+/// [`ProxyRequest`] as read: serde's tagged enums buffer their fields, which a raw JSON value
+/// (the published data) cannot come through, so the fields are read flat and checked after.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyRequestWire {
+    kind: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    channel: Option<Channel>,
+    #[serde(default, deserialize_with = "present_payload")]
+    data: Option<Payload>,
+}
+
+impl TryFrom<ProxyRequestWire> for ProxyRequest {
+    type Error = String;
+
+    fn try_from(wire: ProxyRequestWire) -> Result<Self, Self::Error> {
+        let ProxyRequestWire {
+            kind,
+            user,
+            token,
+            channel,
+            data,
+        } = wire;
+        let unexpected = |field: &str| format!("`{field}` is not a field of a `{kind}` request");
+        let missing = |field: &str| format!("a `{kind}` request needs `{field}`");
+        match kind.as_str() {
+            "connect" => {
+                if channel.is_some() {
+                    return Err(unexpected("channel"));
+                }
+                if data.is_some() {
+                    return Err(unexpected("data"));
+                }
+                Ok(Self::Connect { user, token })
+            }
+            "refresh" => {
+                if channel.is_some() {
+                    return Err(unexpected("channel"));
+                }
+                if data.is_some() {
+                    return Err(unexpected("data"));
+                }
+                let token = token.ok_or_else(|| missing("token"))?;
+                Ok(Self::Refresh { user, token })
+            }
+            "subscribe" => {
+                if token.is_some() {
+                    return Err(unexpected("token"));
+                }
+                if data.is_some() {
+                    return Err(unexpected("data"));
+                }
+                let channel = channel.ok_or_else(|| missing("channel"))?;
+                Ok(Self::Subscribe { user, channel })
+            }
+            "publish" => {
+                if token.is_some() {
+                    return Err(unexpected("token"));
+                }
+                let channel = channel.ok_or_else(|| missing("channel"))?;
+                let data = data.ok_or_else(|| missing("data"))?;
+                Ok(Self::Publish {
+                    user,
+                    channel,
+                    data,
+                })
+            }
+            other => Err(format!("unknown proxy request kind `{other}`")),
+        }
+    }
+}
+
+/// The application's answer to a [`ProxyRequest`]: `{}` allows it as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyAnswer {
+    /// Refuse the request, with this reason shown to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<String>,
+    /// Connect: act as this user from now on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Connect: the channel patterns the connection may subscribe to, instead of its token's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<String>>,
+    /// Connect: the channel patterns it may publish to, instead of its token's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    /// Connect: the info the client appears among members with (when its subscribe gives
+    /// none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_payload"
+    )]
+    pub info: Option<Payload>,
+    /// Publish: store this data instead of the client's.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_payload"
+    )]
+    pub data: Option<Payload>,
+}
+
+/// Reads a present payload field as `Some`, even when it is JSON `null` (a valid payload).
+fn present_payload<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Payload>, D::Error> {
+    Payload::deserialize(deserializer).map(Some)
+}
+
 /// A long-poll reply: the events (each an `event` frame, as on WebSocket), the resets, and
 /// the cursor to send with the next poll.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -65,6 +305,24 @@ pub struct PollReply {
     /// reply, oldest first: what a WebSocket watcher would have been sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub presence: Vec<Box<RawValue>>,
+    /// Channels the server ended (the application unsubscribed the user): drop them from the
+    /// next poll.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsubscribed: Vec<UnsubscribedNotice>,
+    /// The application disconnected the user: stop polling (or, with `reconnect`, poll again
+    /// after a moment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect: Option<DisconnectNotice>,
+}
+
+/// What the server tells a long-polling client besides events: the subscriptions it ended
+/// and a disconnect.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PollNotices<'a> {
+    /// Channels the server ended.
+    pub unsubscribed: &'a [UnsubscribedNotice],
+    /// The user was disconnected.
+    pub disconnect: Option<&'a DisconnectNotice>,
 }
 
 /// A long-poll reply's presence part: its session and the frames it owes the client.
@@ -84,6 +342,7 @@ impl PollReply {
         resets: &[ResetNotice],
         cursor: &Cursor,
         presence: Option<PollPresence<'_>>,
+        notices: PollNotices<'_>,
     ) -> Vec<u8> {
         let cursor = serde_json::to_string(&cursor.to_string()).unwrap_or_default();
         let size = frames.clone().map(|frame| frame.len() + 1).sum::<usize>()
@@ -116,6 +375,20 @@ impl PollReply {
                 push_joined(&mut body, presence.frames.iter().map(String::as_bytes));
                 body.push(b']');
             }
+        }
+        if !notices.unsubscribed.is_empty() {
+            body.extend_from_slice(b",\"unsubscribed\":[");
+            let notices: Vec<String> = notices
+                .unsubscribed
+                .iter()
+                .map(UnsubscribedNotice::to_json)
+                .collect();
+            push_joined(&mut body, notices.iter().map(String::as_bytes));
+            body.push(b']');
+        }
+        if let Some(disconnect) = notices.disconnect {
+            body.extend_from_slice(b",\"disconnect\":");
+            body.extend_from_slice(disconnect.to_json().as_bytes());
         }
         body.push(b'}');
         body

@@ -4,6 +4,7 @@
 //! field. Unknown fields are rejected so that typos surface as errors instead of being ignored.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Payload};
@@ -130,8 +131,30 @@ pub struct Member {
 impl ClientFrame {
     /// Decodes one frame from the bytes of a WebSocket text message.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let wire: ClientWire = serde_json::from_slice(bytes).map_err(malformed)?;
-        wire.into_frame()
+        Self::decode_request(bytes).map_err(|refused| refused.error)
+    }
+
+    /// Decodes a client's frame, and when it is refused, says which request it was (its
+    /// `id`, when that much could be read) and why, so that the error answers that request:
+    /// a bad channel is `invalid_channel`, a bad position `bad_cursor`, whatever else a
+    /// client may wait on by its `id`.
+    pub fn decode_request(bytes: &[u8]) -> std::result::Result<Self, RefusedFrame> {
+        let wire: LenientClientWire<'_> =
+            serde_json::from_slice(bytes).map_err(|error| RefusedFrame {
+                // An unknown field, or a frame of the wrong shape: its `id` still answers it
+                // when it can be read.
+                id: serde_json::from_slice::<IdOnly>(bytes)
+                    .ok()
+                    .and_then(|frame| frame.id)
+                    .and_then(|id| id.as_u64()),
+                error: malformed(error),
+            })?;
+        let id = wire
+            .id
+            .and_then(|raw| serde_json::from_str::<RequestId>(raw.get()).ok());
+        wire.into_wire()
+            .and_then(ClientWire::into_frame)
+            .map_err(|error| RefusedFrame { id, error })
     }
 
     /// Encodes the frame as JSON text.
@@ -243,6 +266,8 @@ pub enum ErrorCode {
     PresenceInfoTooLarge,
     /// A bug or unexpected state on the server.
     Internal,
+    /// No such endpoint (an HTTP path the server does not serve).
+    NotFound,
     /// A code added in a later protocol version.
     #[serde(other)]
     Unknown,
@@ -268,6 +293,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::PresenceInfoTooLarge => "presence_info_too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotFound => "not_found",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -445,6 +471,129 @@ fn reject_extra(kind: &str, extra: &[(&str, bool)]) -> Result<()> {
             "{kind} frame has unknown field `{name}`"
         ))),
         None => Ok(()),
+    }
+}
+
+/// A client frame the server refused: the request's `id` (when it could be read) and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedFrame {
+    /// The request's `id`, if the frame had a readable one.
+    pub id: Option<RequestId>,
+    /// Why it was refused.
+    pub error: Error,
+}
+
+/// Only a frame's `id`, whatever else it holds.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<serde_json::Value>,
+}
+
+/// A client frame with every field kept as raw JSON: the frame as a whole is read first, so
+/// that a field that does not validate is refused for what it is, with the request's `id`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LenientClientWire<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present_raw")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    idempotency_key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    presence: Option<&'a RawValue>,
+    #[serde(borrow)]
+    join_leave: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+}
+
+/// Reads a present field as `Some`, even when it is JSON `null`.
+fn present_raw<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Reads one raw field as `T`; a field of the wrong JSON type makes the frame malformed.
+fn field<T: serde::de::DeserializeOwned>(
+    raw: Option<&RawValue>,
+    kind: &str,
+    name: &str,
+) -> Result<Option<T>> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    serde_json::from_str(raw.get()).map(Some).map_err(|error| {
+        Error::MalformedFrame(format!(
+            "{kind} frame has a bad `{name}`: {}",
+            truncate_for_message(&error.to_string())
+        ))
+    })
+}
+
+/// A position as a client writes it, read before it is validated.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PositionWire {
+    epoch: String,
+    seq: serde_json::Value,
+}
+
+impl<'a> LenientClientWire<'a> {
+    /// The typed wire, each field validated on its own: a channel name that breaks the
+    /// grammar is `invalid_channel`, a position that does not read (its epoch, a seq of -1
+    /// or "5") is `bad_cursor`, a bad key `bad_request`, anything else of the wrong shape
+    /// `malformed_frame`.
+    fn into_wire(self) -> Result<ClientWire> {
+        let kind = self.kind;
+        let channel = field::<String>(self.channel, &kind, "channel")?
+            .map(Channel::new)
+            .transpose()?;
+        let since = match self.since {
+            Some(raw) => {
+                let wire: PositionWire = serde_json::from_str(raw.get()).map_err(|error| {
+                    Error::InvalidCursor(format!(
+                        "`since` is not a position {{\"epoch\",\"seq\"}}: {}",
+                        truncate_for_message(&error.to_string())
+                    ))
+                })?;
+                let seq = wire.seq.as_u64().ok_or_else(|| {
+                    Error::InvalidCursor(format!(
+                        "`since.seq` must be a whole number from 0, not {}",
+                        truncate_for_message(&wire.seq.to_string())
+                    ))
+                })?;
+                Some(Position::new(
+                    crate::names::Epoch::new(&wire.epoch)?,
+                    crate::names::Seq::new(seq),
+                ))
+            }
+            None => None,
+        };
+        let idempotency_key = field::<String>(self.idempotency_key, &kind, "idempotency_key")?
+            .map(IdempotencyKey::new)
+            .transpose()?;
+        Ok(ClientWire {
+            id: field(self.id, &kind, "id")?,
+            channel,
+            since,
+            data: match self.data {
+                Some(raw) => Some(Payload::from_json(raw.get().to_owned())?),
+                None => None,
+            },
+            idempotency_key,
+            presence: field(self.presence, &kind, "presence")?,
+            join_leave: field(self.join_leave, &kind, "join_leave")?,
+            token: field(self.token, &kind, "token")?,
+            kind,
+        })
     }
 }
 
@@ -788,7 +937,6 @@ mod tests {
         for bad in [
             &br#"{"type":"subscribe","id":1,"channel":"news","sinse":null}"#[..],
             br#"{"type":"teleport","id":1}"#,
-            br#"{"type":"subscribe","id":1,"channel":"bad channel"}"#,
             br#"{"id":1}"#,
             b"not json",
         ] {
@@ -797,6 +945,22 @@ mod tests {
                 Err(Error::MalformedFrame(_))
             ));
         }
+        // A field that reads but does not validate is refused for what it is, with the
+        // request's id (issue 29, defects 7 and 8).
+        let refused =
+            ClientFrame::decode_request(br#"{"type":"subscribe","id":1,"channel":"bad channel"}"#)
+                .unwrap_err();
+        assert_eq!(refused.id, Some(1));
+        assert!(matches!(refused.error, Error::InvalidChannel(_)));
+        let refused = ClientFrame::decode_request(
+            br#"{"type":"subscribe","id":2,"channel":"news","sinse":null}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            refused.id,
+            Some(2),
+            "an unknown field still answers its request"
+        );
     }
 
     #[test]

@@ -192,10 +192,12 @@ impl IdempotencyKey {
         let key = key.as_ref();
         if key.is_empty()
             || key.len() > MAX_IDEMPOTENCY_KEY_LEN
-            || !key.bytes().all(|byte| byte.is_ascii_graphic())
+            || !key
+                .bytes()
+                .all(|byte| byte.is_ascii_graphic() || byte == b' ')
         {
             return Err(Error::InvalidIdempotencyKey(format!(
-                "{:?} must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters",
+                "{:?} must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters (space included)",
                 truncate_for_message(key)
             )));
         }

@@ -3,7 +3,9 @@
 
 use proptest::prelude::*;
 use resync_protocol::bodies::{
-    HistoryOutcome, HistoryReply, PollPresence, PollReply, ResetNotice, SseOpening,
+    DisconnectNotice, DisconnectRequest, HistoryOutcome, HistoryReply, PollNotices, PollPresence,
+    PollReply, PresenceLaggedNotice, ProxyAnswer, ProxyRequest, ResetNotice, SseOpening,
+    UnsubscribeRequest, UnsubscribedNotice,
 };
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
@@ -237,6 +239,59 @@ fn reset_notice() -> impl Strategy<Value = ResetNotice> {
     })
 }
 
+fn unsubscribed_notice() -> impl Strategy<Value = UnsubscribedNotice> {
+    (
+        channel(),
+        prop_oneof![
+            Just(UnsubscribeReason::Server),
+            Just(UnsubscribeReason::Permission)
+        ],
+    )
+        .prop_map(|(channel, reason)| UnsubscribedNotice { channel, reason })
+}
+
+fn disconnect_notice() -> impl Strategy<Value = DisconnectNotice> {
+    ("\\PC{0,40}", any::<bool>())
+        .prop_map(|(reason, reconnect)| DisconnectNotice { reason, reconnect })
+}
+
+fn proxy_request() -> impl Strategy<Value = ProxyRequest> {
+    let user = prop::option::of("[a-z0-9]{1,12}");
+    prop_oneof![
+        (user.clone(), prop::option::of("[A-Za-z0-9._-]{1,40}"))
+            .prop_map(|(user, token)| ProxyRequest::Connect { user, token }),
+        (user.clone(), "[A-Za-z0-9._-]{1,40}")
+            .prop_map(|(user, token)| ProxyRequest::Refresh { user, token }),
+        (user.clone(), channel())
+            .prop_map(|(user, channel)| ProxyRequest::Subscribe { user, channel }),
+        (user, channel(), payload()).prop_map(|(user, channel, data)| ProxyRequest::Publish {
+            user,
+            channel,
+            data
+        }),
+    ]
+}
+
+fn proxy_answer() -> impl Strategy<Value = ProxyAnswer> {
+    let patterns = prop::option::of(prop::collection::vec("[a-z:*]{1,10}", 0..3));
+    (
+        prop::option::of("\\PC{0,20}"),
+        prop::option::of("[a-z0-9]{1,12}"),
+        patterns.clone(),
+        patterns,
+        prop::option::of(payload()),
+        prop::option::of(payload()),
+    )
+        .prop_map(|(deny, user, subscribe, publish, info, data)| ProxyAnswer {
+            deny,
+            user,
+            subscribe,
+            publish,
+            info,
+            data,
+        })
+}
+
 proptest! {
     #[test]
     fn sse_openings_and_resets_round_trip(
@@ -258,14 +313,19 @@ proptest! {
             "[a-z0-9\"\\\\]{0,40}",
             prop::collection::vec(("[a-z]{1,8}", "\\PC{0,12}"), 0..4),
         )),
+        unsubscribed in prop::collection::vec(unsubscribed_notice(), 0..3),
+        disconnect in prop::option::of(disconnect_notice()),
     ) {
         let frames: Vec<String> = events.iter().map(Event::encode_frame).collect();
         let presence_frames: Vec<String> = presence.iter().flat_map(|(_, members)| members).map(|(id, info)| {
             serde_json::json!({"type": "join", "channel": "c", "member": {"id": id, "info": info}}).to_string()
         }).collect();
         let part = presence.as_ref().map(|(session, _)| PollPresence { session, frames: &presence_frames });
-        let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor, part);
+        let notices = PollNotices { unsubscribed: &unsubscribed, disconnect: disconnect.as_ref() };
+        let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor, part, notices);
         let reply: PollReply = serde_json::from_slice(&body).unwrap();
+        prop_assert_eq!(&reply.unsubscribed, &unsubscribed);
+        prop_assert_eq!(&reply.disconnect, &disconnect);
         let decoded: Vec<&str> = reply.events.iter().map(|raw| raw.get()).collect();
         prop_assert_eq!(decoded, frames.iter().map(String::as_str).collect::<Vec<_>>());
         prop_assert_eq!(reply.resets, resets);
@@ -273,6 +333,33 @@ proptest! {
         prop_assert_eq!(reply.presence_session.as_deref(), presence.as_ref().map(|(session, _)| session.as_str()));
         let decoded: Vec<&str> = reply.presence.iter().map(|raw| raw.get()).collect();
         prop_assert_eq!(decoded, presence_frames.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn notices_and_request_bodies_round_trip(
+        unsubscribed in unsubscribed_notice(),
+        disconnect in disconnect_notice(),
+        lagged in (channel(), "\\PC{0,40}"),
+        reason in prop::option::of("\\PC{0,40}"),
+        reconnect in any::<bool>(),
+        proxy in proxy_request(),
+        answer in proxy_answer(),
+    ) {
+        let channel = unsubscribed.channel.clone();
+        prop_assert_eq!(serde_json::from_str::<UnsubscribedNotice>(&unsubscribed.to_json()).unwrap(), unsubscribed);
+        prop_assert_eq!(serde_json::from_str::<DisconnectNotice>(&disconnect.to_json()).unwrap(), disconnect);
+        let lagged = PresenceLaggedNotice { channel: lagged.0, message: lagged.1 };
+        prop_assert_eq!(serde_json::from_str::<PresenceLaggedNotice>(&lagged.to_json()).unwrap(), lagged);
+        let request = DisconnectRequest { reason, reconnect };
+        let text = serde_json::to_string(&request).unwrap();
+        prop_assert_eq!(serde_json::from_str::<DisconnectRequest>(&text).unwrap(), request);
+        let request = UnsubscribeRequest { channel };
+        let text = serde_json::to_string(&request).unwrap();
+        prop_assert_eq!(serde_json::from_str::<UnsubscribeRequest>(&text).unwrap(), request);
+        let text = serde_json::to_string(&proxy).unwrap();
+        prop_assert_eq!(serde_json::from_str::<ProxyRequest>(&text).unwrap(), proxy);
+        let text = serde_json::to_string(&answer).unwrap();
+        prop_assert_eq!(serde_json::from_str::<ProxyAnswer>(&text).unwrap(), answer);
     }
 
     #[test]

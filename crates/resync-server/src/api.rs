@@ -11,6 +11,7 @@ use resync_protocol::bodies::{
     ChannelInfo, ChannelPresence, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
     UserCommand,
 };
+use resync_protocol::bodies::{DisconnectRequest, UnsubscribeRequest};
 use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Position};
 use serde::Deserialize;
 
@@ -36,6 +37,9 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
             "/api/channels/{channel}/presence",
             web::get().to(channel_presence),
         )
+        // Channel names may hold `/`: `a/b`, `a/b/presence` (a channel whose own name ends in
+        // `/presence` is written with `%2F` there).
+        .route("/api/channels/{tail:.*}", web::get().to(channel_tail))
         .route(
             "/api/users/{user}/disconnect",
             web::post().to(disconnect_user),
@@ -60,15 +64,6 @@ fn user_of(path: web::Path<String>) -> Result<String, ApiError> {
     Ok(user)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DisconnectBody {
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    reconnect: bool,
-}
-
 /// `POST /api/users/{user}/disconnect` (`{"reason":…,"reconnect":false}`, both optional):
 /// closes the user's WebSocket connections (4005, or 4203 with `reconnect`) and SSE streams
 /// (a `disconnect` event) on every instance, through the broker.
@@ -81,11 +76,8 @@ async fn disconnect_user(
     require_api_key(&state, &request)?;
     let user = user_of(path)?;
     let body = read_body(payload, state.max_body_bytes).await?;
-    let body: DisconnectBody = if body.is_empty() {
-        DisconnectBody {
-            reason: None,
-            reconnect: false,
-        }
+    let body: DisconnectRequest = if body.is_empty() {
+        DisconnectRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|error| {
             ApiError::new(
@@ -105,12 +97,6 @@ async fn disconnect_user(
     Ok(HttpResponse::Ok().json(command))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeBody {
-    channel: Channel,
-}
-
 /// `POST /api/users/{user}/unsubscribe` (`{"channel":…}`): ends the user's subscriptions to
 /// the channel on every instance (`unsubscribed` with reason `server`).
 async fn unsubscribe_user(
@@ -122,7 +108,7 @@ async fn unsubscribe_user(
     require_api_key(&state, &request)?;
     let user = user_of(path)?;
     let body = read_body(payload, state.max_body_bytes).await?;
-    let body: UnsubscribeBody = serde_json::from_slice(&body).map_err(|error| {
+    let body: UnsubscribeRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(
             ErrorCode::BadRequest,
             format!("malformed unsubscribe body: {error}"),
@@ -325,6 +311,30 @@ struct PresenceQuery {
 
 /// `GET /api/channels/{channel}/presence` (`?only=count` for the count alone): the channel's
 /// members on every instance. The API key sees every channel.
+/// `GET /api/channels/{tail}` for a channel whose name holds `/`: its info, or with a
+/// `/presence` suffix its presence.
+async fn channel_tail(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let tail = path.into_inner();
+    match tail.strip_suffix("/presence") {
+        Some(channel) => {
+            channel_presence(state, request, web::Path::from(channel.to_owned())).await
+        }
+        None => channel_info(state, request, web::Path::from(tail)).await,
+    }
+}
+
+/// Any path the server does not serve: a `404` with the JSON body every error has.
+pub(crate) async fn not_found(request: HttpRequest) -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::new(
+        ErrorCode::NotFound,
+        format!("no such endpoint: {} {}", request.method(), request.path()),
+    ))
+}
+
 async fn channel_presence(
     state: web::Data<ApiState>,
     request: HttpRequest,

@@ -243,7 +243,16 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
     let mut anonymous_publish = settings.anonymous_publish.clone();
     // A namespace open to anonymous clients lets them past authentication (its rules decide
     // per channel after that).
-    let mut anonymous_subscribe = settings.anonymous_subscribe.clone();
+    // Unset: everyone may subscribe without a token when no token key is configured; with
+    // one, a request without a token is a 401, as `docs/protocol.md` says.
+    let has_token_keys = settings.jwt_secret.is_some()
+        || !settings.jwt_public_keys.is_empty()
+        || settings.jwks_url.is_some();
+    let mut anonymous_subscribe = match &settings.anonymous_subscribe {
+        Some(patterns) => patterns.clone(),
+        None if has_token_keys => Vec::new(),
+        None => vec!["*".to_owned()],
+    };
     let everything = |patterns: &[String]| patterns.iter().any(|pattern| pattern == "*");
     for (name, namespace) in &settings.namespaces {
         if namespace.anonymous_subscribe == Some(true) && !everything(&anonymous_subscribe) {
@@ -316,6 +325,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                         .wrap(from_fn(request_log))
                         .wrap(from_fn(resync_actix::edge::track))
                         .configure(api::configure)
+                        .default_service(web::to(api::not_found))
                 },
             )
             .context("serving the API listener")?;
@@ -344,6 +354,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
         app.route("/help", web::get().to(index))
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
+            .default_service(web::to(api::not_found))
     };
     let tls = match (&settings.tls_cert, &settings.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(cert, key)?)),
@@ -415,6 +426,15 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
     Ok((running, server))
 }
 
+/// What the demo page's live feed shows.
+#[derive(serde::Serialize)]
+struct DemoTick {
+    /// Ticks since the server started.
+    tick: u64,
+    /// When, in seconds since the Unix epoch.
+    at: u64,
+}
+
 /// Publishes a tick on `demo:ticker` every two seconds, so the demo page shows a live feed.
 async fn demo_ticker(publisher: resync_actix::Publisher) {
     let Ok(channel) = resync_protocol::Channel::new("demo:ticker") else {
@@ -428,10 +448,7 @@ async fn demo_ticker(publisher: resync_actix::Publisher) {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_secs());
-        if let Err(error) = publisher
-            .publish(&channel, &serde_json::json!({ "tick": tick, "at": at }))
-            .await
-        {
+        if let Err(error) = publisher.publish(&channel, &DemoTick { tick, at }).await {
             tracing::debug!(%error, "demo tick not published");
         }
     }
@@ -516,7 +533,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     actix_web::rt::spawn(async move {
         shutdown_signal.await;
         tracing::info!("shutting down: listener closed, telling clients to reconnect");
-        // The API listener last: publishes keep working while clients drain.
+        // The API listener last: on a broker that outlives the process, publishes keep
+        // working while clients drain (on the memory broker they are refused from the start
+        // of the drain: `Publisher::send`).
         let api_handle = running.api_handle.clone();
         drain_then_stop(running.resync, running.handle).await;
         if let Some(api) = api_handle {

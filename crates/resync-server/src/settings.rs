@@ -80,8 +80,9 @@ pub struct Settings {
     pub proxy_max_in_flight: usize,
     /// Let requests through when the proxy cannot be asked (default: refuse them).
     pub proxy_fail_open: bool,
-    /// Channel patterns anonymous clients may subscribe to.
-    pub anonymous_subscribe: Vec<String>,
+    /// Channel patterns anonymous clients may subscribe to; unset: every channel when no
+    /// token key is configured, none when one is (a missing token is then a 401).
+    pub anonymous_subscribe: Option<Vec<String>>,
     /// Channel patterns anonymous clients may publish to over WebSocket (none by default;
     /// the demo adds `demo:*` for its chat).
     pub anonymous_publish: Vec<String>,
@@ -231,7 +232,7 @@ impl Default for Settings {
             proxy_timeout_ms: 1_000,
             proxy_max_in_flight: 64,
             proxy_fail_open: false,
-            anonymous_subscribe: vec!["*".to_owned()],
+            anonymous_subscribe: None,
             anonymous_publish: Vec::new(),
             allowed_origins: Vec::new(),
             public_origin: None,
@@ -359,7 +360,8 @@ pub struct Args {
     #[arg(long, env = "RESYNC_PROXY_URL")]
     proxy_url: Option<String>,
     /// Channel patterns anonymous clients may subscribe to (`*`, `public:*`, `news`),
-    /// comma-separated. [default: *]
+    /// comma-separated. [default: * without token keys; none with a JWT secret, public keys
+    /// or a JWKS, so that a missing token is a 401]
     #[arg(long, env = "RESYNC_ANONYMOUS_SUBSCRIBE", value_delimiter = ',')]
     anonymous_subscribe: Option<Vec<String>>,
     /// Channel patterns anonymous clients may publish to over WebSocket, comma-separated.
@@ -594,6 +596,9 @@ impl Settings {
         if args.jwt_issuer.is_some() {
             settings.jwt_issuer = args.jwt_issuer;
         }
+        if args.anonymous_subscribe.is_some() {
+            settings.anonymous_subscribe = args.anonymous_subscribe;
+        }
         overlay!(
             settings,
             args,
@@ -606,7 +611,6 @@ impl Settings {
             settings,
             args,
             listen,
-            anonymous_subscribe,
             anonymous_publish,
             allowed_origins,
             history_size,

@@ -203,6 +203,8 @@ enum Wake {
     UserCommand(UserCommand),
     /// The ping clock ticked, or the server is shutting down.
     Ping,
+    /// The silence deadline passed (it may have moved since: the loop looks again).
+    Silence,
     Expired,
 }
 
@@ -241,6 +243,12 @@ impl Connection {
         let ping_interval = self.shared.config.ping_interval;
         let mut ping = self.shared.clock(&self.shared.ws_ping);
         let mut last_heard = Instant::now();
+        // Its own deadline, two intervals after the last frame heard: a client that went
+        // silent leaves (and leaves its channels' members) then, not at the first ping tick
+        // past it (issue 29, defect 5: up to three intervals). Messages only move
+        // `last_heard`; the timer is moved when it fires early.
+        let silence_limit = ping_interval * 2;
+        let mut silence = Box::pin(tokio::time::sleep_until(last_heard + silence_limit));
         // Boxed, and only for tokens that expire: most connections hold no timer at all.
         let mut expiry = self
             .identity
@@ -274,6 +282,7 @@ impl Connection {
                     self.user_commands.as_mut()?.commands.recv().await
                 }, if self.user_commands.is_some() => Wake::UserCommand(command),
                 _ = ping.changed() => Wake::Ping,
+                () = &mut silence => Wake::Silence,
                 Some(()) = async { expiry.as_mut()?.await; Some(()) }, if expiry.is_some() => {
                     Wake::Expired
                 }
@@ -301,11 +310,14 @@ impl Connection {
                     Box::pin(tokio::time::sleep(spread.mul_f64(fastrand::f64()))).await;
                     Some(Ending::Close(CloseCode::SHUTDOWN))
                 }
-                Wake::Ping => {
-                    if last_heard.elapsed() > ping_interval * 2 {
+                Wake::Ping => self.send(ServerFrame::Ping.encode()).await.err(),
+                Wake::Silence => {
+                    let deadline = last_heard + silence_limit;
+                    if Instant::now() >= deadline {
                         Some(Ending::Close(CloseCode::HEARTBEAT_TIMEOUT))
                     } else {
-                        self.send(ServerFrame::Ping.encode()).await.err()
+                        silence.as_mut().reset(deadline);
+                        None
                     }
                 }
                 Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
@@ -530,11 +542,17 @@ impl Connection {
     }
 
     async fn on_frame(&mut self, bytes: &[u8]) -> Result<(), Ending> {
-        let frame = match ClientFrame::decode(bytes) {
+        let frame = match ClientFrame::decode_request(bytes) {
             Ok(frame) => frame,
-            Err(error) => {
+            Err(refused) => {
+                // The error answers the request when its `id` could be read, with the code
+                // of what is wrong (a channel's name, a position), as SSE and the API say it.
+                let code = match &refused.error {
+                    resync_protocol::Error::MalformedFrame(_) => ErrorCode::MalformedFrame,
+                    other => ApiError::from(other.clone()).code,
+                };
                 return self
-                    .bad_frame(None, ErrorCode::MalformedFrame, error.to_string())
+                    .bad_frame(refused.id, code, refused.error.to_string())
                     .await;
             }
         };
