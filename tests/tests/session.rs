@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use resync_protocol::{ClientFrame, PresenceRequest, ServerFrame};
 use resync_tests::raw_ws::RawWs;
-use resync_tests::{TestServer, WsClient};
+use resync_tests::{SseClient, TestServer, WsClient};
 
 #[tokio::test]
 async fn defect_5_a_silent_websocket_member_leaves_two_ping_intervals_after_its_last_byte() {
@@ -399,4 +399,58 @@ async fn defect_3_long_polls_obey_user_commands_in_flight_and_between_polls() {
     let reply = poll(format!("channels=y&cursor={cursor}")).await;
     assert_eq!(reply["disconnect"]["reconnect"], false, "{reply}");
     assert!(reply["events"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn defect_10_the_longest_cursors_resume_and_an_unreadable_poll_cursor_resets() {
+    let server = TestServer::start(|_| {});
+    // The documented maximums: 128 channels of 128-byte names.
+    let channels: Vec<String> = (0..128)
+        .map(|index| format!("{index:03}{}", "n".repeat(125)))
+        .collect();
+    let query = format!("channels={}", channels.join(","));
+    let poll = |query: String| {
+        let request = server.http.get(server.url(&format!("/poll?{query}")));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, first) = poll(query.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    let cursor = first["cursor"].as_str().unwrap().to_owned();
+    assert!(cursor.len() > 16 * 1024, "{} bytes", cursor.len());
+    for channel in &channels[..3] {
+        server
+            .publish(channel, serde_json::json!({"on": channel}))
+            .await;
+    }
+    // The server's own cursor comes back whole: the events, no reset.
+    // Names, epochs and seqs need no escaping in a query: sent as the server wrote it.
+    let (status, reply) = poll(format!("{query}&cursor={cursor}")).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["events"].as_array().unwrap().len(), 3, "{reply}");
+    assert!(reply["resets"].as_array().unwrap().is_empty(), "{reply}");
+    // As a `Last-Event-ID`, it resumes every channel without a reset.
+    let mut stream = SseClient::connect(&server, &format!("?{query}"), Some(&cursor)).await;
+    assert_eq!(stream.status, 200);
+    let opening = stream.next_event().await.unwrap();
+    assert_eq!(opening.event, "subscribed", "{opening:?}");
+    assert!(!opening.data.contains("reset"), "{}", opening.data);
+    for _ in 0..3 {
+        let event = stream.next_event().await.unwrap();
+        assert_eq!(event.event, "message", "{event:?}");
+    }
+    // An unreadable cursor follows the reset rules: every channel is told, at once.
+    let (status, reply) = poll("channels=a,b&cursor=not-a-cursor".to_owned()).await;
+    assert_eq!(status, 200, "{reply}");
+    let resets = reply["resets"].as_array().unwrap();
+    assert_eq!(resets.len(), 2, "{reply}");
+    assert!(
+        resets.iter().all(|reset| reset["reason"] == "bad_cursor"),
+        "{reply}"
+    );
+    let next: resync_protocol::Cursor = reply["cursor"].as_str().unwrap().parse().unwrap();
+    assert_eq!(next.len(), 2);
 }

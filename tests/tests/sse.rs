@@ -105,16 +105,12 @@ async fn trimmed_history_and_bad_ids_are_resets_not_silence() {
     let opening = client.next_event().await.unwrap();
     assert!(opening.data.contains("\"bad_cursor\""), "{}", opening.data);
 
-    // A bad explicit cursor is the developer's mistake: 400 with a JSON error.
-    let response = server
-        .http
-        .get(server.url("/sse?channel=t&cursor=nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "bad_cursor");
+    // A bad explicit cursor follows the same rule: the stream opens, with a reset (one rule
+    // for every unreadable cursor, issue 29 defect 10).
+    let mut client = SseClient::connect(&server, "?channel=t&cursor=nope", None).await;
+    assert_eq!(client.status, 200);
+    let opening = client.next_event().await.unwrap();
+    assert!(opening.data.contains("\"bad_cursor\""), "{}", opening.data);
 }
 
 #[tokio::test]

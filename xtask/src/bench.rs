@@ -516,7 +516,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                 ],
             )?;
         }
-        flood_round(&mut bench, quick)?;
+        flood_round(&mut bench, quick, None)?;
         presence_round(&mut bench, quick)?;
         // Redis against in-memory twice per repetition, taking turns at going first: the
         // two rows run on the same noisy cores, so they get more samples than the others.
@@ -618,7 +618,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Legitimate subscribers with and without floods beside them, on the default limits.
-fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
+fn flood_round(bench: &mut Bench, quick: bool, only: Option<&str>) -> Result<()> {
     let fixtures = FloodFixtures::new(&workspace_root())?;
     for floods in ["off", "on"] {
         let proxy_port = free_port()?.to_string();
@@ -644,30 +644,31 @@ fn flood_round(bench: &mut Bench, quick: bool) -> Result<()> {
         )?;
         let pid = server.pid();
         let ca = fixtures.directory.join("cert.pem");
-        bench.load(
-            &format!("flood/{floods}"),
-            &[
-                "flood",
-                "--url",
-                &server.url,
-                "--pid",
-                &pid,
-                "--floods",
-                floods,
-                "--subscribers",
-                "150",
-                "--seconds",
-                if quick { "5" } else { "10" },
-                "--rate",
-                "50",
-                "--tls-url",
-                &tls.url,
-                "--tls-ca",
-                &ca.to_string_lossy(),
-                "--proxy-port",
-                &proxy_port,
-            ],
-        )?;
+        let mut arguments = vec![
+            "flood",
+            "--url",
+            &server.url,
+            "--pid",
+            &pid,
+            "--floods",
+            floods,
+            "--subscribers",
+            "150",
+            "--seconds",
+            if quick { "5" } else { "10" },
+            "--rate",
+            "50",
+            "--tls-url",
+            &tls.url,
+            "--tls-ca",
+            &ca.to_string_lossy(),
+            "--proxy-port",
+            &proxy_port,
+        ];
+        if let Some(only) = only {
+            arguments.extend(["--only", only]);
+        }
+        bench.load(&format!("flood/{floods}"), &arguments)?;
     }
     Ok(())
 }
@@ -690,8 +691,14 @@ pub(crate) fn presence_only() -> Result<()> {
 pub(crate) fn flood_only() -> Result<()> {
     let root = workspace_root();
     let mut bench = Bench::built(&root)?;
-    for _ in 0..3 {
-        flood_round(&mut bench, false)?;
+    // `--only drip,refresher`: one round of just those floods, to see what each costs.
+    let arguments: Vec<String> = std::env::args().collect();
+    let only = arguments
+        .iter()
+        .position(|argument| argument == "--only")
+        .and_then(|index| arguments.get(index + 1));
+    for _ in 0..if only.is_some() { 1 } else { 3 } {
+        flood_round(&mut bench, false, only.map(String::as_str))?;
     }
     let section = flood_section(&bench);
     std::fs::create_dir_all(root.join("target/bench"))?;

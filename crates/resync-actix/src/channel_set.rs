@@ -23,7 +23,7 @@ pub(crate) enum Since {
     /// A cursor (`cursor=`, or an SSE `Last-Event-ID`): channels it names resume from there,
     /// the others start now.
     Cursor(Cursor),
-    /// A `Last-Event-ID` that cannot be read: every channel starts now and is told it was
+    /// A `Last-Event-ID` or `cursor=` that cannot be read: every channel starts now and is told it was
     /// reset (`bad_cursor`), because the client had a position and lost it. Failing the
     /// request instead would make a browser's `EventSource` give up silently.
     Unreadable,
@@ -31,9 +31,9 @@ pub(crate) enum Since {
 
 impl Since {
     /// An SSE request's position: `cursor=` wins, then `Last-Event-ID`.
-    pub(crate) fn of_stream(cursor: Option<Cursor>, request: &HttpRequest) -> Since {
-        if let Some(cursor) = cursor {
-            return Since::Cursor(cursor);
+    pub(crate) fn of_stream(cursor: Option<Since>, request: &HttpRequest) -> Since {
+        if let Some(since) = cursor {
+            return since;
         }
         match request.headers().get("last-event-id") {
             None => Since::Now,

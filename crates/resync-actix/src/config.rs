@@ -44,7 +44,9 @@ pub struct TransportConfig {
     /// The most bytes of presence the process holds for its clients, counted as for
     /// [`max_presence_bytes_per_ip`](Self::max_presence_bytes_per_ip). Defaults to 64 MiB.
     pub max_presence_bytes: usize,
-    /// The most channels one connection may follow. Defaults to 128.
+    /// The most channels one connection may follow. Defaults to 128, which is also the
+    /// most: a cursor holds at most [`MAX_CURSOR_CHANNELS`](resync_protocol::MAX_CURSOR_CHANNELS)
+    /// (a larger value is lowered to it, with a warning).
     pub max_channels_per_connection: usize,
     /// The cookie a token may come in. Defaults to `resync_token`.
     pub token_cookie: String,

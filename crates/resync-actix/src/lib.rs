@@ -144,7 +144,16 @@ impl ResyncBuilder {
     }
 
     /// Builds the transports.
-    pub fn build(self) -> Resync {
+    pub fn build(mut self) -> Resync {
+        let most = resync_protocol::MAX_CURSOR_CHANNELS;
+        if self.config.max_channels_per_connection > most {
+            tracing::warn!(
+                target: "resync",
+                asked = self.config.max_channels_per_connection,
+                "max_channels_per_connection lowered to {most}: a cursor holds at most that many"
+            );
+            self.config.max_channels_per_connection = most;
+        }
         let broker = self.broker;
         let authorizer = self.authorizer;
         let sse_heartbeat = Ticker::new(self.config.sse_heartbeat);

@@ -82,7 +82,7 @@ pub(crate) async fn handle(
         }
     }
 
-    let Some(cursor) = query.cursor else {
+    let Some(since) = query.cursor.take() else {
         // The first poll starts "now": answer at once with the current cursor, so that nothing
         // published before the next poll is missed.
         let positions = futures_util::future::join_all(
@@ -101,8 +101,7 @@ pub(crate) async fn handle(
         ));
     };
 
-    let (mut channels, outcomes) =
-        ChannelSet::open(&shared, &query.channels, &Since::Cursor(cursor)).await?;
+    let (mut channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
     // starts now, like a first poll: the client needs its position at once, not after the
     // timeout.
@@ -251,7 +250,10 @@ fn notices_only(
     notices: Notices,
     request: &HttpRequest,
 ) -> HttpResponse {
-    let cursor = query.cursor.clone().unwrap_or_default();
+    let cursor = match &query.cursor {
+        Some(Since::Cursor(cursor)) => cursor.clone(),
+        _ => Cursor::new(),
+    };
     reply(
         shared,
         address,

@@ -10,6 +10,7 @@ use resync_protocol::{Channel, Cursor, ErrorCode};
 use crate::Shared;
 use crate::admission::{AdmissionGuard, Refusal};
 use crate::auth::{AuthError, Credentials, Identity, TokenSource};
+use crate::channel_set::Since;
 use crate::error::ApiError;
 use crate::proxy::{Narrowing, ProxyRequest};
 
@@ -21,8 +22,10 @@ const MAX_OTHER_PARAMETERS: usize = 32;
 pub(crate) struct QueryParams {
     /// `channel=a&channel=b` and `channels=a,b`, in order, without duplicates.
     pub(crate) channels: Vec<Channel>,
-    /// `cursor=…`, parsed.
-    pub(crate) cursor: Option<Cursor>,
+    /// `cursor=…`: read, or unreadable. An unreadable cursor is not refused: its channels
+    /// start now with a `bad_cursor` reset, as a client that lost its place must be told (the
+    /// reset rules of every transport).
+    pub(crate) cursor: Option<Since>,
     /// `token=…`.
     pub(crate) token: Option<String>,
     /// `timeout=…` in seconds (long polling).
@@ -66,7 +69,10 @@ impl QueryParams {
                     }
                 }
                 "cursor" => {
-                    params.cursor = Some(Cursor::parse(&value)?);
+                    params.cursor = Some(match Cursor::parse(&value) {
+                        Ok(cursor) => Since::Cursor(cursor),
+                        Err(_) => Since::Unreadable,
+                    });
                 }
                 "token" => params.token = Some(value.into_owned()),
                 "presence" => {

@@ -14,8 +14,18 @@ use std::fmt;
 use crate::error::{Error, Result};
 use crate::names::{Channel, Epoch, Position, parse_seq, truncate_for_message};
 
-/// The longest cursor accepted, in bytes (enough for 64 channels with long names).
-pub const MAX_CURSOR_LEN: usize = 16 * 1024;
+use crate::names::MAX_EPOCH_LEN;
+
+/// The most channels one cursor holds: the most one SSE stream or long poll follows.
+pub const MAX_CURSOR_CHANNELS: usize = 128;
+
+/// The longest cursor accepted, in bytes: [`MAX_CURSOR_CHANNELS`] entries of the longest
+/// channel name, epoch and seq (20 digits), and the commas between them (23,423 bytes). A
+/// cursor the server writes always fits, so a client that sends back what it was given is
+/// never refused for its size.
+pub const MAX_CURSOR_LEN: usize = MAX_CURSOR_CHANNELS
+    * (crate::MAX_CHANNEL_LEN + 1 + MAX_EPOCH_LEN + 1 + 20)
+    + (MAX_CURSOR_CHANNELS - 1);
 
 /// The positions of a set of channels, each channel at most once, in a stable order.
 ///
@@ -134,7 +144,13 @@ impl Cursor {
         if text.is_empty() {
             return Ok(cursor);
         }
-        for entry in text.split(',') {
+        for (index, entry) in text.split(',').enumerate() {
+            // Before the entry is read: the duplicate check below is linear per entry.
+            if index == MAX_CURSOR_CHANNELS {
+                return Err(Error::InvalidCursor(format!(
+                    "a cursor holds at most {MAX_CURSOR_CHANNELS} channels"
+                )));
+            }
             let mut parts = entry.rsplitn(3, ':');
             let (Some(seq), Some(epoch), Some(channel)) =
                 (parts.next(), parts.next(), parts.next())
@@ -230,6 +246,27 @@ mod tests {
             );
         }
         assert!(Cursor::parse(&"a".repeat(MAX_CURSOR_LEN + 1)).is_err());
+        let too_many: Vec<String> = (0..=MAX_CURSOR_CHANNELS)
+            .map(|index| format!("c{index}:e:1"))
+            .collect();
+        assert!(Cursor::parse(&too_many.join(",")).is_err());
+        assert!(Cursor::parse(&too_many[1..].join(",")).is_ok());
+    }
+
+    #[test]
+    fn the_longest_cursor_a_server_writes_is_read_back() {
+        let mut cursor = Cursor::new();
+        for index in 0..MAX_CURSOR_CHANNELS {
+            let name = format!("{index:03}{}", "c".repeat(crate::MAX_CHANNEL_LEN - 3));
+            let position = Position::new(
+                Epoch::new("e".repeat(MAX_EPOCH_LEN)).unwrap(),
+                crate::Seq::new(u64::MAX),
+            );
+            cursor.set(Channel::new(name).unwrap(), position);
+        }
+        let text = cursor.to_string();
+        assert_eq!(text.len(), MAX_CURSOR_LEN);
+        assert_eq!(Cursor::parse(&text).unwrap(), cursor);
     }
 
     #[test]

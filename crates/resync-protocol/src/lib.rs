@@ -45,7 +45,7 @@ mod names;
 pub mod sse;
 
 pub use close::{CloseCode, ReconnectAdvice};
-pub use cursor::Cursor;
+pub use cursor::{Cursor, MAX_CURSOR_CHANNELS, MAX_CURSOR_LEN};
 pub use error::{Error, Result};
 pub use event::{Event, Payload};
 pub use frame::{

@@ -169,6 +169,13 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             None,
         ),
     };
+    if settings.max_channels_per_connection > resync_protocol::MAX_CURSOR_CHANNELS {
+        anyhow::bail!(
+            "max_channels_per_connection is {}; the most is {} (a cursor holds at most that many channels)",
+            settings.max_channels_per_connection,
+            resync_protocol::MAX_CURSOR_CHANNELS
+        );
+    }
     let config = TransportConfig {
         ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
         sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),

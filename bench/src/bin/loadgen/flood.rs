@@ -399,6 +399,13 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     let seconds = number(arguments, "--seconds", 10);
     let rate = number(arguments, "--rate", 50).max(1);
     let with_floods = argument(arguments, "--floods").is_none_or(|value| value != "off");
+    // `--only drip,refresher`: just those floods (to find which one costs what).
+    let only: Option<Vec<String>> =
+        argument(arguments, "--only").map(|names| names.split(',').map(str::to_owned).collect());
+    let runs = |name: &str| {
+        only.as_ref()
+            .is_none_or(|only| only.iter().any(|chosen| chosen == name))
+    };
     let server_pid = pids(arguments).first().copied().context("--pid")?;
     let server: SocketAddr = url
         .trim_start_matches("http://")
@@ -449,14 +456,16 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     }
     if with_floods {
         // Issue 25's floods, each from addresses of its own.
-        floods.push(tokio::spawn(edge_floods::drip(
-            flood_address(40),
-            server,
-            200,
-            edge.clone(),
-            stop.clone(),
-        )));
-        if let Some((tls_url, _)) = &tls {
+        if runs("drip") {
+            floods.push(tokio::spawn(edge_floods::drip(
+                flood_address(40),
+                server,
+                200,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
+        if let Some((tls_url, _)) = tls.as_ref().filter(|_| runs("tls_stall")) {
             let tls_server: SocketAddr = tls_url
                 .trim_start_matches("https://")
                 .parse()
@@ -469,30 +478,39 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 stop.clone(),
             )));
         }
-        floods.push(tokio::spawn(edge_floods::pipeliner(
-            flood_address(42),
-            server,
-            50,
-            edge.clone(),
-            stop.clone(),
-        )));
+        if runs("pipeliner") {
+            floods.push(tokio::spawn(edge_floods::pipeliner(
+                flood_address(42),
+                server,
+                50,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
         let crowd: Vec<String> = (0..8).map(|index| format!("crowd:{index}")).collect();
-        floods.push(tokio::spawn(edge_floods::presence_crowd(
-            vec![flood_address(43), flood_address(44)],
-            server,
-            crowd.clone(),
-            100,
-            stop.clone(),
-        )));
-        floods.push(tokio::spawn(edge_floods::presence_poller(
-            flood_address(45),
-            server,
-            crowd,
-            edge.clone(),
-            stop.clone(),
-        )));
+        if runs("presence") {
+            floods.push(tokio::spawn(edge_floods::presence_crowd(
+                vec![flood_address(43), flood_address(44)],
+                server,
+                crowd.clone(),
+                100,
+                stop.clone(),
+            )));
+            floods.push(tokio::spawn(edge_floods::presence_poller(
+                flood_address(45),
+                server,
+                crowd,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
         let heavy = format!("heavy-{}", fastrand::u32(..));
-        if let Some(epoch) = edge_floods::heavy_channel(&http, url, &heavy).await {
+        let heavy_epoch = if runs("heavy_poller") {
+            edge_floods::heavy_channel(&http, url, &heavy).await
+        } else {
+            None
+        };
+        if let Some(epoch) = heavy_epoch {
             for index in 0..4 {
                 floods.push(tokio::spawn(edge_floods::heavy_poller(
                     flood_address(46 + index),
@@ -505,14 +523,16 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 )));
             }
         }
-        floods.push(tokio::spawn(edge_floods::refresher(
-            flood_address(50),
-            server,
-            50,
-            edge.clone(),
-            stop.clone(),
-        )));
-        if proxied.is_some() {
+        if runs("refresher") {
+            floods.push(tokio::spawn(edge_floods::refresher(
+                flood_address(50),
+                server,
+                50,
+                edge.clone(),
+                stop.clone(),
+            )));
+        }
+        if proxied.is_some() && runs("proxy_hog") {
             floods.push(tokio::spawn(edge_floods::proxy_hog(
                 flood_address(51),
                 server,
@@ -521,42 +541,52 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
             )));
         }
         for index in 0..2 {
-            floods.push(tokio::spawn(oversized(
-                flood_address(index),
-                server,
-                counts.clone(),
-                stop.clone(),
-            )));
-            floods.push(tokio::spawn(anonymous_publisher(
-                flood_address(10 + index),
-                server,
-                channel.clone(),
-                counts.clone(),
-                stop.clone(),
-            )));
-            floods.push(tokio::spawn(sprayer(
-                flood_address(20 + index),
-                server,
-                counts.clone(),
-                stop.clone(),
-            )));
-            floods.push(tokio::spawn(pinger(
-                flood_address(30 + index),
+            if runs("oversized") {
+                floods.push(tokio::spawn(oversized(
+                    flood_address(index),
+                    server,
+                    counts.clone(),
+                    stop.clone(),
+                )));
+            }
+            if runs("anonymous_publisher") {
+                floods.push(tokio::spawn(anonymous_publisher(
+                    flood_address(10 + index),
+                    server,
+                    channel.clone(),
+                    counts.clone(),
+                    stop.clone(),
+                )));
+            }
+            if runs("sprayer") {
+                floods.push(tokio::spawn(sprayer(
+                    flood_address(20 + index),
+                    server,
+                    counts.clone(),
+                    stop.clone(),
+                )));
+            }
+            if runs("pinger") {
+                floods.push(tokio::spawn(pinger(
+                    flood_address(30 + index),
+                    server,
+                    counts.clone(),
+                    stop.clone(),
+                )));
+            }
+        }
+        // Up to 4,500 idle connections from 30 addresses, 150 each (within an address's
+        // burst): past the run's global cap.
+        if runs("connection_flood") {
+            floods.push(tokio::spawn(connection_flood(
+                100,
+                30,
+                150,
                 server,
                 counts.clone(),
                 stop.clone(),
             )));
         }
-        // Up to 4,500 idle connections from 30 addresses, 150 each (within an address's
-        // burst): past the run's global cap.
-        floods.push(tokio::spawn(connection_flood(
-            100,
-            30,
-            150,
-            server,
-            counts.clone(),
-            stop.clone(),
-        )));
         // Let the floods reach their limits before measuring.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
