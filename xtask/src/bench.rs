@@ -644,6 +644,7 @@ fn flood_round(bench: &mut Bench, quick: bool, only: Option<&str>) -> Result<()>
         )?;
         let pid = server.pid();
         let ca = fixtures.directory.join("cert.pem");
+        let ca = ca.to_string_lossy();
         let mut arguments = vec![
             "flood",
             "--url",
@@ -661,7 +662,7 @@ fn flood_round(bench: &mut Bench, quick: bool, only: Option<&str>) -> Result<()>
             "--tls-url",
             &tls.url,
             "--tls-ca",
-            &ca.to_string_lossy(),
+            &ca,
             "--proxy-port",
             &proxy_port,
         ];
