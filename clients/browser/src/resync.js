@@ -1152,6 +1152,14 @@ class PollSession {
       for (const reset of reply.resets) client.reset(reset);
       for (const event of reply.events) client.deliver(event);
       for (const [channel, position] of parseCursor(reply.cursor)) client.fresh(channel, position);
+      // The application ended a subscription, or the whole connection (docs/auth.md): the
+      // same meaning as on SSE and WebSocket.
+      for (const { channel, reason } of reply.unsubscribed ?? []) client.ended(channel, reason);
+      if (reply.disconnect) {
+        const { reason, reconnect } = reply.disconnect;
+        if (reconnect) return this.finish({ type: "closed", code: 4203 });
+        return this.finish({ type: "closed", code: 4005, reason });
+      }
     }
   }
 
