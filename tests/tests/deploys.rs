@@ -13,7 +13,10 @@ use resync_tests::{SseClient, TestServer, poll};
 
 #[tokio::test]
 async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get_a_retry() {
-    let mut server = ServerProcess::start(&["--shutdown-spread-ms", "1500"]);
+    // A spread long enough that the drain outlasts a busy machine's slowest look at the
+    // listener (issue 29, defect 6: with 1.5 s, a loaded machine saw the process gone first).
+    // The streams end at random moments within it; the test waits for events, not for it.
+    let mut server = ServerProcess::start(&["--shutdown-spread-ms", "8000"]);
     let http = reqwest::Client::new();
     let mut stream = http
         .get(format!("{}/sse?channel=deploy", server.base_url))
@@ -26,7 +29,7 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
     let mut parser = SseParser::new();
     let mut opened = false;
     while !opened {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
             .await
             .expect("the opening in time")
             .unwrap()
@@ -38,7 +41,7 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
             .any(|message| message.event == "subscribed");
     }
     // More streams keep the process draining through the spread (each closes at a random
-    // moment within it), so the refusal below is seen while the process still runs.
+    // moment within it).
     let mut others = Vec::new();
     for _ in 0..20 {
         let other = http
@@ -52,24 +55,24 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
     server.terminate();
     // The listener is closed at once: a client that comes back meets a refused connection (a
     // network error EventSource retries), never a 503.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let refused_while_running = loop {
-        let running = server.is_running();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         match tokio::net::TcpStream::connect(server.address).await {
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => break running,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => break,
             _ if Instant::now() > deadline => panic!("the listener still accepts after SIGTERM"),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
-    };
+    }
+    // Seen after the refusal: the process was still there, draining, when it refused.
     assert!(
-        refused_while_running,
+        server.is_running(),
         "refused while the process still drains, not because it is gone"
     );
     // The open stream ends within the spread. It ends with a `retry:` hint, or (seen now and
     // then under this harness, cause not yet found) with the connection closed before the
     // body's end; `EventSource` retries both the same way, which the browser deploy test
     // (clients/browser/test/e2e/deploys.test.js) proves end to end.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
         let mut retry = None;
         while let Ok(Some(chunk)) = stream.chunk().await {
             for message in parser.feed(&chunk).unwrap_or_default() {
@@ -82,7 +85,7 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
     assert!(ended.is_ok(), "the stream did not end within the spread");
     drop(others);
     assert!(
-        server.wait_for_exit(Duration::from_secs(10)),
+        server.wait_for_exit(Duration::from_secs(60)),
         "the process exits once drained"
     );
 }
