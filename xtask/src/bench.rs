@@ -1218,8 +1218,9 @@ fn flood_section(bench: &Bench) -> String {
          connections dripping their next request's head, 600 TCP connections to a TLS listener that never say \
          hello, 50 sockets pipelining 64 KiB of requests and never reading, first polls with `join_leave=1` on 8 \
          channels of 100 members with 1 KiB of info, 4 addresses holding 250 non-reading polls each of a channel \
-         of 60 KB events, 50 WebSockets sending bad RS256 refreshes, and 128 subscribes at a time to a proxied \
-         namespace whose backend takes 0.9 s (`loadgen flood`). Beside them, legitimate checks: `/healthz`, \
+         of 60 KB events, 50 WebSockets sending bad RS256 refreshes, and 128 subscribes at a time (each slot at \
+         most 10 a second) to a proxied namespace whose backend takes 0.9 s (`loadgen flood`). The non-reading \
+         floods never read: each socket is replaced by a fresh one after 5 s. Beside them, legitimate checks: `/healthz`, \
          `https://…/healthz` on the TLS listener twice a second, and a proxied subscribe twice a second.\n\n",
         on("subscribers")
     ));
@@ -1248,7 +1249,7 @@ fn flood_section(bench: &Bench) -> String {
         on("server_peak_rss_kib") / 1024.0
     ));
     out.push_str(&format!(
-        "| server RSS before / after the run (MiB) | {:.0} / {:.0} | {:.0} / {:.0} (after within 64 MiB of before: {}) |\n",
+        "| server RSS before / 5 s after the run (MiB) | {:.0} / {:.0} | {:.0} / {:.0} (after within 64 MiB of before: {}) |\n",
         off("server_rss_start_kib") / 1024.0,
         off("server_rss_after_kib") / 1024.0,
         on("server_rss_start_kib") / 1024.0,
@@ -1267,16 +1268,24 @@ fn flood_section(bench: &Bench) -> String {
         on("tls_health_failed")
     ));
     out.push_str(&format!(
-        "| proxied subscribes let in / refused | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+        "| proxied subscribes let in / refused / server full | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} |\n",
         off("proxy_legit_allowed"),
         off("proxy_legit_refused"),
+        off("proxy_legit_server_full"),
         on("proxy_legit_allowed"),
-        on("proxy_legit_refused")
+        on("proxy_legit_refused"),
+        on("proxy_legit_server_full")
     ));
     out.push_str(&format!(
-        "| server CPU during the run (s) | {:.1} | {:.1} |\n\n",
+        "| server CPU during the run (s) | {:.1} | {:.1} |\n",
         off("server_cpu_seconds"),
         on("server_cpu_seconds")
+    ));
+    out.push_str(&format!(
+        "| load generator's CPU, floods included (s, of {:.0} s) | {:.1} | {:.1} |\n\n",
+        on("window_seconds"),
+        off("loadgen_cpu_seconds"),
+        on("loadgen_cpu_seconds")
     ));
     out.push_str("| flood | what it got |\n|---|---|\n");
     out.push_str(&format!(

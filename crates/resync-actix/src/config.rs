@@ -122,6 +122,13 @@ pub struct TransportConfig {
     /// ([`CONNECTION_OUTPUT_FLOOR`](crate::edge::CONNECTION_OUTPUT_FLOOR)) waits until its
     /// client has read, and long polls shrink their replies to fit. Defaults to 64 MiB.
     pub queued_bytes_budget: usize,
+    /// The kernel send buffer set on each socket the edge accepts (Linux grants twice the
+    /// value). Left to itself the kernel grows a socket's buffer to 4 MiB for a client that
+    /// does not read, out of sight of [`queued_bytes_budget`](Self::queued_bytes_budget):
+    /// a thousand non-reading long polls held 809 MB of kernel memory and cost most of the
+    /// process's CPU in copies into it. Fixed, what a client does not read waits in the
+    /// process, counted. Defaults to 64 KiB; 0 leaves the kernel's autotuning.
+    pub socket_send_buffer: usize,
     /// Rules by namespace (the part of a channel's name before its first `:`), in front of
     /// the authorizer. Defaults to none.
     pub namespaces: std::collections::HashMap<String, crate::NamespacePolicy>,
@@ -166,6 +173,7 @@ impl Default for TransportConfig {
             publish_hold_max: Duration::from_secs(2),
             request_header_timeout: Duration::from_secs(10),
             queued_bytes_budget: 64 * 1024 * 1024,
+            socket_send_buffer: 64 * 1024,
             namespaces: std::collections::HashMap::new(),
         }
     }

@@ -126,6 +126,7 @@ impl Edge {
             }
         };
         crate::probe::set_write_deadline(&stream, self.shared.config.write_timeout * 2);
+        crate::probe::set_send_buffer(&stream, self.shared.config.socket_send_buffer);
         let _ = stream.set_nodelay(true);
         let connection = Rc::new(EdgeConnection {
             shared: self.shared.clone(),

@@ -109,6 +109,17 @@ pub(crate) fn set_write_deadline(stream: &actix_web::rt::net::TcpStream, deadlin
     }
 }
 
+/// Fixes the kernel send buffer of `stream` at `bytes` (0: the kernel's autotuning), so what
+/// a client does not read stays in the process, counted against the queued-bytes budget.
+pub(crate) fn set_send_buffer(stream: &actix_web::rt::net::TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+        tracing::debug!(target: "resync::connection", %error, "the socket's send buffer is the kernel's");
+    }
+}
+
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn set_write_deadline(_stream: &actix_web::rt::net::TcpStream, _deadline: Duration) {}
 

@@ -5,6 +5,7 @@
 mod api;
 mod assets;
 mod listener;
+mod memory;
 mod settings;
 mod tls;
 
@@ -200,6 +201,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
         max_sockets: settings.max_sockets,
         request_header_timeout: Duration::from_secs(settings.request_header_timeout_secs.max(1)),
         queued_bytes_budget: settings.queued_bytes_budget,
+        socket_send_buffer: settings.socket_send_buffer_bytes,
         max_connections_per_ip: settings.max_connections_per_ip,
         connections_per_ip_per_second: settings.connections_per_ip_per_second,
         connection_burst_per_ip: settings.connection_burst_per_ip,
@@ -527,6 +529,7 @@ pub async fn drain_then_stop(resync: Resync, handle: ServerHandle) {
 pub async fn run(settings: Settings) -> Result<()> {
     let shutdown_signal = shutdown_signal();
     let (running, server) = bind(&settings)?;
+    memory::start_trimming();
     tracing::info!(addresses = ?running.addresses, broker = ?settings.broker, "resync-server listening");
     // The address on its own line, for scripts and tests that start the server on port 0.
     let scheme = if running.tls { "https" } else { "http" };

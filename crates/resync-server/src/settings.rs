@@ -159,6 +159,8 @@ pub struct Settings {
     pub request_header_timeout_secs: u64,
     /// Bytes of responses that may wait for clients' sockets over the whole process.
     pub queued_bytes_budget: usize,
+    /// The kernel send buffer of each accepted socket, in bytes.
+    pub socket_send_buffer_bytes: usize,
     /// Most connections from one client address.
     pub max_connections_per_ip: usize,
     /// New connections a second from one address.
@@ -270,6 +272,7 @@ impl Default for Settings {
             max_sockets: 10_000,
             request_header_timeout_secs: 10,
             queued_bytes_budget: 64 * 1024 * 1024,
+            socket_send_buffer_bytes: 64 * 1024,
             max_connections_per_ip: 1_000,
             connections_per_ip_per_second: 50.0,
             connection_burst_per_ip: 200,
@@ -509,6 +512,11 @@ pub struct Args {
     /// polls shrink their replies. [default: 67108864]
     #[arg(long, env = "RESYNC_QUEUED_BYTES_BUDGET")]
     queued_bytes_budget: Option<usize>,
+    /// The kernel send buffer of each accepted socket (Linux grants twice this): what a
+    /// client that does not read holds in kernel memory, beyond the budget above, which the
+    /// rest waits in. [default: 65536]
+    #[arg(long, env = "RESYNC_SOCKET_SEND_BUFFER_BYTES")]
+    socket_send_buffer_bytes: Option<usize>,
     /// New connections a second from one address, sustained. [default: 50]
     #[arg(long, env = "RESYNC_CONNECTIONS_PER_IP_PER_SECOND")]
     connections_per_ip_per_second: Option<f64>,
@@ -648,6 +656,7 @@ impl Settings {
             max_sockets,
             request_header_timeout_secs,
             queued_bytes_budget,
+            socket_send_buffer_bytes,
             max_connections_per_ip,
             connections_per_ip_per_second,
             connection_burst_per_ip,

@@ -43,6 +43,7 @@ pub(crate) struct EdgeCounts {
     pub(crate) proxy_hogs: AtomicU64,
     pub(crate) proxy_legit_allowed: AtomicU64,
     pub(crate) proxy_legit_refused: AtomicU64,
+    pub(crate) proxy_legit_server_full: AtomicU64,
 }
 
 async fn connect(source: IpAddr, server: SocketAddr, small_window: bool) -> Option<TcpStream> {
@@ -57,7 +58,22 @@ async fn connect(source: IpAddr, server: SocketAddr, small_window: bool) -> Opti
         .ok()
 }
 
-/// Whether the server closed `stream` (end of stream or an error), without waiting.
+/// How long a non-reading flood holds a socket before it opens a fresh one in its place:
+/// such a client cannot see the server close its socket without reading what was sent first,
+/// and reading would make it a reading client (which is what the flood must not be).
+const NON_READER_LIFE: Duration = Duration::from_secs(5);
+
+/// Sockets of a non-reading flood, each with when it was opened.
+type NonReaders = Vec<(Instant, TcpStream)>;
+
+/// Drops the sockets held for [`NON_READER_LIFE`] (their replacements are opened by the
+/// caller).
+fn retire_old(held: &mut NonReaders) {
+    held.retain(|(opened, _)| opened.elapsed() < NON_READER_LIFE);
+}
+
+/// Whether the server closed `stream` (end of stream or an error), without waiting. Reads
+/// what is waiting: only for floods whose server sends little (a refusal, a close).
 fn closed(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 256];
     loop {
@@ -169,9 +185,9 @@ pub(crate) async fn pipeliner(
 ) {
     let request = b"GET /client/resync.js HTTP/1.1\r\nHost: flood\r\n\r\n";
     let burst = request.repeat(65_536 / request.len());
-    let mut held: Vec<TcpStream> = Vec::new();
+    let mut held = NonReaders::new();
     while !*stop.borrow() {
-        held.retain(|stream| !closed(stream));
+        retire_old(&mut held);
         while held.len() < count {
             let Some(stream) = connect(source, server, true).await else {
                 break;
@@ -185,7 +201,7 @@ pub(crate) async fn pipeliner(
                 }
             }
             counts.pipelines_opened.fetch_add(1, Ordering::Relaxed);
-            held.push(stream);
+            held.push((Instant::now(), stream));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -352,16 +368,16 @@ pub(crate) async fn heavy_poller(
     let request = format!(
         "GET /poll?channel={channel}&cursor={channel}:{epoch}:0 HTTP/1.1\r\nHost: flood\r\n\r\n"
     );
-    let mut held: Vec<TcpStream> = Vec::new();
+    let mut held = NonReaders::new();
     while !*stop.borrow() {
-        held.retain(|stream| !closed(stream));
+        retire_old(&mut held);
         while held.len() < count {
             let Some(mut stream) = connect(source, server, true).await else {
                 break;
             };
             if stream.write_all(request.as_bytes()).await.is_ok() {
                 counts.heavy_polls.fetch_add(1, Ordering::Relaxed);
-                held.push(stream);
+                held.push((Instant::now(), stream));
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -453,7 +469,20 @@ pub(crate) async fn slow_backend(port: u16, stop: watch::Receiver<bool>) {
 
 /// Whether an SSE request to `path` from `source` is answered with `subscribed` (`Some(true)`),
 /// refused or told to retry (`Some(false)`), or not answered in 5 s (`None`).
-async fn sse_subscribed(source: Option<IpAddr>, server: SocketAddr, path: &str) -> Option<bool> {
+/// What a subscribe over SSE got.
+enum SseAnswer {
+    Subscribed,
+    /// Refused because the server holds its global cap of connections (a flood from many
+    /// addresses filled it: the cap working, not the proxy's fairness failing).
+    ServerFull,
+    Refused,
+}
+
+async fn sse_subscribed(
+    source: Option<IpAddr>,
+    server: SocketAddr,
+    path: &str,
+) -> Option<SseAnswer> {
     let mut stream = match source {
         Some(source) => connect(source, server, false).await?,
         None => TcpStream::connect(server).await.ok()?,
@@ -462,24 +491,34 @@ async fn sse_subscribed(source: Option<IpAddr>, server: SocketAddr, path: &str) 
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut refused = false;
     loop {
         if memchr::memmem::find(&answer, b"event: subscribed").is_some() {
-            return Some(true);
+            return Some(SseAnswer::Subscribed);
         }
-        if memchr::memmem::find(&answer, b"retry:").is_some()
-            || memchr::memmem::find(&answer, b"HTTP/1.1 4").is_some()
-        {
-            return Some(false);
-        }
+        refused = refused
+            || memchr::memmem::find(&answer, b"retry:").is_some()
+            || memchr::memmem::find(&answer, b"HTTP/1.1 4").is_some();
         let mut chunk = [0u8; 4096];
         match tokio::time::timeout_at(deadline.into(), stream.read(&mut chunk)).await {
             Ok(Ok(read)) if read > 0 => answer.extend_from_slice(&chunk[..read]),
+            // A refusal is read to its end (its reason follows the `retry:` line).
+            _ if refused => {
+                let full = memchr::memmem::find(&answer, b"connection limit").is_some();
+                return Some(if full {
+                    SseAnswer::ServerFull
+                } else {
+                    SseAnswer::Refused
+                });
+            }
             _ => return None,
         }
     }
 }
 
-/// 128 subscribes at a time from `source` to the proxied namespace, each re-issued as it ends.
+/// 128 subscribes at a time from `source` to the proxied namespace, each re-issued as it ends
+/// (at most ten times a second per slot: faster, it is a connection-rate flood from one
+/// address, whose cost is the kernel's accept and close, `docs/security.md`).
 pub(crate) async fn proxy_hog(
     source: IpAddr,
     server: SocketAddr,
@@ -491,7 +530,9 @@ pub(crate) async fn proxy_hog(
         let stop = stop.clone();
         let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_millis(100));
             while !*stop.borrow() {
+                pace.tick().await;
                 counts.proxy_hogs.fetch_add(1, Ordering::Relaxed);
                 let _ = sse_subscribed(
                     Some(source),
@@ -518,7 +559,8 @@ pub(crate) async fn proxy_legit(
 ) {
     while !*stop.borrow() {
         let counter = match sse_subscribed(None, server, "/sse?channel=slow:legit").await {
-            Some(true) => &counts.proxy_legit_allowed,
+            Some(SseAnswer::Subscribed) => &counts.proxy_legit_allowed,
+            Some(SseAnswer::ServerFull) => &counts.proxy_legit_server_full,
             _ => &counts.proxy_legit_refused,
         };
         counter.fetch_add(1, Ordering::Relaxed);
