@@ -29,6 +29,7 @@ fn main() -> Result<()> {
     match task.as_deref() {
         Some("ci") => ci(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("flood") => bench::flood_only(),
+        Some("bench") if std::env::args().nth(2).as_deref() == Some("redis") => bench::redis_only(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("presence") => {
             bench::presence_only()
         }

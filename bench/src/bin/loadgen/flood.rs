@@ -394,6 +394,31 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The floods' runtime. Dropped, it ends what a flood left running without waiting for it,
+/// which (unlike a plain drop of a runtime) an async context allows.
+struct AttackRuntime(Option<tokio::runtime::Runtime>);
+
+impl AttackRuntime {
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(runtime) => runtime.spawn(future),
+            None => tokio::spawn(future),
+        }
+    }
+}
+
+impl Drop for AttackRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json::Value> {
     let subscribers = number(arguments, "--subscribers", 150) as usize;
     let seconds = number(arguments, "--seconds", 10);
@@ -432,6 +457,17 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     let edge = Arc::new(edge_floods::EdgeCounts::default());
     let (stop_sender, stop) = watch::channel(false);
     let mut floods = Vec::new();
+    // The floods run on a runtime of their own, one thread: an attacker is another machine,
+    // and the legitimate clients' latency must not be queued behind thousands of the
+    // floods' tasks in the generator (both still share the machine's cores with the server).
+    let attack = AttackRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("loadgen-flood")
+            .enable_all()
+            .build()
+            .context("the floods' runtime")?,
+    ));
     let rss_start_kib = crate::rss_kib(server_pid);
     // Legitimate checks beside the floods, in both runs.
     let tls = argument(arguments, "--tls-url")
@@ -457,7 +493,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     if with_floods {
         // Issue 25's floods, each from addresses of its own.
         if runs("drip") {
-            floods.push(tokio::spawn(edge_floods::drip(
+            floods.push(attack.spawn(edge_floods::drip(
                 flood_address(40),
                 server,
                 200,
@@ -470,7 +506,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 .trim_start_matches("https://")
                 .parse()
                 .context("--tls-url must be https://<ip>:<port>")?;
-            floods.push(tokio::spawn(edge_floods::tls_stall(
+            floods.push(attack.spawn(edge_floods::tls_stall(
                 flood_address(41),
                 tls_server,
                 600,
@@ -479,7 +515,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
             )));
         }
         if runs("pipeliner") {
-            floods.push(tokio::spawn(edge_floods::pipeliner(
+            floods.push(attack.spawn(edge_floods::pipeliner(
                 flood_address(42),
                 server,
                 50,
@@ -489,14 +525,14 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         }
         let crowd: Vec<String> = (0..8).map(|index| format!("crowd:{index}")).collect();
         if runs("presence") {
-            floods.push(tokio::spawn(edge_floods::presence_crowd(
+            floods.push(attack.spawn(edge_floods::presence_crowd(
                 vec![flood_address(43), flood_address(44)],
                 server,
                 crowd.clone(),
                 100,
                 stop.clone(),
             )));
-            floods.push(tokio::spawn(edge_floods::presence_poller(
+            floods.push(attack.spawn(edge_floods::presence_poller(
                 flood_address(45),
                 server,
                 crowd,
@@ -512,7 +548,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         };
         if let Some(epoch) = heavy_epoch {
             for index in 0..4 {
-                floods.push(tokio::spawn(edge_floods::heavy_poller(
+                floods.push(attack.spawn(edge_floods::heavy_poller(
                     flood_address(46 + index),
                     server,
                     heavy.clone(),
@@ -524,7 +560,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
             }
         }
         if runs("refresher") {
-            floods.push(tokio::spawn(edge_floods::refresher(
+            floods.push(attack.spawn(edge_floods::refresher(
                 flood_address(50),
                 server,
                 50,
@@ -533,7 +569,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
             )));
         }
         if proxied.is_some() && runs("proxy_hog") {
-            floods.push(tokio::spawn(edge_floods::proxy_hog(
+            floods.push(attack.spawn(edge_floods::proxy_hog(
                 flood_address(51),
                 server,
                 edge.clone(),
@@ -542,7 +578,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         }
         for index in 0..2 {
             if runs("oversized") {
-                floods.push(tokio::spawn(oversized(
+                floods.push(attack.spawn(oversized(
                     flood_address(index),
                     server,
                     counts.clone(),
@@ -550,7 +586,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 )));
             }
             if runs("anonymous_publisher") {
-                floods.push(tokio::spawn(anonymous_publisher(
+                floods.push(attack.spawn(anonymous_publisher(
                     flood_address(10 + index),
                     server,
                     channel.clone(),
@@ -559,7 +595,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 )));
             }
             if runs("sprayer") {
-                floods.push(tokio::spawn(sprayer(
+                floods.push(attack.spawn(sprayer(
                     flood_address(20 + index),
                     server,
                     counts.clone(),
@@ -567,7 +603,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
                 )));
             }
             if runs("pinger") {
-                floods.push(tokio::spawn(pinger(
+                floods.push(attack.spawn(pinger(
                     flood_address(30 + index),
                     server,
                     counts.clone(),
@@ -578,7 +614,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
         // Up to 4,500 idle connections from 30 addresses, 150 each (within an address's
         // burst): past the run's global cap.
         if runs("connection_flood") {
-            floods.push(tokio::spawn(connection_flood(
+            floods.push(attack.spawn(connection_flood(
                 100,
                 30,
                 150,
@@ -636,6 +672,7 @@ pub(crate) async fn flood(arguments: &[String], url: &str) -> Result<serde_json:
     for flood in floods {
         let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
     }
+    drop(attack);
     // The floods' sockets are gone: wait for the server to see them go, then read what it
     // still holds.
     let settle = Instant::now() + Duration::from_secs(30);
