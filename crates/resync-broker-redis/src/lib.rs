@@ -132,7 +132,10 @@ impl RedisBrokerBuilder {
         self
     }
 
-    /// Creates the pool and starts the Pub/Sub task. Must be called inside a tokio runtime.
+    /// Creates the pool and starts the Pub/Sub task. Must be called inside a tokio runtime,
+    /// and that runtime is where the broker's Redis connections and its Pub/Sub task run:
+    /// build it outside the HTTP workers (the reference server builds it on its main thread),
+    /// so that a publish's round trip to Redis does not wait for a worker busy with fan-out.
     /// Connections are opened lazily, so this succeeds while Redis is down.
     pub fn build(self) -> Result<RedisBroker> {
         let client = redis::Client::open(self.url.as_str())
@@ -163,7 +166,11 @@ impl RedisBrokerBuilder {
         let (connected_sender, connected) = watch::channel(false);
         let presence_fanout = Arc::new(presence::Fanout::default());
         let user_commands = tokio::sync::broadcast::channel(resync_broker::USER_COMMAND_QUEUE).0;
+        let io = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Unavailable("the redis broker is built inside a Tokio runtime".to_owned())
+        })?;
         let inner = Arc::new(Inner {
+            io: io.clone(),
             user_commands: user_commands.clone(),
             presence_fanout: presence_fanout.clone(),
             presence_local: presence::Local::default(),
@@ -187,7 +194,7 @@ impl RedisBrokerBuilder {
                 presence_sweep: redis::Script::new(scripts::PRESENCE_SWEEP),
             },
         });
-        tokio::spawn(pubsub::run(
+        io.spawn(pubsub::run(
             client,
             pubsub::Delivery {
                 hub,
@@ -199,7 +206,7 @@ impl RedisBrokerBuilder {
             presence_fanout,
             user_commands,
         ));
-        tokio::spawn(presence::keep_alive(
+        io.spawn(presence::keep_alive(
             Arc::downgrade(&inner),
             inner.settings.presence_ttl / 3,
         ));
@@ -219,6 +226,8 @@ struct Scripts {
 
 struct Inner {
     pool: Pool,
+    /// The runtime the broker was built on, where its connections and Pub/Sub task run.
+    io: tokio::runtime::Handle,
     /// Connections shared by every command, `pool_size` of them, taken from `pool` lazily.
     connections: Vec<std::sync::Mutex<Option<MultiplexedConnection>>>,
     next_connection: AtomicUsize,
@@ -374,8 +383,18 @@ impl Inner {
         if let Some(connection) = lock(&self.connections[slot]).clone() {
             return Ok(connection);
         }
-        let pooled = self.pool.get().await.map_err(unavailable)?;
-        let connection = deadpool_redis::Connection::take(pooled);
+        // Opened on the runtime that built the broker, so the connection's driver (which
+        // writes every command and reads every reply) runs there: opened on an HTTP worker, a
+        // publish's round trip waited for that worker to get through its fan-out, twice, and
+        // on a busy box publishes slowed to a trickle (issue 28).
+        let pool = self.pool.clone();
+        let opened = self.io.spawn(async move {
+            let pooled = pool.get().await.map_err(unavailable)?;
+            Ok::<_, Error>(deadpool_redis::Connection::take(pooled))
+        });
+        let connection = opened.await.map_err(|error| {
+            Error::Unavailable(format!("opening a redis connection: {error}"))
+        })??;
         *lock(&self.connections[slot]) = Some(connection.clone());
         Ok(connection)
     }
