@@ -32,9 +32,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "resync_protocol",
         &[
-            // Frames and bodies are serde types; payloads and poll events are raw JSON.
+            // Frames and bodies are serde types (some with impls of their own, which name
+            // serde's serializer and deserializer); payloads and poll events are raw JSON.
             "serde_core::ser::Serialize",
             "serde_core::de::Deserialize",
+            "serde_core::ser::Serializer",
+            "serde_core::de::Deserializer",
             "serde_json::raw::RawValue",
         ],
     ),
@@ -57,11 +60,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "http::status::StatusCode",
             "serde_core::ser::Serialize",
             "serde_core::de::Deserialize",
+            "serde_core::ser::Serializer",
+            "serde_core::de::Deserializer",
+            // A response body streams shared bytes (`MessageBody::poll_next`).
+            "bytes::bytes::Bytes",
             // The edge (`resync_actix::edge`) sits under a listener's sockets: it takes the
             // accepted tokio socket and is itself a tokio byte stream, as TLS and actix-http
             // expect; its response body's `Unpin` impl is written by pin-project-lite.
             "tokio::net::tcp::stream::TcpStream",
             "tokio::io::async_read::AsyncRead",
+            "tokio::io::read_buf::ReadBuf",
             "tokio::io::async_write::AsyncWrite",
             "pin_project_lite::__private::PinnedFieldsOf",
         ],
@@ -148,19 +156,44 @@ fn external_types(json: &Value) -> BTreeMap<String, String> {
             .get(&key)
             .is_some_and(|item| item["crate_id"] == 0 && item["visibility"] == "public")
     };
-    let mut found = BTreeMap::new();
+    let counted_impl = |implementation: &Value| {
+        let generated =
+            implementation["is_synthetic"] == true || !implementation["blanket_impl"].is_null();
+        let for_id = &implementation["for"]["resolved_path"]["id"];
+        !generated && is_public_local(for_id)
+    };
+    // The items of a public trait, and of a trait's impl for a public type, are public
+    // whatever rustdoc says: it marks their visibility `default`, and a trait method that
+    // takes or returns a foreign type ties an implementer to that crate as much as a function
+    // does (issue 29: the guard skipped them).
+    let mut members = BTreeSet::new();
     for item in index.values() {
         if item["crate_id"] != 0 {
             continue;
         }
         let inner = &item["inner"];
-        let counts = if let Some(implementation) = inner.get("impl") {
-            let generated =
-                implementation["is_synthetic"] == true || !implementation["blanket_impl"].is_null();
-            let for_id = &implementation["for"]["resolved_path"]["id"];
-            !generated && is_public_local(for_id)
+        let items = if let Some(definition) = inner.get("trait") {
+            (item["visibility"] == "public").then_some(&definition["items"])
+        } else if let Some(implementation) = inner.get("impl") {
+            (!implementation["trait"].is_null() && counted_impl(implementation))
+                .then_some(&implementation["items"])
         } else {
-            item["visibility"] == "public"
+            None
+        };
+        for id in items.and_then(Value::as_array).into_iter().flatten() {
+            members.insert(id.to_string());
+        }
+    }
+    let mut found = BTreeMap::new();
+    for (id, item) in index {
+        if item["crate_id"] != 0 {
+            continue;
+        }
+        let inner = &item["inner"];
+        let counts = if let Some(implementation) = inner.get("impl") {
+            counted_impl(implementation)
+        } else {
+            item["visibility"] == "public" || members.contains(id)
         };
         if !counts {
             continue;

@@ -156,19 +156,15 @@ impl UserConnections {
 }
 
 /// Hands each user command to the user's connections in this process.
-async fn dispatch(
-    registry: Weak<UserConnections>,
-    mut commands: tokio::sync::broadcast::Receiver<UserCommand>,
-) {
-    use tokio::sync::broadcast::error::RecvError;
+async fn dispatch(registry: Weak<UserConnections>, mut commands: resync_broker::UserCommands) {
     loop {
         let command = match commands.recv().await {
-            Ok(command) => command,
-            Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(target: "resync::users", missed, "user commands were missed");
+            Some(Ok(command)) => command,
+            Some(Err(lagged)) => {
+                tracing::warn!(target: "resync::users", missed = lagged.missed, "user commands were missed");
                 continue;
             }
-            Err(RecvError::Closed) => return,
+            None => return,
         };
         let Some(registry) = registry.upgrade() else {
             return;

@@ -165,7 +165,7 @@ impl RedisBrokerBuilder {
         });
         let (connected_sender, connected) = watch::channel(false);
         let presence_fanout = Arc::new(presence::Fanout::default());
-        let user_commands = tokio::sync::broadcast::channel(resync_broker::USER_COMMAND_QUEUE).0;
+        let user_commands = resync_broker::UserCommandFanout::default();
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Unavailable("the redis broker is built inside a Tokio runtime".to_owned())
         })?;
@@ -243,7 +243,7 @@ struct Inner {
     /// This process's own presence entries, which it keeps alive.
     presence_local: presence::Local,
     /// User commands from every instance, fed by the Pub/Sub task.
-    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
+    user_commands: resync_broker::UserCommandFanout,
 }
 
 /// A [`Broker`] whose seqs, epochs and history live in Redis, shared by every process that
@@ -580,10 +580,8 @@ impl Broker for RedisBroker {
             .map(|_| ())
     }
 
-    fn user_commands(
-        &self,
-    ) -> Option<tokio::sync::broadcast::Receiver<resync_protocol::bodies::UserCommand>> {
-        Some(self.inner.user_commands.subscribe())
+    fn user_commands(&self) -> Option<resync_broker::UserCommands> {
+        Some(self.inner.user_commands.receiver())
     }
 
     async fn close(&self) {

@@ -72,7 +72,7 @@ pub(crate) async fn run(
     prefix: String,
     connected: watch::Sender<bool>,
     presence: crate::presence::SharedFanout,
-    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
+    user_commands: resync_broker::UserCommandFanout,
 ) {
     let Delivery { hub, recent } = delivery;
     let commands_name = user_commands_name(&prefix);

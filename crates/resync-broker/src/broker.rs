@@ -161,12 +161,10 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// The user commands sent through this broker from any instance, as they arrive; `None`
-    /// when it carries none. Each call is a receiver of its own, [`USER_COMMAND_QUEUE`]
-    /// deep.
-    fn user_commands(&self) -> Option<tokio::sync::broadcast::Receiver<UserCommand>> {
+    /// when it carries none. Each call is a receiver of its own,
+    /// [`USER_COMMAND_QUEUE`](crate::USER_COMMAND_QUEUE) deep (a broker keeps a
+    /// [`UserCommandFanout`](crate::UserCommandFanout) to hand them out).
+    fn user_commands(&self) -> Option<crate::UserCommands> {
         None
     }
 }
-
-/// User commands a receiver may fall behind by before it misses some.
-pub const USER_COMMAND_QUEUE: usize = 256;

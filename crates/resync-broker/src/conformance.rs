@@ -776,6 +776,7 @@ pub async fn user_commands_reach_every_receiver(
             let received = tokio::time::timeout(config.timeout, receiver.recv())
                 .await
                 .unwrap_or_else(|_| panic!("{name}: no command within {:?}", config.timeout))
+                .unwrap_or_else(|| panic!("{name}: the commands ended"))
                 .unwrap_or_else(|error| panic!("{name}: {error}"));
             assert_eq!(&received, expected, "{name}: in order, unchanged");
         }

@@ -97,8 +97,9 @@ mod hub;
 mod memory;
 pub mod presence;
 mod resume;
+mod user_commands;
 
-pub use broker::{Broker, HistoryRead, Publish, PublishOrigin, USER_COMMAND_QUEUE};
+pub use broker::{Broker, HistoryRead, Publish, PublishOrigin};
 pub use error::{Error, Result};
 pub use event::{EVENT_OVERHEAD_BYTES, EncodedEvent};
 pub use hub::{DeliveryLag, Hub, Live, LiveError, LiveSubscription};
@@ -110,3 +111,4 @@ pub use resume::{
     REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
 };
 pub use resync_log::{ReadDecision, ReadOutcome, Retention, decide_read};
+pub use user_commands::{USER_COMMAND_QUEUE, UserCommandFanout, UserCommands, UserCommandsLagged};

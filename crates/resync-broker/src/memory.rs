@@ -65,7 +65,7 @@ struct Inner {
     max_history_bytes: Option<usize>,
     presence: crate::MemoryPresence,
     /// User commands, from this process to this process.
-    user_commands: tokio::sync::broadcast::Sender<resync_protocol::bodies::UserCommand>,
+    user_commands: crate::UserCommandFanout,
 }
 
 /// The channels that have been published to.
@@ -221,7 +221,7 @@ impl MemoryBrokerBuilder {
                 history_bytes: std::sync::atomic::AtomicUsize::new(0),
                 max_history_bytes: self.max_history_bytes,
                 presence: crate::MemoryPresence::default(),
-                user_commands: tokio::sync::broadcast::channel(crate::USER_COMMAND_QUEUE).0,
+                user_commands: crate::UserCommandFanout::default(),
             }),
         }
     }
@@ -475,10 +475,8 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    fn user_commands(
-        &self,
-    ) -> Option<tokio::sync::broadcast::Receiver<resync_protocol::bodies::UserCommand>> {
-        Some(self.inner.user_commands.subscribe())
+    fn user_commands(&self) -> Option<crate::UserCommands> {
+        Some(self.inner.user_commands.receiver())
     }
 
     async fn health(&self) -> Result<()> {
