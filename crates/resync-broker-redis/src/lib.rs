@@ -28,6 +28,7 @@
 //! ```
 
 mod presence;
+mod presence_events;
 mod pubsub;
 mod recent;
 mod scripts;
@@ -164,7 +165,7 @@ impl RedisBrokerBuilder {
             let _ = idle_commands.try_send(pubsub::Command::Unsubscribe(channel.clone()));
         });
         let (connected_sender, connected) = watch::channel(false);
-        let presence_fanout = Arc::new(presence::Fanout::default());
+        let presence_fanout = Arc::new(presence_events::Fanout::default());
         let user_commands = resync_broker::UserCommandFanout::default();
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Unavailable("the redis broker is built inside a Tokio runtime".to_owned())
@@ -239,7 +240,7 @@ struct Inner {
     settings: RedisBrokerBuilder,
     scripts: Scripts,
     /// This process's watchers of joins and leaves (shared with the Pub/Sub task).
-    presence_fanout: Arc<presence::Fanout>,
+    presence_fanout: Arc<presence_events::Fanout>,
     /// This process's own presence entries, which it keeps alive.
     presence_local: presence::Local,
     /// User commands from every instance, fed by the Pub/Sub task.

@@ -71,7 +71,7 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<Command>,
     prefix: String,
     connected: watch::Sender<bool>,
-    presence: crate::presence::SharedFanout,
+    presence: crate::presence_events::SharedFanout,
     user_commands: resync_broker::UserCommandFanout,
 ) {
     let Delivery { hub, recent } = delivery;
@@ -166,7 +166,7 @@ pub(crate) async fn run(
                         continue;
                     }
                     if let Some(channel) = presence_channel(&prefix, &name) {
-                        match crate::presence::decode_event(&payload) {
+                        match crate::presence_events::decode_event(&payload) {
                             Some(event) => {
                                 if !presence.deliver(&channel, event)
                                     && presence_subscribed.remove(&channel)
