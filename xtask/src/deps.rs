@@ -283,4 +283,114 @@ mod tests {
         found.retain(|path| !path.ends_with("deps.rs"));
         assert_eq!(found, ["crates/resync-server/src/memory.rs"]);
     }
+
+    /// The modules a crate's source files name through `crate::` (a `mod.rs` and the files
+    /// beside it are their folder's module; the crate root is not a module here).
+    fn module_imports(
+        krate: &str,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let source = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .join("crates")
+            .join(krate)
+            .join("src");
+        let module_of = |path: &std::path::Path| {
+            let relative = path.strip_prefix(&source).unwrap_or(path);
+            let first = relative
+                .components()
+                .next()
+                .map(|part| part.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            first.trim_end_matches(".rs").to_owned()
+        };
+        let files = sources(&source);
+        let modules: std::collections::BTreeSet<String> =
+            files.iter().map(|path| module_of(path)).collect();
+        let mut imports: std::collections::BTreeMap<_, std::collections::BTreeSet<_>> =
+            std::collections::BTreeMap::new();
+        for path in &files {
+            let module = module_of(path);
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            let text = std::fs::read_to_string(path).expect("utf-8 source");
+            // Code only: a doc link names a module without depending on it.
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut named = Vec::new();
+            for (at, _) in code.match_indices("crate::") {
+                let rest = &code[at + "crate::".len()..];
+                if let Some(list) = rest.strip_prefix('{') {
+                    let list = &list[..list.find('}').unwrap_or(list.len())];
+                    named.extend(list.split(',').map(|part| {
+                        part.trim()
+                            .split("::")
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned()
+                    }));
+                } else {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    named.push(name);
+                }
+            }
+            for name in named {
+                if name != module && modules.contains(&name) {
+                    imports.entry(module.clone()).or_default().insert(name);
+                }
+            }
+        }
+        imports
+    }
+
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        // Issue 29: resync-client's connection manager and its transports, and
+        // resync-broker-redis's presence and Pub/Sub task, imported each other. A circle
+        // makes two modules one in all but name: neither can be read, tested or replaced
+        // alone. These crates are kept free of them; resync-actix's transports are next (the
+        // session redesign).
+        for krate in [
+            "resync-protocol",
+            "resync-log",
+            "resync-broker",
+            "resync-broker-redis",
+            "resync-client",
+            "resync-server",
+        ] {
+            let imports = module_imports(krate);
+            let mut circles = Vec::new();
+            for (from, targets) in &imports {
+                // A path back from each module it imports closes a circle.
+                for target in targets {
+                    let mut seen = std::collections::BTreeSet::new();
+                    let mut stack = vec![vec![from.clone(), target.clone()]];
+                    while let Some(path) = stack.pop() {
+                        let last = path.last().expect("a path");
+                        if last == from {
+                            circles.push(path.join(" -> "));
+                            continue;
+                        }
+                        if !seen.insert(last.clone()) {
+                            continue;
+                        }
+                        for next in imports.get(last).into_iter().flatten() {
+                            let mut longer = path.clone();
+                            longer.push(next.clone());
+                            stack.push(longer);
+                        }
+                    }
+                }
+            }
+            assert!(circles.is_empty(), "{krate}: {circles:?}");
+        }
+    }
 }

@@ -12,6 +12,18 @@ use crate::backoff::Backoff;
 use crate::registry::Registry;
 use crate::{ClientConfig, ConnectionState, Error, Result, TransportChoice, TransportKind};
 
+/// Runs one session over a transport for the [`Manager`], which decides when and in which
+/// order to try them. The transports implement the session; this module does not name them
+/// (`transports.rs` does, above both), so they and it do not import each other.
+pub(crate) trait Sessions {
+    /// Connects over `kind` and follows the registered channels until the session ends.
+    fn run<'a>(
+        &'a self,
+        kind: TransportKind,
+        manager: &'a mut Manager,
+    ) -> impl std::future::Future<Output = std::result::Result<SessionEnd, ConnectFailure>> + Send + 'a;
+}
+
 /// A publish waiting for a WebSocket connection.
 pub(crate) struct PublishRequest {
     pub(crate) channel: Channel,
@@ -135,7 +147,7 @@ impl Manager {
         }
     }
 
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(mut self, sessions: impl Sessions) {
         if self.token.is_none()
             && self.config.refresher.is_some()
             && self.refresh_token().await.is_err()
@@ -158,7 +170,7 @@ impl Manager {
                 }
                 continue;
             }
-            let delay = match self.connect_and_follow().await {
+            let delay = match self.connect_and_follow(&sessions).await {
                 Ok(delay) => delay,
                 Err(error) => {
                     let reason = error.to_string();
@@ -201,7 +213,7 @@ impl Manager {
 
     /// Tries the transports in order and follows the channels over the first that connects.
     /// Returns the delay before the next attempt, or `None` to reconnect at once.
-    async fn connect_and_follow(&mut self) -> Result<Option<Duration>> {
+    async fn connect_and_follow(&mut self, sessions: &impl Sessions) -> Result<Option<Duration>> {
         let mut last_failure = None;
         for kind in self.order() {
             // SSE and long polling follow channels named in the request: with none registered
@@ -215,11 +227,7 @@ impl Manager {
             }
             self.set_state(ConnectionState::Connecting { transport: kind });
             let started = Instant::now();
-            let result = match kind {
-                TransportKind::WebSocket => crate::ws::run(self).await,
-                TransportKind::Sse => crate::sse::run(self).await,
-                TransportKind::LongPolling => crate::poll::run(self).await,
-            };
+            let result = sessions.run(kind, self).await;
             match result {
                 Ok(end) => {
                     if self.config.transport == TransportChoice::Auto {

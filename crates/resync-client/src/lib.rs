@@ -38,6 +38,7 @@ mod registry;
 mod snapshot;
 mod sse;
 mod tls;
+mod transports;
 mod ws;
 
 use std::future::Future;
@@ -300,7 +301,7 @@ impl ClientBuilder {
             state_sender,
             publish_receiver,
         )?;
-        tokio::spawn(manager.run());
+        tokio::spawn(manager.run(transports::Transports));
         Ok(Client {
             inner: Arc::new(ClientInner {
                 registry,
