@@ -587,6 +587,9 @@ async fn wait_subscribed(
 static PUBLISH_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()> {
+    // A held or draining server asks for a retry; one that refuses for a minute is down (its
+    // broker gone), and the run stops instead of waiting for ever.
+    let give_up = Instant::now() + Duration::from_secs(60);
     loop {
         let response = http
             .post(format!("{base}/api/publish"))
@@ -601,6 +604,9 @@ async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()
                 .get("retry-after")
                 .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
                 .unwrap_or(1);
+            if Instant::now() + Duration::from_secs(wait) > give_up {
+                bail!("publishes refused (503) for a minute: is the server's broker down?");
+            }
             tokio::time::sleep(Duration::from_secs(wait)).await;
             continue;
         }
