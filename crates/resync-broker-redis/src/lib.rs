@@ -134,10 +134,9 @@ impl RedisBrokerBuilder {
     }
 
     /// Creates the pool and starts the Pub/Sub task. Must be called inside a tokio runtime,
-    /// and that runtime is where the broker's Redis connections and its Pub/Sub task run:
-    /// build it outside the HTTP workers (the reference server builds it on its main thread),
-    /// so that a publish's round trip to Redis does not wait for a worker busy with fan-out.
-    /// Connections are opened lazily, so this succeeds while Redis is down.
+    /// where the Pub/Sub task runs: build it outside the HTTP workers (the reference server
+    /// builds it on its main thread). Command connections are opened lazily, each on the
+    /// thread that first needs it, so this succeeds while Redis is down.
     pub fn build(self) -> Result<RedisBroker> {
         let client = redis::Client::open(self.url.as_str())
             .map_err(|error| Error::Unavailable(format!("bad redis url: {error}")))?;
@@ -170,15 +169,15 @@ impl RedisBrokerBuilder {
         let io = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Unavailable("the redis broker is built inside a Tokio runtime".to_owned())
         })?;
+        let connections: pubsub::CommandConnections = (0..self.pool_size)
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
         let inner = Arc::new(Inner {
-            io: io.clone(),
             user_commands: user_commands.clone(),
             presence_fanout: presence_fanout.clone(),
             presence_local: presence::Local::default(),
             pool,
-            connections: (0..self.pool_size)
-                .map(|_| std::sync::Mutex::new(None))
-                .collect(),
+            connections: connections.clone(),
             next_connection: AtomicUsize::new(0),
             hub: hub.clone(),
             recent: recent.clone(),
@@ -198,6 +197,7 @@ impl RedisBrokerBuilder {
         io.spawn(pubsub::run(
             client,
             pubsub::Delivery {
+                connections,
                 hub,
                 recent: recent.clone(),
             },
@@ -227,10 +227,9 @@ struct Scripts {
 
 struct Inner {
     pool: Pool,
-    /// The runtime the broker was built on, where its connections and Pub/Sub task run.
-    io: tokio::runtime::Handle,
-    /// Connections shared by every command, `pool_size` of them, taken from `pool` lazily.
-    connections: Vec<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    /// Connections shared by every command, `pool_size` of them, taken from `pool` lazily;
+    /// each thread keeps to one ([`Inner::slot`]).
+    connections: pubsub::CommandConnections,
     next_connection: AtomicUsize,
     hub: Hub,
     /// The events received over Pub/Sub lately, for catch-up reads.
@@ -362,7 +361,7 @@ impl Inner {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.settings.command_timeout;
-        let slot = self.next_connection.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let slot = self.slot();
         let attempt = async {
             let connection = self.connection(slot).await?;
             call(connection).await.map_err(|error| {
@@ -379,25 +378,39 @@ impl Inner {
     }
 
     /// The shared connection in `slot`, taken from the pool (opened and checked there) the
-    /// first time and after a failure.
+    /// first time and after a failure. It is opened on the calling thread, so its driver
+    /// (the task that writes commands and reads replies) runs beside the callers that use
+    /// this slot ([`Inner::slot`]).
     async fn connection(&self, slot: usize) -> Result<MultiplexedConnection> {
         if let Some(connection) = lock(&self.connections[slot]).clone() {
             return Ok(connection);
         }
-        // Opened on the runtime that built the broker, so the connection's driver (which
-        // writes every command and reads every reply) runs there: opened on an HTTP worker, a
-        // publish's round trip waited for that worker to get through its fan-out, twice, and
-        // on a busy box publishes slowed to a trickle (issue 28).
-        let pool = self.pool.clone();
-        let opened = self.io.spawn(async move {
-            let pooled = pool.get().await.map_err(unavailable)?;
-            Ok::<_, Error>(deadpool_redis::Connection::take(pooled))
-        });
-        let connection = opened.await.map_err(|error| {
-            Error::Unavailable(format!("opening a redis connection: {error}"))
-        })??;
+        let pooled = self.pool.get().await.map_err(unavailable)?;
+        let connection = deadpool_redis::Connection::take(pooled);
         *lock(&self.connections[slot]) = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// The connection slot of the calling thread: each thread keeps to one (while there are
+    /// as many slots as threads), so a command's reply wakes its caller on the caller's own
+    /// thread. On an HTTP worker busy with fan-out, a wake from another thread waits behind
+    /// every subscriber that thread's Pub/Sub woke; a wake from the worker's own connection
+    /// comes first. Measured on a busy box (issue 28, `docs/scaling.md`): connections handed
+    /// out in turn to whichever thread asked, 0.71x of an in-memory instance; all on one
+    /// other thread, 0.79x; each thread its own, see there.
+    fn slot(&self) -> usize {
+        thread_local! {
+            static SLOT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+        }
+        let slot = SLOT.with(|slot| match slot.get() {
+            Some(chosen) => chosen,
+            None => {
+                let chosen = self.next_connection.fetch_add(1, Ordering::Relaxed);
+                slot.set(Some(chosen));
+                chosen
+            }
+        });
+        slot % self.connections.len()
     }
 
     fn forget_connection(&self, slot: usize) {

@@ -60,7 +60,14 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
 }
 
 /// Where received events go: the recent copy first, then the hub's subscribers.
+/// The command connections of the broker, one per slot, shared with the Pub/Sub task.
+pub(crate) type CommandConnections =
+    std::sync::Arc<[std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>]>;
+
 pub(crate) struct Delivery {
+    /// Dropped when Pub/Sub reconnects: Redis went away, and a command connection of before
+    /// would fail the first command sent on it (the catch-up reads that follow included).
+    pub(crate) connections: CommandConnections,
     pub(crate) hub: Hub,
     pub(crate) recent: std::sync::Arc<crate::recent::RecentEvents>,
 }
@@ -74,7 +81,11 @@ pub(crate) async fn run(
     presence: crate::presence_events::SharedFanout,
     user_commands: resync_broker::UserCommandFanout,
 ) {
-    let Delivery { hub, recent } = delivery;
+    let Delivery {
+        connections,
+        hub,
+        recent,
+    } = delivery;
     let commands_name = user_commands_name(&prefix);
     let mut delay = Duration::from_millis(100);
     let mut was_connected = false;
@@ -134,6 +145,11 @@ pub(crate) async fn run(
         // Messages may have been missed while disconnected: the local copy starts over.
         recent.clear();
         if was_connected {
+            for slot in connections.iter() {
+                slot.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+            }
             // Events may have been published while we were away: every local subscription
             // checks history from its last position (and learns of a new epoch).
             for channel in &subscribed {
