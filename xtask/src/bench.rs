@@ -704,6 +704,7 @@ pub(crate) fn redis_only() -> Result<()> {
         ("redis/memory-shared", "deliveries_per_sec"),
         ("redis/shared", "cpu_seconds_per_million"),
         ("redis/memory-shared", "cpu_seconds_per_million"),
+        ("redis/memory-fanout", "cpu_seconds_per_million"),
         ("redis/shared", "publish_p50_us"),
         ("redis/memory-shared", "publish_p50_us"),
         ("redis/shared", "lost_events"),
@@ -715,17 +716,19 @@ pub(crate) fn redis_only() -> Result<()> {
             bench.spread(key, field)
         ));
     }
-    section.push_str(&format!(
-        "\nbusy box: {} of in-memory, CPU per delivery {}\n",
-        ratio(
-            bench.median("redis/shared", "deliveries_per_sec"),
-            bench.median("redis/memory-shared", "deliveries_per_sec")
-        ),
-        ratio(
-            bench.median("redis/shared", "cpu_seconds_per_million"),
-            bench.median("redis/memory-shared", "cpu_seconds_per_million")
-        ),
-    ));
+    for baseline in ["redis/memory-shared", "redis/memory-fanout"] {
+        section.push_str(&format!(
+            "\nbusy box against {baseline}: {} of its deliveries/s, CPU per delivery {}\n",
+            ratio(
+                bench.median("redis/shared", "deliveries_per_sec"),
+                bench.median(baseline, "deliveries_per_sec")
+            ),
+            ratio(
+                bench.median("redis/shared", "cpu_seconds_per_million"),
+                bench.median(baseline, "cpu_seconds_per_million")
+            ),
+        ));
+    }
     std::fs::create_dir_all(root.join("target/bench"))?;
     std::fs::write(root.join("target/bench/redis.md"), &section)?;
     println!("{section}");
@@ -1116,12 +1119,20 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         "| Redis fan-out >= 0.8x in-memory | {redis_ratio:.2}x | {} |\n",
         verdict(redis_ratio >= 0.8)
     ));
+    // Against the faster of the in-memory instance's two runs (publishing through its own
+    // API listener, or through the workers), so the floor does not lean on a weak baseline.
+    let memory_best = |field: &str, better: fn(f64, f64) -> f64| {
+        better(
+            bench.median("redis/memory-shared", field),
+            bench.median("redis/memory-fanout", field),
+        )
+    };
     let shared_ratio = bench.median("redis/shared", "deliveries_per_sec")
-        / bench.median("redis/memory-shared", "deliveries_per_sec");
+        / memory_best("deliveries_per_sec", f64::max);
     let shared_cpu = bench.median("redis/shared", "cpu_seconds_per_million")
-        / bench.median("redis/memory-shared", "cpu_seconds_per_million");
+        / memory_best("cpu_seconds_per_million", f64::min);
     out.push_str(&format!(
-        "| Redis on a busy box >= 0.8x in-memory, CPU per delivery <= 1.5x (issue 28) | {shared_ratio:.2}x, CPU {shared_cpu:.2}x | {} |\n",
+        "| Redis on a busy box >= 0.8x in-memory (the faster of its runs), CPU per delivery <= 1.5x (issue 28) | {shared_ratio:.2}x, CPU {shared_cpu:.2}x | {} |\n",
         verdict(shared_ratio >= 0.8 && shared_cpu <= 1.5)
     ));
     let flood_lost = bench.median("flood/on", "lost");
