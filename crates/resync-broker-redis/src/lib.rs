@@ -12,6 +12,9 @@
 //!   pipelined rather than paying one round trip each. deadpool-redis opens and checks the
 //!   connections; commands share them rather than taking one from the pool per command,
 //!   because deadpool checks a connection with a `PING` round trip each time it is taken.
+//!   Each thread keeps to one connection, opened on it, so a reply wakes its caller on the
+//!   caller's own thread (on a busy HTTP worker, a wake from elsewhere waits behind the
+//!   fan-out: `docs/scaling.md`).
 //! - **Delivery** uses one Pub/Sub connection per process, subscribed to a channel while this
 //!   process has local subscribers, and fans out through the shared [`Hub`].
 //! - **History** is read from the Stream. Gaps in live delivery are filled from it by the
