@@ -213,7 +213,7 @@ impl MemoryBrokerBuilder {
                     eviction_order: VecDeque::new(),
                     made_by_clients: 0,
                 }),
-                hub: Hub::new(self.subscriber_queue),
+                hub: Hub::new(self.subscriber_queue).waking_from_own_thread(),
                 retention: self.retention,
                 namespace_retention: self.namespace_retention,
                 idempotency_window: self.idempotency_window,
