@@ -169,8 +169,13 @@ impl RedisBrokerBuilder {
         let (connected_sender, connected) = watch::channel(false);
         let presence_fanout = Arc::new(presence_events::Fanout::default());
         let user_commands = resync_broker::UserCommandFanout::default();
-        let io = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Unavailable("the redis broker is built inside a Tokio runtime".to_owned())
+        // Where the Pub/Sub and presence tasks run; outside a runtime, a typed error rather
+        // than `tokio::spawn`'s panic.
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Unavailable(
+                "build the redis broker inside a Tokio runtime (it starts its Pub/Sub task)"
+                    .to_owned(),
+            )
         })?;
         let connections: pubsub::CommandConnections = (0..self.pool_size)
             .map(|_| std::sync::Mutex::new(None))
@@ -197,7 +202,7 @@ impl RedisBrokerBuilder {
                 presence_sweep: redis::Script::new(scripts::PRESENCE_SWEEP),
             },
         });
-        io.spawn(pubsub::run(
+        runtime.spawn(pubsub::run(
             client,
             pubsub::Delivery {
                 connections,
@@ -210,7 +215,7 @@ impl RedisBrokerBuilder {
             presence_fanout,
             user_commands,
         ));
-        io.spawn(presence::keep_alive(
+        runtime.spawn(presence::keep_alive(
             Arc::downgrade(&inner),
             inner.settings.presence_ttl / 3,
         ));

@@ -59,11 +59,11 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
     }))
 }
 
-/// Where received events go: the recent copy first, then the hub's subscribers.
 /// The command connections of the broker, one per slot, shared with the Pub/Sub task.
 pub(crate) type CommandConnections =
     std::sync::Arc<[std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>]>;
 
+/// Where received events go: the recent copy first, then the hub's subscribers.
 pub(crate) struct Delivery {
     /// Dropped when Pub/Sub reconnects: Redis went away, and a command connection of before
     /// would fail the first command sent on it (the catch-up reads that follow included).
