@@ -399,15 +399,25 @@ async fn issue_26_publishes_during_the_drain_are_refused_with_a_retry_hint_and_t
         }
         server.terminate();
         let terminated = Instant::now();
+        // The drain has begun once the main listener refuses connections. The process takes
+        // the signal when it gets to it: on a busy machine a publish sent right after the
+        // SIGTERM may come first, and it is no publish of the drain (on this broker it goes
+        // with the process: what issue 26's durable broker is for).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(server.address).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{listener}: the listener still accepts after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let mut acknowledged_after = Vec::new();
-        let mut refused_with_retry = 0;
         for n in 5..100 {
             match publish(n).await {
                 Ok(response) if response.status().is_success() => acknowledged_after.push(n),
                 Ok(response) => {
                     assert_eq!(response.status().as_u16(), 503, "{listener}");
                     assert!(response.headers().contains_key("retry-after"), "{listener}");
-                    refused_with_retry += 1;
                 }
                 // The listener is closed and the kept connection with it: the backend retries
                 // elsewhere (or later), nothing was acknowledged.
@@ -424,6 +434,5 @@ async fn issue_26_publishes_during_the_drain_are_refused_with_a_retry_hint_and_t
             "{listener}: still draining {:?} after SIGTERM (spread 0.5 s)",
             terminated.elapsed()
         );
-        let _ = refused_with_retry;
     }
 }
