@@ -515,12 +515,11 @@ async fn log_summaries(
 /// network error that `EventSource` and every resync client retry, rather than an answer from
 /// a process on its way out (a non-200 answer would close an `EventSource` for good).
 pub async fn drain_then_stop(resync: Resync, handle: ServerHandle) {
-    // The transports learn of the drain first, so that once the listener refuses new
-    // connections no publish can be acknowledged on a broker that goes with the process.
-    // The stop command is sent next; workers then drain their connections (at most the
-    // shutdown timeout) while the spread closes them.
-    resync.shutdown();
+    // The stop command is sent now; workers then drain their connections (at most the
+    // shutdown timeout) while the spread closes them. The transports learn of the drain in
+    // the same poll, before the accept thread has closed the listener.
     let stopped = handle.stop(true);
+    resync.shutdown();
     stopped.await;
     // Only now: closing the broker ends subscriptions, which would cut streams still
     // waiting for their moment in the spread.
