@@ -47,12 +47,17 @@ pub fn server_binary() -> PathBuf {
     workspace_binary("resync-server", "resync-server")
 }
 
+/// Numbers the log files of one test process's servers.
+static NEXT_LOG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct ServerProcess {
     pub base_url: String,
     pub address: std::net::SocketAddr,
     /// The API listener's address, when started with `--api-listen`.
     pub api_address: Option<std::net::SocketAddr>,
     child: Child,
+    /// Where the process's stderr goes: read back when a test fails, to say why.
+    log: PathBuf,
 }
 
 impl ServerProcess {
@@ -64,6 +69,12 @@ impl ServerProcess {
     /// Starts the binary on a free port with `arguments` added and `RESYNC_*` settings in
     /// its environment (a setting this build does not know is ignored, not refused).
     pub fn start_with_env(arguments: &[&str], environment: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "resync-server-{}-{}.log",
+            std::process::id(),
+            NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let stderr = std::fs::File::create(&log).expect("server log file");
         let mut child = Command::new(server_binary())
             .args([
                 "--listen",
@@ -98,9 +109,12 @@ impl ServerProcess {
             })
             .args(arguments)
             .envs(environment.iter().copied())
-            .env("RESYNC_LOG", "warn")
+            .env(
+                "RESYNC_LOG",
+                std::env::var("RESYNC_TEST_SERVER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("server binary starts");
         let mut line = String::new();
@@ -130,6 +144,7 @@ impl ServerProcess {
             address,
             api_address,
             child,
+            log,
         }
     }
 
@@ -172,6 +187,19 @@ impl ServerProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended (or that it runs) and the end of its log: for failure messages.
+    pub fn report(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => format!("exited: {status}"),
+            Ok(None) => "still running".to_owned(),
+            Err(error) => format!("status unknown: {error}"),
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("{status}; its log ends:\n{}", tail.join("\n"))
+    }
+
     /// Waits for the process to exit, for at most `wait`; whether it did.
     pub fn wait_for_exit(&mut self, wait: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + wait;
@@ -194,5 +222,6 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(&self.log);
     }
 }

@@ -66,7 +66,8 @@ async fn defect_1_after_sigterm_new_connections_are_refused_and_open_streams_get
     // Seen after the refusal: the process was still there, draining, when it refused.
     assert!(
         server.is_running(),
-        "refused while the process still drains, not because it is gone"
+        "refused while the process still drains, not because it is gone: {}",
+        server.report()
     );
     // The open stream ends within the spread. It ends with a `retry:` hint, or (seen now and
     // then under this harness, cause not yet found) with the connection closed before the

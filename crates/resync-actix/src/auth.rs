@@ -369,10 +369,17 @@ impl Authorizer for JwtAuthorizer {
         let expires_at = UNIX_EPOCH
             .checked_add(Duration::from_secs(claims.exp))
             .ok_or_else(|| AuthError::Unauthorized("token expiry is out of range".to_owned()))?;
+        // The signature check allows `exp` some leeway, but a connection ends at `exp`
+        // (docs/decisions.md): one opened past it would end as it starts, and its client would
+        // come back at once, a reconnect loop (and short polling on long polling) until the
+        // leeway ran out.
+        let remaining = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            return Err(AuthError::Unauthorized("token expired".to_owned()));
+        }
         if let Some(lifetime) = self.max_token_lifetime {
-            let remaining = expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
             if remaining > lifetime {
                 return Err(AuthError::Unauthorized(format!(
                     "token lives longer than the {} s this server accepts",

@@ -59,6 +59,7 @@ mod poll_presence;
 mod probe;
 pub mod proxy;
 mod request;
+mod session;
 mod shared;
 mod sse;
 mod users;

@@ -10,7 +10,6 @@ use resync_broker::SubscriptionItem;
 use resync_broker::{PresenceEvent, PresenceLagged};
 use resync_protocol::bodies::{
     DisconnectNotice, PollNotices, PollPresence, PollReply, ResetNotice, UnsubscribedNotice,
-    UserCommand,
 };
 use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ServerFrame};
 use tokio_stream::StreamExt;
@@ -23,41 +22,45 @@ use crate::metrics::Transport;
 use crate::poll_presence::{self, Lease};
 use crate::probe::Departure;
 use crate::request::{Admitted, admit_follower, cors_headers};
+use crate::session::{self, Session, SessionEnd, SessionEvent};
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let mut admitted = admit_follower(&shared, &request).await?;
+    // A long-polling client is between two polls more often than in one: what its user was
+    // told of late applies to its next polls too (issue 29, defect 3).
+    let remembered = session::apply_remembered(&shared, &mut admitted);
     let Admitted {
         mut query,
         identity,
         address,
-        guard: mut admitted,
+        guard: admitted,
         ..
-    } = admit_follower(&shared, &request).await?;
-    // The user commands of the last minute and a half: a long-polling client is between two
-    // polls more often than in one, and obeys them all the same (issue 29, defect 3).
-    let mut notices = Notices::default();
-    if let Some(user) = identity.subject.as_deref() {
-        shared.users.start(&shared.broker);
-        for command in shared.users.recent(user) {
-            notices.apply(&command, &mut query.channels, &mut admitted, false);
-        }
-        if notices.disconnect.is_some() {
-            return Ok(notices_only(&shared, address, &query, notices, &request));
-        }
+    } = admitted;
+    let mut notices = Notices {
+        unsubscribed: remembered
+            .unsubscribed
+            .into_iter()
+            .map(|channel| UnsubscribedNotice {
+                channel,
+                reason: resync_protocol::UnsubscribeReason::Server,
+            })
+            .collect(),
+        disconnect: remembered.stay_away.map(|reason| DisconnectNotice {
+            reason,
+            reconnect: false,
+        }),
+    };
+    if notices.disconnect.is_some() {
+        return Ok(notices_only(&shared, address, &query, notices, &request));
     }
-    let mut user_commands = identity
-        .subject
-        .as_deref()
-        .map(|user| shared.users.register(&shared.broker, user));
-    let _guard = shared.metrics.connection(Transport::Poll);
-    let mut session = poll_presence::open(&shared, &request, &identity, &query).await?;
+    let mut lease = poll_presence::open(&shared, &request, &identity, &query).await?;
     let wait = query
         .timeout_seconds
         .map_or(shared.config.poll_timeout, Duration::from_secs)
-        .min(shared.config.poll_timeout_max)
-        .min(identity.remaining().unwrap_or(Duration::MAX));
+        .min(shared.config.poll_timeout_max);
     let deadline = tokio::time::Instant::now() + wait;
     let departure = Departure::of(&request);
     // The reply's size: the configured most, and what the process's budget of bytes waiting
@@ -76,8 +79,8 @@ pub(crate) async fn handle(
         }
     };
     let mut batch = Batch::new(shared.config.poll_max_events, reply_max.min(room));
-    if let Some(session) = session.as_mut() {
-        for frame in std::mem::take(&mut session.state.owed) {
+    if let Some(lease) = lease.as_mut() {
+        for frame in std::mem::take(&mut lease.state.owed) {
             batch.push_presence_frame(frame);
         }
     }
@@ -85,6 +88,7 @@ pub(crate) async fn handle(
     let Some(since) = query.cursor.take() else {
         // The first poll starts "now": answer at once with the current cursor, so that nothing
         // published before the next poll is missed.
+        let _counted = shared.metrics.connection(Transport::Poll);
         let positions = futures_util::future::join_all(
             query
                 .channels
@@ -97,11 +101,19 @@ pub(crate) async fn handle(
             cursor.set(channel.clone(), position?);
         }
         return Ok(reply(
-            &shared, address, batch, &cursor, session, &notices, &request,
+            &shared, address, batch, &cursor, lease, &notices, &request,
         ));
     };
 
-    let (mut channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    let mut session = Session::new(
+        shared.clone(),
+        identity,
+        admitted,
+        Transport::Poll,
+        channels,
+        departure,
+    );
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
     // starts now, like a first poll: the client needs its position at once, not after the
     // timeout.
@@ -120,7 +132,7 @@ pub(crate) async fn handle(
     // Whatever is ready now (replays) goes out at once, while the reply has room; the cursor
     // carries the rest to the next poll.
     if batch.has_room() {
-        channels
+        session
             .take_ready(|channel, item| {
                 batch.add(&shared, channel, item);
                 batch.has_room()
@@ -129,72 +141,82 @@ pub(crate) async fn handle(
             .map_err(|error| ApiError::new(ErrorCode::Unavailable, error.to_string()))?;
     }
 
-    if let Some(session) = session.as_mut() {
-        take_ready_presence(&shared, session, &mut batch).await;
+    if let Some(lease) = lease.as_mut() {
+        take_ready_presence(&shared, lease, &mut batch).await;
     }
 
     if batch.is_empty() && !starts_now && batch.has_room() {
-        let mut shutdown = shared.shutdown.subscribe();
-        let watching = session
+        let watching = lease
             .as_ref()
-            .is_some_and(|session| !session.state.watches.is_empty());
-        let superseded = session.as_ref().map(Lease::superseded);
-        let listening = user_commands.is_some();
-        tokio::select! {
-            Some(command) = async {
-                user_commands.as_mut()?.commands.recv().await
-            }, if listening => {
-                // Answered at once: a disconnect ends the polling, an unsubscribe drops the
-                // channel from the next poll.
-                if let UserCommand::Unsubscribe { channel, .. } = &command {
-                    channels.remove(channel);
-                }
-                notices.apply(&command, &mut query.channels, &mut admitted, true);
-            }
-            first = channels.next() => {
-                let mut next = first;
-                while let Some((channel, Ok(item))) = next {
-                    batch.add(&shared, &channel, item);
-                    if !batch.has_room() {
-                        break;
+            .is_some_and(|lease| !lease.state.watches.is_empty());
+        let mut superseded = lease.as_ref().map(|lease| Box::pin(lease.superseded()));
+        loop {
+            let wake = tokio::select! {
+                wake = session.wake() => wake,
+                Some((channel, event)) = async {
+                    lease.as_mut()?.state.watches.next().await
+                }, if watching => {
+                    batch.push_presence(&shared, channel, event).await;
+                    if let Some(lease) = lease.as_mut() {
+                        take_ready_presence(&shared, lease, &mut batch).await;
                     }
-                    next = channels.next_ready();
+                    break;
                 }
-            }
-            Some((channel, event)) = async {
-                session.as_mut()?.state.watches.next().await
-            }, if watching => {
-                batch.push_presence(&shared, channel, event).await;
-                if let Some(session) = session.as_mut() {
-                    take_ready_presence(&shared, session, &mut batch).await;
+                Some(()) = async { superseded.as_mut()?.await; Some(()) }, if superseded.is_some() => {
+                    // A newer poll of this client took over the presence session: this one's
+                    // client has most likely given up on it, so the frames it owes go with
+                    // the newer one.
+                    if let Some(lease) = lease.as_mut() {
+                        lease.state.owed = batch.take_presence();
+                    }
+                    break;
                 }
-            }
-            () = async {
-                match superseded {
-                    Some(superseded) => superseded.await,
-                    None => std::future::pending().await,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            match session.understand(wake).await {
+                Some(SessionEvent::Item(channel, item)) => {
+                    batch.add(&shared, &channel, item);
+                    while batch.has_room() {
+                        let Some((channel, Ok(item))) = session.next_ready() else {
+                            break;
+                        };
+                        batch.add(&shared, &channel, item);
+                    }
+                    break;
                 }
-            } => {
-                // A newer poll of this client took over the session: this one's client has
-                // most likely given up on it, so the frames it owes go with the newer one.
-                if let Some(session) = session.as_mut() {
-                    session.state.owed = batch.take_presence();
+                // Answered at once: an unsubscribe drops the channel from the next poll.
+                Some(SessionEvent::Unsubscribed(channel)) => {
+                    query.channels.retain(|held| *held != channel);
+                    notices.unsubscribed.push(UnsubscribedNotice {
+                        channel,
+                        reason: resync_protocol::UnsubscribeReason::Server,
+                    });
+                    break;
                 }
-            }
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.wait_for(|shutting_down| *shutting_down) => {}
-            _ = departure.wait() => {
-                // Nobody is left to read the reply; free the subscriptions now.
-                return Ok(HttpResponse::NoContent().finish());
+                Some(SessionEvent::End(SessionEnd::Disconnected { reason, reconnect })) => {
+                    notices.disconnect = Some(DisconnectNotice { reason, reconnect });
+                    break;
+                }
+                // Nobody is left to read the reply; the subscriptions go now.
+                Some(SessionEvent::End(SessionEnd::Departed)) => {
+                    return Ok(HttpResponse::NoContent().finish());
+                }
+                // A drain, an expiry, a lagging or failed subscription: answered with what
+                // the poll has; the cursor carries the rest (or the next poll says why not).
+                Some(SessionEvent::End(_)) => break,
+                Some(
+                    SessionEvent::Tick
+                    | SessionEvent::Presence(_)
+                    | SessionEvent::PresenceLagged { .. },
+                )
+                | None => {}
             }
         }
     }
-    shared
-        .metrics
-        .delivered(Transport::Poll, batch.events.len() as u64);
-    let cursor = channels.cursor();
+    session.delivered(batch.events.len() as u64);
+    let cursor = session.channels().cursor();
     Ok(reply(
-        &shared, address, batch, &cursor, session, &notices, &request,
+        &shared, address, batch, &cursor, lease, &notices, &request,
     ))
 }
 
@@ -204,42 +226,6 @@ pub(crate) async fn handle(
 struct Notices {
     unsubscribed: Vec<UnsubscribedNotice>,
     disconnect: Option<DisconnectNotice>,
-}
-
-impl Notices {
-    /// Applies a user command to this poll: an unsubscribe drops its channel (and its place
-    /// in the budgets), a disconnect ends the polling. One that lets the client come back
-    /// (`reconnect`) applies only to a poll in flight (`live`), which its client polls again
-    /// after; one that does not applies to every poll of the user while it is remembered.
-    fn apply(
-        &mut self,
-        command: &UserCommand,
-        channels: &mut Vec<Channel>,
-        admitted: &mut crate::admission::AdmissionGuard,
-        live: bool,
-    ) {
-        match command {
-            UserCommand::Disconnect {
-                reason, reconnect, ..
-            } if live || !reconnect => {
-                self.disconnect = Some(DisconnectNotice {
-                    reason: reason.clone(),
-                    reconnect: *reconnect,
-                });
-            }
-            UserCommand::Disconnect { .. } => {}
-            UserCommand::Unsubscribe { channel, .. } => {
-                if let Some(index) = channels.iter().position(|held| held == channel) {
-                    channels.remove(index);
-                    admitted.unsubscribe(1);
-                    self.unsubscribed.push(UnsubscribedNotice {
-                        channel: channel.clone(),
-                        reason: resync_protocol::UnsubscribeReason::Server,
-                    });
-                }
-            }
-        }
-    }
 }
 
 /// The reply of a poll its user may no longer make: the disconnect, nothing else.

@@ -2,30 +2,25 @@
 //! resumes the whole stream by itself through `Last-Event-ID`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use resync_broker::{PresenceEvent, PresenceLagged, PresenceWatch};
-use resync_broker::{SubscriptionError, SubscriptionItem};
+use resync_broker::SubscriptionItem;
 use resync_protocol::bodies::{
     DisconnectNotice, PresenceLaggedNotice, ResetNotice, SseOpening, UnsubscribedNotice,
 };
 use resync_protocol::sse::{SseFrame, encode_comment};
 use resync_protocol::{Channel, ErrorCode, RecoveryOutcome, ServerFrame};
-use tokio::sync::watch;
 
 use crate::Shared;
 use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
-use crate::membership::{self, Memberships};
-use crate::metrics::{ConnectionGuard, Transport};
+use crate::membership;
+use crate::metrics::Transport;
 use crate::probe::Departure;
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
-use crate::users::UserInbox;
-use resync_protocol::bodies::UserCommand;
+use crate::session::{self, Session, SessionEnd, SessionEvent};
 
 /// At most about this many bytes of ready events are coalesced into one write.
 const MAX_CHUNK_BYTES: usize = crate::write_size::WRITE_BYTES;
@@ -61,17 +56,11 @@ fn retry_later(
 ) -> HttpResponse {
     let mut body = encode_comment(&format!("unavailable: {}", error.message));
     body.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
-    let mut response = HttpResponse::Ok();
-    for (name, value) in cors_headers(request, &shared.config.allowed_origins) {
-        response.insert_header((name, value));
-    }
+    let mut response = stream_response(shared, request);
     if *shared.shutdown.borrow() {
         response.force_close();
     }
-    response
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"))
-        .body(body)
+    response.body(body)
 }
 
 async fn open_stream(
@@ -79,12 +68,28 @@ async fn open_stream(
     request: &HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let shared = shared.clone();
+    let mut admitted = admit_follower(&shared, request).await?;
+    let remembered = session::apply_remembered(&shared, &mut admitted);
     let Admitted {
         query,
         identity,
-        guard: mut admitted,
+        guard: admitted,
         ..
-    } = admit_follower(&shared, request).await?;
+    } = admitted;
+    if let Some(reason) = remembered.stay_away {
+        // The user was told not to come back (a bare `EventSource` comes back whatever it
+        // is told): told again, with the hour-long `retry:`.
+        let mut body = Vec::new();
+        encode_end(
+            &shared.config,
+            &SessionEnd::Disconnected {
+                reason,
+                reconnect: false,
+            },
+            &mut body,
+        );
+        return Ok(stream_response(&shared, request).body(body));
+    }
 
     let since = Since::of_stream(query.cursor, request);
     for channel in &query.channels {
@@ -97,15 +102,19 @@ async fn open_stream(
         )?;
     }
     let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
-    let presence = start_presence(
-        &shared,
-        &identity,
-        &query.channels,
-        query.presence,
-        query.join_leave,
-        &mut admitted,
-    )
-    .await?;
+    let mut session = Session::new(
+        shared.clone(),
+        identity,
+        admitted,
+        Transport::Sse,
+        channels,
+        Departure::of(request),
+    );
+    for channel in &query.channels {
+        session
+            .start_presence(channel, query.presence.clone(), query.join_leave)
+            .await?;
+    }
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
 
     // Resets found now also go out as `reset` events, right after the opening: a client
@@ -133,7 +142,7 @@ async fn open_stream(
     };
     // Validated names and enums: serializing cannot fail.
     let opening = serde_json::to_string(&opening).unwrap_or_default();
-    let id = channels.cursor().to_string();
+    let id = session.channels().cursor().to_string();
     let mut first_chunk = encode_comment("resync");
     SseFrame {
         id: Some(&id),
@@ -151,120 +160,50 @@ async fn open_stream(
         }
         .encode_into(&mut first_chunk);
     }
+    // Channels the user was unsubscribed from a moment ago are not followed: said at once.
+    for channel in remembered.unsubscribed {
+        encode_unsubscribed(channel, &mut first_chunk);
+    }
+    let ended = session.channels().is_empty();
+    if ended {
+        first_chunk.extend_from_slice(format!("retry: {STAY_AWAY_RETRY_MS}\n\n").as_bytes());
+    }
 
-    let cors = cors_headers(request, &shared.config.allowed_origins);
-    let user_commands = identity
-        .subject
-        .as_deref()
-        .map(|user| Box::new(shared.users.register(&shared.broker, user)));
     let state = StreamState {
-        user_commands,
-        admitted,
-        guard: shared.metrics.connection(Transport::Sse),
-        ends: ends(identity.remaining(), Departure::of(request)),
-        heartbeat: shared.clock(&shared.sse_heartbeat),
-        shared,
-        channels,
-        presence,
+        session,
         first_chunk: Some(Bytes::from(first_chunk)),
-        ended: false,
+        ended,
         full: false,
     };
     let body = futures_util::stream::unfold(state, |mut state| async move {
         let chunk = state.next_chunk().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), state))
     });
-    let mut response = HttpResponse::Ok();
-    for (name, value) in cors {
-        response.insert_header((name, value));
-    }
-    Ok(response
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"))
+    Ok(stream_response(&shared, request)
         // Tells nginx not to buffer the stream.
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body))
 }
 
-/// A stream's part in presence: it leaves its channels when dropped.
-struct StreamPresence {
-    watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
-    #[allow(dead_code, reason = "held for its Drop, which leaves the channels")]
-    memberships: Memberships,
-}
-
-/// Joins the stream's channels (with `presence=`) and watches their joins and leaves (with
-/// `join_leave=1`); every request was checked by `membership::check` already.
-async fn start_presence(
-    shared: &Arc<Shared>,
-    identity: &crate::auth::Identity,
-    channels: &[Channel],
-    member: Option<resync_protocol::PresenceRequest>,
-    join_leave: bool,
-    admitted: &mut crate::admission::AdmissionGuard,
-) -> Result<Option<Box<StreamPresence>>, ApiError> {
-    let Some(presence) = shared.broker.presence() else {
-        return Ok(None);
-    };
-    if member.is_none() && !join_leave {
-        return Ok(None);
+/// A `200 text/event-stream` with the request's CORS headers, its body to come.
+fn stream_response(shared: &Shared, request: &HttpRequest) -> actix_web::HttpResponseBuilder {
+    let mut response = HttpResponse::Ok();
+    for (name, value) in cors_headers(request, &shared.config.allowed_origins) {
+        response.insert_header((name, value));
     }
-    let connection = format!("{:016x}", fastrand::u64(..));
-    let mut state = StreamPresence {
-        watches: tokio_stream::StreamMap::new(),
-        memberships: Memberships::new(
-            shared.broker.clone(),
-            membership::member_id(identity, &connection),
-            connection,
-        ),
-    };
-    membership::watch_and_join(
-        presence,
-        identity,
-        channels,
-        member.as_ref(),
-        join_leave,
-        &mut state.memberships,
-        &mut state.watches,
-        admitted,
-    )
-    .await?;
-    Ok(Some(Box::new(state)))
-}
-
-/// What woke a waiting stream.
-enum Wake {
-    Item(Option<(Channel, Result<SubscriptionItem, SubscriptionError>)>),
-    Presence(Channel, Result<PresenceEvent, PresenceLagged>),
-    UserCommand(UserCommand),
-    Heartbeat,
-    Shutdown,
-    Expired,
-    Gone,
+    response
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache, no-transform"));
+    response
 }
 
 /// The `retry:` of a stream whose user was told not to come back (a bare `EventSource`
 /// reconnects whatever it is told; this makes it wait an hour).
 const STAY_AWAY_RETRY_MS: u64 = 3_600_000;
 
+/// An SSE stream: its session, encoded.
 struct StreamState {
-    shared: Arc<Shared>,
-    /// The stream's place under the connection limits, released when it ends.
-    admitted: crate::admission::AdmissionGuard,
-    #[allow(
-        dead_code,
-        reason = "held for its Drop, which counts the connection's end"
-    )]
-    guard: ConnectionGuard,
-    channels: ChannelSet,
-    /// Presence memberships and join/leave watches, when the stream asked for them.
-    presence: Option<Box<StreamPresence>>,
-    /// The user commands for the stream's user; `None` when anonymous.
-    user_commands: Option<Box<UserInbox>>,
-    /// Completes when the token expires or the client goes away; kept across chunks, so the
-    /// per-event path does not set up timers or socket interest again.
-    ends: Option<Ending>,
-    heartbeat: watch::Receiver<u64>,
+    session: Session,
     first_chunk: Option<Bytes>,
     ended: bool,
     /// The last chunk stopped at the size limit with more events ready: the next poll hands
@@ -272,32 +211,6 @@ struct StreamState {
     /// than growing its buffer to hold both.
     full: bool,
 }
-
-/// Waits for whichever ends the stream first: token expiry or the client's departure. `None`
-/// when neither can happen (no expiry, no way to see a departure), so such a stream
-/// allocates nothing for it.
-fn ends(expiry: Option<Duration>, departure: Departure) -> Option<Ending> {
-    match (expiry, departure.is_known()) {
-        (None, false) => None,
-        (Some(remaining), false) => Some(Box::pin(async move {
-            tokio::time::sleep(remaining).await;
-            Wake::Expired
-        })),
-        (None, true) => Some(Box::pin(async move {
-            departure.wait().await;
-            Wake::Gone
-        })),
-        (Some(remaining), true) => Some(Box::pin(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(remaining) => Wake::Expired,
-                _ = departure.wait() => Wake::Gone,
-            }
-        })),
-    }
-}
-
-/// What ends a stream besides its channels: see [`ends`].
-type Ending = std::pin::Pin<Box<dyn std::future::Future<Output = Wake>>>;
 
 impl StreamState {
     /// The next bytes to write, or `None` to end the stream.
@@ -311,60 +224,22 @@ impl StreamState {
         if std::mem::take(&mut self.full) {
             tokio::task::yield_now().await;
         }
-        // Biased: while events are ready, the other branches are never polled, so a burst
-        // does not register and unregister every stream with the shared clock on each chunk.
-        let wake = tokio::select! {
-            biased;
-            item = self.channels.next() => Wake::Item(item),
-            Some((channel, event)) = async {
-                self.presence.as_mut()?.watches.next().await
-            }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
-                Wake::Presence(channel, event)
-            }
-            Some(command) = async {
-                self.user_commands.as_mut()?.commands.recv().await
-            }, if self.user_commands.is_some() => Wake::UserCommand(command),
-            // Shutdown wakes the heartbeat clock too (see `Resync::shutdown`).
-            _ = self.heartbeat.changed() => {
-                if *self.shared.shutdown.borrow() {
-                    Wake::Shutdown
-                } else {
-                    Wake::Heartbeat
-                }
-            }
-            end = async {
-                match &mut self.ends {
-                    Some(ends) => ends.await,
-                    None => std::future::pending().await,
-                }
-            } => end,
-        };
-        match wake {
-            Wake::Item(item) => {
+        let mut chunk = Vec::new();
+        match self.session.next().await {
+            SessionEvent::Item(channel, item) => {
                 // 1 KiB: a few events, and small enough for the allocator's per-thread cache,
                 // so the common one-event chunk reuses memory just freed instead of taking a
                 // fresh 8 KiB block per event. A burst gets its full size at once.
-                let mut chunk = Vec::with_capacity(1024);
+                chunk.reserve(1024);
                 let mut delivered = 0;
-                let mut next = item;
+                let mut next = Some((channel, Ok(item)));
                 // Coalesce whatever else is ready into the same write.
-                loop {
-                    match next {
-                        Some((channel, Ok(item))) => {
-                            delivered += self.encode_item(&channel, item, &mut chunk);
-                        }
-                        Some((_, Err(SubscriptionError::Lagged { .. }))) => {
-                            self.shared.metrics.slow_consumer_closed(Transport::Sse);
-                            self.end_with_retry(&mut chunk, self.shared.config.sse_retry_ms);
-                            break;
-                        }
-                        Some((channel, Err(error))) => {
-                            tracing::warn!(target: "resync::sse", %channel, %error, "subscription ended");
-                            self.end_with_retry(&mut chunk, self.shared.config.sse_retry_ms);
-                            break;
-                        }
-                        None => {
-                            self.ended = true;
+                while let Some((channel, item)) = next.take() {
+                    match item {
+                        Ok(item) => delivered += self.encode_item(&channel, item, &mut chunk),
+                        Err(error) => {
+                            let end = self.session.item_failed(&channel, error);
+                            self.end(&end, &mut chunk);
                             break;
                         }
                     }
@@ -372,55 +247,44 @@ impl StreamState {
                         self.full = true;
                         break;
                     }
-                    match self.channels.next_ready() {
-                        Some(item) => {
-                            if chunk.capacity() < MAX_CHUNK_BYTES {
-                                chunk.reserve(crate::write_size::burst_room(chunk.len()));
-                            }
-                            next = Some(item);
-                        }
-                        None => break,
+                    next = self.session.next_ready();
+                    if next.is_some() && chunk.capacity() < MAX_CHUNK_BYTES {
+                        chunk.reserve(crate::write_size::burst_room(chunk.len()));
                     }
                 }
-                self.shared.metrics.delivered(Transport::Sse, delivered);
-                Some(Bytes::from(chunk))
+                self.session.delivered(delivered);
             }
-            Wake::Presence(channel, event) => {
-                // The data is the WebSocket frame's JSON; a lag tells the client to fetch
-                // the list again.
-                let events = match membership::watcher_frames(&self.shared, channel, event).await {
-                    Ok(frames) => frames
-                        .into_iter()
-                        .map(|frame| {
-                            let name = match &frame {
-                                ServerFrame::Join { .. } => "join",
-                                ServerFrame::Leave { .. } => "leave",
-                                _ => "presence",
-                            };
-                            (name, frame.encode())
-                        })
-                        .collect(),
-                    Err((channel, message)) => vec![(
-                        "presence_lagged",
-                        PresenceLaggedNotice { channel, message }.to_json(),
-                    )],
-                };
-                let mut chunk = Vec::new();
-                for (name, data) in &events {
+            SessionEvent::Presence(frames) => {
+                // The data is the WebSocket frame's JSON.
+                for frame in frames {
+                    let name = match &frame {
+                        ServerFrame::Join { .. } => "join",
+                        ServerFrame::Leave { .. } => "leave",
+                        _ => "presence",
+                    };
                     SseFrame {
                         id: None,
                         event: Some(name),
-                        data,
+                        data: &frame.encode(),
                         retry_ms: None,
                     }
                     .encode_into(&mut chunk);
                 }
-                Some(Bytes::from(chunk))
             }
-            Wake::Heartbeat => {
+            SessionEvent::PresenceLagged { channel, message } => {
+                // The client must fetch the list again.
+                SseFrame {
+                    id: None,
+                    event: Some("presence_lagged"),
+                    data: &PresenceLaggedNotice { channel, message }.to_json(),
+                    retry_ms: None,
+                }
+                .encode_into(&mut chunk);
+            }
+            SessionEvent::Tick => {
                 // The comment keeps proxies from closing an idle stream; the `ping` event lets a
                 // browser client, which cannot see comments, notice a stream gone silent.
-                let mut chunk = encode_comment("ping");
+                chunk = encode_comment("ping");
                 SseFrame {
                     id: None,
                     event: Some("ping"),
@@ -428,78 +292,27 @@ impl StreamState {
                     retry_ms: None,
                 }
                 .encode_into(&mut chunk);
-                Some(Bytes::from(chunk))
             }
-            Wake::UserCommand(command) => {
-                let mut chunk = Vec::new();
-                match command {
-                    // A `disconnect` event, then the end. A bare `EventSource` reconnects
-                    // by itself whatever it is told: one told to stay away is given a retry
-                    // of an hour; the browser client closes on the event.
-                    UserCommand::Disconnect {
-                        reason, reconnect, ..
-                    } => {
-                        let data = DisconnectNotice {
-                            reason: reason.clone(),
-                            reconnect,
-                        }
-                        .to_json();
-                        SseFrame {
-                            id: None,
-                            event: Some("disconnect"),
-                            data: &data,
-                            retry_ms: None,
-                        }
-                        .encode_into(&mut chunk);
-                        let retry_ms = if reconnect {
-                            self.shared.config.sse_retry_ms
-                        } else {
-                            STAY_AWAY_RETRY_MS
-                        };
-                        self.end_with_retry(&mut chunk, retry_ms);
-                    }
-                    UserCommand::Unsubscribe { channel, .. } => {
-                        if self.channels.remove(&channel) {
-                            // Its place in the budgets goes with it, as on every transport.
-                            self.admitted.unsubscribe(1);
-                            let data = UnsubscribedNotice {
-                                channel,
-                                reason: resync_protocol::UnsubscribeReason::Server,
-                            }
-                            .to_json();
-                            SseFrame {
-                                id: None,
-                                event: Some("unsubscribed"),
-                                data: &data,
-                                retry_ms: None,
-                            }
-                            .encode_into(&mut chunk);
-                            if self.channels.is_empty() {
-                                self.end_with_retry(&mut chunk, STAY_AWAY_RETRY_MS);
-                            }
-                        }
-                    }
+            SessionEvent::Unsubscribed(channel) => {
+                encode_unsubscribed(channel, &mut chunk);
+                // A stream cannot take new channels: with none left, it stays away.
+                if self.session.channels().is_empty() {
+                    chunk.extend_from_slice(format!("retry: {STAY_AWAY_RETRY_MS}\n\n").as_bytes());
+                    self.ended = true;
                 }
-                Some(Bytes::from(chunk))
             }
-            Wake::Shutdown => {
-                let spread = self.shared.config.shutdown_spread;
-                tokio::time::sleep(spread.mul_f64(fastrand::f64())).await;
-                let mut chunk = Vec::new();
-                // Spread the reconnects too.
-                self.end_with_retry(&mut chunk, fastrand::u64(0..=1_000));
-                Some(Bytes::from(chunk))
-            }
-            Wake::Gone => {
-                self.ended = true;
-                None
-            }
-            Wake::Expired => {
-                // The token expired: end the stream; the client must come back with a new one.
-                self.ended = true;
-                None
-            }
+            SessionEvent::End(end) => self.end(&end, &mut chunk),
         }
+        if chunk.is_empty() {
+            return None;
+        }
+        Some(Bytes::from(chunk))
+    }
+
+    /// Ends the stream, telling the client why in what it still reads.
+    fn end(&mut self, end: &SessionEnd, chunk: &mut Vec<u8>) {
+        self.ended = true;
+        encode_end(self.session.config(), end, chunk);
     }
 
     /// Appends one item and returns how many events it delivered.
@@ -515,14 +328,14 @@ impl StreamState {
                 // has no line breaks, so the generic encoder's line splitting is not needed.
                 chunk.extend_from_slice(b"id: ");
                 // The set's cursor has moved to this event already.
-                self.channels.write_cursor(chunk);
+                self.session.channels().write_cursor(chunk);
                 chunk.extend_from_slice(b"\ndata: ");
                 chunk.extend_from_slice(event.frame());
                 chunk.extend_from_slice(b"\n\n");
                 1
             }
             SubscriptionItem::Reset { reason, position } => {
-                self.shared.metrics.reset(reason);
+                self.session.reset(reason);
                 let data = ResetNotice {
                     channel: channel.clone(),
                     reason,
@@ -530,7 +343,7 @@ impl StreamState {
                 }
                 .to_json();
                 SseFrame {
-                    id: Some(&self.channels.cursor().to_string()),
+                    id: Some(&self.session.channels().cursor().to_string()),
                     event: Some("reset"),
                     data: &data,
                     retry_ms: None,
@@ -540,9 +353,56 @@ impl StreamState {
             }
         }
     }
+}
 
-    fn end_with_retry(&mut self, chunk: &mut Vec<u8>, retry_ms: u64) {
+fn encode_unsubscribed(channel: Channel, chunk: &mut Vec<u8>) {
+    let data = UnsubscribedNotice {
+        channel,
+        reason: resync_protocol::UnsubscribeReason::Server,
+    }
+    .to_json();
+    SseFrame {
+        id: None,
+        event: Some("unsubscribed"),
+        data: &data,
+        retry_ms: None,
+    }
+    .encode_into(chunk);
+}
+
+/// The last words of a stream that ends for `end`: a `retry:` hint for when to come back
+/// (`EventSource` comes back after any end), after a `disconnect` event when the application
+/// ended it.
+fn encode_end(config: &crate::TransportConfig, end: &SessionEnd, chunk: &mut Vec<u8>) {
+    let retry_ms = match end {
+        // Spread the reconnects too.
+        SessionEnd::Shutdown => Some(fastrand::u64(0..=1_000)),
+        SessionEnd::SlowConsumer | SessionEnd::BrokerFailed => Some(config.sse_retry_ms),
+        SessionEnd::Disconnected { reason, reconnect } => {
+            // A bare `EventSource` reconnects by itself whatever it is told: one told to stay
+            // away is given a retry of an hour; the browser client closes on the event.
+            let data = DisconnectNotice {
+                reason: reason.clone(),
+                reconnect: *reconnect,
+            }
+            .to_json();
+            SseFrame {
+                id: None,
+                event: Some("disconnect"),
+                data: &data,
+                retry_ms: None,
+            }
+            .encode_into(chunk);
+            Some(if *reconnect {
+                config.sse_retry_ms
+            } else {
+                STAY_AWAY_RETRY_MS
+            })
+        }
+        // The client must come back with a new token; nobody is left to read a departure.
+        SessionEnd::Expired | SessionEnd::Departed => None,
+    };
+    if let Some(retry_ms) = retry_ms {
         chunk.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
-        self.ended = true;
     }
 }

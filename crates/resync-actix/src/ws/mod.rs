@@ -7,29 +7,25 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
-use resync_broker::{
-    Presence, PresenceEvent, PresenceLagged, PresenceWatch, Publish, SubscriptionError,
-    SubscriptionItem,
-};
-use resync_protocol::bodies::UserCommand;
+use resync_broker::{Presence, Publish, SubscriptionItem};
 use resync_protocol::{
-    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, Member, PROTOCOL_VERSION, Payload,
-    Position, PresenceRequest, RequestId, ServerFrame, UnsubscribeReason,
+    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
+    Position, RequestId, ServerFrame, UnsubscribeReason,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::admission::{AdmissionGuard, TokenBucket};
-use crate::auth::{Credentials, Identity, TokenSource};
+use crate::admission::TokenBucket;
+use crate::auth::{Credentials, TokenSource};
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
 use crate::permissions::{self, Action};
 use crate::proxy::{Narrowing, ProxyRequest};
-use crate::request::{admit, loggable_target, refusal};
-use crate::users::UserInbox;
+use crate::request::{admit, loggable_target};
+use crate::session::{self, Remembered, Session, SessionEnd, SessionEvent, SubscribeFailure};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
@@ -74,18 +70,21 @@ pub(crate) async fn handle(
         });
         return Ok(response);
     };
-    let identity = admitted.identity;
     let now = std::time::Instant::now();
-    let client_id = format!("{:016x}", fastrand::u64(..));
-    tracing::debug!(target: "resync::ws", %client_id, request = %loggable_target(&request), subject = ?identity.subject, "connected");
-    // A user's connections hear the user commands sent from any instance (kick, unsubscribe).
-    let user_commands = identity
-        .subject
-        .as_deref()
-        .map(|user| Box::new(shared.users.register(&shared.broker, user)));
+    let remembered = Remembered::of(&shared, &admitted.identity);
+    let session = Session::new(
+        shared.clone(),
+        admitted.identity,
+        admitted.guard,
+        Transport::WebSocket,
+        ChannelSet::new(),
+        // A WebSocket learns of its client's departure from the socket.
+        crate::probe::Departure::Unknown,
+    );
+    tracing::debug!(target: "resync::ws", client_id = %session.client_id(), request = %loggable_target(&request), subject = ?session.identity().subject, "connected");
     let connection = Connection {
-        user_commands,
         close_reason: None,
+        stay_away: remembered.stay_away,
         messages: TokenBucket::new(
             shared.config.ws_messages_per_second,
             shared.config.ws_message_burst,
@@ -103,30 +102,24 @@ pub(crate) async fn handle(
             now,
         ),
         refreshes: TokenBucket::new(REFRESHES_PER_SECOND, REFRESH_BURST, now),
-        admitted: admitted.guard,
         token_subject: admitted.token_subject,
         narrowing: admitted.narrowing,
         address: admitted.address,
         shared,
-        identity,
+        session,
         outbox,
-        subscriptions: ChannelSet::new(),
-        presence: None,
-        client_id,
         bad_frames: 0,
-        refreshed: false,
     };
     // Everything the connection logs carries its client id (a debug span: free when debug
     // logging is off, so an idle connection holds nothing for it).
-    let span =
-        tracing::debug_span!(target: "resync::ws", "websocket", client_id = %connection.client_id);
+    let span = tracing::debug_span!(target: "resync::ws", "websocket", client_id = %connection.session.client_id());
     actix_web::rt::spawn(connection.run(messages).instrument(span));
     Ok(response)
 }
 
 struct Connection {
-    /// The connection's place under the limits, with the channels it follows.
-    admitted: AdmissionGuard,
+    /// What the connection is: channels, presence, user commands, expiry, limits.
+    session: Session,
     /// Messages the client may send (pings included).
     messages: TokenBucket,
     /// Publishes the client may send.
@@ -141,7 +134,6 @@ struct Connection {
     /// included (issue 25, item 12).
     refreshes: TokenBucket,
     shared: Arc<Shared>,
-    identity: Identity,
     /// The subject of the token the connection was opened with (before the application
     /// mapped it): a refresh must be for the same.
     token_subject: Option<String>,
@@ -150,84 +142,20 @@ struct Connection {
     /// The client's address, for its share of the proxy's calls.
     address: std::net::IpAddr,
     outbox: Outbox,
-    subscriptions: ChannelSet,
-    /// Presence memberships and join/leave watches; allocated on first use, so that a
-    /// connection without presence pays one pointer for it.
-    presence: Option<Box<ConnectionPresence>>,
-    client_id: String,
     bad_frames: u32,
-    /// Set by a `refresh`: the loop's expiry timer follows the new token.
-    refreshed: bool,
-    /// The user commands for this connection's user; `None` when anonymous.
-    user_commands: Option<Box<UserInbox>>,
     /// The close reason an application gave (a user command), instead of the code's own.
     close_reason: Option<String>,
-}
-
-/// A connection's part in presence.
-#[derive(Default)]
-struct ConnectionPresence {
-    /// Channels where this connection makes its identity a member, and what each membership
-    /// holds of the connection's presence budget.
-    memberships: Vec<(Channel, usize)>,
-    /// Join/leave events of channels subscribed with `join_leave`.
-    watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
-}
-
-impl ConnectionPresence {
-    fn is_member_of(&self, channel: &Channel) -> bool {
-        self.memberships
-            .iter()
-            .any(|(member_of, _)| member_of == channel)
-    }
-
-    /// Forgets the membership of `channel`; what it held of the budget.
-    fn forget_membership(&mut self, channel: &Channel) -> usize {
-        let mut held = 0;
-        self.memberships.retain(|(member_of, cost)| {
-            let keep = member_of != channel;
-            if !keep {
-                held += cost;
-            }
-            keep
-        });
-        held
-    }
+    /// Set when the user was told not to come back a moment ago: the connection is told
+    /// again and closed as soon as it is open.
+    stay_away: Option<String>,
 }
 
 /// What woke the connection loop.
 enum Wake {
     Message(Option<Result<Incoming, InboxError>>),
-    Item(Channel, Result<SubscriptionItem, SubscriptionError>),
-    Presence(Channel, Result<PresenceEvent, PresenceLagged>),
-    UserCommand(UserCommand),
-    /// The ping clock ticked, or the server is shutting down.
-    Ping,
+    Session(session::Wake),
     /// The silence deadline passed (it may have moved since: the loop looks again).
     Silence,
-    Expired,
-}
-
-/// A subscription item on its way to the socket.
-enum Outgoing {
-    /// An event, whose frame (encoded once, shared by every subscriber) is written by
-    /// reference: cloning the frame's `Bytes` per delivery was a contended atomic on the one
-    /// reference count every subscriber of the event shares (8% of a 5,000-subscriber burst).
-    Event(resync_broker::EncodedEvent),
-    Text(String),
-}
-
-/// Why a `subscribe` failed: refused (its checks, the application's answer: an `error` reply),
-/// or the broker could not resume it (a broker that is down closes the connection 4101).
-enum SubscribeFailure {
-    Refused(ApiError),
-    Broker(ApiError),
-}
-
-impl From<ApiError> for SubscribeFailure {
-    fn from(error: ApiError) -> Self {
-        SubscribeFailure::Refused(error)
-    }
 }
 
 /// Why the connection loop stopped, and the close code to send.
@@ -239,9 +167,7 @@ enum Ending {
 
 impl Connection {
     async fn run(mut self, mut messages: Inbox) {
-        let _guard = self.shared.metrics.connection(Transport::WebSocket);
         let ping_interval = self.shared.config.ping_interval;
-        let mut ping = self.shared.clock(&self.shared.ws_ping);
         let mut last_heard = Instant::now();
         // Its own deadline, two intervals after the last frame heard: a client that went
         // silent leaves (and leaves its channels' members) then, not at the first ping tick
@@ -249,43 +175,30 @@ impl Connection {
         // `last_heard`; the timer is moved when it fires early.
         let silence_limit = ping_interval * 2;
         let mut silence = Box::pin(tokio::time::sleep_until(last_heard + silence_limit));
-        // Boxed, and only for tokens that expire: most connections hold no timer at all.
-        let mut expiry = self
-            .identity
-            .remaining()
-            .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
 
         let connected = ServerFrame::Connected {
-            client_id: self.client_id.clone(),
+            client_id: self.session.client_id().to_owned(),
             ping_interval_ms: ping_interval.as_millis() as u64,
             protocol: PROTOCOL_VERSION,
-            expires_at: unix_seconds(self.identity.expires_at),
+            expires_at: unix_seconds(self.session.identity().expires_at),
         };
         let mut ending = self.send(connected.encode()).await.err();
+        if let Some(reason) = self.stay_away.take()
+            && ending.is_none()
+        {
+            ending = Some(self.end(SessionEnd::Disconnected {
+                reason,
+                reconnect: false,
+            }));
+        }
 
         while ending.is_none() {
-            // Biased, in this order: while events are ready, the clock branches are never
-            // polled, so a burst does not register and unregister every connection with the
-            // shared clocks on each wake-up.
+            // Biased: client frames first, then the session (items before its clocks).
             let wake = tokio::select! {
                 biased;
                 message = messages.next() => Wake::Message(message),
-                Some((channel, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
-                    Wake::Item(channel, item)
-                }
-                Some((channel, event)) = async {
-                    self.presence.as_mut()?.watches.next().await
-                }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
-                    Wake::Presence(channel, event)
-                }
-                Some(command) = async {
-                    self.user_commands.as_mut()?.commands.recv().await
-                }, if self.user_commands.is_some() => Wake::UserCommand(command),
-                _ = ping.changed() => Wake::Ping,
+                wake = self.session.wake() => Wake::Session(wake),
                 () = &mut silence => Wake::Silence,
-                Some(()) = async { expiry.as_mut()?.await; Some(()) }, if expiry.is_some() => {
-                    Wake::Expired
-                }
             };
             ending = match wake {
                 Wake::Message(message) => {
@@ -299,18 +212,10 @@ impl Connection {
                         Box::pin(self.over_message_rate(message)).await.err()
                     }
                 }
-                Wake::Item(channel, item) => self.on_items(channel, item).await.err(),
-                Wake::Presence(channel, event) => {
-                    Box::pin(self.on_presence_event(channel, event)).await.err()
+                Wake::Session(session::Wake::Item(Some((channel, Ok(item))))) => {
+                    self.on_items(channel, item).await.err()
                 }
-                Wake::UserCommand(command) => Box::pin(self.on_user_command(command)).await.err(),
-                // Shutdown wakes the ping clock too (see `Resync::shutdown`).
-                Wake::Ping if *self.shared.shutdown.borrow() => {
-                    let spread = self.shared.config.shutdown_spread;
-                    Box::pin(tokio::time::sleep(spread.mul_f64(fastrand::f64()))).await;
-                    Some(Ending::Close(CloseCode::SHUTDOWN))
-                }
-                Wake::Ping => self.send(ServerFrame::Ping.encode()).await.err(),
+                Wake::Session(wake) => Box::pin(self.on_session(wake)).await.err(),
                 Wake::Silence => {
                     let deadline = last_heard + silence_limit;
                     if Instant::now() >= deadline {
@@ -320,26 +225,12 @@ impl Connection {
                         None
                     }
                 }
-                Wake::Expired => Some(Ending::Close(CloseCode::TOKEN_EXPIRED)),
             };
-            // A refresh moved the deadline.
-            if std::mem::take(&mut self.refreshed) {
-                expiry = self
-                    .identity
-                    .remaining()
-                    .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
-            }
         }
-        // Unsubscribe before the close handshake, so counts drop at once, and leave every
-        // channel this connection is a member of.
-        self.subscriptions.clear();
-        if let Some(presence) = self.presence.take() {
-            for (channel, _) in &presence.memberships {
-                self.leave(channel).await;
-            }
-        }
+        // Unsubscribe and leave before the close handshake, so counts drop at once.
+        self.session.finish().await;
         if let Some(Ending::Close(code)) = ending {
-            tracing::debug!(target: "resync::ws", client_id = %self.client_id, code = code.0, "closing");
+            tracing::debug!(target: "resync::ws", client_id = %self.session.client_id(), code = code.0, "closing");
             // Boxed: a path taken once should not size the idle connection's task.
             let reason = self.close_reason.take();
             let close = self
@@ -351,6 +242,62 @@ impl Connection {
             ))
             .await;
         }
+    }
+
+    /// What the session says, on this wire.
+    async fn on_session(&mut self, wake: session::Wake) -> Result<(), Ending> {
+        let Some(event) = self.session.understand(wake).await else {
+            return Ok(());
+        };
+        match event {
+            SessionEvent::Item(channel, item) => self.on_items(channel, item).await,
+            SessionEvent::Presence(frames) => {
+                for frame in frames {
+                    self.send(frame.encode()).await?;
+                }
+                Ok(())
+            }
+            SessionEvent::PresenceLagged { channel, message } => {
+                let error = ServerFrame::Error {
+                    id: None,
+                    code: ErrorCode::Unavailable,
+                    message: format!("{channel}: {message}"),
+                };
+                self.send(error.encode()).await
+            }
+            SessionEvent::Unsubscribed(channel) => {
+                self.send(
+                    ServerFrame::Unsubscribed {
+                        id: 0,
+                        channel,
+                        reason: Some(UnsubscribeReason::Server),
+                    }
+                    .encode(),
+                )
+                .await
+            }
+            SessionEvent::Tick => self.send(ServerFrame::Ping.encode()).await,
+            SessionEvent::End(end) => Err(self.end(end)),
+        }
+    }
+
+    /// The close that says `end` on this wire.
+    fn end(&mut self, end: SessionEnd) -> Ending {
+        Ending::Close(match end {
+            SessionEnd::Shutdown => CloseCode::SHUTDOWN,
+            SessionEnd::SlowConsumer => CloseCode::SLOW_CONSUMER,
+            SessionEnd::BrokerFailed => CloseCode::BROKER_UNAVAILABLE,
+            SessionEnd::Disconnected { reason, reconnect } => {
+                self.close_reason = Some(close_reason(&reason));
+                if reconnect {
+                    CloseCode::DISCONNECTED_RECONNECT
+                } else {
+                    CloseCode::DISCONNECTED
+                }
+            }
+            SessionEnd::Expired => CloseCode::TOKEN_EXPIRED,
+            SessionEnd::Departed => return Ending::Gone,
+        })
     }
 
     async fn send(&mut self, text: String) -> Result<(), Ending> {
@@ -388,67 +335,39 @@ impl Connection {
 
     /// Sends an item, then every other item that is already waiting (up to a batch), so a
     /// burst wakes this task, and the socket writer behind it, once rather than per event.
-    async fn on_items(
-        &mut self,
-        channel: Channel,
-        item: Result<SubscriptionItem, SubscriptionError>,
-    ) -> Result<(), Ending> {
-        let mut next = Some((channel, item));
+    async fn on_items(&mut self, channel: Channel, item: SubscriptionItem) -> Result<(), Ending> {
+        let mut next = Some((channel, Ok(item)));
         let mut handled = 0;
         let mut delivered = 0;
         let mut result = Ok(());
         while let Some((channel, item)) = next.take() {
-            result = match self.on_item(channel, item) {
-                Ok(Outgoing::Event(event)) => {
+            result = match item {
+                Ok(SubscriptionItem::Event(event)) => {
                     delivered += 1;
                     self.send_text(event.frame()).await
                 }
-                Ok(Outgoing::Text(text)) => self.send_text(text.as_bytes()).await,
-                Err(ending) => Err(ending),
+                Ok(SubscriptionItem::Reset { reason, position }) => {
+                    self.session.reset(reason);
+                    let reset = ServerFrame::Reset {
+                        channel,
+                        reason,
+                        position,
+                    };
+                    self.send(reset.encode()).await
+                }
+                Err(error) => {
+                    let end = self.session.item_failed(&channel, error);
+                    Err(self.end(end))
+                }
             };
             handled += 1;
             if result.is_err() || handled > MAX_BATCH {
                 break;
             }
-            next = self.subscriptions.next_ready();
+            next = self.session.next_ready();
         }
-        self.shared
-            .metrics
-            .delivered(Transport::WebSocket, delivered);
+        self.session.delivered(delivered);
         result
-    }
-
-    /// What `item` becomes on the wire, or why the connection must end.
-    fn on_item(
-        &self,
-        channel: Channel,
-        item: Result<SubscriptionItem, SubscriptionError>,
-    ) -> Result<Outgoing, Ending> {
-        match item {
-            Ok(SubscriptionItem::Event(event)) => Ok(Outgoing::Event(event)),
-            Ok(SubscriptionItem::Reset { reason, position }) => {
-                self.shared.metrics.reset(reason);
-                Ok(Outgoing::Text(
-                    ServerFrame::Reset {
-                        channel,
-                        reason,
-                        position,
-                    }
-                    .encode(),
-                ))
-            }
-            Err(SubscriptionError::Lagged { .. }) => {
-                self.shared
-                    .metrics
-                    .slow_consumer_closed(Transport::WebSocket);
-                Err(Ending::Close(CloseCode::SLOW_CONSUMER))
-            }
-            Err(SubscriptionError::Closed) => Err(Ending::Close(CloseCode::SHUTDOWN)),
-            Err(SubscriptionError::Broker(error)) => {
-                tracing::warn!(target: "resync::ws", client_id = %self.client_id, %channel, %error, "broker failed mid-stream");
-                Err(Ending::Close(CloseCode::BROKER_UNAVAILABLE))
-            }
-        }
     }
 
     async fn on_message(
@@ -480,7 +399,7 @@ impl Connection {
             Some(Err(InboxError::TooBig)) => Err(Ending::Close(CloseCode::MESSAGE_TOO_BIG)),
             Some(Err(InboxError::Io(_))) => Err(Ending::Gone),
             Some(Err(error)) => {
-                tracing::debug!(target: "resync::ws", client_id = %self.client_id, %error, "framing error");
+                tracing::debug!(target: "resync::ws", client_id = %self.session.client_id(), %error, "framing error");
                 Err(Ending::Close(CloseCode::PROTOCOL_ERROR))
             }
         }
@@ -566,10 +485,18 @@ impl Connection {
                 join_leave,
             } => {
                 match self
-                    .subscribe(id, channel, since, presence, join_leave)
+                    .session
+                    .subscribe(&channel, since, presence, join_leave, self.address)
                     .await
                 {
-                    Ok(reply) => self.send(reply.encode()).await,
+                    Ok(recovery) => {
+                        let reply = ServerFrame::Subscribed {
+                            id,
+                            channel,
+                            recovery,
+                        };
+                        self.send(reply.encode()).await
+                    }
                     // The broker cannot serve a resume now: the same advice as a broker that
                     // fails mid-stream (reconnect with backoff, resume), rather than an error
                     // a client would take as final for the channel.
@@ -616,9 +543,7 @@ impl Connection {
                 }
             }
             ClientFrame::Unsubscribe { id, channel } => {
-                if self.subscriptions.remove(&channel) {
-                    self.admitted.unsubscribe(1);
-                    self.stop_presence(&channel).await;
+                if self.session.unsubscribe(&channel).await {
                     self.send(
                         ServerFrame::Unsubscribed {
                             id,
@@ -671,7 +596,12 @@ impl Connection {
 
     /// The broker's presence, if `identity` may see `channel`'s.
     fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
-        permissions::check(&self.shared, &self.identity, Action::SeePresence, channel)?;
+        permissions::check(
+            &self.shared,
+            self.session.identity(),
+            Action::SeePresence,
+            channel,
+        )?;
         self.shared
             .broker
             .presence()
@@ -736,281 +666,18 @@ impl Connection {
             }
         }
         self.narrowing = narrowing;
-        self.identity = identity;
-        self.refreshed = true;
-        let shared = self.shared.clone();
-        let allows = |identity: &Identity, action: Action, channel: &Channel| {
-            permissions::allows(&shared, identity, action, channel)
-        };
-        let revoked: Vec<Channel> = self
-            .subscriptions
-            .channels()
-            .filter(|channel| !allows(&self.identity, Action::Subscribe, channel))
-            .cloned()
-            .collect();
-        for channel in revoked {
-            self.end_subscription(channel, UnsubscribeReason::Permission)
-                .await?;
-        }
-        // Presence the new token no longer allows: no more join/leave events, no membership.
-        if let Some(presence) = self.presence.as_mut() {
-            let unseen: Vec<Channel> = presence
-                .watches
-                .keys()
-                .filter(|channel| !allows(&self.identity, Action::SeePresence, channel))
-                .cloned()
-                .collect();
-            for channel in &unseen {
-                presence.watches.remove(channel);
-                self.admitted
-                    .release_presence(membership::watch_cost(channel));
-            }
-        }
-        let unseated: Vec<Channel> = self
-            .presence
-            .iter()
-            .flat_map(|presence| presence.memberships.iter())
-            .map(|(channel, _)| channel)
-            .filter(|channel| !allows(&self.identity, Action::Appear, channel))
-            .cloned()
-            .collect();
-        for channel in unseated {
-            if let Some(presence) = self.presence.as_mut() {
-                let held = presence.forget_membership(&channel);
-                self.admitted.release_presence(held);
-            }
-            self.leave(&channel).await;
-        }
-        let expires_at = unix_seconds(self.identity.expires_at);
-        self.send(ServerFrame::Refreshed { id, expires_at }.encode())
-            .await
-    }
-
-    /// Applies a user command (from this instance's API or another's, through the broker).
-    async fn on_user_command(&mut self, command: UserCommand) -> Result<(), Ending> {
-        match command {
-            UserCommand::Disconnect {
-                reason, reconnect, ..
-            } => {
-                self.close_reason = Some(close_reason(&reason));
-                Err(Ending::Close(if reconnect {
-                    CloseCode::DISCONNECTED_RECONNECT
-                } else {
-                    CloseCode::DISCONNECTED
-                }))
-            }
-            UserCommand::Unsubscribe { channel, .. } => {
-                self.end_subscription(channel, UnsubscribeReason::Server)
-                    .await
-            }
-        }
-    }
-
-    /// Ends a subscription from the server's side, telling the client why (`unsubscribed`
-    /// with `id` 0).
-    async fn end_subscription(
-        &mut self,
-        channel: Channel,
-        reason: UnsubscribeReason,
-    ) -> Result<(), Ending> {
-        if !self.subscriptions.remove(&channel) {
-            return Ok(());
-        }
-        self.admitted.unsubscribe(1);
-        self.stop_presence(&channel).await;
-        self.send(
-            ServerFrame::Unsubscribed {
+        let refreshed = self.session.refresh(identity).await;
+        for channel in refreshed.revoked {
+            let ended = ServerFrame::Unsubscribed {
                 id: 0,
                 channel,
-                reason: Some(reason),
-            }
-            .encode(),
-        )
-        .await
-    }
-
-    /// This connection's member id: its token's subject, or its own id when anonymous.
-    fn member_id(&self) -> String {
-        membership::member_id(&self.identity, &self.client_id)
-    }
-
-    /// Leaves `channel`'s members (if this connection is one) and stops its join/leave
-    /// events.
-    async fn stop_presence(&mut self, channel: &Channel) {
-        let Some(presence) = self.presence.as_mut() else {
-            return;
-        };
-        if presence.watches.remove(channel).is_some() {
-            self.admitted
-                .release_presence(membership::watch_cost(channel));
-        }
-        let was_member = presence.is_member_of(channel);
-        let held = presence.forget_membership(channel);
-        self.admitted.release_presence(held);
-        if was_member {
-            self.leave(channel).await;
-        }
-    }
-
-    /// Removes this connection from `channel`'s members.
-    async fn leave(&self, channel: &Channel) {
-        let Some(presence) = self.shared.broker.presence() else {
-            return;
-        };
-        if let Err(error) = presence
-            .leave(channel, &self.member_id(), &self.client_id)
-            .await
-        {
-            tracing::warn!(target: "resync::ws", client_id = %self.client_id, %channel, %error, "presence leave failed");
-        }
-    }
-
-    /// Forwards a join or leave of a watched channel.
-    async fn on_presence_event(
-        &mut self,
-        channel: Channel,
-        event: Result<PresenceEvent, PresenceLagged>,
-    ) -> Result<(), Ending> {
-        let frames = membership::watcher_frames(&self.shared, channel, event)
-            .await
-            .unwrap_or_else(|(channel, why)| {
-                vec![ServerFrame::Error {
-                    id: None,
-                    code: ErrorCode::Unavailable,
-                    message: format!("{channel}: {why}"),
-                }]
-            });
-        for frame in frames {
-            self.send(frame.encode()).await?;
-        }
-        Ok(())
-    }
-
-    /// Checks a subscribe's presence options before anything is subscribed.
-    fn check_presence_request(
-        &self,
-        channel: &Channel,
-        request: Option<&PresenceRequest>,
-        join_leave: bool,
-    ) -> Result<Option<&dyn Presence>, ApiError> {
-        membership::check(&self.shared, &self.identity, channel, request, join_leave)
-    }
-
-    /// Starts the subscribe's presence: the join/leave watch first (so the subscriber sees
-    /// its own join), then the membership.
-    async fn start_presence(
-        &mut self,
-        channel: &Channel,
-        request: Option<PresenceRequest>,
-        join_leave: bool,
-    ) -> Result<(), ApiError> {
-        let Some(presence) = self.shared.broker.presence() else {
-            return Ok(());
-        };
-        // Held against the connection's presence budgets before anything is made.
-        let member = request.as_ref().map(|request| Member {
-            id: self.member_id(),
-            info: request.info.clone().or_else(|| self.identity.info.clone()),
-        });
-        let member_cost = member
-            .as_ref()
-            .map_or(0, |member| membership::membership_cost(channel, member));
-        let watch_cost = if join_leave {
-            membership::watch_cost(channel)
-        } else {
-            0
-        };
-        self.admitted
-            .hold_presence(member_cost + watch_cost)
-            .map_err(refusal)?;
-        let made = async {
-            let watch = if join_leave {
-                Some(presence.watch(channel).await?)
-            } else {
-                None
+                reason: Some(UnsubscribeReason::Permission),
             };
-            if let Some(member) = &member {
-                presence.join(channel, member, &self.client_id).await?;
-            }
-            Ok::<_, ApiError>(watch)
+            self.send(ended.encode()).await?;
         }
-        .await;
-        let watch = match made {
-            Ok(watch) => watch,
-            Err(error) => {
-                self.admitted.release_presence(member_cost + watch_cost);
-                return Err(error);
-            }
-        };
-        let state = self.presence.get_or_insert_with(Box::default);
-        if let Some(watch) = watch {
-            state.watches.insert(channel.clone(), watch);
-        }
-        if member.is_some() {
-            state.memberships.push((channel.clone(), member_cost));
-        }
-        Ok(())
-    }
-
-    /// Resumes `channel` and adds it to the connection; the reply goes out before any of its
-    /// events, because the subscription's stream is only polled after this returns.
-    async fn subscribe(
-        &mut self,
-        id: RequestId,
-        channel: Channel,
-        since: Option<Position>,
-        presence: Option<PresenceRequest>,
-        join_leave: bool,
-    ) -> Result<ServerFrame, SubscribeFailure> {
-        if self.subscriptions.contains(&channel) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadySubscribed,
-                format!("already subscribed to {channel}"),
-            )
-            .into());
-        }
-        if self.subscriptions.len() >= self.shared.config.max_channels_per_connection {
-            return Err(ApiError::new(
-                ErrorCode::TooManyChannels,
-                format!(
-                    "at most {} channels per connection",
-                    self.shared.config.max_channels_per_connection
-                ),
-            )
-            .into());
-        }
-        permissions::check(&self.shared, &self.identity, Action::Subscribe, &channel)?;
-        self.check_presence_request(&channel, presence.as_ref(), join_leave)?;
-        if let Some(proxy) = self
-            .shared
-            .proxy
-            .as_ref()
-            .filter(|proxy| proxy.asks_for(&channel))
-        {
-            let asked = ProxyRequest::Subscribe {
-                user: self.identity.subject.clone(),
-                channel: channel.clone(),
-            };
-            proxy.ask(&asked, self.address).await?;
-        }
-        self.admitted.subscribe(1).map_err(refusal)?;
-        let recovery = match self.subscriptions.add(&self.shared, &channel, since).await {
-            Ok(recovery) => recovery,
-            Err(error) => {
-                self.admitted.unsubscribe(1);
-                return Err(SubscribeFailure::Broker(error));
-            }
-        };
-        if let Err(error) = self.start_presence(&channel, presence, join_leave).await {
-            self.subscriptions.remove(&channel);
-            self.admitted.unsubscribe(1);
-            return Err(SubscribeFailure::Broker(error));
-        }
-        Ok(ServerFrame::Subscribed {
-            id,
-            channel,
-            recovery,
-        })
+        let expires_at = unix_seconds(refreshed.expires_at);
+        self.send(ServerFrame::Refreshed { id, expires_at }.encode())
+            .await
     }
 
     async fn publish(
@@ -1019,7 +686,12 @@ impl Connection {
         data: Payload,
         idempotency_key: Option<IdempotencyKey>,
     ) -> Result<Position, ApiError> {
-        permissions::check(&self.shared, &self.identity, Action::Publish, &channel)?;
+        permissions::check(
+            &self.shared,
+            self.session.identity(),
+            Action::Publish,
+            &channel,
+        )?;
         let mut data = data;
         if let Some(proxy) = self
             .shared
@@ -1028,7 +700,7 @@ impl Connection {
             .filter(|proxy| proxy.asks_for(&channel))
         {
             let asked = ProxyRequest::Publish {
-                user: self.identity.subject.clone(),
+                user: self.session.identity().subject.clone(),
                 channel: channel.clone(),
                 data: data.clone(),
             };
@@ -1044,7 +716,7 @@ impl Connection {
         // A publish that makes a channel makes lasting state: an address (and a user) may
         // make only so many. The position is asked first only once its budget is spent.
         let admission = &self.shared.admission;
-        let user = self.identity.subject.as_deref();
+        let user = self.session.identity().subject.as_deref();
         let now = std::time::Instant::now();
         if !admission.may_make_channel(self.address, user, now)
             && self.shared.broker.position(&channel).await?.seq.get() == 0

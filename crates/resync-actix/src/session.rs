@@ -1,0 +1,688 @@
+//! The session: what a connection is, whatever carries it.
+//!
+//! A session owns a connection's channels (its [`ChannelSet`]), its presence memberships and
+//! join/leave watches, its user's commands, its token's expiry (and a refresh in place), its
+//! place under the connection limits, the shutdown notice and its client's departure. It
+//! decides what each of these means for the client once, as a [`SessionEvent`]; SSE, WebSocket
+//! and long polling (`sse.rs`, `ws/mod.rs`, `poll.rs`) only encode those events onto their
+//! wire and read their client's requests (issue 29: the three had each decided for themselves,
+//! and drifted).
+//!
+//! Invariants, each held by a test that runs it on every transport
+//! (`tests/tests/one_session.rs`, one row per behaviour):
+//! - A user command means the same everywhere: an unsubscribe ends the channel, gives its
+//!   place back to the budgets and leaves its presence; a disconnect ends the session and says
+//!   whether to come back; a user told not to come back who comes back within
+//!   [`users::RECENT`](crate::users) is told again at the opening.
+//! - A session ends at its token's `exp` (and a refresh moves the end), at a random moment
+//!   within the shutdown spread once the server drains (events flow until then), when its
+//!   reader lags past its queue, or when its broker fails; never silently.
+//! - Whatever a session holds (channels, budgets, memberships, watches) is given back when it
+//!   ends, however it ends: [`Session::finish`] leaves at once, and a dropped session leaves on
+//!   a task of its own.
+//!
+//! [`Session::wake`] is cancel-safe, so a transport that also reads its client (WebSocket)
+//! races it with the next client frame; [`Session::understand`] then runs to completion.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use resync_broker::{
+    Broker, PresenceEvent, PresenceLagged, PresenceWatch, SubscriptionError, SubscriptionItem,
+};
+use resync_protocol::bodies::UserCommand;
+use resync_protocol::{Channel, Member, Position, PresenceRequest, RecoveryOutcome, ServerFrame};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+use crate::Shared;
+use crate::admission::AdmissionGuard;
+use crate::auth::Identity;
+use crate::channel_set::ChannelSet;
+use crate::error::ApiError;
+use crate::membership;
+use crate::metrics::{ConnectionGuard, Transport};
+use crate::permissions::{self, Action};
+use crate::probe::Departure;
+use crate::request::refusal;
+use crate::users::UserInbox;
+
+/// What the session has to tell its client, for the transport to encode.
+pub(crate) enum SessionEvent {
+    /// An event or a reset of a followed channel (the hot path: encoded by the transport as
+    /// it comes, then [`Session::next_ready`] for the rest of a burst).
+    Item(Channel, SubscriptionItem),
+    /// Presence frames for a watcher: a join, a leave, or the whole list after a lag.
+    Presence(Vec<ServerFrame>),
+    /// The watcher missed joins and leaves and the list could not be read either: it must
+    /// ask for the list again.
+    PresenceLagged { channel: Channel, message: String },
+    /// The application ended the user's subscription of `channel` (a user command); the
+    /// session has let go of it already.
+    Unsubscribed(Channel),
+    /// A heartbeat is due.
+    Tick,
+    /// The session is over; say why, and whether to come back.
+    End(SessionEnd),
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    /// The server is draining (or its broker closed the subscriptions): come back soon and
+    /// resume.
+    Shutdown,
+    /// The client read slower than its events came, past its queue: come back and resume.
+    SlowConsumer,
+    /// A subscription failed at the broker: come back with backoff and resume.
+    BrokerFailed,
+    /// The application disconnected the user.
+    Disconnected { reason: String, reconnect: bool },
+    /// The token expired: come back with a new one.
+    Expired,
+    /// The client went away: there is nobody to tell.
+    Departed,
+}
+
+/// What woke a session: [`Session::wake`]'s answer, for [`Session::understand`].
+pub(crate) enum Wake {
+    Item(Option<(Channel, Result<SubscriptionItem, SubscriptionError>)>),
+    Presence(Channel, Result<PresenceEvent, PresenceLagged>),
+    Command(UserCommand),
+    Clock,
+    Leave,
+    Expired,
+    Departed,
+}
+
+/// The commands a user was sent in the last minute and a half that still apply to a new
+/// connection of theirs: a disconnect that said not to come back, and unsubscribes.
+#[derive(Default)]
+pub(crate) struct Remembered {
+    pub(crate) stay_away: Option<String>,
+    pub(crate) unsubscribed: Vec<Channel>,
+}
+
+impl Remembered {
+    /// What `identity`'s user was told recently (nothing for an anonymous client).
+    pub(crate) fn of(shared: &Shared, identity: &Identity) -> Self {
+        let mut remembered = Remembered::default();
+        let Some(user) = identity.subject.as_deref() else {
+            return remembered;
+        };
+        shared.users.start(&shared.broker);
+        for command in shared.users.recent(user) {
+            match command {
+                UserCommand::Disconnect {
+                    reason,
+                    reconnect: false,
+                    ..
+                } => remembered.stay_away = Some(reason),
+                // "Drop the connection now" applies to the connection of that moment only.
+                UserCommand::Disconnect { .. } => {}
+                UserCommand::Unsubscribe { channel, .. } => {
+                    if !remembered.unsubscribed.contains(&channel) {
+                        remembered.unsubscribed.push(channel);
+                    }
+                }
+            }
+        }
+        remembered
+    }
+}
+
+/// Applies what `admitted`'s user was told recently to a request that names its channels
+/// (SSE, long polling): the channels it was unsubscribed from are dropped (and given back
+/// to the budgets). Returns what was remembered: the caller tells the client, and ends at
+/// once on `stay_away`.
+pub(crate) fn apply_remembered(
+    shared: &Shared,
+    admitted: &mut crate::request::Admitted,
+) -> Remembered {
+    let mut remembered = Remembered::of(shared, &admitted.identity);
+    let channels = &mut admitted.query.channels;
+    remembered.unsubscribed.retain(|channel| {
+        let held = channels.contains(channel);
+        if held {
+            channels.retain(|kept| kept != channel);
+            admitted.guard.unsubscribe(1);
+        }
+        held
+    });
+    remembered
+}
+
+/// One connection, whatever carries it.
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    identity: Identity,
+    transport: Transport,
+    /// The connection's place under the limits, with the channels and presence it holds.
+    admitted: AdmissionGuard,
+    channels: ChannelSet,
+    /// Memberships and join/leave watches; allocated on first use, so a session without
+    /// presence pays one pointer for it.
+    presence: Option<Box<SessionPresence>>,
+    /// The user commands for this session's user; `None` when anonymous.
+    user_commands: Option<Box<UserInbox>>,
+    /// Boxed, and only for tokens that expire: most sessions hold no timer at all.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Completes when the client goes away, for transports that cannot see it otherwise.
+    departure: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// The transport's heartbeat clock, which the shutdown wakes too.
+    clock: watch::Receiver<u64>,
+    /// Once the server drains: this session's moment to end, within the shutdown spread.
+    leaving: Option<Pin<Box<tokio::time::Sleep>>>,
+    client_id: String,
+    #[allow(
+        dead_code,
+        reason = "held for its Drop, which counts the connection's end"
+    )]
+    counted: ConnectionGuard,
+}
+
+/// A session's part in presence.
+#[derive(Default)]
+struct SessionPresence {
+    /// Channels where the session makes its identity a member, and what each membership
+    /// holds of the presence budget.
+    memberships: Vec<(Channel, usize)>,
+    /// Join/leave events of channels followed with `join_leave`.
+    watches: tokio_stream::StreamMap<Channel, PresenceWatch>,
+}
+
+impl SessionPresence {
+    /// Forgets the membership of `channel`; what it held of the budget, if it was one.
+    fn forget_membership(&mut self, channel: &Channel) -> Option<usize> {
+        let index = self
+            .memberships
+            .iter()
+            .position(|(member_of, _)| member_of == channel)?;
+        Some(self.memberships.swap_remove(index).1)
+    }
+}
+
+/// A refresh put in force: when the session now ends, and the channels the new token no
+/// longer allows (ended already).
+pub(crate) struct Refreshed {
+    pub(crate) expires_at: Option<std::time::SystemTime>,
+    pub(crate) revoked: Vec<Channel>,
+}
+
+impl Session {
+    /// A session for `identity`, admitted under the limits, following `channels`; its clock
+    /// is `transport`'s heartbeat. `departure` tells when the client leaves, for transports
+    /// that learn it from the socket rather than from their client's frames.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        identity: Identity,
+        admitted: AdmissionGuard,
+        transport: Transport,
+        channels: ChannelSet,
+        departure: Departure,
+    ) -> Self {
+        let clock = match transport {
+            Transport::WebSocket => shared.clock(&shared.ws_ping),
+            Transport::Sse | Transport::Poll => shared.clock(&shared.sse_heartbeat),
+        };
+        // A user's sessions hear the user commands sent from any instance.
+        let user_commands = identity
+            .subject
+            .as_deref()
+            .map(|user| Box::new(shared.users.register(&shared.broker, user)));
+        let departure: Option<Pin<Box<dyn Future<Output = ()>>>> = if departure.is_known() {
+            Some(Box::pin(async move { departure.wait().await }))
+        } else {
+            None
+        };
+        let mut session = Self {
+            counted: shared.metrics.connection(transport),
+            expiry: None,
+            shared,
+            identity,
+            transport,
+            admitted,
+            channels,
+            presence: None,
+            user_commands,
+            departure,
+            clock,
+            leaving: None,
+            client_id: format!("{:016x}", fastrand::u64(..)),
+        };
+        session.follow_expiry();
+        session
+    }
+
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The id this session's connection goes by (in logs, and as an anonymous member's id).
+    pub(crate) fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub(crate) fn channels(&self) -> &ChannelSet {
+        &self.channels
+    }
+
+    /// The rest of a burst, without waiting: the hot path's coalescing.
+    pub(crate) fn next_ready(
+        &mut self,
+    ) -> Option<(Channel, Result<SubscriptionItem, SubscriptionError>)> {
+        self.channels.next_ready()
+    }
+
+    /// Takes what every channel has ready now, replays included (see
+    /// [`ChannelSet::take_ready`]).
+    pub(crate) async fn take_ready(
+        &mut self,
+        add: impl FnMut(&Channel, SubscriptionItem) -> bool,
+    ) -> Result<(), SubscriptionError> {
+        self.channels.take_ready(add).await
+    }
+
+    fn follow_expiry(&mut self) {
+        self.expiry = self
+            .identity
+            .remaining()
+            .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
+    }
+
+    /// Waits for whatever happens next. Cancel-safe: every branch keeps its state in the
+    /// session. Biased, items first: while events are ready, the clock branches are never
+    /// polled, so a burst does not register and unregister every session with the shared
+    /// clocks on each wake-up.
+    pub(crate) async fn wake(&mut self) -> Wake {
+        tokio::select! {
+            biased;
+            Some(item) = async { Some(self.channels.next().await) }, if !self.channels.is_empty() => {
+                Wake::Item(item)
+            }
+            Some((channel, event)) = async {
+                self.presence.as_mut()?.watches.next().await
+            }, if self.presence.as_ref().is_some_and(|presence| !presence.watches.is_empty()) => {
+                Wake::Presence(channel, event)
+            }
+            Some(command) = async {
+                self.user_commands.as_mut()?.commands.recv().await
+            }, if self.user_commands.is_some() => Wake::Command(command),
+            _ = self.clock.changed() => Wake::Clock,
+            Some(()) = async { self.leaving.as_mut()?.await; Some(()) }, if self.leaving.is_some() => {
+                Wake::Leave
+            }
+            Some(()) = async { self.expiry.as_mut()?.await; Some(()) }, if self.expiry.is_some() => {
+                Wake::Expired
+            }
+            Some(()) = async { self.departure.as_mut()?.await; Some(()) }, if self.departure.is_some() => {
+                Wake::Departed
+            }
+        }
+    }
+
+    /// What `wake` means for the client; `None` when nothing is to be told.
+    pub(crate) async fn understand(&mut self, wake: Wake) -> Option<SessionEvent> {
+        match wake {
+            Wake::Item(Some((channel, Ok(item)))) => Some(SessionEvent::Item(channel, item)),
+            Wake::Item(Some((channel, Err(error)))) => {
+                Some(SessionEvent::End(self.item_failed(&channel, error)))
+            }
+            // Every subscription ended at the broker: as at its shutdown.
+            Wake::Item(None) => Some(SessionEvent::End(SessionEnd::Shutdown)),
+            Wake::Presence(channel, event) => Some(
+                match membership::watcher_frames(&self.shared, channel, event).await {
+                    Ok(frames) => SessionEvent::Presence(frames),
+                    Err((channel, message)) => SessionEvent::PresenceLagged { channel, message },
+                },
+            ),
+            Wake::Command(UserCommand::Disconnect {
+                reason, reconnect, ..
+            }) => Some(SessionEvent::End(SessionEnd::Disconnected {
+                reason,
+                reconnect,
+            })),
+            Wake::Command(UserCommand::Unsubscribe { channel, .. }) => self
+                .unsubscribe(&channel)
+                .await
+                .then_some(SessionEvent::Unsubscribed(channel)),
+            Wake::Clock if *self.shared.shutdown.borrow() && self.leaving.is_none() => {
+                // Each session ends at a moment of its own within the spread, so the clients'
+                // reconnects are spread too; events flow until then.
+                let spread = self.shared.config.shutdown_spread;
+                self.leaving = Some(Box::pin(tokio::time::sleep(
+                    spread.mul_f64(fastrand::f64()),
+                )));
+                None
+            }
+            Wake::Clock => Some(SessionEvent::Tick),
+            Wake::Leave => Some(SessionEvent::End(SessionEnd::Shutdown)),
+            Wake::Expired => Some(SessionEvent::End(SessionEnd::Expired)),
+            Wake::Departed => Some(SessionEvent::End(SessionEnd::Departed)),
+        }
+    }
+
+    /// The next thing to tell the client (for a transport that does not read its client).
+    pub(crate) async fn next(&mut self) -> SessionEvent {
+        loop {
+            let wake = self.wake().await;
+            if let Some(event) = self.understand(wake).await {
+                return event;
+            }
+        }
+    }
+
+    /// What a failed subscription means: counted, and an end.
+    pub(crate) fn item_failed(&self, channel: &Channel, error: SubscriptionError) -> SessionEnd {
+        match error {
+            SubscriptionError::Lagged { .. } => {
+                self.shared.metrics.slow_consumer_closed(self.transport);
+                SessionEnd::SlowConsumer
+            }
+            SubscriptionError::Closed => SessionEnd::Shutdown,
+            SubscriptionError::Broker(error) => {
+                tracing::warn!(target: "resync::session", client_id = %self.client_id, %channel, %error, "broker failed mid-stream");
+                SessionEnd::BrokerFailed
+            }
+        }
+    }
+
+    /// The transports' settings.
+    pub(crate) fn config(&self) -> &crate::TransportConfig {
+        &self.shared.config
+    }
+
+    /// Counts a reset sent to the client.
+    pub(crate) fn reset(&self, reason: resync_protocol::ResetReason) {
+        self.shared.metrics.reset(reason);
+    }
+
+    /// Counts `count` events delivered.
+    pub(crate) fn delivered(&self, count: u64) {
+        self.shared.metrics.delivered(self.transport, count);
+    }
+
+    /// Follows one more channel (a WebSocket `subscribe`): the checks, the application's
+    /// word when it is asked, its place in the budgets, the resume from `since`, then its
+    /// presence. `Err(Refused)` changes nothing; `Err(Broker)` when the broker cannot serve
+    /// it now.
+    pub(crate) async fn subscribe(
+        &mut self,
+        channel: &Channel,
+        since: Option<Position>,
+        presence: Option<PresenceRequest>,
+        join_leave: bool,
+        address: std::net::IpAddr,
+    ) -> Result<RecoveryOutcome, SubscribeFailure> {
+        use resync_protocol::ErrorCode;
+        if self.channels.contains(channel) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel}"),
+            )
+            .into());
+        }
+        let most = self.shared.config.max_channels_per_connection;
+        if self.channels.len() >= most {
+            return Err(ApiError::new(
+                ErrorCode::TooManyChannels,
+                format!("at most {most} channels per connection"),
+            )
+            .into());
+        }
+        permissions::check(&self.shared, &self.identity, Action::Subscribe, channel)?;
+        membership::check(
+            &self.shared,
+            &self.identity,
+            channel,
+            presence.as_ref(),
+            join_leave,
+        )?;
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_for(channel))
+        {
+            let asked = crate::proxy::ProxyRequest::Subscribe {
+                user: self.identity.subject.clone(),
+                channel: channel.clone(),
+            };
+            proxy.ask(&asked, address).await?;
+        }
+        self.admitted.subscribe(1).map_err(refusal)?;
+        let recovery = match self.channels.add(&self.shared, channel, since).await {
+            Ok(recovery) => recovery,
+            Err(error) => {
+                self.admitted.unsubscribe(1);
+                return Err(SubscribeFailure::Broker(error));
+            }
+        };
+        if let Err(error) = self.start_presence(channel, presence, join_leave).await {
+            self.channels.remove(channel);
+            self.admitted.unsubscribe(1);
+            return Err(SubscribeFailure::Broker(error));
+        }
+        Ok(recovery)
+    }
+
+    /// Stops following `channel`, gives its place back to the budgets and leaves its
+    /// presence; `false` if the session did not follow it.
+    pub(crate) async fn unsubscribe(&mut self, channel: &Channel) -> bool {
+        if !self.channels.remove(channel) {
+            return false;
+        }
+        self.admitted.unsubscribe(1);
+        self.stop_presence(channel).await;
+        true
+    }
+
+    /// Starts `channel`'s presence: the join/leave watch first (so the watcher sees its own
+    /// join), then the membership, each held against the presence budgets first.
+    pub(crate) async fn start_presence(
+        &mut self,
+        channel: &Channel,
+        request: Option<PresenceRequest>,
+        join_leave: bool,
+    ) -> Result<(), ApiError> {
+        let Some(presence) = self.shared.broker.presence() else {
+            return Ok(());
+        };
+        if request.is_none() && !join_leave {
+            return Ok(());
+        }
+        let member = request.as_ref().map(|request| Member {
+            id: self.member_id(),
+            info: request.info.clone().or_else(|| self.identity.info.clone()),
+        });
+        let member_cost = member
+            .as_ref()
+            .map_or(0, |member| membership::membership_cost(channel, member));
+        let watch_cost = if join_leave {
+            membership::watch_cost(channel)
+        } else {
+            0
+        };
+        self.admitted
+            .hold_presence(member_cost + watch_cost)
+            .map_err(refusal)?;
+        let made = async {
+            let watch = if join_leave {
+                Some(presence.watch(channel).await?)
+            } else {
+                None
+            };
+            if let Some(member) = &member {
+                presence.join(channel, member, &self.client_id).await?;
+            }
+            Ok::<_, ApiError>(watch)
+        }
+        .await;
+        let watch = match made {
+            Ok(watch) => watch,
+            Err(error) => {
+                self.admitted.release_presence(member_cost + watch_cost);
+                return Err(error);
+            }
+        };
+        let state = self.presence.get_or_insert_with(Box::default);
+        if let Some(watch) = watch {
+            state.watches.insert(channel.clone(), watch);
+        }
+        if member.is_some() {
+            state.memberships.push((channel.clone(), member_cost));
+        }
+        Ok(())
+    }
+
+    /// Leaves `channel`'s members (if the session is one) and stops its join/leave events.
+    async fn stop_presence(&mut self, channel: &Channel) {
+        let Some(presence) = self.presence.as_mut() else {
+            return;
+        };
+        if presence.watches.remove(channel).is_some() {
+            self.admitted
+                .release_presence(membership::watch_cost(channel));
+        }
+        if let Some(held) = presence.forget_membership(channel) {
+            self.admitted.release_presence(held);
+            leave(
+                &self.shared.broker,
+                channel,
+                &self.member_id(),
+                &self.client_id,
+            )
+            .await;
+        }
+    }
+
+    /// This session's member id: its token's subject, or its client id when anonymous.
+    pub(crate) fn member_id(&self) -> String {
+        membership::member_id(&self.identity, &self.client_id)
+    }
+
+    /// Puts a new identity in force (a WebSocket `refresh`, checked by the caller): a new
+    /// end, and the channels and presence it no longer allows ended.
+    pub(crate) async fn refresh(&mut self, identity: Identity) -> Refreshed {
+        self.identity = identity;
+        self.follow_expiry();
+        let shared = self.shared.clone();
+        let allows = |identity: &Identity, action: Action, channel: &Channel| {
+            permissions::allows(&shared, identity, action, channel)
+        };
+        let revoked: Vec<Channel> = self
+            .channels
+            .channels()
+            .filter(|channel| !allows(&self.identity, Action::Subscribe, channel))
+            .cloned()
+            .collect();
+        for channel in &revoked {
+            self.unsubscribe(channel).await;
+        }
+        // Presence the new token no longer allows: no more join/leave events, no membership.
+        if let Some(presence) = self.presence.as_mut() {
+            let unseen: Vec<Channel> = presence
+                .watches
+                .keys()
+                .filter(|channel| !allows(&self.identity, Action::SeePresence, channel))
+                .cloned()
+                .collect();
+            for channel in &unseen {
+                presence.watches.remove(channel);
+                self.admitted
+                    .release_presence(membership::watch_cost(channel));
+            }
+        }
+        let unseated: Vec<Channel> = self
+            .presence
+            .iter()
+            .flat_map(|presence| presence.memberships.iter())
+            .map(|(channel, _)| channel)
+            .filter(|channel| !allows(&self.identity, Action::Appear, channel))
+            .cloned()
+            .collect();
+        for channel in &unseated {
+            if let Some(held) = self
+                .presence
+                .as_mut()
+                .and_then(|presence| presence.forget_membership(channel))
+            {
+                self.admitted.release_presence(held);
+                leave(
+                    &self.shared.broker,
+                    channel,
+                    &self.member_id(),
+                    &self.client_id,
+                )
+                .await;
+            }
+        }
+        Refreshed {
+            expires_at: self.identity.expires_at,
+            revoked,
+        }
+    }
+
+    /// Ends the session now: its subscriptions go at once (so counts drop before a close
+    /// handshake), and it leaves every channel it is a member of.
+    pub(crate) async fn finish(&mut self) {
+        self.channels.clear();
+        let Some(presence) = self.presence.take() else {
+            return;
+        };
+        let member_id = self.member_id();
+        for (channel, _) in &presence.memberships {
+            leave(&self.shared.broker, channel, &member_id, &self.client_id).await;
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`finish`](Session::finish) (an SSE body, a long poll whose
+    /// client left) leaves its channels on a task of its own, since a drop cannot wait.
+    fn drop(&mut self) {
+        let Some(mut presence) = self.presence.take() else {
+            return;
+        };
+        if presence.memberships.is_empty() {
+            return;
+        }
+        let memberships = std::mem::take(&mut presence.memberships);
+        // On the runtime the drop happens in; none is left when a process ends, and then
+        // there is nobody to tell.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let broker = self.shared.broker.clone();
+        let member_id = self.member_id();
+        let client_id = std::mem::take(&mut self.client_id);
+        runtime.spawn(async move {
+            for (channel, _) in &memberships {
+                leave(&broker, channel, &member_id, &client_id).await;
+            }
+        });
+    }
+}
+
+/// Removes the connection `client_id` of `member_id` from `channel`'s members.
+async fn leave(broker: &Arc<dyn Broker>, channel: &Channel, member_id: &str, client_id: &str) {
+    let Some(presence) = broker.presence() else {
+        return;
+    };
+    if let Err(error) = presence.leave(channel, member_id, client_id).await {
+        tracing::warn!(target: "resync::presence", %client_id, %channel, %error, "presence leave failed");
+    }
+}
+
+/// Why a `subscribe` failed: refused (its checks, the application's answer: an `error` reply),
+/// or the broker could not serve it (a broker that is down ends a WebSocket with 4101).
+pub(crate) enum SubscribeFailure {
+    Refused(ApiError),
+    Broker(ApiError),
+}
+
+impl From<ApiError> for SubscribeFailure {
+    fn from(error: ApiError) -> Self {
+        SubscribeFailure::Refused(error)
+    }
+}
