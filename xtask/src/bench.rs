@@ -1451,7 +1451,7 @@ changed during the last round (an Intel Xeon under 30-40% CPU steal, then an AMD
 almost none; this report ran on the EPYC): compare a report's ratios with an earlier one's,
 not its absolute figures. The first four entries below compare old and new on one machine.
 
-- **Writes of ~30 KiB, one chunk at a time** (`sse.rs`, `ws/socket.rs`). actix-http copies
+- **Writes of ~30 KiB, one chunk at a time** (`transport/sse.rs`, `transport/ws/socket.rs`). actix-http copies
   every body chunk into a per-connection write buffer that never shrinks and pulls chunks
   until it holds 32 KiB: with 64 KiB SSE chunks and a 64 KiB WebSocket outbox, one burst left
   each connection ~85-100 KB (server RSS after `loadgen fanout --subscribers 10000 --burst

@@ -3,7 +3,7 @@
 //! breaks; an error is an answer, not a failure.
 
 use crate::request::QueryParams;
-use crate::ws::socket::{FrameReader, Incoming};
+use crate::transport::ws::socket::{FrameReader, Incoming};
 
 /// Reads `bytes` as a client's WebSocket stream, fed `chunk` bytes at a time, and describes
 /// the messages (and the error, if any) it yields. Panics if the reader ever holds more than

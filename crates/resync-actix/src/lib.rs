@@ -54,17 +54,15 @@ mod metrics;
 mod namespaces;
 mod output;
 mod permissions;
-mod poll;
 mod poll_presence;
 mod probe;
 pub mod proxy;
 mod request;
 mod session;
 mod shared;
-mod sse;
+mod transport;
 mod users;
 mod write_size;
-mod ws;
 
 use std::sync::Arc;
 
@@ -216,7 +214,7 @@ impl Resync {
         let shared = self.shared.clone();
         config.route(
             "/sse",
-            web::get().to(move |request| sse::handle(shared.clone(), request)),
+            web::get().to(move |request| transport::sse::handle(shared.clone(), request)),
         );
         // CORS preflight, for pages on other origins whose requests carry headers
         // (`Authorization`, `Last-Event-ID` from a polyfill).
@@ -231,12 +229,13 @@ impl Resync {
         let shared = self.shared.clone();
         config.route(
             "/ws",
-            web::get().to(move |request, body| ws::handle(shared.clone(), request, body)),
+            web::get()
+                .to(move |request, body| transport::ws::handle(shared.clone(), request, body)),
         );
         let shared = self.shared.clone();
         config.route(
             "/poll",
-            web::get().to(move |request| poll::handle(shared.clone(), request)),
+            web::get().to(move |request| transport::poll::handle(shared.clone(), request)),
         );
     }
 

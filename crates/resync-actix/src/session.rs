@@ -4,7 +4,7 @@
 //! join/leave watches, its user's commands, its token's expiry (and a refresh in place), its
 //! place under the connection limits, the shutdown notice and its client's departure. It
 //! decides what each of these means for the client once, as a [`SessionEvent`]; SSE, WebSocket
-//! and long polling (`sse.rs`, `ws/mod.rs`, `poll.rs`) only encode those events onto their
+//! and long polling (`transport/`) only encode those events onto their
 //! wire and read their client's requests (issue 29: the three had each decided for themselves,
 //! and drifted).
 //!
@@ -28,10 +28,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use resync_broker::{
-    Broker, PresenceEvent, PresenceLagged, PresenceWatch, SubscriptionError, SubscriptionItem,
+    Broker, Presence, PresenceEvent, PresenceLagged, PresenceWatch, Publish, SubscriptionError,
+    SubscriptionItem,
 };
 use resync_protocol::bodies::UserCommand;
-use resync_protocol::{Channel, Member, Position, PresenceRequest, RecoveryOutcome, ServerFrame};
+use resync_protocol::{
+    Channel, IdempotencyKey, Member, Payload, Position, PresenceRequest, RecoveryOutcome,
+    ServerFrame,
+};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
@@ -44,6 +48,7 @@ use crate::membership;
 use crate::metrics::{ConnectionGuard, Transport};
 use crate::permissions::{self, Action};
 use crate::probe::Departure;
+use crate::proxy::{Narrowing, ProxyRequest};
 use crate::request::refusal;
 use crate::users::UserInbox;
 
@@ -152,6 +157,21 @@ pub(crate) fn apply_remembered(
     remembered
 }
 
+/// Checks a request's presence options for each of its channels, before anything is
+/// opened (a refusal then leaves nothing behind).
+pub(crate) fn check_presence(
+    shared: &Shared,
+    identity: &Identity,
+    channels: &[Channel],
+    request: Option<&PresenceRequest>,
+    join_leave: bool,
+) -> Result<(), ApiError> {
+    for channel in channels {
+        membership::check(shared, identity, channel, request, join_leave)?;
+    }
+    Ok(())
+}
+
 /// One connection, whatever carries it.
 pub(crate) struct Session {
     shared: Arc<Shared>,
@@ -174,6 +194,10 @@ pub(crate) struct Session {
     /// Once the server drains: this session's moment to end, within the shutdown spread.
     leaving: Option<Pin<Box<tokio::time::Sleep>>>,
     client_id: String,
+    /// What a refresh in place must keep (WebSocket only): the subject of the token the
+    /// session opened with, before the application mapped it, and what the application's
+    /// proxy decided. Boxed: most sessions never refresh.
+    refresh: Option<Box<(Option<String>, Narrowing)>>,
     #[allow(
         dead_code,
         reason = "held for its Drop, which counts the connection's end"
@@ -249,6 +273,7 @@ impl Session {
             clock,
             leaving: None,
             client_id: format!("{:016x}", fastrand::u64(..)),
+            refresh: None,
         };
         session.follow_expiry();
         session
@@ -535,6 +560,21 @@ impl Session {
         Ok(())
     }
 
+    /// Starts the presence of every channel a stream opened with (see
+    /// [`start_presence`](Self::start_presence)).
+    pub(crate) async fn start_presence_of_all(
+        &mut self,
+        channels: &[Channel],
+        request: Option<&PresenceRequest>,
+        join_leave: bool,
+    ) -> Result<(), ApiError> {
+        for channel in channels {
+            self.start_presence(channel, request.cloned(), join_leave)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Leaves `channel`'s members (if the session is one) and stops its join/leave events.
     async fn stop_presence(&mut self, channel: &Channel) {
         let Some(presence) = self.presence.as_mut() else {
@@ -561,9 +601,67 @@ impl Session {
         membership::member_id(&self.identity, &self.client_id)
     }
 
-    /// Puts a new identity in force (a WebSocket `refresh`, checked by the caller): a new
-    /// end, and the channels and presence it no longer allows ended.
-    pub(crate) async fn refresh(&mut self, identity: Identity) -> Refreshed {
+    /// Keeps what a refresh in place must keep (see [`refresh`](Self::refresh)).
+    pub(crate) fn keep_for_refresh(&mut self, token_subject: Option<String>, narrowing: Narrowing) {
+        self.refresh = Some(Box::new((token_subject, narrowing)));
+    }
+
+    /// Puts a new token in force: the same subject, what the application decided at the
+    /// opening (asked again when it wants to be), a new end, and the channels and presence it
+    /// no longer allows ended. A refused token changes nothing: the session goes on until
+    /// its current token expires.
+    pub(crate) async fn refresh(
+        &mut self,
+        token: String,
+        address: std::net::IpAddr,
+    ) -> Result<Refreshed, ApiError> {
+        use crate::auth::{Credentials, TokenSource};
+        let (token_subject, narrowing) = match self.refresh.as_deref() {
+            Some((subject, narrowing)) => (subject.clone(), narrowing.clone()),
+            None => (self.identity.subject.clone(), Narrowing::default()),
+        };
+        let credentials = Credentials {
+            token: Some((token, TokenSource::Refresh)),
+        };
+        let mut identity = match self.shared.authorizer.authenticate(&credentials).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                self.shared.metrics.auth_failed();
+                return Err(ApiError::from(error));
+            }
+        };
+        // Compared before the application's mapping: the token's own subject.
+        if identity.subject != token_subject {
+            return Err(ApiError::new(
+                resync_protocol::ErrorCode::Forbidden,
+                "a refreshed token must be for the connection's own subject",
+            ));
+        }
+        // What the application decided on connect stays decided.
+        let mut narrowing = narrowing;
+        narrowing.apply(&mut identity);
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_on_refresh())
+            && let Some((token, _)) = credentials.token
+        {
+            let asked = ProxyRequest::Refresh {
+                user: identity.subject.clone(),
+                token,
+            };
+            if let Some(answer) = proxy.ask(&asked, address).await? {
+                narrowing.update(&answer);
+                narrowing.apply(&mut identity);
+            }
+        }
+        self.refresh = Some(Box::new((token_subject, narrowing)));
+        Ok(self.put_in_force(identity).await)
+    }
+
+    /// Puts `identity` in force: a new end, and what it no longer allows ended.
+    async fn put_in_force(&mut self, identity: Identity) -> Refreshed {
         self.identity = identity;
         self.follow_expiry();
         let shared = self.shared.clone();
@@ -621,6 +719,85 @@ impl Session {
             expires_at: self.identity.expires_at,
             revoked,
         }
+    }
+
+    /// The broker's presence, if the session may see `channel`'s members.
+    fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
+        permissions::check(&self.shared, &self.identity, Action::SeePresence, channel)?;
+        self.shared
+            .broker
+            .presence()
+            .ok_or_else(membership::no_presence)
+    }
+
+    /// `channel`'s members, if the session may see them.
+    pub(crate) async fn members(&self, channel: &Channel) -> Result<Vec<Member>, ApiError> {
+        Ok(self.presence_of(channel)?.members(channel).await?)
+    }
+
+    /// How many members `channel` has, if the session may see them.
+    pub(crate) async fn member_count(&self, channel: &Channel) -> Result<u64, ApiError> {
+        Ok(self.presence_of(channel)?.member_count(channel).await?)
+    }
+
+    /// Publishes from the client (a WebSocket `publish`): its permission, the application's
+    /// word (which may rewrite what is stored), and the budget of channels one address or
+    /// user may make.
+    pub(crate) async fn publish(
+        &self,
+        channel: Channel,
+        data: Payload,
+        idempotency_key: Option<IdempotencyKey>,
+        address: std::net::IpAddr,
+    ) -> Result<Position, ApiError> {
+        permissions::check(&self.shared, &self.identity, Action::Publish, &channel)?;
+        let mut data = data;
+        if let Some(proxy) = self
+            .shared
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.asks_for(&channel))
+        {
+            let asked = ProxyRequest::Publish {
+                user: self.identity.subject.clone(),
+                channel: channel.clone(),
+                data: data.clone(),
+            };
+            // The application may rewrite what is stored.
+            if let Some(rewritten) = proxy
+                .ask(&asked, address)
+                .await?
+                .and_then(|answer| answer.data)
+            {
+                data = rewritten;
+            }
+        }
+        // A publish that makes a channel makes lasting state: an address (and a user) may
+        // make only so many. The position is asked first only once its budget is spent.
+        let admission = &self.shared.admission;
+        let user = self.identity.subject.as_deref();
+        let now = std::time::Instant::now();
+        if !admission.may_make_channel(address, user, now)
+            && self.shared.broker.position(&channel).await?.seq.get() == 0
+        {
+            return Err(ApiError::new(
+                resync_protocol::ErrorCode::RateLimited,
+                "this client makes new channels too fast; not stored",
+            ));
+        }
+        let position = self
+            .shared
+            .publisher
+            .send(
+                Publish::new(channel, data)
+                    .with_optional_idempotency_key(idempotency_key)
+                    .from_client(),
+            )
+            .await?;
+        if position.seq.get() == 1 {
+            admission.made_channel(address, user, now);
+        }
+        Ok(position)
     }
 
     /// Ends the session now: its subscriptions go at once (so counts drop before a close

@@ -7,23 +7,20 @@ use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
-use resync_broker::{Presence, Publish, SubscriptionItem};
+use resync_broker::SubscriptionItem;
 use resync_protocol::{
-    Channel, ClientFrame, CloseCode, ErrorCode, IdempotencyKey, PROTOCOL_VERSION, Payload,
-    Position, RequestId, ServerFrame, UnsubscribeReason,
+    Channel, ClientFrame, CloseCode, ErrorCode, PROTOCOL_VERSION, RequestId, ServerFrame,
+    UnsubscribeReason,
 };
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::Shared;
 use crate::admission::TokenBucket;
-use crate::auth::{Credentials, TokenSource};
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
-use crate::permissions::{self, Action};
-use crate::proxy::{Narrowing, ProxyRequest};
 use crate::request::{admit, loggable_target};
 use crate::session::{self, Remembered, Session, SessionEnd, SessionEvent, SubscribeFailure};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
@@ -72,7 +69,7 @@ pub(crate) async fn handle(
     };
     let now = std::time::Instant::now();
     let remembered = Remembered::of(&shared, &admitted.identity);
-    let session = Session::new(
+    let mut session = Session::new(
         shared.clone(),
         admitted.identity,
         admitted.guard,
@@ -81,6 +78,8 @@ pub(crate) async fn handle(
         // A WebSocket learns of its client's departure from the socket.
         crate::probe::Departure::Unknown,
     );
+    // What a refresh in place must keep: the token's own subject, the application's word.
+    session.keep_for_refresh(admitted.token_subject, admitted.narrowing);
     tracing::debug!(target: "resync::ws", client_id = %session.client_id(), request = %loggable_target(&request), subject = ?session.identity().subject, "connected");
     let connection = Connection {
         close_reason: None,
@@ -102,8 +101,6 @@ pub(crate) async fn handle(
             now,
         ),
         refreshes: TokenBucket::new(REFRESHES_PER_SECOND, REFRESH_BURST, now),
-        token_subject: admitted.token_subject,
-        narrowing: admitted.narrowing,
         address: admitted.address,
         shared,
         session,
@@ -134,11 +131,6 @@ struct Connection {
     /// included (issue 25, item 12).
     refreshes: TokenBucket,
     shared: Arc<Shared>,
-    /// The subject of the token the connection was opened with (before the application
-    /// mapped it): a refresh must be for the same.
-    token_subject: Option<String>,
-    /// What the application's proxy decided about this connection; a refresh keeps it.
-    narrowing: Narrowing,
     /// The client's address, for its share of the proxy's calls.
     address: std::net::IpAddr,
     outbox: Outbox,
@@ -511,30 +503,17 @@ impl Connection {
                 }
             }
             ClientFrame::Refresh { id, token } => Box::pin(self.refresh(id, token)).await,
-            ClientFrame::Presence { id, channel } => {
-                let members = match self.presence_of(&channel) {
-                    Ok(presence) => presence.members(&channel).await.map_err(ApiError::from),
-                    Err(error) => Err(error),
-                };
-                match members {
-                    Ok(members) => {
-                        for page in membership::list_pages(id, &channel, members) {
-                            self.send(page.encode()).await?;
-                        }
-                        Ok(())
+            ClientFrame::Presence { id, channel } => match self.session.members(&channel).await {
+                Ok(members) => {
+                    for page in membership::list_pages(id, &channel, members) {
+                        self.send(page.encode()).await?;
                     }
-                    Err(error) => self.reply_error(id, error).await,
+                    Ok(())
                 }
-            }
+                Err(error) => self.reply_error(id, error).await,
+            },
             ClientFrame::PresenceCount { id, channel } => {
-                let count = match self.presence_of(&channel) {
-                    Ok(presence) => presence
-                        .member_count(&channel)
-                        .await
-                        .map_err(ApiError::from),
-                    Err(error) => Err(error),
-                };
-                match count {
+                match self.session.member_count(&channel).await {
                     Ok(count) => {
                         let reply = ServerFrame::PresenceCount { id, channel, count };
                         self.send(reply.encode()).await
@@ -576,7 +555,11 @@ impl Connection {
                 channel,
                 data,
                 idempotency_key,
-            } => match self.publish(channel.clone(), data, idempotency_key).await {
+            } => match self
+                .session
+                .publish(channel.clone(), data, idempotency_key, self.address)
+                .await
+            {
                 Ok(position) => {
                     self.send(
                         ServerFrame::Published {
@@ -594,26 +577,9 @@ impl Connection {
         }
     }
 
-    /// The broker's presence, if `identity` may see `channel`'s.
-    fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
-        permissions::check(
-            &self.shared,
-            self.session.identity(),
-            Action::SeePresence,
-            channel,
-        )?;
-        self.shared
-            .broker
-            .presence()
-            .ok_or_else(membership::no_presence)
-    }
-
-    /// Puts a new token in force: the same subject, a new deadline, and the channels (and
-    /// presence) it no longer allows ended with reason `permission`. A refused token changes
-    /// nothing: the connection goes on until its current token expires.
+    /// Puts a new token in force (see [`Session::refresh`]); rationed per connection and per
+    /// address before it is checked, whatever it turns out to be: each is a signature check.
     async fn refresh(&mut self, id: RequestId, token: String) -> Result<(), Ending> {
-        // Each refresh is a signature check: rationed per connection and per address,
-        // before it is made, whatever it turns out to be.
         let now = std::time::Instant::now();
         if !self.refreshes.take(now) || !self.shared.admission.take_refresh(self.address, now) {
             let error = ApiError::new(
@@ -622,51 +588,10 @@ impl Connection {
             );
             return self.reply_error(id, error).await;
         }
-        let credentials = Credentials {
-            token: Some((token, TokenSource::Refresh)),
+        let refreshed = match self.session.refresh(token, self.address).await {
+            Ok(refreshed) => refreshed,
+            Err(error) => return self.reply_error(id, error).await,
         };
-        let mut identity = match self.shared.authorizer.authenticate(&credentials).await {
-            Ok(identity) => identity,
-            Err(error) => {
-                self.shared.metrics.auth_failed();
-                return self.reply_error(id, ApiError::from(error)).await;
-            }
-        };
-        // Compared before the application's mapping: the token's own subject.
-        if identity.subject != self.token_subject {
-            let error = ApiError::new(
-                ErrorCode::Forbidden,
-                "a refreshed token must be for the connection's own subject",
-            );
-            return self.reply_error(id, error).await;
-        }
-        // What the application decided on connect stays decided.
-        let mut narrowing = self.narrowing.clone();
-        narrowing.apply(&mut identity);
-        if let Some(proxy) = self
-            .shared
-            .proxy
-            .as_ref()
-            .filter(|proxy| proxy.asks_on_refresh())
-        {
-            let Some((token, _)) = credentials.token else {
-                return Ok(());
-            };
-            let asked = ProxyRequest::Refresh {
-                user: identity.subject.clone(),
-                token,
-            };
-            match proxy.ask(&asked, self.address).await {
-                Ok(Some(answer)) => {
-                    narrowing.update(&answer);
-                    narrowing.apply(&mut identity);
-                }
-                Ok(None) => {}
-                Err(error) => return self.reply_error(id, error).await,
-            }
-        }
-        self.narrowing = narrowing;
-        let refreshed = self.session.refresh(identity).await;
         for channel in refreshed.revoked {
             let ended = ServerFrame::Unsubscribed {
                 id: 0,
@@ -678,67 +603,6 @@ impl Connection {
         let expires_at = unix_seconds(refreshed.expires_at);
         self.send(ServerFrame::Refreshed { id, expires_at }.encode())
             .await
-    }
-
-    async fn publish(
-        &mut self,
-        channel: Channel,
-        data: Payload,
-        idempotency_key: Option<IdempotencyKey>,
-    ) -> Result<Position, ApiError> {
-        permissions::check(
-            &self.shared,
-            self.session.identity(),
-            Action::Publish,
-            &channel,
-        )?;
-        let mut data = data;
-        if let Some(proxy) = self
-            .shared
-            .proxy
-            .as_ref()
-            .filter(|proxy| proxy.asks_for(&channel))
-        {
-            let asked = ProxyRequest::Publish {
-                user: self.session.identity().subject.clone(),
-                channel: channel.clone(),
-                data: data.clone(),
-            };
-            // The application may rewrite what is stored.
-            if let Some(rewritten) = proxy
-                .ask(&asked, self.address)
-                .await?
-                .and_then(|answer| answer.data)
-            {
-                data = rewritten;
-            }
-        }
-        // A publish that makes a channel makes lasting state: an address (and a user) may
-        // make only so many. The position is asked first only once its budget is spent.
-        let admission = &self.shared.admission;
-        let user = self.session.identity().subject.as_deref();
-        let now = std::time::Instant::now();
-        if !admission.may_make_channel(self.address, user, now)
-            && self.shared.broker.position(&channel).await?.seq.get() == 0
-        {
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                "this client makes new channels too fast; not stored",
-            ));
-        }
-        let position = self
-            .shared
-            .publisher
-            .send(
-                Publish::new(channel, data)
-                    .with_optional_idempotency_key(idempotency_key)
-                    .from_client(),
-            )
-            .await?;
-        if position.seq.get() == 1 {
-            admission.made_channel(self.address, user, now);
-        }
-        Ok(position)
     }
 }
 

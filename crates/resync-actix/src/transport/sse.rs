@@ -16,7 +16,6 @@ use resync_protocol::{Channel, ErrorCode, RecoveryOutcome, ServerFrame};
 use crate::Shared;
 use crate::channel_set::{ChannelSet, Since};
 use crate::error::ApiError;
-use crate::membership;
 use crate::metrics::Transport;
 use crate::probe::Departure;
 use crate::request::{Admitted, admit_follower, cors_headers, loggable_target};
@@ -92,15 +91,13 @@ async fn open_stream(
     }
 
     let since = Since::of_stream(query.cursor, request);
-    for channel in &query.channels {
-        membership::check(
-            &shared,
-            &identity,
-            channel,
-            query.presence.as_ref(),
-            query.join_leave,
-        )?;
-    }
+    session::check_presence(
+        &shared,
+        &identity,
+        &query.channels,
+        query.presence.as_ref(),
+        query.join_leave,
+    )?;
     let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
     let mut session = Session::new(
         shared.clone(),
@@ -110,11 +107,9 @@ async fn open_stream(
         channels,
         Departure::of(request),
     );
-    for channel in &query.channels {
-        session
-            .start_presence(channel, query.presence.clone(), query.join_leave)
-            .await?;
-    }
+    session
+        .start_presence_of_all(&query.channels, query.presence.as_ref(), query.join_leave)
+        .await?;
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
 
     // Resets found now also go out as `reset` events, right after the opening: a client
