@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
 use crate::Shared;
-use crate::admission::AdmissionGuard;
+use crate::admission::{AdmissionGuard, TokenBucket};
 use crate::auth::Identity;
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
@@ -861,5 +861,117 @@ pub(crate) enum SubscribeFailure {
 impl From<ApiError> for SubscribeFailure {
     fn from(error: ApiError) -> Self {
         SubscribeFailure::Refused(error)
+    }
+}
+
+/// Token refreshes a second one connection may ask for, sustained, and in a burst: a token
+/// is refreshed every few minutes; each refresh is a signature check.
+const REFRESHES_PER_SECOND: f64 = 1.0;
+const REFRESH_BURST: u32 = 3;
+
+/// The rates at which a client that sends requests (a WebSocket) may send them, and what
+/// going past them means. The transport that reads requests holds it (a stream pays
+/// nothing for it); the decisions are made here.
+pub(crate) struct RequestRates {
+    /// Messages the client may send (pings included).
+    messages: TokenBucket,
+    /// Publishes the client may send.
+    publishes: TokenBucket,
+    /// Refusals the client may still earn: as many a second as it may send messages, and a
+    /// burst. Past it, the connection closes: a flood that keeps just under a run of
+    /// refusals is still a flood (issue 25, L4).
+    refusals: TokenBucket,
+    /// Token refreshes the connection may ask for, each a signature check, bad ones
+    /// included (issue 25, item 12).
+    refreshes: TokenBucket,
+    /// Messages in a row refused for the rate (the first of a run is answered).
+    over_rate: u32,
+}
+
+/// What to do with a client's message, for its rate.
+#[derive(Debug)]
+pub(crate) enum MessageVerdict {
+    /// Within the rate: handle it.
+    Take,
+    /// Over the rate: drop it, telling the client with this error (the first of a run) or
+    /// silently.
+    Drop(Option<ApiError>),
+    /// A flood: end the connection (try again later).
+    Close,
+}
+
+impl RequestRates {
+    pub(crate) fn new(config: &crate::TransportConfig, now: std::time::Instant) -> Self {
+        Self {
+            messages: TokenBucket::new(config.ws_messages_per_second, config.ws_message_burst, now),
+            publishes: TokenBucket::new(
+                config.ws_publishes_per_second,
+                config.ws_publish_burst,
+                now,
+            ),
+            refusals: TokenBucket::new(config.ws_messages_per_second, config.ws_message_burst, now),
+            refreshes: TokenBucket::new(REFRESHES_PER_SECOND, REFRESH_BURST, now),
+            over_rate: 0,
+        }
+    }
+
+    /// A message arrived (its connection's end excepted, which is never rate limited).
+    pub(crate) fn message(
+        &mut self,
+        config: &crate::TransportConfig,
+        now: std::time::Instant,
+    ) -> MessageVerdict {
+        if self.messages.take(now) {
+            self.over_rate = 0;
+            return MessageVerdict::Take;
+        }
+        self.over_rate += 1;
+        if !self.refusals.take(now) {
+            return MessageVerdict::Close;
+        }
+        MessageVerdict::Drop((self.over_rate == 1).then(|| {
+            ApiError::new(
+                resync_protocol::ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages a second; messages are dropped",
+                    config.ws_messages_per_second
+                ),
+            )
+        }))
+    }
+
+    /// A publish asked for: within the rate, or refused (nothing stored).
+    pub(crate) fn publish(
+        &mut self,
+        config: &crate::TransportConfig,
+        now: std::time::Instant,
+    ) -> Result<(), ApiError> {
+        if self.publishes.take(now) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            resync_protocol::ErrorCode::RateLimited,
+            format!(
+                "more than {} publishes a second; not stored",
+                config.ws_publishes_per_second
+            ),
+        ))
+    }
+
+    /// A token refresh asked for: rationed per connection and per address before it is
+    /// checked, whatever it turns out to be, since each is a signature check.
+    pub(crate) fn refresh(
+        &mut self,
+        shared: &Shared,
+        address: std::net::IpAddr,
+        now: std::time::Instant,
+    ) -> Result<(), ApiError> {
+        if self.refreshes.take(now) && shared.admission.take_refresh(address, now) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            resync_protocol::ErrorCode::RateLimited,
+            "token refreshes asked too often; the current token stays in force",
+        ))
     }
 }

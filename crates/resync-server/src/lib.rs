@@ -18,10 +18,8 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpResponse, web};
 use anyhow::{Context, Result};
-use resync_actix::{
-    AllowAllSubscribers, ChannelPattern, JwtAuthorizer, NamespacePolicy, Resync, TransportConfig,
-};
-use resync_broker::{Broker, MemoryBroker, ResumeOptions, Retention};
+use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, NamespacePolicy, Resync};
+use resync_broker::{Broker, MemoryBroker, Retention};
 use resync_broker_redis::RedisBroker;
 use tracing::Instrument;
 
@@ -177,58 +175,21 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             resync_protocol::MAX_CURSOR_CHANNELS
         );
     }
-    let config = TransportConfig {
-        ping_interval: Duration::from_secs(settings.ping_interval_secs.max(1)),
-        sse_heartbeat: Duration::from_secs(settings.sse_heartbeat_secs.max(1)),
-        poll_timeout: Duration::from_secs(settings.poll_timeout_secs),
-        poll_presence_idle: Duration::from_secs(settings.poll_presence_idle_secs.max(1)),
-        max_message_bytes: settings.max_message_bytes,
-        max_presence_info_bytes: settings.max_presence_info_bytes,
-        max_presence_bytes_per_ip: settings.max_presence_bytes_per_ip,
-        max_presence_bytes: settings.max_presence_bytes,
-        poll_max_bytes: settings.poll_max_bytes,
-        max_channels_per_connection: settings.max_channels_per_connection,
-        allowed_origins: settings.allowed_origins.clone(),
-        public_origin: settings.public_origin.clone(),
-        shutdown_spread: Duration::from_millis(settings.shutdown_spread_ms),
-        write_timeout: Duration::from_secs(settings.write_timeout_secs.max(1)),
-        publish_hold_share: settings.publish_hold_share.clamp(0.0, 1.0),
-        publish_hold_max: Duration::from_millis(settings.publish_hold_max_ms),
-        resume: ResumeOptions {
-            max_replay: settings.max_replay,
-        },
-        max_connections: settings.max_connections,
-        max_sockets: settings.max_sockets,
-        request_header_timeout: Duration::from_secs(settings.request_header_timeout_secs.max(1)),
-        queued_bytes_budget: settings.queued_bytes_budget,
-        socket_send_buffer: settings.socket_send_buffer_bytes,
-        max_connections_per_ip: settings.max_connections_per_ip,
-        connections_per_ip_per_second: settings.connections_per_ip_per_second,
-        connection_burst_per_ip: settings.connection_burst_per_ip,
-        max_subscriptions_per_ip: settings.max_subscriptions_per_ip,
-        max_connections_per_user: settings.max_connections_per_user,
-        max_subscriptions_per_user: settings.max_subscriptions_per_user,
-        trusted_proxies: settings.trusted_proxies.clone(),
-        ws_messages_per_second: settings.ws_messages_per_second,
-        ws_message_burst: settings.ws_message_burst,
-        ws_publishes_per_second: settings.ws_publishes_per_second,
-        ws_publish_burst: settings.ws_publish_burst,
-        namespaces: settings
-            .namespaces
-            .iter()
-            .map(|(name, namespace)| {
-                let policy = NamespacePolicy {
-                    anonymous_subscribe: namespace.anonymous_subscribe,
-                    anonymous_publish: namespace.anonymous_publish,
-                    client_publish: namespace.client_publish,
-                    presence: namespace.presence,
-                    join_leave: namespace.join_leave,
-                };
-                (name.clone(), policy)
-            })
-            .collect(),
-        ..TransportConfig::default()
-    };
+    let mut config = settings.transport_config();
+    config.namespaces = settings
+        .namespaces
+        .iter()
+        .map(|(name, namespace)| {
+            let policy = NamespacePolicy {
+                anonymous_subscribe: namespace.anonymous_subscribe,
+                anonymous_publish: namespace.anonymous_publish,
+                client_publish: namespace.client_publish,
+                presence: namespace.presence,
+                join_leave: namespace.join_leave,
+            };
+            (name.clone(), policy)
+        })
+        .collect();
     let mut builder = Resync::builder_shared(broker.clone()).config(config);
     if let Some(url) = &settings.proxy_url {
         let options = resync_actix::proxy::ProxyOptions {

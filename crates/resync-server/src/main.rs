@@ -1,12 +1,11 @@
 //! The resync reference server binary: `cargo run -p resync-server`.
 
 use anyhow::Result;
-use clap::Parser;
 use resync_server::{Args, LogFormat, Settings};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> Result<()> {
-    let settings = Settings::load(Args::parse())?;
+    let settings = Settings::load(Args::from_env())?;
     init_logging(settings.log_format);
     actix_web::rt::System::new().block_on(resync_server::run(settings))
 }

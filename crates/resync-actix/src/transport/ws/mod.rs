@@ -16,22 +16,19 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::admission::TokenBucket;
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
 use crate::metrics::Transport;
 use crate::request::{admit, loggable_target};
-use crate::session::{self, Remembered, Session, SessionEnd, SessionEvent, SubscribeFailure};
+use crate::session::{
+    self, MessageVerdict, Remembered, RequestRates, Session, SessionEnd, SessionEvent,
+    SubscribeFailure,
+};
 use socket::{Gone, Inbox, InboxError, Incoming, Outbox};
 
 /// Ready items handled in one wake-up of a connection.
 const MAX_BATCH: usize = 64;
-
-/// Token refreshes a second one connection may ask for, sustained, and in a burst: a token
-/// is refreshed every few minutes; each refresh is a signature check.
-const REFRESHES_PER_SECOND: f64 = 1.0;
-const REFRESH_BURST: u32 = 3;
 
 /// Malformed frames in a row after which the connection is closed (4000).
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 10;
@@ -84,23 +81,7 @@ pub(crate) async fn handle(
     let connection = Connection {
         close_reason: None,
         stay_away: remembered.stay_away,
-        messages: TokenBucket::new(
-            shared.config.ws_messages_per_second,
-            shared.config.ws_message_burst,
-            now,
-        ),
-        publishes: TokenBucket::new(
-            shared.config.ws_publishes_per_second,
-            shared.config.ws_publish_burst,
-            now,
-        ),
-        over_rate: 0,
-        refusals: TokenBucket::new(
-            shared.config.ws_messages_per_second,
-            shared.config.ws_message_burst,
-            now,
-        ),
-        refreshes: TokenBucket::new(REFRESHES_PER_SECOND, REFRESH_BURST, now),
+        rates: RequestRates::new(&shared.config, now),
         address: admitted.address,
         shared,
         session,
@@ -117,19 +98,8 @@ pub(crate) async fn handle(
 struct Connection {
     /// What the connection is: channels, presence, user commands, expiry, limits.
     session: Session,
-    /// Messages the client may send (pings included).
-    messages: TokenBucket,
-    /// Publishes the client may send.
-    publishes: TokenBucket,
-    /// Messages in a row refused for the rate (the first of a run is answered).
-    over_rate: u32,
-    /// Refusals the connection may still earn: as many a second as it may send messages,
-    /// and a burst. Past it, it closes: a flood that keeps just under a run of refusals is
-    /// still a flood (issue 25, L4).
-    refusals: TokenBucket,
-    /// Token refreshes the connection may ask for, each a signature check, bad ones
-    /// included (issue 25, item 12).
-    refreshes: TokenBucket,
+    /// The rates its client's messages, publishes and refreshes are held to.
+    rates: RequestRates,
     shared: Arc<Shared>,
     /// The client's address, for its share of the proxy's calls.
     address: std::net::IpAddr,
@@ -195,13 +165,24 @@ impl Connection {
             ending = match wake {
                 Wake::Message(message) => {
                     last_heard = Instant::now();
-                    if self.messages.take(std::time::Instant::now()) {
-                        self.over_rate = 0;
+                    // Ends of the connection are never rate limited.
+                    let ends = matches!(message, None | Some(Ok(Incoming::Close) | Err(_)));
+                    let now = std::time::Instant::now();
+                    match self.rates.message(&self.shared.config, now) {
                         // Boxed: the rarely taken, deep request path would otherwise size every
                         // idle connection's task for its largest state.
-                        Box::pin(self.on_message(message)).await.err()
-                    } else {
-                        Box::pin(self.over_message_rate(message)).await.err()
+                        MessageVerdict::Take => Box::pin(self.on_message(message)).await.err(),
+                        _ if ends => Box::pin(self.on_message(message)).await.err(),
+                        MessageVerdict::Drop(None) => None,
+                        MessageVerdict::Drop(Some(error)) => {
+                            let error = ServerFrame::Error {
+                                id: None,
+                                code: error.code,
+                                message: error.message,
+                            };
+                            self.send(error.encode()).await.err()
+                        }
+                        MessageVerdict::Close => Some(Ending::Close(CloseCode::TRY_AGAIN_LATER)),
                     }
                 }
                 Wake::Session(session::Wake::Item(Some((channel, Ok(item))))) => {
@@ -397,34 +378,6 @@ impl Connection {
         }
     }
 
-    /// A message past the connection's rate: dropped with a `rate_limited` error (the first
-    /// of a run), and the connection closed (4100, try again later) if the client keeps on.
-    async fn over_message_rate(
-        &mut self,
-        message: Option<Result<Incoming, InboxError>>,
-    ) -> Result<(), Ending> {
-        // Ends of the connection are never rate limited.
-        if matches!(message, None | Some(Ok(Incoming::Close) | Err(_))) {
-            return self.on_message(message).await;
-        }
-        self.over_rate += 1;
-        if !self.refusals.take(std::time::Instant::now()) {
-            return Err(Ending::Close(CloseCode::TRY_AGAIN_LATER));
-        }
-        if self.over_rate == 1 {
-            let error = ServerFrame::Error {
-                id: None,
-                code: ErrorCode::RateLimited,
-                message: format!(
-                    "more than {} messages a second; messages are dropped",
-                    self.shared.config.ws_messages_per_second
-                ),
-            };
-            self.send(error.encode()).await?;
-        }
-        Ok(())
-    }
-
     async fn bad_frame(
         &mut self,
         id: Option<RequestId>,
@@ -540,39 +493,32 @@ impl Connection {
                     self.reply_error(id, error).await
                 }
             }
-            ClientFrame::Publish { id, .. } if !self.publishes.take(std::time::Instant::now()) => {
-                let error = ApiError::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "more than {} publishes a second; not stored",
-                        self.shared.config.ws_publishes_per_second
-                    ),
-                );
-                self.reply_error(id, error).await
-            }
             ClientFrame::Publish {
                 id,
                 channel,
                 data,
                 idempotency_key,
-            } => match self
-                .session
-                .publish(channel.clone(), data, idempotency_key, self.address)
-                .await
-            {
-                Ok(position) => {
-                    self.send(
-                        ServerFrame::Published {
+            } => {
+                let now = std::time::Instant::now();
+                if let Err(error) = self.rates.publish(&self.shared.config, now) {
+                    return self.reply_error(id, error).await;
+                }
+                let published = self
+                    .session
+                    .publish(channel.clone(), data, idempotency_key, self.address)
+                    .await;
+                match published {
+                    Ok(position) => {
+                        let reply = ServerFrame::Published {
                             id,
                             channel,
                             position,
-                        }
-                        .encode(),
-                    )
-                    .await
+                        };
+                        self.send(reply.encode()).await
+                    }
+                    Err(error) => self.reply_error(id, error).await,
                 }
-                Err(error) => self.reply_error(id, error).await,
-            },
+            }
             ClientFrame::Pong => Ok(()),
         }
     }
@@ -581,11 +527,7 @@ impl Connection {
     /// address before it is checked, whatever it turns out to be: each is a signature check.
     async fn refresh(&mut self, id: RequestId, token: String) -> Result<(), Ending> {
         let now = std::time::Instant::now();
-        if !self.refreshes.take(now) || !self.shared.admission.take_refresh(self.address, now) {
-            let error = ApiError::new(
-                ErrorCode::RateLimited,
-                "token refreshes asked too often; the current token stays in force",
-            );
+        if let Err(error) = self.rates.refresh(&self.shared, self.address, now) {
             return self.reply_error(id, error).await;
         }
         let refreshed = match self.session.refresh(token, self.address).await {
