@@ -338,6 +338,19 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection opened on `transport` whose owner counts its end itself
+    /// ([`connection_closed`](Self::connection_closed)): a session, which has a `Drop` of its
+    /// own, and so needs no guard (and no second handle on the metrics) for it.
+    pub(crate) fn connection_opened(&self, transport: Transport) {
+        self.open.get(transport).inc();
+        self.opened.get(transport).inc();
+    }
+
+    /// Counts the end of a connection counted by [`connection_opened`](Self::connection_opened).
+    pub(crate) fn connection_closed(&self, transport: Transport) {
+        self.open.get(transport).dec();
+    }
+
     /// Connections open now on `transport`.
     pub fn open_connections(&self, transport: Transport) -> u64 {
         u64::try_from(self.open.get(transport).get()).unwrap_or(0)

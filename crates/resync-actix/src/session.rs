@@ -45,7 +45,7 @@ use crate::auth::Identity;
 use crate::channel_set::ChannelSet;
 use crate::error::ApiError;
 use crate::membership;
-use crate::metrics::{ConnectionGuard, Transport};
+use crate::metrics::Transport;
 use crate::permissions::{self, Action};
 use crate::probe::Departure;
 use crate::proxy::{Narrowing, ProxyRequest};
@@ -175,8 +175,9 @@ pub(crate) fn check_presence(
 /// One connection, whatever carries it.
 pub(crate) struct Session {
     shared: Arc<Shared>,
-    identity: Identity,
-    transport: Transport,
+    /// Who the session acts as: all of it on a WebSocket, only the subject on a stream or a
+    /// poll (see [`new`](Self::new)), nothing for an anonymous one of those.
+    who: Option<Box<Who>>,
     /// The connection's place under the limits, with the channels and presence it holds.
     admitted: AdmissionGuard,
     channels: ChannelSet,
@@ -185,24 +186,52 @@ pub(crate) struct Session {
     presence: Option<Box<SessionPresence>>,
     /// The user commands for this session's user; `None` when anonymous.
     user_commands: Option<Box<UserInbox>>,
-    /// Boxed, and only for tokens that expire: most sessions hold no timer at all.
-    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its token's expiry and the shutdown's moment; boxed, and only once one can happen:
+    /// most idle sessions hold none.
+    timers: Option<Box<Timers>>,
     /// Completes when the client goes away, for transports that cannot see it otherwise.
     departure: Option<Pin<Box<dyn Future<Output = ()>>>>,
     /// The transport's heartbeat clock, which the shutdown wakes too.
     clock: watch::Receiver<u64>,
+    client_id: ClientId,
+    /// What carries the session, for its counters (its end is counted in its `Drop`).
+    transport: Transport,
+}
+
+/// Who a session acts as, and (WebSocket) what a refresh in place must keep: the subject of
+/// the token it opened with, before the application mapped it, and what the application's
+/// proxy decided.
+struct Who {
+    identity: Identity,
+    kept: Option<(Option<String>, Narrowing)>,
+}
+
+/// The timers that end a session: its token's expiry and the shutdown's moment (see
+/// [`Session::timers`]).
+#[derive(Default)]
+struct Timers {
+    /// The token's expiry.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Once the server drains: this session's moment to end, within the shutdown spread.
     leaving: Option<Pin<Box<tokio::time::Sleep>>>,
-    client_id: String,
-    /// What a refresh in place must keep (WebSocket only): the subject of the token the
-    /// session opened with, before the application mapped it, and what the application's
-    /// proxy decided. Boxed: most sessions never refresh.
-    refresh: Option<Box<(Option<String>, Narrowing)>>,
-    #[allow(
-        dead_code,
-        reason = "held for its Drop, which counts the connection's end"
-    )]
-    counted: ConnectionGuard,
+}
+
+impl Timers {
+    /// Which timer fired, if one did.
+    fn poll(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Wake> {
+        use std::task::Poll;
+        if let Some(leaving) = self.leaving.as_mut()
+            && leaving.as_mut().poll(context).is_ready()
+        {
+            return Poll::Ready(Wake::Leave);
+        }
+        if let Some(expiry) = self.expiry.as_mut()
+            && expiry.as_mut().poll(context).is_ready()
+        {
+            return Poll::Ready(Wake::Expired);
+        }
+        Poll::Pending
+    }
 }
 
 /// A session's part in presence.
@@ -223,6 +252,17 @@ impl SessionPresence {
             .iter()
             .position(|(member_of, _)| member_of == channel)?;
         Some(self.memberships.swap_remove(index).1)
+    }
+}
+
+/// The id a session's connection goes by: in logs, as the presence connection, and as an
+/// anonymous member's id. A number until it is shown, so an idle session holds no string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClientId(u64);
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:016x}", self.0)
     }
 }
 
@@ -259,33 +299,67 @@ impl Session {
         } else {
             None
         };
-        let mut session = Self {
-            counted: shared.metrics.connection(transport),
-            expiry: None,
-            shared,
-            identity,
+
+        // The token's end is kept as a timer; a client that can ask for nothing more once
+        // it is open (a stream, a poll) keeps of its identity only what names it, its
+        // subject (for its presence), and an anonymous one nothing: an idle stream holds no
+        // copy of the rules.
+        let expiry: Option<Pin<Box<tokio::time::Sleep>>> = identity
+            .remaining()
+            .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
+        let timers = expiry.map(|expiry| {
+            Box::new(Timers {
+                expiry: Some(expiry),
+                leaving: None,
+            })
+        });
+        let who = match transport {
+            Transport::WebSocket => Some(Box::new(Who {
+                identity,
+                kept: None,
+            })),
+            Transport::Sse | Transport::Poll => identity.subject.map(|subject| {
+                Box::new(Who {
+                    identity: Identity {
+                        subject: Some(subject),
+                        ..Identity::default()
+                    },
+                    kept: None,
+                })
+            }),
+        };
+        shared.metrics.connection_opened(transport);
+        Self {
             transport,
+            timers,
+            departure,
+            shared,
+            who,
             admitted,
             channels,
             presence: None,
             user_commands,
-            departure,
             clock,
-            leaving: None,
-            client_id: format!("{:016x}", fastrand::u64(..)),
-            refresh: None,
-        };
-        session.follow_expiry();
-        session
+            client_id: ClientId(fastrand::u64(..)),
+        }
     }
 
     pub(crate) fn identity(&self) -> &Identity {
-        &self.identity
+        static ANONYMOUS: Identity = Identity {
+            subject: None,
+            expires_at: None,
+            subscribe: Vec::new(),
+            publish: Vec::new(),
+            presence: None,
+            appear: None,
+            info: None,
+        };
+        self.who.as_deref().map_or(&ANONYMOUS, |who| &who.identity)
     }
 
     /// The id this session's connection goes by (in logs, and as an anonymous member's id).
-    pub(crate) fn client_id(&self) -> &str {
-        &self.client_id
+    pub(crate) fn client_id(&self) -> ClientId {
+        self.client_id
     }
 
     pub(crate) fn channels(&self) -> &ChannelSet {
@@ -309,10 +383,11 @@ impl Session {
     }
 
     fn follow_expiry(&mut self) {
-        self.expiry = self
-            .identity
+        let expiry = self
+            .identity()
             .remaining()
             .map(|remaining| Box::pin(tokio::time::sleep(remaining)));
+        self.timers.get_or_insert_with(Box::default).expiry = expiry;
     }
 
     /// Waits for whatever happens next. Cancel-safe: every branch keeps its state in the
@@ -334,12 +409,11 @@ impl Session {
                 self.user_commands.as_mut()?.commands.recv().await
             }, if self.user_commands.is_some() => Wake::Command(command),
             _ = self.clock.changed() => Wake::Clock,
-            Some(()) = async { self.leaving.as_mut()?.await; Some(()) }, if self.leaving.is_some() => {
-                Wake::Leave
-            }
-            Some(()) = async { self.expiry.as_mut()?.await; Some(()) }, if self.expiry.is_some() => {
-                Wake::Expired
-            }
+            // The timers polled in place: an idle session's future holds no state for them.
+            wake = std::future::poll_fn(|context| match self.timers.as_mut() {
+                Some(timers) => timers.poll(context),
+                None => std::task::Poll::Pending,
+            }), if self.timers.is_some() => wake,
             Some(()) = async { self.departure.as_mut()?.await; Some(()) }, if self.departure.is_some() => {
                 Wake::Departed
             }
@@ -371,13 +445,19 @@ impl Session {
                 .unsubscribe(&channel)
                 .await
                 .then_some(SessionEvent::Unsubscribed(channel)),
-            Wake::Clock if *self.shared.shutdown.borrow() && self.leaving.is_none() => {
+            Wake::Clock
+                if *self.shared.shutdown.borrow()
+                    && self
+                        .timers
+                        .as_ref()
+                        .is_none_or(|timers| timers.leaving.is_none()) =>
+            {
                 // Each session ends at a moment of its own within the spread, so the clients'
                 // reconnects are spread too; events flow until then.
                 let spread = self.shared.config.shutdown_spread;
-                self.leaving = Some(Box::pin(tokio::time::sleep(
-                    spread.mul_f64(fastrand::f64()),
-                )));
+                self.timers.get_or_insert_with(Box::default).leaving = Some(Box::pin(
+                    tokio::time::sleep(spread.mul_f64(fastrand::f64())),
+                ));
                 None
             }
             Wake::Clock => Some(SessionEvent::Tick),
@@ -390,9 +470,16 @@ impl Session {
     /// The next thing to tell the client (for a transport that does not read its client).
     pub(crate) async fn next(&mut self) -> SessionEvent {
         loop {
-            let wake = self.wake().await;
-            if let Some(event) = self.understand(wake).await {
-                return event;
+            match self.wake().await {
+                // The hot path, without the rest's state: an idle stream's future is sized
+                // by what it waits in, not by the rarely taken paths (boxed).
+                Wake::Item(Some((channel, Ok(item)))) => return SessionEvent::Item(channel, item),
+                Wake::Clock if !self.is_draining() => return SessionEvent::Tick,
+                wake => {
+                    if let Some(event) = Box::pin(self.understand(wake)).await {
+                        return event;
+                    }
+                }
             }
         }
     }
@@ -410,6 +497,17 @@ impl Session {
                 SessionEnd::BrokerFailed
             }
         }
+    }
+
+    /// Whether the server is draining (each session then ends at its moment within the
+    /// spread).
+    pub(crate) fn is_draining(&self) -> bool {
+        *self.shared.shutdown.borrow()
+    }
+
+    /// What every connection shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The transports' settings.
@@ -455,10 +553,10 @@ impl Session {
             )
             .into());
         }
-        permissions::check(&self.shared, &self.identity, Action::Subscribe, channel)?;
+        permissions::check(&self.shared, self.identity(), Action::Subscribe, channel)?;
         membership::check(
             &self.shared,
-            &self.identity,
+            self.identity(),
             channel,
             presence.as_ref(),
             join_leave,
@@ -470,7 +568,7 @@ impl Session {
             .filter(|proxy| proxy.asks_for(channel))
         {
             let asked = crate::proxy::ProxyRequest::Subscribe {
-                user: self.identity.subject.clone(),
+                user: self.identity().subject.clone(),
                 channel: channel.clone(),
             };
             proxy.ask(&asked, address).await?;
@@ -518,7 +616,10 @@ impl Session {
         }
         let member = request.as_ref().map(|request| Member {
             id: self.member_id(),
-            info: request.info.clone().or_else(|| self.identity.info.clone()),
+            info: request
+                .info
+                .clone()
+                .or_else(|| self.identity().info.clone()),
         });
         let member_cost = member
             .as_ref()
@@ -538,7 +639,9 @@ impl Session {
                 None
             };
             if let Some(member) = &member {
-                presence.join(channel, member, &self.client_id).await?;
+                presence
+                    .join(channel, member, &self.client_id.to_string())
+                    .await?;
             }
             Ok::<_, ApiError>(watch)
         }
@@ -590,7 +693,7 @@ impl Session {
                 &self.shared.broker,
                 channel,
                 &self.member_id(),
-                &self.client_id,
+                self.client_id,
             )
             .await;
         }
@@ -598,12 +701,14 @@ impl Session {
 
     /// This session's member id: its token's subject, or its client id when anonymous.
     pub(crate) fn member_id(&self) -> String {
-        membership::member_id(&self.identity, &self.client_id)
+        membership::member_id(self.identity(), &self.client_id.to_string())
     }
 
     /// Keeps what a refresh in place must keep (see [`refresh`](Self::refresh)).
     pub(crate) fn keep_for_refresh(&mut self, token_subject: Option<String>, narrowing: Narrowing) {
-        self.refresh = Some(Box::new((token_subject, narrowing)));
+        if let Some(who) = self.who.as_mut() {
+            who.kept = Some((token_subject, narrowing));
+        }
     }
 
     /// Puts a new token in force: the same subject, what the application decided at the
@@ -616,9 +721,10 @@ impl Session {
         address: std::net::IpAddr,
     ) -> Result<Refreshed, ApiError> {
         use crate::auth::{Credentials, TokenSource};
-        let (token_subject, narrowing) = match self.refresh.as_deref() {
+        let kept = self.who.as_ref().and_then(|who| who.kept.as_ref());
+        let (token_subject, narrowing) = match kept {
             Some((subject, narrowing)) => (subject.clone(), narrowing.clone()),
-            None => (self.identity.subject.clone(), Narrowing::default()),
+            None => (self.identity().subject.clone(), Narrowing::default()),
         };
         let credentials = Credentials {
             token: Some((token, TokenSource::Refresh)),
@@ -656,13 +762,18 @@ impl Session {
                 narrowing.apply(&mut identity);
             }
         }
-        self.refresh = Some(Box::new((token_subject, narrowing)));
-        Ok(self.put_in_force(identity).await)
+        Ok(self
+            .put_in_force(identity, Some((token_subject, narrowing)))
+            .await)
     }
 
     /// Puts `identity` in force: a new end, and what it no longer allows ended.
-    async fn put_in_force(&mut self, identity: Identity) -> Refreshed {
-        self.identity = identity;
+    async fn put_in_force(
+        &mut self,
+        identity: Identity,
+        kept: Option<(Option<String>, Narrowing)>,
+    ) -> Refreshed {
+        self.who = Some(Box::new(Who { identity, kept }));
         self.follow_expiry();
         let shared = self.shared.clone();
         let allows = |identity: &Identity, action: Action, channel: &Channel| {
@@ -671,20 +782,21 @@ impl Session {
         let revoked: Vec<Channel> = self
             .channels
             .channels()
-            .filter(|channel| !allows(&self.identity, Action::Subscribe, channel))
+            .filter(|channel| !allows(self.identity(), Action::Subscribe, channel))
             .cloned()
             .collect();
         for channel in &revoked {
             self.unsubscribe(channel).await;
         }
         // Presence the new token no longer allows: no more join/leave events, no membership.
+        let unseen: Vec<Channel> = self
+            .presence
+            .iter()
+            .flat_map(|presence| presence.watches.keys())
+            .filter(|channel| !allows(self.identity(), Action::SeePresence, channel))
+            .cloned()
+            .collect();
         if let Some(presence) = self.presence.as_mut() {
-            let unseen: Vec<Channel> = presence
-                .watches
-                .keys()
-                .filter(|channel| !allows(&self.identity, Action::SeePresence, channel))
-                .cloned()
-                .collect();
             for channel in &unseen {
                 presence.watches.remove(channel);
                 self.admitted
@@ -696,7 +808,7 @@ impl Session {
             .iter()
             .flat_map(|presence| presence.memberships.iter())
             .map(|(channel, _)| channel)
-            .filter(|channel| !allows(&self.identity, Action::Appear, channel))
+            .filter(|channel| !allows(self.identity(), Action::Appear, channel))
             .cloned()
             .collect();
         for channel in &unseated {
@@ -710,20 +822,20 @@ impl Session {
                     &self.shared.broker,
                     channel,
                     &self.member_id(),
-                    &self.client_id,
+                    self.client_id,
                 )
                 .await;
             }
         }
         Refreshed {
-            expires_at: self.identity.expires_at,
+            expires_at: self.identity().expires_at,
             revoked,
         }
     }
 
     /// The broker's presence, if the session may see `channel`'s members.
     fn presence_of(&self, channel: &Channel) -> Result<&dyn Presence, ApiError> {
-        permissions::check(&self.shared, &self.identity, Action::SeePresence, channel)?;
+        permissions::check(&self.shared, self.identity(), Action::SeePresence, channel)?;
         self.shared
             .broker
             .presence()
@@ -750,7 +862,7 @@ impl Session {
         idempotency_key: Option<IdempotencyKey>,
         address: std::net::IpAddr,
     ) -> Result<Position, ApiError> {
-        permissions::check(&self.shared, &self.identity, Action::Publish, &channel)?;
+        permissions::check(&self.shared, self.identity(), Action::Publish, &channel)?;
         let mut data = data;
         if let Some(proxy) = self
             .shared
@@ -759,7 +871,7 @@ impl Session {
             .filter(|proxy| proxy.asks_for(&channel))
         {
             let asked = ProxyRequest::Publish {
-                user: self.identity.subject.clone(),
+                user: self.identity().subject.clone(),
                 channel: channel.clone(),
                 data: data.clone(),
             };
@@ -775,7 +887,7 @@ impl Session {
         // A publish that makes a channel makes lasting state: an address (and a user) may
         // make only so many. The position is asked first only once its budget is spent.
         let admission = &self.shared.admission;
-        let user = self.identity.subject.as_deref();
+        let user = self.identity().subject.as_deref();
         let now = std::time::Instant::now();
         if !admission.may_make_channel(address, user, now)
             && self.shared.broker.position(&channel).await?.seq.get() == 0
@@ -809,7 +921,7 @@ impl Session {
         };
         let member_id = self.member_id();
         for (channel, _) in &presence.memberships {
-            leave(&self.shared.broker, channel, &member_id, &self.client_id).await;
+            leave(&self.shared.broker, channel, &member_id, self.client_id).await;
         }
     }
 }
@@ -818,6 +930,7 @@ impl Drop for Session {
     /// A session dropped without [`finish`](Session::finish) (an SSE body, a long poll whose
     /// client left) leaves its channels on a task of its own, since a drop cannot wait.
     fn drop(&mut self) {
+        self.shared.metrics.connection_closed(self.transport);
         let Some(mut presence) = self.presence.take() else {
             return;
         };
@@ -832,21 +945,22 @@ impl Drop for Session {
         };
         let broker = self.shared.broker.clone();
         let member_id = self.member_id();
-        let client_id = std::mem::take(&mut self.client_id);
+        let client_id = self.client_id;
         runtime.spawn(async move {
             for (channel, _) in &memberships {
-                leave(&broker, channel, &member_id, &client_id).await;
+                leave(&broker, channel, &member_id, client_id).await;
             }
         });
     }
 }
 
 /// Removes the connection `client_id` of `member_id` from `channel`'s members.
-async fn leave(broker: &Arc<dyn Broker>, channel: &Channel, member_id: &str, client_id: &str) {
+async fn leave(broker: &Arc<dyn Broker>, channel: &Channel, member_id: &str, client_id: ClientId) {
     let Some(presence) = broker.presence() else {
         return;
     };
-    if let Err(error) = presence.leave(channel, member_id, client_id).await {
+    let connection = client_id.to_string();
+    if let Err(error) = presence.leave(channel, member_id, &connection).await {
         tracing::warn!(target: "resync::presence", %client_id, %channel, %error, "presence leave failed");
     }
 }
@@ -973,5 +1087,17 @@ impl RequestRates {
             resync_protocol::ErrorCode::RateLimited,
             "token refreshes asked too often; the current token stays in force",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection holds a session: what it adds stays small (issue 29's floor:
+    /// idle bytes per connection no higher than before the session; `cargo xtask bench`
+    /// measures them from outside).
+    #[test]
+    fn an_idle_session_stays_small() {
+        let size = std::mem::size_of::<super::Session>();
+        assert!(size <= 176, "a session is {size} bytes");
     }
 }

@@ -89,7 +89,7 @@ impl UserConnections {
     /// worker that serves the first caller).
     pub(crate) fn start(self: &Arc<Self>, broker: &Arc<dyn Broker>) {
         self.started.call_once(|| {
-            if let Some(commands) = broker.user_commands() {
+            if let Some(commands) = broker.user_commands().map(|bus| bus.receive()) {
                 actix_web::rt::spawn(dispatch(Arc::downgrade(self), commands));
             }
         });

@@ -458,6 +458,24 @@ fn event_from_entry(
     }))
 }
 
+/// User commands travel on one Pub/Sub channel per key prefix; each instance's Pub/Sub
+/// connection hands them to its own receivers.
+#[async_trait]
+impl resync_broker::UserCommandBus for Inner {
+    async fn send(&self, command: &resync_protocol::bodies::UserCommand) -> Result<()> {
+        // A plain enum of strings: serializing cannot fail.
+        let message = serde_json::to_string(command).unwrap_or_default();
+        let name = pubsub::user_commands_name(&self.settings.key_prefix);
+        self.command::<u64>(redis::cmd("PUBLISH").arg(name).arg(message))
+            .await
+            .map(|_| ())
+    }
+
+    fn receive(&self) -> resync_broker::UserCommands {
+        self.user_commands.receiver()
+    }
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     fn durable(&self) -> bool {
@@ -589,21 +607,8 @@ impl Broker for RedisBroker {
         Some(&*self.inner)
     }
 
-    async fn send_user_command(
-        &self,
-        command: &resync_protocol::bodies::UserCommand,
-    ) -> Result<()> {
-        // A plain enum of strings: serializing cannot fail.
-        let message = serde_json::to_string(command).unwrap_or_default();
-        let name = pubsub::user_commands_name(&self.inner.settings.key_prefix);
-        self.inner
-            .command::<u64>(redis::cmd("PUBLISH").arg(name).arg(message))
-            .await
-            .map(|_| ())
-    }
-
-    fn user_commands(&self) -> Option<resync_broker::UserCommands> {
-        Some(self.inner.user_commands.receiver())
+    fn user_commands(&self) -> Option<&dyn resync_broker::UserCommandBus> {
+        Some(&*self.inner)
     }
 
     async fn close(&self) {

@@ -19,7 +19,7 @@ pub(crate) enum Command {
     Close,
 }
 
-/// The Pub/Sub channel of user commands (`Broker::send_user_command`), one per key prefix.
+/// The Pub/Sub channel of user commands (`UserCommandBus::send`), one per key prefix.
 pub(crate) fn user_commands_name(prefix: &str) -> String {
     format!("{prefix}user-commands")
 }

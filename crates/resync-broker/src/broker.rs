@@ -1,7 +1,6 @@
 //! The `Broker` trait: what a backend must do to carry resync's channels.
 
 use async_trait::async_trait;
-use resync_protocol::bodies::UserCommand;
 use resync_protocol::{Channel, IdempotencyKey, Payload, Position};
 
 use crate::error::Result;
@@ -150,21 +149,10 @@ pub trait Broker: Send + Sync + 'static {
         None
     }
 
-    /// Carries `command` to every server instance of this broker (this one included), each
-    /// of which applies it to its own connections of the user ([`Broker::user_commands`]).
-    /// The default refuses: a broker without it cannot disconnect users across instances.
-    async fn send_user_command(&self, command: &UserCommand) -> Result<()> {
-        let _ = command;
-        Err(crate::Error::Unavailable(
-            "this broker carries no user commands".to_owned(),
-        ))
-    }
-
-    /// The user commands sent through this broker from any instance, as they arrive; `None`
-    /// when it carries none. Each call is a receiver of its own,
-    /// [`USER_COMMAND_QUEUE`](crate::USER_COMMAND_QUEUE) deep (a broker keeps a
-    /// [`UserCommandFanout`](crate::UserCommandFanout) to hand them out).
-    fn user_commands(&self) -> Option<crate::UserCommands> {
+    /// How user commands (disconnect a user, end one of their subscriptions) reach every
+    /// server instance of this broker ([`UserCommandBus`](crate::UserCommandBus)); `None`
+    /// (the default) makes the HTTP API's user commands fail with a clear error.
+    fn user_commands(&self) -> Option<&dyn crate::UserCommandBus> {
         None
     }
 }

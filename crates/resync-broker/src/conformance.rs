@@ -750,10 +750,10 @@ pub async fn user_commands_reach_every_receiver(
     use resync_protocol::bodies::UserCommand;
 
     let name = "user_commands_reach_every_receiver";
-    let (Some(mut first), Some(mut second)) = (broker.user_commands(), broker.user_commands())
-    else {
+    let Some(bus) = broker.user_commands() else {
         return;
     };
+    let (mut first, mut second) = (bus.receive(), bus.receive());
     let commands = [
         UserCommand::Unsubscribe {
             user: "ann".to_owned(),
@@ -766,8 +766,7 @@ pub async fn user_commands_reach_every_receiver(
         },
     ];
     for command in &commands {
-        broker
-            .send_user_command(command)
+        bus.send(command)
             .await
             .unwrap_or_else(|error| panic!("{name}: send failed: {error}"));
     }

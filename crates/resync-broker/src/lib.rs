@@ -111,4 +111,6 @@ pub use resume::{
     REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
 };
 pub use resync_log::{ReadDecision, ReadOutcome, Retention, decide_read};
-pub use user_commands::{USER_COMMAND_QUEUE, UserCommandFanout, UserCommands, UserCommandsLagged};
+pub use user_commands::{
+    USER_COMMAND_QUEUE, UserCommandBus, UserCommandFanout, UserCommands, UserCommandsLagged,
+};

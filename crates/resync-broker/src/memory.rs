@@ -466,17 +466,8 @@ impl Broker for MemoryBroker {
         Some(&self.inner.presence)
     }
 
-    async fn send_user_command(
-        &self,
-        command: &resync_protocol::bodies::UserCommand,
-    ) -> Result<()> {
-        // No receiver (no connection has asked yet) is not an error: nobody to tell.
-        let _ = self.inner.user_commands.send(command.clone());
-        Ok(())
-    }
-
-    fn user_commands(&self) -> Option<crate::UserCommands> {
-        Some(self.inner.user_commands.receiver())
+    fn user_commands(&self) -> Option<&dyn crate::UserCommandBus> {
+        Some(&self.inner.user_commands)
     }
 
     async fn health(&self) -> Result<()> {

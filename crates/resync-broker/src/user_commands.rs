@@ -1,9 +1,11 @@
 //! User commands (disconnect a user, end one of their subscriptions) carried between server
 //! instances, in types this crate owns.
 //!
-//! A broker that carries user commands (`Broker::send_user_command`) hands each instance a
-//! [`UserCommands`] receiver from [`Broker::user_commands`](crate::Broker::user_commands),
-//! fed by a [`UserCommandFanout`] it keeps. A third party implementing the trait needs no
+//! A broker that carries user commands hands out a [`UserCommandBus`] from
+//! [`Broker::user_commands`](crate::Broker::user_commands), a companion trait as
+//! [`Presence`](crate::Presence) is: it sends a command to every instance, and gives each a
+//! [`UserCommands`] receiver, fed by a [`UserCommandFanout`] the broker keeps (which is the
+//! whole bus of a broker with one instance). A third party implementing the trait needs no
 //! tokio channel type in its signature: what it returns is ours, and its inside may change.
 
 use std::pin::Pin;
@@ -14,6 +16,34 @@ use resync_protocol::bodies::UserCommand;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+/// Carries user commands between a broker's server instances: the companion of
+/// [`Broker`](crate::Broker) that [`Broker::user_commands`](crate::Broker::user_commands)
+/// hands out when the broker carries them.
+#[async_trait::async_trait]
+pub trait UserCommandBus: Send + Sync + 'static {
+    /// Carries `command` to every server instance of the broker (this one included), each of
+    /// which applies it to its own connections of the user.
+    async fn send(&self, command: &UserCommand) -> crate::Result<()>;
+
+    /// The commands sent from any instance, as they arrive: a receiver of its own,
+    /// [`USER_COMMAND_QUEUE`] deep.
+    fn receive(&self) -> UserCommands;
+}
+
+/// The bus of a broker whose instance is the only one: what is sent is handed out here.
+#[async_trait::async_trait]
+impl UserCommandBus for UserCommandFanout {
+    async fn send(&self, command: &UserCommand) -> crate::Result<()> {
+        // No receiver (no connection has asked yet) is not an error: nobody to tell.
+        let _ = UserCommandFanout::send(self, command.clone());
+        Ok(())
+    }
+
+    fn receive(&self) -> UserCommands {
+        self.receiver()
+    }
+}
 
 /// User commands a receiver may fall behind by before it misses some.
 pub const USER_COMMAND_QUEUE: usize = 256;

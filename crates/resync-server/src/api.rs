@@ -93,7 +93,7 @@ async fn disconnect_user(
             .unwrap_or_else(|| "disconnected by the application".to_owned()),
         reconnect: body.reconnect,
     };
-    state.broker.send_user_command(&command).await?;
+    send_user_command(&state, &command).await?;
     Ok(HttpResponse::Ok().json(command))
 }
 
@@ -118,8 +118,19 @@ async fn unsubscribe_user(
         user,
         channel: body.channel,
     };
-    state.broker.send_user_command(&command).await?;
+    send_user_command(&state, &command).await?;
     Ok(HttpResponse::Ok().json(command))
+}
+
+/// Hands `command` to every instance, through the broker's user-command bus.
+async fn send_user_command(state: &ApiState, command: &UserCommand) -> Result<(), ApiError> {
+    let bus = state.broker.user_commands().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "this broker carries no user commands",
+        )
+    })?;
+    Ok(bus.send(command).await?)
 }
 
 /// Compares without an early exit, so response timing does not reveal how much matched.

@@ -68,14 +68,17 @@ async fn open_stream(
 ) -> Result<HttpResponse, ApiError> {
     let shared = shared.clone();
     let mut admitted = admit_follower(&shared, request).await?;
-    let remembered = session::apply_remembered(&shared, &mut admitted);
+    let session::Remembered {
+        stay_away,
+        unsubscribed,
+    } = session::apply_remembered(&shared, &mut admitted);
     let Admitted {
         query,
         identity,
         guard: admitted,
         ..
     } = admitted;
-    if let Some(reason) = remembered.stay_away {
+    if let Some(reason) = stay_away {
         // The user was told not to come back (a bare `EventSource` comes back whatever it
         // is told): told again, with the hour-long `retry:`.
         let mut body = Vec::new();
@@ -99,6 +102,13 @@ async fn open_stream(
         query.join_leave,
     )?;
     let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    // The member's info: the request's, or its token's (which the session does not keep).
+    let member = query.presence.clone().map(|mut request| {
+        if request.info.is_none() {
+            request.info = identity.info.clone();
+        }
+        request
+    });
     let mut session = Session::new(
         shared.clone(),
         identity,
@@ -108,7 +118,7 @@ async fn open_stream(
         Departure::of(request),
     );
     session
-        .start_presence_of_all(&query.channels, query.presence.as_ref(), query.join_leave)
+        .start_presence_of_all(&query.channels, member.as_ref(), query.join_leave)
         .await?;
     tracing::debug!(target: "resync::sse", request = %loggable_target(request), channels = outcomes.len(), "stream opened");
 
@@ -156,7 +166,7 @@ async fn open_stream(
         .encode_into(&mut first_chunk);
     }
     // Channels the user was unsubscribed from a moment ago are not followed: said at once.
-    for channel in remembered.unsubscribed {
+    for channel in unsubscribed {
         encode_unsubscribed(channel, &mut first_chunk);
     }
     let ended = session.channels().is_empty();
@@ -219,8 +229,9 @@ impl StreamState {
         if std::mem::take(&mut self.full) {
             tokio::task::yield_now().await;
         }
+        let event = self.session.next().await;
         let mut chunk = Vec::new();
-        match self.session.next().await {
+        match event {
             SessionEvent::Item(channel, item) => {
                 // 1 KiB: a few events, and small enough for the allocator's per-thread cache,
                 // so the common one-event chunk reuses memory just freed instead of taking a

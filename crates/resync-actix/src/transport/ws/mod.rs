@@ -80,10 +80,8 @@ pub(crate) async fn handle(
     tracing::debug!(target: "resync::ws", client_id = %session.client_id(), request = %loggable_target(&request), subject = ?session.identity().subject, "connected");
     let connection = Connection {
         close_reason: None,
-        stay_away: remembered.stay_away,
         rates: RequestRates::new(&shared.config, now),
         address: admitted.address,
-        shared,
         session,
         outbox,
         bad_frames: 0,
@@ -91,7 +89,11 @@ pub(crate) async fn handle(
     // Everything the connection logs carries its client id (a debug span: free when debug
     // logging is off, so an idle connection holds nothing for it).
     let span = tracing::debug_span!(target: "resync::ws", "websocket", client_id = %connection.session.client_id());
-    actix_web::rt::spawn(connection.run(messages).instrument(span));
+    actix_web::rt::spawn(
+        connection
+            .run(messages, remembered.stay_away)
+            .instrument(span),
+    );
     Ok(response)
 }
 
@@ -100,16 +102,12 @@ struct Connection {
     session: Session,
     /// The rates its client's messages, publishes and refreshes are held to.
     rates: RequestRates,
-    shared: Arc<Shared>,
     /// The client's address, for its share of the proxy's calls.
     address: std::net::IpAddr,
     outbox: Outbox,
     bad_frames: u32,
     /// The close reason an application gave (a user command), instead of the code's own.
     close_reason: Option<String>,
-    /// Set when the user was told not to come back a moment ago: the connection is told
-    /// again and closed as soon as it is open.
-    stay_away: Option<String>,
 }
 
 /// What woke the connection loop.
@@ -128,8 +126,10 @@ enum Ending {
 }
 
 impl Connection {
-    async fn run(mut self, mut messages: Inbox) {
-        let ping_interval = self.shared.config.ping_interval;
+    /// Serves the connection until it ends; `stay_away` when its user was told not to come
+    /// back a moment ago: told again, and closed, as soon as it is open.
+    async fn run(mut self, mut messages: Inbox, stay_away: Option<String>) {
+        let ping_interval = self.session.config().ping_interval;
         let mut last_heard = Instant::now();
         // Its own deadline, two intervals after the last frame heard: a client that went
         // silent leaves (and leaves its channels' members) then, not at the first ping tick
@@ -139,13 +139,13 @@ impl Connection {
         let mut silence = Box::pin(tokio::time::sleep_until(last_heard + silence_limit));
 
         let connected = ServerFrame::Connected {
-            client_id: self.session.client_id().to_owned(),
+            client_id: self.session.client_id().to_string(),
             ping_interval_ms: ping_interval.as_millis() as u64,
             protocol: PROTOCOL_VERSION,
             expires_at: unix_seconds(self.session.identity().expires_at),
         };
         let mut ending = self.send(connected.encode()).await.err();
-        if let Some(reason) = self.stay_away.take()
+        if let Some(reason) = stay_away
             && ending.is_none()
         {
             ending = Some(self.end(SessionEnd::Disconnected {
@@ -168,7 +168,7 @@ impl Connection {
                     // Ends of the connection are never rate limited.
                     let ends = matches!(message, None | Some(Ok(Incoming::Close) | Err(_)));
                     let now = std::time::Instant::now();
-                    match self.rates.message(&self.shared.config, now) {
+                    match self.rates.message(self.session.config(), now) {
                         // Boxed: the rarely taken, deep request path would otherwise size every
                         // idle connection's task for its largest state.
                         MessageVerdict::Take => Box::pin(self.on_message(message)).await.err(),
@@ -187,6 +187,10 @@ impl Connection {
                 }
                 Wake::Session(session::Wake::Item(Some((channel, Ok(item))))) => {
                     self.on_items(channel, item).await.err()
+                }
+                // Heartbeats inline too: the boxed path is for what is rare.
+                Wake::Session(session::Wake::Clock) if !self.session.is_draining() => {
+                    self.send(ServerFrame::Ping.encode()).await.err()
                 }
                 Wake::Session(wake) => Box::pin(self.on_session(wake)).await.err(),
                 Wake::Silence => {
@@ -210,7 +214,7 @@ impl Connection {
                 .outbox
                 .close(code.0, reason.as_deref().unwrap_or(code.reason()));
             let _ = Box::pin(tokio::time::timeout(
-                self.shared.config.write_timeout,
+                self.session.config().write_timeout,
                 close,
             ))
             .await;
@@ -292,12 +296,13 @@ impl Connection {
             Ok(false) => {}
             Err(Gone) => return Err(Ending::Gone),
         }
-        let write_timeout = self.shared.config.write_timeout;
+        let write_timeout = self.session.config().write_timeout;
         match Box::pin(tokio::time::timeout(write_timeout, self.outbox.send(frame))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Gone)) => Err(Ending::Gone),
             Err(_elapsed) => {
-                self.shared
+                self.session
+                    .shared()
                     .metrics
                     .slow_consumer_closed(Transport::WebSocket);
                 self.outbox.abort();
@@ -500,7 +505,7 @@ impl Connection {
                 idempotency_key,
             } => {
                 let now = std::time::Instant::now();
-                if let Err(error) = self.rates.publish(&self.shared.config, now) {
+                if let Err(error) = self.rates.publish(self.session.config(), now) {
                     return self.reply_error(id, error).await;
                 }
                 let published = self
@@ -527,7 +532,7 @@ impl Connection {
     /// address before it is checked, whatever it turns out to be: each is a signature check.
     async fn refresh(&mut self, id: RequestId, token: String) -> Result<(), Ending> {
         let now = std::time::Instant::now();
-        if let Err(error) = self.rates.refresh(&self.shared, self.address, now) {
+        if let Err(error) = self.rates.refresh(self.session.shared(), self.address, now) {
             return self.reply_error(id, error).await;
         }
         let refreshed = match self.session.refresh(token, self.address).await {
