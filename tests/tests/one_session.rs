@@ -7,7 +7,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use resync_protocol::sse::SseParser;
-use resync_protocol::{ClientFrame, CloseCode, PresenceRequest, ServerFrame};
+use resync_protocol::{ClientFrame, CloseCode, Cursor, PresenceRequest, ServerFrame};
 use resync_tests::{JWT_SECRET, TestServer, WAIT};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -62,6 +62,9 @@ struct Open {
     member: bool,
     /// Whether it watches joins and leaves.
     join_leave: bool,
+    /// Where it comes back from: a cursor (`Last-Event-ID` on SSE, `cursor=` on long
+    /// polling, each channel's `since` on WebSocket).
+    resume: Option<String>,
 }
 
 impl Open {
@@ -74,6 +77,7 @@ impl Open {
             token: resync_tests::user_token(user, &["*"]),
             member: false,
             join_leave: false,
+            resume: None,
         }
     }
 }
@@ -83,7 +87,12 @@ struct Follower {
     wire: Wire,
     seen: mpsc::Receiver<Seen>,
     task: tokio::task::JoinHandle<()>,
+    /// Where the client stands, as a cursor, after what it has been told.
+    position: Position,
 }
+
+/// A client's place, kept by its task as it learns.
+type Position = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl Drop for Follower {
     fn drop(&mut self) {
@@ -96,21 +105,39 @@ impl Follower {
     async fn open(server: &TestServer, wire: Wire, open: &Open) -> Self {
         let (sender, seen) = mpsc::channel(1024);
         let (ready, is_ready) = tokio::sync::oneshot::channel();
+        let position = Position::default();
+        let told = Told {
+            seen: sender,
+            position: position.clone(),
+        };
         let task = match wire {
-            Wire::Sse => tokio::spawn(sse(server.url(""), open.clone(), sender, ready)),
+            Wire::Sse => tokio::spawn(sse(server.url(""), open.clone(), told, ready)),
             Wire::WebSocket => tokio::spawn(websocket(
                 server.ws_url(&format!("?token={}", open.token)),
                 open.clone(),
-                sender,
+                told,
                 ready,
             )),
-            Wire::LongPoll => tokio::spawn(long_poll(server.url(""), open.clone(), sender, ready)),
+            Wire::LongPoll => tokio::spawn(long_poll(server.url(""), open.clone(), told, ready)),
         };
         tokio::time::timeout(WAIT, is_ready)
             .await
             .unwrap_or_else(|_| panic!("{wire:?}: opened in time"))
             .ok();
-        Self { wire, seen, task }
+        Self {
+            wire,
+            seen,
+            task,
+            position,
+        }
+    }
+
+    /// Where the client stands now, as a cursor.
+    fn position(&self) -> Option<String> {
+        self.position
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The next thing learnt (heartbeats, openings and lists are not told).
@@ -132,12 +159,26 @@ impl Follower {
     }
 }
 
-async fn sse(
-    base: String,
-    open: Open,
+/// Where a wire's task tells what it learns.
+struct Told {
     seen: mpsc::Sender<Seen>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
+    position: Position,
+}
+
+impl Told {
+    async fn send(&self, seen: Seen) {
+        let _ = self.seen.send(seen).await;
+    }
+
+    fn stand_at(&self, cursor: String) {
+        *self
+            .position
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cursor);
+    }
+}
+
+async fn sse(base: String, open: Open, seen: Told, ready: tokio::sync::oneshot::Sender<()>) {
     let mut query = format!(
         "/sse?channels={}&token={}",
         open.channels.join(","),
@@ -149,7 +190,11 @@ async fn sse(
     if open.join_leave {
         query.push_str("&join_leave=1");
     }
-    let response = reqwest::get(format!("{base}{query}")).await.unwrap();
+    let mut request = reqwest::Client::new().get(format!("{base}{query}"));
+    if let Some(cursor) = &open.resume {
+        request = request.header("Last-Event-ID", cursor);
+    }
+    let response = request.send().await.unwrap();
     if response.status() != 200 {
         let code = error_code(response).await;
         let _ = seen.send(Seen::Refused(code)).await;
@@ -161,7 +206,9 @@ async fn sse(
     let mut ready = Some(ready);
     let mut retry_ms = None;
     while let Some(Ok(chunk)) = body.next().await {
-        for message in parser.feed(&chunk).unwrap() {
+        let messages = parser.feed(&chunk).unwrap();
+        seen.stand_at(parser.last_event_id().to_owned());
+        for message in messages {
             retry_ms = message.retry_ms.or(retry_ms);
             let data: serde_json::Value =
                 serde_json::from_str(&message.data).unwrap_or(serde_json::Value::Null);
@@ -196,12 +243,7 @@ async fn sse(
     let _ = seen.send(Seen::Ended { come_back }).await;
 }
 
-async fn websocket(
-    url: String,
-    open: Open,
-    seen: mpsc::Sender<Seen>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
+async fn websocket(url: String, open: Open, seen: Told, ready: tokio::sync::oneshot::Sender<()>) {
     let (mut socket, _) = match tokio_tungstenite::connect_async(&url).await {
         Ok(connected) => connected,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -222,11 +264,16 @@ async fn websocket(
         }
         Err(error) => panic!("websocket connect failed: {error}"),
     };
+    let mut cursor = open
+        .resume
+        .as_deref()
+        .map_or_else(Cursor::new, |cursor| Cursor::parse(cursor).unwrap());
     for (index, channel) in open.channels.iter().enumerate() {
+        let channel: resync_protocol::Channel = channel.parse().unwrap();
         let frame = ClientFrame::Subscribe {
             id: index as u64 + 1,
-            channel: channel.parse().unwrap(),
-            since: None,
+            since: cursor.get(&channel).cloned(),
+            channel,
             presence: open.member.then_some(PresenceRequest { info: None }),
             join_leave: open.join_leave,
         };
@@ -267,10 +314,14 @@ async fn websocket(
                 }
                 None
             }
-            ServerFrame::Event(event) => Some(Seen::Event {
-                channel: event.channel.to_string(),
-                seq: event.position.seq.get(),
-            }),
+            ServerFrame::Event(event) => {
+                cursor.set(event.channel.clone(), event.position.clone());
+                seen.stand_at(cursor.to_string());
+                Some(Seen::Event {
+                    channel: event.channel.to_string(),
+                    seq: event.position.seq.get(),
+                })
+            }
             ServerFrame::Reset { channel, .. } => Some(Seen::Reset {
                 channel: channel.to_string(),
             }),
@@ -305,11 +356,11 @@ async fn websocket(
 async fn long_poll(
     base: String,
     mut open: Open,
-    seen: mpsc::Sender<Seen>,
+    seen: Told,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let http = reqwest::Client::new();
-    let mut cursor: Option<String> = None;
+    let mut cursor: Option<String> = open.resume.clone();
     let mut presence_session: Option<String> = None;
     let mut ready = Some(ready);
     loop {
@@ -350,6 +401,11 @@ async fn long_poll(
             return;
         }
         let reply: serde_json::Value = response.json().await.unwrap();
+        // Where the client stands once it has this reply, known before it is told of it.
+        cursor = reply["cursor"].as_str().map(str::to_owned);
+        if let Some(cursor) = &cursor {
+            seen.stand_at(cursor.clone());
+        }
         if let Some(ready) = ready.take() {
             let _ = ready.send(());
         }
@@ -383,7 +439,7 @@ async fn long_poll(
                 .await;
             return;
         }
-        cursor = reply["cursor"].as_str().map(str::to_owned);
+
         presence_session = reply["presence_session"].as_str().map(str::to_owned);
     }
 }
@@ -653,5 +709,67 @@ async fn a_shutdown_tells_every_client_to_come_back() {
             Seen::Ended { come_back: true },
             "{wire:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_connection_past_its_channel_limit_is_refused_with_the_same_code() {
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.max_channels_per_connection = 2;
+    });
+    for wire in WIRES {
+        let open = Open::new(&user("limit", wire), &["one", "two", "three"]);
+        let mut client = Follower::open(&server, wire, &open).await;
+        assert_eq!(
+            client.next_notice().await,
+            Seen::Refused("too_many_channels".to_owned()),
+            "{wire:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_comes_back_with_a_new_token_keeps_its_place() {
+    let server = server();
+    for wire in WIRES {
+        let user = user("renewed", wire);
+        let channel = format!("renewed-{wire:?}");
+        let mut client = Follower::open(&server, wire, &Open::new(&user, &[&channel])).await;
+        server.wait_for_subscribers(&channel, 1).await;
+        server.publish(&channel, serde_json::json!(1)).await;
+        assert_eq!(
+            client.next().await,
+            Seen::Event {
+                channel: channel.clone(),
+                seq: 1
+            },
+            "{wire:?}"
+        );
+        let position = client.position();
+        assert!(
+            position.is_some(),
+            "{wire:?}: the client knows where it stands"
+        );
+        drop(client);
+        server.wait_for_subscribers(&channel, 0).await;
+        // Missed while away, then live: each once, in order, under the new token.
+        server.publish(&channel, serde_json::json!(2)).await;
+        let mut renewed = Open::new(&user, &[&channel]);
+        renewed.token = resync_tests::user_token(&user, &["renewed-*"]);
+        renewed.resume = position;
+        let mut client = Follower::open(&server, wire, &renewed).await;
+        server.wait_for_subscribers(&channel, 1).await;
+        server.publish(&channel, serde_json::json!(3)).await;
+        for seq in [2, 3] {
+            assert_eq!(
+                client.next().await,
+                Seen::Event {
+                    channel: channel.clone(),
+                    seq
+                },
+                "{wire:?}"
+            );
+        }
     }
 }

@@ -115,6 +115,16 @@ pub(crate) async fn watcher_frames(
     }
 }
 
+/// The frame that tells a watcher on a frame-based wire (WebSocket, long polling) that it
+/// missed joins and leaves and the list could not be read either: fetch it again.
+pub(crate) fn lagged_frame(channel: &Channel, why: &str) -> ServerFrame {
+    ServerFrame::Error {
+        id: None,
+        code: ErrorCode::Unavailable,
+        message: format!("{channel}: {why}"),
+    }
+}
+
 /// Bytes a membership costs the presence budgets (`docs/security.md`): its info, member id and
 /// channel as the broker keeps them, and the entry around them.
 pub(crate) fn membership_cost(channel: &Channel, member: &resync_protocol::Member) -> usize {

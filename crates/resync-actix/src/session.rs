@@ -680,23 +680,32 @@ impl Session {
 
     /// Leaves `channel`'s members (if the session is one) and stops its join/leave events.
     async fn stop_presence(&mut self, channel: &Channel) {
-        let Some(presence) = self.presence.as_mut() else {
-            return;
-        };
-        if presence.watches.remove(channel).is_some() {
+        if let Some(presence) = self.presence.as_mut()
+            && presence.watches.remove(channel).is_some()
+        {
             self.admitted
                 .release_presence(membership::watch_cost(channel));
         }
-        if let Some(held) = presence.forget_membership(channel) {
-            self.admitted.release_presence(held);
-            leave(
-                &self.shared.broker,
-                channel,
-                &self.member_id(),
-                self.client_id,
-            )
-            .await;
-        }
+        self.stop_membership(channel).await;
+    }
+
+    /// Leaves `channel`'s members, if the session is one, and gives back what it held.
+    async fn stop_membership(&mut self, channel: &Channel) {
+        let Some(held) = self
+            .presence
+            .as_mut()
+            .and_then(|presence| presence.forget_membership(channel))
+        else {
+            return;
+        };
+        self.admitted.release_presence(held);
+        leave(
+            &self.shared.broker,
+            channel,
+            &self.member_id(),
+            self.client_id,
+        )
+        .await;
     }
 
     /// This session's member id: its token's subject, or its client id when anonymous.
@@ -812,20 +821,7 @@ impl Session {
             .cloned()
             .collect();
         for channel in &unseated {
-            if let Some(held) = self
-                .presence
-                .as_mut()
-                .and_then(|presence| presence.forget_membership(channel))
-            {
-                self.admitted.release_presence(held);
-                leave(
-                    &self.shared.broker,
-                    channel,
-                    &self.member_id(),
-                    self.client_id,
-                )
-                .await;
-            }
+            self.stop_membership(channel).await;
         }
         Refreshed {
             expires_at: self.identity().expires_at,

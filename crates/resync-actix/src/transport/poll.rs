@@ -11,7 +11,7 @@ use resync_broker::{PresenceEvent, PresenceLagged};
 use resync_protocol::bodies::{
     DisconnectNotice, PollNotices, PollPresence, PollReply, ResetNotice, UnsubscribedNotice,
 };
-use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome, ServerFrame};
+use resync_protocol::{Channel, Cursor, ErrorCode, RecoveryOutcome};
 use tokio_stream::StreamExt;
 
 use crate::Shared;
@@ -329,13 +329,7 @@ impl Batch {
     ) {
         let frames = membership::watcher_frames(shared, channel, event)
             .await
-            .unwrap_or_else(|(channel, why)| {
-                vec![ServerFrame::Error {
-                    id: None,
-                    code: ErrorCode::Unavailable,
-                    message: format!("{channel}: {why}"),
-                }]
-            });
+            .unwrap_or_else(|(channel, why)| vec![membership::lagged_frame(&channel, &why)]);
         for frame in frames {
             self.push_presence_frame(frame.encode());
         }

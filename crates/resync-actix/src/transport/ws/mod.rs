@@ -235,11 +235,7 @@ impl Connection {
                 Ok(())
             }
             SessionEvent::PresenceLagged { channel, message } => {
-                let error = ServerFrame::Error {
-                    id: None,
-                    code: ErrorCode::Unavailable,
-                    message: format!("{channel}: {message}"),
-                };
+                let error = membership::lagged_frame(&channel, &message);
                 self.send(error.encode()).await
             }
             SessionEvent::Unsubscribed(channel) => {
