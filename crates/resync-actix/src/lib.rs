@@ -369,6 +369,7 @@ impl Publisher {
             ));
         }
         if self.hold.holds(self.broker.delivery_lag()) {
+            let _waiting = self.metrics.publish_waiting();
             let deadline = started + self.hold.max;
             loop {
                 if std::time::Instant::now() >= deadline {

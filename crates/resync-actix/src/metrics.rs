@@ -118,6 +118,7 @@ pub struct Metrics {
     published: Counter,
     publish_failures: Counter,
     publishes_held: Counter,
+    publishes_waiting: Gauge,
     publishes_refused_busy: Counter,
     publish_seconds: Histogram,
     recoveries: [Counter; 4],
@@ -188,6 +189,12 @@ impl Default for Metrics {
             "resync_publishes_held",
             "Publishes held back while a large share of subscribers lagged (the server was behind)",
             publishes_held.clone(),
+        );
+        let publishes_waiting = Gauge::default();
+        registry.register(
+            "resync_publishes_waiting",
+            "Publishes being held back right now, the server being behind",
+            publishes_waiting.clone(),
         );
         let publishes_refused_busy = Counter::default();
         registry.register(
@@ -295,6 +302,7 @@ impl Default for Metrics {
             published,
             publish_failures,
             publishes_held,
+            publishes_waiting,
             publishes_refused_busy,
             publish_seconds,
             recoveries,
@@ -311,6 +319,15 @@ impl Default for Metrics {
             namespace_subscriptions,
             namespaces: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+/// A publish being held back; counted until dropped (however its wait ends).
+pub(crate) struct WaitingPublish(Gauge);
+
+impl Drop for WaitingPublish {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -402,6 +419,12 @@ impl Metrics {
         if refused {
             self.publishes_refused_busy.inc();
         }
+    }
+
+    /// Counts a publish held back from now until the returned guard is dropped.
+    pub(crate) fn publish_waiting(&self) -> WaitingPublish {
+        self.publishes_waiting.inc();
+        WaitingPublish(self.publishes_waiting.clone())
     }
 
     /// Publishes held back since start because the server was behind.
