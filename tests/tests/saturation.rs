@@ -124,7 +124,7 @@ async fn publishers_wait_while_most_subscribers_lag_and_past_the_hold_get_503_wi
         settings.subscriber_queue = 1;
         settings.publish_hold_max_ms = 300;
     });
-    let mut lagging = lagging_subscribers(&server, 10).await;
+    let lagging = lagging_subscribers(&server, 10).await;
     let memory = server.server.memory_broker.clone().unwrap();
     assert_eq!(
         memory.delivery_lag().lagging,
