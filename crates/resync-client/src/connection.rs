@@ -313,10 +313,10 @@ impl Manager {
         self.set_state(ConnectionState::Closed {
             reason: reason.clone(),
         });
-        self.registry.close(&reason);
-        self.registry
-            .fail_all(error.unwrap_or_else(|| Error::Closed(reason.clone())))
-            .await;
+        // One error for every subscription, those that come after included.
+        let error = error.unwrap_or_else(|| Error::Closed(reason.clone()));
+        self.registry.end_with(&reason, error.clone());
+        self.registry.fail_all(error).await;
         self.publishes.close();
         while let Some(request) = self.publishes.recv().await {
             let _ = request.reply.send(Err(Error::Closed(reason.clone())));

@@ -21,6 +21,9 @@ pub(crate) struct Registry {
 struct Inner {
     entries: BTreeMap<Channel, Entry>,
     closed: Option<String>,
+    /// What ended the client, for a subscription that comes after: the same error its
+    /// earlier ones got (a terminal close code, say), not a bare "closed".
+    ended: Option<Error>,
     /// Counts registrations, so a channel dropped and followed again (say, from a new
     /// snapshot's position) is told apart from one that stayed.
     registrations: u64,
@@ -66,6 +69,9 @@ impl Registry {
         presence: PresenceWish,
     ) -> Result<()> {
         let mut inner = self.lock();
+        if let Some(error) = &inner.ended {
+            return Err(error.clone());
+        }
         if let Some(reason) = &inner.closed {
             return Err(Error::Closed(reason.clone()));
         }
@@ -110,6 +116,19 @@ impl Registry {
         let mut inner = self.lock();
         if inner.closed.is_none() {
             inner.closed = Some(reason.to_owned());
+        }
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    /// Closes the registry for good because of `error`: every later subscription gets it.
+    pub(crate) fn end_with(&self, reason: &str, error: Error) {
+        let mut inner = self.lock();
+        if inner.closed.is_none() {
+            inner.closed = Some(reason.to_owned());
+        }
+        if inner.ended.is_none() {
+            inner.ended = Some(error);
         }
         drop(inner);
         self.changed.notify_one();
