@@ -200,6 +200,20 @@ impl TestServer {
             .unwrap()
     }
 
+    /// Sends a user command through the HTTP API (`POST /api/users/{user}/{command}`),
+    /// asserting it was taken.
+    pub async fn user_command(&self, user: &str, command: &str, body: serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(&format!("/api/users/{user}/{command}")))
+            .bearer_auth(&self.server.api_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
     /// The value of one metric line, e.g. `resync_open_connections{transport="sse"}`.
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.metrics().await;

@@ -479,21 +479,30 @@ fn server() -> TestServer {
     })
 }
 
-async fn user_command(server: &TestServer, user: &str, command: &str, body: serde_json::Value) {
-    let response = server
-        .http
-        .post(server.url(&format!("/api/users/{user}/{command}")))
-        .bearer_auth(&server.server.api_key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-}
-
 /// One user per wire and row, so commands reach only the client under test.
 fn user(row: &str, wire: Wire) -> String {
     format!("{row}-{wire:?}").to_lowercase()
+}
+
+/// A client of `user` on `wire`, following `feed`, disconnected by the application: it is
+/// told, and told whether to come back, and its connection ends.
+async fn disconnected(server: &TestServer, wire: Wire, user: &str, reconnect: bool) {
+    let mut client = Follower::open(server, wire, &Open::new(user, &["feed"])).await;
+    server.wait_for_subscribers("feed", 1).await;
+    let body = serde_json::json!({"reason": "moved on", "reconnect": reconnect});
+    server.user_command(user, "disconnect", body).await;
+    assert_eq!(
+        client.next_notice().await,
+        Seen::Disconnect { reconnect },
+        "{wire:?}"
+    );
+    assert_eq!(
+        client.next_notice().await,
+        Seen::Ended {
+            come_back: reconnect
+        },
+        "{wire:?}"
+    );
 }
 
 #[tokio::test]
@@ -501,25 +510,7 @@ async fn a_user_disconnect_that_lets_the_client_come_back() {
     let server = server();
     for wire in WIRES {
         let user = user("again", wire);
-        let mut client = Follower::open(&server, wire, &Open::new(&user, &["feed"])).await;
-        server.wait_for_subscribers("feed", 1).await;
-        user_command(
-            &server,
-            &user,
-            "disconnect",
-            serde_json::json!({"reason": "moved", "reconnect": true}),
-        )
-        .await;
-        assert_eq!(
-            client.next_notice().await,
-            Seen::Disconnect { reconnect: true },
-            "{wire:?}"
-        );
-        assert_eq!(
-            client.next_notice().await,
-            Seen::Ended { come_back: true },
-            "{wire:?}"
-        );
+        disconnected(&server, wire, &user, true).await;
         server.wait_for_subscribers("feed", 0).await;
         // Coming back is served as usual.
         let mut again = Follower::open(&server, wire, &Open::new(&user, &["feed"])).await;
@@ -539,25 +530,7 @@ async fn a_user_told_to_stay_away_is_told_again_when_it_comes_back_at_once() {
     let server = server();
     for wire in WIRES {
         let user = user("away", wire);
-        let mut client = Follower::open(&server, wire, &Open::new(&user, &["feed"])).await;
-        server.wait_for_subscribers("feed", 1).await;
-        user_command(
-            &server,
-            &user,
-            "disconnect",
-            serde_json::json!({"reason": "banned", "reconnect": false}),
-        )
-        .await;
-        assert_eq!(
-            client.next_notice().await,
-            Seen::Disconnect { reconnect: false },
-            "{wire:?}"
-        );
-        assert_eq!(
-            client.next_notice().await,
-            Seen::Ended { come_back: false },
-            "{wire:?}"
-        );
+        disconnected(&server, wire, &user, false).await;
         // A client that comes back anyway (a bare `EventSource`, a race with the command) is
         // told the same, on every wire, while the server remembers the command.
         let mut again = Follower::open(&server, wire, &Open::new(&user, &["feed"])).await;
@@ -583,13 +556,9 @@ async fn a_user_unsubscribe_ends_that_channel_and_the_others_go_on() {
         let (gone, kept) = (format!("gone-{wire:?}"), format!("kept-{wire:?}"));
         let mut client = Follower::open(&server, wire, &Open::new(&user, &[&gone, &kept])).await;
         server.wait_for_subscribers(&gone, 1).await;
-        user_command(
-            &server,
-            &user,
-            "unsubscribe",
-            serde_json::json!({"channel": gone}),
-        )
-        .await;
+        server
+            .user_command(&user, "unsubscribe", serde_json::json!({"channel": gone}))
+            .await;
         assert_eq!(
             client.next_notice().await,
             Seen::Unsubscribed {

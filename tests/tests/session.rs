@@ -220,18 +220,6 @@ fn user_client(
         .unwrap()
 }
 
-async fn user_command(server: &TestServer, user: &str, command: &str, body: serde_json::Value) {
-    let response = server
-        .http
-        .post(server.url(&format!("/api/users/{user}/{command}")))
-        .bearer_auth(&server.server.api_key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-}
-
 #[tokio::test]
 async fn defect_1_3_a_user_command_means_the_same_on_every_transport_of_the_rust_client() {
     use futures_util::StreamExt;
@@ -272,13 +260,9 @@ async fn defect_1_3_a_user_command_means_the_same_on_every_transport_of_the_rust
         .expect("connected")
         .unwrap();
         server.wait_for_subscribers("feed", 1).await;
-        user_command(
-            &server,
-            &user,
-            "unsubscribe",
-            serde_json::json!({"channel": "feed"}),
-        )
-        .await;
+        server
+            .user_command(&user, "unsubscribe", serde_json::json!({"channel": "feed"}))
+            .await;
         let (ended, _feed) = feed_next.await.unwrap();
         assert!(
             matches!(ended, Ok(Some(Err(_)))),
@@ -287,13 +271,13 @@ async fn defect_1_3_a_user_command_means_the_same_on_every_transport_of_the_rust
         let (other_quiet, _other) = other_next.await.unwrap();
         assert!(other_quiet, "{transport:?}: the other channel goes on");
         // Disconnect without coming back: the client stops for good.
-        user_command(
-            &server,
-            &user,
-            "disconnect",
-            serde_json::json!({"reason": "banned", "reconnect": false}),
-        )
-        .await;
+        server
+            .user_command(
+                &user,
+                "disconnect",
+                serde_json::json!({"reason": "banned", "reconnect": false}),
+            )
+            .await;
         let closed = tokio::time::timeout(
             Duration::from_secs(10),
             state.wait_for(|state| matches!(state, ConnectionState::Closed { .. })),
@@ -320,13 +304,9 @@ async fn defect_2_an_sse_unsubscribe_gives_its_channel_back_to_the_budgets() {
             .await;
     assert_eq!(stream.status, 200);
     stream.next_event().await.unwrap();
-    user_command(
-        &server,
-        "bea",
-        "unsubscribe",
-        serde_json::json!({"channel": "a"}),
-    )
-    .await;
+    server
+        .user_command("bea", "unsubscribe", serde_json::json!({"channel": "a"}))
+        .await;
     loop {
         let message = stream.next_event().await.expect("the stream goes on");
         if message.event == "unsubscribed" {
@@ -376,26 +356,18 @@ async fn defect_3_long_polls_obey_user_commands_in_flight_and_between_polls() {
     // In flight: a poll waiting for events is answered at once with the unsubscribe.
     let waiting = tokio::spawn(poll(format!("channels=x,y&cursor={cursor}&timeout=30")));
     server.wait_for_subscribers("x", 1).await;
-    user_command(
-        &server,
-        "cal",
-        "unsubscribe",
-        serde_json::json!({"channel": "x"}),
-    )
-    .await;
+    server
+        .user_command("cal", "unsubscribe", serde_json::json!({"channel": "x"}))
+        .await;
     let reply = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("answered at once")
         .unwrap();
     assert_eq!(reply["unsubscribed"][0]["channel"], "x", "{reply}");
     // Between polls: a disconnect without reconnect ends the user's next polls.
-    user_command(
-        &server,
-        "cal",
-        "disconnect",
-        serde_json::json!({"reconnect": false}),
-    )
-    .await;
+    server
+        .user_command("cal", "disconnect", serde_json::json!({"reconnect": false}))
+        .await;
     let reply = poll(format!("channels=y&cursor={cursor}")).await;
     assert_eq!(reply["disconnect"]["reconnect"], false, "{reply}");
     assert!(reply["events"].as_array().unwrap().is_empty());

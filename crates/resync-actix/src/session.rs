@@ -467,15 +467,25 @@ impl Session {
         }
     }
 
+    /// What `wake` means when no waiting is needed to say it: an item (the hot path) or a
+    /// heartbeat (the idle path); any other wake comes back, for [`understand`](Self::understand).
+    pub(crate) fn understand_at_once(&mut self, wake: Wake) -> Result<SessionEvent, Wake> {
+        match wake {
+            Wake::Item(Some((channel, Ok(item)))) => Ok(SessionEvent::Item(channel, item)),
+            Wake::Clock if !self.is_draining() => Ok(SessionEvent::Tick),
+            other => Err(other),
+        }
+    }
+
     /// The next thing to tell the client (for a transport that does not read its client).
     pub(crate) async fn next(&mut self) -> SessionEvent {
         loop {
-            match self.wake().await {
-                // The hot path, without the rest's state: an idle stream's future is sized
-                // by what it waits in, not by the rarely taken paths (boxed).
-                Wake::Item(Some((channel, Ok(item)))) => return SessionEvent::Item(channel, item),
-                Wake::Clock if !self.is_draining() => return SessionEvent::Tick,
-                wake => {
+            let wake = self.wake().await;
+            match self.understand_at_once(wake) {
+                Ok(event) => return event,
+                // Boxed: an idle stream's future is sized by what it waits in, not by the
+                // rarely taken paths.
+                Err(wake) => {
                     if let Some(event) = Box::pin(self.understand(wake)).await {
                         return event;
                     }

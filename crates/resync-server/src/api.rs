@@ -125,9 +125,11 @@ async fn unsubscribe_user(
 /// Hands `command` to every instance, through the broker's user-command bus.
 async fn send_user_command(state: &ApiState, command: &UserCommand) -> Result<(), ApiError> {
     let bus = state.broker.user_commands().ok_or_else(|| {
+        // Not a 503: retrying cannot help. The memory and Redis brokers carry them; a
+        // broker of the application's own would need a `UserCommandBus`.
         ApiError::new(
-            ErrorCode::Unavailable,
-            "this broker carries no user commands",
+            ErrorCode::BadRequest,
+            "this server's broker carries no user commands",
         )
     })?;
     Ok(bus.send(command).await?)

@@ -185,14 +185,16 @@ impl Connection {
                         MessageVerdict::Close => Some(Ending::Close(CloseCode::TRY_AGAIN_LATER)),
                     }
                 }
-                Wake::Session(session::Wake::Item(Some((channel, Ok(item))))) => {
-                    self.on_items(channel, item).await.err()
-                }
-                // Heartbeats inline too: the boxed path is for what is rare.
-                Wake::Session(session::Wake::Clock) if !self.session.is_draining() => {
-                    self.send(ServerFrame::Ping.encode()).await.err()
-                }
-                Wake::Session(wake) => Box::pin(self.on_session(wake)).await.err(),
+                // Items and heartbeats inline; boxed, the rare paths, which would otherwise
+                // size every idle connection's task.
+                Wake::Session(wake) => match self.session.understand_at_once(wake) {
+                    Ok(SessionEvent::Item(channel, item)) => {
+                        self.on_items(channel, item).await.err()
+                    }
+                    Ok(SessionEvent::Tick) => self.send(ServerFrame::Ping.encode()).await.err(),
+                    Ok(event) => Box::pin(self.on_event(event)).await.err(),
+                    Err(wake) => Box::pin(self.on_session(wake)).await.err(),
+                },
                 Wake::Silence => {
                     let deadline = last_heard + silence_limit;
                     if Instant::now() >= deadline {
@@ -223,9 +225,14 @@ impl Connection {
 
     /// What the session says, on this wire.
     async fn on_session(&mut self, wake: session::Wake) -> Result<(), Ending> {
-        let Some(event) = self.session.understand(wake).await else {
-            return Ok(());
-        };
+        match self.session.understand(wake).await {
+            Some(event) => self.on_event(event).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A session event, on this wire.
+    async fn on_event(&mut self, event: SessionEvent) -> Result<(), Ending> {
         match event {
             SessionEvent::Item(channel, item) => self.on_items(channel, item).await,
             SessionEvent::Presence(frames) => {
