@@ -200,6 +200,16 @@ impl<T: Clone> ChannelLog<T> {
         }
     }
 
+    /// An empty history in `epoch` whose newest event, kept elsewhere, was `last_seq`: the next
+    /// append gets `last_seq + 1`. A broker that keeps older events on disk holds only the
+    /// recent ones in such a log.
+    pub fn continuing(epoch: Epoch, last_seq: Seq, retention: Retention) -> Self {
+        Self {
+            last_seq,
+            ..Self::new(epoch, retention)
+        }
+    }
+
     /// The epoch of this history.
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
@@ -333,6 +343,16 @@ mod tests {
 
     fn epoch() -> Epoch {
         Epoch::new("e").unwrap()
+    }
+
+    #[test]
+    fn a_continuing_log_counts_on_from_its_last_seq_and_holds_nothing_older() {
+        let now = Instant::now();
+        let mut log = ChannelLog::continuing(epoch(), Seq::new(41), Retention::default());
+        assert_eq!(log.position().seq, Seq::new(41));
+        assert_eq!(log.oldest_seq(), None);
+        assert_eq!(log.append(1, now).seq, Seq::new(42));
+        assert_eq!(log.oldest_seq(), Some(Seq::new(42)));
     }
 
     #[test]

@@ -1,0 +1,802 @@
+//! The disk broker: the store on disk is the truth; memory holds each active channel's
+//! recent events and its subscribers.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use fjall::{OwnedWriteBatch, PersistMode};
+use resync_broker::{
+    Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
+    MemoryPresence, Publish, ReadDecision, ReadOutcome, Result, Retention, UserCommandFanout,
+    decide_read,
+};
+use resync_log::ChannelLog;
+use resync_protocol::{Channel, Epoch, Event, IdempotencyKey, Payload, Position, ResetReason, Seq};
+use tokio::sync::{Notify, oneshot};
+
+use crate::durability::{Durability, GroupCommit, Waiting};
+use crate::layout::{
+    ChannelMeta, channel_prefix, event_key, event_value, idempotency_key, idempotency_slot,
+    idempotency_value, seq_of_event_key, split_event_value, split_idempotency_value,
+};
+use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
+
+/// A [`Broker`] for one process whose history outlives it: events, positions, epochs and
+/// idempotency keys are stored in a data directory, so a restart or a deploy resumes every
+/// client exactly, with no reset.
+///
+/// Every publish is written to the operating system before it is acknowledged (a killed
+/// process loses nothing); [`Durability`] says when it is synced to the disk. After a power
+/// cut that may have lost acknowledged publishes, the channels written before it start over
+/// in new epochs, so their clients get resets instead of seqs reused for other events.
+/// Presence and user commands describe live connections and stay in memory.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), resync_broker_disk::OpenError> {
+/// use resync_broker_disk::{DiskBroker, Durability};
+/// let broker = DiskBroker::builder("/var/lib/resync")
+///     .durability(Durability::Always)
+///     .open()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct DiskBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    table: Mutex<Table>,
+    hub: Hub,
+    retention: Retention,
+    namespace_retention: HashMap<String, Retention>,
+    recent: Retention,
+    idempotency_window: u64,
+    max_history_bytes: Option<u64>,
+    /// The bytes of every channel's stored events.
+    history_bytes: AtomicU64,
+    max_cached_channels: usize,
+    run: u64,
+    lost_through: Option<u64>,
+    shared_epoch: Epoch,
+    durability: Durability,
+    boot: String,
+    group_commit: Arc<GroupCommit>,
+    stop: Arc<Notify>,
+    closed: AtomicBool,
+    /// Set when a write or a sync failed: the store may be unusable (a full disk), and
+    /// readiness says so.
+    failure: Mutex<Option<String>>,
+    presence: MemoryPresence,
+    user_commands: UserCommandFanout,
+}
+
+/// The channels held in memory: every channel with subscribers or a publish in flight, and
+/// recently used ones up to a bound.
+#[derive(Debug, Default)]
+struct Table {
+    channels: HashMap<Channel, Arc<Mutex<ChannelState>>>,
+    /// Oldest first: where the search for one to drop from memory starts.
+    order: VecDeque<Channel>,
+}
+
+/// Channels examined for dropping from memory, per channel loaded into a full table.
+const EVICTION_CANDIDATES: usize = 16;
+
+#[derive(Debug)]
+struct ChannelState {
+    channel: Channel,
+    /// What is stored: its newest seq is the last one given out.
+    meta: ChannelMeta,
+    /// The most recent events that may be shown (with `Durability::Always`, only once
+    /// synced), served from memory; its position is the channel's as readers see it.
+    recent: ChannelLog<EncodedEvent>,
+    retention: Retention,
+    /// The oldest stored event's seq and time, once read: most publishes then need no read
+    /// to know that nothing has expired.
+    oldest_time: Option<(Seq, u64)>,
+}
+
+/// Builds a [`DiskBroker`].
+#[derive(Clone, Debug)]
+pub struct DiskBrokerBuilder {
+    dir: PathBuf,
+    durability: Durability,
+    retention: Retention,
+    namespace_retention: HashMap<String, Retention>,
+    recent_events: usize,
+    recent_bytes: usize,
+    subscriber_queue: usize,
+    idempotency_window: u64,
+    max_history_bytes: Option<u64>,
+    max_cached_channels: usize,
+    boot: Option<String>,
+}
+
+impl DiskBrokerBuilder {
+    /// When publishes are synced to the disk. Defaults to [`Durability::EverySecond`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// History kept per channel. Defaults to [`Retention::default`] (10,000 events, 24 hours).
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// History kept per channel of `namespace` (the part of a channel's name before its
+    /// first `:`), instead of [`retention`](Self::retention).
+    pub fn namespace_retention(
+        mut self,
+        namespace: impl Into<String>,
+        retention: Retention,
+    ) -> Self {
+        self.namespace_retention.insert(namespace.into(), retention);
+        self
+    }
+
+    /// The most recent events of each channel in memory kept to serve resumes without the
+    /// disk: at most `events` and about `bytes` (defaults: 256 events, 64 KiB).
+    pub fn recent_in_memory(mut self, events: usize, bytes: usize) -> Self {
+        self.recent_events = events;
+        self.recent_bytes = bytes;
+        self
+    }
+
+    /// Events one subscriber may have queued before it is cut off as lagging. Defaults to
+    /// 1,024.
+    pub fn subscriber_queue(mut self, capacity: usize) -> Self {
+        self.subscriber_queue = capacity;
+        self
+    }
+
+    /// How many recent idempotency keys each channel remembers. Defaults to 1,000.
+    pub fn idempotency_window(mut self, keys: u64) -> Self {
+        self.idempotency_window = keys;
+        self
+    }
+
+    /// The most bytes of stored events over all channels, or `None` for no limit. Past it,
+    /// the channel being published to sheds its oldest events; readers further back get a
+    /// `truncated` reset. Defaults to 1 GiB.
+    pub fn max_history_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.max_history_bytes = bytes;
+        self
+    }
+
+    /// How many channels are held in memory at most, besides those with subscribers or a
+    /// publish in flight; the others are read from the disk when next used. Defaults to
+    /// 4,096.
+    pub fn max_cached_channels(mut self, channels: usize) -> Self {
+        self.max_cached_channels = channels;
+        self
+    }
+
+    /// What identifies the machine's current boot, instead of Linux's `boot_id`. A store
+    /// that was not closed, reopened in another boot under a durability that acknowledges
+    /// before syncing, assumes a power cut took its tail. Tests that simulate a power cut
+    /// (by truncating the store's files after a kill) set it.
+    pub fn boot_id(mut self, boot: impl Into<String>) -> Self {
+        self.boot = Some(boot.into());
+        self
+    }
+
+    /// Opens (or makes) the store and starts its background syncs; call it inside a tokio
+    /// runtime.
+    pub fn open(self) -> Result<DiskBroker, OpenError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
+        let boot = self.boot.unwrap_or_else(current_boot);
+        let opened = open(&self.dir, &boot, self.durability.acknowledges_unsynced())?;
+        let history_bytes = stored_bytes(&opened.store).map_err(|message| OpenError::Store {
+            path: self.dir.clone(),
+            message,
+        })?;
+        let inner = Arc::new(Inner {
+            store: opened.store,
+            table: Mutex::new(Table::default()),
+            hub: Hub::new(self.subscriber_queue).waking_from_own_thread(),
+            recent: self
+                .retention
+                .with_max_events(self.recent_events.max(1))
+                .with_max_bytes(Some(self.recent_bytes)),
+            retention: self.retention,
+            namespace_retention: self.namespace_retention,
+            idempotency_window: self.idempotency_window,
+            max_history_bytes: self.max_history_bytes,
+            history_bytes: AtomicU64::new(history_bytes),
+            max_cached_channels: self.max_cached_channels,
+            run: opened.run,
+            lost_through: opened.lost_through,
+            shared_epoch: opened.shared_epoch,
+            durability: self.durability,
+            boot,
+            group_commit: Arc::default(),
+            stop: Arc::new(Notify::new()),
+            closed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            presence: MemoryPresence::default(),
+            user_commands: UserCommandFanout::default(),
+        });
+        if self.durability == Durability::Always {
+            let weak = Arc::downgrade(&inner);
+            let sync = move || match weak.upgrade() {
+                Some(inner) => inner.sync(),
+                None => Err(Error::Closed),
+            };
+            runtime.spawn(inner.group_commit.clone().run(sync, inner.stop.clone()));
+        }
+        if let Some(interval) = self.durability.interval() {
+            runtime.spawn(sync_every(
+                Arc::downgrade(&inner),
+                interval,
+                inner.stop.clone(),
+            ));
+        }
+        Ok(DiskBroker { inner })
+    }
+}
+
+/// The bytes of every channel's stored events, from their metadata: one read per channel,
+/// none per event, so opening does not grow with the history stored.
+fn stored_bytes(store: &Store) -> std::result::Result<u64, String> {
+    let mut total = 0u64;
+    for entry in store.channels.iter() {
+        let value = entry.value().map_err(|error| error.to_string())?;
+        let meta = ChannelMeta::decode(&value).ok_or("a channel's metadata cannot be read")?;
+        total = total.saturating_add(meta.bytes);
+    }
+    Ok(total)
+}
+
+async fn sync_every(inner: std::sync::Weak<Inner>, interval: Duration, stop: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.notified() => return,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        // The sync runs off the async workers: an fdatasync can take milliseconds.
+        let synced = tokio::task::spawn_blocking(move || strong.sync()).await;
+        if let Ok(Err(error)) = synced {
+            tracing::error!(%error, "the store could not sync to the disk");
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl DiskBroker {
+    /// A builder for a store in `dir` (made if missing), with the defaults.
+    pub fn builder(dir: impl Into<PathBuf>) -> DiskBrokerBuilder {
+        DiskBrokerBuilder {
+            dir: dir.into(),
+            durability: Durability::default(),
+            retention: Retention::default(),
+            namespace_retention: HashMap::new(),
+            recent_events: 256,
+            recent_bytes: 64 * 1024,
+            subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
+            idempotency_window: 1_000,
+            max_history_bytes: Some(1024 * 1024 * 1024),
+            max_cached_channels: 4_096,
+            boot: None,
+        }
+    }
+
+    /// The bytes of stored events over all channels (keys and values, before compression).
+    pub fn history_bytes(&self) -> u64 {
+        self.inner.history_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The bytes the store's files take on the disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.store.db.disk_space().unwrap_or(0)
+    }
+
+    /// How many times a subscriber's queue overflowed in a burst (each then caught up from
+    /// history), since the broker was opened.
+    pub fn subscriber_overflows(&self) -> u64 {
+        self.inner.hub.overflows()
+    }
+}
+
+impl Inner {
+    fn sync(&self) -> Result<()> {
+        self.store
+            .db
+            .persist(PersistMode::SyncData)
+            .map_err(|error| self.failed(format!("the store could not sync to the disk: {error}")))
+    }
+
+    /// Records a failed write or sync, for readiness, and makes the error a publish returns.
+    fn failed(&self, message: String) -> Error {
+        tracing::error!(%message, "the store failed");
+        *lock(&self.failure) = Some(message.clone());
+        Error::Unavailable(message)
+    }
+
+    fn unreadable(&self, error: impl std::fmt::Display) -> Error {
+        Error::Unavailable(format!("the store could not be read: {error}"))
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn retention_of(&self, channel: &Channel) -> Retention {
+        self.namespace_retention
+            .get(channel.namespace())
+            .copied()
+            .unwrap_or(self.retention)
+    }
+
+    /// The channel's state, from memory or the disk; `None` for a channel never published,
+    /// unless `for_publish` (only a publish makes a channel).
+    fn state(
+        &self,
+        channel: &Channel,
+        for_publish: bool,
+    ) -> Result<Option<Arc<Mutex<ChannelState>>>> {
+        let mut table = lock(&self.table);
+        if let Some(state) = table.channels.get(channel) {
+            return Ok(Some(state.clone()));
+        }
+        let stored = self
+            .store
+            .channels
+            .get(channel.as_str())
+            .map_err(|error| self.unreadable(error))?;
+        let meta = match stored {
+            Some(value) => {
+                let meta = ChannelMeta::decode(&value).ok_or_else(|| {
+                    Error::Corrupt(format!("the metadata of {channel} cannot be read"))
+                })?;
+                if self.lost_through.is_some_and(|run| meta.run <= run) {
+                    self.start_over(channel, meta)?
+                } else {
+                    meta
+                }
+            }
+            None if !for_publish => return Ok(None),
+            None => ChannelMeta::empty(self.shared_epoch.clone(), self.run),
+        };
+        if table.channels.len() >= self.max_cached_channels {
+            self.drop_one(&mut table);
+        }
+        let state = Arc::new(Mutex::new(ChannelState {
+            channel: channel.clone(),
+            recent: ChannelLog::continuing(meta.epoch.clone(), meta.last_seq, self.recent),
+            retention: self.retention_of(channel),
+            meta,
+            oldest_time: None,
+        }));
+        table.channels.insert(channel.clone(), state.clone());
+        table.order.push_back(channel.clone());
+        Ok(Some(state))
+    }
+
+    /// Drops from memory one channel nobody uses (no subscriber, no publish in flight),
+    /// looking at a few of the oldest only. Its state stays on the disk.
+    fn drop_one(&self, table: &mut Table) {
+        for _ in 0..EVICTION_CANDIDATES.min(table.order.len()) {
+            let Some(candidate) = table.order.pop_front() else {
+                return;
+            };
+            let unused = table.channels.get(&candidate).is_some_and(|state| {
+                Arc::strong_count(state) == 1 && self.hub.subscriber_count(&candidate) == 0
+            });
+            if unused {
+                table.channels.remove(&candidate);
+                return;
+            }
+            if table.channels.contains_key(&candidate) {
+                table.order.push_back(candidate);
+            }
+        }
+    }
+
+    /// A channel whose history a power cut may have shortened starts over in a new epoch:
+    /// its old events and keys are dropped, and a client's old position is a reset.
+    fn start_over(&self, channel: &Channel, meta: ChannelMeta) -> Result<ChannelMeta> {
+        let name = channel.as_str();
+        let mut batch = self.store.db.batch();
+        let prefix = channel_prefix(name);
+        for entry in self.store.events.prefix(&prefix) {
+            batch.remove(
+                &self.store.events,
+                entry.key().map_err(|error| self.unreadable(error))?,
+            );
+        }
+        for marker in [b'k', b's'] {
+            let mut keys_prefix = vec![marker];
+            keys_prefix.extend_from_slice(&prefix);
+            for entry in self.store.keys.prefix(&keys_prefix) {
+                batch.remove(
+                    &self.store.keys,
+                    entry.key().map_err(|error| self.unreadable(error))?,
+                );
+            }
+        }
+        let fresh = ChannelMeta::empty(new_epoch(), self.run);
+        batch.insert(&self.store.channels, name, fresh.encode());
+        batch
+            .commit()
+            .map_err(|error| self.failed(format!("the store could not be written: {error}")))?;
+        self.history_bytes.fetch_sub(
+            meta.bytes.min(self.history_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        tracing::warn!(%channel, epoch = %fresh.epoch, "the channel's history may have lost its tail to a power cut: it starts over in a new epoch");
+        Ok(fresh)
+    }
+
+    /// The position a keyed publish got, if the channel's window still has the key.
+    fn keyed_position(
+        &self,
+        meta: &ChannelMeta,
+        channel: &Channel,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Position>> {
+        let stored = self
+            .store
+            .keys
+            .get(idempotency_key(channel.as_str(), key.as_str()))
+            .map_err(|error| self.unreadable(error))?;
+        Ok(stored
+            .as_deref()
+            .and_then(split_idempotency_value)
+            .filter(|(epoch, _)| epoch == &meta.epoch)
+            .map(|(epoch, seq)| Position::new(epoch, seq)))
+    }
+
+    /// Adds the removal of the channel's oldest events to `batch` while a limit is passed
+    /// (count, bytes, age, the store's budget), never the event being published (`newest`).
+    /// Returns the bytes freed.
+    fn trim(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        state: &mut ChannelState,
+        meta: &mut ChannelMeta,
+        newest: Seq,
+        now_ms: u64,
+        over_budget: u64,
+    ) -> Result<u64> {
+        let name = state.channel.as_str();
+        let retention = state.retention;
+        let max_age_ms = retention
+            .max_age()
+            .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        let mut freed = 0u64;
+        while let Some(oldest) = meta.oldest_stored().filter(|oldest| *oldest < newest) {
+            let count = meta.last_seq.get() - oldest.get() + 1;
+            let must = count > retention.max_events() as u64
+                || retention
+                    .max_bytes()
+                    .is_some_and(|max| meta.bytes > max as u64)
+                || freed < over_budget;
+            let known_fresh = match (max_age_ms, state.oldest_time) {
+                (None, _) => true,
+                (Some(max_age), Some((seq, time))) if seq == oldest => {
+                    now_ms.saturating_sub(time) <= max_age
+                }
+                _ => false,
+            };
+            if !must && known_fresh {
+                break;
+            }
+            let key = event_key(name, oldest);
+            let value = self
+                .store
+                .events
+                .get(&key)
+                .map_err(|error| self.unreadable(error))?;
+            let Some(value) = value else {
+                // Already gone (a removal whose metadata a crash cut is impossible, since
+                // both are one batch; kept for safety): step past it.
+                meta.oldest_seq = oldest.next().unwrap_or(oldest);
+                continue;
+            };
+            let time = split_event_value(&value).map_or(0, |(time, _)| time);
+            let expired = max_age_ms.is_some_and(|max_age| now_ms.saturating_sub(time) > max_age);
+            if !must && !expired {
+                state.oldest_time = Some((oldest, time));
+                break;
+            }
+            let size = (key.len() + value.len()) as u64;
+            batch.remove(&self.store.events, key);
+            meta.bytes = meta.bytes.saturating_sub(size);
+            meta.oldest_seq = oldest.next().unwrap_or(oldest);
+            freed += size;
+        }
+        Ok(freed)
+    }
+
+    /// Reads `first..=last` of the channel's events from the disk; `None` when one of them
+    /// is no longer there (trimmed meanwhile) or past its age.
+    fn read_stored(
+        &self,
+        channel: &Channel,
+        epoch: &Epoch,
+        first: Seq,
+        last: Seq,
+        max_age: Option<Duration>,
+    ) -> Result<Option<Vec<EncodedEvent>>> {
+        let name = channel.as_str();
+        let mut events =
+            Vec::with_capacity(usize::try_from(last.get() - first.get() + 1).unwrap_or(0));
+        let mut expected = first;
+        let now = now_ms();
+        for entry in self
+            .store
+            .events
+            .range(event_key(name, first)..=event_key(name, last))
+        {
+            let (key, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
+            let corrupt = || Error::Corrupt(format!("an event of {channel} cannot be read"));
+            if seq_of_event_key(&key) != Some(expected) {
+                return Ok(None);
+            }
+            let (time, data) = split_event_value(&value).ok_or_else(corrupt)?;
+            if expected == first
+                && max_age.is_some_and(|age| {
+                    now.saturating_sub(time) > u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
+                })
+            {
+                return Ok(None);
+            }
+            let data = Payload::from_json(data).map_err(|_| corrupt())?;
+            events.push(EncodedEvent::new(Event {
+                channel: channel.clone(),
+                position: Position::new(epoch.clone(), expected),
+                data,
+            }));
+            expected = expected.next().unwrap_or(expected);
+        }
+        Ok((events.len() as u64 == last.get() - first.get() + 1).then_some(events))
+    }
+}
+
+#[async_trait]
+impl Broker for DiskBroker {
+    async fn publish(&self, publish: Publish) -> Result<Position> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let state = inner
+            .state(&publish.channel, true)?
+            .ok_or_else(|| Error::Corrupt("a channel to publish to was not made".to_owned()))?;
+        let acknowledged = {
+            let mut guard = lock(&state);
+            let st = &mut *guard;
+            if let Some(key) = &publish.idempotency_key
+                && let Some(position) = inner.keyed_position(&st.meta, &st.channel, key)?
+            {
+                return Ok(position);
+            }
+            let seq = st
+                .meta
+                .last_seq
+                .next()
+                .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
+            let event = EncodedEvent::new(Event {
+                channel: st.channel.clone(),
+                position: Position::new(st.meta.epoch.clone(), seq),
+                data: publish.data,
+            });
+            let channel = st.channel.clone();
+            let name = channel.as_str();
+            let now_ms = now_ms();
+            let key = event_key(name, seq);
+            let value = event_value(now_ms, event.data());
+            let size = (key.len() + value.len()) as u64;
+            let mut meta = st.meta.clone();
+            let mut batch = inner.store.db.batch();
+            batch.insert(&inner.store.events, key, value);
+            meta.last_seq = seq;
+            meta.bytes += size;
+            meta.run = inner.run;
+            if let Some(idempotency) = &publish.idempotency_key
+                && inner.idempotency_window > 0
+            {
+                let slot = idempotency_slot(name, meta.keyed % inner.idempotency_window);
+                if let Some(old) = inner
+                    .store
+                    .keys
+                    .get(&slot)
+                    .map_err(|error| inner.unreadable(error))?
+                {
+                    let old = String::from_utf8_lossy(&old);
+                    batch.remove(&inner.store.keys, idempotency_key(name, &old));
+                }
+                batch.insert(&inner.store.keys, slot, idempotency.as_str().as_bytes());
+                batch.insert(
+                    &inner.store.keys,
+                    idempotency_key(name, idempotency.as_str()),
+                    idempotency_value(&meta.epoch, seq),
+                );
+                meta.keyed += 1;
+            }
+            let total = inner.history_bytes.load(Ordering::Relaxed) + size;
+            let over_budget = inner
+                .max_history_bytes
+                .map_or(0, |budget| total.saturating_sub(budget));
+            let freed = inner.trim(&mut batch, st, &mut meta, seq, now_ms, over_budget)?;
+            batch.insert(&inner.store.channels, name, meta.encode());
+            batch.commit().map_err(|error| {
+                inner.failed(format!("the store could not be written: {error}"))
+            })?;
+            inner.history_bytes.fetch_add(size, Ordering::Relaxed);
+            inner.history_bytes.fetch_sub(
+                freed.min(inner.history_bytes.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            st.meta = meta;
+            let held = event.held_bytes();
+            if inner.durability == Durability::Always {
+                let (acknowledge, acknowledged) = oneshot::channel();
+                let shown = Arc::clone(&state);
+                let hub = inner.hub.clone();
+                inner.group_commit.queue(Waiting {
+                    event,
+                    size: held,
+                    show: Box::new(move |event, size| {
+                        lock(&shown)
+                            .recent
+                            .append_sized(event.clone(), size, Instant::now());
+                        hub.deliver(&event);
+                    }),
+                    acknowledge,
+                });
+                acknowledged
+            } else {
+                let position = st.recent.append_sized(event.clone(), held, Instant::now());
+                // Delivered while the channel is still locked, so subscribers see seq order.
+                inner.hub.deliver(&event);
+                return Ok(position);
+            }
+        };
+        acknowledged.await.map_err(|_| Error::Closed)??;
+        Ok(lock(&state).recent.position())
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
+        self.inner.check_open()?;
+        Ok(self.inner.hub.subscribe(channel))
+    }
+
+    async fn read_since(
+        &self,
+        channel: &Channel,
+        since: &Position,
+        limit: usize,
+    ) -> Result<HistoryRead> {
+        let inner = &self.inner;
+        let Some(state) = inner.state(channel, false)? else {
+            // Never published: the same decision as for a channel with nothing stored.
+            let latest = Position::start_of(inner.shared_epoch.clone());
+            return Ok(match decide_read(since, &latest, None) {
+                ReadDecision::UpToDate | ReadDecision::Replay { .. } => {
+                    ReadOutcome::UpToDate { latest }
+                }
+                ReadDecision::Reset(reason) => ReadOutcome::Reset { reason, latest },
+            });
+        };
+        let (epoch, first, last, latest, max_age) = {
+            let mut st = lock(&state);
+            let latest = st.recent.position();
+            let oldest = st.meta.oldest_stored();
+            let first = match decide_read(since, &latest, oldest) {
+                ReadDecision::UpToDate => return Ok(ReadOutcome::UpToDate { latest }),
+                ReadDecision::Reset(reason) => return Ok(ReadOutcome::Reset { reason, latest }),
+                ReadDecision::Replay { first } => first,
+            };
+            if st.recent.oldest_seq().is_some_and(|recent| recent <= first) {
+                return Ok(st.recent.read_since(since, limit, Instant::now()));
+            }
+            let limit = u64::try_from(limit.max(1)).unwrap_or(u64::MAX);
+            let last = Seq::new(latest.seq.get().min(first.get().saturating_add(limit - 1)));
+            (
+                st.meta.epoch.clone(),
+                first,
+                last,
+                latest,
+                st.retention.max_age(),
+            )
+        };
+        // Read with the channel unlocked: its publishes go on meanwhile.
+        Ok(
+            match inner.read_stored(channel, &epoch, first, last, max_age)? {
+                Some(events) => ReadOutcome::Replayed { events, latest },
+                None => ReadOutcome::Reset {
+                    reason: ResetReason::Truncated,
+                    latest,
+                },
+            },
+        )
+    }
+
+    async fn position(&self, channel: &Channel) -> Result<Position> {
+        Ok(match self.inner.state(channel, false)? {
+            Some(state) => lock(&state).recent.position(),
+            None => Position::start_of(self.inner.shared_epoch.clone()),
+        })
+    }
+
+    fn subscriber_count(&self, channel: &Channel) -> usize {
+        self.inner.hub.subscriber_count(channel)
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.inner.check_open()?;
+        if let Some(failure) = lock(&self.inner.failure).clone() {
+            return Err(Error::Unavailable(failure));
+        }
+        Ok(())
+    }
+
+    fn delivery_lag(&self) -> resync_broker::DeliveryLag {
+        self.inner.hub.delivery_lag()
+    }
+
+    async fn lag_eased(&self) {
+        self.inner.hub.lag_eased().await;
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn close(&self) {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Publishes waiting for a sync get it first: the group commit drains before it stops.
+        inner.stop.notify_waiters();
+        inner.hub.close_all();
+        let closing = Arc::clone(inner);
+        let closed = tokio::task::spawn_blocking(move || {
+            close_clean(
+                &closing.store,
+                closing.run,
+                closing.durability.acknowledges_unsynced(),
+                &closing.boot,
+            );
+        })
+        .await;
+        if let Err(error) = closed {
+            tracing::error!(%error, "the store's close did not finish");
+        }
+    }
+
+    fn presence(&self) -> Option<&dyn resync_broker::Presence> {
+        Some(&self.inner.presence)
+    }
+
+    fn user_commands(&self) -> Option<&dyn resync_broker::UserCommandBus> {
+        Some(&self.inner.user_commands)
+    }
+}

@@ -1,0 +1,224 @@
+//! Opening a store: the lock, the run records, and what an unclean end before this one means.
+
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use resync_protocol::Epoch;
+
+use crate::layout::{RunRecord, decode_number};
+
+/// Why a [`DiskBroker`](crate::DiskBroker) could not open its data directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Another process has the data directory open: one process per directory.
+    #[error(
+        "the data directory {path} is in use by another process (one resync process per data directory)"
+    )]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The data directory could not be made, read or synced.
+    #[error("cannot use the data directory {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The store refused to open (its files are damaged or of another version).
+    #[error("the store in {path} cannot be opened: {message}")]
+    Store {
+        /// The data directory.
+        path: PathBuf,
+        /// What the store said.
+        message: String,
+    },
+    /// The broker runs background tasks (syncs) and must be opened inside a tokio runtime.
+    #[error("a DiskBroker must be opened inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// The keyspaces of an open store (see `layout.rs`).
+pub(crate) struct Store {
+    pub(crate) db: Database,
+    pub(crate) events: Keyspace,
+    pub(crate) channels: Keyspace,
+    pub(crate) keys: Keyspace,
+    pub(crate) records: Keyspace,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// What opening found and decided.
+pub(crate) struct Opened {
+    pub(crate) store: Store,
+    /// This run's number.
+    pub(crate) run: u64,
+    /// Channels last written in a run up to this one may have lost the tail of their history
+    /// to a power cut: they start over in a new epoch when next touched.
+    pub(crate) lost_through: Option<u64>,
+    /// The epoch of channels never published.
+    pub(crate) shared_epoch: Epoch,
+}
+
+const RUN: &str = "run";
+const LOST_THROUGH: &str = "lost_through";
+const SHARED_EPOCH: &str = "shared_epoch";
+
+pub(crate) fn new_epoch() -> Epoch {
+    Epoch::from_random_bits(fastrand::u64(..))
+}
+
+/// The boot this machine is in: changed by a reboot, a power cut, an operating-system crash
+/// (Linux's `boot_id`); empty where it cannot be read, which counts as a different boot.
+pub(crate) fn current_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub(crate) fn open(
+    dir: &Path,
+    boot: &str,
+    acknowledges_unsynced: bool,
+) -> Result<Opened, OpenError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let store_error = |error: fjall::Error| match error {
+        fjall::Error::Locked => OpenError::InUse {
+            path: dir.to_owned(),
+        },
+        other => OpenError::Store {
+            path: dir.to_owned(),
+            message: other.to_string(),
+        },
+    };
+    let db = Database::builder(dir.join("store"))
+        .worker_threads(1)
+        .open()
+        .map_err(store_error)?;
+    let keyspace = |name: &str| {
+        db.keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(store_error)
+    };
+    let store = Store {
+        events: keyspace("events")?,
+        channels: keyspace("channels")?,
+        keys: keyspace("keys")?,
+        records: keyspace("store")?,
+        db: db.clone(),
+    };
+    let read = |key: &str| store.records.get(key).map_err(store_error);
+    let corrupt = |what: &str| OpenError::Store {
+        path: dir.to_owned(),
+        message: format!("its {what} record cannot be read"),
+    };
+    let previous = match read(RUN)? {
+        Some(value) => Some(RunRecord::decode(&value).ok_or_else(|| corrupt(RUN))?),
+        None => None,
+    };
+    let mut lost_through = match read(LOST_THROUGH)? {
+        Some(value) => Some(decode_number(&value).ok_or_else(|| corrupt(LOST_THROUGH))?),
+        None => None,
+    };
+    let mut shared_epoch = match read(SHARED_EPOCH)? {
+        Some(value) => std::str::from_utf8(&value)
+            .ok()
+            .and_then(|text| Epoch::new(text).ok())
+            .ok_or_else(|| corrupt(SHARED_EPOCH))?,
+        None => new_epoch(),
+    };
+    if let Some(previous) = previous.as_ref().filter(|previous| !previous.clean) {
+        let machine_went_down = boot.is_empty() || previous.boot != boot;
+        if previous.acknowledged_unsynced && machine_went_down {
+            // The operating system went down with the process: what it had not written
+            // back may be gone, and clients may hold positions of it.
+            tracing::warn!(
+                run = previous.run,
+                "the store was not closed and the machine restarted since: channels written \
+                 before now start over in new epochs, and their clients get resets"
+            );
+            lost_through = Some(previous.run);
+            shared_epoch = new_epoch();
+        } else {
+            // Killed with the operating system alive: everything it wrote is in the
+            // operating system's buffers. Sync it now, so a later power cut cannot take it.
+            sync_tree(dir)?;
+        }
+    }
+    let run = previous.map_or(1, |previous| previous.run + 1);
+    let record = RunRecord {
+        run,
+        clean: false,
+        acknowledged_unsynced: acknowledges_unsynced,
+        boot: boot.to_owned(),
+    };
+    let mut batch = db.batch();
+    batch.insert(&store.records, RUN, record.encode());
+    batch.insert(
+        &store.records,
+        SHARED_EPOCH,
+        shared_epoch.as_str().as_bytes(),
+    );
+    if let Some(lost_through) = lost_through {
+        batch.insert(&store.records, LOST_THROUGH, lost_through.to_le_bytes());
+    }
+    batch.commit().map_err(store_error)?;
+    db.persist(PersistMode::SyncAll).map_err(store_error)?;
+    Ok(Opened {
+        store,
+        run,
+        lost_through,
+        shared_epoch,
+    })
+}
+
+/// Marks the run clean, after everything it wrote is synced.
+pub(crate) fn close_clean(store: &Store, run: u64, acknowledges_unsynced: bool, boot: &str) {
+    let record = RunRecord {
+        run,
+        clean: true,
+        acknowledged_unsynced: acknowledges_unsynced,
+        boot: boot.to_owned(),
+    };
+    let synced = store
+        .db
+        .persist(PersistMode::SyncAll)
+        .and_then(|()| store.records.insert(RUN, record.encode()))
+        .and_then(|()| store.db.persist(PersistMode::SyncAll));
+    if let Err(error) = synced {
+        tracing::error!(%error, "the store could not be closed cleanly; the next start treats this run as killed");
+    }
+}
+
+/// Syncs every file and directory under `dir` to the disk.
+fn sync_tree(dir: &Path) -> Result<(), OpenError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::Io { path, source }
+    };
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let metadata = std::fs::metadata(&path).map_err(io(&path))?;
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(io(&path))? {
+                pending.push(entry.map_err(io(&path))?.path());
+            }
+        }
+        if metadata.is_dir() || metadata.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|file| file.sync_all())
+                .map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}

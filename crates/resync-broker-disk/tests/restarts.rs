@@ -1,0 +1,201 @@
+//! What a restart keeps: a clean close and a killed process resume with no reset; a power
+//! cut that may have taken acknowledged publishes turns into resets, never into reused seqs.
+
+use std::path::Path;
+
+use resync_broker::{Broker, Publish, ReadOutcome};
+use resync_broker_disk::{DiskBroker, Durability, OpenError};
+use resync_protocol::{Channel, IdempotencyKey, Payload, Position, ResetReason, Seq};
+
+fn open(dir: &Path, boot: &str) -> DiskBroker {
+    DiskBroker::builder(dir)
+        .boot_id(boot)
+        .recent_in_memory(8, 64 * 1024)
+        .open()
+        .expect("the store opens")
+}
+
+fn channel() -> Channel {
+    Channel::new("orders:1").expect("valid channel")
+}
+
+async fn publish(broker: &DiskBroker, value: u64) -> Position {
+    broker
+        .publish(Publish::new(
+            channel(),
+            Payload::from_value(&value).expect("json"),
+        ))
+        .await
+        .expect("publish succeeds")
+}
+
+async fn publish_many(broker: &DiskBroker, count: u64) -> Vec<Position> {
+    let mut positions = Vec::new();
+    for value in 0..count {
+        positions.push(publish(broker, value).await);
+    }
+    positions
+}
+
+/// The seqs and data a reader at `since` gets, or the reset it gets.
+async fn read(broker: &DiskBroker, since: &Position) -> Result<Vec<(u64, String)>, ResetReason> {
+    match broker
+        .read_since(&channel(), since, 10_000)
+        .await
+        .expect("read")
+    {
+        ReadOutcome::Replayed { events, .. } => Ok(events
+            .iter()
+            .map(|event| (event.position().seq.get(), event.data().to_owned()))
+            .collect()),
+        ReadOutcome::UpToDate { .. } => Ok(Vec::new()),
+        ReadOutcome::Reset { reason, .. } => Err(reason),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_resumes_from_the_disk_with_no_reset() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (seen, last) = {
+        let broker = open(dir.path(), "boot-1");
+        let positions = publish_many(&broker, 100).await;
+        let key = IdempotencyKey::new("order-100").expect("valid key");
+        broker
+            .publish(
+                Publish::new(channel(), Payload::from_value(&100).expect("json"))
+                    .with_idempotency_key(key),
+            )
+            .await
+            .expect("keyed publish");
+        broker.close().await;
+        (positions[9].clone(), positions[99].clone())
+    };
+    let broker = open(dir.path(), "boot-1");
+    assert_eq!(
+        broker.position(&channel()).await.expect("position").seq,
+        Seq::new(101)
+    );
+    // 91 events back: more than the 8 kept in memory, so they come from the disk.
+    let replay = read(&broker, &seen).await.expect("a replay, not a reset");
+    let seqs: Vec<u64> = replay.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (11..=101).collect::<Vec<_>>());
+    assert_eq!(replay[0].1, "10");
+    // The idempotency key outlived the process: a retry stores nothing.
+    let key = IdempotencyKey::new("order-100").expect("valid key");
+    let again = broker
+        .publish(
+            Publish::new(channel(), Payload::from_value(&100).expect("json"))
+                .with_idempotency_key(key),
+        )
+        .await
+        .expect("keyed retry");
+    assert_eq!(again.seq, Seq::new(101));
+    // Publishing goes on in the same epoch.
+    let next = publish(&broker, 101).await;
+    assert_eq!((next.epoch, next.seq), (last.epoch, Seq::new(102)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_on_a_live_machine_loses_nothing_and_resets_no_one() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let seen = {
+        let broker = open(dir.path(), "boot-1");
+        let positions = publish_many(&broker, 50).await;
+        // Dropped without close: what a kill leaves (the files as written, no clean mark).
+        drop(broker);
+        positions[19].clone()
+    };
+    let broker = open(dir.path(), "boot-1");
+    let replay = read(&broker, &seen).await.expect("a replay, not a reset");
+    assert_eq!(replay.first().map(|(seq, _)| *seq), Some(21));
+    assert_eq!(replay.len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_power_cut_every_client_of_a_written_channel_is_reset_never_fed_reused_seqs() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (seen, newest) = {
+        let broker = DiskBroker::builder(dir.path())
+            .boot_id("boot-1")
+            .durability(Durability::EverySecond)
+            .open()
+            .expect("opens");
+        let positions = publish_many(&broker, 30).await;
+        drop(broker);
+        (positions[9].clone(), positions[29].clone())
+    };
+    // The machine came back in another boot: the store cannot know what the cut took.
+    let broker = open(dir.path(), "boot-2");
+    let after = publish(&broker, 30).await;
+    assert_ne!(
+        after.epoch, newest.epoch,
+        "a new epoch, not seq 31 of the old one"
+    );
+    assert_eq!(read(&broker, &seen).await, Err(ResetReason::EpochChanged));
+    assert_eq!(read(&broker, &newest).await, Err(ResetReason::EpochChanged));
+    // A channel never published before the cut starts in a new shared epoch too.
+    let fresh = broker
+        .position(&Channel::new("never:published").expect("valid"))
+        .await
+        .expect("position");
+    assert_ne!(fresh.epoch, newest.epoch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_always_a_power_cut_resets_no_one() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let seen = {
+        let broker = DiskBroker::builder(dir.path())
+            .boot_id("boot-1")
+            .durability(Durability::Always)
+            .open()
+            .expect("opens");
+        let positions = publish_many(&broker, 30).await;
+        drop(broker);
+        positions[9].clone()
+    };
+    // Everything acknowledged was synced before it was acknowledged.
+    let broker = open(dir.path(), "boot-2");
+    assert_eq!(
+        read(&broker, &seen).await.map(|events| events.len()),
+        Ok(20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_data_directory_is_refused_plainly() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let _first = open(dir.path(), "boot-1");
+    let second = DiskBroker::builder(dir.path()).open();
+    let error = second.expect_err("one process per data directory");
+    assert!(matches!(error, OpenError::InUse { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("in use by another process"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_past_its_count_is_trimmed_on_the_disk_and_readers_behind_it_are_told() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let broker = DiskBroker::builder(dir.path())
+        .retention(resync_broker::Retention::default().with_max_events(20))
+        .recent_in_memory(4, 64 * 1024)
+        .open()
+        .expect("opens");
+    let positions = publish_many(&broker, 60).await;
+    assert_eq!(
+        read(&broker, &positions[10]).await,
+        Err(ResetReason::Truncated)
+    );
+    let replay = read(&broker, &positions[39])
+        .await
+        .expect("within the history");
+    assert_eq!(replay.len(), 20);
+    let bytes = broker.history_bytes();
+    broker.close().await;
+    drop(broker);
+    // The store's byte count survives the restart, from the channels' metadata alone.
+    let broker = open(dir.path(), "boot-1");
+    assert_eq!(broker.history_bytes(), bytes);
+}
