@@ -256,7 +256,27 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(server: &TestServer, query: &str, last_event_id: Option<&str>) -> Self {
-        let mut request = server.http.get(server.url(&format!("/sse{query}")));
+        Self::connect_with(&server.http, &server.url("/sse"), query, last_event_id).await
+    }
+
+    /// Connects to `/sse` of the server at `base` (a server process of its own).
+    pub async fn connect_to(base: &str, query: &str, last_event_id: Option<&str>) -> Self {
+        Self::connect_with(
+            &reqwest::Client::new(),
+            &format!("{base}/sse"),
+            query,
+            last_event_id,
+        )
+        .await
+    }
+
+    async fn connect_with(
+        http: &reqwest::Client,
+        url: &str,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let mut request = http.get(format!("{url}{query}"));
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }

@@ -76,12 +76,14 @@ impl ServerProcess {
         ));
         let stderr = std::fs::File::create(&log).expect("server log file");
         let mut child = Command::new(server_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--api-key",
-                "test-api-key-0123456789",
-            ])
+            // A free port, unless the test names one (a new process of a deploy takes its
+            // predecessor's).
+            .args(if arguments.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .args(["--api-key", "test-api-key-0123456789"])
             .args(if arguments.contains(&"--shutdown-spread-ms") {
                 &[][..]
             } else {

@@ -20,10 +20,11 @@ use actix_web::{App, HttpResponse, web};
 use anyhow::{Context, Result};
 use resync_actix::{AllowAllSubscribers, ChannelPattern, JwtAuthorizer, NamespacePolicy, Resync};
 use resync_broker::{Broker, MemoryBroker, Retention};
+use resync_broker_disk::{DiskBroker, Durability};
 use resync_broker_redis::RedisBroker;
 use tracing::Instrument;
 
-pub use settings::{Args, BrokerKind, LogFormat, NamespaceSettings, Settings};
+pub use settings::{Args, BrokerKind, DurabilityKind, LogFormat, NamespaceSettings, Settings};
 
 fn generate_api_key() -> Result<String> {
     let mut bytes = [0u8; 24];
@@ -148,6 +149,32 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 .subscriber_queue(settings.subscriber_queue)
                 .build();
             (Arc::new(memory.clone()), Some(memory))
+        }
+        BrokerKind::Disk => {
+            let durability = match settings.durability {
+                DurabilityKind::Always => Durability::Always,
+                DurabilityKind::Periodic => {
+                    Durability::Periodic(Duration::from_millis(settings.sync_interval_ms.max(1)))
+                }
+                DurabilityKind::Never => Durability::Never,
+            };
+            let mut disk = DiskBroker::builder(settings.data_dir.clone());
+            for (name, own) in &namespace_retention {
+                disk = disk.namespace_retention(name.clone(), *own);
+            }
+            if let Some(boot) = &settings.boot_id {
+                disk = disk.boot_id(boot.clone());
+            }
+            let disk = disk
+                .retention(retention)
+                .durability(durability)
+                .max_history_bytes(Some(settings.store_max_bytes))
+                .subscriber_queue(settings.subscriber_queue)
+                .open()
+                .with_context(|| {
+                    format!("opening the disk broker in {}", settings.data_dir.display())
+                })?;
+            (Arc::new(disk), None)
         }
         BrokerKind::Redis => (
             Arc::new(

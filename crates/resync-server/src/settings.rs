@@ -334,9 +334,32 @@ settings_table! {
     #[arg(long)]
     publish_hold_max_ms: u64 = millis(transport().publish_hold_max) => (u64),
         into |config, value| config.publish_hold_max = Duration::from_millis(value);
-    /// Broker: `memory` (one process) or `redis` (many processes).
+    /// Broker: `memory` (one process, history lost on restart), `disk` (one process, history
+    /// on disk in `--data-dir`: restarts and deploys resume with no reset) or `redis` (many
+    /// processes).
     #[arg(long, value_enum)]
     broker: BrokerKind = BrokerKind::Memory => (BrokerKind);
+    /// Directory of the disk broker's store (`--broker disk`); one process per directory.
+    #[arg(long)]
+    data_dir: PathBuf = PathBuf::from("resync-data") => (PathBuf);
+    /// When the disk broker syncs publishes to the disk: `always` (acknowledged once synced,
+    /// one sync per batch of concurrent publishes), `periodic` (every `--sync-interval-ms`; a
+    /// power cut may lose that much, and clients behind the loss get resets) or `never`
+    /// (left to the operating system). A killed process loses nothing under any of them.
+    #[arg(long, value_enum)]
+    durability: DurabilityKind = DurabilityKind::Periodic => (DurabilityKind);
+    /// Milliseconds between syncs under `--durability periodic`.
+    #[arg(long)]
+    sync_interval_ms: u64 = 1_000 => (u64);
+    /// Bytes of history the disk broker stores over all channels: past it, the channel
+    /// published to sheds its oldest events.
+    #[arg(long)]
+    store_max_bytes: u64 = 1024 * 1024 * 1024 => (u64);
+    /// What identifies this machine's boot to the disk broker, instead of Linux's `boot_id`:
+    /// for tests that simulate a power cut. Leave it unset.
+    #[arg(long)]
+    boot_id: Option<String> = None => Some (String),
+        shown "/proc/sys/kernel/random/boot_id";
     /// Redis URL for `--broker redis`.
     #[arg(long, hide_env_values = true)]
     redis_url: String = "redis://127.0.0.1:6379/".to_owned() => (String);
@@ -496,6 +519,12 @@ impl<K, V> ShowDefault for std::collections::BTreeMap<K, V> {
     }
 }
 
+impl ShowDefault for DurabilityKind {
+    fn show(&self) -> String {
+        value_name(*self)
+    }
+}
+
 impl ShowDefault for BrokerKind {
     fn show(&self) -> String {
         value_name(*self)
@@ -523,8 +552,23 @@ pub enum BrokerKind {
     /// In this process's memory: one server, history lost on restart.
     #[default]
     Memory,
+    /// On disk in `data_dir`: one server, history kept across restarts.
+    Disk,
     /// Redis: many servers share channels, history and seqs.
     Redis,
+}
+
+/// When the disk broker syncs publishes to the disk.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityKind {
+    /// Acknowledged once synced (group commit).
+    Always,
+    /// Synced every `sync_interval_ms`.
+    #[default]
+    Periodic,
+    /// Left to the operating system.
+    Never,
 }
 
 /// How log lines look.
