@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use fjall::{OwnedWriteBatch, PersistMode};
 use resync_broker::{
     Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
-    MemoryPresence, Publish, ReadDecision, ReadOutcome, Result, Retention, UserCommandFanout,
-    decide_read,
+    MemoryPresence, Publish, PublishOrigin, ReadDecision, ReadOutcome, Result, Retention,
+    UserCommandFanout, decide_read,
 };
 use resync_log::ChannelLog;
 use resync_protocol::{Channel, Epoch, Event, IdempotencyKey, Payload, Position, ResetReason, Seq};
@@ -61,9 +61,20 @@ struct Inner {
     /// The bytes of every channel's stored events.
     history_bytes: AtomicU64,
     max_cached_channels: usize,
+    /// Channels stored, and those of them a client's publish made.
+    channel_count: AtomicUsize,
+    client_channels: AtomicUsize,
+    max_channels: usize,
+    /// Bytes of recent events held in memory over all channels, and the most they may be.
+    recent_bytes: AtomicUsize,
+    max_recent_bytes: usize,
+    /// Where the next sweep of idle channels starts (a channel name; empty: the first).
+    sweep_cursor: Mutex<Vec<u8>>,
     run: u64,
     lost_through: Option<u64>,
-    shared_epoch: Epoch,
+    /// The epoch of channels never published (or forgotten): it changes when a channel that
+    /// used it is forgotten, so that a new history never reuses the old one's seqs.
+    shared_epoch: Mutex<Epoch>,
     durability: Durability,
     boot: String,
     group_commit: Arc<GroupCommit>,
@@ -100,6 +111,8 @@ struct ChannelState {
     /// The oldest stored event's seq and time, once read: most publishes then need no read
     /// to know that nothing has expired.
     oldest_time: Option<(Seq, u64)>,
+    /// Whether the channel's metadata is on the disk (false until its first publish).
+    stored: bool,
 }
 
 /// Builds a [`DiskBroker`].
@@ -115,6 +128,8 @@ pub struct DiskBrokerBuilder {
     idempotency_window: u64,
     max_history_bytes: Option<u64>,
     max_cached_channels: usize,
+    max_channels: usize,
+    max_recent_bytes: usize,
     boot: Option<String>,
 }
 
@@ -179,6 +194,24 @@ impl DiskBrokerBuilder {
         self
     }
 
+    /// The most channels stored at once. A publish to a new channel past it is refused with
+    /// [`Error::TooManyChannels`] (in O(1)); clients' publishes may make at most half of
+    /// them, so the application's never run out. Channels whose history has expired and that
+    /// have no subscriber are forgotten in the background. Defaults to 1,000,000.
+    pub fn max_channels(mut self, channels: usize) -> Self {
+        self.max_channels = channels;
+        self
+    }
+
+    /// The most bytes of recent events held in memory over all channels (each event's
+    /// frame and [`EVENT_OVERHEAD_BYTES`](resync_broker::EVENT_OVERHEAD_BYTES)); past it,
+    /// the channel published to keeps fewer in memory and serves more from the disk.
+    /// Defaults to 64 MiB.
+    pub fn max_recent_bytes(mut self, bytes: usize) -> Self {
+        self.max_recent_bytes = bytes;
+        self
+    }
+
     /// What identifies the machine's current boot, instead of Linux's `boot_id`. A store
     /// that was not closed, reopened in another boot under a durability that acknowledges
     /// before syncing, assumes a power cut took its tail. Tests that simulate a power cut
@@ -194,7 +227,7 @@ impl DiskBrokerBuilder {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
         let boot = self.boot.unwrap_or_else(current_boot);
         let opened = open(&self.dir, &boot, self.durability.acknowledges_unsynced())?;
-        let history_bytes = stored_bytes(&opened.store).map_err(|message| OpenError::Store {
+        let stored = stored_totals(&opened.store).map_err(|message| OpenError::Store {
             path: self.dir.clone(),
             message,
         })?;
@@ -210,11 +243,17 @@ impl DiskBrokerBuilder {
             namespace_retention: self.namespace_retention,
             idempotency_window: self.idempotency_window,
             max_history_bytes: self.max_history_bytes,
-            history_bytes: AtomicU64::new(history_bytes),
+            history_bytes: AtomicU64::new(stored.bytes),
             max_cached_channels: self.max_cached_channels,
+            channel_count: AtomicUsize::new(stored.channels),
+            client_channels: AtomicUsize::new(stored.client_channels),
+            max_channels: self.max_channels.max(1),
+            recent_bytes: AtomicUsize::new(0),
+            max_recent_bytes: self.max_recent_bytes,
+            sweep_cursor: Mutex::new(Vec::new()),
             run: opened.run,
             lost_through: opened.lost_through,
-            shared_epoch: opened.shared_epoch,
+            shared_epoch: Mutex::new(opened.shared_epoch),
             durability: self.durability,
             boot,
             group_commit: Arc::default(),
@@ -239,20 +278,57 @@ impl DiskBrokerBuilder {
                 inner.stop.clone(),
             ));
         }
+        runtime.spawn(sweep_every(
+            Arc::downgrade(&inner),
+            SWEEP_INTERVAL,
+            inner.stop.clone(),
+        ));
         Ok(DiskBroker { inner })
     }
 }
 
-/// The bytes of every channel's stored events, from their metadata: one read per channel,
-/// none per event, so opening does not grow with the history stored.
-fn stored_bytes(store: &Store) -> std::result::Result<u64, String> {
-    let mut total = 0u64;
+/// What the store holds, added up.
+#[derive(Default)]
+struct Totals {
+    bytes: u64,
+    channels: usize,
+    client_channels: usize,
+}
+
+/// The store's totals from the channels' metadata: one read per channel, none per event, so
+/// opening does not grow with the history stored.
+fn stored_totals(store: &Store) -> std::result::Result<Totals, String> {
+    let mut totals = Totals::default();
     for entry in store.channels.iter() {
         let value = entry.value().map_err(|error| error.to_string())?;
         let meta = ChannelMeta::decode(&value).ok_or("a channel's metadata cannot be read")?;
-        total = total.saturating_add(meta.bytes);
+        totals.bytes = totals.bytes.saturating_add(meta.bytes);
+        totals.channels += 1;
+        totals.client_channels += usize::from(meta.made_by_client);
     }
-    Ok(total)
+    Ok(totals)
+}
+
+/// How often idle channels are swept (their expired events removed, the empty ones
+/// forgotten), and how many channels one sweep looks at.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const SWEEP_CHANNELS: usize = 1_000;
+
+async fn sweep_every(inner: std::sync::Weak<Inner>, interval: Duration, stop: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.notified() => return,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let swept =
+            tokio::task::spawn_blocking(move || strong.sweep(SWEEP_CHANNELS, now_ms())).await;
+        if let Ok(Err(error)) = swept {
+            tracing::warn!(%error, "sweeping idle channels failed; the next sweep tries again");
+        }
+    }
 }
 
 async fn sync_every(inner: std::sync::Weak<Inner>, interval: Duration, stop: Arc<Notify>) {
@@ -300,6 +376,8 @@ impl DiskBroker {
             idempotency_window: 1_000,
             max_history_bytes: Some(1024 * 1024 * 1024),
             max_cached_channels: 4_096,
+            max_channels: 1_000_000,
+            max_recent_bytes: 64 * 1024 * 1024,
             boot: None,
         }
     }
@@ -312,6 +390,18 @@ impl DiskBroker {
     /// The bytes the store's files take on the disk.
     pub fn disk_bytes(&self) -> u64 {
         self.inner.store.db.disk_space().unwrap_or(0)
+    }
+
+    /// How many channels are stored.
+    pub fn channel_count(&self) -> usize {
+        self.inner.channel_count.load(Ordering::Relaxed)
+    }
+
+    /// Sweeps up to `channels` idle channels now, as the background sweep does every ten
+    /// seconds: their expired events are removed, and those left with no history and no
+    /// subscriber are forgotten. For tests and tools.
+    pub fn sweep_now(&self, channels: usize) -> Result<()> {
+        self.inner.sweep(channels, now_ms())
     }
 
     /// How many times a subscriber's queue overflowed in a burst (each then caught up from
@@ -338,6 +428,182 @@ impl Inner {
 
     fn unreadable(&self, error: impl std::fmt::Display) -> Error {
         Error::Unavailable(format!("the store could not be read: {error}"))
+    }
+
+    /// Whether a new channel may be stored: within the limit, and a client's within the
+    /// clients' half.
+    fn admit_channel(&self, by_client: bool) -> Result<()> {
+        if self.channel_count.load(Ordering::Relaxed) >= self.max_channels {
+            return Err(Error::TooManyChannels {
+                limit: self.max_channels,
+            });
+        }
+        let client_share = self.max_channels / 2;
+        if by_client && self.client_channels.load(Ordering::Relaxed) >= client_share {
+            return Err(Error::TooManyChannels {
+                limit: client_share,
+            });
+        }
+        Ok(())
+    }
+
+    fn shared_epoch(&self) -> Epoch {
+        lock(&self.shared_epoch).clone()
+    }
+
+    /// Shows a stored event: to the channel's recent events in memory (within the memory
+    /// budget) and to its subscribers. Called under the channel's lock, in seq order.
+    fn show(&self, state: &mut ChannelState, event: &EncodedEvent, size: usize) -> Position {
+        let before = state.recent.bytes();
+        let position = state
+            .recent
+            .append_sized(event.clone(), size, Instant::now());
+        let after = state.recent.bytes();
+        let total = if after >= before {
+            self.recent_bytes
+                .fetch_add(after - before, Ordering::Relaxed)
+                + (after - before)
+        } else {
+            self.recent_bytes
+                .fetch_sub(before - after, Ordering::Relaxed)
+                - (before - after)
+        };
+        if total > self.max_recent_bytes {
+            // The disk has them all: what memory sheds is only read from the disk instead.
+            let freed = state.recent.shed_oldest(total - self.max_recent_bytes);
+            self.recent_bytes.fetch_sub(freed, Ordering::Relaxed);
+        }
+        self.hub.deliver(event);
+        position
+    }
+
+    /// Sweeps up to `count` channels, resuming where the last sweep stopped: removes their
+    /// expired events, and forgets those left with nothing stored and no subscriber (their
+    /// metadata and keys go; a client's old position then resets).
+    fn sweep(&self, count: usize, now_ms: u64) -> Result<()> {
+        let cursor = lock(&self.sweep_cursor).clone();
+        let mut names = Vec::new();
+        for entry in self.store.channels.range(cursor..) {
+            let key = entry.key().map_err(|error| self.unreadable(error))?;
+            names.push(key.to_vec());
+            if names.len() == count {
+                break;
+            }
+        }
+        *lock(&self.sweep_cursor) = match names.last() {
+            Some(last) if names.len() == count => {
+                let mut next = last.clone();
+                next.push(0);
+                next
+            }
+            _ => Vec::new(),
+        };
+        for name in names {
+            let Some(channel) = std::str::from_utf8(&name)
+                .ok()
+                .and_then(|name| Channel::new(name).ok())
+            else {
+                continue;
+            };
+            self.sweep_channel(&channel, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn sweep_channel(&self, channel: &Channel, now_ms: u64) -> Result<()> {
+        // The table's lock keeps publishes from loading the channel meanwhile.
+        let mut table = lock(&self.table);
+        let state = match table.channels.get(channel) {
+            Some(state) => state.clone(),
+            None => {
+                let Some(value) = self
+                    .store
+                    .channels
+                    .get(channel.as_str())
+                    .map_err(|error| self.unreadable(error))?
+                else {
+                    return Ok(());
+                };
+                let meta = ChannelMeta::decode(&value).ok_or_else(|| {
+                    Error::Corrupt(format!("the metadata of {channel} cannot be read"))
+                })?;
+                Arc::new(Mutex::new(ChannelState {
+                    channel: channel.clone(),
+                    recent: ChannelLog::continuing(meta.epoch.clone(), meta.last_seq, self.recent),
+                    retention: self.retention_of(channel),
+                    meta,
+                    oldest_time: None,
+                    stored: true,
+                }))
+            }
+        };
+        // In memory and used (a publish in flight holds it too): kept, only trimmed.
+        let in_use = table.channels.contains_key(channel) && Arc::strong_count(&state) > 2;
+        let mut guard = lock(&state);
+        let st = &mut *guard;
+        let mut meta = st.meta.clone();
+        let mut batch = self.store.db.batch();
+        let after_newest = meta.last_seq.next().unwrap_or(meta.last_seq);
+        let freed = self.trim(&mut batch, st, &mut meta, after_newest, now_ms, 0)?;
+        let forget =
+            !in_use && meta.oldest_stored().is_none() && self.hub.subscriber_count(channel) == 0;
+        let mut rotated = None;
+        if forget {
+            batch.remove(&self.store.channels, channel.as_str());
+            self.remove_keys(&mut batch, channel)?;
+            if meta.epoch == self.shared_epoch() {
+                // Its seqs were of the shared epoch: a later history must not reuse them.
+                let epoch = new_epoch();
+                batch.insert(
+                    &self.store.records,
+                    crate::open::SHARED_EPOCH,
+                    epoch.as_str().as_bytes(),
+                );
+                rotated = Some(epoch);
+            }
+        } else if freed > 0 {
+            batch.insert(&self.store.channels, channel.as_str(), meta.encode());
+        } else {
+            return Ok(());
+        }
+        batch
+            .commit()
+            .map_err(|error| self.failed(format!("the store could not be written: {error}")))?;
+        self.history_bytes.fetch_sub(
+            freed.min(self.history_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        st.meta = meta;
+        if forget {
+            if table.channels.remove(channel).is_some() {
+                self.recent_bytes
+                    .fetch_sub(st.recent.bytes(), Ordering::Relaxed);
+            }
+            self.channel_count.fetch_sub(1, Ordering::Relaxed);
+            if st.meta.made_by_client {
+                self.client_channels.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(epoch) = rotated {
+            *lock(&self.shared_epoch) = epoch;
+        }
+        Ok(())
+    }
+
+    /// Adds the removal of a channel's idempotency keys to `batch`.
+    fn remove_keys(&self, batch: &mut OwnedWriteBatch, channel: &Channel) -> Result<()> {
+        let prefix = channel_prefix(channel.as_str());
+        for marker in [b'k', b's'] {
+            let mut keys_prefix = vec![marker];
+            keys_prefix.extend_from_slice(&prefix);
+            for entry in self.store.keys.prefix(&keys_prefix) {
+                batch.remove(
+                    &self.store.keys,
+                    entry.key().map_err(|error| self.unreadable(error))?,
+                );
+            }
+        }
+        Ok(())
     }
 
     fn check_open(&self) -> Result<()> {
@@ -370,19 +636,19 @@ impl Inner {
             .channels
             .get(channel.as_str())
             .map_err(|error| self.unreadable(error))?;
-        let meta = match stored {
+        let (meta, stored) = match stored {
             Some(value) => {
                 let meta = ChannelMeta::decode(&value).ok_or_else(|| {
                     Error::Corrupt(format!("the metadata of {channel} cannot be read"))
                 })?;
                 if self.lost_through.is_some_and(|run| meta.run <= run) {
-                    self.start_over(channel, meta)?
+                    (self.start_over(channel, meta)?, true)
                 } else {
-                    meta
+                    (meta, true)
                 }
             }
             None if !for_publish => return Ok(None),
-            None => ChannelMeta::empty(self.shared_epoch.clone(), self.run),
+            None => (ChannelMeta::empty(self.shared_epoch(), self.run), false),
         };
         if table.channels.len() >= self.max_cached_channels {
             self.drop_one(&mut table);
@@ -393,6 +659,7 @@ impl Inner {
             retention: self.retention_of(channel),
             meta,
             oldest_time: None,
+            stored,
         }));
         table.channels.insert(channel.clone(), state.clone());
         table.order.push_back(channel.clone());
@@ -410,7 +677,10 @@ impl Inner {
                 Arc::strong_count(state) == 1 && self.hub.subscriber_count(&candidate) == 0
             });
             if unused {
-                table.channels.remove(&candidate);
+                if let Some(state) = table.channels.remove(&candidate) {
+                    let held = lock(&state).recent.bytes();
+                    self.recent_bytes.fetch_sub(held, Ordering::Relaxed);
+                }
                 return;
             }
             if table.channels.contains_key(&candidate) {
@@ -431,17 +701,11 @@ impl Inner {
                 entry.key().map_err(|error| self.unreadable(error))?,
             );
         }
-        for marker in [b'k', b's'] {
-            let mut keys_prefix = vec![marker];
-            keys_prefix.extend_from_slice(&prefix);
-            for entry in self.store.keys.prefix(&keys_prefix) {
-                batch.remove(
-                    &self.store.keys,
-                    entry.key().map_err(|error| self.unreadable(error))?,
-                );
-            }
-        }
-        let fresh = ChannelMeta::empty(new_epoch(), self.run);
+        self.remove_keys(&mut batch, channel)?;
+        let fresh = ChannelMeta {
+            made_by_client: meta.made_by_client,
+            ..ChannelMeta::empty(new_epoch(), self.run)
+        };
         batch.insert(&self.store.channels, name, fresh.encode());
         batch
             .commit()
@@ -613,6 +877,11 @@ impl Broker for DiskBroker {
             let value = event_value(now_ms, event.data());
             let size = (key.len() + value.len()) as u64;
             let mut meta = st.meta.clone();
+            let by_client = publish.origin == PublishOrigin::Client;
+            if !st.stored {
+                inner.admit_channel(by_client)?;
+                meta.made_by_client = by_client;
+            }
             let mut batch = inner.store.db.batch();
             batch.insert(&inner.store.events, key, value);
             meta.last_seq = seq;
@@ -654,32 +923,36 @@ impl Broker for DiskBroker {
                 Ordering::Relaxed,
             );
             st.meta = meta;
+            if !st.stored {
+                st.stored = true;
+                inner.channel_count.fetch_add(1, Ordering::Relaxed);
+                if by_client {
+                    inner.client_channels.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let held = event.held_bytes();
             if inner.durability == Durability::Always {
                 let (acknowledge, acknowledged) = oneshot::channel();
                 let shown = Arc::clone(&state);
-                let hub = inner.hub.clone();
+                let shower = Arc::clone(&self.inner);
+                let position = event.position().clone();
                 inner.group_commit.queue(Waiting {
                     event,
                     size: held,
                     show: Box::new(move |event, size| {
-                        lock(&shown)
-                            .recent
-                            .append_sized(event.clone(), size, Instant::now());
-                        hub.deliver(&event);
+                        shower.show(&mut lock(&shown), &event, size);
                     }),
                     acknowledge,
                 });
-                acknowledged
+                (acknowledged, position)
             } else {
-                let position = st.recent.append_sized(event.clone(), held, Instant::now());
-                // Delivered while the channel is still locked, so subscribers see seq order.
-                inner.hub.deliver(&event);
-                return Ok(position);
+                // Shown while the channel is still locked, so subscribers see seq order.
+                return Ok(inner.show(st, &event, held));
             }
         };
+        let (acknowledged, position) = acknowledged;
         acknowledged.await.map_err(|_| Error::Closed)??;
-        Ok(lock(&state).recent.position())
+        Ok(position)
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<LiveSubscription> {
@@ -696,7 +969,7 @@ impl Broker for DiskBroker {
         let inner = &self.inner;
         let Some(state) = inner.state(channel, false)? else {
             // Never published: the same decision as for a channel with nothing stored.
-            let latest = Position::start_of(inner.shared_epoch.clone());
+            let latest = Position::start_of(inner.shared_epoch());
             return Ok(match decide_read(since, &latest, None) {
                 ReadDecision::UpToDate | ReadDecision::Replay { .. } => {
                     ReadOutcome::UpToDate { latest }
@@ -714,7 +987,13 @@ impl Broker for DiskBroker {
                 ReadDecision::Replay { first } => first,
             };
             if st.recent.oldest_seq().is_some_and(|recent| recent <= first) {
-                return Ok(st.recent.read_since(since, limit, Instant::now()));
+                let before = st.recent.bytes();
+                let read = st.recent.read_since(since, limit, Instant::now());
+                // The read dropped what had expired.
+                inner
+                    .recent_bytes
+                    .fetch_sub(before - st.recent.bytes(), Ordering::Relaxed);
+                return Ok(read);
             }
             let limit = u64::try_from(limit.max(1)).unwrap_or(u64::MAX);
             let last = Seq::new(latest.seq.get().min(first.get().saturating_add(limit - 1)));
@@ -741,7 +1020,7 @@ impl Broker for DiskBroker {
     async fn position(&self, channel: &Channel) -> Result<Position> {
         Ok(match self.inner.state(channel, false)? {
             Some(state) => lock(&state).recent.position(),
-            None => Position::start_of(self.inner.shared_epoch.clone()),
+            None => Position::start_of(self.inner.shared_epoch()),
         })
     }
 

@@ -66,6 +66,8 @@ pub(crate) struct ChannelMeta {
     pub(crate) run: u64,
     /// How many keyed publishes the channel has had: the next slot of its key window.
     pub(crate) keyed: u64,
+    /// A client's publish made it: it counts against the clients' share of the channels.
+    pub(crate) made_by_client: bool,
 }
 
 impl ChannelMeta {
@@ -78,6 +80,7 @@ impl ChannelMeta {
             bytes: 0,
             run,
             keyed: 0,
+            made_by_client: false,
         }
     }
 
@@ -87,7 +90,7 @@ impl ChannelMeta {
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut value = Vec::with_capacity(40 + self.epoch.as_str().len());
+        let mut value = Vec::with_capacity(41 + self.epoch.as_str().len());
         for number in [
             self.last_seq.get(),
             self.oldest_seq.get(),
@@ -97,12 +100,14 @@ impl ChannelMeta {
         ] {
             value.extend_from_slice(&number.to_le_bytes());
         }
+        value.push(u8::from(self.made_by_client));
         value.extend_from_slice(self.epoch.as_str().as_bytes());
         value
     }
 
     pub(crate) fn decode(value: &[u8]) -> Option<Self> {
-        let (numbers, epoch) = value.split_at_checked(40)?;
+        let (numbers, rest) = value.split_at_checked(40)?;
+        let (&made_by_client, epoch) = rest.split_first()?;
         let number = |index: usize| -> Option<u64> {
             let bytes: [u8; 8] = numbers.get(index * 8..index * 8 + 8)?.try_into().ok()?;
             Some(u64::from_le_bytes(bytes))
@@ -113,6 +118,7 @@ impl ChannelMeta {
             bytes: number(2)?,
             run: number(3)?,
             keyed: number(4)?,
+            made_by_client: made_by_client == 1,
             epoch: Epoch::new(std::str::from_utf8(epoch).ok()?).ok()?,
         })
     }
@@ -205,6 +211,7 @@ mod tests {
         fn channel_meta_round_trips(
             epoch in epoch(),
             numbers in proptest::array::uniform5(any::<u64>()),
+            made_by_client: bool,
         ) {
             let meta = ChannelMeta {
                 epoch,
@@ -213,6 +220,7 @@ mod tests {
                 bytes: numbers[2],
                 run: numbers[3],
                 keyed: numbers[4],
+                made_by_client,
             };
             prop_assert_eq!(ChannelMeta::decode(&meta.encode()), Some(meta));
         }

@@ -69,7 +69,7 @@ pub(crate) struct Opened {
 
 const RUN: &str = "run";
 const LOST_THROUGH: &str = "lost_through";
-const SHARED_EPOCH: &str = "shared_epoch";
+pub(crate) const SHARED_EPOCH: &str = "shared_epoch";
 
 pub(crate) fn new_epoch() -> Epoch {
     Epoch::from_random_bits(fastrand::u64(..))

@@ -169,6 +169,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 .retention(retention)
                 .durability(durability)
                 .max_history_bytes(Some(settings.store_max_bytes))
+                .max_channels(settings.max_channels.max(1))
                 .subscriber_queue(settings.subscriber_queue)
                 .open()
                 .with_context(|| {

@@ -245,7 +245,7 @@ settings_table! {
     /// sheds its oldest events, so memory never grows with what publishers send.
     #[arg(long)]
     history_max_bytes: usize = 256 * 1024 * 1024 => (usize);
-    /// Channels with state at once (memory broker): past it, a publish to a new channel is
+    /// Channels with state at once (memory and disk brokers): past it, a publish to a new channel is
     /// refused (429 too_many_channels) unless one without history or subscribers can be
     /// forgotten. Client publishes may make at most half of them, so the API's never run out.
     #[arg(long)]
