@@ -62,12 +62,16 @@ pub struct TestServer {
     pub server: RunningServer,
     pub http: reqwest::Client,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The disk broker's data directory (the default broker), removed with the server.
+    _data_dir: tempfile::TempDir,
 }
 
 impl TestServer {
     /// A server on 127.0.0.1:0 with the defaults, changed by `configure`.
     pub fn start(configure: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
         let mut settings = Settings {
+            data_dir: data_dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
             api_key: Some(TEST_API_KEY.to_owned()),
             workers: Some(2),
@@ -89,6 +93,7 @@ impl TestServer {
             server,
             http: reqwest::Client::new(),
             thread: Some(thread),
+            _data_dir: data_dir,
         }
     }
 

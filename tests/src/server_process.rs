@@ -58,6 +58,8 @@ pub struct ServerProcess {
     child: Child,
     /// Where the process's stderr goes: read back when a test fails, to say why.
     log: PathBuf,
+    /// The disk broker's data directory, unless the test names one.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl ServerProcess {
@@ -75,6 +77,15 @@ impl ServerProcess {
             NEXT_LOG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let stderr = std::fs::File::create(&log).expect("server log file");
+        let data_dir = (!arguments.contains(&"--data-dir"))
+            .then(|| tempfile::tempdir().expect("a data directory"));
+        let data_dir_arguments: Vec<String> = match &data_dir {
+            Some(dir) => vec![
+                "--data-dir".to_owned(),
+                dir.path().join("data").display().to_string(),
+            ],
+            None => Vec::new(),
+        };
         let mut child = Command::new(server_binary())
             // A free port, unless the test names one (a new process of a deploy takes its
             // predecessor's).
@@ -84,6 +95,7 @@ impl ServerProcess {
                 &["--listen", "127.0.0.1:0"][..]
             })
             .args(["--api-key", "test-api-key-0123456789"])
+            .args(&data_dir_arguments)
             .args(if arguments.contains(&"--shutdown-spread-ms") {
                 &[][..]
             } else {
@@ -147,6 +159,7 @@ impl ServerProcess {
             api_address,
             child,
             log,
+            _data_dir: data_dir,
         }
     }
 

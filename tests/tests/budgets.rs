@@ -15,7 +15,10 @@ use resync_tests::{TEST_API_KEY, TestServer, WsClient};
 async fn item_11_the_history_budget_bounds_what_the_process_holds() {
     // A budget of 32 MiB of history, 1,500 events of 60 KB over 100 channels (90 MB).
     let budget_mib = 32;
+    // The memory broker's budget (the disk broker holds a budget of recent events).
     let server = ServerProcess::start(&[
+        "--broker",
+        "memory",
         "--history-max-bytes",
         &(budget_mib * 1024 * 1024).to_string(),
         "--max-body-bytes",

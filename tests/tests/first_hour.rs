@@ -40,7 +40,10 @@ async fn defect_7_logs_at_the_default_level_are_plain_text_and_summarised_not_pe
     use std::io::Read;
     use std::process::{Command, Stdio};
 
+    let data_dir = tempfile::tempdir().unwrap();
     let mut server = Command::new(resync_tests::server_process::server_binary())
+        .arg("--data-dir")
+        .arg(data_dir.path().join("data"))
         .args([
             "--listen",
             "127.0.0.1:0",

@@ -723,6 +723,7 @@ fn memory_broker(server: &TestServer) -> resync_broker::MemoryBroker {
 #[tokio::test]
 async fn defect_4_history_has_a_byte_budget_per_channel_and_for_the_process() {
     let server = TestServer::start(|settings| {
+        settings.broker = resync_server::BrokerKind::Memory;
         settings.history_max_bytes_per_channel = 256 * 1024;
         settings.history_max_bytes = 1024 * 1024;
     });
@@ -772,7 +773,8 @@ async fn defect_4_history_has_a_byte_budget_per_channel_and_for_the_process() {
 
 #[tokio::test]
 async fn defect_6_subscribing_to_channels_never_published_creates_no_channel_state() {
-    let server = TestServer::start(|_| {});
+    // The memory broker's table; the disk broker's is checked in resync-broker-disk's tests.
+    let server = TestServer::start(|settings| settings.broker = resync_server::BrokerKind::Memory);
     let broker = memory_broker(&server);
     let query: String = (0..100)
         .map(|index| format!("channel=spray{index}&"))

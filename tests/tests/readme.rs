@@ -68,6 +68,9 @@ impl Shell {
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .env("PATH", path)
             .env("RESYNC_LISTEN", address)
+            // The quick start's data directory, empty for this run (the README's own
+            // `./resync-data` would hold a previous run's history).
+            .env("RESYNC_DATA_DIR", data_dir())
             .env("RESYNC_URL", format!("http://{address}"))
             .env("RESYNC_LOG", "warn")
             .stdout(Stdio::piped())
@@ -117,6 +120,13 @@ impl Shell {
         self.lines_until(what, matches).pop().unwrap_or_default()
     }
 
+    /// Stops it as Ctrl-C would (SIGINT to its process group) and waits for it to end.
+    fn interrupt(mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-INT", "--", &group]).status();
+        let _ = self.child.wait();
+    }
+
     /// Runs to the end, returning (success, stdout).
     fn finish(mut self) -> (bool, String) {
         let status = self.child.wait().expect("wait");
@@ -131,6 +141,14 @@ impl Drop for Shell {
         let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
+}
+
+/// One data directory for the whole test (both server runs share it), removed at the end.
+fn data_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
+        .path()
+        .join("data")
 }
 
 /// 127.0.0.1:8080 when free, else a free port.
@@ -202,6 +220,32 @@ fn defect_1_13_the_readme_quick_start_runs_as_written() {
     assert!(
         first.contains("\"seq\":2"),
         "only the missed event: {first}"
+    );
+    drop(resumed);
+
+    // "The same holds across a restart": stop the server, start it again, publish, and the
+    // resume from the same id gets the missed events, with no reset.
+    server.interrupt();
+    let server = Shell::spawn(
+        &command("RESYNC_API_KEY=dev-key cargo run -p resync-server"),
+        &address,
+    );
+    server.line("the listening line after the restart", |line| {
+        line.starts_with("listening on ")
+    });
+    let (ok, third) = Shell::spawn(&publish, &address).finish();
+    assert!(ok && third.contains("\"seq\":3"), "the seqs go on: {third}");
+    let resumed = Shell::spawn(&resume, &address);
+    let lines = resumed.lines_until("the missed events after the restart", |line| {
+        line.contains("\"seq\":3")
+    });
+    assert!(
+        !lines.iter().any(|line| line == "event: reset"),
+        "a restart reset the client: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|line| line.contains("\"seq\":2")),
+        "{lines:?}"
     );
     drop(resumed);
 

@@ -8,6 +8,7 @@
 
 use resync_broker::{Broker, Publish};
 use resync_protocol::{Channel, Payload, ServerFrame};
+use resync_server::BrokerKind;
 use resync_tests::{TestServer, WsClient};
 
 /// Publishes `total` events straight into the broker, without yielding: far faster than any
@@ -32,7 +33,11 @@ fn burst_into(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_speed_reader_outrun_by_a_burst_is_caught_up_not_cut_off() {
-    let server = TestServer::start(|settings| settings.subscriber_queue = 16);
+    let server = TestServer::start(|settings| {
+        // These tests publish through the memory broker directly.
+        settings.broker = BrokerKind::Memory;
+        settings.subscriber_queue = 16;
+    });
     let memory = server.server.memory_broker.clone().unwrap();
     let mut reader = WsClient::connect_ready(&server.ws_url("")).await;
     reader.subscribe("burst", None).await;
@@ -121,6 +126,7 @@ async fn publish_status(server: &TestServer, channel: &str) -> (u16, Option<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_wait_while_most_subscribers_lag_and_past_the_hold_get_503_with_retry_after() {
     let server = TestServer::start(|settings| {
+        settings.broker = BrokerKind::Memory;
         settings.subscriber_queue = 1;
         settings.publish_hold_max_ms = 300;
     });
@@ -161,6 +167,7 @@ async fn publishers_wait_while_most_subscribers_lag_and_past_the_hold_get_503_wi
     // Held, then stored once the subscribers catch up within the hold (a long one, so a
     // busy machine's slow catch-up does not turn it into a refusal).
     let server = TestServer::start(|settings| {
+        settings.broker = BrokerKind::Memory;
         settings.subscriber_queue = 1;
         settings.publish_hold_max_ms = 60_000;
     });
@@ -203,6 +210,7 @@ async fn publishers_wait_while_most_subscribers_lag_and_past_the_hold_get_503_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_lagging_subscribers_among_many_do_not_hold_publishers_back() {
     let server = TestServer::start(|settings| {
+        settings.broker = BrokerKind::Memory;
         settings.subscriber_queue = 1;
         settings.publish_hold_max_ms = 5_000;
     });
@@ -237,7 +245,11 @@ async fn a_few_lagging_subscribers_among_many_do_not_hold_publishers_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sse_reader_outrun_by_a_burst_keeps_its_stream_and_gets_every_event_in_order() {
-    let server = TestServer::start(|settings| settings.subscriber_queue = 16);
+    let server = TestServer::start(|settings| {
+        // These tests publish through the memory broker directly.
+        settings.broker = BrokerKind::Memory;
+        settings.subscriber_queue = 16;
+    });
     let memory = server.server.memory_broker.clone().unwrap();
     let mut reader = resync_tests::SseClient::connect(&server, "?channel=burst", None).await;
     assert_eq!(reader.status, 200);

@@ -196,6 +196,11 @@ impl Bench {
             "--api-listen",
             "127.0.0.1:0",
         ];
+        // The memory broker unless a run names one: the fan-out rows measure the transports
+        // against the baseline, and the disk broker has rows of its own.
+        if !extra.contains(&"--broker") {
+            arguments.extend(["--broker", "memory"]);
+        }
         arguments.extend_from_slice(extra);
         Server::start(&self.release.join("resync-server"), &arguments)
     }
@@ -211,6 +216,9 @@ impl Bench {
             "bench-api-key-0123456789",
             "--max-connections",
             cap,
+            // The memory broker, as in the rounds these figures are compared with.
+            "--broker",
+            "memory",
         ];
         arguments.extend_from_slice(extra);
         Server::start(&self.release.join("resync-server"), &arguments)

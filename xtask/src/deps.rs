@@ -22,6 +22,10 @@ mod tests {
             &["resync-protocol", "resync-log", "resync-broker"],
         ),
         (
+            "resync-broker-disk",
+            &["resync-protocol", "resync-log", "resync-broker"],
+        ),
+        (
             "resync-actix",
             &["resync-protocol", "resync-log", "resync-broker"],
         ),
@@ -34,6 +38,7 @@ mod tests {
                 "resync-log",
                 "resync-broker",
                 "resync-broker-redis",
+                "resync-broker-disk",
                 "resync-actix",
             ],
         ),

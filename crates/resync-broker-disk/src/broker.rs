@@ -20,8 +20,9 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::durability::{Durability, GroupCommit, Waiting};
 use crate::layout::{
-    ChannelMeta, channel_prefix, event_key, event_value, idempotency_key, idempotency_slot,
-    idempotency_value, seq_of_event_key, split_event_value, split_idempotency_value,
+    ChannelMeta, RunRecord, channel_prefix, event_key, event_value, idempotency_key,
+    idempotency_slot, idempotency_value, seq_of_event_key, split_event_value,
+    split_idempotency_value,
 };
 use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
 
@@ -77,6 +78,7 @@ struct Inner {
     shared_epoch: Mutex<Epoch>,
     durability: Durability,
     boot: String,
+    place: String,
     group_commit: Arc<GroupCommit>,
     stop: Arc<Notify>,
     closed: AtomicBool,
@@ -206,7 +208,7 @@ impl DiskBrokerBuilder {
     /// The most bytes of recent events held in memory over all channels (each event's
     /// frame and [`EVENT_OVERHEAD_BYTES`](resync_broker::EVENT_OVERHEAD_BYTES)); past it,
     /// the channel published to keeps fewer in memory and serves more from the disk.
-    /// Defaults to 64 MiB.
+    /// Defaults to 32 MiB.
     pub fn max_recent_bytes(mut self, bytes: usize) -> Self {
         self.max_recent_bytes = bytes;
         self
@@ -256,6 +258,7 @@ impl DiskBrokerBuilder {
             shared_epoch: Mutex::new(opened.shared_epoch),
             durability: self.durability,
             boot,
+            place: opened.place,
             group_commit: Arc::default(),
             stop: Arc::new(Notify::new()),
             closed: AtomicBool::new(false),
@@ -377,7 +380,7 @@ impl DiskBroker {
             max_history_bytes: Some(1024 * 1024 * 1024),
             max_cached_channels: 4_096,
             max_channels: 1_000_000,
-            max_recent_bytes: 64 * 1024 * 1024,
+            max_recent_bytes: 32 * 1024 * 1024,
             boot: None,
         }
     }
@@ -1060,9 +1063,13 @@ impl Broker for DiskBroker {
         let closed = tokio::task::spawn_blocking(move || {
             close_clean(
                 &closing.store,
-                closing.run,
-                closing.durability.acknowledges_unsynced(),
-                &closing.boot,
+                RunRecord {
+                    run: closing.run,
+                    clean: true,
+                    acknowledged_unsynced: closing.durability.acknowledges_unsynced(),
+                    boot: closing.boot.clone(),
+                    place: closing.place.clone(),
+                },
             );
         })
         .await;

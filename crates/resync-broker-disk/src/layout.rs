@@ -168,6 +168,9 @@ pub(crate) struct RunRecord {
     /// The boot of the machine the run ran on: another boot after an unclean end means the
     /// operating system's buffers may be gone with what they held.
     pub(crate) boot: String,
+    /// Where the store's files are (device and inode of its directory): another place means
+    /// the directory was copied or restored from a backup, which is behind what clients saw.
+    pub(crate) place: String,
 }
 
 impl RunRecord {
@@ -175,21 +178,36 @@ impl RunRecord {
         let mut value = self.run.to_le_bytes().to_vec();
         value.push(u8::from(self.clean));
         value.push(u8::from(self.acknowledged_unsynced));
-        value.extend_from_slice(self.boot.as_bytes());
+        for text in [&self.boot, &self.place] {
+            value.extend_from_slice(&u32::try_from(text.len()).unwrap_or(0).to_le_bytes());
+            value.extend_from_slice(text.as_bytes());
+        }
         value
     }
 
     pub(crate) fn decode(value: &[u8]) -> Option<Self> {
         let (run, rest) = value.split_at_checked(8)?;
         let (&clean, rest) = rest.split_first()?;
-        let (&acknowledged_unsynced, boot) = rest.split_first()?;
+        let (&acknowledged_unsynced, rest) = rest.split_first()?;
+        let (boot, rest) = split_text(rest)?;
+        let (place, rest) = split_text(rest)?;
+        rest.is_empty().then_some(())?;
         Some(Self {
             run: u64::from_le_bytes(run.try_into().ok()?),
             clean: clean == 1,
             acknowledged_unsynced: acknowledged_unsynced == 1,
-            boot: std::str::from_utf8(boot).ok()?.to_owned(),
+            boot,
+            place,
         })
     }
+}
+
+/// A text led by its length, and what follows it.
+fn split_text(value: &[u8]) -> Option<(String, &[u8])> {
+    let (length, rest) = value.split_at_checked(4)?;
+    let length = usize::try_from(u32::from_le_bytes(length.try_into().ok()?)).ok()?;
+    let (text, rest) = rest.split_at_checked(length)?;
+    Some((std::str::from_utf8(text).ok()?.to_owned(), rest))
 }
 
 /// An unsigned number stored in the `store` keyspace.
@@ -226,8 +244,10 @@ mod tests {
         }
 
         #[test]
-        fn run_records_round_trip(run in any::<u64>(), clean: bool, unsynced: bool, boot in "[ -~]{0,40}") {
-            let record = RunRecord { run, clean, acknowledged_unsynced: unsynced, boot };
+        fn run_records_round_trip(
+            run in any::<u64>(), clean: bool, unsynced: bool, boot in "[ -~]{0,40}", place in "[0-9:]{0,20}",
+        ) {
+            let record = RunRecord { run, clean, acknowledged_unsynced: unsynced, boot, place };
             prop_assert_eq!(RunRecord::decode(&record.encode()), Some(record));
         }
 

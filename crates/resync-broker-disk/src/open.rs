@@ -65,9 +65,16 @@ pub(crate) struct Opened {
     pub(crate) lost_through: Option<u64>,
     /// The epoch of channels never published.
     pub(crate) shared_epoch: Epoch,
+    /// Where the store's files are (see `RunRecord::place`).
+    pub(crate) place: String,
 }
 
 const RUN: &str = "run";
+const LAYOUT: &str = "layout";
+/// The version of `layout.rs` this build reads and writes. A build that changes the layout
+/// raises it and converts older stores at opening; a store of another version is refused,
+/// never misread.
+const LAYOUT_VERSION: u64 = 1;
 const LOST_THROUGH: &str = "lost_through";
 pub(crate) const SHARED_EPOCH: &str = "shared_epoch";
 
@@ -102,19 +109,26 @@ pub(crate) fn open(
             message: other.to_string(),
         },
     };
+    // Bounded memory and a bounded replay at opening: a block cache of 16 MiB, write buffers
+    // of 16 MiB for events and 4 MiB for the rest, and at most 64 MiB of journal (what an
+    // opening after a crash replays) before the write buffers are flushed to tables.
     let db = Database::builder(dir.join("store"))
         .worker_threads(1)
+        .cache_size(16 * 1024 * 1024)
+        .max_journaling_size(64 * 1024 * 1024)
         .open()
         .map_err(store_error)?;
-    let keyspace = |name: &str| {
-        db.keyspace(name, KeyspaceCreateOptions::default)
-            .map_err(store_error)
+    let keyspace = |name: &str, memtable: u64| {
+        db.keyspace(name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(memtable)
+        })
+        .map_err(store_error)
     };
     let store = Store {
-        events: keyspace("events")?,
-        channels: keyspace("channels")?,
-        keys: keyspace("keys")?,
-        records: keyspace("store")?,
+        events: keyspace("events", 16 * 1024 * 1024)?,
+        channels: keyspace("channels", 4 * 1024 * 1024)?,
+        keys: keyspace("keys", 4 * 1024 * 1024)?,
+        records: keyspace("store", 4 * 1024 * 1024)?,
         db: db.clone(),
     };
     let read = |key: &str| store.records.get(key).map_err(store_error);
@@ -122,6 +136,18 @@ pub(crate) fn open(
         path: dir.to_owned(),
         message: format!("its {what} record cannot be read"),
     };
+    match read(LAYOUT)?.map(|value| decode_number(&value)) {
+        None | Some(Some(LAYOUT_VERSION)) => {}
+        Some(other) => {
+            return Err(OpenError::Store {
+                path: dir.to_owned(),
+                message: format!(
+                    "its layout is version {}, and this build reads version {LAYOUT_VERSION}",
+                    other.map_or_else(|| "unreadable".to_owned(), |version| version.to_string())
+                ),
+            });
+        }
+    }
     let previous = match read(RUN)? {
         Some(value) => Some(RunRecord::decode(&value).ok_or_else(|| corrupt(RUN))?),
         None => None,
@@ -137,7 +163,20 @@ pub(crate) fn open(
             .ok_or_else(|| corrupt(SHARED_EPOCH))?,
         None => new_epoch(),
     };
-    if let Some(previous) = previous.as_ref().filter(|previous| !previous.clean) {
+    let place = place_of(&dir.join("store")).map_err(io(dir))?;
+    let moved = previous
+        .as_ref()
+        .is_some_and(|previous| previous.place != place);
+    if moved {
+        // A copy or a restored backup: it is behind what clients saw, by any amount.
+        tracing::warn!(
+            "the store's files are not where its last run left them (copied or restored from a \
+             backup): channels written before now start over in new epochs, and their clients \
+             get resets"
+        );
+        lost_through = previous.as_ref().map(|previous| previous.run);
+        shared_epoch = new_epoch();
+    } else if let Some(previous) = previous.as_ref().filter(|previous| !previous.clean) {
         let machine_went_down = boot.is_empty() || previous.boot != boot;
         if previous.acknowledged_unsynced && machine_went_down {
             // The operating system went down with the process: what it had not written
@@ -161,8 +200,10 @@ pub(crate) fn open(
         clean: false,
         acknowledged_unsynced: acknowledges_unsynced,
         boot: boot.to_owned(),
+        place: place.clone(),
     };
     let mut batch = db.batch();
+    batch.insert(&store.records, LAYOUT, LAYOUT_VERSION.to_le_bytes());
     batch.insert(&store.records, RUN, record.encode());
     batch.insert(
         &store.records,
@@ -179,16 +220,15 @@ pub(crate) fn open(
         run,
         lost_through,
         shared_epoch,
+        place,
     })
 }
 
 /// Marks the run clean, after everything it wrote is synced.
-pub(crate) fn close_clean(store: &Store, run: u64, acknowledges_unsynced: bool, boot: &str) {
+pub(crate) fn close_clean(store: &Store, record: RunRecord) {
     let record = RunRecord {
-        run,
         clean: true,
-        acknowledged_unsynced: acknowledges_unsynced,
-        boot: boot.to_owned(),
+        ..record
     };
     let synced = store
         .db
@@ -198,6 +238,14 @@ pub(crate) fn close_clean(store: &Store, run: u64, acknowledges_unsynced: bool, 
     if let Err(error) = synced {
         tracing::error!(%error, "the store could not be closed cleanly; the next start treats this run as killed");
     }
+}
+
+/// The device and inode of `path`: they change when a directory is copied or restored, and
+/// stay through a rename, a remount or a reboot.
+fn place_of(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path)?;
+    Ok(format!("{}:{}", metadata.dev(), metadata.ino()))
 }
 
 /// Syncs every file and directory under `dir` to the disk.

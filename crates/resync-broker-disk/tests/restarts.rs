@@ -199,3 +199,37 @@ async fn history_past_its_count_is_trimmed_on_the_disk_and_readers_behind_it_are
     let broker = open(dir.path(), "boot-1");
     assert_eq!(broker.history_bytes(), bytes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_or_restored_data_directory_resets_its_clients_even_after_a_clean_close() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let original = dir.path().join("original");
+    let seen = {
+        let broker = open(&original, "boot-1");
+        let positions = publish_many(&broker, 10).await;
+        broker.close().await;
+        positions[9].clone()
+    };
+    // A backup taken now, restored later: clients may have seen events published after it.
+    let restored = dir.path().join("restored");
+    copy_tree(&original, &restored);
+    let broker = open(&restored, "boot-1");
+    assert_eq!(read(&broker, &seen).await, Err(ResetReason::EpochChanged));
+    drop(broker);
+    // The original, where it was, resumes as before.
+    let broker = open(&original, "boot-1");
+    assert_eq!(read(&broker, &seen).await, Ok(Vec::new()));
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("a directory");
+    for entry in std::fs::read_dir(from).expect("readable") {
+        let entry = entry.expect("an entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("a type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copied");
+        }
+    }
+}

@@ -8,8 +8,10 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn cli_subscribe_prints_what_cli_publish_sends() {
+    let data_dir = tempfile::tempdir().unwrap();
     let (server, _thread) = resync_server::start(resync_server::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.path().join("data"),
         api_key: Some("cli-api-key-0123456789".to_owned()),
         workers: Some(1),
         ..resync_server::Settings::default()

@@ -338,7 +338,7 @@ settings_table! {
     /// on disk in `--data-dir`: restarts and deploys resume with no reset) or `redis` (many
     /// processes).
     #[arg(long, value_enum)]
-    broker: BrokerKind = BrokerKind::Memory => (BrokerKind);
+    broker: BrokerKind = BrokerKind::Disk => (BrokerKind);
     /// Directory of the disk broker's store (`--broker disk`); one process per directory.
     #[arg(long)]
     data_dir: PathBuf = PathBuf::from("resync-data") => (PathBuf);
@@ -550,9 +550,9 @@ fn value_name(value: impl clap::ValueEnum) -> String {
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
     /// In this process's memory: one server, history lost on restart.
-    #[default]
     Memory,
     /// On disk in `data_dir`: one server, history kept across restarts.
+    #[default]
     Disk,
     /// Redis: many servers share channels, history and seqs.
     Redis,

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
+    // A new user's first start: an empty data directory for the default (disk) broker.
+    let data_dir = tempfile::tempdir().unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_resync-server"))
+        .arg("--data-dir")
+        .arg(data_dir.path().join("data"))
         .args([
             "--listen",
             "127.0.0.1:0",

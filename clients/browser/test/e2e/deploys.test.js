@@ -1,7 +1,7 @@
 // Deploys and outages as clients nobody here wrote see them: Chromium's own EventSource and
 // the npm `eventsource` package, with no resync client code, must stay OPEN through a deploy
-// (SIGTERM, then a new process on the same port) and a Redis outage, and receive the next
-// event. Each test proves its fault happened (the process exited, Redis was down while the
+// (SIGTERM, then a new process on the same port), a kill -9 and a Redis outage, and receive
+// what was published: on the default (disk) broker every event once and no reset. Each test proves its fault happened (the process exited, Redis was down while the
 // sources came back) and counts the reconnects.
 
 import { after, before, test } from "node:test";
@@ -67,9 +67,57 @@ async function publishWhenReady(base, channel, data) {
   return eventually(() => publish(base, channel, data).catch(() => false), { message: `publish ${JSON.stringify(data)}` });
 }
 
-test("a deploy leaves every EventSource open, and the event published after it arrives", async (t) => {
+/** The `n`s of a source's events, in the order it got them. */
+const ns = (source) => source.events.map((event) => event.data?.n);
+
+// A deploy (SIGTERM, then a new process on the same port and data directory) and a crash
+// (kill -9, then a new process) on the default broker, which keeps history on disk: every
+// source reconnects by itself and gets every event exactly once, in order, with no reset.
+for (const [fault, stopOld] of [
+  ["a deploy", async (server) => assert.equal((await server.terminate()).code, 0, "the old process drained and exited by itself")],
+  ["a kill -9", async (server) => server.stop()],
+]) {
+  test(`${fault} on the default broker leaves every EventSource open, with every event once and no reset`, async (t) => {
+    const port = await freePort();
+    const listen = ["--listen", `127.0.0.1:${port}`];
+    let server = await startServer([...listen, "--shutdown-spread-ms", "1000"]);
+    const dataDir = ["--data-dir", server.dataDir];
+    const pageServer = await new Proxy(server.port).start(); // serves the page only
+    const node = nodeSources(server.base, "deploy", NODE_SOURCES);
+    const page = await openPages(`${pageServer.base}/e2e/sources.html?channels=deploy&base=${encodeURIComponent(server.base)}`);
+    t.after(async () => {
+      for (const { source } of node) source.close();
+      await page.close();
+      await pageServer.stop();
+      await server.stop();
+    });
+    await untilEvery(page, node, (source) => source.readyState === OPEN, "every source open");
+    for (const n of [1, 2, 3]) await publish(server.base, "deploy", { n });
+    await untilEvery(page, node, (source) => ns(source).length === 3, "events 1-3 everywhere");
+
+    await stopOld(server);
+    server = await startServer([...listen, ...dataDir]);
+    // Published while the sources are (or may still be) away: they get them on their return.
+    for (const n of [4, 5]) await publishWhenReady(server.base, "deploy", { n });
+    await untilEvery(page, node, (source) => source.readyState === OPEN && source.opens >= 2, "every source back on the new process");
+    await publish(server.base, "deploy", { n: 6 });
+    const sources = await untilEvery(page, node, (source) => ns(source).length >= 6, "events 4-6 everywhere after the restart");
+    for (const [index, source] of sources.entries()) {
+      assert.deepEqual(ns(source), [1, 2, 3, 4, 5, 6], `source ${index}: every event once, in order`);
+      assert.deepEqual(source.resets, [], `source ${index} was reset`);
+      assert.ok(source.opens >= 2, `source ${index} reconnected by itself (${source.opens} opens)`);
+      const seqs = source.events.map((event) => event.seq);
+      assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6], `source ${index}: the seqs go on`);
+    }
+    assert.equal(sources.length, BROWSER_SOURCES + NODE_SOURCES);
+  });
+}
+
+// On the memory broker history does not survive the process: every source is told to
+// refetch, plainly, and the next event reaches all of them.
+test("a deploy on the memory broker leaves every EventSource open, told to refetch, and the next event arrives", async (t) => {
   const port = await freePort();
-  const listen = ["--listen", `127.0.0.1:${port}`];
+  const listen = ["--listen", `127.0.0.1:${port}`, "--broker", "memory"];
   let server = await startServer([...listen, "--shutdown-spread-ms", "1000"]);
   const pageServer = await new Proxy(server.port).start(); // serves the page only
   const node = nodeSources(server.base, "deploy", NODE_SOURCES);

@@ -5,6 +5,7 @@ import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import net from "node:net";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -12,14 +13,39 @@ import { chromium } from "playwright-core";
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const API_KEY = "e2e-api-key-0123456789";
 
-/** Starts the resync-server binary; resolves once it listens. */
+/** The data directories made here, removed when the test process exits. */
+const dataDirectories = [];
+process.on("exit", () => {
+  for (const directory of dataDirectories) fs.rmSync(directory, { recursive: true, force: true });
+});
+
+/** A new empty directory for the disk broker's data (the default broker). */
+export function dataDirectory() {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), "resync-e2e-data-"));
+  dataDirectories.push(directory);
+  return directory;
+}
+
+/**
+ * Starts the resync-server binary; resolves once it listens. On the default (disk) broker
+ * each server gets an empty data directory of its own unless `args` name one (a deploy's
+ * next process names its predecessor's).
+ */
 export async function startServer(args = []) {
   const binary = process.env.RESYNC_SERVER_BIN;
   if (!binary) throw new Error("set RESYNC_SERVER_BIN (cargo xtask e2e does)");
   const defaults = (flag, value) => (args.includes(flag) ? [] : [flag, value]);
+  const dataDir = args.includes("--data-dir") ? args[args.indexOf("--data-dir") + 1] : dataDirectory();
   const child = spawn(
     binary,
-    [...defaults("--listen", "127.0.0.1:0"), "--api-key", API_KEY, ...defaults("--shutdown-spread-ms", "100"), ...args],
+    [
+      ...defaults("--listen", "127.0.0.1:0"),
+      "--api-key",
+      API_KEY,
+      ...defaults("--shutdown-spread-ms", "100"),
+      ...defaults("--data-dir", dataDir),
+      ...args,
+    ],
     { env: { ...process.env, RESYNC_LOG: "warn" }, stdio: ["ignore", "pipe", "inherit"] },
   );
   const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })));
@@ -33,6 +59,7 @@ export async function startServer(args = []) {
   return {
     base,
     port,
+    dataDir,
     exited,
     /** SIGTERM, as a deploy sends: resolves with the exit once the process has drained. */
     terminate: () => {
