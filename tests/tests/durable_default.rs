@@ -260,3 +260,91 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// One process per data directory: a second one is refused with a plain message, or, in a
+/// deploy, waits while the previous one drains and then takes over its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_26_a_second_process_on_a_data_directory_waits_for_the_first_or_is_refused_plainly() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().expect("a UTF-8 path").to_owned();
+    let mut first = disk_server(&data_dir, "127.0.0.1:0", &[]);
+    let http = reqwest::Client::new();
+    let published = publish_until_acknowledged(&http, &first.base_url, "orders:lock", 1).await;
+
+    let refused = std::process::Command::new(resync_tests::server_process::server_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+            "--data-dir-wait-secs",
+            "0",
+        ])
+        .env("RESYNC_API_KEY", TEST_API_KEY)
+        .output()
+        .expect("the server runs");
+    assert!(
+        !refused.status.success(),
+        "a second process on the same data directory started"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+
+    // A deploy that starts the next process before the previous one has gone.
+    let log = dir.path().join("second.log");
+    let mut second = std::process::Command::new(resync_tests::server_process::server_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+            "--data-dir-wait-secs",
+            "60",
+        ])
+        .env("RESYNC_API_KEY", TEST_API_KEY)
+        .env("RESYNC_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
+        .spawn()
+        .expect("the server runs");
+    // It says it waits, and does: the first process still holds the directory.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for it")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second process never said it waits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.is_running());
+    first.terminate();
+    assert!(
+        first.wait_for_exit(Duration::from_secs(30)),
+        "{}",
+        first.report()
+    );
+    let stdout = second.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await
+    .expect("read")
+    .expect("the listening line");
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening")
+        .to_owned();
+    let position = resync_tests::channel_position(&http, &base, TEST_API_KEY, "orders:lock").await;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert_eq!(
+        position, published,
+        "the second process took over the history"
+    );
+}

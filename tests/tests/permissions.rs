@@ -403,6 +403,8 @@ fn l5_uniform_jwt_secrets_and_short_api_keys_stop_the_server_at_start() {
         let mut settings = resync_server::Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
             api_key: Some(resync_tests::TEST_API_KEY.to_owned()),
+            // A check of the settings: no data directory in the working directory.
+            broker: resync_server::BrokerKind::Memory,
             ..resync_server::Settings::default()
         };
         configure(&mut settings);

@@ -89,7 +89,10 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    let test_directories = test_working_directories()?;
+    remove_data_directories(&test_directories)?;
     run(cargo(&["test", "--workspace", "--locked"]))?;
+    stray_data_directories(&test_directories)?;
     public_api::check()?;
     let mut doc = cargo(&["doc", "--workspace", "--no-deps", "--locked"]);
     doc.env("RUSTDOCFLAGS", "-D warnings");
@@ -106,6 +109,50 @@ pub(crate) fn workspace_root() -> std::path::PathBuf {
             || std::path::PathBuf::from("."),
             std::path::Path::to_path_buf,
         )
+}
+
+/// Where tests run (each package's directory): a server a test starts on the default (disk)
+/// broker without a `--data-dir` of its own would leave `resync-data` there.
+fn test_working_directories() -> Result<Vec<std::path::PathBuf>> {
+    let root = workspace_root();
+    let mut directories = vec![root.join("tests"), root.join("xtask"), root.join("bench")];
+    for parent in ["crates", "examples"] {
+        let listing = std::fs::read_dir(root.join(parent))
+            .with_context(|| format!("reading {parent}"))?;
+        directories.extend(listing.filter_map(|entry| entry.ok()).map(|entry| entry.path()));
+    }
+    Ok(directories)
+}
+
+/// Removes what an earlier run left, so that the check after the tests sees only this run's.
+fn remove_data_directories(directories: &[std::path::PathBuf]) -> Result<()> {
+    for directory in directories {
+        let data = directory.join("resync-data");
+        if data.is_dir() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("removing {}", data.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fails when a test left a data directory in a package's directory: its server shared one
+/// store with every other such test (and with the next run).
+fn stray_data_directories(directories: &[std::path::PathBuf]) -> Result<()> {
+    let stray: Vec<String> = directories
+        .iter()
+        .map(|directory| directory.join("resync-data"))
+        .filter(|data| data.is_dir())
+        .map(|data| data.display().to_string())
+        .collect();
+    if !stray.is_empty() {
+        bail!(
+            "tests left data directories of the default broker: {}; give the server such a \
+             test starts a temporary --data-dir (TestServer and ServerProcess do)",
+            stray.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The `*.test.js` files of a folder, sorted (Node 20's test runner takes no globs).

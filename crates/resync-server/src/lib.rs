@@ -100,6 +100,32 @@ impl RunningServer {
     }
 }
 
+/// Opens the disk broker, waiting up to `data_dir_wait_secs` while another process holds the
+/// data directory: in a deploy the next process may start while the previous one drains.
+fn open_waiting(
+    builder: &resync_broker_disk::DiskBrokerBuilder,
+    settings: &Settings,
+) -> std::result::Result<DiskBroker, resync_broker_disk::OpenError> {
+    let deadline = Instant::now() + Duration::from_secs(settings.data_dir_wait_secs);
+    let mut told = false;
+    loop {
+        match builder.clone().open() {
+            Err(resync_broker_disk::OpenError::InUse { .. }) if Instant::now() < deadline => {
+                if !told {
+                    tracing::warn!(
+                        data_dir = %settings.data_dir.display(),
+                        wait_secs = settings.data_dir_wait_secs,
+                        "the data directory is in use by another process (a previous one still draining?); waiting for it"
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Binds the server; it serves once the returned future is awaited.
 /// Must be called inside an actix runtime.
 pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)> {
@@ -136,6 +162,20 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             (name.clone(), own)
         })
         .collect();
+    if settings.max_channels_per_connection > resync_protocol::MAX_CURSOR_CHANNELS {
+        anyhow::bail!(
+            "max_channels_per_connection is {}; the most is {} (a cursor holds at most that many channels)",
+            settings.max_channels_per_connection,
+            resync_protocol::MAX_CURSOR_CHANNELS
+        );
+    }
+    // Everything a setting can get wrong is checked before the store is opened (or made).
+    let token_authorizer = token_authorizer(settings)?;
+    let tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(cert, key)?)),
+        (None, None) => None,
+        _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
+    };
     let (broker, memory_broker): (Arc<dyn Broker>, _) = match settings.broker {
         BrokerKind::Memory => {
             let mut memory = MemoryBroker::builder();
@@ -170,11 +210,10 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 .durability(durability)
                 .max_history_bytes(Some(settings.store_max_bytes))
                 .max_channels(settings.max_channels.max(1))
-                .subscriber_queue(settings.subscriber_queue)
-                .open()
-                .with_context(|| {
-                    format!("opening the disk broker in {}", settings.data_dir.display())
-                })?;
+                .subscriber_queue(settings.subscriber_queue);
+            let disk = open_waiting(&disk, settings).with_context(|| {
+                format!("opening the disk broker in {}", settings.data_dir.display())
+            })?;
             (Arc::new(disk), None)
         }
         BrokerKind::Redis => (
@@ -196,13 +235,6 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             None,
         ),
     };
-    if settings.max_channels_per_connection > resync_protocol::MAX_CURSOR_CHANNELS {
-        anyhow::bail!(
-            "max_channels_per_connection is {}; the most is {} (a cursor holds at most that many channels)",
-            settings.max_channels_per_connection,
-            resync_protocol::MAX_CURSOR_CHANNELS
-        );
-    }
     let mut config = settings.transport_config();
     config.namespaces = settings
         .namespaces
@@ -264,7 +296,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
         anonymous_publish.push("demo:*".to_owned());
     }
     let max_token_lifetime = settings.max_token_lifetime_secs.map(Duration::from_secs);
-    let builder = match token_authorizer(settings)? {
+    let builder = match token_authorizer {
         Some(authorizer) => builder.authorizer(
             authorizer
                 .max_token_lifetime(max_token_lifetime)
@@ -353,11 +385,6 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
             .configure(api::configure)
             .configure(move |config| resync.configure(config))
             .default_service(web::to(api::not_found))
-    };
-    let tls = match (&settings.tls_cert, &settings.tls_key) {
-        (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(cert, key)?)),
-        (None, None) => None,
-        _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
     };
     let serves_tls = tls.is_some();
     let socket = listener::tcp_listener(settings.listen)

@@ -342,6 +342,10 @@ settings_table! {
     /// Directory of the disk broker's store (`--broker disk`); one process per directory.
     #[arg(long)]
     data_dir: PathBuf = PathBuf::from("resync-data") => (PathBuf);
+    /// Seconds to wait at start while another process holds the data directory (one process
+    /// per directory; in a deploy the previous one may still be draining), before giving up.
+    #[arg(long)]
+    data_dir_wait_secs: u64 = 30 => (u64);
     /// When the disk broker syncs publishes to the disk: `always` (acknowledged once synced,
     /// one sync per batch of concurrent publishes), `periodic` (every `--sync-interval-ms`; a
     /// power cut may lose that much, and clients behind the loss get resets) or `never`
