@@ -117,9 +117,13 @@ fn test_working_directories() -> Result<Vec<std::path::PathBuf>> {
     let root = workspace_root();
     let mut directories = vec![root.join("tests"), root.join("xtask"), root.join("bench")];
     for parent in ["crates", "examples"] {
-        let listing = std::fs::read_dir(root.join(parent))
-            .with_context(|| format!("reading {parent}"))?;
-        directories.extend(listing.filter_map(|entry| entry.ok()).map(|entry| entry.path()));
+        let listing =
+            std::fs::read_dir(root.join(parent)).with_context(|| format!("reading {parent}"))?;
+        directories.extend(
+            listing
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.path()),
+        );
     }
     Ok(directories)
 }
