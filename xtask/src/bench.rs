@@ -89,6 +89,70 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// SIGTERM, as a deploy sends, and the wait for the process to drain and exit.
+    fn terminate(mut self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status()
+            .context("kill")?;
+        if !status.success() {
+            bail!("SIGTERM was not delivered");
+        }
+        self.child.wait().context("waiting for the server")?;
+        Ok(())
+    }
+}
+
+/// A data directory for the disk broker, removed when dropped.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new() -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "resync-bench-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).with_context(|| format!("making {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+
+    /// The bytes of the files under it.
+    fn bytes(&self) -> u64 {
+        fn walk(path: &Path) -> u64 {
+            match std::fs::metadata(path) {
+                Ok(metadata) if metadata.is_dir() => std::fs::read_dir(path)
+                    .map(|entries| {
+                        entries
+                            .filter_map(|entry| entry.ok())
+                            .map(|entry| walk(&entry.path()))
+                            .sum()
+                    })
+                    .unwrap_or(0),
+                // Blocks in use, not the length: the journal is preallocated sparse.
+                Ok(metadata) => {
+                    use std::os::unix::fs::MetadataExt;
+                    metadata.blocks() * 512
+                }
+                Err(_) => 0,
+            }
+        }
+        walk(&self.0)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Redis {
     child: Child,
     url: String,
@@ -526,11 +590,13 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
         }
         flood_round(&mut bench, quick, None)?;
         presence_round(&mut bench, quick)?;
+        disk_round(&mut bench, quick)?;
         // Redis against in-memory twice per repetition, taking turns at going first: the
         // two rows run on the same noisy cores, so they get more samples than the others.
         redis_round(&mut bench, false)?;
         redis_round(&mut bench, true)?;
     }
+    disk_restart_round(&mut bench, quick)?;
     let seconds = started.elapsed().as_secs();
     let raw = serde_json::json!({
         "quick": quick,
@@ -546,6 +612,255 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     write_report(&bench, sizes, repetitions, seconds)?;
     eprintln!("bench: wrote docs/benchmarks.md and docs/benchmarks.svg in {seconds} s");
     Ok(())
+}
+
+/// The durable default (issue 26) against the memory broker in the same run: fan-out, a
+/// resume from the disk, and publish throughput per durability.
+fn disk_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    let burst = if quick { "400" } else { SATURATION_BURST };
+    for &subscribers in sizes(quick) {
+        let count = subscribers.to_string();
+        for transport in ["ws", "sse"] {
+            for broker in ["memory", "disk"] {
+                let data = DataDir::new()?;
+                let server = bench.ours(&["--broker", broker, "--data-dir", data.path()])?;
+                let pid = server.pid();
+                bench.load(
+                    &format!("disk/fanout/{transport}/{subscribers}/{broker}"),
+                    &[
+                        "fanout",
+                        "--url",
+                        &server.url,
+                        "--publish-url",
+                        server.publish_url(),
+                        "--pid",
+                        &pid,
+                        "--transport",
+                        transport,
+                        "--subscribers",
+                        &count,
+                        "--burst",
+                        burst,
+                        "--latency-seconds",
+                        "3",
+                    ],
+                )?;
+            }
+        }
+    }
+    for broker in ["memory", "disk"] {
+        let data = DataDir::new()?;
+        let server = bench.ours(&["--broker", broker, "--data-dir", data.path()])?;
+        let pid = server.pid();
+        bench.load(
+            &format!("disk/resume/{broker}"),
+            &[
+                "resume",
+                "--url",
+                &server.url,
+                "--pid",
+                &pid,
+                "--transport",
+                "ws",
+                "--subscribers",
+                RESUME_SUBSCRIBERS,
+                "--behind",
+                RESUME_BEHIND,
+            ],
+        )?;
+    }
+    let publishes = if quick { "10000" } else { "30000" };
+    for (label, options) in [
+        ("memory", &["--broker", "memory"][..]),
+        (
+            "always",
+            &["--broker", "disk", "--durability", "always"][..],
+        ),
+        (
+            "periodic",
+            &["--broker", "disk", "--durability", "periodic"][..],
+        ),
+        ("never", &["--broker", "disk", "--durability", "never"][..]),
+    ] {
+        let data = DataDir::new()?;
+        let mut arguments = options.to_vec();
+        arguments.extend(["--data-dir", data.path()]);
+        let server = bench.ours(&arguments)?;
+        let pid = server.pid();
+        bench.load(
+            &format!("disk/publish/{label}"),
+            &[
+                "publishes",
+                "--url",
+                server.publish_url(),
+                "--pid",
+                &pid,
+                "--publishers",
+                "64",
+                "--publishes",
+                publishes,
+                "--channels",
+                "100",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// What a restart costs with a large history: `events` stored over 1,000 channels, the disk
+/// bytes per event, and the time from start to listening, against an empty data directory's.
+fn disk_restart_round(bench: &mut Bench, quick: bool) -> Result<()> {
+    let events = if quick { "100000" } else { "1000000" };
+    let data = DataDir::new()?;
+    let server = bench.ours(&["--broker", "disk", "--data-dir", data.path()])?;
+    let pid = server.pid();
+    let fill = bench.load(
+        "disk/fill",
+        &[
+            "publishes",
+            "--url",
+            server.publish_url(),
+            "--pid",
+            &pid,
+            "--publishers",
+            "64",
+            "--publishes",
+            events,
+            "--channels",
+            "1000",
+        ],
+    )?;
+    server.terminate()?;
+    let stored = fill["publishes"].as_f64().unwrap_or(0.0);
+    let bytes = data.bytes() as f64;
+    let empty = DataDir::new()?;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let server = bench.ours(&["--broker", "disk", "--data-dir", empty.path()])?;
+        let empty_seconds = started.elapsed().as_secs_f64();
+        server.terminate()?;
+        let started = Instant::now();
+        let server = bench.ours(&["--broker", "disk", "--data-dir", data.path()])?;
+        let full_seconds = started.elapsed().as_secs_f64();
+        server.terminate()?;
+        let value = serde_json::json!({
+            "scenario": "restart",
+            "events": stored,
+            "disk_bytes_per_event": bytes / stored.max(1.0),
+            "start_seconds_empty": empty_seconds,
+            "start_seconds_full": full_seconds,
+        });
+        eprintln!("bench: disk/restart: {value}");
+        bench
+            .results
+            .entry("disk/restart".to_owned())
+            .or_default()
+            .push(value);
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench disk`: only the disk broker's rows, three rounds, its section printed
+/// (and written to `target/bench/disk.md`); `docs/benchmarks.md` is left as it is.
+pub(crate) fn disk_only() -> Result<()> {
+    let root = workspace_root();
+    let mut bench = Bench::built(&root)?;
+    let quick = std::env::args().any(|argument| argument == "--quick");
+    for _ in 0..if quick { 1 } else { 3 } {
+        disk_round(&mut bench, quick)?;
+    }
+    disk_restart_round(&mut bench, quick)?;
+    let section = disk_section(&bench, sizes(quick));
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::write(root.join("target/bench/disk.md"), &section)?;
+    std::fs::write(
+        root.join("target/bench/disk.json"),
+        serde_json::to_string_pretty(&bench.results)?,
+    )?;
+    println!("{section}");
+    Ok(())
+}
+
+/// The durable default's rows, each against the memory broker in the same run.
+fn disk_section(bench: &Bench, sizes: &[usize]) -> String {
+    let mut out = String::from("\n## The durable default (issue 26)\n\n");
+    out.push_str(
+        "The disk broker (the reference server's default) against the memory broker, taking turns on the same \
+         machine in the same run; each server on a data directory of its own. Ratios are disk over memory \
+         (floor for fan-out: 0.9x, nothing lost).\n\n",
+    );
+    out.push_str("| fan-out | memory deliveries/s | disk deliveries/s | ratio | lost (disk) | loadgen CPU (disk) |\n|---|---:|---:|---:|---:|---:|\n");
+    for &subscribers in sizes {
+        for transport in ["ws", "sse"] {
+            let key = |broker: &str| format!("disk/fanout/{transport}/{subscribers}/{broker}");
+            let (memory, disk) = (
+                bench.median(&key("memory"), "deliveries_per_sec"),
+                bench.median(&key("disk"), "deliveries_per_sec"),
+            );
+            out.push_str(&format!(
+                "| {} {subscribers} | {memory:.0} | {disk:.0} | {} | {:.0} | {:.2} |\n",
+                if transport == "ws" {
+                    "WebSocket"
+                } else {
+                    "SSE"
+                },
+                ratio(disk, memory),
+                bench.max(&key("disk"), "lost_events"),
+                bench.median(&key("disk"), "loadgen_cpu_share"),
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\n{RESUME_SUBSCRIBERS} WebSocket subscribers resume {RESUME_BEHIND} events back at once (on the disk \
+         broker most of them from the disk: memory keeps each channel's last 256):\n\n"
+    ));
+    out.push_str("| resume | replayed deliveries/s | ratio | until all caught up (s) | server CPU s per 1M | lost / resets | loadgen CPU |\n|---|---:|---:|---:|---:|---|---:|\n");
+    let memory_resume = bench.median("disk/resume/memory", "replayed_per_sec");
+    for broker in ["memory", "disk"] {
+        let key = format!("disk/resume/{broker}");
+        out.push_str(&format!(
+            "| {broker} | {:.0} | {} | {:.2} | {:.2} | {:.0} / {:.0} | {:.2} |\n",
+            bench.median(&key, "replayed_per_sec"),
+            ratio(bench.median(&key, "replayed_per_sec"), memory_resume),
+            bench.median(&key, "seconds_until_all_caught_up"),
+            bench.median(&key, "cpu_seconds_per_million"),
+            bench.max(&key, "lost_events"),
+            bench.max(&key, "resets"),
+            bench.median(&key, "loadgen_cpu_share"),
+        ));
+    }
+    out.push_str(
+        "\n64 concurrent publishers (kept-alive HTTP, the API listener) over 100 channels, per durability:\n\n",
+    );
+    out.push_str("| publish | publishes/s | ratio to memory | p50 (µs) | p99 (µs) | server CPU s per 1,000 | loadgen CPU |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    let memory_publishes = bench.median("disk/publish/memory", "publishes_per_sec");
+    for label in ["memory", "always", "periodic", "never"] {
+        let key = format!("disk/publish/{label}");
+        out.push_str(&format!(
+            "| {label} | {:.0} | {} | {:.0} | {:.0} | {:.3} | {:.2} |\n",
+            bench.median(&key, "publishes_per_sec"),
+            ratio(bench.median(&key, "publishes_per_sec"), memory_publishes),
+            bench.median(&key, "latency_p50_us"),
+            bench.median(&key, "latency_p99_us"),
+            bench.median(&key, "cpu_seconds_per_thousand"),
+            bench.median(&key, "loadgen_cpu_share"),
+        ));
+    }
+    out.push_str(&format!(
+        "\nA restart with {:.0} events stored (over 1,000 channels, filled at {:.0} publishes/s by 64 publishers): \
+         start to listening {:.3} s against {:.3} s on an empty data directory ({} of it), {:.0} disk bytes per stored \
+         event (journal and tables, blocks in use; each event's data is ~100 bytes, its frame ~180).\n",
+        bench.median("disk/restart", "events"),
+        bench.median("disk/fill", "publishes_per_sec"),
+        bench.median("disk/restart", "start_seconds_full"),
+        bench.median("disk/restart", "start_seconds_empty"),
+        ratio(
+            bench.median("disk/restart", "start_seconds_full"),
+            bench.median("disk/restart", "start_seconds_empty")
+        ),
+        bench.median("disk/restart", "disk_bytes_per_event"),
+    ));
+    out
 }
 
 /// Members joining one channel with presence, against the same connections subscribing
@@ -1056,6 +1371,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     ));
     out.push_str(&flood_section(bench));
     out.push_str(&presence_section(bench));
+    out.push_str(&disk_section(bench, sizes));
     out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
     for transport in ["ws", "sse"] {
         let ratios: Vec<f64> = sizes

@@ -60,6 +60,7 @@ async fn main() -> Result<()> {
         "storm" => storm(&arguments, &url).await?,
         "poll" => poll(&arguments, &url).await?,
         "channels" => channels(&arguments, &url).await?,
+        "publishes" => publishes(&arguments, &url).await?,
         "flood" => flood::flood(&arguments, &url).await?,
         "presence" => presence::presence(&arguments, &url).await?,
         other => bail!("unknown scenario {other:?}"),
@@ -1255,5 +1256,56 @@ async fn channels(arguments: &[String], url: &str) -> Result<serde_json::Value> 
         "deliveries_per_sec": tally.delivered.load(Ordering::Relaxed) as f64 / elapsed,
         "latency_p50_us": percentile(&latencies, 0.5),
         "latency_p99_us": percentile(&latencies, 0.99),
+    }))
+}
+
+/// Publish throughput: `--publishers` concurrent backends (each its own kept-alive
+/// connection) publish `--publishes` events over `--channels` channels, as fast as the server
+/// acknowledges them.
+async fn publishes(arguments: &[String], url: &str) -> Result<serde_json::Value> {
+    let publishers = number(arguments, "--publishers", 64).max(1);
+    let total = number(arguments, "--publishes", 20_000);
+    let channels = number(arguments, "--channels", 100).max(1);
+    let server_pids = pids(arguments);
+    let prefix = format!("publishes-{}", fastrand::u32(..));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(publishers as usize)
+        .build()?;
+    let cpu_before: f64 = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let own_cpu_before = cpu_seconds(std::process::id());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|publisher| {
+            let (http, url, prefix) = (http.clone(), url.to_owned(), prefix.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for n in 0..total / publishers {
+                    let channel = format!("{prefix}-{}", (publisher + n * publishers) % channels);
+                    let sent = Instant::now();
+                    publish(&http, &url, &channel).await?;
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server_pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>() - cpu_before;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
+    latencies.sort_unstable();
+    let done = latencies.len() as f64;
+    Ok(serde_json::json!({
+        "scenario": "publishes",
+        "publishers": publishers,
+        "publishes": latencies.len(),
+        "publishes_per_sec": done / elapsed,
+        "latency_p50_us": percentile(&latencies, 0.5),
+        "latency_p99_us": percentile(&latencies, 0.99),
+        "cpu_seconds_per_thousand": cpu / done.max(1.0) * 1e3,
+        "loadgen_cpu_share": own_cpu / elapsed,
     }))
 }
