@@ -25,6 +25,7 @@ use crate::layout::{
     split_idempotency_value,
 };
 use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
+use crate::pages::{PAGE, Page, PageCache};
 
 /// A [`Broker`] for one process whose history outlives it: events, positions, epochs and
 /// idempotency keys are stored in a data directory, so a restart or a deploy resumes every
@@ -69,6 +70,8 @@ struct Inner {
     /// Bytes of recent events held in memory over all channels, and the most they may be.
     recent_bytes: AtomicUsize,
     max_recent_bytes: usize,
+    /// Events read from the disk, shared by every reader (`pages.rs`).
+    pages: Mutex<PageCache>,
     /// Where the next sweep of idle channels starts (a channel name; empty: the first).
     sweep_cursor: Mutex<Vec<u8>>,
     run: u64,
@@ -132,6 +135,7 @@ pub struct DiskBrokerBuilder {
     max_cached_channels: usize,
     max_channels: usize,
     max_recent_bytes: usize,
+    max_page_bytes: usize,
     boot: Option<String>,
 }
 
@@ -214,6 +218,13 @@ impl DiskBrokerBuilder {
         self
     }
 
+    /// The most bytes of events read from the disk kept for other readers (after a restart
+    /// every client of a channel comes back at once, a little behind). Defaults to 16 MiB.
+    pub fn max_page_bytes(mut self, bytes: usize) -> Self {
+        self.max_page_bytes = bytes;
+        self
+    }
+
     /// What identifies the machine's current boot, instead of Linux's `boot_id`. A store
     /// that was not closed, reopened in another boot under a durability that acknowledges
     /// before syncing, assumes a power cut took its tail. Tests that simulate a power cut
@@ -252,6 +263,7 @@ impl DiskBrokerBuilder {
             max_channels: self.max_channels.max(1),
             recent_bytes: AtomicUsize::new(0),
             max_recent_bytes: self.max_recent_bytes,
+            pages: Mutex::new(PageCache::new(self.max_page_bytes)),
             sweep_cursor: Mutex::new(Vec::new()),
             run: opened.run,
             lost_through: opened.lost_through,
@@ -381,6 +393,7 @@ impl DiskBroker {
             max_cached_channels: 4_096,
             max_channels: 1_000_000,
             max_recent_bytes: 32 * 1024 * 1024,
+            max_page_bytes: 16 * 1024 * 1024,
             boot: None,
         }
     }
@@ -802,48 +815,104 @@ impl Inner {
         Ok(freed)
     }
 
-    /// Reads `first..=last` of the channel's events from the disk; `None` when one of them
-    /// is no longer there (trimmed meanwhile) or past its age.
+    /// Reads `first..=last` of the channel's events from the disk (through the shared pages),
+    /// `latest` being its newest; `None` when one of them is no longer there (trimmed
+    /// meanwhile) or the first is past its age.
     fn read_stored(
         &self,
         channel: &Channel,
         epoch: &Epoch,
-        first: Seq,
-        last: Seq,
+        (first, last, latest): (Seq, Seq, Seq),
         max_age: Option<Duration>,
     ) -> Result<Option<Vec<EncodedEvent>>> {
-        let name = channel.as_str();
         let mut events =
             Vec::with_capacity(usize::try_from(last.get() - first.get() + 1).unwrap_or(0));
-        let mut expected = first;
-        let now = now_ms();
+        let mut seq = first.get();
+        while seq <= last.get() {
+            let number = (seq - 1) / PAGE;
+            let page_first = number * PAGE + 1;
+            let page_last = page_first + PAGE - 1;
+            let until = page_last.min(last.get());
+            let page = if page_last <= latest.get() {
+                // A whole page below the newest: read once, shared by every reader.
+                let mut pages = lock(&self.pages);
+                match pages.get(channel, epoch, number) {
+                    Some(page) => page,
+                    None => {
+                        let page: Page = self
+                            .read_range(channel, epoch, Seq::new(page_first), Seq::new(page_last))?
+                            .into();
+                        pages.insert(channel, epoch, number, page.clone());
+                        page
+                    }
+                }
+            } else {
+                self.read_range(channel, epoch, Seq::new(seq), Seq::new(until))?
+                    .into()
+            };
+            let Some(start) = page
+                .first()
+                .and_then(|(_, event)| seq.checked_sub(event.position().seq.get()))
+            else {
+                return Ok(None);
+            };
+            let wanted = usize::try_from(until - seq + 1).unwrap_or(usize::MAX);
+            let slice = page
+                .iter()
+                .skip(usize::try_from(start).unwrap_or(usize::MAX))
+                .take(wanted);
+            for (time, event) in slice {
+                if event.position().seq.get() != seq {
+                    return Ok(None);
+                }
+                if seq == first.get()
+                    && max_age.is_some_and(|age| {
+                        now_ms().saturating_sub(*time)
+                            > u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
+                    })
+                {
+                    return Ok(None);
+                }
+                events.push(event.clone());
+                seq += 1;
+            }
+            if seq <= until {
+                // The page ended early: an event is gone.
+                return Ok(None);
+            }
+        }
+        Ok(Some(events))
+    }
+
+    /// The channel's stored events from `from` to `to`, as they are (an event trimmed
+    /// meanwhile is missing; the caller checks).
+    fn read_range(
+        &self,
+        channel: &Channel,
+        epoch: &Epoch,
+        from: Seq,
+        to: Seq,
+    ) -> Result<Vec<(u64, EncodedEvent)>> {
+        let name = channel.as_str();
+        let corrupt = || Error::Corrupt(format!("an event of {channel} cannot be read"));
+        let mut events = Vec::new();
         for entry in self
             .store
             .events
-            .range(event_key(name, first)..=event_key(name, last))
+            .range(event_key(name, from)..=event_key(name, to))
         {
             let (key, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
-            let corrupt = || Error::Corrupt(format!("an event of {channel} cannot be read"));
-            if seq_of_event_key(&key) != Some(expected) {
-                return Ok(None);
-            }
+            let seq = seq_of_event_key(&key).ok_or_else(corrupt)?;
             let (time, data) = split_event_value(&value).ok_or_else(corrupt)?;
-            if expected == first
-                && max_age.is_some_and(|age| {
-                    now.saturating_sub(time) > u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
-                })
-            {
-                return Ok(None);
-            }
             let data = Payload::from_json(data).map_err(|_| corrupt())?;
-            events.push(EncodedEvent::new(Event {
+            let event = EncodedEvent::new(Event {
                 channel: channel.clone(),
-                position: Position::new(epoch.clone(), expected),
+                position: Position::new(epoch.clone(), seq),
                 data,
-            }));
-            expected = expected.next().unwrap_or(expected);
+            });
+            events.push((time, event));
         }
-        Ok((events.len() as u64 == last.get() - first.get() + 1).then_some(events))
+        Ok(events)
     }
 }
 
@@ -1010,7 +1079,7 @@ impl Broker for DiskBroker {
         };
         // Read with the channel unlocked: its publishes go on meanwhile.
         Ok(
-            match inner.read_stored(channel, &epoch, first, last, max_age)? {
+            match inner.read_stored(channel, &epoch, (first, last, latest.seq), max_age)? {
                 Some(events) => ReadOutcome::Replayed { events, latest },
                 None => ReadOutcome::Reset {
                     reason: ResetReason::Truncated,

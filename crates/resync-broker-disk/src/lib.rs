@@ -29,6 +29,7 @@ mod broker;
 mod durability;
 mod layout;
 mod open;
+mod pages;
 
 pub use broker::{DiskBroker, DiskBrokerBuilder};
 pub use durability::Durability;

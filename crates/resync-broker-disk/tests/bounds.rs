@@ -129,3 +129,62 @@ async fn past_the_memory_budget_resumes_are_served_from_the_disk_alike() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_from_the_disk_are_exact_across_pages_and_after_trimming() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let broker = DiskBroker::builder(dir.path())
+        .retention(Retention::default().with_max_events(500))
+        .recent_in_memory(8, 64 * 1024)
+        .max_page_bytes(1024 * 1024)
+        .open()
+        .expect("opens");
+    let mut positions: Vec<Position> = Vec::new();
+    for n in 0..600 {
+        positions.push(
+            broker
+                .publish(Publish::new(channel("paged"), payload(n)))
+                .await
+                .expect("publish"),
+        );
+    }
+    // The oldest kept is seq 101: a reader at 100 is replayed from it, one at 99 is not.
+    for (since, expected_first) in [
+        (100u64, Some(101u64)),
+        (150, Some(151)),
+        (150, Some(151)),
+        (383, Some(384)),
+        (99, None),
+    ] {
+        let position = &positions[since as usize - 1];
+        match broker
+            .read_since(&channel("paged"), position, 10_000)
+            .await
+            .expect("read")
+        {
+            ReadOutcome::Replayed { events, .. } => {
+                let seqs: Vec<u64> = events
+                    .iter()
+                    .map(|event| event.position().seq.get())
+                    .collect();
+                let data: Vec<String> =
+                    events.iter().map(|event| event.data().to_owned()).collect();
+                let first = expected_first.expect("a replay only where history reaches");
+                assert_eq!(seqs, (first..=600).collect::<Vec<_>>(), "from {since}");
+                assert_eq!(
+                    data[0],
+                    (first - 1).to_string(),
+                    "the event's own data, from {since}"
+                );
+            }
+            ReadOutcome::Reset { reason, .. } => {
+                assert_eq!(
+                    (expected_first, reason),
+                    (None, ResetReason::Truncated),
+                    "from {since}"
+                );
+            }
+            other => panic!("from {since}: {other:?}"),
+        }
+    }
+}
