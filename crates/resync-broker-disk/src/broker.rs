@@ -284,7 +284,7 @@ impl DiskBrokerBuilder {
                 Some(inner) => inner.sync(),
                 None => Err(Error::Closed),
             };
-            runtime.spawn(inner.group_commit.clone().run(sync, inner.stop.clone()));
+            runtime.spawn(inner.group_commit.clone().run(sync));
         }
         if let Some(interval) = self.durability.interval() {
             runtime.spawn(sync_every(
@@ -1008,14 +1008,21 @@ impl Broker for DiskBroker {
                 let shown = Arc::clone(&state);
                 let shower = Arc::clone(&self.inner);
                 let position = event.position().clone();
-                inner.group_commit.queue(Waiting {
+                let waiting = Waiting {
                     event,
                     size: held,
                     show: Box::new(move |event, size| {
                         shower.show(&mut lock(&shown), &event, size);
                     }),
                     acknowledge,
-                });
+                };
+                if let Some(waiting) = inner.group_commit.queue(waiting) {
+                    // Closing: the group commit has stopped, so this publish syncs by itself,
+                    // still under its channel's lock (seq order).
+                    inner.sync()?;
+                    inner.show(st, &waiting.event, waiting.size);
+                    return Ok(position);
+                }
                 (acknowledged, position)
             } else {
                 // Shown while the channel is still locked, so subscribers see seq order.
@@ -1126,6 +1133,7 @@ impl Broker for DiskBroker {
             return;
         }
         // Publishes waiting for a sync get it first: the group commit drains before it stops.
+        inner.group_commit.stop();
         inner.stop.notify_waiters();
         inner.hub.close_all();
         let closing = Arc::clone(inner);

@@ -59,8 +59,16 @@ pub(crate) struct Waiting {
 /// acknowledges everything that was queued before the sync began.
 #[derive(Default)]
 pub(crate) struct GroupCommit {
-    queue: Mutex<Vec<Waiting>>,
+    queue: Mutex<Queue>,
     queued: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Set by `stop`: the task drains what is queued and ends; later publishes sync
+    /// themselves.
+    stopped: bool,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -73,25 +81,42 @@ impl std::fmt::Debug for GroupCommit {
 
 impl GroupCommit {
     /// Queues a committed publish (called under its channel's lock, so a channel's publishes
-    /// queue in seq order). The queue holds at most one entry per publish in flight.
-    pub(crate) fn queue(&self, waiting: Waiting) {
-        lock(&self.queue).push(waiting);
+    /// queue in seq order). The queue holds at most one entry per publish in flight. Once
+    /// stopped, the publish is handed back: its caller syncs and shows it itself.
+    pub(crate) fn queue(&self, waiting: Waiting) -> Option<Waiting> {
+        let mut queue = lock(&self.queue);
+        if queue.stopped {
+            return Some(waiting);
+        }
+        queue.waiting.push(waiting);
+        drop(queue);
+        self.queued.notify_one();
+        None
+    }
+
+    /// Makes the task drain what is queued and end.
+    pub(crate) fn stop(&self) {
+        lock(&self.queue).stopped = true;
+        // A permit is stored if the task is not waiting now: it cannot miss it.
         self.queued.notify_one();
     }
 
-    /// Syncs with `sync` and shows what was queued, batch after batch, until `stop`.
-    pub(crate) async fn run<S>(self: Arc<Self>, sync: S, stop: Arc<Notify>)
+    /// Syncs with `sync` and shows what was queued, batch after batch, until stopped.
+    pub(crate) async fn run<S>(self: Arc<Self>, sync: S)
     where
         S: Fn() -> Result<(), Error> + Clone + Send + 'static,
     {
         loop {
-            tokio::select! {
-                () = self.queued.notified() => {}
-                () = stop.notified() => return,
-            }
+            self.queued.notified().await;
             loop {
-                let batch = std::mem::take(&mut *lock(&self.queue));
+                let (batch, stopped) = {
+                    let mut queue = lock(&self.queue);
+                    (std::mem::take(&mut queue.waiting), queue.stopped)
+                };
                 if batch.is_empty() {
+                    if stopped {
+                        return;
+                    }
                     break;
                 }
                 let sync = sync.clone();
@@ -99,21 +124,27 @@ impl GroupCommit {
                     .await
                     .unwrap_or_else(|error| Err(Error::Unavailable(error.to_string())));
                 for waiting in batch {
-                    let answer = match &synced {
-                        Ok(()) => {
-                            (waiting.show)(waiting.event, waiting.size);
-                            Ok(())
-                        }
-                        Err(error) => Err(Error::Unavailable(format!(
-                            "the store could not sync to the disk: {error}"
-                        ))),
-                    };
-                    // A publisher that went away needs no answer.
-                    let _ = waiting.acknowledge.send(answer);
+                    settle(waiting, &synced);
                 }
             }
         }
     }
+}
+
+/// Shows and acknowledges a queued publish once its sync is done, or reports the sync's
+/// failure to its publisher.
+fn settle(waiting: Waiting, synced: &Result<(), Error>) {
+    let answer = match synced {
+        Ok(()) => {
+            (waiting.show)(waiting.event, waiting.size);
+            Ok(())
+        }
+        Err(error) => Err(Error::Unavailable(format!(
+            "the store could not sync to the disk: {error}"
+        ))),
+    };
+    // A publisher that went away needs no answer.
+    let _ = waiting.acknowledge.send(answer);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -233,3 +233,56 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Group commit and close: publishes in flight when the broker closes are each answered
+/// (none hangs), and every one acknowledged is there after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_always_publishes_racing_a_close_are_all_answered_and_the_acknowledged_kept() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let broker = DiskBroker::builder(dir.path())
+        .durability(Durability::Always)
+        .open()
+        .expect("opens");
+    let publishers: Vec<_> = (0..16u64)
+        .map(|publisher| {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for n in 0..1_000u64 {
+                    let channel =
+                        Channel::new(format!("race:{}", (publisher + n) % 4)).expect("valid");
+                    let sent = broker.publish(Publish::new(
+                        channel.clone(),
+                        Payload::from_value(&n).expect("json"),
+                    ));
+                    match tokio::time::timeout(std::time::Duration::from_secs(30), sent).await {
+                        Ok(Ok(position)) => acknowledged.push((channel, position)),
+                        Ok(Err(_)) => break,
+                        Err(_) => panic!("a publish was never answered"),
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    // Close once the publishers are under way.
+    while broker.history_bytes() < 10_000 {
+        tokio::task::yield_now().await;
+    }
+    broker.close().await;
+    let mut acknowledged = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.expect("a publisher finishes"));
+    }
+    assert!(!acknowledged.is_empty());
+    drop(broker);
+    let broker = open(dir.path(), "boot-1");
+    for (channel, position) in acknowledged {
+        let now = broker.position(&channel).await.expect("position");
+        assert_eq!(now.epoch, position.epoch);
+        assert!(
+            now.seq >= position.seq,
+            "{channel}: acknowledged {position:?}, stored up to {now:?}"
+        );
+    }
+}
