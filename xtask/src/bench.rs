@@ -894,7 +894,18 @@ fn presence_round(bench: &mut Bench, quick: bool) -> Result<()> {
             if let Some(redis) = &redis {
                 arguments.extend(["--redis-url", redis.url.as_str()]);
             }
-            bench.load(&format!("presence/{broker}/{presence}"), &arguments)?;
+            let key = format!("presence/{broker}/{presence}");
+            // A round that fails (the Redis presence round at 10,000 members did, now and
+            // then: not yet understood) is recorded as failed, and the run goes on to the
+            // rows after it instead of losing them all.
+            if let Err(error) = bench.load(&key, &arguments) {
+                eprintln!("bench: {key} failed: {error:#}");
+                bench
+                    .results
+                    .entry(format!("{key}/failed"))
+                    .or_default()
+                    .push(serde_json::json!({"failed": true, "error": format!("{error:#}")}));
+            }
         }
     }
     Ok(())
@@ -1616,6 +1627,20 @@ fn presence_section(bench: &Bench) -> String {
             off("left_seconds"),
             on("leaves_seen_by_watcher"),
         ));
+    }
+    for broker in ["memory", "redis"] {
+        for presence in ["on", "off"] {
+            let failed = bench
+                .results
+                .get(&format!("presence/{broker}/{presence}/failed"))
+                .map_or(0, Vec::len);
+            if failed > 0 {
+                out.push_str(&format!(
+                    "\n**{broker}, presence {presence}: {failed} round(s) did not complete** (every join \
+                     was not seen within 120 s); the row above has the rounds that did.\n"
+                ));
+            }
+        }
     }
     out
 }

@@ -834,18 +834,33 @@ impl Inner {
             let page_last = page_first + PAGE - 1;
             let until = page_last.min(last.get());
             let page = if page_last <= latest.get() {
-                // A whole page below the newest: read once, shared by every reader.
-                let mut pages = lock(&self.pages);
-                match pages.get(channel, epoch, number) {
-                    Some(page) => page,
-                    None => {
-                        let page: Page = self
-                            .read_range(channel, epoch, Seq::new(page_first), Seq::new(page_last))?
-                            .into();
-                        pages.insert(channel, epoch, number, page.clone());
-                        page
-                    }
+                // A whole page below the newest: read once, shared by every reader; the
+                // cache is not locked while the disk is read.
+                let slot = lock(&self.pages).slot(channel, epoch, number);
+                let mut failure = None;
+                let mut filled = false;
+                let page = slot
+                    .get_or_init(|| {
+                        filled = true;
+                        let range = (Seq::new(page_first), Seq::new(page_last));
+                        self.read_range(channel, epoch, range.0, range.1)
+                            .map(Page::from)
+                            .unwrap_or_else(|error| {
+                                // Readers waiting on this slot see no events (a reset); the
+                                // next ones read again.
+                                failure = Some(error);
+                                Page::from(Vec::new())
+                            })
+                    })
+                    .clone();
+                if let Some(error) = failure {
+                    lock(&self.pages).forget(channel, epoch, number);
+                    return Err(error);
                 }
+                if filled {
+                    lock(&self.pages).filled(&page);
+                }
+                page
             } else {
                 self.read_range(channel, epoch, Seq::new(seq), Seq::new(until))?
                     .into()

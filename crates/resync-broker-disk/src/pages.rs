@@ -8,7 +8,7 @@
 //! reader's own decision already excludes). The pages are bounded by bytes, oldest first out.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use resync_broker::EncodedEvent;
 use resync_protocol::{Channel, Epoch};
@@ -22,10 +22,15 @@ pub(crate) type Page = Arc<[(u64, EncodedEvent)]>;
 /// Which page: a channel, its epoch, and the page's number (`(seq - 1) / PAGE`).
 type PageKey = (Channel, Epoch, u64);
 
+/// A page, filled by the first reader that needs it, while the others that need it at the
+/// same time wait for that one read instead of making their own. The cache's lock is not
+/// held while the disk is read.
+pub(crate) type PageSlot = Arc<OnceLock<Page>>;
+
 /// The pages kept, up to a byte budget.
 #[derive(Debug)]
 pub(crate) struct PageCache {
-    pages: HashMap<PageKey, Page>,
+    pages: HashMap<PageKey, PageSlot>,
     order: VecDeque<PageKey>,
     bytes: usize,
     max_bytes: usize,
@@ -41,33 +46,36 @@ impl PageCache {
         }
     }
 
-    pub(crate) fn get(&self, channel: &Channel, epoch: &Epoch, number: u64) -> Option<Page> {
-        self.pages
-            .get(&(channel.clone(), epoch.clone(), number))
-            .cloned()
+    /// The page's slot, made empty if the page is not kept.
+    pub(crate) fn slot(&mut self, channel: &Channel, epoch: &Epoch, number: u64) -> PageSlot {
+        let key = (channel.clone(), epoch.clone(), number);
+        if let Some(slot) = self.pages.get(&key) {
+            return slot.clone();
+        }
+        let slot = PageSlot::default();
+        self.pages.insert(key.clone(), slot.clone());
+        self.order.push_back(key);
+        slot
     }
 
-    /// Keeps `page`, dropping the oldest pages past the budget.
-    pub(crate) fn insert(&mut self, channel: &Channel, epoch: &Epoch, number: u64, page: Page) {
-        let size = page_bytes(&page);
-        if size > self.max_bytes {
-            return;
-        }
-        let key = (channel.clone(), epoch.clone(), number);
-        if let Some(old) = self.pages.insert(key.clone(), page) {
-            self.bytes -= page_bytes(&old);
-        } else {
-            self.order.push_back(key);
-        }
-        self.bytes += size;
+    /// Counts a page its reader has just filled, dropping the oldest pages past the budget.
+    pub(crate) fn filled(&mut self, page: &Page) {
+        self.bytes += page_bytes(page);
         while self.bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(page) = self.pages.remove(&oldest) {
-                self.bytes -= page_bytes(&page);
+            if let Some(slot) = self.pages.remove(&oldest)
+                && let Some(page) = slot.get()
+            {
+                self.bytes -= page_bytes(page);
             }
         }
+    }
+
+    /// Drops a slot whose read failed, so that the next reader tries again.
+    pub(crate) fn forget(&mut self, channel: &Channel, epoch: &Epoch, number: u64) {
+        self.pages.remove(&(channel.clone(), epoch.clone(), number));
     }
 
     /// The bytes the pages hold.
@@ -98,6 +106,12 @@ mod tests {
         .collect()
     }
 
+    fn fill(cache: &mut PageCache, channel: &Channel, epoch: &Epoch, number: u64, page: Page) {
+        let slot = cache.slot(channel, epoch, number);
+        let page = slot.get_or_init(|| page).clone();
+        cache.filled(&page);
+    }
+
     #[test]
     fn pages_past_the_budget_drop_the_oldest_first() {
         let channel = Channel::new("a").expect("valid");
@@ -110,15 +124,17 @@ mod tests {
         // Room for the last two pages, not for all three.
         let room = page_bytes(&one) + page_bytes(&two);
         let mut cache = PageCache::new(room);
-        cache.insert(&channel, &epoch, 0, zero);
-        cache.insert(&channel, &epoch, 1, one);
-        cache.insert(&channel, &epoch, 2, two);
-        assert!(cache.get(&channel, &epoch, 0).is_none());
-        assert!(cache.get(&channel, &epoch, 1).is_some());
-        assert!(cache.get(&channel, &epoch, 2).is_some());
+        fill(&mut cache, &channel, &epoch, 0, zero);
+        fill(&mut cache, &channel, &epoch, 1, one);
+        fill(&mut cache, &channel, &epoch, 2, two);
+        let kept =
+            |cache: &mut PageCache, number| cache.slot(&channel, &epoch, number).get().is_some();
+        assert!(kept(&mut cache, 1));
+        assert!(kept(&mut cache, 2));
+        assert!(!kept(&mut cache, 0), "the oldest page went first");
         assert_eq!(cache.bytes(), room);
         // Another epoch is another page.
         let other = Epoch::new("f").expect("valid");
-        assert!(cache.get(&channel, &other, 2).is_none());
+        assert!(cache.slot(&channel, &other, 2).get().is_none());
     }
 }
