@@ -72,6 +72,9 @@ struct Inner {
     max_recent_bytes: usize,
     /// Events read from the disk, shared by every reader (`pages.rs`).
     pages: Mutex<PageCache>,
+    /// Read by every write (publish, sweep) while it writes; taken by `close` to wait for
+    /// them, so that nothing is written after the run is marked clean.
+    gate: std::sync::RwLock<()>,
     /// Where the next sweep of idle channels starts (a channel name; empty: the first).
     sweep_cursor: Mutex<Vec<u8>>,
     run: u64,
@@ -264,6 +267,7 @@ impl DiskBrokerBuilder {
             recent_bytes: AtomicUsize::new(0),
             max_recent_bytes: self.max_recent_bytes,
             pages: Mutex::new(PageCache::new(self.max_page_bytes)),
+            gate: std::sync::RwLock::new(()),
             sweep_cursor: Mutex::new(Vec::new()),
             run: opened.run,
             lost_through: opened.lost_through,
@@ -463,6 +467,28 @@ impl Inner {
         Ok(())
     }
 
+    /// Waits until the channel shows `position` (a keyed retry of a publish still waiting for
+    /// its sync), then answers with it.
+    async fn shown(
+        &self,
+        state: &Arc<Mutex<ChannelState>>,
+        position: Position,
+    ) -> Result<Position> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if lock(state).recent.position().seq >= position.seq {
+                return Ok(position);
+            }
+            if Instant::now() > deadline || self.closed.load(Ordering::Acquire) {
+                return Err(Error::Unavailable(
+                    "the first publish with this idempotency key is not yet on the disk; retry"
+                        .to_owned(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn shared_epoch(&self) -> Epoch {
         lock(&self.shared_epoch).clone()
     }
@@ -557,6 +583,11 @@ impl Inner {
         let in_use = table.channels.contains_key(channel) && Arc::strong_count(&state) > 2;
         let mut guard = lock(&state);
         let st = &mut *guard;
+        let _open = self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.check_open()?;
         let mut meta = st.meta.clone();
         let mut batch = self.store.db.batch();
         let after_newest = meta.last_seq.next().unwrap_or(meta.last_seq);
@@ -679,6 +710,11 @@ impl Inner {
         }));
         table.channels.insert(channel.clone(), state.clone());
         table.order.push_back(channel.clone());
+        if table.order.len() > 2 * table.channels.len() + EVICTION_CANDIDATES {
+            // Names of channels forgotten meanwhile: dropped now and then, in O(1) amortized.
+            let Table { channels, order } = &mut *table;
+            order.retain(|name| channels.contains_key(name));
+        }
         Ok(Some(state))
     }
 
@@ -708,6 +744,11 @@ impl Inner {
     /// A channel whose history a power cut may have shortened starts over in a new epoch:
     /// its old events and keys are dropped, and a client's old position is a reset.
     fn start_over(&self, channel: &Channel, meta: ChannelMeta) -> Result<ChannelMeta> {
+        let _open = self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.check_open()?;
         let name = channel.as_str();
         let mut batch = self.store.db.batch();
         let prefix = channel_prefix(name);
@@ -858,7 +899,7 @@ impl Inner {
                     return Err(error);
                 }
                 if filled {
-                    lock(&self.pages).filled(&page);
+                    lock(&self.pages).filled(channel, epoch, number, &slot);
                 }
                 page
             } else {
@@ -942,109 +983,125 @@ impl Broker for DiskBroker {
         let acknowledged = {
             let mut guard = lock(&state);
             let st = &mut *guard;
+            // Held until this publish is written (and, under `Always`, queued): a close waits
+            // for it before it marks the run clean, and none is written after.
+            let _open = inner
+                .gate
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            inner.check_open()?;
             if let Some(key) = &publish.idempotency_key
                 && let Some(position) = inner.keyed_position(&st.meta, &st.channel, key)?
             {
-                return Ok(position);
-            }
-            let seq = st
-                .meta
-                .last_seq
-                .next()
-                .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
-            let event = EncodedEvent::new(Event {
-                channel: st.channel.clone(),
-                position: Position::new(st.meta.epoch.clone(), seq),
-                data: publish.data,
-            });
-            let channel = st.channel.clone();
-            let name = channel.as_str();
-            let now_ms = now_ms();
-            let key = event_key(name, seq);
-            let value = event_value(now_ms, event.data());
-            let size = (key.len() + value.len()) as u64;
-            let mut meta = st.meta.clone();
-            let by_client = publish.origin == PublishOrigin::Client;
-            if !st.stored {
-                inner.admit_channel(by_client)?;
-                meta.made_by_client = by_client;
-            }
-            let mut batch = inner.store.db.batch();
-            batch.insert(&inner.store.events, key, value);
-            meta.last_seq = seq;
-            meta.bytes += size;
-            meta.run = inner.run;
-            if let Some(idempotency) = &publish.idempotency_key
-                && inner.idempotency_window > 0
-            {
-                let slot = idempotency_slot(name, meta.keyed % inner.idempotency_window);
-                if let Some(old) = inner
-                    .store
-                    .keys
-                    .get(&slot)
-                    .map_err(|error| inner.unreadable(error))?
-                {
-                    let old = String::from_utf8_lossy(&old);
-                    batch.remove(&inner.store.keys, idempotency_key(name, &old));
-                }
-                batch.insert(&inner.store.keys, slot, idempotency.as_str().as_bytes());
-                batch.insert(
-                    &inner.store.keys,
-                    idempotency_key(name, idempotency.as_str()),
-                    idempotency_value(&meta.epoch, seq),
-                );
-                meta.keyed += 1;
-            }
-            let total = inner.history_bytes.load(Ordering::Relaxed) + size;
-            let over_budget = inner
-                .max_history_bytes
-                .map_or(0, |budget| total.saturating_sub(budget));
-            let freed = inner.trim(&mut batch, st, &mut meta, seq, now_ms, over_budget)?;
-            batch.insert(&inner.store.channels, name, meta.encode());
-            batch.commit().map_err(|error| {
-                inner.failed(format!("the store could not be written: {error}"))
-            })?;
-            inner.history_bytes.fetch_add(size, Ordering::Relaxed);
-            inner.history_bytes.fetch_sub(
-                freed.min(inner.history_bytes.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
-            st.meta = meta;
-            if !st.stored {
-                st.stored = true;
-                inner.channel_count.fetch_add(1, Ordering::Relaxed);
-                if by_client {
-                    inner.client_channels.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            let held = event.held_bytes();
-            if inner.durability == Durability::Always {
-                let (acknowledge, acknowledged) = oneshot::channel();
-                let shown = Arc::clone(&state);
-                let shower = Arc::clone(&self.inner);
-                let position = event.position().clone();
-                let waiting = Waiting {
-                    event,
-                    size: held,
-                    show: Box::new(move |event, size| {
-                        shower.show(&mut lock(&shown), &event, size);
-                    }),
-                    acknowledge,
-                };
-                if let Some(waiting) = inner.group_commit.queue(waiting) {
-                    // Closing: the group commit has stopped, so this publish syncs by itself,
-                    // still under its channel's lock (seq order).
-                    inner.sync()?;
-                    inner.show(st, &waiting.event, waiting.size);
+                if position.seq <= st.recent.position().seq {
                     return Ok(position);
                 }
-                (acknowledged, position)
+                // Stored by a publish still waiting for its sync (`Always`): this retry is
+                // answered once that one is, not before.
+                Err(position)
             } else {
-                // Shown while the channel is still locked, so subscribers see seq order.
-                return Ok(inner.show(st, &event, held));
+                let seq = st
+                    .meta
+                    .last_seq
+                    .next()
+                    .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
+                let event = EncodedEvent::new(Event {
+                    channel: st.channel.clone(),
+                    position: Position::new(st.meta.epoch.clone(), seq),
+                    data: publish.data,
+                });
+                let channel = st.channel.clone();
+                let name = channel.as_str();
+                let now_ms = now_ms();
+                let key = event_key(name, seq);
+                let value = event_value(now_ms, event.data());
+                let size = (key.len() + value.len()) as u64;
+                let mut meta = st.meta.clone();
+                let by_client = publish.origin == PublishOrigin::Client;
+                if !st.stored {
+                    inner.admit_channel(by_client)?;
+                    meta.made_by_client = by_client;
+                }
+                let mut batch = inner.store.db.batch();
+                batch.insert(&inner.store.events, key, value);
+                meta.last_seq = seq;
+                meta.bytes += size;
+                meta.run = inner.run;
+                if let Some(idempotency) = &publish.idempotency_key
+                    && inner.idempotency_window > 0
+                {
+                    let slot = idempotency_slot(name, meta.keyed % inner.idempotency_window);
+                    if let Some(old) = inner
+                        .store
+                        .keys
+                        .get(&slot)
+                        .map_err(|error| inner.unreadable(error))?
+                    {
+                        let old = String::from_utf8_lossy(&old);
+                        batch.remove(&inner.store.keys, idempotency_key(name, &old));
+                    }
+                    batch.insert(&inner.store.keys, slot, idempotency.as_str().as_bytes());
+                    batch.insert(
+                        &inner.store.keys,
+                        idempotency_key(name, idempotency.as_str()),
+                        idempotency_value(&meta.epoch, seq),
+                    );
+                    meta.keyed += 1;
+                }
+                let total = inner.history_bytes.load(Ordering::Relaxed) + size;
+                let over_budget = inner
+                    .max_history_bytes
+                    .map_or(0, |budget| total.saturating_sub(budget));
+                let freed = inner.trim(&mut batch, st, &mut meta, seq, now_ms, over_budget)?;
+                batch.insert(&inner.store.channels, name, meta.encode());
+                batch.commit().map_err(|error| {
+                    inner.failed(format!("the store could not be written: {error}"))
+                })?;
+                inner.history_bytes.fetch_add(size, Ordering::Relaxed);
+                inner.history_bytes.fetch_sub(
+                    freed.min(inner.history_bytes.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                st.meta = meta;
+                if !st.stored {
+                    st.stored = true;
+                    inner.channel_count.fetch_add(1, Ordering::Relaxed);
+                    if by_client {
+                        inner.client_channels.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let held = event.held_bytes();
+                if inner.durability == Durability::Always {
+                    let (acknowledge, acknowledged) = oneshot::channel();
+                    let shown = Arc::clone(&state);
+                    let shower = Arc::clone(&self.inner);
+                    let position = event.position().clone();
+                    let waiting = Waiting {
+                        event,
+                        size: held,
+                        show: Box::new(move |event, size| {
+                            shower.show(&mut lock(&shown), &event, size);
+                        }),
+                        acknowledge,
+                    };
+                    if let Some(waiting) = inner.group_commit.queue(waiting) {
+                        // Closing: the group commit has stopped, so this publish syncs by itself,
+                        // still under its channel's lock (seq order).
+                        inner.sync()?;
+                        inner.show(st, &waiting.event, waiting.size);
+                        return Ok(position);
+                    }
+                    Ok((acknowledged, position))
+                } else {
+                    // Shown while the channel is still locked, so subscribers see seq order.
+                    return Ok(inner.show(st, &event, held));
+                }
             }
         };
-        let (acknowledged, position) = acknowledged;
+        let (acknowledged, position) = match acknowledged {
+            Ok(waiting) => waiting,
+            Err(keyed) => return inner.shown(&state, keyed).await,
+        };
         acknowledged.await.map_err(|_| Error::Closed)??;
         Ok(position)
     }
@@ -1147,12 +1204,17 @@ impl Broker for DiskBroker {
         if inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        // Publishes waiting for a sync get it first: the group commit drains before it stops.
-        inner.group_commit.stop();
         inner.stop.notify_waiters();
         inner.hub.close_all();
         let closing = Arc::clone(inner);
         let closed = tokio::task::spawn_blocking(move || {
+            // Every publish already writing finishes (and is queued) first; none writes after.
+            let _closed = closing
+                .gate
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Publishes waiting for a sync get it: the group commit drains before it stops.
+            closing.group_commit.stop();
             close_clean(
                 &closing.store,
                 RunRecord {

@@ -168,8 +168,9 @@ pub(crate) struct RunRecord {
     /// The boot of the machine the run ran on: another boot after an unclean end means the
     /// operating system's buffers may be gone with what they held.
     pub(crate) boot: String,
-    /// Where the store's files are (device and inode of its directory): another place means
-    /// the directory was copied or restored from a backup, which is behind what clients saw.
+    /// The inode of the directory's marker file, made anew at each opening: another one
+    /// means the directory was copied or restored from a backup, which is behind what
+    /// clients saw.
     pub(crate) place: String,
 }
 

@@ -163,10 +163,20 @@ pub(crate) fn open(
             .ok_or_else(|| corrupt(SHARED_EPOCH))?,
         None => new_epoch(),
     };
-    let place = place_of(&dir.join("store")).map_err(io(dir))?;
+    // The directory's own identity: a marker file made anew (a new inode) at every opening,
+    // whose inode the run record keeps. A copy, a restore over the directory (rsync, tar,
+    // cp over the files) or a directory without it does not match the record.
+    let marker = dir.join(MARKER);
+    let pending = dir.join(MARKER_PENDING);
+    if let (Some(previous), Ok(pending_place)) = (previous.as_ref(), inode_of(&pending))
+        && previous.place == pending_place
+    {
+        // The last opening stopped between recording its marker and putting it in place.
+        std::fs::rename(&pending, &marker).map_err(io(&marker))?;
+    }
     let moved = previous
         .as_ref()
-        .is_some_and(|previous| previous.place != place);
+        .is_some_and(|previous| inode_of(&marker).ok().as_ref() != Some(&previous.place));
     if moved {
         // A copy or a restored backup: it is behind what clients saw, by any amount.
         tracing::warn!(
@@ -195,6 +205,13 @@ pub(crate) fn open(
         }
     }
     let run = previous.map_or(1, |previous| previous.run + 1);
+    std::fs::write(
+        &pending,
+        "resync's data directory marker: a copy of this directory is not this directory\n",
+    )
+    .and_then(|()| std::fs::File::open(&pending)?.sync_all())
+    .map_err(io(&pending))?;
+    let place = inode_of(&pending).map_err(io(&pending))?;
     let record = RunRecord {
         run,
         clean: false,
@@ -215,6 +232,10 @@ pub(crate) fn open(
     }
     batch.commit().map_err(store_error)?;
     db.persist(PersistMode::SyncAll).map_err(store_error)?;
+    std::fs::rename(&pending, &marker).map_err(io(&marker))?;
+    std::fs::File::open(dir)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io(dir))?;
     Ok(Opened {
         store,
         run,
@@ -240,12 +261,15 @@ pub(crate) fn close_clean(store: &Store, record: RunRecord) {
     }
 }
 
-/// The device and inode of `path`: they change when a directory is copied or restored, and
-/// stay through a rename, a remount or a reboot.
-fn place_of(path: &Path) -> std::io::Result<String> {
+/// The marker file of a data directory, made anew at every opening (`RunRecord::place`).
+const MARKER: &str = "instance";
+const MARKER_PENDING: &str = "instance.pending";
+
+/// The inode of `path`: a new file has a new one; a rename keeps it, and so do a remount and
+/// a reboot (the device number may change there, so it is not used).
+fn inode_of(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let metadata = std::fs::metadata(path)?;
-    Ok(format!("{}:{}", metadata.dev(), metadata.ino()))
+    Ok(std::fs::metadata(path)?.ino().to_string())
 }
 
 /// Syncs every file and directory under `dir` to the disk.

@@ -58,8 +58,23 @@ impl PageCache {
         slot
     }
 
-    /// Counts a page its reader has just filled, dropping the oldest pages past the budget.
-    pub(crate) fn filled(&mut self, page: &Page) {
+    /// Counts a page its reader has just filled in `slot`, dropping the oldest pages past the
+    /// budget. A slot dropped while it was read is not counted: it is no longer kept.
+    pub(crate) fn filled(
+        &mut self,
+        channel: &Channel,
+        epoch: &Epoch,
+        number: u64,
+        slot: &PageSlot,
+    ) {
+        let key = (channel.clone(), epoch.clone(), number);
+        let kept = self
+            .pages
+            .get(&key)
+            .is_some_and(|kept| Arc::ptr_eq(kept, slot));
+        let Some(page) = slot.get().filter(|_| kept) else {
+            return;
+        };
         self.bytes += page_bytes(page);
         while self.bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else {
@@ -108,8 +123,8 @@ mod tests {
 
     fn fill(cache: &mut PageCache, channel: &Channel, epoch: &Epoch, number: u64, page: Page) {
         let slot = cache.slot(channel, epoch, number);
-        let page = slot.get_or_init(|| page).clone();
-        cache.filled(&page);
+        slot.get_or_init(|| page);
+        cache.filled(channel, epoch, number, &slot);
     }
 
     #[test]

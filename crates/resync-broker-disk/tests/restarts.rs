@@ -286,3 +286,48 @@ async fn with_always_publishes_racing_a_close_are_all_answered_and_the_acknowled
         );
     }
 }
+
+/// A backup restored over the directory itself (its directories kept, as `rsync --delete`
+/// or a restore tool does), after more was published since the backup: its clients reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restored_over_the_same_directory_resets_its_clients() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let data = dir.path().join("data");
+    let backup = dir.path().join("backup");
+    {
+        let broker = open(&data, "boot-1");
+        publish_many(&broker, 10).await;
+        broker.close().await;
+    }
+    copy_tree(&data, &backup);
+    let seen = {
+        let broker = open(&data, "boot-1");
+        let positions = publish_many(&broker, 10).await;
+        broker.close().await;
+        positions[9].clone()
+    };
+    restore_over(&backup, &data);
+    let broker = open(&data, "boot-1");
+    assert_eq!(read(&broker, &seen).await, Err(ResetReason::EpochChanged));
+    let next = publish(&broker, 99).await;
+    assert_ne!(
+        next.epoch, seen.epoch,
+        "the seqs after the backup are never given out again"
+    );
+}
+
+/// Empties `to`'s files, keeping its directories, and copies `from`'s files into them.
+fn restore_over(from: &Path, to: &Path) {
+    fn clear(path: &Path) {
+        for entry in std::fs::read_dir(path).expect("readable") {
+            let entry = entry.expect("an entry");
+            if entry.file_type().expect("a type").is_dir() {
+                clear(&entry.path());
+            } else {
+                std::fs::remove_file(entry.path()).expect("removed");
+            }
+        }
+    }
+    clear(to);
+    copy_tree(from, to);
+}
