@@ -470,25 +470,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
                     ("resync", bench.ours(&[])?),
                 ] {
                     let key = format!("fanout/{transport}/{subscribers}/{kind}");
-                    let pid = server.pid();
-                    let arguments = [
-                        "fanout",
-                        "--url",
-                        &server.url,
-                        "--publish-url",
-                        server.publish_url(),
-                        "--pid",
-                        &pid,
-                        "--transport",
-                        transport,
-                        "--subscribers",
-                        &count,
-                        "--burst",
-                        burst,
-                        "--latency-seconds",
-                        "3",
-                    ];
-                    bench.load(&key, &arguments)?;
+                    bench.load(&key, &fanout_arguments(&server, transport, &count, burst))?;
                 }
             }
         }
@@ -614,6 +596,36 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// A fan-out run of `subscribers` on `transport` against `server`: a burst at full speed,
+/// then 3 s at half that rate for latency (the rows of the first section and of the disk
+/// broker's).
+fn fanout_arguments(
+    server: &Server,
+    transport: &str,
+    subscribers: &str,
+    burst: &str,
+) -> Vec<String> {
+    [
+        "fanout",
+        "--url",
+        &server.url,
+        "--publish-url",
+        server.publish_url(),
+        "--pid",
+        &server.pid(),
+        "--transport",
+        transport,
+        "--subscribers",
+        subscribers,
+        "--burst",
+        burst,
+        "--latency-seconds",
+        "3",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// The durable default (issue 26) against the memory broker in the same run: fan-out, a
 /// resume from the disk, and publish throughput per durability.
 fn disk_round(bench: &mut Bench, quick: bool) -> Result<()> {
@@ -624,26 +636,9 @@ fn disk_round(bench: &mut Bench, quick: bool) -> Result<()> {
             for broker in ["memory", "disk"] {
                 let data = DataDir::new()?;
                 let server = bench.ours(&["--broker", broker, "--data-dir", data.path()])?;
-                let pid = server.pid();
                 bench.load(
                     &format!("disk/fanout/{transport}/{subscribers}/{broker}"),
-                    &[
-                        "fanout",
-                        "--url",
-                        &server.url,
-                        "--publish-url",
-                        server.publish_url(),
-                        "--pid",
-                        &pid,
-                        "--transport",
-                        transport,
-                        "--subscribers",
-                        &count,
-                        "--burst",
-                        burst,
-                        "--latency-seconds",
-                        "3",
-                    ],
+                    &fanout_arguments(&server, transport, &count, burst),
                 )?;
             }
         }

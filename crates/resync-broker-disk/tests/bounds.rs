@@ -15,6 +15,31 @@ fn payload(value: u64) -> Payload {
     Payload::from_value(&value).expect("json")
 }
 
+/// The seqs and data a reader of `name` at `since` is replayed (empty when up to date), or
+/// the reset it gets.
+async fn replayed(
+    broker: &DiskBroker,
+    name: &str,
+    since: &Position,
+) -> Result<Vec<(u64, String)>, ResetReason> {
+    match broker
+        .read_since(&channel(name), since, 10_000)
+        .await
+        .expect("read")
+    {
+        ReadOutcome::Replayed { events, .. } => Ok(events
+            .iter()
+            .map(|event| (event.position().seq.get(), event.data().to_owned()))
+            .collect()),
+        ReadOutcome::UpToDate { .. } => Ok(Vec::new()),
+        ReadOutcome::Reset { reason, .. } => Err(reason),
+    }
+}
+
+fn seqs(events: &[(u64, String)]) -> Vec<u64> {
+    events.iter().map(|(seq, _)| *seq).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_idle_channel_is_forgotten_and_its_old_clients_are_reset() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -41,14 +66,10 @@ async fn an_expired_idle_channel_is_forgotten_and_its_old_clients_are_reset() {
         now.epoch, old.epoch,
         "a forgotten channel's seqs are never reused in its epoch"
     );
-    match broker
-        .read_since(&channel("gone"), &old, 10)
-        .await
-        .expect("read")
-    {
-        ReadOutcome::Reset { reason, .. } => assert_eq!(reason, ResetReason::EpochChanged),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        replayed(&broker, "gone", &old).await,
+        Err(ResetReason::EpochChanged)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,21 +133,13 @@ async fn past_the_memory_budget_resumes_are_served_from_the_disk_alike() {
     }
     for back in [1, 10, 150] {
         let since = &positions[199 - back];
-        match broker
-            .read_since(&channel("a"), since, 1_000)
-            .await
-            .expect("read")
-        {
-            ReadOutcome::Replayed { events, .. } => {
-                let seqs: Vec<u64> = events
-                    .iter()
-                    .map(|event| event.position().seq.get())
-                    .collect();
-                let first = since.seq.get() + 1;
-                assert_eq!(seqs, (first..=200).collect::<Vec<_>>(), "{back} back");
-            }
-            other => panic!("{back} back: {other:?}"),
-        }
+        let events = replayed(&broker, "a", since).await.expect("a replay");
+        let first = since.seq.get() + 1;
+        assert_eq!(
+            seqs(&events),
+            (first..=200).collect::<Vec<_>>(),
+            "{back} back"
+        );
     }
 }
 
@@ -157,34 +170,26 @@ async fn resumes_from_the_disk_are_exact_across_pages_and_after_trimming() {
         (99, None),
     ] {
         let position = &positions[since as usize - 1];
-        match broker
-            .read_since(&channel("paged"), position, 10_000)
-            .await
-            .expect("read")
-        {
-            ReadOutcome::Replayed { events, .. } => {
-                let seqs: Vec<u64> = events
-                    .iter()
-                    .map(|event| event.position().seq.get())
-                    .collect();
-                let data: Vec<String> =
-                    events.iter().map(|event| event.data().to_owned()).collect();
-                let first = expected_first.expect("a replay only where history reaches");
-                assert_eq!(seqs, (first..=600).collect::<Vec<_>>(), "from {since}");
+        match (replayed(&broker, "paged", position).await, expected_first) {
+            (Ok(events), Some(first)) => {
                 assert_eq!(
-                    data[0],
+                    seqs(&events),
+                    (first..=600).collect::<Vec<_>>(),
+                    "from {since}"
+                );
+                assert_eq!(
+                    events[0].1,
                     (first - 1).to_string(),
                     "the event's own data, from {since}"
                 );
             }
-            ReadOutcome::Reset { reason, .. } => {
+            (outcome, expected) => {
                 assert_eq!(
-                    (expected_first, reason),
-                    (None, ResetReason::Truncated),
+                    (outcome, expected),
+                    (Err(ResetReason::Truncated), None),
                     "from {since}"
                 );
             }
-            other => panic!("from {since}: {other:?}"),
         }
     }
 }
