@@ -16,6 +16,7 @@ pub mod backend;
 pub mod certificate;
 pub mod proxy;
 pub mod raw_ws;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod server_process;
 

@@ -35,6 +35,7 @@ mod presence_events;
 mod pubsub;
 mod recent;
 mod scripts;
+mod topology;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,18 +43,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Config, Pool, Runtime};
-use redis::aio::MultiplexedConnection;
 use resync_broker::{
     Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
     Publish, ReadDecision, ReadOutcome, Result, Retention, decide_read,
 };
 use resync_protocol::{Channel, Epoch, Event, Payload, Position, Seq};
 use tokio::sync::{mpsc, watch};
+use topology::{CommandConnection, Topology};
 
 /// Builds a [`RedisBroker`].
 #[derive(Clone, Debug)]
 pub struct RedisBrokerBuilder {
-    url: String,
+    topology: Topology,
     key_prefix: String,
     pool_size: usize,
     retention: Retention,
@@ -76,6 +77,8 @@ impl RedisBrokerBuilder {
 
     /// Prefix of every key and Pub/Sub channel, so several apps can share one Redis.
     /// Defaults to `resync:`.
+    /// A prefix with `{` or `}` is refused at [`build`](Self::build): it would change the
+    /// hash tag that keeps a channel's keys in one cluster slot.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -141,21 +144,44 @@ impl RedisBrokerBuilder {
     /// builds it on its main thread). Command connections are opened lazily, each on the
     /// thread that first needs it, so this succeeds while Redis is down.
     pub fn build(self) -> Result<RedisBroker> {
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|error| Error::Unavailable(format!("bad redis url: {error}")))?;
-        let mut config = Config::from_url(self.url.clone());
-        config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: self.pool_size,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(self.command_timeout),
-                create: Some(self.command_timeout),
-                recycle: Some(self.command_timeout),
-            },
-            ..Default::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|error| Error::Unavailable(format!("cannot create redis pool: {error}")))?;
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(Error::Unavailable(format!(
+                "the redis key prefix {:?} may not hold '{{' or '}}'",
+                self.key_prefix
+            )));
+        }
+        let (opener, subscriber) = match &self.topology {
+            Topology::Single { url } => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|error| Error::Unavailable(format!("bad redis url: {error}")))?;
+                let mut config = Config::from_url(url.clone());
+                config.pool = Some(deadpool_redis::PoolConfig {
+                    max_size: self.pool_size,
+                    timeouts: deadpool_redis::Timeouts {
+                        wait: Some(self.command_timeout),
+                        create: Some(self.command_timeout),
+                        recycle: Some(self.command_timeout),
+                    },
+                    ..Default::default()
+                });
+                let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|error| {
+                    Error::Unavailable(format!("cannot create redis pool: {error}"))
+                })?;
+                (Opener::Single(pool), pubsub::Subscriber::Single(client))
+            }
+            Topology::Cluster { seeds } => {
+                let commands = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                    .connection_timeout(self.command_timeout)
+                    .response_timeout(self.command_timeout)
+                    .build()
+                    .map_err(|error| Error::Unavailable(format!("bad redis cluster: {error}")))?;
+                let subscriber = pubsub::ClusterSubscriber::new(seeds, self.command_timeout)?;
+                (
+                    Opener::Cluster(Box::new(commands)),
+                    pubsub::Subscriber::Cluster(subscriber),
+                )
+            }
+        };
         let (commands, receiver) = mpsc::channel(1_024);
         let idle_commands = commands.clone();
         let recent = Arc::new(recent::RecentEvents::default());
@@ -184,26 +210,18 @@ impl RedisBrokerBuilder {
             user_commands: user_commands.clone(),
             presence_fanout: presence_fanout.clone(),
             presence_local: presence::Local::default(),
-            pool,
+            opener,
             connections: connections.clone(),
             next_connection: AtomicUsize::new(0),
             hub: hub.clone(),
             recent: recent.clone(),
             commands,
             connected,
+            scripts: Scripts::new(&self.topology),
             settings: self,
-            scripts: Scripts {
-                publish: redis::Script::new(scripts::PUBLISH),
-                position: redis::Script::new(scripts::POSITION),
-                read_since: redis::Script::new(scripts::READ_SINCE),
-                presence_join: redis::Script::new(scripts::PRESENCE_JOIN),
-                presence_leave: redis::Script::new(scripts::PRESENCE_LEAVE),
-                presence_refresh: redis::Script::new(scripts::PRESENCE_REFRESH),
-                presence_sweep: redis::Script::new(scripts::PRESENCE_SWEEP),
-            },
         });
         runtime.spawn(pubsub::run(
-            client,
+            subscriber,
             pubsub::Delivery {
                 connections,
                 hub,
@@ -233,8 +251,36 @@ struct Scripts {
     presence_sweep: redis::Script,
 }
 
+impl Scripts {
+    /// The scripts, publishing with the topology's Pub/Sub command (`SPUBLISH` on a cluster).
+    fn new(topology: &Topology) -> Self {
+        let script = |source: &str| {
+            redis::Script::new(
+                &source.replace("'PUBLISH'", &format!("'{}'", topology.publish_command())),
+            )
+        };
+        Scripts {
+            publish: script(scripts::PUBLISH),
+            position: script(scripts::POSITION),
+            read_since: script(scripts::READ_SINCE),
+            presence_join: script(scripts::PRESENCE_JOIN),
+            presence_leave: script(scripts::PRESENCE_LEAVE),
+            presence_refresh: script(scripts::PRESENCE_REFRESH),
+            presence_sweep: script(scripts::PRESENCE_SWEEP),
+        }
+    }
+}
+
+/// How command connections are opened.
+enum Opener {
+    /// From a pool, which opens and checks them.
+    Single(Pool),
+    /// A cluster connection each, which keeps one connection per node and routes by slot.
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
 struct Inner {
-    pool: Pool,
+    opener: Opener,
     /// Connections shared by every command, `pool_size` of them, taken from `pool` lazily;
     /// each thread keeps to one ([`Inner::slot`]).
     connections: pubsub::CommandConnections,
@@ -296,8 +342,24 @@ fn millis(duration: Duration) -> u64 {
 impl RedisBroker {
     /// A builder for a broker on the Redis at `url` (`redis://host:port/db`).
     pub fn builder(url: impl Into<String>) -> RedisBrokerBuilder {
+        Self::with_topology(Topology::Single { url: url.into() })
+    }
+
+    /// A builder for a broker on the Redis Cluster that any of `seeds` (`redis://host:port`)
+    /// belongs to. Every key of a channel lives in the channel's slot, live events go out
+    /// with `SPUBLISH` to that slot's shard, and each process keeps one Pub/Sub connection
+    /// per node (`docs/scaling.md`, "Redis Cluster").
+    pub fn cluster_builder(
+        seeds: impl IntoIterator<Item = impl Into<String>>,
+    ) -> RedisBrokerBuilder {
+        Self::with_topology(Topology::Cluster {
+            seeds: seeds.into_iter().map(Into::into).collect(),
+        })
+    }
+
+    fn with_topology(topology: Topology) -> RedisBrokerBuilder {
         RedisBrokerBuilder {
-            url: url.into(),
+            topology,
             key_prefix: "resync:".to_owned(),
             pool_size: 16,
             retention: Retention::default(),
@@ -314,9 +376,17 @@ impl RedisBroker {
         format!("{}{{{}}}:{suffix}", self.inner.settings.key_prefix, channel)
     }
 
-    /// The shared epoch's key: channel keys always hold a `{`, so it meets none of them.
-    fn shared_epoch_key(&self) -> String {
-        format!("{}epoch", self.inner.settings.key_prefix)
+    /// The shared epoch's key for `channel`: one for the whole prefix on one Redis (channel
+    /// keys always hold a `{`, so it meets none of them), one per slot on a cluster, in the
+    /// channel's slot so its scripts may touch it (`topology`).
+    fn shared_epoch_key(&self, channel: &Channel) -> String {
+        let prefix = &self.inner.settings.key_prefix;
+        if self.inner.settings.topology.is_cluster() {
+            let slot = topology::slot_of(&self.key(channel, "meta"));
+            format!("{prefix}{{{}}}:epoch", topology::slot_tag(slot))
+        } else {
+            format!("{prefix}epoch")
+        }
     }
 
     /// The shared epoch lives half as long as metadata (see `scripts`).
@@ -365,7 +435,7 @@ impl Inner {
     /// that failed or timed out is forgotten, so the next call takes a fresh one.
     async fn on_connection<T, Call, Fut>(&self, call: Call) -> Result<T>
     where
-        Call: FnOnce(MultiplexedConnection) -> Fut,
+        Call: FnOnce(CommandConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.settings.command_timeout;
@@ -389,12 +459,19 @@ impl Inner {
     /// first time and after a failure. It is opened on the calling thread, so its driver
     /// (the task that writes commands and reads replies) runs beside the callers that use
     /// this slot ([`Inner::slot`]).
-    async fn connection(&self, slot: usize) -> Result<MultiplexedConnection> {
+    async fn connection(&self, slot: usize) -> Result<CommandConnection> {
         if let Some(connection) = lock(&self.connections[slot]).clone() {
             return Ok(connection);
         }
-        let pooled = self.pool.get().await.map_err(unavailable)?;
-        let connection = deadpool_redis::Connection::take(pooled);
+        let connection = match &self.opener {
+            Opener::Single(pool) => {
+                let pooled = pool.get().await.map_err(unavailable)?;
+                CommandConnection::Single(deadpool_redis::Connection::take(pooled))
+            }
+            Opener::Cluster(client) => CommandConnection::Cluster(
+                client.get_async_connection().await.map_err(unavailable)?,
+            ),
+        };
         *lock(&self.connections[slot]) = Some(connection.clone());
         Ok(connection)
     }
@@ -466,7 +543,8 @@ impl resync_broker::UserCommandBus for Inner {
         // A plain enum of strings: serializing cannot fail.
         let message = serde_json::to_string(command).unwrap_or_default();
         let name = pubsub::user_commands_name(&self.settings.key_prefix);
-        self.command::<u64>(redis::cmd("PUBLISH").arg(name).arg(message))
+        let publish = self.settings.topology.publish_command();
+        self.command::<u64>(redis::cmd(publish).arg(name).arg(message))
             .await
             .map(|_| ())
     }
@@ -499,7 +577,7 @@ impl Broker for RedisBroker {
             .key(self.key(&publish.channel, "meta"))
             .key(self.key(&publish.channel, "stream"))
             .key(idempotency_key)
-            .key(self.shared_epoch_key())
+            .key(self.shared_epoch_key(&publish.channel))
             .arg(publish.data.as_str())
             .arg(retention.max_events())
             .arg(stream_ttl)
@@ -553,7 +631,7 @@ impl Broker for RedisBroker {
         let mut invocation = self.inner.scripts.read_since.prepare_invoke();
         invocation
             .key(self.key(channel, "meta"))
-            .key(self.shared_epoch_key())
+            .key(self.shared_epoch_key(channel))
             .key(self.key(channel, "stream"))
             .arg(millis(settings.meta_ttl))
             .arg(self.shared_epoch_ttl())
@@ -583,7 +661,7 @@ impl Broker for RedisBroker {
         let mut invocation = self.inner.scripts.position.prepare_invoke();
         invocation
             .key(self.key(channel, "meta"))
-            .key(self.shared_epoch_key())
+            .key(self.shared_epoch_key(channel))
             .arg(millis(self.inner.settings.meta_ttl))
             .arg(self.shared_epoch_ttl())
             .arg(random_epoch());
@@ -620,11 +698,17 @@ impl Broker for RedisBroker {
     async fn health(&self) -> Result<()> {
         let timeout = self.inner.settings.command_timeout;
         let ping = async {
-            let mut connection = self.inner.pool.get().await.map_err(unavailable)?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-                .map_err(unavailable)
+            match &self.inner.opener {
+                Opener::Single(pool) => {
+                    let mut connection = pool.get().await.map_err(unavailable)?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                }
+                // Sent to every primary; it fails if one of them does not answer.
+                Opener::Cluster(_) => self.inner.command::<String>(&mut redis::cmd("PING")).await,
+            }
         };
         tokio::time::timeout(timeout, ping)
             .await

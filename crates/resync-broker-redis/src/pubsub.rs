@@ -1,11 +1,14 @@
-//! The one Pub/Sub connection of a process: subscribes to channels with local subscribers,
-//! feeds their messages into the hub, and after a reconnect makes every subscriber re-check
-//! history.
+//! The one Pub/Sub connection of a process (on a cluster, one per node, through one cluster
+//! connection): subscribes to channels with local subscribers, feeds their messages into the
+//! hub, and after a reconnect makes every subscriber re-check history.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::{PushInfo, PushKind};
 use resync_broker::{EncodedEvent, Error, Hub};
 use resync_protocol::{Channel, Epoch, Event, Payload, Position, Seq};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,7 +64,7 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
 
 /// The command connections of the broker, one per slot, shared with the Pub/Sub task.
 pub(crate) type CommandConnections =
-    std::sync::Arc<[std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>]>;
+    std::sync::Arc<[std::sync::Mutex<Option<crate::topology::CommandConnection>>]>;
 
 /// Where received events go: the recent copy first, then the hub's subscribers.
 pub(crate) struct Delivery {
@@ -72,8 +75,166 @@ pub(crate) struct Delivery {
     pub(crate) recent: std::sync::Arc<crate::recent::RecentEvents>,
 }
 
+/// How the process listens: one Pub/Sub connection to one Redis, or one cluster connection
+/// (a connection per node) taking shard channels with `SSUBSCRIBE`.
+pub(crate) enum Subscriber {
+    Single(redis::Client),
+    Cluster(ClusterSubscriber),
+}
+
+/// Pushes a cluster Pub/Sub connection may have waiting before it counts as lost: the
+/// process is not keeping up, so it starts over and every subscription checks history.
+const PUSH_QUEUE: usize = 16_384;
+
+/// Opens cluster Pub/Sub connections (RESP3, where messages arrive as pushes).
+pub(crate) struct ClusterSubscriber {
+    seeds: Vec<String>,
+    timeout: Duration,
+}
+
+impl ClusterSubscriber {
+    pub(crate) fn new(seeds: &[String], timeout: Duration) -> Result<Self, Error> {
+        let subscriber = Self {
+            seeds: seeds.to_vec(),
+            timeout,
+        };
+        // Checked here, so a bad seed is refused at build rather than retried for ever.
+        subscriber.client(mpsc::channel(1).0, Arc::default())?;
+        Ok(subscriber)
+    }
+
+    fn client(
+        &self,
+        pushes: mpsc::Sender<PushInfo>,
+        overflowed: Arc<AtomicBool>,
+    ) -> Result<redis::cluster::ClusterClient, Error> {
+        redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .push_sender(move |push: PushInfo| {
+                if pushes.try_send(push).is_err() {
+                    overflowed.store(true, Ordering::Relaxed);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .build()
+            .map_err(|error| Error::Unavailable(format!("bad redis cluster: {error}")))
+    }
+
+    /// A new connection with a queue of its own: pushes of a connection given up (its
+    /// nodes' disconnections) never reach the next one.
+    async fn connect(&self) -> redis::RedisResult<Wire> {
+        let (sender, pushes) = mpsc::channel(PUSH_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let client = self
+            .client(sender, overflowed.clone())
+            .map_err(|error| redis::RedisError::from(std::io::Error::other(error.to_string())))?;
+        let connection = client.get_async_connection().await?;
+        Ok(Wire::Cluster {
+            connection,
+            pushes,
+            overflowed,
+        })
+    }
+}
+
+/// One Pub/Sub connection, of either kind.
+enum Wire {
+    Single {
+        sink: redis::aio::PubSubSink,
+        stream: redis::aio::PubSubStream,
+    },
+    Cluster {
+        connection: redis::cluster_async::ClusterConnection,
+        pushes: mpsc::Receiver<PushInfo>,
+        overflowed: Arc<AtomicBool>,
+    },
+}
+
+/// What a Pub/Sub connection brought.
+enum Incoming {
+    Message {
+        name: String,
+        payload: String,
+    },
+    /// Redis ended this subscription (a cluster slot moved, its node became a replica).
+    Unsubscribed(String),
+    /// The connection (or one of its nodes) is gone, or messages were dropped.
+    Lost,
+    Other,
+}
+
+impl Wire {
+    async fn subscribe(&mut self, name: &str) -> redis::RedisResult<()> {
+        match self {
+            Wire::Single { sink, .. } => sink.subscribe(name).await,
+            Wire::Cluster { connection, .. } => connection.ssubscribe(name).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, name: &str) -> redis::RedisResult<()> {
+        match self {
+            Wire::Single { sink, .. } => sink.unsubscribe(name).await,
+            Wire::Cluster { connection, .. } => connection.sunsubscribe(name).await,
+        }
+    }
+
+    async fn next(&mut self) -> Incoming {
+        match self {
+            Wire::Single { stream, .. } => match stream.next().await {
+                None => Incoming::Lost,
+                Some(message) => match message.get_payload::<String>() {
+                    Ok(payload) => Incoming::Message {
+                        name: message.get_channel_name().to_owned(),
+                        payload,
+                    },
+                    Err(error) => {
+                        tracing::warn!(target: "resync::redis", %error, "unreadable pub/sub payload");
+                        Incoming::Other
+                    }
+                },
+            },
+            Wire::Cluster {
+                pushes, overflowed, ..
+            } => {
+                let push = pushes.recv().await;
+                if overflowed.load(Ordering::Relaxed) {
+                    tracing::warn!(target: "resync::redis", "cluster pub/sub fell behind");
+                    return Incoming::Lost;
+                }
+                let Some(push) = push else {
+                    return Incoming::Lost;
+                };
+                let text = |value: &redis::Value| redis::from_redis_value_ref::<String>(value).ok();
+                match (push.kind, push.data.as_slice()) {
+                    (PushKind::SMessage, [name, payload]) => match (text(name), text(payload)) {
+                        (Some(name), Some(payload)) => Incoming::Message { name, payload },
+                        _ => Incoming::Other,
+                    },
+                    (PushKind::SUnsubscribe, [name, ..]) => {
+                        text(name).map_or(Incoming::Other, Incoming::Unsubscribed)
+                    }
+                    (PushKind::Disconnection, _) => Incoming::Lost,
+                    _ => Incoming::Other,
+                }
+            }
+        }
+    }
+}
+
+async fn connect(subscriber: &Subscriber) -> redis::RedisResult<Wire> {
+    match subscriber {
+        Subscriber::Single(client) => {
+            let (sink, stream) = client.get_async_pubsub().await?.split();
+            Ok(Wire::Single { sink, stream })
+        }
+        Subscriber::Cluster(cluster) => cluster.connect().await,
+    }
+}
+
 pub(crate) async fn run(
-    client: redis::Client,
+    subscriber: Subscriber,
     delivery: Delivery,
     mut commands: mpsc::Receiver<Command>,
     prefix: String,
@@ -90,10 +251,9 @@ pub(crate) async fn run(
     let mut delay = Duration::from_millis(100);
     let mut was_connected = false;
     loop {
-        let connection =
-            tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await;
-        let pubsub = match connection {
-            Ok(Ok(pubsub)) => pubsub,
+        let connection = tokio::time::timeout(Duration::from_secs(2), connect(&subscriber)).await;
+        let mut wire = match connection {
+            Ok(Ok(wire)) => wire,
             Ok(Err(error)) => {
                 tracing::warn!(target: "resync::redis", %error, "pub/sub connection failed");
                 if !wait_refusing(&mut commands, delay).await {
@@ -111,15 +271,14 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let (mut sink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<Channel> = HashSet::new();
         // User commands are few and every instance needs them: always subscribed.
-        let mut healthy = sink.subscribe(&commands_name).await.is_ok();
+        let mut healthy = wire.subscribe(&commands_name).await.is_ok();
         for channel in hub.channels() {
             if !healthy {
                 break;
             }
-            if let Err(error) = sink.subscribe(pubsub_name(&prefix, &channel)).await {
+            if let Err(error) = wire.subscribe(&pubsub_name(&prefix, &channel)).await {
                 tracing::warn!(target: "resync::redis", %error, "resubscribe failed");
                 healthy = false;
                 break;
@@ -129,8 +288,8 @@ pub(crate) async fn run(
         let mut presence_subscribed: HashSet<Channel> = HashSet::new();
         for channel in presence.channels() {
             if healthy
-                && sink
-                    .subscribe(presence_name(&prefix, &channel))
+                && wire
+                    .subscribe(&presence_name(&prefix, &channel))
                     .await
                     .is_err()
             {
@@ -140,6 +299,10 @@ pub(crate) async fn run(
             presence_subscribed.insert(channel);
         }
         if !healthy {
+            if !wait_refusing(&mut commands, delay).await {
+                return;
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
             continue;
         }
         // Messages may have been missed while disconnected: the local copy starts over.
@@ -163,15 +326,21 @@ pub(crate) async fn run(
 
         loop {
             tokio::select! {
-                message = stream.next() => {
-                    let Some(message) = message else { break };
-                    let name = message.get_channel_name().to_owned();
-                    let payload: String = match message.get_payload() {
-                        Ok(payload) => payload,
-                        Err(error) => {
-                            tracing::warn!(target: "resync::redis", %error, "unreadable pub/sub payload");
+                incoming = wire.next() => {
+                    let (name, payload) = match incoming {
+                        Incoming::Message { name, payload } => (name, payload),
+                        Incoming::Lost => break,
+                        Incoming::Unsubscribed(name) => {
+                            let wanted = name == commands_name
+                                || presence_channel(&prefix, &name).is_some_and(|channel| presence_subscribed.contains(&channel))
+                                || subscribed.iter().any(|channel| pubsub_name(&prefix, channel) == name);
+                            if wanted {
+                                tracing::warn!(target: "resync::redis", %name, "redis ended a subscription");
+                                break;
+                            }
                             continue;
                         }
+                        Incoming::Other => continue,
                     };
                     if name == commands_name {
                         match serde_json::from_str(&payload) {
@@ -186,7 +355,7 @@ pub(crate) async fn run(
                             Some(event) => {
                                 if !presence.deliver(&channel, event)
                                     && presence_subscribed.remove(&channel)
-                                    && sink.unsubscribe(&name).await.is_err()
+                                    && wire.unsubscribe(&name).await.is_err()
                                 {
                                     break;
                                 }
@@ -203,7 +372,7 @@ pub(crate) async fn run(
                             if hub.deliver(&event) == 0 && hub.subscriber_count(event.channel()) == 0 {
                                 let channel = event.channel().clone();
                                 recent.forget(&channel);
-                                if subscribed.remove(&channel) && sink.unsubscribe(&name).await.is_err() {
+                                if subscribed.remove(&channel) && wire.unsubscribe(&name).await.is_err() {
                                     break;
                                 }
                             }
@@ -221,7 +390,7 @@ pub(crate) async fn run(
                             let _ = reply.send(Ok(()));
                             continue;
                         }
-                        match sink.subscribe(pubsub_name(&prefix, &channel)).await {
+                        match wire.subscribe(&pubsub_name(&prefix, &channel)).await {
                             Ok(()) => {
                                 subscribed.insert(channel);
                                 let _ = reply.send(Ok(()));
@@ -237,7 +406,7 @@ pub(crate) async fn run(
                             let _ = reply.send(Ok(()));
                             continue;
                         }
-                        match sink.subscribe(presence_name(&prefix, &channel)).await {
+                        match wire.subscribe(&presence_name(&prefix, &channel)).await {
                             Ok(()) => {
                                 presence_subscribed.insert(channel);
                                 let _ = reply.send(Ok(()));
@@ -250,7 +419,7 @@ pub(crate) async fn run(
                     }
                     Some(Command::Unsubscribe(channel)) => {
                         if hub.subscriber_count(&channel) == 0 && subscribed.remove(&channel)
-                            && sink.unsubscribe(pubsub_name(&prefix, &channel)).await.is_err()
+                            && wire.unsubscribe(&pubsub_name(&prefix, &channel)).await.is_err()
                         {
                             break;
                         }
