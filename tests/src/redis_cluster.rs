@@ -106,6 +106,9 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
+                // A replica stopped for a while by a test still takes over.
+                "--cluster-replica-validity-factor",
+                "0",
                 "--save",
                 "",
                 "--appendonly",
@@ -185,6 +188,65 @@ impl RedisCluster {
             }
         }
         panic!("no primary serves slot {slot}:\n{nodes}");
+    }
+
+    /// The port of the replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> u16 {
+        let any = self.running_ports()[0];
+        let nodes = cli(any, &["cluster", "nodes"]);
+        let port_of = |fields: &[&str]| -> u16 {
+            fields[1]
+                .split('@')
+                .next()
+                .and_then(|address| address.rsplit(':').next())
+                .and_then(|port| port.parse().ok())
+                .expect("a node address")
+        };
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .filter(|fields: &Vec<&str>| fields.len() >= 8)
+            .collect();
+        let primary_id = lines
+            .iter()
+            .find(|fields| port_of(fields) == primary)
+            .map(|fields| fields[0])
+            .expect("the primary is a node of the cluster");
+        lines
+            .iter()
+            .find(|fields| fields[3] == primary_id)
+            .map(|fields| port_of(fields))
+            .expect("the primary has a replica")
+    }
+
+    /// Waits until the replica on `replica` has everything its primary on `primary` wrote.
+    pub fn wait_replicated(&self, primary: u16, replica: u16) {
+        let offset = |port: u16, field: &str| -> Option<u64> {
+            cli(port, &["info", "replication"])
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|value| value.trim().parse().ok())
+        };
+        wait_for("the replica caught up with its primary", || {
+            let written = offset(primary, "master_repl_offset:");
+            written.is_some() && offset(replica, "slave_repl_offset:") == written
+        });
+    }
+
+    /// Stops the node on `port` with SIGSTOP (it keeps its sockets and answers nothing, so
+    /// it misses what its primary writes meanwhile), or lets it go on with SIGCONT.
+    pub fn signal(&self, port: u16, signal: &str) {
+        let node = self
+            .nodes
+            .iter()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster");
+        let pid = node.child.as_ref().expect("a running node").id();
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid}");
     }
 
     /// Kills the node on `port` with SIGKILL (its clients see their connections drop).

@@ -10,6 +10,8 @@ pub struct RedisServer {
     pub port: u16,
     directory: PathBuf,
     child: Option<Child>,
+    /// The primary this server replicates, if it is a replica.
+    replica_of: Option<u16>,
 }
 
 fn free_port() -> u16 {
@@ -23,6 +25,27 @@ impl RedisServer {
     /// Starts a server with an append-only file (fsync on every write), so a restart keeps
     /// the data.
     pub fn start() -> Self {
+        Self::start_replicating(None)
+    }
+
+    /// Starts a replica of `primary` and waits until its link to it is up.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let replica = Self::start_replicating(Some(primary.port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !replica
+            .cli(&["info", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the replica linked to its primary"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        replica
+    }
+
+    fn start_replicating(replica_of: Option<u16>) -> Self {
         let port = free_port();
         let directory =
             std::env::temp_dir().join(format!("resync-redis-{}-{port}", std::process::id()));
@@ -31,9 +54,25 @@ impl RedisServer {
             port,
             directory,
             child: None,
+            replica_of,
         };
         server.launch();
         server
+    }
+
+    /// Runs `redis-cli` against this server and returns what it printed.
+    pub fn cli(&self, arguments: &[&str]) -> String {
+        crate::redis_cluster::cli(self.port, arguments)
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to the server's process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal} {pid}");
     }
 
     pub fn url(&self) -> String {
@@ -41,7 +80,18 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
+        let replicating = self
+            .replica_of
+            .map(|primary| {
+                vec![
+                    "--replicaof".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    primary.to_string(),
+                ]
+            })
+            .unwrap_or_default();
         let child = Command::new("redis-server")
+            .args(&replicating)
             .args([
                 "--port",
                 &self.port.to_string(),

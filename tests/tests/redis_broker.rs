@@ -424,3 +424,75 @@ async fn subscribers_behind_a_burst_catch_up_from_what_pub_sub_delivered_not_fro
         "four subscribers caught up 2,000 events without one history read from Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_promoted_without_the_last_acknowledged_events_resets_never_reuses_seqs() {
+    // A managed Redis failing over: its replica, behind on the last writes, takes over.
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let channel = Channel::new("orders:7").unwrap();
+    let before: Arc<dyn Broker> = Arc::new(broker(&primary, 100, 64));
+    let publish = |broker: Arc<dyn Broker>, value: u64| {
+        let channel = channel.clone();
+        async move {
+            broker
+                .publish(Publish::new(channel, Payload::from_value(&value).unwrap()))
+                .await
+                .unwrap()
+        }
+    };
+    for value in 1..=5 {
+        publish(before.clone(), value).await;
+    }
+    let written = |server: &RedisServer, field: &str| -> String {
+        server
+            .cli(&["info", "replication"])
+            .lines()
+            .find_map(|line| line.strip_prefix(field).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while written(&replica, "slave_repl_offset:") != written(&primary, "master_repl_offset:") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The replica misses the next five: stopped, its link cut on the primary's side.
+    replica.signal("-STOP");
+    assert_eq!(
+        primary.cli(&["client", "kill", "type", "replica"]).trim(),
+        "1"
+    );
+    let mut seen = None;
+    for value in 6..=10 {
+        seen = Some(publish(before.clone(), value).await);
+    }
+    let seen = seen.unwrap();
+    primary.stop();
+    replica.signal("-CONT");
+    assert_eq!(replica.cli(&["replicaof", "no", "one"]).trim(), "OK");
+    let kept = replica.cli(&["hget", &format!("resync:{{{channel}}}:meta"), "s"]);
+    assert_eq!(kept.trim(), "5", "the promoted replica lost the last five");
+
+    // The service's address now leads to the promoted replica.
+    let after: Arc<dyn Broker> = Arc::new(broker(&replica, 100, 64));
+    let mut published = Vec::new();
+    for value in 11..=15 {
+        published.push(publish(after.clone(), value).await);
+    }
+    match after.read_since(&channel, &seen, 100).await.unwrap() {
+        resync_broker::ReadOutcome::Reset { reason, latest } => {
+            assert_eq!(reason, ResetReason::EpochChanged);
+            assert_ne!(latest.epoch, seen.epoch);
+        }
+        other => panic!("a client behind a lost tail must be reset, got {other:?}"),
+    }
+    assert!(
+        published
+            .iter()
+            .all(|position| position.epoch != seen.epoch),
+        "no seq of the old epoch is given again: {published:?}"
+    );
+}

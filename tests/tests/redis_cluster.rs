@@ -125,3 +125,149 @@ async fn two_brokers_on_a_cluster_deliver_every_channel_through_its_shard() {
         "no PUBLISH, which every node of the cluster would carry"
     );
 }
+
+/// The next item of `subscription` within 20 s.
+async fn next_item(subscription: &mut resync_broker::Subscription) -> SubscriptionItem {
+    tokio::time::timeout(Duration::from_secs(20), subscription.next())
+        .await
+        .expect("an item within 20 s")
+        .expect("the subscription goes on")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_lost_acknowledged_events_is_a_reset_never_reused_seqs() {
+    let mut cluster = RedisCluster::start();
+    let publisher: Arc<dyn Broker> = Arc::new(broker(&cluster, 100, 64));
+    let follower: Arc<dyn Broker> = Arc::new(broker(&cluster, 100, 64));
+    let channel = Channel::new("orders:1").unwrap();
+    let primary = cluster.primary_of(&format!("{{{channel}}}"));
+    let replica = cluster.replica_of(primary);
+    let (_, mut following) = resume(
+        follower.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let publish = |value: u64| {
+        let publisher = publisher.clone();
+        let channel = channel.clone();
+        async move {
+            publisher
+                .publish(Publish::new(channel, Payload::from_value(&value).unwrap()))
+                .await
+        }
+    };
+    let mut acknowledged = Vec::new();
+    for value in 1..=5 {
+        acknowledged.push(publish(value).await.unwrap());
+    }
+    cluster.wait_replicated(primary, replica);
+    // The replica misses the next five, which the primary acknowledges and delivers: it is
+    // stopped, and its link cut on the primary's side, so nothing reaches it.
+    cluster.signal(replica, "-STOP");
+    assert_eq!(
+        cli(primary, &["client", "kill", "type", "replica"]).trim(),
+        "1",
+        "the replica's link is cut"
+    );
+    for value in 6..=10 {
+        acknowledged.push(publish(value).await.unwrap());
+    }
+    let epoch = acknowledged[0].epoch.clone();
+    assert!(acknowledged.iter().all(|position| position.epoch == epoch));
+    for expected in 1..=10 {
+        match next_item(&mut following).await {
+            SubscriptionItem::Event(event) => assert_eq!(event.position().seq.get(), expected),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let seen = acknowledged[9].clone();
+    cluster.kill(primary);
+    cluster.signal(replica, "-CONT");
+    cluster.wait_until_healthy();
+    assert_eq!(
+        cluster.primary_of(&format!("{{{channel}}}")),
+        replica,
+        "the replica took over"
+    );
+    let kept = cli(
+        replica,
+        &["hget", &format!("resync:{{{channel}}}:meta"), "s"],
+    );
+    assert_eq!(
+        kept.trim(),
+        "5",
+        "the new primary lost the last five acknowledged events"
+    );
+
+    // Publishing goes on (in a new epoch: no seq of the old one is ever given again).
+    let mut after = Vec::new();
+    for value in 11..=15 {
+        let position = loop {
+            // The cluster connection may still be settling on the new topology.
+            match publish(value).await {
+                Ok(position) => break position,
+                Err(error) => {
+                    eprintln!("publish during failover: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        after.push(position);
+    }
+    // A client that saw seq 10 comes back once as many were published again: it is told to
+    // refetch, not that it is up to date.
+    let read = publisher.read_since(&channel, &seen, 100).await.unwrap();
+    match read {
+        resync_broker::ReadOutcome::Reset { reason, latest } => {
+            assert_eq!(reason, resync_protocol::ResetReason::EpochChanged);
+            assert_ne!(latest.epoch, epoch);
+        }
+        other => panic!("a client behind a lost tail must be reset, got {other:?}"),
+    }
+    assert!(
+        after.iter().all(|position| position.epoch != epoch),
+        "a new epoch after the lost tail: {after:?}"
+    );
+    // The follower, which saw seq 10 live, is reset (its application refetches) and then
+    // follows the new epoch up to the last acknowledged event.
+    let mut reset = None;
+    let mut followed = Vec::new();
+    let last = after.last().unwrap().clone();
+    while followed.last().or(reset.as_ref()) != Some(&last) {
+        match next_item(&mut following).await {
+            SubscriptionItem::Reset { reason, position } => {
+                assert_eq!(reason, resync_protocol::ResetReason::EpochChanged);
+                assert_ne!(position.epoch, epoch);
+                reset = Some(position);
+            }
+            SubscriptionItem::Event(event) => {
+                let position = event.position().clone();
+                let from = reset
+                    .as_ref()
+                    .expect("no event of the new epoch before the reset");
+                assert_eq!(position.epoch, from.epoch);
+                assert!(position.seq > from.seq);
+                followed.push(position);
+            }
+        }
+    }
+    let from = reset.expect("a reset").seq.get();
+    let expected: Vec<_> = after
+        .iter()
+        .filter(|position| position.seq.get() > from)
+        .cloned()
+        .collect();
+    assert_eq!(
+        followed, expected,
+        "every event after the reset, in order, once"
+    );
+    // And it goes on live.
+    let next = publish(14).await.unwrap();
+    match next_item(&mut following).await {
+        SubscriptionItem::Event(event) => assert_eq!(event.position(), &next),
+        other => panic!("unexpected {other:?}"),
+    }
+}

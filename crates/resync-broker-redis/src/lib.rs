@@ -662,6 +662,7 @@ impl Broker for RedisBroker {
         invocation
             .key(self.key(channel, "meta"))
             .key(self.shared_epoch_key(channel))
+            .key(self.key(channel, "stream"))
             .arg(millis(self.inner.settings.meta_ttl))
             .arg(self.shared_epoch_ttl())
             .arg(random_epoch());

@@ -13,6 +13,57 @@
 //! channel's metadata and is never refreshed: metadata made under it expires (at least
 //! `meta ttl` after it was made) only after the shared epoch has changed, so seqs that start
 //! over never reuse an epoch (`docs/decisions.md`, "The shared epoch").
+//!
+//! **Failovers.** Replication in Redis is asynchronous: a replica promoted after its primary
+//! died may lack the primary's last acknowledged writes, while keeping the metadata of the
+//! writes before them, so the next publishes would reuse the lost seqs in the same epoch and
+//! a client that saw the lost events would be told it is up to date. Every script therefore
+//! reads the node's replication history (`INFO replication`: `master_replid`, and
+//! `master_replid2`, the history it continued when it was promoted) and each channel's
+//! metadata records the history it was last used under (`r`). Data of the history this node
+//! was promoted from, or of an unknown history on a node that was ever promoted, may have
+//! lost its tail: the channel starts over in a new epoch at its next use (its clients get
+//! `epoch_changed`), and so does the shared epoch (stored as `<epoch>|<replid>`). A restart
+//! of a Redis that was never a replica keeps its data's word (it lost nothing with
+//! `appendfsync always`; see `docs/scaling.md`).
+
+/// The Lua functions every script begins with: the node's replication history, whether data
+/// last used under another history may have lost its tail here, the shared epoch, and a
+/// channel starting over.
+macro_rules! replication_prelude {
+    () => {
+        r"
+local NO_HISTORY = '0000000000000000000000000000000000000000'
+local function replication()
+  local info = redis.call('INFO', 'replication')
+  return string.match(info, 'master_replid:(%x+)') or '', string.match(info, 'master_replid2:(%x+)') or NO_HISTORY
+end
+local function doubtful(written, current, previous)
+  if not written or written == '' or written == current then return false end
+  if written == previous then return true end
+  return previous ~= NO_HISTORY
+end
+local function shared_epoch(key, candidate, ttl, current, previous)
+  local value = redis.call('GET', key)
+  if value then
+    local epoch, written = string.match(value, '^([^|]+)|?(%x*)$')
+    if epoch and not doubtful(written, current, previous) then
+      if written ~= current then
+        redis.call('SET', key, epoch .. '|' .. current, 'KEEPTTL')
+      end
+      return epoch
+    end
+  end
+  redis.call('SET', key, candidate .. '|' .. current, 'PX', ttl)
+  return candidate
+end
+local function start_over(meta, stream, epoch, current)
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 's', 0, 'b', 0, 'r', current)
+end
+"
+    };
+}
 
 /// Publish: honour the idempotency key; a channel without metadata takes the shared epoch
 /// (made now if missing) and drops any stream left behind; increment the seq, append to the
@@ -21,7 +72,9 @@
 /// KEYS: meta, stream, idempotency key (or a placeholder), shared epoch. ARGV: payload, max
 /// events, stream ttl ms (0 = none), meta ttl ms, epoch candidate, pub/sub channel, use
 /// idempotency (0/1), idempotency ttl ms, shared epoch ttl ms, max bytes (0 = none).
-pub(crate) const PUBLISH: &str = r"
+pub(crate) const PUBLISH: &str = concat!(
+    replication_prelude!(),
+    r"
 if ARGV[7] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then
@@ -29,15 +82,17 @@ if ARGV[7] == '1' then
     return {epoch, tonumber(seq)}
   end
 end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = redis.call('GET', KEYS[4])
-  if not epoch then
-    epoch = ARGV[5]
-    redis.call('SET', KEYS[4], epoch, 'PX', ARGV[9])
-  end
-  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
-  redis.call('DEL', KEYS[2])
+local current, previous = replication()
+local meta = redis.call('HMGET', KEYS[1], 'e', 'r')
+local epoch = meta[1]
+if epoch and doubtful(meta[2], current, previous) then
+  epoch = ARGV[5]
+  start_over(KEYS[1], KEYS[2], epoch, current)
+elseif not epoch then
+  epoch = shared_epoch(KEYS[4], ARGV[5], ARGV[9], current, previous)
+  start_over(KEYS[1], KEYS[2], epoch, current)
+elseif meta[2] ~= current then
+  redis.call('HSET', KEYS[1], 'r', current)
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[1], 'b', 0)
@@ -81,37 +136,46 @@ if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], epoch .. ':' .. seq, 'PX', ARGV[8])
 end
 return {epoch, seq}
-";
+"
+);
 
 /// The channel's position: its epoch and last seq, or seq 0 of the shared epoch when it has
 /// no metadata. Creates no channel key (only the shared epoch, when it is missing) and
 /// refreshes the expiry of metadata that exists, so a channel in use is kept.
 ///
+/// Metadata whose history is doubtful starts over in a new epoch here (so a client behind a
+/// lost tail is told at once, not at the next publish).
+///
 /// Used at the start of both scripts below; `meta ttl` and `shared epoch ttl` are ARGV[1] and
-/// ARGV[2], the candidate epoch ARGV[3]; KEYS[1] is the metadata, KEYS[2] the shared epoch.
+/// ARGV[2], the candidate epoch ARGV[3]; KEYS[1] is the metadata, KEYS[2] the shared epoch,
+/// KEYS[3] the stream.
 macro_rules! position_prelude {
     () => {
         r"
 local function position()
-  local meta = redis.call('HMGET', KEYS[1], 'e', 's')
+  local current, previous = replication()
+  local meta = redis.call('HMGET', KEYS[1], 'e', 's', 'r')
   if meta[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[1])
+    if doubtful(meta[3], current, previous) then
+      start_over(KEYS[1], KEYS[3], ARGV[3], current)
+      return ARGV[3], 0
+    end
+    if meta[3] ~= current then
+      redis.call('HSET', KEYS[1], 'r', current)
+    end
     return meta[1], tonumber(meta[2] or '0')
   end
-  local shared = redis.call('GET', KEYS[2])
-  if not shared then
-    shared = ARGV[3]
-    redis.call('SET', KEYS[2], shared, 'PX', ARGV[2])
-  end
-  return shared, 0
+  return shared_epoch(KEYS[2], ARGV[3], ARGV[2], current, previous), 0
 end
 "
     };
 }
 
-/// Position. KEYS: meta, shared epoch. ARGV: meta ttl ms, shared epoch ttl ms, epoch
+/// Position. KEYS: meta, shared epoch, stream. ARGV: meta ttl ms, shared epoch ttl ms, epoch
 /// candidate.
 pub(crate) const POSITION: &str = concat!(
+    replication_prelude!(),
     position_prelude!(),
     r"
 local epoch, seq = position()
@@ -126,6 +190,7 @@ return {epoch, seq}
 /// candidate, since epoch, since seq, limit. Returns {epoch, last seq, entries} where entries
 /// are XRANGE results.
 pub(crate) const READ_SINCE: &str = concat!(
+    replication_prelude!(),
     position_prelude!(),
     r"
 local epoch, last = position()
