@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod raw_ws;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod redis_topology;
 pub mod server_process;
 
 use std::time::Duration;

@@ -112,7 +112,9 @@ impl RedisCluster {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "always",
                 "--dir",
                 directory.to_str().expect("utf-8 temp path"),
             ])
@@ -247,6 +249,41 @@ impl RedisCluster {
             .status()
             .expect("kill runs");
         assert!(sent.success(), "kill {signal} {pid}");
+    }
+
+    /// The reference server's arguments for this cluster.
+    pub fn server_arguments(&self) -> Vec<String> {
+        vec![
+            "--broker".to_owned(),
+            "redis".to_owned(),
+            "--redis-cluster-nodes".to_owned(),
+            self.seeds().join(","),
+        ]
+    }
+
+    /// Kills every node (an outage of the whole cluster).
+    pub fn stop_all(&mut self) {
+        let ports: Vec<u16> = self.running_ports();
+        for port in ports {
+            self.kill(port);
+        }
+    }
+
+    /// Stops every node and starts it again, with its data or empty (keeping the cluster's
+    /// configuration either way), and waits until the cluster is healthy.
+    pub fn restart_all(&mut self, keep_data: bool) {
+        self.stop_all();
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].child.is_none() {
+                if !keep_data {
+                    let directory = self.directory.join(self.nodes[index].port.to_string());
+                    let _ = std::fs::remove_dir_all(directory.join("appendonlydir"));
+                    let _ = std::fs::remove_file(directory.join("dump.rdb"));
+                }
+                self.launch(index);
+            }
+        }
+        self.wait_until_healthy();
     }
 
     /// Kills the node on `port` with SIGKILL (its clients see their connections drop).

@@ -11,6 +11,7 @@ use resync_broker::{Broker, Publish, ResumeOptions, Retention, SubscriptionItem,
 use resync_broker_redis::RedisBroker;
 use resync_protocol::{Channel, Payload, ResetReason};
 use resync_tests::redis_server::RedisServer;
+use resync_tests::redis_topology::Redis;
 
 fn broker(redis: &RedisServer, max_events: usize, queue: usize) -> RedisBroker {
     RedisBroker::builder(redis.url())
@@ -74,9 +75,17 @@ async fn two_brokers_on_one_redis_share_seqs_and_deliver_to_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_publishes_loudly_and_loses_nothing_stored() {
-    let mut redis = RedisServer::start();
-    let publisher: Arc<dyn Broker> = Arc::new(broker(&redis, 1_000, 64));
-    let follower: Arc<dyn Broker> = Arc::new(broker(&redis, 1_000, 64));
+    an_outage_fails_publishes_loudly_and_loses_nothing_stored_on(Redis::start(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_outage_fails_publishes_loudly_and_loses_nothing_stored() {
+    an_outage_fails_publishes_loudly_and_loses_nothing_stored_on(Redis::start(true)).await;
+}
+
+async fn an_outage_fails_publishes_loudly_and_loses_nothing_stored_on(mut redis: Redis) {
+    let publisher: Arc<dyn Broker> = Arc::new(redis.broker(1_000, 64));
+    let follower: Arc<dyn Broker> = Arc::new(redis.broker(1_000, 64));
     let channel = Channel::new("outage").unwrap();
     let (_, mut stream) = resume(
         follower.clone(),
@@ -151,8 +160,16 @@ async fn an_outage_fails_publishes_loudly_and_loses_nothing_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_an_epoch_reset_not_silence() {
-    let mut redis = RedisServer::start();
-    let broker: Arc<dyn Broker> = Arc::new(broker(&redis, 1_000, 64));
+    restarted_empty_is_an_epoch_reset_not_silence_on(Redis::start(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restarted_empty_is_an_epoch_reset_not_silence() {
+    restarted_empty_is_an_epoch_reset_not_silence_on(Redis::start(true)).await;
+}
+
+async fn restarted_empty_is_an_epoch_reset_not_silence_on(mut redis: Redis) {
+    let broker: Arc<dyn Broker> = Arc::new(redis.broker(1_000, 64));
     let channel = Channel::new("amnesia").unwrap();
     let (_, mut stream) = resume(
         broker.clone(),
@@ -176,7 +193,7 @@ async fn redis_restarted_empty_is_an_epoch_reset_not_silence() {
 
     redis.restart_empty();
     // Nobody publishes: the subscriber still learns that its history is gone.
-    match tokio::time::timeout(Duration::from_secs(15), stream.next())
+    match tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .unwrap()
         .unwrap()

@@ -1,5 +1,6 @@
-//! Several reference-server processes sharing one Redis: one gap-free sequence per channel for
-//! every subscriber on every instance and transport, and no loss when an instance dies.
+//! Several reference-server processes sharing one Redis or one Redis Cluster: one gap-free
+//! sequence per channel for every subscriber on every instance and transport, no loss when an
+//! instance dies, and an outage that shows.
 
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use resync_client::{Client, Subscription, TransportChoice, TransportKind};
 use resync_protocol::{Channel, Position};
 use resync_tests::proxy::ChaosProxy;
-use resync_tests::redis_server::RedisServer;
+use resync_tests::redis_topology::Redis;
 use resync_tests::server_process::ServerProcess;
 use resync_tests::{channel_position, collect_seqs, fast_client};
 
@@ -18,18 +19,12 @@ const TRANSPORTS: [TransportKind; 3] = [
     TransportKind::LongPolling,
 ];
 
-fn start_instances(redis: &RedisServer, count: usize) -> Vec<ServerProcess> {
+fn start_instances(redis: &Redis, count: usize) -> Vec<ServerProcess> {
+    let mut arguments = redis.server_arguments();
+    arguments.extend(["--ping-interval-secs".to_owned(), "2".to_owned()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     (0..count)
-        .map(|_| {
-            ServerProcess::start(&[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url(),
-                "--ping-interval-secs",
-                "2",
-            ])
-        })
+        .map(|_| ServerProcess::start(&arguments))
         .collect()
 }
 
@@ -57,7 +52,16 @@ async fn collect(subscription: Subscription, count: u64, label: String) -> Vec<u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_give_every_subscriber_the_same_sequence() {
-    let redis = RedisServer::start();
+    three_instances_give_every_subscriber_the_same_sequence_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_give_every_subscriber_the_same_sequence_on_a_cluster() {
+    three_instances_give_every_subscriber_the_same_sequence_on(true).await;
+}
+
+async fn three_instances_give_every_subscriber_the_same_sequence_on(cluster: bool) {
+    let redis = Redis::start(cluster);
     let instances = start_instances(&redis, 3);
     let http = reqwest::Client::new();
     let channels = ["orders", "news"];
@@ -116,7 +120,16 @@ async fn three_instances_give_every_subscriber_the_same_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_moves_its_clients_elsewhere_without_loss() {
-    let redis = RedisServer::start();
+    killing_an_instance_moves_its_clients_elsewhere_without_loss_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_instance_moves_its_clients_elsewhere_without_loss_on_a_cluster() {
+    killing_an_instance_moves_its_clients_elsewhere_without_loss_on(true).await;
+}
+
+async fn killing_an_instance_moves_its_clients_elsewhere_without_loss_on(cluster: bool) {
+    let redis = Redis::start(cluster);
     let mut instances = start_instances(&redis, 3);
     let balancer =
         ChaosProxy::balance(instances.iter().map(|instance| instance.address).collect()).await;
@@ -165,7 +178,16 @@ async fn killing_an_instance_moves_its_clients_elsewhere_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_shows_in_readyz_and_publish_answers_503() {
-    let mut redis = RedisServer::start();
+    a_redis_outage_shows_in_readyz_and_publish_answers_503_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_outage_shows_in_readyz_and_publish_answers_503() {
+    a_redis_outage_shows_in_readyz_and_publish_answers_503_on(true).await;
+}
+
+async fn a_redis_outage_shows_in_readyz_and_publish_answers_503_on(cluster: bool) {
+    let mut redis = Redis::start(cluster);
     let instance = start_instances(&redis, 1).pop().unwrap();
     let http = reqwest::Client::new();
     let status = |path: &'static str| {

@@ -221,7 +221,11 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 namespace_retention
                     .iter()
                     .fold(
-                        RedisBroker::builder(settings.redis_url.clone()),
+                        if settings.redis_cluster_nodes.is_empty() {
+                            RedisBroker::builder(settings.redis_url.clone())
+                        } else {
+                            RedisBroker::cluster_builder(settings.redis_cluster_nodes.clone())
+                        },
                         |builder, (name, own)| builder.namespace_retention(name.clone(), *own),
                     )
                     .key_prefix(settings.redis_prefix.clone())

@@ -367,7 +367,13 @@ settings_table! {
     /// Redis URL for `--broker redis`.
     #[arg(long, hide_env_values = true)]
     redis_url: String = "redis://127.0.0.1:6379/".to_owned() => (String);
-    /// Prefix of Redis keys and Pub/Sub channels.
+    /// Seed nodes of a Redis Cluster for `--broker redis`, comma-separated
+    /// (`redis://host:port`); when set, `--redis-url` is not used. Every key of a channel lives
+    /// in one slot and live events go out with `SPUBLISH` (docs/scaling.md).
+    #[arg(long, value_delimiter = ',', hide_env_values = true)]
+    redis_cluster_nodes: Vec<String> = Vec::new() => (Vec<String>),
+        shown "none: one Redis at --redis-url";
+    /// Prefix of Redis keys and Pub/Sub channels (without `{` or `}`).
     #[arg(long)]
     redis_prefix: String = "resync:".to_owned() => (String);
     /// Seconds a presence entry lives on Redis unless its instance refreshes it (every third of
