@@ -21,6 +21,10 @@ struct State {
     cut: AtomicU64,
     refused: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
+    /// Where new connections go.
+    upstreams: Mutex<Arc<Vec<SocketAddr>>>,
+    /// Forwards bytes without reading an HTTP request head first (for Redis).
+    raw: bool,
 }
 
 /// A running proxy in front of `upstream`. Dropping it stops it.
@@ -38,17 +42,35 @@ impl ChaosProxy {
     /// A round-robin load balancer over `upstreams` (no sticky sessions); an upstream that
     /// refuses connections is skipped.
     pub async fn balance(upstreams: Vec<SocketAddr>) -> Self {
+        Self::listen(upstreams, false).await
+    }
+
+    /// A proxy of any TCP protocol to `upstream` (it reads no HTTP request head, so it
+    /// cannot refuse upgrades or SSE), for a service address that can move
+    /// ([`retarget`](Self::retarget)).
+    pub async fn tcp(upstream: SocketAddr) -> Self {
+        Self::listen(vec![upstream], true).await
+    }
+
+    async fn listen(upstreams: Vec<SocketAddr>, raw: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("proxy address");
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            upstreams: Mutex::new(Arc::new(upstreams)),
+            raw,
+            ..State::default()
+        });
         let accept_state = state.clone();
-        let upstreams = Arc::new(upstreams);
         let accept_task = tokio::spawn(async move {
             let mut next = 0usize;
             while let Ok((client, _)) = listener.accept().await {
                 accept_state.accepted.fetch_add(1, Ordering::Relaxed);
                 let connection_state = accept_state.clone();
-                let upstreams = upstreams.clone();
+                let upstreams = accept_state
+                    .upstreams
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .clone();
                 let first = next;
                 next = next.wrapping_add(1);
                 let task = tokio::spawn(async move {
@@ -68,6 +90,16 @@ impl ChaosProxy {
             state,
             accept_task,
         }
+    }
+
+    /// Sends new connections to `upstreams` from now on (an address that moved to another
+    /// machine, as a managed service's does after a failover); open ones stay where they are.
+    pub fn retarget(&self, upstreams: Vec<SocketAddr>) {
+        *self
+            .state
+            .upstreams
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(upstreams);
     }
 
     pub fn base_url(&self) -> String {
@@ -152,7 +184,10 @@ async fn serve(
     // Read the first request head to decide whether to refuse it.
     let mut head = Vec::new();
     let mut buffer = [0u8; 4096];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < 64 * 1024 {
+    while !state.raw
+        && !head.windows(4).any(|window| window == b"\r\n\r\n")
+        && head.len() < 64 * 1024
+    {
         let read = client.read(&mut buffer).await?;
         if read == 0 {
             return Ok(());
