@@ -278,24 +278,24 @@ async fn the_http_api_lists_and_counts_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_redis_agree_and_a_killed_instance_s_members_expire() {
-    use resync_tests::redis_server::RedisServer;
+    three_instances_agree_and_a_killed_instance_s_members_expire(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_a_redis_cluster_agree_and_a_killed_instance_s_members_expire() {
+    three_instances_agree_and_a_killed_instance_s_members_expire(true).await;
+}
+
+async fn three_instances_agree_and_a_killed_instance_s_members_expire(cluster: bool) {
+    use resync_tests::redis_topology::Redis;
     use resync_tests::server_process::ServerProcess;
 
-    let redis = RedisServer::start();
-    let mut instances: Vec<ServerProcess> = (0..3)
-        .map(|_| {
-            ServerProcess::start(&[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url(),
-                "--jwt-secret",
-                JWT_SECRET,
-                "--presence-ttl-secs",
-                "2",
-            ])
-        })
-        .collect();
+    let redis = Redis::start(cluster);
+    let mut arguments = redis.server_arguments();
+    arguments.extend(["--jwt-secret", JWT_SECRET, "--presence-ttl-secs", "2"].map(str::to_owned));
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let mut instances: Vec<ServerProcess> =
+        (0..3).map(|_| ServerProcess::start(&arguments)).collect();
     let url = |instance: &ServerProcess, subject: &str| {
         format!(
             "{}/ws?token={}",

@@ -161,23 +161,24 @@ async fn the_api_unsubscribes_then_disconnects_a_user_and_leaves_others_alone() 
 }
 
 #[tokio::test]
-async fn disconnecting_a_user_closes_their_connections_on_every_instance_of_a_redis_cluster() {
-    use resync_tests::redis_server::RedisServer;
+async fn disconnecting_a_user_closes_their_connections_on_every_instance_on_one_redis() {
+    disconnecting_a_user_closes_their_connections_on_every_instance(false).await;
+}
+
+#[tokio::test]
+async fn disconnecting_a_user_closes_their_connections_on_every_instance_on_a_redis_cluster() {
+    disconnecting_a_user_closes_their_connections_on_every_instance(true).await;
+}
+
+async fn disconnecting_a_user_closes_their_connections_on_every_instance(cluster: bool) {
+    use resync_tests::redis_topology::Redis;
     use resync_tests::server_process::ServerProcess;
 
-    let redis = RedisServer::start();
-    let instances: Vec<ServerProcess> = (0..3)
-        .map(|_| {
-            ServerProcess::start(&[
-                "--broker",
-                "redis",
-                "--redis-url",
-                &redis.url(),
-                "--jwt-secret",
-                JWT_SECRET,
-            ])
-        })
-        .collect();
+    let redis = Redis::start(cluster);
+    let mut arguments = redis.server_arguments();
+    arguments.extend(["--jwt-secret", JWT_SECRET].map(str::to_owned));
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let instances: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&arguments)).collect();
     let ws = |instance: &ServerProcess, subject: &str| {
         format!(
             "{}/ws?token={}",
