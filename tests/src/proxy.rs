@@ -15,6 +15,8 @@ use tokio::task::AbortHandle;
 #[derive(Default)]
 struct State {
     blackhole: AtomicBool,
+    /// Connections numbered below this forward nothing (they were open when frozen).
+    frozen_below: AtomicU64,
     refuse_websocket: AtomicBool,
     refuse_sse: AtomicBool,
     accepted: AtomicU64,
@@ -64,7 +66,7 @@ impl ChaosProxy {
         let accept_task = tokio::spawn(async move {
             let mut next = 0usize;
             while let Ok((client, _)) = listener.accept().await {
-                accept_state.accepted.fetch_add(1, Ordering::Relaxed);
+                let number = accept_state.accepted.fetch_add(1, Ordering::Relaxed);
                 let connection_state = accept_state.clone();
                 let upstreams = accept_state
                     .upstreams
@@ -74,7 +76,7 @@ impl ChaosProxy {
                 let first = next;
                 next = next.wrapping_add(1);
                 let task = tokio::spawn(async move {
-                    let _ = serve(client, &upstreams, first, connection_state).await;
+                    let _ = serve(client, &upstreams, first, number, connection_state).await;
                 });
                 let mut connections = accept_state
                     .connections
@@ -128,6 +130,13 @@ impl ChaosProxy {
 
     /// Stops (true) or resumes (false) forwarding; sockets stay open either way. Resuming
     /// cuts the connections that were blackholed, so nothing stale arrives late.
+    /// Every connection open now stops forwarding for good, its sockets left open (a
+    /// half-open connection: a peer that vanished without a FIN); new ones pass.
+    pub fn freeze_open_connections(&self) {
+        let accepted = self.state.accepted.load(Ordering::Relaxed);
+        self.state.frozen_below.store(accepted, Ordering::Relaxed);
+    }
+
     pub fn set_blackhole(&self, on: bool) {
         self.state.blackhole.store(on, Ordering::Relaxed);
         if !on {
@@ -178,6 +187,7 @@ async fn serve(
     mut client: TcpStream,
     upstreams: &[SocketAddr],
     first: usize,
+    number: u64,
     state: Arc<State>,
 ) -> std::io::Result<()> {
     client.set_nodelay(true)?;
@@ -223,7 +233,9 @@ async fn serve(
             if read == 0 {
                 return server_write.shutdown().await;
             }
-            while upstream_state.blackhole.load(Ordering::Relaxed) {
+            while upstream_state.blackhole.load(Ordering::Relaxed)
+                || number < upstream_state.frozen_below.load(Ordering::Relaxed)
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server_write.write_all(&buffer[..read]).await?;
@@ -236,7 +248,9 @@ async fn serve(
             if read == 0 {
                 return client_write.shutdown().await;
             }
-            while state.blackhole.load(Ordering::Relaxed) {
+            while state.blackhole.load(Ordering::Relaxed)
+                || number < state.frozen_below.load(Ordering::Relaxed)
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             client_write.write_all(&buffer[..read]).await?;

@@ -513,3 +513,50 @@ async fn a_replica_promoted_without_the_last_acknowledged_events_resets_never_re
         "no seq of the old epoch is given again: {published:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pub_sub_connection_that_went_silent_is_noticed_and_nothing_is_missed() {
+    // A half-open connection: the follower's sockets stay open and carry nothing, as when a
+    // link or a NAT in between dropped them without telling either side.
+    let redis = RedisServer::start();
+    let proxy =
+        resync_tests::proxy::ChaosProxy::tcp(format!("127.0.0.1:{}", redis.port).parse().unwrap())
+            .await;
+    let follower: Arc<dyn Broker> = Arc::new(
+        RedisBroker::builder(format!("redis://{}/", proxy.address))
+            .command_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap(),
+    );
+    let publisher: Arc<dyn Broker> = Arc::new(broker(&redis, 100, 64));
+    let channel = Channel::new("silent").unwrap();
+    let (_, mut stream) = resume(
+        follower.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let accepted = proxy.accepted();
+    proxy.freeze_open_connections();
+    let published = publisher
+        .publish(Publish::new(
+            channel.clone(),
+            Payload::from_json("1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the event arrives once the silent connection is replaced")
+        .unwrap()
+    {
+        SubscriptionItem::Event(event) => assert_eq!(event.position(), &published),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        proxy.accepted() > accepted,
+        "the follower opened a new connection"
+    );
+}

@@ -82,6 +82,11 @@ pub(crate) enum Subscriber {
     Cluster(ClusterSubscriber),
 }
 
+/// How often a Pub/Sub connection is probed with a `PING` on each of its sockets: a socket
+/// that stopped answering (a half-open connection, a node behind a dead link) would deliver
+/// nothing and say nothing, so it counts as lost when the `PING` is not answered in time.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Pushes a cluster Pub/Sub connection may have waiting before it counts as lost: the
 /// process is not keeping up, so it starts over and every subscription checks history.
 const PUSH_QUEUE: usize = 16_384;
@@ -177,6 +182,28 @@ impl Wire {
         match self {
             Wire::Single { sink, .. } => sink.unsubscribe(name).await,
             Wire::Cluster { connection, .. } => connection.sunsubscribe(name).await,
+        }
+    }
+
+    /// A `PING` through every socket of the connection (each node's, on a cluster).
+    async fn probe(&mut self) -> redis::RedisResult<()> {
+        match self {
+            Wire::Single { sink, .. } => sink.ping::<redis::Value>().await.map(|_| ()),
+            Wire::Cluster { connection, .. } => {
+                use redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                connection
+                    .route_command(
+                        redis::cmd("PING"),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllNodes,
+                            Some(ResponsePolicy::AllSucceeded),
+                        )),
+                    )
+                    .await
+                    .map(|_| ())
+            }
         }
     }
 
@@ -324,8 +351,24 @@ pub(crate) async fn run(
         connected.send_replace(true);
         tracing::info!(target: "resync::redis", channels = subscribed.len(), "pub/sub connected");
 
+        let mut probe =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = probe.tick() => {
+                    match tokio::time::timeout(Duration::from_secs(2), wire.probe()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(target: "resync::redis", %error, "pub/sub probe failed");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!(target: "resync::redis", "pub/sub probe not answered within 2 s");
+                            break;
+                        }
+                    }
+                }
                 incoming = wire.next() => {
                     let (name, payload) = match incoming {
                         Incoming::Message { name, payload } => (name, payload),
