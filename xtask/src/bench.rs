@@ -12,6 +12,9 @@ use serde_json::Value;
 
 use crate::{cargo, run, workspace_root};
 
+mod cluster;
+pub(crate) use cluster::only as cluster_only;
+
 /// A command running `binary` with a raised open-file limit where the machine allows it
 /// (10,000 clients need 10,000 sockets). With `time_limit`, it also cannot run longer than
 /// that; servers get none, so that their process id stays theirs for CPU and memory readings.
@@ -318,6 +321,24 @@ impl Bench {
         Ok(value)
     }
 
+    /// Records `value` as a sample of `key` (a figure measured outside the load generator).
+    fn record(&mut self, key: &str, value: Value) {
+        eprintln!("bench: {key}: {value}");
+        self.results.entry(key.to_owned()).or_default().push(value);
+    }
+
+    /// Adds `field` to the last sample recorded under `key`.
+    fn annotate(&mut self, key: &str, field: &str, value: Value) {
+        if let Some(Value::Object(sample)) = self
+            .results
+            .get_mut(key)
+            .and_then(|samples| samples.last_mut())
+        {
+            eprintln!("bench: {key}: {field} = {value}");
+            sample.insert(field.to_owned(), value);
+        }
+    }
+
     /// Every sample of `field` in the runs recorded under `key`.
     fn samples(&self, key: &str, field: &str) -> Vec<f64> {
         self.results
@@ -577,6 +598,8 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
         // two rows run on the same noisy cores, so they get more samples than the others.
         redis_round(&mut bench, false)?;
         redis_round(&mut bench, true)?;
+        cluster::round(&mut bench)?;
+        cluster::failover_round(&mut bench)?;
     }
     disk_restart_round(&mut bench, quick)?;
     let seconds = started.elapsed().as_secs();
@@ -1375,6 +1398,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         bench.max("redis/memory-shared", "lost_events"),
         bench.median("redis/shared", "loadgen_cpu_share"),
     ));
+    out.push_str(&cluster::section(bench));
     out.push_str(&flood_section(bench));
     out.push_str(&presence_section(bench));
     out.push_str(&disk_section(bench, sizes));
@@ -1465,6 +1489,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         "| Redis on a busy box >= 0.8x in-memory (the faster of its runs), CPU per delivery <= 1.5x (issue 28) | {shared_ratio:.2}x, CPU {shared_cpu:.2}x | {} |\n",
         verdict(shared_ratio >= 0.8 && shared_cpu <= 1.5)
     ));
+    out.push_str(&cluster::floor(bench));
     let flood_lost = bench.median("flood/on", "lost");
     let flood_p99 =
         bench.median("flood/on", "latency_p99_us") / bench.median("flood/off", "latency_p99_us");

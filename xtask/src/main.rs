@@ -30,6 +30,9 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("flood") => bench::flood_only(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("redis") => bench::redis_only(),
+        Some("bench") if std::env::args().nth(2).as_deref() == Some("cluster") => {
+            bench::cluster_only()
+        }
         Some("bench") if std::env::args().nth(2).as_deref() == Some("disk") => bench::disk_only(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("presence") => {
             bench::presence_only()

@@ -1,5 +1,6 @@
 //! What the test command needs besides Rust, checked in its first seconds: `redis-server`
-//! (the Redis tests start their own), `curl` (the README test), Node.js with npm (browser
+//! and `redis-cli` (the Redis tests start their own servers, and their own cluster), `nginx`
+//! (the load balancer of `examples/nginx-cluster`, which a browser test runs), `curl` (the README test), Node.js with npm (browser
 //! tests), and Chromium (headless browser tests).
 //!
 //! Missing tools are installed with Debian's `apt-get` when this runs as root on a Debian-like
@@ -25,8 +26,16 @@ pub(crate) const TOOLS: &[Tool] = &[
         packages: &["redis-server"],
     },
     Tool {
+        name: "redis-cli",
+        packages: &["redis-tools"],
+    },
+    Tool {
         name: "curl",
         packages: &["curl"],
+    },
+    Tool {
+        name: "nginx",
+        packages: &["nginx"],
     },
     Tool {
         name: "node",
@@ -96,7 +105,8 @@ fn present(tool: &Tool) -> bool {
     if tool.name == "chromium" {
         return Path::new(&chromium()).is_file();
     }
-    on_path(tool.name)
+    // Debian installs nginx in /usr/sbin, which a user's PATH may lack.
+    on_path(tool.name) || (tool.name == "nginx" && Path::new("/usr/sbin/nginx").is_file())
 }
 
 fn is_root() -> bool {
@@ -158,6 +168,13 @@ fn names(tools: &[Tool]) -> String {
 mod tests {
     use super::*;
 
+    fn tool(name: &str) -> Tool {
+        *TOOLS
+            .iter()
+            .find(|tool| tool.name == name)
+            .expect("a tool of the list")
+    }
+
     #[test]
     fn nothing_missing_is_ready() {
         assert_eq!(plan(&[], true), Plan::Ready);
@@ -166,7 +183,7 @@ mod tests {
 
     #[test]
     fn root_installs_every_missing_package_once() {
-        let missing = [TOOLS[2], TOOLS[3], TOOLS[4]];
+        let missing = [tool("node"), tool("npm"), tool("chromium")];
         assert_eq!(
             plan(&missing, true),
             Plan::Install(
@@ -182,7 +199,7 @@ mod tests {
     #[test]
     fn others_are_told_the_exact_command() {
         assert_eq!(
-            plan(&[TOOLS[4]], false),
+            plan(&[tool("chromium")], false),
             Plan::Tell("sudo apt-get update && sudo apt-get install -y chromium".to_owned())
         );
     }

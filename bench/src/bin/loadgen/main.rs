@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 mod edge_floods;
+mod failover;
 mod flood;
 mod presence;
 
@@ -63,6 +64,7 @@ async fn main() -> Result<()> {
         "publishes" => publishes(&arguments, &url).await?,
         "flood" => flood::flood(&arguments, &url).await?,
         "presence" => presence::presence(&arguments, &url).await?,
+        "failover" => failover::run(&arguments, &url).await?,
         other => bail!("unknown scenario {other:?}"),
     };
     println!("{result}");

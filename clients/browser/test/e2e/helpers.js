@@ -114,6 +114,83 @@ export async function startRedis() {
   return { url: `redis://127.0.0.1:${port}/`, port, kill, restart: launchRedis, get running() { return child.exitCode === null && child.signalCode === null; } };
 }
 
+/** Runs `redis-cli` against `port`; resolves with what it printed. */
+function redisCli(port, args) {
+  return new Promise((resolve) => {
+    const child = spawn("redis-cli", ["-h", "127.0.0.1", "-p", String(port), ...args], { stdio: ["ignore", "pipe", "ignore"] });
+    let output = "";
+    child.stdout.on("data", (chunk) => { output += chunk; });
+    child.once("exit", () => resolve(output));
+  });
+}
+
+/** A free port whose cluster-bus port (+10000) is free too. */
+async function freeClusterPort() {
+  for (;;) {
+    const port = await freePort();
+    if (port >= 55536) continue;
+    const bus = net.createServer();
+    const free = await new Promise((resolve) => {
+      bus.once("error", () => resolve(false));
+      bus.listen(port + 10000, "127.0.0.1", () => resolve(true));
+    });
+    if (free) {
+      await new Promise((resolve) => bus.close(resolve));
+      return port;
+    }
+  }
+}
+
+/**
+ * A Redis Cluster of the test's own: three primaries with a replica each on free ports,
+ * joined by `redis-cli --cluster create`; resolves once every node says the cluster is ok.
+ */
+export async function startRedisCluster() {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), "resync-e2e-cluster-"));
+  dataDirectories.push(directory);
+  const nodes = [];
+  for (let index = 0; index < 6; index++) {
+    const port = await freeClusterPort();
+    const dir = path.join(directory, String(port));
+    fs.mkdirSync(dir);
+    const child = spawn(
+      "redis-server",
+      ["--port", String(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no", "--dir", dir],
+      { stdio: "ignore" },
+    );
+    nodes.push({ port, child });
+    await waitForPort(port);
+  }
+  await new Promise((resolve, reject) => {
+    const create = spawn(
+      "redis-cli",
+      ["--cluster", "create", ...nodes.map(({ port }) => `127.0.0.1:${port}`), "--cluster-replicas", "1", "--cluster-yes"],
+      { stdio: "ignore" },
+    );
+    create.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`redis-cli --cluster create exited with ${code}`))));
+  });
+  await eventually(
+    async () => {
+      const infos = await Promise.all(nodes.map(({ port }) => redisCli(port, ["cluster", "info"])));
+      return infos.every((info) => info.includes("cluster_state:ok") && info.includes("cluster_slots_ok:16384"));
+    },
+    { timeout: 60000, message: "a healthy redis cluster" },
+  );
+  const stop = () =>
+    Promise.all(
+      nodes.map(
+        ({ child }) =>
+          new Promise((resolve) => {
+            if (child.exitCode !== null || child.signalCode !== null) return resolve();
+            child.once("exit", resolve);
+            child.kill("SIGKILL");
+          }),
+      ),
+    );
+  return { seeds: nodes.map(({ port }) => `redis://127.0.0.1:${port}/`).join(","), stop };
+}
+
 /** A server with a proxy in front and a browser context, torn down after the test `t`. */
 export async function stack(browser, t, serverArgs = []) {
   const server = await startServer(serverArgs);
