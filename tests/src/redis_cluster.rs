@@ -32,6 +32,22 @@ fn free_port() -> u16 {
     }
 }
 
+/// `count` free ports, none another's cluster-bus port (a port just probed is free again
+/// until a node binds it, so the next probe may return it too).
+fn distinct_ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::with_capacity(count);
+    while ports.len() < count {
+        let port = free_port();
+        let clashes = ports
+            .iter()
+            .any(|&taken| taken == port || taken + 10_000 == port || port + 10_000 == taken);
+        if !clashes {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
 /// Runs `redis-cli` against `port` and returns what it printed.
 pub fn cli(port: u16, arguments: &[&str]) -> String {
     let output = Command::new("redis-cli")
@@ -62,11 +78,9 @@ impl RedisCluster {
         ));
         let mut cluster = Self {
             directory,
-            nodes: (0..6)
-                .map(|_| Node {
-                    port: free_port(),
-                    child: None,
-                })
+            nodes: distinct_ports(6)
+                .into_iter()
+                .map(|port| Node { port, child: None })
                 .collect(),
         };
         for index in 0..cluster.nodes.len() {
@@ -109,6 +123,9 @@ impl RedisCluster {
                 // A replica stopped for a while by a test still takes over.
                 "--cluster-replica-validity-factor",
                 "0",
+                // The other shards go on serving while one has no primary (docs/scaling.md).
+                "--cluster-require-full-coverage",
+                "no",
                 "--save",
                 "",
                 "--appendonly",

@@ -271,3 +271,108 @@ async fn a_failover_that_lost_acknowledged_events_is_a_reset_never_reused_seqs()
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// Publishes again until the cluster takes it (it may still be settling on a new topology),
+/// for at most 30 s.
+async fn until_published<F, Fut>(mut publish: F) -> resync_protocol::Position
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = resync_broker::Result<resync_protocol::Position>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match publish().await {
+            Ok(position) => return position,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not published within 30 s: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_without_a_primary_pauses_only_its_own_channels() {
+    let mut cluster = RedisCluster::start();
+    let publisher: Arc<dyn Broker> = Arc::new(broker(&cluster, 100, 64));
+    let follower: Arc<dyn Broker> = Arc::new(broker(&cluster, 100, 64));
+    let dead = Channel::new("room:0").unwrap();
+    let victim = cluster.primary_of(&format!("{{{dead}}}"));
+    let alive = (1..)
+        .map(|index| Channel::new(format!("room:{index}")).unwrap())
+        .find(|channel| cluster.primary_of(&format!("{{{channel}}}")) != victim)
+        .unwrap();
+    let replica = cluster.replica_of(victim);
+    let mut streams = Vec::new();
+    for channel in [&dead, &alive] {
+        let (_, stream) = resume(
+            follower.clone(),
+            channel.clone(),
+            None,
+            ResumeOptions::default(),
+        )
+        .await
+        .unwrap();
+        streams.push(stream);
+    }
+    let publish = |channel: &Channel, value: u64| {
+        let publisher = publisher.clone();
+        let channel = channel.clone();
+        async move {
+            publisher
+                .publish(Publish::new(channel, Payload::from_value(&value).unwrap()))
+                .await
+        }
+    };
+    // The shard of `dead` is gone, primary and replica: no failover can bring it back.
+    cluster.kill(replica);
+    cluster.kill(victim);
+    // The other shard goes on: what is published there reaches the follower, whose Pub/Sub
+    // connection lost one node and still serves the channels of the others.
+    let mut published = Vec::new();
+    for value in 1..=3 {
+        published.push(until_published(|| publish(&alive, value)).await);
+    }
+    // A history read that met the cluster client while it was still finding the dead nodes
+    // may end the subscription with a broker error: a client then comes back from where it
+    // was (the server tells it to), as this does.
+    let mut stream = streams.swap_remove(1);
+    let mut at = Some(resync_protocol::Position::start_of(
+        published[0].epoch.clone(),
+    ));
+    let mut delivered = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while delivered.len() < published.len() {
+        let item = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the other shard's events arrive");
+        match item {
+            Ok(SubscriptionItem::Event(event)) => {
+                at = Some(event.position().clone());
+                delivered.push(event.position().clone());
+            }
+            Err(resync_broker::SubscriptionError::Broker(error)) => {
+                eprintln!("the follower comes back after: {error}");
+                stream = resume(
+                    follower.clone(),
+                    alive.clone(),
+                    at.clone(),
+                    ResumeOptions::default(),
+                )
+                .await
+                .unwrap()
+                .1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delivered, published, "every event once, in order");
+    // The dead shard says so: its publishes fail, they do not vanish.
+    assert!(matches!(
+        publish(&dead, 1).await,
+        Err(resync_broker::Error::Unavailable(_))
+    ));
+}

@@ -87,6 +87,19 @@ pub(crate) enum Subscriber {
 /// nothing and say nothing, so it counts as lost when the `PING` is not answered in time.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a cluster `SSUBSCRIBE` may take before its channel waits for the next try (every
+/// [`RETRY_INTERVAL`]): its shard may have no primary until a failover ends.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What a process subscribes to on Redis.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Topic {
+    UserCommands,
+    Events(Channel),
+    Presence(Channel),
+}
+
 /// Pushes a cluster Pub/Sub connection may have waiting before it counts as lost: the
 /// process is not keeping up, so it starts over and every subscription checks history.
 const PUSH_QUEUE: usize = 16_384;
@@ -115,7 +128,7 @@ impl ClusterSubscriber {
     ) -> Result<redis::cluster::ClusterClient, Error> {
         redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
             .use_protocol(redis::ProtocolVersion::RESP3)
-            .connection_timeout(self.timeout)
+            .connection_timeout(self.timeout / 4)
             .response_timeout(self.timeout)
             .push_sender(move |push: PushInfo| {
                 if pushes.try_send(push).is_err() {
@@ -175,6 +188,47 @@ impl Wire {
         match self {
             Wire::Single { sink, .. } => sink.subscribe(name).await,
             Wire::Cluster { connection, .. } => connection.ssubscribe(name).await,
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self, Wire::Cluster { .. })
+    }
+
+    /// Subscribes to each of `names`; says which succeeded. On one Redis they go one after
+    /// another and the first failure fails the rest (the connection is broken). On a cluster
+    /// they go at once, each to its shard within [`SUBSCRIBE_TIMEOUT`]: a shard without a
+    /// primary fails its own channels only.
+    async fn subscribe_many(&mut self, names: &[String]) -> Vec<bool> {
+        match self {
+            Wire::Single { sink, .. } => {
+                let mut results = Vec::with_capacity(names.len());
+                let mut broken = false;
+                for name in names {
+                    broken = broken || sink.subscribe(name).await.is_err();
+                    results.push(!broken);
+                }
+                results
+            }
+            Wire::Cluster { connection, .. } => {
+                // Owned futures: a stream borrowing `names` would not be `Send` here.
+                let attempts: Vec<_> = names
+                    .iter()
+                    .cloned()
+                    .map(|name| {
+                        let mut connection = connection.clone();
+                        async move {
+                            tokio::time::timeout(SUBSCRIBE_TIMEOUT, connection.ssubscribe(name))
+                                .await
+                                .is_ok_and(|subscribed| subscribed.is_ok())
+                        }
+                    })
+                    .collect();
+                futures_util::stream::iter(attempts)
+                    .buffered(64)
+                    .collect::<Vec<bool>>()
+                    .await
+            }
         }
     }
 
@@ -299,31 +353,29 @@ pub(crate) async fn run(
             }
         };
         let mut subscribed: HashSet<Channel> = HashSet::new();
-        // User commands are few and every instance needs them: always subscribed.
-        let mut healthy = wire.subscribe(&commands_name).await.is_ok();
-        for channel in hub.channels() {
-            if !healthy {
-                break;
-            }
-            if let Err(error) = wire.subscribe(&pubsub_name(&prefix, &channel)).await {
-                tracing::warn!(target: "resync::redis", %error, "resubscribe failed");
-                healthy = false;
-                break;
-            }
-            subscribed.insert(channel);
-        }
         let mut presence_subscribed: HashSet<Channel> = HashSet::new();
-        for channel in presence.channels() {
-            if healthy
-                && wire
-                    .subscribe(&presence_name(&prefix, &channel))
-                    .await
-                    .is_err()
-            {
-                healthy = false;
-                break;
-            }
-            presence_subscribed.insert(channel);
+        // User commands are few and every instance needs them: always subscribed.
+        let mut commands_subscribed = false;
+        let topics: Vec<Topic> = std::iter::once(Topic::UserCommands)
+            .chain(hub.channels().into_iter().map(Topic::Events))
+            .chain(presence.channels().into_iter().map(Topic::Presence))
+            .collect();
+        // On a cluster, what a shard without a primary could not take waits for the next try;
+        // the rest is served meanwhile.
+        let mut waiting = subscribe_topics(
+            &mut wire,
+            topics,
+            &prefix,
+            &mut Subscriptions {
+                commands: &mut commands_subscribed,
+                events: &mut subscribed,
+                presence: &mut presence_subscribed,
+            },
+        )
+        .await;
+        let healthy = waiting.is_empty() || wire.is_cluster();
+        if !waiting.is_empty() {
+            tracing::warn!(target: "resync::redis", waiting = waiting.len(), "subscriptions not taken yet");
         }
         if !healthy {
             if !wait_refusing(&mut commands, delay).await {
@@ -335,10 +387,19 @@ pub(crate) async fn run(
         // Messages may have been missed while disconnected: the local copy starts over.
         recent.clear();
         if was_connected {
+            // One Redis's connections of before would fail their first command. A cluster's
+            // are kept (most of their nodes may be fine) and replaced when a command on one
+            // fails (`Inner::forget_connection`).
             for slot in connections.iter() {
-                slot.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
+                let mut connection = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if matches!(
+                    *connection,
+                    Some(crate::topology::CommandConnection::Single(_))
+                ) {
+                    connection.take();
+                }
             }
             // Events may have been published while we were away: every local subscription
             // checks history from its last position (and learns of a new epoch).
@@ -354,8 +415,34 @@ pub(crate) async fn run(
         let mut probe =
             tokio::time::interval_at(tokio::time::Instant::now() + PROBE_INTERVAL, PROBE_INTERVAL);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = retry.tick(), if !waiting.is_empty() => {
+                    // Channels whose last local subscriber left meanwhile need nothing.
+                    waiting.retain(|topic| match topic {
+                        Topic::Events(channel) => hub.subscriber_count(channel) > 0,
+                        _ => true,
+                    });
+                    let topics = std::mem::take(&mut waiting);
+                    let before: HashSet<Channel> = subscribed.clone();
+                    waiting = subscribe_topics(
+                        &mut wire,
+                        topics,
+                        &prefix,
+                        &mut Subscriptions {
+                            commands: &mut commands_subscribed,
+                            events: &mut subscribed,
+                            presence: &mut presence_subscribed,
+                        },
+                    )
+                    .await;
+                    // Events may have been published while they waited.
+                    for channel in subscribed.difference(&before) {
+                        hub.request_resync(channel);
+                    }
+                }
                 _ = probe.tick() => {
                     match tokio::time::timeout(Duration::from_secs(2), wire.probe()).await {
                         Ok(Ok(())) => {}
@@ -374,12 +461,27 @@ pub(crate) async fn run(
                         Incoming::Message { name, payload } => (name, payload),
                         Incoming::Lost => break,
                         Incoming::Unsubscribed(name) => {
-                            let wanted = name == commands_name
-                                || presence_channel(&prefix, &name).is_some_and(|channel| presence_subscribed.contains(&channel))
-                                || subscribed.iter().any(|channel| pubsub_name(&prefix, channel) == name);
-                            if wanted {
+                            // Redis ended a subscription we still want (its slot moved, its
+                            // node became a replica): it waits to be taken again, and its
+                            // subscribers re-read history once it is.
+                            let topic = if name == commands_name {
+                                commands_subscribed.then_some(Topic::UserCommands)
+                            } else if let Some(channel) = presence_channel(&prefix, &name) {
+                                presence_subscribed.remove(&channel).then_some(Topic::Presence(channel))
+                            } else {
+                                events_channel(&prefix, &name).filter(|channel| subscribed.remove(channel)).map(Topic::Events)
+                            };
+                            if let Some(topic) = topic {
                                 tracing::warn!(target: "resync::redis", %name, "redis ended a subscription");
-                                break;
+                                if !wire.is_cluster() {
+                                    break;
+                                }
+                                match &topic {
+                                    Topic::UserCommands => commands_subscribed = false,
+                                    Topic::Events(channel) => recent.forget(channel),
+                                    Topic::Presence(_) => {}
+                                }
+                                waiting.push(topic);
                             }
                             continue;
                         }
@@ -435,12 +537,16 @@ pub(crate) async fn run(
                         }
                         match wire.subscribe(&pubsub_name(&prefix, &channel)).await {
                             Ok(()) => {
+                                waiting.retain(|topic| topic != &Topic::Events(channel.clone()));
                                 subscribed.insert(channel);
                                 let _ = reply.send(Ok(()));
                             }
                             Err(error) => {
                                 let _ = reply.send(Err(Error::Unavailable(format!("redis SUBSCRIBE failed: {error}"))));
-                                break;
+                                // On a cluster only that channel's shard failed.
+                                if !wire.is_cluster() {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -451,16 +557,22 @@ pub(crate) async fn run(
                         }
                         match wire.subscribe(&presence_name(&prefix, &channel)).await {
                             Ok(()) => {
+                                waiting.retain(|topic| topic != &Topic::Presence(channel.clone()));
                                 presence_subscribed.insert(channel);
                                 let _ = reply.send(Ok(()));
                             }
                             Err(error) => {
                                 let _ = reply.send(Err(Error::Unavailable(format!("redis SUBSCRIBE failed: {error}"))));
-                                break;
+                                if !wire.is_cluster() {
+                                    break;
+                                }
                             }
                         }
                     }
                     Some(Command::Unsubscribe(channel)) => {
+                        if hub.subscriber_count(&channel) == 0 {
+                            waiting.retain(|topic| topic != &Topic::Events(channel.clone()));
+                        }
                         if hub.subscriber_count(&channel) == 0 && subscribed.remove(&channel)
                             && wire.unsubscribe(&pubsub_name(&prefix, &channel)).await.is_err()
                         {
@@ -473,6 +585,57 @@ pub(crate) async fn run(
         connected.send_replace(false);
         tracing::warn!(target: "resync::redis", "pub/sub connection lost; reconnecting");
     }
+}
+
+/// The sets a Pub/Sub loop keeps of what it is subscribed to.
+struct Subscriptions<'a> {
+    commands: &'a mut bool,
+    events: &'a mut HashSet<Channel>,
+    presence: &'a mut HashSet<Channel>,
+}
+
+/// Subscribes to `topics`, noting each that was taken; returns those that were not.
+async fn subscribe_topics(
+    wire: &mut Wire,
+    topics: Vec<Topic>,
+    prefix: &str,
+    subscriptions: &mut Subscriptions<'_>,
+) -> Vec<Topic> {
+    let names: Vec<String> = topics
+        .iter()
+        .map(|topic| match topic {
+            Topic::UserCommands => user_commands_name(prefix),
+            Topic::Events(channel) => pubsub_name(prefix, channel),
+            Topic::Presence(channel) => presence_name(prefix, channel),
+        })
+        .collect();
+    let taken = wire.subscribe_many(&names).await;
+    let mut waiting = Vec::new();
+    for (topic, taken) in topics.into_iter().zip(taken) {
+        if !taken {
+            waiting.push(topic);
+            continue;
+        }
+        match topic {
+            Topic::UserCommands => *subscriptions.commands = true,
+            Topic::Events(channel) => {
+                subscriptions.events.insert(channel);
+            }
+            Topic::Presence(channel) => {
+                subscriptions.presence.insert(channel);
+            }
+        }
+    }
+    waiting
+}
+
+/// The channel of an events Pub/Sub name (`<prefix>{<channel>}`).
+fn events_channel(prefix: &str, name: &str) -> Option<Channel> {
+    let channel = name
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')?;
+    Channel::new(channel).ok()
 }
 
 /// Sleeps `delay` while Redis is unreachable, refusing subscriptions meanwhile. Returns false

@@ -58,8 +58,18 @@ impl Cluster {
     pub(super) fn start(primaries: usize, replicas: usize) -> Result<Self> {
         let directory = std::env::temp_dir().join(format!("resync-bench-cluster-{}", free_port()?));
         let mut nodes = Vec::new();
-        for _ in 0..primaries * (1 + replicas) {
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < primaries * (1 + replicas) {
+            // A port just probed is free again until a node binds it: no repeats.
             let port = free_port()?;
+            if !ports
+                .iter()
+                .any(|&taken| taken == port || taken + 10_000 == port || port + 10_000 == taken)
+            {
+                ports.push(port);
+            }
+        }
+        for port in ports {
             let node_directory = directory.join(port.to_string());
             std::fs::create_dir_all(&node_directory)?;
             let child = Command::new("redis-server")

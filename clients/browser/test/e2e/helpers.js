@@ -149,8 +149,10 @@ export async function startRedisCluster() {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), "resync-e2e-cluster-"));
   dataDirectories.push(directory);
   const nodes = [];
+  const clashes = (port) => nodes.some((node) => [port, port + 10000, port - 10000].includes(node.port));
   for (let index = 0; index < 6; index++) {
-    const port = await freeClusterPort();
+    let port = await freeClusterPort();
+    while (clashes(port)) port = await freeClusterPort();
     const dir = path.join(directory, String(port));
     fs.mkdirSync(dir);
     const child = spawn(
