@@ -92,6 +92,12 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
 const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Waiting topics tried at once (each within [`SUBSCRIBE_TIMEOUT`]).
+const RETRY_BATCH: usize = 64;
+
+/// A Pub/Sub connection that lasted this long was fine: the next one starts without backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+
 /// What a process subscribes to on Redis.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Topic {
@@ -131,7 +137,13 @@ impl ClusterSubscriber {
             .connection_timeout(self.timeout / 4)
             .response_timeout(self.timeout)
             .push_sender(move |push: PushInfo| {
-                if pushes.try_send(push).is_err() {
+                // Only what the loop acts on is queued: the confirmations of (re)subscribes
+                // (redis-rs hands them over too) would fill the queue while nothing reads it.
+                let wanted = matches!(
+                    push.kind,
+                    PushKind::SMessage | PushKind::SUnsubscribe | PushKind::Disconnection
+                );
+                if wanted && pushes.try_send(push).is_err() {
                     overflowed.store(true, Ordering::Relaxed);
                 }
                 Ok::<(), std::convert::Infallible>(())
@@ -195,6 +207,22 @@ impl Wire {
         matches!(self, Wire::Cluster { .. })
     }
 
+    /// A subscribe within [`SUBSCRIBE_TIMEOUT`] on a cluster (a shard without a primary fails
+    /// its own channel, and the loop goes on), as long as it takes on one Redis.
+    async fn subscribe_bounded(&mut self, name: &str) -> redis::RedisResult<()> {
+        if !self.is_cluster() {
+            return self.subscribe(name).await;
+        }
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.subscribe(name))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "its shard did not answer",
+                )))
+            })
+    }
+
     /// Subscribes to each of `names`; says which succeeded. On one Redis they go one after
     /// another and the first failure fails the rest (the connection is broken). On a cluster
     /// they go at once, each to its shard within [`SUBSCRIBE_TIMEOUT`]: a shard without a
@@ -210,25 +238,15 @@ impl Wire {
                 }
                 results
             }
-            Wire::Cluster { connection, .. } => {
-                // Owned futures: a stream borrowing `names` would not be `Send` here.
-                let attempts: Vec<_> = names
-                    .iter()
-                    .cloned()
-                    .map(|name| {
-                        let mut connection = connection.clone();
-                        async move {
-                            tokio::time::timeout(SUBSCRIBE_TIMEOUT, connection.ssubscribe(name))
-                                .await
-                                .is_ok_and(|subscribed| subscribed.is_ok())
-                        }
-                    })
-                    .collect();
-                futures_util::stream::iter(attempts)
-                    .buffered(64)
-                    .collect::<Vec<bool>>()
-                    .await
-            }
+            Wire::Cluster { connection, .. } => subscribe_concurrently(connection, names).await,
+        }
+    }
+
+    /// The cluster connection, to subscribe with beside the loop.
+    fn cluster_connection(&self) -> Option<redis::cluster_async::ClusterConnection> {
+        match self {
+            Wire::Single { .. } => None,
+            Wire::Cluster { connection, .. } => Some(connection.clone()),
         }
     }
 
@@ -301,6 +319,40 @@ impl Wire {
                 }
             }
         }
+    }
+}
+
+/// `SSUBSCRIBE`s each of `names` (64 at a time, each within [`SUBSCRIBE_TIMEOUT`]); says which
+/// were taken.
+async fn subscribe_concurrently(
+    connection: &redis::cluster_async::ClusterConnection,
+    names: &[String],
+) -> Vec<bool> {
+    // Owned futures: a stream borrowing `names` would not be `Send` where this is spawned.
+    let attempts: Vec<_> = names
+        .iter()
+        .cloned()
+        .map(|name| {
+            let mut connection = connection.clone();
+            async move {
+                tokio::time::timeout(SUBSCRIBE_TIMEOUT, connection.ssubscribe(name))
+                    .await
+                    .is_ok_and(|subscribed| subscribed.is_ok())
+            }
+        })
+        .collect();
+    futures_util::stream::iter(attempts)
+        .buffered(RETRY_BATCH)
+        .collect::<Vec<bool>>()
+        .await
+}
+
+/// The Pub/Sub name of `topic`.
+fn topic_name(prefix: &str, topic: &Topic) -> String {
+    match topic {
+        Topic::UserCommands => user_commands_name(prefix),
+        Topic::Events(channel) => pubsub_name(prefix, channel),
+        Topic::Presence(channel) => presence_name(prefix, channel),
     }
 }
 
@@ -408,7 +460,7 @@ pub(crate) async fn run(
             }
         }
         was_connected = true;
-        delay = Duration::from_millis(100);
+        let connected_at = tokio::time::Instant::now();
         connected.send_replace(true);
         tracing::info!(target: "resync::redis", channels = subscribed.len(), "pub/sub connected");
 
@@ -417,30 +469,51 @@ pub(crate) async fn run(
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A retry of waiting topics runs beside the loop (a shard without a primary takes a
+        // second to refuse), at most a batch at a time.
+        let mut retrying: Option<tokio::task::JoinHandle<Vec<(Topic, bool)>>> = None;
         loop {
             tokio::select! {
-                _ = retry.tick(), if !waiting.is_empty() => {
-                    // Channels whose last local subscriber left meanwhile need nothing.
+                _ = retry.tick(), if !waiting.is_empty() && retrying.is_none() => {
+                    // Topics nobody here needs any more are not taken again.
+                    let watched: HashSet<Channel> = presence.channels().into_iter().collect();
                     waiting.retain(|topic| match topic {
                         Topic::Events(channel) => hub.subscriber_count(channel) > 0,
-                        _ => true,
+                        Topic::Presence(channel) => watched.contains(channel),
+                        Topic::UserCommands => true,
                     });
-                    let topics = std::mem::take(&mut waiting);
-                    let before: HashSet<Channel> = subscribed.clone();
-                    waiting = subscribe_topics(
-                        &mut wire,
-                        topics,
-                        &prefix,
-                        &mut Subscriptions {
-                            commands: &mut commands_subscribed,
-                            events: &mut subscribed,
-                            presence: &mut presence_subscribed,
-                        },
-                    )
-                    .await;
-                    // Events may have been published while they waited.
-                    for channel in subscribed.difference(&before) {
-                        hub.request_resync(channel);
+                    let batch: Vec<Topic> = waiting.drain(..waiting.len().min(RETRY_BATCH)).collect();
+                    if let Some(connection) = wire.cluster_connection() {
+                        let prefix = prefix.clone();
+                        retrying = Some(tokio::spawn(async move {
+                            let names: Vec<String> = batch.iter().map(|topic| topic_name(&prefix, topic)).collect();
+                            let taken = subscribe_concurrently(&connection, &names).await;
+                            batch.into_iter().zip(taken).collect()
+                        }));
+                    } else {
+                        // One Redis never has waiting topics (a failure there is a lost
+                        // connection); kept for completeness.
+                        waiting.extend(batch);
+                    }
+                }
+                tried = async { retrying.as_mut().expect("guarded").await }, if retrying.is_some() => {
+                    retrying = None;
+                    for (topic, taken) in tried.unwrap_or_default() {
+                        if !taken {
+                            waiting.push(topic);
+                            continue;
+                        }
+                        match topic {
+                            Topic::UserCommands => commands_subscribed = true,
+                            Topic::Presence(channel) => {
+                                presence_subscribed.insert(channel);
+                            }
+                            Topic::Events(channel) => {
+                                // Events may have been published while it waited.
+                                hub.request_resync(&channel);
+                                subscribed.insert(channel);
+                            }
+                        }
                     }
                 }
                 _ = probe.tick() => {
@@ -515,9 +588,14 @@ pub(crate) async fn run(
                             // the two finds it in one place or the other.
                             recent.record(&event);
                             if hub.deliver(&event) == 0 && hub.subscriber_count(event.channel()) == 0 {
+                                // Nobody here follows it: unsubscribed, whether it was known
+                                // as subscribed or taken by a subscribe that timed out here
+                                // and still succeeded on Redis.
                                 let channel = event.channel().clone();
                                 recent.forget(&channel);
-                                if subscribed.remove(&channel) && wire.unsubscribe(&name).await.is_err() {
+                                subscribed.remove(&channel);
+                                waiting.retain(|topic| topic != &Topic::Events(channel.clone()));
+                                if wire.unsubscribe(&name).await.is_err() && !wire.is_cluster() {
                                     break;
                                 }
                             }
@@ -535,9 +613,14 @@ pub(crate) async fn run(
                             let _ = reply.send(Ok(()));
                             continue;
                         }
-                        match wire.subscribe(&pubsub_name(&prefix, &channel)).await {
+                        match wire.subscribe_bounded(&pubsub_name(&prefix, &channel)).await {
                             Ok(()) => {
-                                waiting.retain(|topic| topic != &Topic::Events(channel.clone()));
+                                let topic = Topic::Events(channel.clone());
+                                if waiting.contains(&topic) {
+                                    // Its other subscribers may have missed events meanwhile.
+                                    waiting.retain(|waiting| waiting != &topic);
+                                    hub.request_resync(&channel);
+                                }
                                 subscribed.insert(channel);
                                 let _ = reply.send(Ok(()));
                             }
@@ -555,7 +638,7 @@ pub(crate) async fn run(
                             let _ = reply.send(Ok(()));
                             continue;
                         }
-                        match wire.subscribe(&presence_name(&prefix, &channel)).await {
+                        match wire.subscribe_bounded(&presence_name(&prefix, &channel)).await {
                             Ok(()) => {
                                 waiting.retain(|topic| topic != &Topic::Presence(channel.clone()));
                                 presence_subscribed.insert(channel);
@@ -583,7 +666,20 @@ pub(crate) async fn run(
             }
         }
         connected.send_replace(false);
+        if let Some(retrying) = retrying {
+            retrying.abort();
+        }
         tracing::warn!(target: "resync::redis", "pub/sub connection lost; reconnecting");
+        // A connection lost soon after it was made (a queue that overflowed at once, a node
+        // still failing) waits before the next, with backoff; one that lasted starts afresh.
+        if connected_at.elapsed() < STABLE_CONNECTION {
+            if !wait_refusing(&mut commands, delay).await {
+                return;
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        } else {
+            delay = Duration::from_millis(100);
+        }
     }
 }
 
@@ -603,11 +699,7 @@ async fn subscribe_topics(
 ) -> Vec<Topic> {
     let names: Vec<String> = topics
         .iter()
-        .map(|topic| match topic {
-            Topic::UserCommands => user_commands_name(prefix),
-            Topic::Events(channel) => pubsub_name(prefix, channel),
-            Topic::Presence(channel) => presence_name(prefix, channel),
-        })
+        .map(|topic| topic_name(prefix, topic))
         .collect();
     let taken = wire.subscribe_many(&names).await;
     let mut waiting = Vec::new();
