@@ -4,30 +4,45 @@
 #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The server process, killed if the test ends early (a failed assertion), so a failing run
+/// leaves no server behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 #[test]
 fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
     // A new user's first start: an empty data directory for the default (disk) broker.
     let data_dir = tempfile::tempdir().unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_resync-server"))
-        .arg("--data-dir")
-        .arg(data_dir.path().join("data"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--api-key",
-            "smoke-api-key-0123456789",
-            "--shutdown-timeout-secs",
-            "5",
-        ])
-        .env("RESYNC_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(server.stdout.take().unwrap());
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_resync-server"))
+            .arg("--data-dir")
+            .arg(data_dir.path().join("data"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api-key",
+                "smoke-api-key-0123456789",
+                "--shutdown-timeout-secs",
+                "5",
+            ])
+            .env("RESYNC_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(server.0.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     let base = line
@@ -83,10 +98,10 @@ fn binary_serves_curl_subscribers_and_stops_on_sigterm() {
     // SIGTERM: the server tells clients to reconnect and exits within its deadline.
     let stopped_at = Instant::now();
     Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.0.id().to_string()])
         .status()
         .unwrap();
-    let status = server.wait().unwrap();
+    let status = server.0.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(
         stopped_at.elapsed() < Duration::from_secs(8),
