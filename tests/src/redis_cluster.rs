@@ -2,10 +2,10 @@
 //! ports (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster create`), so a
 //! test can kill a primary and watch its replica take over.
 
+use crate::redis_server::{end, wait_for};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// One node: its port and its process, while it runs.
 struct Node {
@@ -56,15 +56,6 @@ pub fn cli(port: u16, arguments: &[&str]) -> String {
         .output()
         .expect("redis-cli is installed (.ci/run installs it)");
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Waits for `condition`, checking every 50 ms, failing the test with `what` after 60 s.
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !condition() {
-        assert!(Instant::now() < deadline, "{what} within 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl RedisCluster {
@@ -260,12 +251,15 @@ impl RedisCluster {
             .iter()
             .find(|node| node.port == port)
             .expect("a node of this cluster");
-        let pid = node.child.as_ref().expect("a running node").id();
-        let sent = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill {signal} {pid}");
+        crate::redis_server::signal(node.child.as_ref().expect("a running node"), signal);
+    }
+
+    /// How many times the running nodes ran `command`, summed.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        self.running_ports()
+            .into_iter()
+            .map(|port| crate::redis_server::command_calls(port, command))
+            .sum()
     }
 
     /// The reference server's arguments for this cluster.
@@ -310,20 +304,14 @@ impl RedisCluster {
             .iter_mut()
             .find(|node| node.port == port)
             .expect("a node of this cluster");
-        if let Some(mut child) = node.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        end(node.child.take());
     }
 }
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            end(node.child.take());
         }
         let _ = std::fs::remove_dir_all(&self.directory);
     }

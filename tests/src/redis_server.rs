@@ -14,6 +14,42 @@ pub struct RedisServer {
     replica_of: Option<u16>,
 }
 
+/// Waits for `condition`, checking every 20 ms, failing the test with `what` after 60 s.
+pub(crate) fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what} within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `child`.
+pub(crate) fn signal(child: &Child, signal: &str) {
+    let pid = child.id();
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+/// Kills `child`, if any, and waits for it.
+pub(crate) fn end(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// How many times the Redis on `port` ran `command` (`INFO commandstats`).
+pub(crate) fn command_calls(port: u16, command: &str) -> u64 {
+    crate::redis_cluster::cli(port, &["info", "commandstats"])
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count of calls"))
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -31,17 +67,11 @@ impl RedisServer {
     /// Starts a replica of `primary` and waits until its link to it is up.
     pub fn start_replica_of(primary: &RedisServer) -> Self {
         let replica = Self::start_replicating(Some(primary.port));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !replica
-            .cli(&["info", "replication"])
-            .contains("master_link_status:up")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the replica linked to its primary"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for("the replica linked to its primary", || {
+            replica
+                .cli(&["info", "replication"])
+                .contains("master_link_status:up")
+        });
         replica
     }
 
@@ -65,14 +95,14 @@ impl RedisServer {
         crate::redis_cluster::cli(self.port, arguments)
     }
 
+    /// How many times this server ran `command` (`xrange`, `publish`).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        command_calls(self.port, command)
+    }
+
     /// Sends `signal` (`-STOP`, `-CONT`) to the server's process.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("a running server").id();
-        let sent = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill {signal} {pid}");
+        self::signal(self.child.as_ref().expect("a running server"), signal);
     }
 
     pub fn url(&self) -> String {
@@ -111,23 +141,15 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        wait_for(&format!("redis-server listening on {port}"), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 
     /// Kills the server (its clients see their connections drop).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        end(self.child.take());
     }
 
     /// Starts it again with the data it had.

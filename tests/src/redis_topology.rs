@@ -9,6 +9,36 @@ use resync_broker_redis::{RedisBroker, RedisBrokerBuilder};
 use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
 
+/// A broker on `redis` keeping `max_events` per channel and `queue` events per subscriber,
+/// whose commands time out after 500 ms.
+pub fn one_broker(redis: &RedisServer, max_events: usize, queue: usize) -> RedisBroker {
+    configured(RedisBroker::builder(redis.url()), max_events, queue, 500)
+}
+
+/// The same on `cluster`, with 2 s for a command (room for the cluster client's routing).
+pub fn cluster_broker(cluster: &RedisCluster, max_events: usize, queue: usize) -> RedisBroker {
+    configured(
+        RedisBroker::cluster_builder(cluster.seeds()),
+        max_events,
+        queue,
+        2_000,
+    )
+}
+
+fn configured(
+    builder: RedisBrokerBuilder,
+    max_events: usize,
+    queue: usize,
+    timeout_ms: u64,
+) -> RedisBroker {
+    builder
+        .retention(Retention::default().with_max_events(max_events))
+        .subscriber_queue(queue)
+        .command_timeout(Duration::from_millis(timeout_ms))
+        .build()
+        .expect("a redis broker")
+}
+
 pub enum Redis {
     One(RedisServer),
     Cluster(RedisCluster),
@@ -34,16 +64,10 @@ impl Redis {
 
     /// A broker keeping `max_events` per channel, `queue` events per subscriber.
     pub fn broker(&self, max_events: usize, queue: usize) -> RedisBroker {
-        self.builder()
-            .retention(Retention::default().with_max_events(max_events))
-            .subscriber_queue(queue)
-            .command_timeout(Duration::from_millis(if self.is_cluster() {
-                2_000
-            } else {
-                500
-            }))
-            .build()
-            .expect("a redis broker")
+        match self {
+            Redis::One(redis) => one_broker(redis, max_events, queue),
+            Redis::Cluster(cluster) => cluster_broker(cluster, max_events, queue),
+        }
     }
 
     pub fn is_cluster(&self) -> bool {

@@ -63,6 +63,16 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Starts `count` instances with `shared` arguments (a broker's, say) and `extra` ones.
+    pub fn start_many(count: usize, shared: &[String], extra: &[&str]) -> Vec<Self> {
+        let arguments: Vec<&str> = shared
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .collect();
+        (0..count).map(|_| Self::start(&arguments)).collect()
+    }
+
     /// Starts the binary on a free port with `arguments` added.
     pub fn start(arguments: &[&str]) -> Self {
         Self::start_with_env(arguments, &[])

@@ -291,11 +291,11 @@ async fn three_instances_agree_and_a_killed_instance_s_members_expire(cluster: b
     use resync_tests::server_process::ServerProcess;
 
     let redis = Redis::start(cluster);
-    let mut arguments = redis.server_arguments();
-    arguments.extend(["--jwt-secret", JWT_SECRET, "--presence-ttl-secs", "2"].map(str::to_owned));
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let mut instances: Vec<ServerProcess> =
-        (0..3).map(|_| ServerProcess::start(&arguments)).collect();
+    let mut instances = ServerProcess::start_many(
+        3,
+        &redis.server_arguments(),
+        &["--jwt-secret", JWT_SECRET, "--presence-ttl-secs", "2"],
+    );
     let url = |instance: &ServerProcess, subject: &str| {
         format!(
             "{}/ws?token={}",

@@ -13,14 +13,7 @@ use resync_protocol::{Channel, Payload, ResetReason};
 use resync_tests::redis_server::RedisServer;
 use resync_tests::redis_topology::Redis;
 
-fn broker(redis: &RedisServer, max_events: usize, queue: usize) -> RedisBroker {
-    RedisBroker::builder(redis.url())
-        .retention(Retention::default().with_max_events(max_events))
-        .subscriber_queue(queue)
-        .command_timeout(Duration::from_millis(500))
-        .build()
-        .unwrap()
-}
+use resync_tests::redis_topology::one_broker as broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_passes_conformance() {
@@ -376,24 +369,6 @@ async fn defect_4_redis_history_has_a_byte_budget_per_channel() {
 }
 
 /// How many times Redis ran `command` (scripts' own calls included).
-fn command_calls(redis: &RedisServer, command: &str) -> u64 {
-    let port = redis
-        .url()
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
-    let output = std::process::Command::new("redis-cli")
-        .args(["-p", &port, "info", "commandstats"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_behind_a_burst_catch_up_from_what_pub_sub_delivered_not_from_redis() {
     let redis = RedisServer::start();
@@ -412,7 +387,7 @@ async fn subscribers_behind_a_burst_catch_up_from_what_pub_sub_delivered_not_fro
         .unwrap();
         readers.push(subscription);
     }
-    let reads_before = command_calls(&redis, "xrange");
+    let reads_before = redis.command_calls("xrange");
     let total = 2_000u64;
     for n in 0..total {
         let data = Payload::from_value(&serde_json::json!({ "n": n })).unwrap();
@@ -436,7 +411,7 @@ async fn subscribers_behind_a_burst_catch_up_from_what_pub_sub_delivered_not_fro
         }
     }
     assert_eq!(
-        command_calls(&redis, "xrange") - reads_before,
+        redis.command_calls("xrange") - reads_before,
         0,
         "four subscribers caught up 2,000 events without one history read from Redis"
     );

@@ -8,39 +8,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use resync_broker::conformance::{ConformanceConfig, run_all};
-use resync_broker::{Broker, Publish, ResumeOptions, Retention, SubscriptionItem, resume};
-use resync_broker_redis::RedisBroker;
+use resync_broker::{Broker, Publish, ResumeOptions, SubscriptionItem, resume};
 use resync_protocol::{Channel, Payload};
 use resync_tests::redis_cluster::{RedisCluster, cli};
 
-fn broker(cluster: &RedisCluster, max_events: usize, queue: usize) -> RedisBroker {
-    RedisBroker::cluster_builder(cluster.seeds())
-        .retention(Retention::default().with_max_events(max_events))
-        .subscriber_queue(queue)
-        .command_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
-}
+use resync_tests::redis_topology::cluster_broker as broker;
 
-/// How many times the cluster's nodes ran `command` (`INFO commandstats`), summed.
-fn command_calls(cluster: &RedisCluster, command: &str) -> u64 {
-    cluster
-        .seeds()
-        .iter()
-        .map(|seed| {
-            let port: u16 = seed
-                .trim_start_matches("redis://127.0.0.1:")
-                .trim_end_matches('/')
-                .parse()
-                .unwrap();
-            let stats = cli(port, &["info", "commandstats"]);
-            stats
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-                .and_then(|rest| rest.split(',').next())
-                .map_or(0, |calls| calls.parse::<u64>().unwrap())
-        })
-        .sum()
+/// A subscription of `broker` to `channel` from now on.
+async fn follow(broker: &Arc<dyn Broker>, channel: &Channel) -> resync_broker::Subscription {
+    resume(
+        broker.clone(),
+        channel.clone(),
+        None,
+        ResumeOptions::default(),
+    )
+    .await
+    .unwrap()
+    .1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,17 +57,9 @@ async fn two_brokers_on_a_cluster_deliver_every_channel_through_its_shard() {
     );
     let mut followers = Vec::new();
     for channel in &channels {
-        let (_, subscription) = resume(
-            second.clone(),
-            channel.clone(),
-            None,
-            ResumeOptions::default(),
-        )
-        .await
-        .unwrap();
-        followers.push(subscription);
+        followers.push(follow(&second, channel).await);
     }
-    let published_before = command_calls(&cluster, "publish");
+    let published_before = cluster.command_calls("publish");
     for round in 0..5u64 {
         for (index, channel) in channels.iter().enumerate() {
             let broker = if index % 2 == 0 { &first } else { &second };
@@ -116,11 +92,11 @@ async fn two_brokers_on_a_cluster_deliver_every_channel_through_its_shard() {
         }
     }
     assert!(
-        command_calls(&cluster, "spublish") >= 120,
+        cluster.command_calls("spublish") >= 120,
         "events go out with SPUBLISH"
     );
     assert_eq!(
-        command_calls(&cluster, "publish"),
+        cluster.command_calls("publish"),
         published_before,
         "no PUBLISH, which every node of the cluster would carry"
     );
@@ -142,14 +118,7 @@ async fn a_failover_that_lost_acknowledged_events_is_a_reset_never_reused_seqs()
     let channel = Channel::new("orders:1").unwrap();
     let primary = cluster.primary_of(&format!("{{{channel}}}"));
     let replica = cluster.replica_of(primary);
-    let (_, mut following) = resume(
-        follower.clone(),
-        channel.clone(),
-        None,
-        ResumeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut following = follow(&follower, &channel).await;
     let publish = |value: u64| {
         let publisher = publisher.clone();
         let channel = channel.clone();
@@ -308,15 +277,7 @@ async fn a_shard_without_a_primary_pauses_only_its_own_channels() {
     let replica = cluster.replica_of(victim);
     let mut streams = Vec::new();
     for channel in [&dead, &alive] {
-        let (_, stream) = resume(
-            follower.clone(),
-            channel.clone(),
-            None,
-            ResumeOptions::default(),
-        )
-        .await
-        .unwrap();
-        streams.push(stream);
+        streams.push(follow(&follower, channel).await);
     }
     let publish = |channel: &Channel, value: u64| {
         let publisher = publisher.clone();

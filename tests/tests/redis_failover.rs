@@ -241,13 +241,8 @@ async fn publish(http: &reqwest::Client, base: &str, value: u64) -> Position {
 }
 
 async fn every_client_ends_with_every_acknowledged_event_or_a_reset(mut setup: Setup) {
-    let mut arguments = setup.server_arguments();
-    arguments.extend(["--ping-interval-secs".to_owned(), "2".to_owned()]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let instances = [
-        ServerProcess::start(&arguments),
-        ServerProcess::start(&arguments),
-    ];
+    let instances =
+        ServerProcess::start_many(2, &setup.server_arguments(), &["--ping-interval-secs", "2"]);
     let http = reqwest::Client::new();
     for instance in &instances {
         // Ready once its Pub/Sub connection is up, which may come a moment after it listens.

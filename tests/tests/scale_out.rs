@@ -20,12 +20,11 @@ const TRANSPORTS: [TransportKind; 3] = [
 ];
 
 fn start_instances(redis: &Redis, count: usize) -> Vec<ServerProcess> {
-    let mut arguments = redis.server_arguments();
-    arguments.extend(["--ping-interval-secs".to_owned(), "2".to_owned()]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    (0..count)
-        .map(|_| ServerProcess::start(&arguments))
-        .collect()
+    ServerProcess::start_many(
+        count,
+        &redis.server_arguments(),
+        &["--ping-interval-secs", "2"],
+    )
 }
 
 fn client(base: &str, transport: TransportKind) -> Client {

@@ -175,10 +175,8 @@ async fn disconnecting_a_user_closes_their_connections_on_every_instance(cluster
     use resync_tests::server_process::ServerProcess;
 
     let redis = Redis::start(cluster);
-    let mut arguments = redis.server_arguments();
-    arguments.extend(["--jwt-secret", JWT_SECRET].map(str::to_owned));
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    let instances: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&arguments)).collect();
+    let instances =
+        ServerProcess::start_many(3, &redis.server_arguments(), &["--jwt-secret", JWT_SECRET]);
     let ws = |instance: &ServerProcess, subject: &str| {
         format!(
             "{}/ws?token={}",

@@ -162,6 +162,31 @@ struct Redis {
     directory: PathBuf,
 }
 
+/// A `redis-server` on `port` keeping nothing on disk but its files in `directory`, with
+/// `extra` arguments; returns once it accepts connections.
+fn redis_server(port: u16, directory: &Path, extra: &[&str]) -> Result<Child> {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .arg("--dir")
+        .arg(directory)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("redis-server did not start on {port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
 impl Redis {
     fn start() -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -169,30 +194,7 @@ impl Redis {
             .port();
         let directory = std::env::temp_dir().join(format!("resync-bench-redis-{port}"));
         std::fs::create_dir_all(&directory)?;
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&directory)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not start");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let child = redis_server(port, &directory, &[])?;
         Ok(Self {
             child,
             url: format!("redis://127.0.0.1:{port}/"),

@@ -498,22 +498,21 @@ pub(crate) async fn run(
                 }
                 tried = async { retrying.as_mut().expect("guarded").await }, if retrying.is_some() => {
                     retrying = None;
+                    let mut subscriptions = Subscriptions {
+                        commands: &mut commands_subscribed,
+                        events: &mut subscribed,
+                        presence: &mut presence_subscribed,
+                    };
                     for (topic, taken) in tried.unwrap_or_default() {
                         if !taken {
                             waiting.push(topic);
                             continue;
                         }
-                        match topic {
-                            Topic::UserCommands => commands_subscribed = true,
-                            Topic::Presence(channel) => {
-                                presence_subscribed.insert(channel);
-                            }
-                            Topic::Events(channel) => {
-                                // Events may have been published while it waited.
-                                hub.request_resync(&channel);
-                                subscribed.insert(channel);
-                            }
+                        if let Topic::Events(channel) = &topic {
+                            // Events may have been published while it waited.
+                            hub.request_resync(channel);
                         }
+                        subscriptions.note(topic);
                     }
                 }
                 _ = probe.tick() => {
@@ -690,6 +689,21 @@ struct Subscriptions<'a> {
     presence: &'a mut HashSet<Channel>,
 }
 
+impl Subscriptions<'_> {
+    /// Notes that `topic` was taken.
+    fn note(&mut self, topic: Topic) {
+        match topic {
+            Topic::UserCommands => *self.commands = true,
+            Topic::Events(channel) => {
+                self.events.insert(channel);
+            }
+            Topic::Presence(channel) => {
+                self.presence.insert(channel);
+            }
+        }
+    }
+}
+
 /// Subscribes to `topics`, noting each that was taken; returns those that were not.
 async fn subscribe_topics(
     wire: &mut Wire,
@@ -704,18 +718,10 @@ async fn subscribe_topics(
     let taken = wire.subscribe_many(&names).await;
     let mut waiting = Vec::new();
     for (topic, taken) in topics.into_iter().zip(taken) {
-        if !taken {
+        if taken {
+            subscriptions.note(topic);
+        } else {
             waiting.push(topic);
-            continue;
-        }
-        match topic {
-            Topic::UserCommands => *subscriptions.commands = true,
-            Topic::Events(channel) => {
-                subscriptions.events.insert(channel);
-            }
-            Topic::Presence(channel) => {
-                subscriptions.presence.insert(channel);
-            }
         }
     }
     waiting

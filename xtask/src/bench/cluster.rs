@@ -57,7 +57,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 impl Cluster {
     pub(super) fn start(primaries: usize, replicas: usize) -> Result<Self> {
         let directory = std::env::temp_dir().join(format!("resync-bench-cluster-{}", free_port()?));
-        let mut nodes = Vec::new();
+        // Nodes join the cluster value as they start, so a failure ends those already running.
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            directory: directory.clone(),
+        };
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < primaries * (1 + replicas) {
             // A port just probed is free again until a node binds it: no repeats.
@@ -72,34 +76,19 @@ impl Cluster {
         for port in ports {
             let node_directory = directory.join(port.to_string());
             std::fs::create_dir_all(&node_directory)?;
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                .args([
+            let child = super::redis_server(
+                port,
+                &node_directory,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
                     "--cluster-config-file",
                     "nodes.conf",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(&node_directory)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting redis-server")?;
-            nodes.push((port, child));
-        }
-        let cluster = Self { nodes, directory };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (port, _) in &cluster.nodes {
-            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
-                if Instant::now() > deadline {
-                    bail!("redis-server did not start on {port}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                ],
+            )?;
+            cluster.nodes.push((port, child));
         }
         let addresses: Vec<String> = cluster
             .nodes
