@@ -742,3 +742,93 @@ async fn a_client_that_comes_back_with_a_new_token_keeps_its_place() {
         }
     }
 }
+
+/// Waits until `server` answers `/readyz` with `status` (its broker up or down).
+async fn ready_is(server: &TestServer, status: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let answered = server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .map(|response| response.status().as_u16())
+            .ok();
+        if answered == Some(status) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_keeps_followers_in_place_and_refuses_new_subscribes_until_it_ends() {
+    let mut redis = resync_tests::redis_server::RedisServer::start();
+    let url = redis.url();
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        settings.broker = resync_server::BrokerKind::Redis;
+        settings.redis_url = url;
+    });
+    ready_is(&server, 200).await;
+    for wire in WIRES {
+        let channel = format!("outage-{wire:?}");
+        let mut client = Follower::open(
+            &server,
+            wire,
+            &Open::new(&user("outage", wire), &[&channel]),
+        )
+        .await;
+        server.wait_for_subscribers(&channel, 1).await;
+        server.publish(&channel, serde_json::json!(1)).await;
+        assert_eq!(
+            client.next().await,
+            Seen::Event {
+                channel: channel.clone(),
+                seq: 1
+            },
+            "{wire:?}"
+        );
+        redis.stop();
+        ready_is(&server, 503).await;
+        // A client that opens during the outage is told to come back later, on every wire
+        // (docs/protocol.md, section 10: a retry stream, close 4101, 503).
+        let mut late = Follower::open(
+            &server,
+            wire,
+            &Open::new(&user("late", wire), &[&format!("late-{wire:?}")]),
+        )
+        .await;
+        assert_eq!(
+            late.next_notice().await,
+            Seen::Ended { come_back: true },
+            "{wire:?}"
+        );
+        redis.restart_keeping_data();
+        ready_is(&server, 200).await;
+        server.publish(&channel, serde_json::json!(2)).await;
+        // The follower's next event is the next seq, with no reset: in place, or (a poll held
+        // through the outage is answered 503) after coming back once from where it stood.
+        let seen = match client.next().await {
+            Seen::Ended { come_back: true } if wire == Wire::LongPoll => {
+                let mut again = Open::new(&user("outage", wire), &[&channel]);
+                again.resume = client.position();
+                client = Follower::open(&server, wire, &again).await;
+                client.next().await
+            }
+            seen => seen,
+        };
+        assert_eq!(
+            seen,
+            Seen::Event {
+                channel: channel.clone(),
+                seq: 2
+            },
+            "{wire:?}"
+        );
+    }
+}
