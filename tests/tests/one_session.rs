@@ -45,6 +45,12 @@ enum Seen {
         channel: String,
         member: String,
     },
+    /// The whole member list of a channel (sorted ids), as a watcher gets it after missing
+    /// joins and leaves.
+    Members {
+        channel: String,
+        members: Vec<String>,
+    },
     /// The server ended the connection; `come_back` is whether its wire says to reconnect.
     Ended {
         come_back: bool,
@@ -89,6 +95,8 @@ struct Follower {
     task: tokio::task::JoinHandle<()>,
     /// Where the client stands, as a cursor, after what it has been told.
     position: Position,
+    /// Whether the client reads its wire (or polls); a paused one leaves it to the kernel.
+    reading: tokio::sync::watch::Sender<bool>,
 }
 
 /// A client's place, kept by its task as it learns.
@@ -106,9 +114,11 @@ impl Follower {
         let (sender, seen) = mpsc::channel(1024);
         let (ready, is_ready) = tokio::sync::oneshot::channel();
         let position = Position::default();
+        let (reading, may_read) = tokio::sync::watch::channel(true);
         let told = Told {
             seen: sender,
             position: position.clone(),
+            may_read,
         };
         let task = match wire {
             Wire::Sse => tokio::spawn(sse(server.url(""), open.clone(), told, ready)),
@@ -129,7 +139,17 @@ impl Follower {
             seen,
             task,
             position,
+            reading,
         }
+    }
+
+    /// Stops reading the wire (or polling) until [`resume`](Self::resume).
+    fn pause(&self) {
+        self.reading.send_replace(false);
+    }
+
+    fn resume(&self) {
+        self.reading.send_replace(true);
     }
 
     /// Where the client stands now, as a cursor.
@@ -163,11 +183,17 @@ impl Follower {
 struct Told {
     seen: mpsc::Sender<Seen>,
     position: Position,
+    may_read: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Told {
     async fn send(&self, seen: Seen) {
         let _ = self.seen.send(seen).await;
+    }
+
+    /// Returns once the client reads again (at once unless paused).
+    async fn may_read(&mut self) {
+        let _ = self.may_read.wait_for(|reading| *reading).await;
     }
 
     fn stand_at(&self, cursor: String) {
@@ -178,7 +204,7 @@ impl Told {
     }
 }
 
-async fn sse(base: String, open: Open, seen: Told, ready: tokio::sync::oneshot::Sender<()>) {
+async fn sse(base: String, open: Open, mut seen: Told, ready: tokio::sync::oneshot::Sender<()>) {
     let mut query = format!(
         "/sse?channels={}&token={}",
         open.channels.join(","),
@@ -205,7 +231,11 @@ async fn sse(base: String, open: Open, seen: Told, ready: tokio::sync::oneshot::
     let mut parser = SseParser::new();
     let mut ready = Some(ready);
     let mut retry_ms = None;
-    while let Some(Ok(chunk)) = body.next().await {
+    loop {
+        seen.may_read().await;
+        let Some(Ok(chunk)) = body.next().await else {
+            break;
+        };
         let messages = parser.feed(&chunk).unwrap();
         seen.stand_at(parser.last_event_id().to_owned());
         for message in messages {
@@ -230,6 +260,7 @@ async fn sse(base: String, open: Open, seen: Told, ready: tokio::sync::oneshot::
                     reconnect: data["reconnect"].as_bool().unwrap(),
                 }),
                 "join" | "leave" => presence_of(&data),
+                "presence" => Some(members_of(&data)),
                 _ => None,
             };
             if let Some(told) = told {
@@ -243,7 +274,12 @@ async fn sse(base: String, open: Open, seen: Told, ready: tokio::sync::oneshot::
     let _ = seen.send(Seen::Ended { come_back }).await;
 }
 
-async fn websocket(url: String, open: Open, seen: Told, ready: tokio::sync::oneshot::Sender<()>) {
+async fn websocket(
+    url: String,
+    open: Open,
+    mut seen: Told,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let (mut socket, _) = match tokio_tungstenite::connect_async(&url).await {
         Ok(connected) => connected,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -281,7 +317,11 @@ async fn websocket(url: String, open: Open, seen: Told, ready: tokio::sync::ones
     }
     let mut ready = Some(ready);
     let mut subscribed = 0;
-    while let Some(message) = socket.next().await {
+    loop {
+        seen.may_read().await;
+        let Some(message) = socket.next().await else {
+            break;
+        };
         let frame = match message {
             Ok(Message::Text(text)) => ServerFrame::decode(text.as_bytes()).unwrap(),
             Ok(Message::Close(close)) => {
@@ -336,6 +376,17 @@ async fn websocket(url: String, open: Open, seen: Told, ready: tokio::sync::ones
                 channel: channel.to_string(),
                 member: member.id,
             }),
+            ServerFrame::Presence {
+                channel, members, ..
+            } => {
+                let mut members: Vec<String> =
+                    members.into_iter().map(|member| member.id).collect();
+                members.sort();
+                Some(Seen::Members {
+                    channel: channel.to_string(),
+                    members,
+                })
+            }
             ServerFrame::Error { code, .. } => {
                 // A refused subscribe is an answer too.
                 if let Some(ready) = ready.take() {
@@ -356,7 +407,7 @@ async fn websocket(url: String, open: Open, seen: Told, ready: tokio::sync::ones
 async fn long_poll(
     base: String,
     mut open: Open,
-    seen: Told,
+    mut seen: Told,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let http = reqwest::Client::new();
@@ -364,6 +415,7 @@ async fn long_poll(
     let mut presence_session: Option<String> = None;
     let mut ready = Some(ready);
     loop {
+        seen.may_read().await;
         let mut query = vec![
             ("channels", open.channels.join(",")),
             ("token", open.token.clone()),
@@ -406,6 +458,8 @@ async fn long_poll(
         if let Some(cursor) = &cursor {
             seen.stand_at(cursor.clone());
         }
+        // The first reply is the opening: its lists are what a new watcher starts from.
+        let opening = ready.is_some();
         if let Some(ready) = ready.take() {
             let _ = ready.send(());
         }
@@ -420,7 +474,12 @@ async fn long_poll(
             let _ = seen.send(event_of(event)).await;
         }
         for frame in reply["presence"].as_array().into_iter().flatten() {
-            if let Some(told) = presence_of(frame) {
+            let told = match frame["type"].as_str() {
+                Some("presence") if opening => None,
+                Some("presence") => Some(members_of(frame)),
+                _ => presence_of(frame),
+            };
+            if let Some(told) = told {
                 let _ = seen.send(told).await;
             }
         }
@@ -462,6 +521,20 @@ fn presence_of(frame: &serde_json::Value) -> Option<Seen> {
         Some("join") => Some(Seen::Join { channel, member }),
         Some("leave") => Some(Seen::Leave { channel, member }),
         _ => None,
+    }
+}
+
+fn members_of(frame: &serde_json::Value) -> Seen {
+    let mut members: Vec<String> = frame["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|member| text(&member["id"]))
+        .collect();
+    members.sort();
+    Seen::Members {
+        channel: text(&frame["channel"]),
+        members,
     }
 }
 
@@ -830,5 +903,54 @@ async fn a_broker_outage_keeps_followers_in_place_and_refuses_new_subscribes_unt
             },
             "{wire:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_watcher_that_missed_joins_gets_the_whole_list() {
+    let server = TestServer::start(|settings| {
+        settings.jwt_secret = Some(JWT_SECRET.into());
+        // The paused watcher is not cut while the test fills its wire.
+        settings.write_timeout_secs = 120;
+    });
+    for wire in WIRES {
+        let room = format!("crowd-{wire:?}");
+        let mut watching = Open::new(&user("crowd", wire), &[&room]);
+        watching.join_leave = true;
+        let mut watcher = Follower::open(&server, wire, &watching).await;
+        server.wait_for_subscribers(&room, 1).await;
+        // The watcher stops reading, and enough events fill its wire (its socket buffers,
+        // the server's write buffer) that its session waits to write: joins pile up behind.
+        watcher.pause();
+        let filler = "x".repeat(32 * 1024);
+        for _ in 0..128 {
+            server.publish(&room, serde_json::json!(filler)).await;
+        }
+        // More joins than a watch keeps (256, `PRESENCE_EVENT_QUEUE` in resync-broker).
+        let count = 300;
+        let mut crowd = Vec::new();
+        let mut expected = Vec::new();
+        for index in 0..count {
+            let name = format!("m{index:03}");
+            let mut member = Open::new(&name, &[&room]);
+            member.member = true;
+            crowd.push(Follower::open(&server, Wire::WebSocket, &member).await);
+            expected.push(name);
+        }
+        expected.sort();
+        watcher.resume();
+        // Whatever joins it was told before it fell behind, it is then told the whole list.
+        loop {
+            match watcher.next_notice().await {
+                Seen::Join { .. } => {}
+                Seen::Members { members, .. } if members.is_empty() => {}
+                Seen::Members { channel, members } => {
+                    assert_eq!(channel, room, "{wire:?}");
+                    assert_eq!(members, expected, "{wire:?}");
+                    break;
+                }
+                other => panic!("{wire:?}: {other:?}"),
+            }
+        }
     }
 }

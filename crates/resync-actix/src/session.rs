@@ -17,6 +17,10 @@
 //! - A session ends at its token's `exp` (and a refresh moves the end), at a random moment
 //!   within the shutdown spread once the server drains (events flow until then), when its
 //!   reader lags past its queue, or when its broker fails; never silently.
+//! - A broker outage leaves a session in place: its channels resume where they stood once the
+//!   broker is back, with no reset; a client that opens meanwhile is told to come back.
+//! - A watcher that missed joins and leaves (its watch fell behind) is sent the whole member
+//!   list, never left with a partial one.
 //! - Whatever a session holds (channels, budgets, memberships, watches) is given back when it
 //!   ends, however it ends: [`Session::finish`] leaves at once, and a dropped session leaves on
 //!   a task of its own.
