@@ -133,6 +133,48 @@ export interface ClientOptions {
   connectTimeout?: number;
   /** Random source in [0, 1), for reproducible tests. */
   random?: () => number;
+  /**
+   * Keep each channel's position in the tab's `sessionStorage` as events arrive, so the next
+   * page of the tab (a reload, a link) follows a channel subscribed without `since` from where
+   * this one stood: the missed events arrive, or a typed reset. Scoped by server URL and
+   * token subject. Default true where `sessionStorage` exists; false starts every page from now.
+   */
+  resume?: boolean | ResumeOptions;
+}
+
+export interface ResumeOptions {
+  /** Default: the page's `sessionStorage`. */
+  storage?: PositionStorage;
+  /** Positions older than this (ms) are not offered. Default 3600000 (1 hour). */
+  maxAge?: number;
+  /** Channels kept per server and user (the most recently moved). Default 256. */
+  maxChannels?: number;
+  /** Records (server × user) kept in the storage. Default 8. */
+  maxScopes?: number;
+}
+
+/** What `PositionStore` needs of a storage: `sessionStorage` has it. */
+export interface PositionStorage {
+  readonly length: number;
+  key(index: number): string | null;
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+export const DEFAULT_RESUME: Readonly<Required<Omit<ResumeOptions, "storage">>>;
+
+/** Who a token speaks for, to scope kept positions: `sub:<sub>` of a JWT, a digest otherwise. */
+export function tokenSubject(token: string | undefined): string;
+
+/** Channel positions kept for the next page of a tab (what `resume` uses). */
+export class PositionStore {
+  constructor(storage: PositionStorage, scope: string, options?: Omit<ResumeOptions, "storage">, now?: () => number);
+  get(channel: string): Position | undefined;
+  set(channel: string, position: Position): void;
+  delete(channel: string): void;
+  /** Writes now (the client does on `pagehide` and when the page is hidden). */
+  flush(): void;
 }
 
 export interface SubscribeHandlers<T = unknown> {
@@ -152,6 +194,8 @@ export interface SubscribeHandlers<T = unknown> {
   presence?: true | { info?: unknown };
   /** The member list, after each subscribe and on every join and leave (WebSocket). */
   onPresence?: (members: Member[]) => void;
+  /** Without `since`: false starts from now instead of where the tab's previous page stood. */
+  resume?: boolean;
 }
 
 /** One member of a channel: an identity, however many connections it has. */
@@ -169,6 +213,11 @@ export interface SnapshotHandlers<S, T = unknown> {
   /** Loading a snapshot failed; it is tried again in `retryIn` ms. Keep the state you have. */
   onFetchError?: (error: unknown, retryIn: number) => void;
   onError?: (error: ResyncError) => void;
+  /**
+   * The state an earlier page kept, with the position of the last event applied to it: it is
+   * followed from there with no fetch (a reset then fetches as usual).
+   */
+  restore?: () => { state: S; position: Position } | undefined;
 }
 
 export interface Subscription {

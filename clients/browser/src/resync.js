@@ -151,6 +151,153 @@ function isBefore(since, position) {
   return position === undefined || since.epoch !== position.epoch || since.seq < position.seq;
 }
 
+/** Defaults of the positions kept across page loads (`resume`). */
+export const DEFAULT_RESUME = Object.freeze({ maxAge: 3600000, maxChannels: 256, maxScopes: 8 });
+
+/** Where kept positions live in the storage: one record per server and user. */
+const RESUME_PREFIX = "resync.positions:";
+
+/** The longest a kept position waits to be written (it is also written when the page hides). */
+const RESUME_WRITE_DELAY = 250;
+
+/**
+ * Who a token speaks for, for scoping kept positions: a JWT's `sub`, otherwise a digest of the
+ * token (never the token itself), or "anonymous".
+ * @param {string | undefined} token
+ */
+export function tokenSubject(token) {
+  if (!token) return "anonymous";
+  const parts = token.split(".");
+  if (parts.length === 3 && typeof atob === "function") {
+    try {
+      const payload = JSON.parse(atob(parts[1].replace(/-/g, "+").replace(/_/g, "/")));
+      if (typeof payload?.sub === "string") return `sub:${payload.sub}`;
+    } catch {
+      // Not a JWT after all: the digest below.
+    }
+  }
+  // FNV-1a, 32 bits: tells tokens apart without keeping one.
+  let hash = 0x811c9dc5;
+  for (let index = 0; index < token.length; index += 1) {
+    hash ^= token.charCodeAt(index);
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return `token:${hash.toString(16)}`;
+}
+
+/**
+ * Channel positions kept in a page's `sessionStorage` (or any storage with `getItem`,
+ * `setItem`, `removeItem`, `key` and `length`), so that the next page of the same tab (a
+ * reload, a link in a multi-page app) follows each channel from where this one stood. One
+ * record per server URL and token subject: two servers or two users never take each other's
+ * positions, and `sessionStorage` is the tab's own. Bounded: positions older than `maxAge` are
+ * not offered, a record keeps at most `maxChannels` channels (the most recently moved), and
+ * the storage at most `maxScopes` records. A storage that fails (full, blocked) keeps nothing
+ * and breaks nothing.
+ */
+export class PositionStore {
+  /**
+   * @param {{ getItem(key: string): string | null, setItem(key: string, value: string): void, removeItem(key: string): void, key(index: number): string | null, length: number }} storage
+   * @param {string} scope e.g. the server URL and the token subject
+   * @param {Partial<typeof DEFAULT_RESUME>} [options]
+   * @param {() => number} [now]
+   */
+  constructor(storage, scope, options = {}, now = Date.now) {
+    this.storage = storage;
+    this.key = RESUME_PREFIX + scope;
+    this.options = { ...DEFAULT_RESUME, ...options };
+    this.now = now;
+    this.timer = undefined;
+    /** @type {Map<string, [string, number, number]>} channel to [epoch, seq, when] */
+    this.channels = new Map();
+    try {
+      const record = JSON.parse(storage.getItem(this.key) ?? "null");
+      for (const [channel, kept] of Object.entries(record?.channels ?? {})) {
+        const [epoch, seq, at] = Array.isArray(kept) ? kept : [];
+        if (typeof epoch === "string" && Number.isSafeInteger(seq) && seq >= 0 && Number.isFinite(at)) {
+          this.channels.set(channel, [epoch, seq, at]);
+        }
+      }
+    } catch {
+      // Unreadable: start with nothing.
+    }
+  }
+
+  /**
+   * The position kept for `channel`, unless it is older than `maxAge`.
+   * @param {string} channel
+   * @returns {Position | undefined}
+   */
+  get(channel) {
+    const kept = this.channels.get(channel);
+    if (!kept || this.now() - kept[2] > this.options.maxAge) return undefined;
+    return { epoch: kept[0], seq: kept[1] };
+  }
+
+  /** Keeps `position` for `channel` (written soon, and when the page hides). */
+  set(channel, position) {
+    this.channels.delete(channel);
+    this.channels.set(channel, [position.epoch, position.seq, this.now()]);
+    this.schedule();
+  }
+
+  /** Forgets `channel` (the page stopped following it). */
+  delete(channel) {
+    if (this.channels.delete(channel)) this.schedule();
+  }
+
+  schedule() {
+    if (this.timer === undefined) this.timer = setTimeout(() => this.flush(), RESUME_WRITE_DELAY);
+  }
+
+  /** Writes what is kept now. */
+  flush() {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    // The most recently moved channels are kept (a Map iterates in insertion order).
+    while (this.channels.size > this.options.maxChannels) this.channels.delete(this.channels.keys().next().value);
+    const at = this.now();
+    try {
+      if (this.channels.size === 0) {
+        this.storage.removeItem(this.key);
+        return;
+      }
+      this.storage.setItem(this.key, JSON.stringify({ at, channels: Object.fromEntries(this.channels) }));
+      this.prune();
+    } catch {
+      // Full or blocked: the next page starts from now, as without `resume`.
+    }
+  }
+
+  /** Removes the oldest records past `maxScopes`. */
+  prune() {
+    const records = [];
+    for (let index = 0; index < this.storage.length; index += 1) {
+      const key = this.storage.key(index);
+      if (!key?.startsWith(RESUME_PREFIX)) continue;
+      let at = 0;
+      try {
+        at = JSON.parse(this.storage.getItem(key) ?? "null")?.at ?? 0;
+      } catch {
+        // Unreadable: the oldest.
+      }
+      records.push({ key, at });
+    }
+    records.sort((a, b) => b.at - a.at);
+    for (const { key } of records.slice(this.options.maxScopes)) this.storage.removeItem(key);
+  }
+}
+
+/** The page's `sessionStorage`, when it has one it may use. */
+function sessionStorageOrNothing() {
+  try {
+    return typeof sessionStorage === "undefined" ? undefined : sessionStorage;
+  } catch {
+    // Blocked (a sandboxed frame, storage disabled): no resume.
+    return undefined;
+  }
+}
+
 const ORDER = ["websocket", "sse", "long-polling"];
 const IDLE = Object.freeze({ status: "idle" });
 
@@ -188,11 +335,18 @@ export class ResyncClient {
    *   pollTimeout?: number,
    *   connectTimeout?: number,
    *   random?: () => number,
+   *   resume?: boolean | { storage?: Storage, maxAge?: number, maxChannels?: number, maxScopes?: number },
    * }} [options]
    *   `autoConnect`: connect when made (the default in a browser); `false`, or outside a
    *   browser (server rendering, Node): stay `idle` until the first `subscribe` or `connect()`.
    *   `upgradeAfter`: when on SSE or long polling, try WebSocket again after about this long
    *   (ms, default 30000, doubling while it fails, at most 5 minutes; 0 never).
+   *   `resume` (default true where `sessionStorage` exists): keep each channel's position in
+   *   the tab's `sessionStorage` as events arrive, and on the next page of the tab (a reload,
+   *   a link) follow a channel subscribed without `since` from there: the events missed
+   *   between the pages arrive, or a typed reset. Scoped by server URL and token subject;
+   *   positions older than `maxAge` (1 hour) are not offered. `false` starts every page from
+   *   now.
    */
   constructor(url, options = {}) {
     this.baseUrl = url.endsWith("/") ? url : `${url}/`;
@@ -208,6 +362,7 @@ export class ResyncClient {
       backoff: { ...DEFAULT_BACKOFF, ...(options.backoff || {}) },
     };
     this.token = options.token;
+    this.positions = this.positionStore();
     /**
      * One entry per channel: the position the connection follows it from, and every
      * subscription of it, each with its own position.
@@ -229,9 +384,14 @@ export class ResyncClient {
     this.reconnects = 0;
     this.upgradeTries = 0;
     this.onWake = (event) => {
-      if (event?.type === "visibilitychange" && document.visibilityState !== "visible") return;
+      if (event?.type === "visibilitychange" && document.visibilityState !== "visible") {
+        // A hidden page may be frozen or discarded next: what it stands at is written now.
+        this.positions?.flush();
+        return;
+      }
       this.wake();
     };
+    this.onHide = () => this.positions?.flush();
     if (options.autoConnect ?? (typeof window !== "undefined")) this.connect();
   }
 
@@ -242,10 +402,20 @@ export class ResyncClient {
     if (typeof window !== "undefined" && window.addEventListener) {
       window.addEventListener("online", this.onWake);
       window.addEventListener("focus", this.onWake);
+      window.addEventListener("pagehide", this.onHide);
     }
     if (typeof document !== "undefined" && document.addEventListener) document.addEventListener("visibilitychange", this.onWake);
     this.setState({ status: "connecting", transport: this.order()[0] });
     queueMicrotask(() => this.open());
+  }
+
+  /** Where this client keeps its positions for the next page (`resume`), for its token. */
+  positionStore() {
+    const resume = this.options.resume ?? true;
+    if (resume === false) return undefined;
+    const storage = resume === true ? sessionStorageOrNothing() : (resume.storage ?? sessionStorageOrNothing());
+    if (!storage) return undefined;
+    return new PositionStore(storage, `${this.baseUrl}#${tokenSubject(this.token)}`, resume === true ? {} : resume);
   }
 
   /** The transports to try, in order: the last one that worked first. */
@@ -284,18 +454,23 @@ export class ResyncClient {
    *   onError?: (error: ResyncError) => void,
    *   presence?: true | { info?: any },
    *   onPresence?: (members: Member[]) => void,
+   *   resume?: boolean,
    * }} [handlers]
    *   `presence`: appear among the channel's members (with `info`); `onPresence`: be told the
    *   member list whenever it changes (over WebSocket: the list after each subscribe, then
    *   every join and leave; docs/presence.md). On SSE and long polling, neither: `onError`
    *   gets a `presence_unavailable` error, and the client moves to WebSocket when it can.
+   *   Without `since`, a channel the previous page of this tab followed continues from where
+   *   that page stood (the client's `resume`); `resume: false` starts from now.
    * @returns {{ channel: string, position: () => Position | undefined, unsubscribe: () => void }}
    */
   subscribe(channel, handlers = {}) {
-    const listener = { handlers, position: handlers.since };
     let entry = this.channels.get(channel);
+    // A new page of the tab takes up where the previous one stood.
+    const since = handlers.since ?? (!entry && handlers.resume !== false ? this.positions?.get(channel) : undefined);
+    const listener = { handlers, position: since };
     if (!entry) {
-      entry = { position: handlers.since, listeners: new Set([listener]), members: new Map(), membersKnown: false };
+      entry = { position: since, listeners: new Set([listener]), members: new Map(), membersKnown: false };
       entry.wire = wireOptions(entry);
       this.channels.set(channel, entry);
       this.session?.channelsChanged();
@@ -336,6 +511,7 @@ export class ResyncClient {
     if (!entry.listeners.delete(listener) || this.channels.get(channel) !== entry) return;
     if (entry.listeners.size === 0) {
       this.channels.delete(channel);
+      this.positions?.delete(channel);
       this.session?.channelsChanged();
       return;
     }
@@ -362,7 +538,11 @@ export class ResyncClient {
    *   onEvent: (event: ResyncEvent) => void,
    *   onFetchError?: (error: unknown, retryIn: number) => void,
    *   onError?: (error: ResyncError) => void,
+   *   restore?: () => { state: S, position: Position } | undefined,
    * }} handlers
+   *   `restore`: the state this page kept from an earlier page (e.g. in `sessionStorage`,
+   *   with the position of the last event it applied): followed from that position with no
+   *   fetch; a reset then loads a snapshot as usual.
    */
   subscribeWithSnapshot(channel, fetchSnapshot, handlers) {
     let subscription;
@@ -374,11 +554,18 @@ export class ResyncClient {
       timer = setTimeout(() => start(reset), wait);
       return wait;
     };
+    let kept;
+    try {
+      kept = handlers.restore?.();
+    } catch {
+      kept = undefined;
+    }
     const start = async (reset) => {
       if (stopped) return;
       let snapshot;
       try {
-        snapshot = await fetchSnapshot();
+        snapshot = kept ?? (await fetchSnapshot());
+        kept = undefined;
       } catch (error) {
         if (stopped) return;
         handlers.onFetchError?.(error, later(reset));
@@ -451,6 +638,11 @@ export class ResyncClient {
   setToken(token) {
     if (token === this.token) return;
     this.token = token;
+    // Another user's positions are kept apart: the channels followed now go on from where
+    // they stand, under the new subject's record.
+    this.positions?.flush();
+    this.positions = this.positionStore();
+    for (const [channel, entry] of this.channels) if (entry.position) this.positions?.set(channel, entry.position);
     if (!this.started || this.closed) return;
     clearTimeout(this.timer);
     this.cancelUpgrade();
@@ -469,7 +661,9 @@ export class ResyncClient {
     if (typeof window !== "undefined" && window.removeEventListener) {
       window.removeEventListener("online", this.onWake);
       window.removeEventListener("focus", this.onWake);
+      window.removeEventListener("pagehide", this.onHide);
     }
+    this.positions?.flush();
     if (typeof document !== "undefined" && document.removeEventListener) document.removeEventListener("visibilitychange", this.onWake);
     this.session?.close();
     this.session = undefined;
@@ -523,6 +717,7 @@ export class ResyncClient {
     if (!entry || isDuplicate(entry.position, event)) return;
     const position = { epoch: event.epoch, seq: event.seq };
     entry.position = position;
+    this.positions?.set(event.channel, position);
     for (const listener of [...entry.listeners]) {
       if (isDuplicate(listener.position, event)) continue;
       listener.position = position;
@@ -534,6 +729,7 @@ export class ResyncClient {
     const entry = this.channels.get(reset.channel);
     if (!entry) return;
     entry.position = reset.position;
+    this.positions?.set(reset.channel, reset.position);
     for (const listener of [...entry.listeners]) {
       if (!resetConcerns(listener.position, reset.position)) continue;
       listener.position = reset.position;
@@ -544,7 +740,10 @@ export class ResyncClient {
   fresh(channel, position) {
     const entry = this.channels.get(channel);
     if (!entry) return;
-    if (!entry.position) entry.position = position;
+    if (!entry.position) {
+      entry.position = position;
+      this.positions?.set(channel, position);
+    }
     for (const listener of entry.listeners) if (!listener.position) listener.position = position;
   }
 
@@ -583,6 +782,7 @@ export class ResyncClient {
   ended(channel, reason) {
     const entry = this.channels.get(channel);
     this.channels.delete(channel);
+    this.positions?.delete(channel);
     for (const listener of [...(entry?.listeners ?? [])]) {
       listener.handlers.onError?.(new ResyncError("unsubscribed", `the server ended the subscription (${reason})`, { reason }));
     }

@@ -1,0 +1,113 @@
+// Unit tests of the positions a page keeps for the next page of its tab (`resume`).
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { PositionStore, ResyncClient, tokenSubject } from "../../src/resync.js";
+
+/** An in-memory `Storage`, with a switch that makes writes fail as a full one does. */
+class MemoryStorage {
+  constructor() {
+    this.items = new Map();
+    this.full = false;
+  }
+  get length() {
+    return this.items.size;
+  }
+  key(index) {
+    return [...this.items.keys()][index] ?? null;
+  }
+  getItem(key) {
+    return this.items.get(key) ?? null;
+  }
+  setItem(key, value) {
+    if (this.full) throw new Error("QuotaExceededError");
+    this.items.set(key, String(value));
+  }
+  removeItem(key) {
+    this.items.delete(key);
+  }
+}
+
+const jwt = (claims) => `e30.${Buffer.from(JSON.stringify(claims)).toString("base64url")}.sig`;
+
+test("a token's subject scopes positions, and an opaque token is never kept", () => {
+  assert.equal(tokenSubject(undefined), "anonymous");
+  assert.equal(tokenSubject(jwt({ sub: "ana" })), "sub:ana");
+  assert.notEqual(tokenSubject("opaque-1"), tokenSubject("opaque-2"));
+  assert.ok(!tokenSubject("opaque-secret").includes("secret"));
+});
+
+test("a position is offered to the next store of the same scope only", () => {
+  const storage = new MemoryStorage();
+  const store = new PositionStore(storage, "https://a#sub:ana");
+  store.set("news", { epoch: "e1", seq: 7 });
+  store.flush();
+  assert.deepEqual(new PositionStore(storage, "https://a#sub:ana").get("news"), { epoch: "e1", seq: 7 });
+  assert.equal(new PositionStore(storage, "https://a#sub:bob").get("news"), undefined, "another user");
+  assert.equal(new PositionStore(storage, "https://b#sub:ana").get("news"), undefined, "another server");
+});
+
+test("positions are bounded in age, channels and records", () => {
+  const storage = new MemoryStorage();
+  let now = 1_000_000;
+  const clock = () => now;
+  const store = new PositionStore(storage, "s", { maxAge: 60_000, maxChannels: 3 }, clock);
+  for (let index = 0; index < 5; index += 1) store.set(`c${index}`, { epoch: "e", seq: index });
+  store.flush();
+  const next = new PositionStore(storage, "s", { maxAge: 60_000, maxChannels: 3 }, clock);
+  assert.deepEqual(
+    ["c0", "c1", "c2", "c3", "c4"].map((channel) => next.get(channel)?.seq),
+    [undefined, undefined, 2, 3, 4],
+    "the most recently moved channels stay",
+  );
+  now += 60_001;
+  assert.equal(next.get("c4"), undefined, "too old to offer");
+  for (let scope = 0; scope < 12; scope += 1) {
+    now += 1;
+    const other = new PositionStore(storage, `scope${scope}`, { maxScopes: 8 }, clock);
+    other.set("c", { epoch: "e", seq: scope });
+    other.flush();
+  }
+  assert.equal(storage.length, 8, "at most maxScopes records");
+  assert.equal(new PositionStore(storage, "scope11", {}, clock).get("c").seq, 11, "the newest records stay");
+});
+
+test("a full or corrupt storage keeps nothing and breaks nothing", () => {
+  const storage = new MemoryStorage();
+  storage.setItem("resync.positions:s", "{not json");
+  const store = new PositionStore(storage, "s");
+  assert.equal(store.get("news"), undefined);
+  storage.full = true;
+  store.set("news", { epoch: "e", seq: 1 });
+  assert.doesNotThrow(() => store.flush());
+  storage.full = false;
+  storage.setItem("resync.positions:s", JSON.stringify({ at: 1, channels: { news: ["e", -1, 1], ok: ["e", "5", 1] } }));
+  const checked = new PositionStore(storage, "s");
+  assert.equal(checked.get("news"), undefined, "a negative seq is not offered");
+  assert.equal(checked.get("ok"), undefined, "a seq that is not a number is not offered");
+});
+
+test("a client subscribes from the kept position unless told not to, and forgets a channel it leaves", () => {
+  const storage = new MemoryStorage();
+  const token = jwt({ sub: "ana" });
+  const first = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, token, resume: { storage } });
+  first.subscribe("news");
+  first.deliver({ channel: "news", epoch: "e1", seq: 4, data: null });
+  const left = first.subscribe("gone");
+  first.deliver({ channel: "gone", epoch: "e1", seq: 2, data: null });
+  left.unsubscribe();
+  first.close();
+  const next = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, token, resume: { storage } });
+  assert.deepEqual(next.subscribe("news").position(), { epoch: "e1", seq: 4 });
+  assert.equal(next.subscribe("gone").position(), undefined, "left on purpose: from now");
+  next.close();
+  const optedOut = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, token, resume: { storage } });
+  assert.equal(optedOut.subscribe("news", { resume: false }).position(), undefined);
+  optedOut.close();
+  const off = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, token, resume: false });
+  assert.equal(off.subscribe("news").position(), undefined);
+  off.close();
+  const bob = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, token: jwt({ sub: "bob" }), resume: { storage } });
+  assert.equal(bob.subscribe("news").position(), undefined, "another user's position is not taken");
+  bob.close();
+});
