@@ -3,8 +3,7 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import crypto from "node:crypto";
-import { Proxy, channelInfo, eventually, launch, publish, stack as sharedStack, startServer } from "./helpers.js";
+import { Proxy, channelInfo, eventually, launch, publish, signToken, stack as sharedStack, startServer } from "./helpers.js";
 
 let browser;
 before(async () => {
@@ -26,13 +25,6 @@ async function open(context, proxy, name) {
 
 const text = (page, selector) => page.locator(selector).textContent({ timeout: 1000 }).catch(() => null);
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, index) => from + index);
-
-/** An HS256 token, as an app's backend signs one. */
-function signToken(claims, secret) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const input = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${input}.${crypto.createHmac("sha256", secret).update(input).digest("base64url")}`;
-}
 
 test("defect 1: two hooks on one channel share one subscription", async (t) => {
   const { server, proxy, context } = await stack(t);

@@ -3,12 +3,11 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import crypto from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { Proxy, channelInfo, eventually, launch, publish, sleep, stack as sharedStack, startServer } from "./helpers.js";
+import { Proxy, channelInfo, eventually, launch, publish, signToken, sleep, stack as sharedStack, startServer } from "./helpers.js";
 
 let browser;
 before(async () => {
@@ -316,13 +315,6 @@ test("two pages of the demo see each other appear and disappear", async (t) => {
   await eventually(async () => (await online(first)).length === 1, { message: "the first page sees the second leave" });
   assert.deepEqual(await online(first), [firstName]);
 });
-
-/** An HS256 token, as an app's backend signs one. */
-function signToken(claims, secret) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const input = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${input}.${crypto.createHmac("sha256", secret).update(input).digest("base64url")}`;
-}
 
 test("a page refreshes its token in place across short expiries, on one WebSocket, losing nothing", async (t) => {
   const secret = "e2e-jwt-secret-long-enough-for-hs256-0123456789";

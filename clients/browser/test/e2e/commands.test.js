@@ -4,8 +4,7 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import crypto from "node:crypto";
-import { API_KEY, channelInfo, eventually, launch, publish, stack as sharedStack } from "./helpers.js";
+import { API_KEY, JWT_SECRET, channelInfo, eventually, launch, publish, signToken, stack as sharedStack } from "./helpers.js";
 
 let browser;
 before(async () => {
@@ -15,13 +14,7 @@ after(async () => {
   await browser?.close();
 });
 
-const SECRET = "e2e-jwt-secret-long-enough-for-hs256-0123456789";
-
-function signToken(claims) {
-  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
-  const input = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
-  return `${input}.${crypto.createHmac("sha256", SECRET).update(input).digest("base64url")}`;
-}
+const SECRET = JWT_SECRET;
 
 async function command(base, user, name, body) {
   const response = await fetch(`${base}/api/users/${user}/${name}`, {

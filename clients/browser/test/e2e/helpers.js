@@ -2,6 +2,7 @@
 // control (and which also serves the test pages, so everything is same-origin), and Chromium.
 
 import { spawn } from "node:child_process";
+import crypto from "node:crypto";
 import { createInterface } from "node:readline";
 import net from "node:net";
 import fs from "node:fs";
@@ -12,6 +13,15 @@ import { chromium } from "playwright-core";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const API_KEY = "e2e-api-key-0123456789";
+/** The JWT secret of the tests that start a server with `--jwt-secret`. */
+export const JWT_SECRET = "e2e-jwt-secret-long-enough-for-hs256-0123456789";
+
+/** An HS256 token, as an app's backend signs one. */
+export function signToken(claims, secret = JWT_SECRET) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const input = `${part({ alg: "HS256", typ: "JWT" })}.${part(claims)}`;
+  return `${input}.${crypto.createHmac("sha256", secret).update(input).digest("base64url")}`;
+}
 
 /** The data directories made here, removed when the test process exits. */
 const dataDirectories = [];
