@@ -49,6 +49,12 @@ export interface ChannelOptions<T = unknown> {
   presence?: true | { info?: unknown };
   /** Track the member list in `members` (WebSocket). */
   members?: boolean;
+  /**
+   * Keep `events` in the tab's `sessionStorage` (with the client's `resume`), so the next
+   * page of the tab starts with them and continues after the last one; too large to keep
+   * comes back as `lastReset` with reason `not_kept`. Default true.
+   */
+  resume?: boolean;
 }
 
 export interface ChannelState<T = unknown> {
@@ -91,6 +97,11 @@ export interface SnapshotOptions<S, T = unknown> {
   reduce: (state: S, event: ResyncEvent<T>) => S;
   /** False: load and follow nothing. Default true. */
   enabled?: boolean;
+  /**
+   * Keep `data` and its position in the tab's `sessionStorage` (with the client's `resume`),
+   * so the next page of the tab starts from them with no fetch. Default true.
+   */
+  resume?: boolean;
 }
 
 /** `loading` until the first snapshot; then `data`, kept while a new snapshot loads. */

@@ -118,7 +118,11 @@ export function useResyncState() {
  *   `onError`: called for each (the latest functions passed; they need not be stable);
  *   `enabled` (default true): false follows nothing and holds no events; `since`: a position to
  *   start after (read when the subscription starts); `presence`, `members`: appear, and track
- *   the member list; `transport` and `clientOptions` only for a hook with its own client
+ *   the member list; `transport` and `clientOptions` only for a hook with its own client;
+ *   `resume` (default true, with the client's `resume`): keep the events in the tab's
+ *   `sessionStorage`, so the next page of the tab (a reload) starts with them and continues
+ *   from the last one. Events too large to keep come back as `lastReset` with reason
+ *   `not_kept` (refetch what you show).
  * @returns {{ events: any[], state: any, lastReset: any, client: ResyncClient | null, members: any[], error: any }}
  */
 export function useChannel(first, second, third) {
@@ -164,8 +168,18 @@ export function useChannel(first, second, third) {
     setError(null);
     if (!client || !enabled) return undefined;
     let live = true;
+    const keep = latest.current.keep ?? 100;
+    // What an earlier page of the tab showed, and where it stood.
+    const store = latest.current.resume === false || latest.current.since ? undefined : client.positions;
+    const name = `useChannel:${channel}:${keep}`;
+    const kept = store?.getKept(name);
+    let list = Array.isArray(kept?.value) ? kept.value : [];
+    setEvents(list);
+    if (kept && kept.value === null) setLastReset({ channel, reason: "not_kept", position: kept.position });
     const subscription = client.subscribe(channel, {
-      since: latest.current.since,
+      // From the kept events on; without them, from now (the list starts empty).
+      since: latest.current.since ?? kept?.position,
+      resume: kept ? undefined : false,
       presence,
       onPresence: tracksMembers
         ? (list) => {
@@ -176,14 +190,17 @@ export function useChannel(first, second, third) {
         : undefined,
       onEvent: (event) => {
         if (!live) return;
-        const keep = latest.current.keep ?? 100;
-        setEvents((previous) => [...previous, event].slice(-keep));
+        list = [...list, event].slice(-keep);
+        setEvents(list);
+        store?.setKept(name, list, event);
         latest.current.onEvent?.(event);
       },
       onReset: (reset) => {
         if (!live) return;
+        list = [];
         setLastReset(reset);
-        setEvents([]);
+        setEvents(list);
+        store?.setKept(name, list, reset.position);
         latest.current.onReset?.(reset);
       },
       onRecovery: () => {
@@ -232,9 +249,12 @@ const LOADING = Object.freeze({ data: undefined, loading: true, error: null, las
  * Snapshot, then follow: loads the channel's state with `fetchSnapshot` (your backend's
  * `{ state, position }`), applies every later event with `reduce(state, event)` (a pure
  * function), and loads a new snapshot after every reset. A failed load is tried again after
- * the client's backoff (with `error` set meanwhile, and the last `data` kept).
+ * the client's backoff (with `error` set meanwhile, and the last `data` kept). With the
+ * client's `resume` (and `resume` here, default true), `data` and its position are kept in the
+ * tab's `sessionStorage` (when JSON can hold them), so the next page of the tab (a reload)
+ * starts from them and fetches nothing, unless a reset says it must.
  * @param {string} channel
- * @param {{ fetchSnapshot: () => Promise<{ state: any, position: any }>, reduce: (state: any, event: any) => any, enabled?: boolean }} options
+ * @param {{ fetchSnapshot: () => Promise<{ state: any, position: any }>, reduce: (state: any, event: any) => any, enabled?: boolean, resume?: boolean }} options
  * @returns {{ data: any, loading: boolean, error: unknown, lastReset: any, state: any }}
  */
 export function useSnapshotChannel(channel, options) {
@@ -248,12 +268,28 @@ export function useSnapshotChannel(channel, options) {
     setView(LOADING);
     if (!client || !enabled) return undefined;
     let live = true;
+    const store = latest.current.resume === false ? undefined : client.positions;
+    const name = `useSnapshotChannel:${channel}`;
+    // The state and where it stands, as this hook last had them (kept for the next page).
+    let data;
+    let loaded = false;
     const subscription = client.subscribeWithSnapshot(channel, () => latest.current.fetchSnapshot(), {
-      onSnapshot: (snapshot, reset) => {
-        if (live) setView((previous) => ({ data: snapshot, loading: false, error: null, lastReset: reset ?? previous.lastReset }));
+      restore: () => {
+        const kept = store?.getKept(name);
+        return kept && kept.value !== null ? { state: kept.value.data, position: kept.position } : undefined;
+      },
+      onSnapshot: (snapshot, reset, position) => {
+        if (!live) return;
+        data = snapshot;
+        loaded = true;
+        if (position) store?.setKept(name, { data }, position);
+        setView((previous) => ({ data, loading: false, error: null, lastReset: reset ?? previous.lastReset }));
       },
       onEvent: (event) => {
-        if (live) setView((previous) => (previous.loading ? previous : { ...previous, data: latest.current.reduce(previous.data, event) }));
+        if (!live || !loaded) return;
+        data = latest.current.reduce(data, event);
+        store?.setKept(name, { data }, event);
+        setView((previous) => ({ ...previous, data }));
       },
       onFetchError: (error) => {
         if (live) setView((previous) => ({ ...previous, error }));

@@ -19,6 +19,8 @@ export type ResetReason =
   | "too_far_behind"
   | "position_ahead"
   | "bad_cursor"
+  /** The React hooks: what the previous page of the tab showed was too large to keep. */
+  | "not_kept"
   | (string & {});
 
 export type Recovery =
@@ -151,6 +153,10 @@ export interface ResumeOptions {
   maxChannels?: number;
   /** Records (server × user) kept in the storage. Default 8. */
   maxScopes?: number;
+  /** Kept page states (`setKept`) in the storage. Default 64. */
+  maxKept?: number;
+  /** Bytes of one kept page state (as JSON); a larger one is kept as "not kept". Default 262144. */
+  maxKeptBytes?: number;
 }
 
 /** What `PositionStore` needs of a storage: `sessionStorage` has it. */
@@ -173,6 +179,13 @@ export class PositionStore {
   get(channel: string): Position | undefined;
   set(channel: string, position: Position): void;
   delete(channel: string): void;
+  /**
+   * State kept under `name` by an earlier page of the tab, with the position it stands for;
+   * `value` is null when it was too large to keep (refetch).
+   */
+  getKept<V = unknown>(name: string): { value: V | null; position: Position } | undefined;
+  /** Keeps `value` under `name`, standing for `position` (what the React hooks use). */
+  setKept(name: string, value: unknown, position: Position): void;
   /** Writes now (the client does on `pagehide` and when the page is hidden). */
   flush(): void;
 }
@@ -206,8 +219,8 @@ export interface Member<I = unknown> {
 }
 
 export interface SnapshotHandlers<S, T = unknown> {
-  /** A snapshot to replace your state with: the first, and again after every reset. */
-  onSnapshot: (state: S, reset?: ResyncReset) => void;
+  /** A snapshot to replace your state with (and the position it stands for): the first, and again after every reset. */
+  onSnapshot: (state: S, reset?: ResyncReset, position?: Position) => void;
   /** The next event after the snapshot: apply it. */
   onEvent: (event: ResyncEvent<T>) => void;
   /** Loading a snapshot failed; it is tried again in `retryIn` ms. Keep the state you have. */
@@ -229,6 +242,8 @@ export interface Subscription {
 export class ResyncClient {
   constructor(url: string, options?: ClientOptions);
   readonly state: ConnectionState;
+  /** Where the client keeps positions for the next page of the tab (`resume`); undefined when off. */
+  readonly positions: PositionStore | undefined;
   /** How many times the client scheduled a reconnect. */
   readonly reconnects: number;
   /** Starts connecting, if it has not (`autoConnect: false`, or outside a browser). */

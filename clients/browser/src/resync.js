@@ -152,10 +152,12 @@ function isBefore(since, position) {
 }
 
 /** Defaults of the positions kept across page loads (`resume`). */
-export const DEFAULT_RESUME = Object.freeze({ maxAge: 3600000, maxChannels: 256, maxScopes: 8 });
+export const DEFAULT_RESUME = Object.freeze({ maxAge: 3600000, maxChannels: 256, maxScopes: 8, maxKept: 64, maxKeptBytes: 256 * 1024 });
 
 /** Where kept positions live in the storage: one record per server and user. */
 const RESUME_PREFIX = "resync.positions:";
+/** Where kept page state lives (`setKept`): one record per server, user and name. */
+const KEPT_PREFIX = "resync.kept:";
 
 /** The longest a kept position waits to be written (it is also written when the page hides). */
 const RESUME_WRITE_DELAY = 250;
@@ -194,6 +196,11 @@ export function tokenSubject(token) {
  * not offered, a record keeps at most `maxChannels` channels (the most recently moved), and
  * the storage at most `maxScopes` records. A storage that fails (full, blocked) keeps nothing
  * and breaks nothing.
+ *
+ * Beside the positions it keeps named page state with the position it stands for
+ * (`setKept`: the React hooks keep their events and snapshots this way), at most
+ * `maxKeptBytes` each (a larger one is kept as "not kept", so the next page knows to
+ * refetch) and `maxKept` records in the storage.
  */
 export class PositionStore {
   /**
@@ -204,12 +211,17 @@ export class PositionStore {
    */
   constructor(storage, scope, options = {}, now = Date.now) {
     this.storage = storage;
+    this.scope = scope;
     this.key = RESUME_PREFIX + scope;
     this.options = { ...DEFAULT_RESUME, ...options };
     this.now = now;
     this.timer = undefined;
     /** @type {Map<string, [string, number, number]>} channel to [epoch, seq, when] */
     this.channels = new Map();
+    /** Channels the page stopped following: dropped at the next write, unless followed again. */
+    this.leaving = new Set();
+    /** @type {Map<string, { value: any, position: Position, at: number }>} kept state by name, not yet written */
+    this.dirty = new Map();
     try {
       const record = JSON.parse(storage.getItem(this.key) ?? "null");
       for (const [channel, kept] of Object.entries(record?.channels ?? {})) {
@@ -236,14 +248,53 @@ export class PositionStore {
 
   /** Keeps `position` for `channel` (written soon, and when the page hides). */
   set(channel, position) {
+    this.leaving.delete(channel);
     this.channels.delete(channel);
     this.channels.set(channel, [position.epoch, position.seq, this.now()]);
     this.schedule();
   }
 
-  /** Forgets `channel` (the page stopped following it). */
+  /**
+   * Forgets `channel` (the page stopped following it) at the next write: a subscription
+   * taken up again before it (React's StrictMode mounts twice) still finds its position.
+   */
   delete(channel) {
-    if (this.channels.delete(channel)) this.schedule();
+    if (this.channels.has(channel)) {
+      this.leaving.add(channel);
+      this.schedule();
+    }
+  }
+
+  /**
+   * The state kept under `name` by an earlier page of the tab (or this one), with the position
+   * it stands for; `value` is `null` when it was too large to keep (refetch). `undefined`
+   * when nothing is kept, or it is older than `maxAge`.
+   * @param {string} name
+   * @returns {{ value: any, position: Position } | undefined}
+   */
+  getKept(name) {
+    let kept = this.dirty.get(name);
+    if (!kept) {
+      try {
+        kept = JSON.parse(this.storage.getItem(this.keptKey(name)) ?? "null") ?? undefined;
+      } catch {
+        kept = undefined;
+      }
+    }
+    const position = kept?.position;
+    if (!kept || !(this.now() - kept.at <= this.options.maxAge)) return undefined;
+    if (typeof position?.epoch !== "string" || !Number.isSafeInteger(position?.seq) || position.seq < 0) return undefined;
+    return { value: kept.value ?? null, position: { epoch: position.epoch, seq: position.seq } };
+  }
+
+  /** Keeps `value` under `name`, standing for `position` (written soon, and when the page hides). */
+  setKept(name, value, position) {
+    this.dirty.set(name, { value, position: { epoch: position.epoch, seq: position.seq }, at: this.now() });
+    this.schedule();
+  }
+
+  keptKey(name) {
+    return `${KEPT_PREFIX}${this.scope}#${name}`;
   }
 
   schedule() {
@@ -254,27 +305,38 @@ export class PositionStore {
   flush() {
     clearTimeout(this.timer);
     this.timer = undefined;
+    for (const channel of this.leaving) this.channels.delete(channel);
+    this.leaving.clear();
     // The most recently moved channels are kept (a Map iterates in insertion order).
     while (this.channels.size > this.options.maxChannels) this.channels.delete(this.channels.keys().next().value);
     const at = this.now();
+    const dirty = this.dirty;
+    this.dirty = new Map();
     try {
+      for (const [name, kept] of dirty) {
+        let record = JSON.stringify(kept);
+        // Too large to keep: the next page is told to refetch rather than given a part.
+        if (record.length > this.options.maxKeptBytes) record = JSON.stringify({ ...kept, value: null });
+        this.storage.setItem(this.keptKey(name), record);
+      }
+      if (dirty.size > 0) this.prune(KEPT_PREFIX, this.options.maxKept);
       if (this.channels.size === 0) {
         this.storage.removeItem(this.key);
         return;
       }
       this.storage.setItem(this.key, JSON.stringify({ at, channels: Object.fromEntries(this.channels) }));
-      this.prune();
+      this.prune(RESUME_PREFIX, this.options.maxScopes);
     } catch {
       // Full or blocked: the next page starts from now, as without `resume`.
     }
   }
 
-  /** Removes the oldest records past `maxScopes`. */
-  prune() {
+  /** Removes the oldest records under `prefix` past `most`. */
+  prune(prefix, most) {
     const records = [];
     for (let index = 0; index < this.storage.length; index += 1) {
       const key = this.storage.key(index);
-      if (!key?.startsWith(RESUME_PREFIX)) continue;
+      if (!key?.startsWith(prefix)) continue;
       let at = 0;
       try {
         at = JSON.parse(this.storage.getItem(key) ?? "null")?.at ?? 0;
@@ -284,7 +346,7 @@ export class PositionStore {
       records.push({ key, at });
     }
     records.sort((a, b) => b.at - a.at);
-    for (const { key } of records.slice(this.options.maxScopes)) this.storage.removeItem(key);
+    for (const { key } of records.slice(most)) this.storage.removeItem(key);
   }
 }
 
@@ -534,7 +596,7 @@ export class ResyncClient {
    * @param {string} channel
    * @param {() => Promise<{ state: S, position: Position }>} fetchSnapshot
    * @param {{
-   *   onSnapshot: (state: S, reset?: ResyncReset) => void,
+   *   onSnapshot: (state: S, reset?: ResyncReset, position?: Position) => void,
    *   onEvent: (event: ResyncEvent) => void,
    *   onFetchError?: (error: unknown, retryIn: number) => void,
    *   onError?: (error: ResyncError) => void,
@@ -572,7 +634,7 @@ export class ResyncClient {
         return;
       }
       if (stopped) return;
-      handlers.onSnapshot(snapshot.state, reset);
+      handlers.onSnapshot(snapshot.state, reset, snapshot.position);
       let followed = false;
       // Follow from exactly the snapshot's position: nothing between is lost.
       const current = this.subscribe(channel, {

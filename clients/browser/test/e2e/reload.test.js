@@ -166,3 +166,59 @@ test("two tabs and two users on one origin keep their own positions", async (t) 
   assert.deepEqual(seqsOf(firstLog, "feed", "first"), range(1, 11));
   assert.deepEqual(resets(firstLog), []);
 });
+
+test("React hooks keep what a page showed across reloads: every event once, no snapshot loaded again", async (t) => {
+  const { server, proxy, context } = await stack(browser, t);
+  const channels = ["feed-a", "feed-b", "totals"];
+  const page = await context.newPage();
+  const url = `${proxy.base}/e2e/react-reload.html`;
+  const shown = () =>
+    page
+      .evaluate(() => ({
+        a: [...document.querySelectorAll("#feed-a li")].map((item) => Number(item.textContent)),
+        b: [...document.querySelectorAll("#feed-b li")].map((item) => Number(item.textContent)),
+        totals: document.getElementById("totals")?.textContent ?? "",
+        loads: Number(sessionStorage.getItem("page-loads")),
+        snapshots: Number(sessionStorage.getItem("snapshots")),
+      }))
+      .catch(() => undefined);
+  const showing = async (check, message) => {
+    let last;
+    await eventually(
+      async () => {
+        last = await shown();
+        return last && check(last);
+      },
+      { timeout: 30000, message },
+    ).catch((error) => {
+      throw new Error(`${error.message}; shown ${JSON.stringify(last)}`);
+    });
+    return last;
+  };
+  await page.goto(url);
+  await waitFollowed(server.base, channels);
+  await showing((view) => view.totals === "", "the snapshot shown");
+  await publishRange(server.base, channels, 1, 20);
+  await showing((view) => view.a.length === 20 && view.b.length === 20, "the first 20");
+  const publishing = publishRange(server.base, channels, 21, 80);
+  for (const reload of [2, 3]) {
+    const before = (await shown())?.a.length ?? 0;
+    await page.reload();
+    await showing((view) => view.loads === reload && (view.a.length > before || view.a.length >= 80), `events after reload ${reload}`);
+  }
+  await publishing;
+  await page.goto("about:blank");
+  await publishRange(server.base, channels, 81, 90);
+  await page.goto(url);
+  const view = await showing((view) => view.a.length >= 90 && view.b.length >= 90 && view.totals.split(",").length >= 90, "all 90");
+  assert.equal(view.loads, 4);
+  assert.deepEqual(view.a, range(1, 90), "feed-a: each event once, in order");
+  assert.deepEqual(view.b, range(1, 90), "feed-b: each event once, in order");
+  assert.equal(view.totals, range(1, 90).join(","), "the snapshot hook's state");
+  assert.equal(view.snapshots, 1, "the snapshot was loaded once, by the first page");
+  assert.deepEqual(
+    await page.evaluate(() => [...document.querySelectorAll("ul")].map((list) => list.dataset.reset)),
+    ["", ""],
+    "no reset",
+  );
+});

@@ -111,3 +111,35 @@ test("a client subscribes from the kept position unless told not to, and forgets
   assert.equal(bob.subscribe("news").position(), undefined, "another user's position is not taken");
   bob.close();
 });
+
+test("a subscription taken up again before the next write keeps its position (StrictMode mounts twice)", () => {
+  const storage = new MemoryStorage();
+  const store = new PositionStore(storage, "s");
+  store.set("news", { epoch: "e", seq: 3 });
+  store.flush();
+  const next = new PositionStore(storage, "s");
+  next.delete("news");
+  assert.deepEqual(next.get("news"), { epoch: "e", seq: 3 }, "still offered before the write");
+  next.set("news", { epoch: "e", seq: 4 });
+  next.flush();
+  assert.deepEqual(new PositionStore(storage, "s").get("news"), { epoch: "e", seq: 4 });
+  next.delete("news");
+  next.flush();
+  assert.equal(new PositionStore(storage, "s").get("news"), undefined, "left for good once written");
+});
+
+test("kept page state comes back with its position, or as too large to keep", () => {
+  const storage = new MemoryStorage();
+  const store = new PositionStore(storage, "s", { maxKeptBytes: 200, maxKept: 2 });
+  store.setKept("feed", [{ seq: 1 }, { seq: 2 }], { epoch: "e", seq: 2 });
+  store.setKept("big", "x".repeat(500), { epoch: "e", seq: 9 });
+  store.flush();
+  const next = new PositionStore(storage, "s", { maxKeptBytes: 200, maxKept: 2 });
+  assert.deepEqual(next.getKept("feed"), { value: [{ seq: 1 }, { seq: 2 }], position: { epoch: "e", seq: 2 } });
+  assert.deepEqual(next.getKept("big"), { value: null, position: { epoch: "e", seq: 9 } }, "refetch, do not guess");
+  assert.equal(new PositionStore(storage, "other").getKept("feed"), undefined, "another scope");
+  next.setKept("third", 3, { epoch: "e", seq: 1 });
+  next.flush();
+  const kept = [...storage.items.keys()].filter((key) => key.startsWith("resync.kept:"));
+  assert.equal(kept.length, 2, "at most maxKept records");
+});
