@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! resync subscribe news orders            # JSON lines, keeps following across reconnects
+//! resync subscribe --state-file pos news  # a restart continues where the last run stopped
 //! resync publish news '{"title":"hi"}'    # needs RESYNC_API_KEY
 //! ```
 
@@ -11,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
-use resync_client::{Client, ConnectionState, TransportChoice, TransportKind, Update};
+use resync_client::{
+    Client, ConnectionState, FileStore, PositionStore, TransportChoice, TransportKind, Update,
+};
 use resync_protocol::bodies::PublishRequest;
 use resync_protocol::{Channel, Cursor, IdempotencyKey, Payload};
 
@@ -44,8 +47,14 @@ enum Command {
         #[arg(required = true)]
         channels: Vec<String>,
         /// Resume from a cursor (`channel:epoch:seq,…`, as printed in each line's `cursor`).
+        /// Beats `--state-file` for the channels it names.
         #[arg(long)]
         since: Option<String>,
+        /// Keep each channel's position in this file as lines are printed, and start from it:
+        /// a restarted `resync subscribe` continues where the last one stopped (after Ctrl-C
+        /// or SIGTERM with nothing repeated; after a kill, at most the line being printed again).
+        #[arg(long)]
+        state_file: Option<std::path::PathBuf>,
         /// Client token (JWT), if the server requires one.
         #[arg(long, env = "RESYNC_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -104,20 +113,19 @@ async fn main() -> Result<()> {
         Command::Subscribe {
             channels,
             since,
+            state_file,
             token,
             transport,
             count,
         } => {
-            subscribe(
-                &cli.url,
-                ca_cert,
-                channels,
+            let options = SubscribeOptions {
                 since,
+                state_file,
                 token,
-                transport.into(),
+                transport: transport.into(),
                 count,
-            )
-            .await
+            };
+            subscribe(&cli.url, ca_cert, channels, options).await
         }
         Command::Publish {
             channel,
@@ -138,20 +146,46 @@ async fn main() -> Result<()> {
     }
 }
 
+/// How `resync subscribe` follows.
+struct SubscribeOptions {
+    since: Option<String>,
+    state_file: Option<std::path::PathBuf>,
+    token: Option<String>,
+    transport: TransportChoice,
+    count: Option<u64>,
+}
+
 async fn subscribe(
     url: &str,
     ca_cert: Option<&[u8]>,
     channels: Vec<String>,
-    since: Option<String>,
-    token: Option<String>,
-    transport: TransportChoice,
-    count: Option<u64>,
+    options: SubscribeOptions,
 ) -> Result<()> {
+    let SubscribeOptions {
+        since,
+        state_file,
+        token,
+        transport,
+        count,
+    } = options;
     let cursor = match since {
         Some(text) => Cursor::parse(&text).context("reading --since")?,
         None => Cursor::new(),
     };
     let mut builder = Client::builder(url).transport(transport);
+    let mut positions = cursor.clone();
+    if let Some(path) = state_file {
+        let store = FileStore::open(&path).context("opening --state-file")?;
+        for name in &channels {
+            if let Ok(channel) = Channel::new(name)
+                && positions.get(&channel).is_none()
+                && let Some(position) = store.load(&channel)
+            {
+                positions.set(channel, position);
+            }
+        }
+        builder = builder.position_store(std::sync::Arc::new(store));
+    }
     if let Some(pem) = ca_cert {
         builder = builder.add_root_certificates_pem(pem);
     }
@@ -166,7 +200,6 @@ async fn subscribe(
             eprintln!("resync: {}", describe(&now));
         }
     });
-    let mut positions = cursor.clone();
     let mut streams = SelectAll::new();
     for name in channels {
         let channel = Channel::new(&name).with_context(|| format!("channel {name:?}"))?;
@@ -177,7 +210,16 @@ async fn subscribe(
         streams.push(subscription);
     }
     let mut seen = 0u64;
-    while let Some(update) = streams.next().await {
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        let update = tokio::select! {
+            update = streams.next() => update,
+            // Stopped: the subscriptions are dropped below, which keeps the positions of the
+            // lines printed.
+            () = &mut stop => break,
+        };
+        let Some(update) = update else { break };
         let line = match update? {
             Update::Event(event) => {
                 positions.set(event.channel.clone(), event.position.clone());
@@ -203,11 +245,35 @@ async fn subscribe(
         };
         println!("{line}");
         if count.is_some_and(|count| seen >= count) {
-            client.close();
             break;
         }
     }
+    drop(streams);
+    client.close();
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn describe(state: &ConnectionState) -> String {

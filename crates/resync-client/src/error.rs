@@ -36,6 +36,10 @@ pub enum Error {
     /// A request timed out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The position store could not be read or written
+    /// ([`PositionStore`](crate::PositionStore)); the subscription goes on.
+    #[error("position store: {0}")]
+    PositionStore(String),
 }
 
 /// `Result` with this crate's [`Error`] as the default error type.

@@ -26,14 +26,18 @@
 //! # }
 //! ```
 //!
-//! Store [`Subscription::position`] (or each event's position) to resume across process
-//! restarts with [`Subscription::since`]. [`Client::subscribe_with_snapshot`] combines a
-//! snapshot of your state with the channel's events, refetching on every reset.
+//! To resume across process restarts, give the client a [`PositionStore`] (a [`FileStore`],
+//! or your own) with [`ClientBuilder::position_store`]: each subscription then starts where
+//! the last process stopped. Or keep [`Subscription::position`] (or each event's position)
+//! with your own state and pass it to [`Subscription::since`].
+//! [`Client::subscribe_with_snapshot`] combines a snapshot of your state with the channel's
+//! events, refetching on every reset.
 
 pub mod backoff;
 mod connection;
 mod error;
 mod poll;
+mod position_store;
 mod registry;
 mod snapshot;
 mod sse;
@@ -55,6 +59,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use error::{Error, Result};
+pub use position_store::{FileStore, PositionStore};
 pub use snapshot::{SnapshotStream, SnapshotUpdate};
 
 use crate::registry::Registry;
@@ -164,6 +169,8 @@ pub(crate) struct ClientConfig {
     pub(crate) rng_seed: Option<u64>,
     /// Roots trusted besides the public web's (a private CA, a test certificate).
     pub(crate) extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// Where subscriptions start from and keep their positions.
+    pub(crate) positions: Option<Arc<dyn PositionStore>>,
 }
 
 /// Builds a [`Client`].
@@ -284,6 +291,17 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps each subscription's position in `store` as the application handles its updates,
+    /// and starts a subscription without [`since`](Subscription::since) from the position
+    /// kept for its channel: a restarted process continues where the last one stopped (see
+    /// [`PositionStore`]). Defaults to none: subscriptions start from now.
+    pub fn position_store(mut self, store: Arc<dyn PositionStore>) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.positions = Some(store);
+        }
+        self
+    }
+
     /// Starts the client. Must be called inside a tokio runtime.
     pub fn build(self) -> Result<Client> {
         let config = self.config?;
@@ -359,21 +377,25 @@ impl Client {
             subscription_buffer: 1_024,
             rng_seed: None,
             extra_roots: Vec::new(),
+            positions: None,
         });
         ClientBuilder { config }
     }
 
-    /// Follows `channel`. Events start from now, or from [`Subscription::since`]; the
-    /// subscription registers when it is first polled.
+    /// Follows `channel`. Events start from now, from the client's [`PositionStore`], or from
+    /// [`Subscription::since`]; the subscription registers when it is first polled.
     pub fn subscribe(&self, channel: Channel) -> Subscription {
+        let positions = self.inner.config.positions.clone();
         Subscription {
+            since: positions.as_ref().and_then(|store| store.load(&channel)),
             channel,
-            since: None,
             presence: registry::PresenceWish::default(),
             registry: self.inner.registry.clone(),
             receiver: None,
             buffer: self.inner.config.subscription_buffer,
             failed: None,
+            positions,
+            handled: None,
         }
     }
 
@@ -478,6 +500,11 @@ pub struct Subscription {
     receiver: Option<mpsc::Receiver<Result<Update>>>,
     buffer: usize,
     failed: Option<Error>,
+    /// Where positions are kept ([`ClientBuilder::position_store`]).
+    positions: Option<Arc<dyn PositionStore>>,
+    /// The position of the update last handed to the application: kept once it asks for the
+    /// next one (it handled this one), or drops the subscription.
+    handled: Option<Position>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -532,6 +559,9 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Err(error) = this.keep_handled() {
+            return Poll::Ready(Some(Err(error)));
+        }
         if let Some(error) = this.failed.take() {
             return Poll::Ready(Some(Err(error)));
         }
@@ -548,15 +578,38 @@ impl Stream for Subscription {
             }
             this.receiver = Some(receiver);
         }
-        match &mut this.receiver {
+        let polled = match &mut this.receiver {
             Some(receiver) => receiver.poll_recv(context),
             None => Poll::Ready(None),
+        };
+        if this.positions.is_some()
+            && let Poll::Ready(Some(Ok(update))) = &polled
+        {
+            this.handled = match update {
+                Update::Event(event) => Some(event.position.clone()),
+                Update::Reset { position, .. } => Some(position.clone()),
+                Update::Members(_) => this.handled.take(),
+            };
+        }
+        polled
+    }
+}
+
+impl Subscription {
+    /// Keeps the position of the update the application handled last, once.
+    fn keep_handled(&mut self) -> Result<()> {
+        match (&self.positions, self.handled.take()) {
+            (Some(store), Some(position)) => store.save(&self.channel, &position),
+            _ => Ok(()),
         }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if let Err(error) = self.keep_handled() {
+            tracing::warn!(target: "resync::client", channel = %self.channel, %error, "the last position was not kept");
+        }
         // Close the receiving end first, so the registry sees the subscription gone.
         if let Some(receiver) = self.receiver.take() {
             drop(receiver);
