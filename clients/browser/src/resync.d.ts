@@ -188,6 +188,8 @@ export class PositionStore {
   setKept(name: string, value: unknown, position: Position): void;
   /** Writes now (the client does on `pagehide` and when the page is hidden). */
   flush(): void;
+  /** Forgets everything kept for this server and user (call it when the user signs out). */
+  clear(): void;
 }
 
 export interface SubscribeHandlers<T = unknown> {

@@ -331,6 +331,29 @@ export class PositionStore {
     }
   }
 
+  /**
+   * Forgets everything kept for this scope (positions and kept state), e.g. when its user
+   * signs out: the channel names a user followed stay in the tab otherwise, until pruned.
+   */
+  clear() {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.channels.clear();
+    this.leaving.clear();
+    this.dirty.clear();
+    try {
+      const prefix = this.keptKey("");
+      const keys = [];
+      for (let index = 0; index < this.storage.length; index += 1) {
+        const key = this.storage.key(index);
+        if (key === this.key || key?.startsWith(prefix)) keys.push(key);
+      }
+      for (const key of keys) this.storage.removeItem(key);
+    } catch {
+      // Blocked: nothing was kept either.
+    }
+  }
+
   /** Removes the oldest records under `prefix` past `most`. */
   prune(prefix, most) {
     const records = [];

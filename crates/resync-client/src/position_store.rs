@@ -83,12 +83,34 @@ impl PositionStore for FileStore {
         cursor.set(channel.clone(), position.clone());
         let mut temporary = self.path.clone().into_os_string();
         temporary.push(".tmp");
-        let written = std::fs::write(&temporary, format!("{cursor}\n"))
+        let temporary = PathBuf::from(temporary);
+        let written = write_new(&temporary, format!("{cursor}\n").as_bytes())
             .and_then(|()| std::fs::rename(&temporary, &self.path));
         written.map_err(|error| {
             Error::PositionStore(format!("writing {}: {error}", self.path.display()))
         })
     }
+}
+
+/// Writes `bytes` to a file `path` that this call creates: never through a file or link
+/// already there (a directory others can write to may hold one put there to be overwritten).
+/// A leftover of a crash is removed first; if another appears meanwhile, the write fails.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+    };
+    let mut file = match create() {
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            create()?
+        }
+        other => other?,
+    };
+    file.write_all(bytes)
 }
 
 #[cfg(test)]
@@ -129,6 +151,27 @@ mod tests {
         let error = FileStore::open(&path).unwrap_err();
         assert!(matches!(error, Error::PositionStore(_)), "{error}");
         assert!(error.to_string().contains("not a cursor"), "{error}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_left_where_the_temporary_file_goes_is_not_written_through() {
+        let directory = tempfile::tempdir().unwrap();
+        let victim = directory.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = directory.path().join("positions");
+        std::os::unix::fs::symlink(&victim, directory.path().join("positions.tmp")).unwrap();
+        let store = FileStore::open(&path).unwrap();
+        store
+            .save(&"news".parse().unwrap(), &position("e1", 1))
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(
+            FileStore::open(&path)
+                .unwrap()
+                .load(&"news".parse().unwrap()),
+            Some(position("e1", 1))
+        );
     }
 
     #[test]

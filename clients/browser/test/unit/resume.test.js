@@ -143,3 +143,17 @@ test("kept page state comes back with its position, or as too large to keep", ()
   const kept = [...storage.items.keys()].filter((key) => key.startsWith("resync.kept:"));
   assert.equal(kept.length, 2, "at most maxKept records");
 });
+
+test("clear() forgets a user's positions and kept state, and nobody else's", () => {
+  const storage = new MemoryStorage();
+  const ann = new PositionStore(storage, "https://a#sub:ann");
+  const bob = new PositionStore(storage, "https://a#sub:bob");
+  ann.set("inbox:ann", { epoch: "e", seq: 1 });
+  ann.setKept("feed", [1], { epoch: "e", seq: 1 });
+  bob.set("inbox:bob", { epoch: "e", seq: 2 });
+  ann.flush();
+  bob.flush();
+  ann.clear();
+  assert.ok(![...storage.items.keys()].some((key) => key.includes("sub:ann")), "nothing of ann's is left");
+  assert.deepEqual(new PositionStore(storage, "https://a#sub:bob").get("inbox:bob"), { epoch: "e", seq: 2 });
+});
