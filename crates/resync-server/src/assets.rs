@@ -7,6 +7,8 @@ const RESYNC_JS: &str = include_str!("../../../clients/browser/src/resync.js");
 const RESYNC_DTS: &str = include_str!("../../../clients/browser/src/resync.d.ts");
 const REACT_JS: &str = include_str!("../../../clients/browser/src/react.js");
 const REACT_DTS: &str = include_str!("../../../clients/browser/src/react.d.ts");
+const TANSTACK_JS: &str = include_str!("../../../clients/browser/src/tanstack.js");
+const TANSTACK_DTS: &str = include_str!("../../../clients/browser/src/tanstack.d.ts");
 const DEMO_HTML: &str = include_str!("../../../clients/browser/demo/index.html");
 
 /// The client modules always; the demo page at `/` only with `demo` (the page's chat publishes
@@ -19,6 +21,8 @@ pub(crate) fn configure(config: &mut web::ServiceConfig, demo: bool) {
     asset(config, "/client/resync.d.ts", || typescript(RESYNC_DTS));
     asset(config, "/client/react.js", || script(REACT_JS));
     asset(config, "/client/react.d.ts", || typescript(REACT_DTS));
+    asset(config, "/client/tanstack.js", || script(TANSTACK_JS));
+    asset(config, "/client/tanstack.d.ts", || typescript(TANSTACK_DTS));
 }
 
 /// Serves `respond` at `path` for `GET` and `HEAD` (actix-http sends no body for `HEAD`).

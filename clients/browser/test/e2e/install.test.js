@@ -63,6 +63,7 @@ const mainTsx = `import { StrictMode, useState } from "react";
 import { createRoot } from "react-dom/client";
 import { ResyncClient, ResyncError, type ConnectionState, type Position } from "@resync/client";
 import { ResyncProvider, useChannel, usePresence, useResyncState, useSnapshotChannel } from "@resync/client/react";
+import { invalidateOnReset } from "@resync/client/tanstack";
 
 interface News {
   n: number;
@@ -127,7 +128,12 @@ export function Total({ since }: { since: Position }) {
 }
 
 export async function typedClient(): Promise<string> {
-  const client = new ResyncClient("http://localhost", { autoConnect: false, upgradeAfter: 30000 });
+  const client = new ResyncClient("http://localhost", { autoConnect: false, upgradeAfter: 30000, resume: { maxAge: 60000 } });
+  const queryClient = { invalidateQueries: (filters: { queryKey: readonly unknown[] }) => filters.queryKey.length };
+  invalidateOnReset<News>(client, queryClient, "news", ["news"], { onEvent: (event) => void event.data.n });
+  // @ts-expect-error the resume options are checked too
+  void new ResyncClient("http://localhost", { resume: { maxAgeMs: 1 } });
+  client.positions?.clear();
   client.subscribe<News>("news", { onEvent: (event) => console.log(event.data.text.toUpperCase()) });
   try {
     const position = await client.publish("news", { n: 1, text: "hi" });

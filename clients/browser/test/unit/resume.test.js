@@ -157,3 +157,22 @@ test("clear() forgets a user's positions and kept state, and nobody else's", () 
   assert.ok(![...storage.items.keys()].some((key) => key.includes("sub:ann")), "nothing of ann's is left");
   assert.deepEqual(new PositionStore(storage, "https://a#sub:bob").get("inbox:bob"), { epoch: "e", seq: 2 });
 });
+
+test("invalidateOnReset refetches a TanStack query when its channel resets", async () => {
+  const { invalidateOnReset } = await import("../../src/tanstack.js");
+  const invalidated = [];
+  const queryClient = { invalidateQueries: (filters) => invalidated.push(filters.queryKey) };
+  const client = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, resume: false });
+  const events = [];
+  const subscription = invalidateOnReset(client, queryClient, "todos", ["todos"], { onEvent: (event) => events.push(event.seq) });
+  client.fresh("todos", { epoch: "e1", seq: 0 });
+  client.deliver({ channel: "todos", epoch: "e1", seq: 1, data: null });
+  assert.deepEqual(invalidated, [], "an event is the app's to apply");
+  assert.deepEqual(events, [1]);
+  client.reset({ channel: "todos", reason: "truncated", position: { epoch: "e1", seq: 9 } });
+  assert.deepEqual(invalidated, [["todos"]], "a reset refetches the query");
+  subscription.unsubscribe();
+  client.reset({ channel: "todos", reason: "truncated", position: { epoch: "e1", seq: 10 } });
+  assert.equal(invalidated.length, 1, "nothing after unsubscribe");
+  client.close();
+});
