@@ -46,6 +46,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::UnknownChannel | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::KeyedStateFull => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited | ErrorCode::TooManyChannels => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -75,6 +76,12 @@ impl From<resync_broker::Error> for ApiError {
         match error {
             resync_broker::Error::TooManyChannels { .. } => {
                 ApiError::new(ErrorCode::TooManyChannels, error.to_string())
+            }
+            resync_broker::Error::KeyedStateFull(_) => {
+                ApiError::new(ErrorCode::KeyedStateFull, error.to_string())
+            }
+            resync_broker::Error::Unsupported(_) => {
+                ApiError::new(ErrorCode::BadRequest, error.to_string())
             }
             other => ApiError::new(ErrorCode::Unavailable, other.to_string()),
         }

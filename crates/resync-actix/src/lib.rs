@@ -171,6 +171,14 @@ impl ResyncBuilder {
                         max: self.config.publish_hold_max,
                     },
                     shutdown: shutdown.subscribe(),
+                    keyed: Arc::new(
+                        self.config
+                            .namespaces
+                            .iter()
+                            .filter(|(_, policy)| policy.keyed)
+                            .map(|(name, _)| name.clone())
+                            .collect(),
+                    ),
                 },
                 broker,
                 authorizer,
@@ -293,6 +301,8 @@ pub struct Publisher {
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     hold: PublishHold,
+    /// The keyed namespaces: their publishes name a key, and no other publish does.
+    keyed: Arc<std::collections::HashSet<String>>,
     /// Set when the process starts draining for a deploy.
     shutdown: watch::Receiver<bool>,
 }
@@ -358,6 +368,17 @@ impl Publisher {
     pub async fn send(&self, publish: Publish) -> Result<Position> {
         let channel = publish.channel.clone();
         let started = std::time::Instant::now();
+        let keyed = self.keyed.contains(channel.namespace());
+        if keyed != publish.key.is_some() {
+            return Err(ApiError::new(
+                ErrorCode::KeyMismatch,
+                if keyed {
+                    format!("{channel} is keyed: a publish names the key it sets (`key`)")
+                } else {
+                    format!("{channel} is not keyed: a publish names no key")
+                },
+            ));
+        }
         if *self.shutdown.borrow() && !self.broker.durable() {
             // This process is going away and its broker goes with it: a publish taken now
             // would be acknowledged and lost. Nothing is stored; the retry reaches the next

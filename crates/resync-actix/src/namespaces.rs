@@ -17,4 +17,8 @@ pub struct NamespacePolicy {
     pub presence: Option<bool>,
     /// Join and leave events are off when `false`.
     pub join_leave: Option<bool>,
+    /// The namespace's channels are keyed (`true`): every publish names the key it sets, and
+    /// the broker keeps the latest event of each key, from which a client the history no
+    /// longer reaches catches up. Publishes elsewhere name no key.
+    pub keyed: bool,
 }

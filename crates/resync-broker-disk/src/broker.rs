@@ -964,6 +964,7 @@ impl Inner {
             let event = EncodedEvent::new(Event {
                 channel: channel.clone(),
                 position: Position::new(epoch.clone(), seq),
+                key: None,
                 data,
             });
             events.push((time, event));
@@ -975,6 +976,11 @@ impl Inner {
 #[async_trait]
 impl Broker for DiskBroker {
     async fn publish(&self, publish: Publish) -> Result<Position> {
+        if publish.key.is_some() {
+            return Err(Error::Unsupported(
+                "keyed channels (the disk broker keeps no keyed state yet)",
+            ));
+        }
         let inner = &self.inner;
         inner.check_open()?;
         let state = inner
@@ -1008,6 +1014,7 @@ impl Broker for DiskBroker {
                 let event = EncodedEvent::new(Event {
                     channel: st.channel.clone(),
                     position: Position::new(st.meta.epoch.clone(), seq),
+                    key: None,
                     data: publish.data,
                 });
                 let channel = st.channel.clone();

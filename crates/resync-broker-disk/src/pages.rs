@@ -114,6 +114,7 @@ mod tests {
             let event = EncodedEvent::new(Event {
                 channel: channel.clone(),
                 position: Position::new(epoch.clone(), Seq::new(seq)),
+                key: None,
                 data: Payload::from_json("1").expect("json"),
             });
             (0, event)

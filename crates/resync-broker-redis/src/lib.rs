@@ -536,6 +536,7 @@ fn event_from_entry(
     Ok(EncodedEvent::new(Event {
         channel: channel.clone(),
         position: Position::new(epoch.clone(), Seq::new(seq)),
+        key: None,
         data: payload,
     }))
 }
@@ -567,6 +568,11 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, publish: Publish) -> Result<Position> {
+        if publish.key.is_some() {
+            return Err(Error::Unsupported(
+                "keyed channels (the Redis broker keeps no keyed state yet)",
+            ));
+        }
         let settings = &self.inner.settings;
         let idempotency_key = match &publish.idempotency_key {
             Some(key) => self.key(&publish.channel, &format!("idem:{key}")),

@@ -58,6 +58,7 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
     Some(EncodedEvent::new(Event {
         channel,
         position,
+        key: None,
         data,
     }))
 }

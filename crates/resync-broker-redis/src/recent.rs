@@ -146,6 +146,7 @@ mod tests {
         EncodedEvent::new(Event {
             channel: Channel::new("c").unwrap(),
             position: Position::new(Epoch::new(epoch).unwrap(), Seq::new(seq)),
+            key: None,
             data: Payload::from_json("1").unwrap(),
         })
     }

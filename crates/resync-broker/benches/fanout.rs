@@ -22,6 +22,7 @@ fn deliver_to_subscribers(bencher: divan::Bencher<'_, '_>, subscribers: usize) {
     let event = EncodedEvent::new(Event {
         channel: channel.clone(),
         position: Position::new(Epoch::new("bench").expect("valid epoch"), Seq::new(1)),
+        key: None,
         data: hundred_byte_payload(),
     });
     bencher

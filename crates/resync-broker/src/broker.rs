@@ -26,6 +26,10 @@ pub struct Publish {
     /// transport. A broker with a bounded channel table keeps room for the application's
     /// channels that clients cannot take.
     pub origin: PublishOrigin,
+    /// On a keyed channel, the key the event sets (`null` data deletes it): the broker
+    /// stores it with the event and keeps the latest event of each key
+    /// ([`KeyedState`](crate::KeyedState)).
+    pub key: Option<resync_protocol::Key>,
 }
 
 /// Who asked for a publish.
@@ -47,7 +51,14 @@ impl Publish {
             data,
             idempotency_key: None,
             origin: PublishOrigin::Application,
+            key: None,
         }
+    }
+
+    /// Sets the key the event sets on a keyed channel, if any.
+    pub fn with_key(mut self, key: Option<resync_protocol::Key>) -> Self {
+        self.key = key;
+        self
     }
 
     /// Sets the idempotency key.
@@ -153,6 +164,13 @@ pub trait Broker: Send + Sync + 'static {
     /// server instance of this broker ([`UserCommandBus`](crate::UserCommandBus)); `None`
     /// (the default) makes the HTTP API's user commands fail with a clear error.
     fn user_commands(&self) -> Option<&dyn crate::UserCommandBus> {
+        None
+    }
+
+    /// The latest event of each key of keyed channels, if this broker keeps it
+    /// ([`KeyedState`](crate::KeyedState)); `None` (the default) makes a keyed publish or a
+    /// state read fail with a clear error.
+    fn keyed_state(&self) -> Option<&dyn crate::KeyedState> {
         None
     }
 }

@@ -14,6 +14,14 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// A keyed channel's state is at its bounds ([`KeyedLimits`](crate::KeyedLimits)): the
+    /// publish of a new key (or a larger value) was not stored.
+    #[error("keyed state full: {0}")]
+    KeyedStateFull(String),
+    /// The broker does not do what was asked (a keyed publish on a broker that keeps no
+    /// keyed state, say); nothing was stored.
+    #[error("not supported by this broker: {0}")]
+    Unsupported(&'static str),
     /// The backing store returned data this broker cannot read.
     #[error("corrupt data in broker: {0}")]
     Corrupt(String),

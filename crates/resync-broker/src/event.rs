@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use resync_protocol::{Channel, Event, Position};
+use resync_protocol::{Channel, Event, Key, Position};
 
 /// A stored event as its wire frame, shared by every subscriber.
 ///
@@ -21,6 +21,8 @@ pub struct EncodedEvent(Arc<Inner>);
 struct Inner {
     channel: Channel,
     position: Position,
+    /// On a keyed channel, the key the event sets.
+    key: Option<Key>,
     frame: Bytes,
     /// Where the data starts in the frame; it ends before the frame's closing brace.
     data_start: usize,
@@ -40,6 +42,7 @@ impl EncodedEvent {
         Self(Arc::new(Inner {
             channel: event.channel,
             position: event.position,
+            key: event.key,
             frame: Bytes::from(frame),
             data_start,
         }))
@@ -53,6 +56,11 @@ impl EncodedEvent {
     /// The event's position.
     pub fn position(&self) -> &Position {
         &self.0.position
+    }
+
+    /// The key the event sets, on a keyed channel.
+    pub fn key(&self) -> Option<&Key> {
+        self.0.key.as_ref()
     }
 
     /// The event's data, as the JSON text it was published with.

@@ -641,6 +641,7 @@ mod tests {
         EncodedEvent::new(Event {
             channel: channel.clone(),
             position: Position::new(Epoch::new("e").unwrap(), Seq::new(seq)),
+            key: None,
             data: Payload::from_json("1").unwrap(),
         })
     }

@@ -94,6 +94,7 @@ pub mod conformance;
 mod error;
 mod event;
 mod hub;
+mod keyed;
 mod memory;
 pub mod presence;
 mod resume;
@@ -103,6 +104,9 @@ pub use broker::{Broker, HistoryRead, Publish, PublishOrigin};
 pub use error::{Error, Result};
 pub use event::{EVENT_OVERHEAD_BYTES, EncodedEvent};
 pub use hub::{DeliveryLag, Hub, Live, LiveError, LiveSubscription};
+pub use keyed::{
+    KeyedLimits, KeyedMap, KeyedState, STATE_ENTRY_OVERHEAD_BYTES, StateEntry, StatePage,
+};
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use presence::{
     MemoryPresence, Presence, PresenceEvent, PresenceFanout, PresenceLagged, PresenceWatch,

@@ -63,6 +63,7 @@ struct Inner {
     /// The bytes of every channel's history, and the most they may add up to.
     history_bytes: std::sync::atomic::AtomicUsize,
     max_history_bytes: Option<usize>,
+    keyed_limits: crate::KeyedLimits,
     presence: crate::MemoryPresence,
     /// User commands, from this process to this process.
     user_commands: crate::UserCommandFanout,
@@ -98,6 +99,8 @@ struct ChannelState {
     made_by_client: bool,
     log: ChannelLog<EncodedEvent>,
     keys: IdempotencyWindow,
+    /// The latest event of each key, once a publish named one.
+    keyed: Option<crate::KeyedMap>,
 }
 
 /// The positions of a channel's most recent keyed publishes, oldest evicted first.
@@ -135,6 +138,7 @@ pub struct MemoryBrokerBuilder {
     idempotency_window: usize,
     max_channels: usize,
     max_history_bytes: Option<usize>,
+    keyed_limits: crate::KeyedLimits,
 }
 
 impl Default for MemoryBrokerBuilder {
@@ -146,6 +150,7 @@ impl Default for MemoryBrokerBuilder {
             idempotency_window: 1_000,
             max_channels: 100_000,
             max_history_bytes: Some(256 * 1024 * 1024),
+            keyed_limits: crate::KeyedLimits::default(),
         }
     }
 }
@@ -203,6 +208,12 @@ impl MemoryBrokerBuilder {
         self
     }
 
+    /// The bounds of each keyed channel's state. Defaults to [`KeyedLimits::default`](crate::KeyedLimits).
+    pub fn keyed_limits(mut self, limits: crate::KeyedLimits) -> Self {
+        self.keyed_limits = limits;
+        self
+    }
+
     /// Builds the broker.
     pub fn build(self) -> MemoryBroker {
         MemoryBroker {
@@ -220,6 +231,7 @@ impl MemoryBrokerBuilder {
                 max_channels: self.max_channels,
                 history_bytes: std::sync::atomic::AtomicUsize::new(0),
                 max_history_bytes: self.max_history_bytes,
+                keyed_limits: self.keyed_limits,
                 presence: crate::MemoryPresence::default(),
                 user_commands: crate::UserCommandFanout::default(),
             }),
@@ -311,6 +323,7 @@ impl MemoryBroker {
                     .unwrap_or(self.inner.retention),
             ),
             keys: IdempotencyWindow::default(),
+            keyed: None,
         }));
         table.channels.insert(channel.clone(), state.clone());
         table.eviction_order.push_back(channel.clone());
@@ -333,7 +346,10 @@ impl MemoryBroker {
                 let before = state.log.bytes();
                 state.log.expire(now);
                 self.account(before, state.log.bytes());
-                state.log.is_empty() && self.inner.hub.subscriber_count(&candidate) == 0
+                // A keyed channel's state outlives its history: it is what late readers get.
+                state.log.is_empty()
+                    && state.keyed.as_ref().is_none_or(crate::KeyedMap::is_empty)
+                    && self.inner.hub.subscriber_count(&candidate) == 0
             };
             if forgettable {
                 let (used_epoch, made_by_client) = {
@@ -378,6 +394,40 @@ impl MemoryBroker {
 }
 
 #[async_trait]
+impl crate::KeyedState for MemoryBroker {
+    async fn state_page(
+        &self,
+        channel: &Channel,
+        after: Option<&resync_protocol::Key>,
+        limit: usize,
+    ) -> Result<crate::StatePage> {
+        let Some(state) = self.existing(channel) else {
+            return Ok(crate::StatePage {
+                entries: Vec::new(),
+                position: self.stateless_log().position(),
+                next: None,
+            });
+        };
+        let mut state = lock(&state);
+        let position = state.log.position();
+        let (entries, more) = match state.keyed.as_mut() {
+            Some(keyed) => keyed.page(after, limit, Instant::now()),
+            None => (Vec::new(), false),
+        };
+        let next = if more {
+            entries.last().map(|entry| entry.key.clone())
+        } else {
+            None
+        };
+        Ok(crate::StatePage {
+            entries,
+            position,
+            next,
+        })
+    }
+}
+
+#[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, publish: Publish) -> Result<Position> {
         let state = self.state_for_publish(&publish.channel, publish.origin)?;
@@ -393,9 +443,22 @@ impl Broker for MemoryBroker {
             .seq
             .next()
             .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
+        let now = Instant::now();
+        let limits = &self.inner.keyed_limits;
+        if let Some(key) = &publish.key {
+            // Refused before anything is stored.
+            state
+                .keyed
+                .get_or_insert_default()
+                .admits(key, &publish.data, limits, now)?;
+        }
+        if let (Some(key), Some(keyed)) = (&publish.key, state.keyed.as_mut()) {
+            keyed.set(key.clone(), next_seq, &publish.data, limits, now);
+        }
         let event = EncodedEvent::new(Event {
             channel: state.channel.clone(),
             position: Position::new(state.log.epoch().clone(), next_seq),
+            key: publish.key,
             data: publish.data,
         });
         let before = state.log.bytes();
@@ -452,6 +515,10 @@ impl Broker for MemoryBroker {
 
     fn delivery_lag(&self) -> crate::DeliveryLag {
         self.inner.hub.delivery_lag()
+    }
+
+    fn keyed_state(&self) -> Option<&dyn crate::KeyedState> {
+        Some(self)
     }
 
     async fn lag_eased(&self) {

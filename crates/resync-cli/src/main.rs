@@ -16,7 +16,7 @@ use resync_client::{
     Client, ConnectionState, FileStore, PositionStore, TransportChoice, TransportKind, Update,
 };
 use resync_protocol::bodies::PublishRequest;
-use resync_protocol::{Channel, Cursor, IdempotencyKey, Payload};
+use resync_protocol::{Channel, Cursor, IdempotencyKey, Key, Payload};
 
 /// Follow and publish resync channels from the command line.
 #[derive(Parser)]
@@ -77,6 +77,9 @@ enum Command {
         /// Makes a retry of this publish land once.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// On a keyed channel, the key the event sets (`null` data deletes it).
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 
@@ -132,16 +135,18 @@ async fn main() -> Result<()> {
             data,
             api_key,
             idempotency_key,
+            key,
         } => {
-            publish(
-                &cli.url,
-                ca_cert,
-                &channel,
-                &data,
-                &api_key,
-                idempotency_key,
-            )
-            .await
+            let body = PublishRequest {
+                channel: Channel::new(&channel).context("the channel name")?,
+                data: Payload::from_json(&data).context("the data must be JSON")?,
+                idempotency_key: idempotency_key
+                    .map(IdempotencyKey::new)
+                    .transpose()
+                    .context("the idempotency key")?,
+                key: key.map(Key::new).transpose().context("the key")?,
+            };
+            publish(&cli.url, ca_cert, &body, &api_key).await
         }
     }
 }
@@ -302,19 +307,9 @@ fn describe(state: &ConnectionState) -> String {
 async fn publish(
     url: &str,
     ca_cert: Option<&[u8]>,
-    channel: &str,
-    data: &str,
+    body: &PublishRequest,
     api_key: &str,
-    key: Option<String>,
 ) -> Result<()> {
-    let body = PublishRequest {
-        channel: Channel::new(channel).context("the channel name")?,
-        data: Payload::from_json(data).context("the data must be JSON")?,
-        idempotency_key: key
-            .map(IdempotencyKey::new)
-            .transpose()
-            .context("the idempotency key")?,
-    };
     let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
     let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(pem) = ca_cert {
@@ -328,7 +323,7 @@ async fn publish(
         .build()?
         .post(&endpoint)
         .bearer_auth(api_key)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .with_context(|| format!("posting to {endpoint}"))?;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
-    Channel, Cursor, IdempotencyKey, Payload, Position, RecoveryOutcome, ResetReason,
+    Channel, Cursor, IdempotencyKey, Key, Payload, Position, RecoveryOutcome, ResetReason,
     UnsubscribeReason,
 };
 
@@ -411,11 +411,15 @@ fn push_joined<'a>(body: &mut Vec<u8>, values: impl Iterator<Item = &'a [u8]>) {
 pub struct PublishRequest {
     /// The channel to publish on.
     pub channel: Channel,
-    /// The event's data, any JSON value (validated once, as the body is read).
+    /// The event's data, any JSON value (validated once, as the body is read). On a keyed
+    /// channel, `null` deletes the key.
     pub data: Payload,
     /// Makes a retried publish store once (the `Idempotency-Key` header does the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<IdempotencyKey>,
+    /// On a keyed channel, the key the event sets (required there, refused elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Key>,
 }
 
 /// The answer to a publish: where the event was stored.

@@ -9,6 +9,10 @@ pub enum Error {
     /// A channel name is empty, too long, or uses a character outside the allowed set.
     #[error("invalid channel name: {0}")]
     InvalidChannel(String),
+    /// A key of a keyed channel is empty, too long, or uses a character outside the allowed
+    /// set.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
     /// An epoch is empty, too long, or not alphanumeric.
     #[error("invalid epoch: {0}")]
     InvalidEpoch(String),

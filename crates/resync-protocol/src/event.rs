@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
-use crate::names::{Channel, Epoch, Position, Seq};
+use crate::names::{Channel, Epoch, Key, Position, Seq};
 
 /// Arbitrary JSON published on a channel, validated once and then carried as text.
 ///
@@ -107,13 +107,17 @@ pub struct Event {
     pub channel: Channel,
     /// The epoch and seq the broker assigned when it stored the event.
     pub position: Position,
+    /// On a keyed channel, the key the event sets: to its data, or, when the data is `null`,
+    /// to nothing (the key is deleted; see [`deletes`](Self::deletes)).
+    pub key: Option<Key>,
     /// The published JSON.
     pub data: Payload,
 }
 
 impl Event {
     /// Encodes the event as the `event` frame that WebSocket, SSE and long polling all carry:
-    /// `{"type":"event","channel":…,"epoch":…,"seq":…,"data":…}`.
+    /// `{"type":"event","channel":…,"epoch":…,"seq":…,"data":…}`, with `"key":…` before
+    /// `data` on a keyed channel. `data` is always last.
     ///
     /// This is the hot path of fan-out, done once per event and shared by every subscriber, so
     /// it is written by hand: channel and epoch never need JSON escaping (see
@@ -122,8 +126,12 @@ impl Event {
         let data = self.data.as_str();
         // Exactly sized (the fixed text is 52 bytes, a seq at most 20 digits): stored histories
         // keep this buffer, and a guess short by a few bytes doubled it.
+        let key = self.key.as_ref().map_or(0, |key| key.as_str().len() + 32);
         let mut frame = String::with_capacity(
-            72 + self.channel.as_str().len() + self.position.epoch.as_str().len() + data.len(),
+            72 + self.channel.as_str().len()
+                + self.position.epoch.as_str().len()
+                + key
+                + data.len(),
         );
         frame.push_str("{\"type\":\"event\",\"channel\":\"");
         frame.push_str(self.channel.as_str());
@@ -131,10 +139,22 @@ impl Event {
         frame.push_str(self.position.epoch.as_str());
         frame.push_str("\",\"seq\":");
         frame.push_str(&self.position.seq.get().to_string());
+        if let Some(key) = &self.key {
+            frame.push_str(",\"key\":\"");
+            frame.push_str(key.as_str());
+            frame.push('"');
+        }
         frame.push_str(",\"data\":");
         frame.push_str(data);
         frame.push('}');
         frame
+    }
+}
+
+impl Event {
+    /// Whether the event deletes its key: a keyed event whose data is `null`.
+    pub fn deletes(&self) -> bool {
+        self.key.is_some() && self.data.as_str() == "null"
     }
 }
 
@@ -145,6 +165,8 @@ pub(crate) struct EventWire {
     channel: Channel,
     epoch: Epoch,
     seq: Seq,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<Key>,
     data: Payload,
 }
 
@@ -153,6 +175,7 @@ impl From<EventWire> for Event {
         Event {
             channel: wire.channel,
             position: Position::new(wire.epoch, wire.seq),
+            key: wire.key,
             data: wire.data,
         }
     }
@@ -164,6 +187,7 @@ impl From<Event> for EventWire {
             channel: event.channel,
             epoch: event.position.epoch,
             seq: event.position.seq,
+            key: event.key,
             data: event.data,
         }
     }
@@ -236,12 +260,24 @@ mod tests {
         let event = Event {
             channel: Channel::new("c:1").unwrap(),
             position: Position::new(Epoch::new("e1").unwrap(), Seq::new(7)),
+            key: None,
             data: Payload::from_json("{\"k\":[1,\"two\"]}").unwrap(),
         };
         let frame: serde_json::Value = serde_json::from_str(&event.encode_frame()).unwrap();
         assert_eq!(
             frame,
             serde_json::json!({"type":"event","channel":"c:1","epoch":"e1","seq":7,"data":{"k":[1,"two"]}})
+        );
+        let deleted = Event {
+            key: Some(Key::new("order/7").unwrap()),
+            data: Payload::from_json("null").unwrap(),
+            ..event
+        };
+        assert!(deleted.deletes());
+        let frame: serde_json::Value = serde_json::from_str(&deleted.encode_frame()).unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"type":"event","channel":"c:1","epoch":"e1","seq":7,"key":"order/7","data":null})
         );
     }
 }

@@ -268,6 +268,11 @@ pub enum ErrorCode {
     Internal,
     /// No such endpoint (an HTTP path the server does not serve).
     NotFound,
+    /// A keyed channel's state is at its bounds (keys or bytes): the publish of a new key
+    /// was not stored. Delete keys, or raise the namespace's bounds.
+    KeyedStateFull,
+    /// A publish names a key on a channel that is not keyed, or names none on a keyed one.
+    KeyMismatch,
     /// A code added in a later protocol version.
     #[serde(other)]
     Unknown,
@@ -294,6 +299,8 @@ impl ErrorCode {
             ErrorCode::PresenceInfoTooLarge => "presence_info_too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::KeyedStateFull => "keyed_state_full",
+            ErrorCode::KeyMismatch => "key_mismatch",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -741,6 +748,7 @@ struct ServerWire {
     position: Option<Position>,
     epoch: Option<crate::names::Epoch>,
     seq: Option<crate::names::Seq>,
+    key: Option<crate::names::Key>,
     #[serde(default, deserialize_with = "present_payload")]
     data: Option<Payload>,
     /// A reset's or a server unsubscribe's reason, read by the frame type.
@@ -756,7 +764,7 @@ struct ServerWire {
 
 impl ServerWire {
     /// The names of the fields present, to reject those a frame type does not have.
-    fn present(&self) -> [(&'static str, bool); 18] {
+    fn present(&self) -> [(&'static str, bool); 19] {
         [
             ("client_id", self.client_id.is_some()),
             ("ping_interval_ms", self.ping_interval_ms.is_some()),
@@ -767,6 +775,7 @@ impl ServerWire {
             ("position", self.position.is_some()),
             ("epoch", self.epoch.is_some()),
             ("seq", self.seq.is_some()),
+            ("key", self.key.is_some()),
             ("data", self.data.is_some()),
             ("reason", self.reason.is_some()),
             ("code", self.code.is_some()),
@@ -836,13 +845,14 @@ impl ServerWire {
                 })
             }
             "event" => {
-                self.reject_all_but(kind, &["channel", "epoch", "seq", "data"])?;
+                self.reject_all_but(kind, &["channel", "epoch", "seq", "key", "data"])?;
                 Ok(ServerFrame::Event(Event {
                     channel: required(self.channel, kind, "channel")?,
                     position: Position::new(
                         required(self.epoch, kind, "epoch")?,
                         required(self.seq, kind, "seq")?,
                     ),
+                    key: self.key,
                     data: required(self.data, kind, "data")?,
                 }))
             }

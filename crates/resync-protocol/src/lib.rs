@@ -52,4 +52,4 @@ pub use frame::{
     ClientFrame, ErrorBody, ErrorCode, Member, PROTOCOL_VERSION, PresenceRequest, RecoveryOutcome,
     RefusedFrame, RequestId, ResetReason, ServerFrame, UnsubscribeReason,
 };
-pub use names::{Channel, Epoch, IdempotencyKey, MAX_CHANNEL_LEN, Position, Seq};
+pub use names::{Channel, Epoch, IdempotencyKey, Key, MAX_CHANNEL_LEN, MAX_KEY_LEN, Position, Seq};

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 
 /// The longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 128;
+/// The longest key of a keyed channel accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
 /// The longest epoch accepted, in bytes.
 pub(crate) const MAX_EPOCH_LEN: usize = 32;
 /// The longest idempotency key accepted, in bytes.
@@ -67,6 +69,49 @@ impl Channel {
         self.0
             .split_once(':')
             .map_or("", |(namespace, _)| namespace)
+    }
+}
+
+/// The key of an entry of a keyed channel (an order id, a sensor, a user): each publish on a
+/// keyed channel names one, and the broker keeps the latest event of each key beside the
+/// channel's history, so a client the history no longer reaches catches up from the latest
+/// value per key instead of a reset.
+///
+/// 1 to 256 bytes of ASCII letters, digits and `_ - . : @ /`, as channel names: never escaped in
+/// JSON, a URL query or a cursor.
+///
+/// ```
+/// use resync_protocol::Key;
+/// assert!(Key::new("order/2026-0042").is_ok());
+/// assert!(Key::new("ann@example.com").is_ok());
+/// assert!(Key::new("has space").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Validates `key`.
+    pub fn new(key: impl AsRef<str>) -> Result<Self> {
+        let key = key.as_ref();
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Error::InvalidKey(format!(
+                "{:?} must be 1 to {MAX_KEY_LEN} bytes long",
+                truncate_for_message(key)
+            )));
+        }
+        if let Some(bad) = key.bytes().find(|byte| !is_channel_byte(*byte)) {
+            return Err(Error::InvalidKey(format!(
+                "{:?} contains {:?}; allowed are ASCII letters, digits and _ - . : @ /",
+                truncate_for_message(key),
+                char::from(bad)
+            )));
+        }
+        Ok(Self(Arc::from(key)))
+    }
+
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -255,6 +300,7 @@ macro_rules! string_newtype_impls {
 string_newtype_impls!(Channel);
 string_newtype_impls!(Epoch);
 string_newtype_impls!(IdempotencyKey);
+string_newtype_impls!(Key);
 
 impl fmt::Display for Seq {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -9,7 +9,7 @@ use resync_protocol::bodies::{
 };
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
-    Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Member, Payload,
+    Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Key, Member, Payload,
     Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame, UnsubscribeReason,
 };
 
@@ -140,11 +140,18 @@ fn member() -> impl Strategy<Value = Member> {
 }
 
 fn event() -> impl Strategy<Value = Event> {
-    (channel(), position(), payload()).prop_map(|(channel, position, data)| Event {
-        channel,
-        position,
-        data,
-    })
+    (
+        channel(),
+        position(),
+        proptest::option::of("[A-Za-z0-9_.:@/-]{1,64}"),
+        payload(),
+    )
+        .prop_map(|(channel, position, key, data)| Event {
+            channel,
+            position,
+            key: key.map(|key| Key::new(key).expect("valid key")),
+            data,
+        })
 }
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {

@@ -239,7 +239,8 @@ async fn publish(
         .publisher
         .send(
             Publish::new(channel.clone(), body.data)
-                .with_optional_idempotency_key(body.idempotency_key.or(header_key)),
+                .with_optional_idempotency_key(body.idempotency_key.or(header_key))
+                .with_key(body.key),
         )
         .await?;
     Ok(HttpResponse::Ok().json(PublishReply { channel, position }))

@@ -250,6 +250,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 client_publish: namespace.client_publish,
                 presence: namespace.presence,
                 join_leave: namespace.join_leave,
+                keyed: namespace.keyed.unwrap_or(false),
             };
             (name.clone(), policy)
         })

@@ -41,6 +41,10 @@ pub struct NamespaceSettings {
     /// Ask the application's proxy (`proxy_url`) about this namespace's subscribes and client
     /// publishes.
     pub proxy: Option<bool>,
+    /// The channels are keyed: every publish names the key it sets (`null` data deletes it),
+    /// and a client the history no longer reaches catches up from the latest event of each
+    /// key (memory broker; docs/protocol.md).
+    pub keyed: Option<bool>,
 }
 
 /// Declares every setting once; see the module docs. An entry is its doc, its `#[arg(..)]`
