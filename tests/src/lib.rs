@@ -471,6 +471,7 @@ impl WsClient {
             since,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
         match self.frame().await {
@@ -598,6 +599,7 @@ pub async fn collect_seqs(
             resync_client::Update::Reset { reason, .. } => {
                 panic!("{label}: unexpected reset {reason:?}")
             }
+            resync_client::Update::State { .. } => panic!("{label}: unexpected state"),
             resync_client::Update::Members(_) => {}
         }
     }

@@ -151,6 +151,7 @@ async fn item_10_presence_counts_against_the_address_budget() {
                         info: Some(info.clone()),
                     }),
                     join_leave: false,
+                    state: false,
                 })
                 .await;
             match client.frame().await {
@@ -178,6 +179,7 @@ async fn item_10_presence_counts_against_the_address_budget() {
             since: None,
             presence: Some(resync_protocol::PresenceRequest { info: Some(info) }),
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(
@@ -207,6 +209,7 @@ async fn item_4_a_long_polls_presence_counts_in_its_reply_budget() {
                         info: Some(info.clone()),
                     }),
                     join_leave: false,
+                    state: false,
                 })
                 .await;
             assert!(matches!(

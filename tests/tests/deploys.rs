@@ -359,6 +359,7 @@ async fn defect_1_during_a_broker_outage_a_websocket_subscribe_closes_4101() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     match client.read().await {

@@ -501,6 +501,7 @@ async fn defect_6_one_address_has_a_channel_budget_across_its_connections() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(
@@ -553,6 +554,7 @@ async fn defect_6_one_user_has_connection_and_channel_budgets_whatever_its_addre
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(

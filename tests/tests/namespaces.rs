@@ -107,6 +107,7 @@ async fn each_namespace_keeps_its_own_rules_and_the_others_keep_the_defaults() {
                 info: Some(Payload::from_value(&serde_json::json!({"n": 1})).unwrap()),
             }),
             join_leave,
+            state: false,
         })
         .await;
         if refused {
@@ -151,6 +152,7 @@ async fn each_namespace_keeps_its_own_rules_and_the_others_keep_the_defaults() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     expect_error(&mut anonymous, ErrorCode::Forbidden).await;

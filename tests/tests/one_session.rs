@@ -312,6 +312,7 @@ async fn websocket(
             channel,
             presence: open.member.then_some(PresenceRequest { info: None }),
             join_leave: open.join_leave,
+            state: false,
         };
         socket.send(Message::text(frame.encode())).await.unwrap();
     }

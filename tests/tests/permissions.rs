@@ -102,6 +102,7 @@ async fn allowed(
                     since: None,
                     presence: (action == Action::Appear).then_some(PresenceRequest { info: None }),
                     join_leave: false,
+                    state: false,
                 },
                 Action::SeePresence => ClientFrame::Presence { id, channel },
                 Action::Publish => ClientFrame::Publish {
@@ -286,6 +287,7 @@ async fn item_7_a_refresh_keeps_what_the_proxy_narrowed() {
                     since: None,
                     presence: None,
                     join_leave: false,
+                    state: false,
                 },
                 "subscribe",
             ),
@@ -343,6 +345,7 @@ async fn l2_a_user_the_proxy_mapped_can_refresh_in_place() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(

@@ -27,6 +27,7 @@ async fn join(client: &mut WsClient, channel: &str, presence: Option<PresenceReq
             since: None,
             presence,
             join_leave: true,
+            state: false,
         })
         .await;
     match client.frame().await {
@@ -207,6 +208,7 @@ async fn presence_info_over_the_limit_is_refused_and_nothing_is_joined() {
             since: None,
             presence: info(&"x".repeat(100)),
             join_leave: false,
+            state: false,
         })
         .await;
     match client.frame().await {
@@ -445,6 +447,7 @@ async fn token_claims_say_who_may_see_and_who_may_appear() {
             since: None,
             presence: info("Quiet"),
             join_leave: false,
+            state: false,
         })
         .await;
     match other.frame().await {
@@ -744,6 +747,7 @@ async fn a_poller_that_misses_a_burst_of_joins_is_sent_the_whole_list() {
                 since: None,
                 presence: info(&subject),
                 join_leave: false,
+                state: false,
             })
             .await;
         assert!(matches!(

@@ -119,6 +119,7 @@ async fn subscribe_reply(client: &mut WsClient, channel: &str) -> ServerFrame {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     client.frame().await
@@ -211,6 +212,7 @@ async fn the_backend_allows_denies_times_out_closed_and_rewrites() {
             since: None,
             presence: Some(resync_protocol::PresenceRequest { info: None }),
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(
@@ -263,6 +265,7 @@ async fn a_slow_backend_does_not_delay_delivery_to_clients_already_subscribed() 
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     let asked = Instant::now();

@@ -221,6 +221,7 @@ async fn a_failover_that_lost_acknowledged_events_is_a_reset_never_reused_seqs()
                 assert!(position.seq > from.seq);
                 followed.push(position);
             }
+            other @ SubscriptionItem::State { .. } => panic!("not a keyed channel: {other:?}"),
         }
     }
     let from = reset.expect("a reset").seq.get();

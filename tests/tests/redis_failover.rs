@@ -204,6 +204,7 @@ async fn follow(
                         at = Some(position.clone());
                         seen.push(Seen::Reset(reason, position));
                     }
+                    Update::State { .. } => panic!("{label}: not a keyed channel"),
                     Update::Members(_) => {}
                 }
             }

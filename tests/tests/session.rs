@@ -22,6 +22,7 @@ async fn defect_5_a_silent_websocket_member_leaves_two_ping_intervals_after_its_
             since: None,
             presence: None,
             join_leave: true,
+            state: false,
         })
         .await;
     // Watching before the member joins, so its join is seen.
@@ -42,6 +43,7 @@ async fn defect_5_a_silent_websocket_member_leaves_two_ping_intervals_after_its_
         since: None,
         presence: Some(PresenceRequest { info: None }),
         join_leave: false,
+        state: false,
     }
     .encode();
     silent
@@ -322,6 +324,7 @@ async fn defect_2_an_sse_unsubscribe_gives_its_channel_back_to_the_budgets() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     let reply = client.frame().await;

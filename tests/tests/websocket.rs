@@ -98,6 +98,7 @@ async fn many_channels_over_one_socket_and_unsubscribe() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     match client.frame().await {
@@ -174,6 +175,7 @@ async fn credentials_are_checked_at_upgrade_and_per_channel() {
             since: None,
             presence: None,
             join_leave: false,
+            state: false,
         })
         .await;
     assert!(matches!(

@@ -55,6 +55,21 @@ impl Since {
 /// An item of one of the set's channels.
 pub(crate) type ChannelItem = (Channel, Result<SubscriptionItem, SubscriptionError>);
 
+/// How `channel` resumes: the server's options, keyed as its namespace says, from the state
+/// when the client asked for it.
+fn resume_options(shared: &Shared, channel: &Channel, state: bool) -> resync_broker::ResumeOptions {
+    let keyed = shared
+        .config
+        .namespaces
+        .get(channel.namespace())
+        .is_some_and(|policy| policy.keyed);
+    resync_broker::ResumeOptions {
+        keyed,
+        state: keyed && state,
+        ..shared.config.resume
+    }
+}
+
 /// A connection's resumed channels, and where the client stands in each.
 pub(crate) struct ChannelSet {
     subscriptions: StreamMap<Channel, Subscription>,
@@ -75,14 +90,38 @@ impl ChannelSet {
         shared: &Arc<Shared>,
         channels: &[Channel],
         since: &Since,
+        state: bool,
+        state_after: &[(Channel, Position, resync_protocol::Key)],
     ) -> Result<(Self, Vec<(Channel, RecoveryOutcome)>), ApiError> {
-        let opened = futures_util::future::join_all(channels.iter().map(|channel| {
+        let opened = futures_util::future::join_all(channels.iter().map(|channel| async move {
+            let options = resume_options(shared, channel, state && since.of(channel).is_none());
+            // A state an earlier reply delivered in part goes on where it stopped.
+            if let Some((_, position, after)) = state_after
+                .iter()
+                .find(|(named, _, _)| named == channel)
+                .filter(|_| options.keyed)
+            {
+                let subscription = resync_broker::resume_state(
+                    shared.broker.clone(),
+                    channel.clone(),
+                    since.of(channel),
+                    position.clone(),
+                    after.clone(),
+                    options,
+                )
+                .await?;
+                let outcome = RecoveryOutcome::State {
+                    position: position.clone(),
+                };
+                return Ok((outcome, subscription));
+            }
             resume(
                 shared.broker.clone(),
                 channel.clone(),
                 since.of(channel),
-                shared.config.resume,
+                options,
             )
+            .await
         }))
         .await;
         // Exactly sized: a map grown by insertion would reserve four subscriptions' room.
@@ -113,13 +152,13 @@ impl ChannelSet {
         &mut self,
         shared: &Arc<Shared>,
         channel: &Channel,
-        since: Option<Position>,
+        start: crate::session::Start,
     ) -> Result<RecoveryOutcome, ApiError> {
         let (outcome, subscription) = resume(
             shared.broker.clone(),
             channel.clone(),
-            since,
-            shared.config.resume,
+            start.since,
+            resume_options(shared, channel, start.state),
         )
         .await?;
         shared.metrics.recovery(channel, &outcome);
@@ -129,6 +168,18 @@ impl ChannelSet {
         }
         self.subscriptions.insert(channel.clone(), subscription);
         Ok(outcome)
+    }
+
+    /// The keyed channels whose state is part delivered, as `state_after=` entries
+    /// (`channel|epoch:seq|key`).
+    pub(crate) fn state_progress(&self) -> Vec<String> {
+        self.subscriptions
+            .iter()
+            .filter_map(|(channel, subscription)| {
+                let (position, after) = subscription.state_progress()?;
+                Some(format!("{channel}|{position}|{after}"))
+            })
+            .collect()
     }
 
     /// Stops following `channel`; `false` if the set did not hold it.

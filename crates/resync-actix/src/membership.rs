@@ -115,6 +115,43 @@ pub(crate) async fn watcher_frames(
     }
 }
 
+/// A page of a keyed channel's state as `state` frames of at most
+/// [`PRESENCE_PAGE_BYTES`] of entries each (and at least one entry): every frame but the last
+/// of the last page says `more`.
+pub(crate) fn state_frames(
+    channel: &Channel,
+    entries: Vec<resync_protocol::StateEntry>,
+    position: &resync_protocol::Position,
+    more: bool,
+) -> Vec<ServerFrame> {
+    let mut frames = Vec::new();
+    let mut frame = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        let size = entry.key.as_str().len()
+            + entry.data.as_ref().map_or(4, |data| data.as_str().len())
+            + 32;
+        if !frame.is_empty() && bytes + size > PRESENCE_PAGE_BYTES {
+            frames.push(std::mem::take(&mut frame));
+            bytes = 0;
+        }
+        bytes += size;
+        frame.push(entry);
+    }
+    frames.push(frame);
+    let last = frames.len() - 1;
+    frames
+        .into_iter()
+        .enumerate()
+        .map(|(index, entries)| ServerFrame::State {
+            channel: channel.clone(),
+            entries,
+            position: position.clone(),
+            more: more || index < last,
+        })
+        .collect()
+}
+
 /// The frame that tells a watcher on a frame-based wire (WebSocket, long polling) that it
 /// missed joins and leaves and the list could not be read either: fetch it again.
 pub(crate) fn lagged_frame(channel: &Channel, why: &str) -> ServerFrame {

@@ -49,7 +49,7 @@ impl Transport {
 /// Namespaces labelled by name; later ones count under `_other`.
 pub const MAX_NAMESPACE_LABELS: usize = 64;
 
-const OUTCOMES: [&str; 4] = ["fresh", "replayed", "up_to_date", "reset"];
+const OUTCOMES: [&str; 5] = ["fresh", "replayed", "up_to_date", "reset", "state"];
 
 const REASONS: [ResetReason; 6] = [
     ResetReason::EpochChanged,
@@ -121,7 +121,7 @@ pub struct Metrics {
     publishes_waiting: Gauge,
     publishes_refused_busy: Counter,
     publish_seconds: Histogram,
-    recoveries: [Counter; 4],
+    recoveries: [Counter; 5],
     resets: [Counter; 6],
     replayed: Histogram,
     auth_failures: Counter,
@@ -445,6 +445,7 @@ impl Metrics {
                 self.reset(*reason);
                 3
             }
+            RecoveryOutcome::State { .. } => 4,
         };
         self.recoveries[index].inc();
         self.namespace_subscriptions

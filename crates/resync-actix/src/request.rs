@@ -37,6 +37,35 @@ pub(crate) struct QueryParams {
     pub(crate) join_leave: bool,
     /// `presence_session=…` (long polling): the presence session of the client's last poll.
     pub(crate) presence_session: Option<String>,
+    /// `state=1` (SSE, long polling): the keyed channels the cursor does not name start from
+    /// their state.
+    pub(crate) state: bool,
+    /// `state_after=channel|epoch:seq|key,…` (long polling): keyed channels whose state an
+    /// earlier reply delivered in part, to go on with.
+    pub(crate) state_after: Vec<(Channel, resync_protocol::Position, resync_protocol::Key)>,
+}
+
+/// One `state_after=` entry: `channel|epoch:seq|key`.
+fn parse_state_after(
+    entry: &str,
+) -> Result<(Channel, resync_protocol::Position, resync_protocol::Key), ApiError> {
+    let bad = || {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "state_after entries are channel|epoch:seq|key, as a reply's state_after gives them",
+        )
+    };
+    let mut parts = entry.split('|');
+    let (Some(channel), Some(position), Some(key), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    Ok((
+        Channel::new(channel)?,
+        position.parse().map_err(|_| bad())?,
+        resync_protocol::Key::new(key)?,
+    ))
 }
 
 impl QueryParams {
@@ -84,6 +113,15 @@ impl QueryParams {
                     params.presence = Some(resync_protocol::PresenceRequest { info });
                 }
                 "join_leave" => params.join_leave = matches!(value.as_ref(), "1" | "true"),
+                "state" => params.state = matches!(value.as_ref(), "1" | "true"),
+                "state_after" => {
+                    for entry in value.split(',').filter(|entry| !entry.is_empty()) {
+                        params.state_after.push(parse_state_after(entry)?);
+                        if params.state_after.len() > max_channels {
+                            return Err(too_many());
+                        }
+                    }
+                }
                 "presence_session" => params.presence_session = Some(value.into_owned()),
                 "timeout" => {
                     params.timeout_seconds = Some(value.parse().map_err(|_| {

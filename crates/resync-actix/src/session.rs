@@ -75,6 +75,14 @@ pub(crate) enum SessionEvent {
     End(SessionEnd),
 }
 
+/// Where a subscription starts: after `since` (from now without it), or, on a keyed channel
+/// with `state`, from the channel's state.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Start {
+    pub(crate) since: Option<Position>,
+    pub(crate) state: bool,
+}
+
 /// Why a session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum SessionEnd {
@@ -546,7 +554,7 @@ impl Session {
     pub(crate) async fn subscribe(
         &mut self,
         channel: &Channel,
-        since: Option<Position>,
+        start: Start,
         presence: Option<PresenceRequest>,
         join_leave: bool,
         address: std::net::IpAddr,
@@ -588,7 +596,7 @@ impl Session {
             proxy.ask(&asked, address).await?;
         }
         self.admitted.subscribe(1).map_err(refusal)?;
-        let recovery = match self.channels.add(&self.shared, channel, since).await {
+        let recovery = match self.channels.add(&self.shared, channel, start).await {
             Ok(recovery) => recovery,
             Err(error) => {
                 self.admitted.unsubscribe(1);

@@ -317,7 +317,9 @@ async fn next_item(
 fn seq_of(item: &SubscriptionItem, name: &str) -> u64 {
     match item {
         SubscriptionItem::Event(event) => event.position().seq.get(),
-        SubscriptionItem::Reset { .. } => panic!("{name}: unexpected reset {item:?}"),
+        SubscriptionItem::Reset { .. } | SubscriptionItem::State { .. } => {
+            panic!("{name}: unexpected {item:?}")
+        }
     }
 }
 
@@ -377,7 +379,10 @@ pub async fn resume_reports_each_outcome(broker: &Arc<dyn Broker>, config: &Conf
         "{name}: reset"
     );
 
-    let few = ResumeOptions { max_replay: 2 };
+    let few = ResumeOptions {
+        max_replay: 2,
+        ..ResumeOptions::default()
+    };
     let (outcome, _) = resume(
         broker.clone(),
         channel.clone(),
@@ -572,8 +577,10 @@ pub async fn concurrent_publishers_and_resuming_subscribers_see_no_gap(
                         last = event.position().seq.get();
                         seqs.push(last);
                     }
-                    Ok(SubscriptionItem::Reset { .. }) => {
-                        panic!("subscriber {subscriber}: unexpected reset")
+                    Ok(
+                        item @ (SubscriptionItem::Reset { .. } | SubscriptionItem::State { .. }),
+                    ) => {
+                        panic!("subscriber {subscriber}: unexpected {item:?}")
                     }
                     // A subscriber that fell behind resumes from its position, as a transport
                     // would make its client do; it must still see every seq exactly once.

@@ -22,18 +22,10 @@ use resync_protocol::{Channel, Key, Payload, Position, Seq};
 
 use crate::error::{Error, Result};
 
-/// The latest event of one key of a keyed channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StateEntry {
-    /// The key.
-    pub key: Key,
-    /// The seq of the event the entry holds (its delete, for a tombstone).
-    pub seq: Seq,
-    /// The event's data; `None` when the key was deleted (a tombstone: kept for
-    /// [`KeyedLimits::tombstone_ttl`], so a reader whose pages straddle the delete does not
-    /// bring the key back from an older event).
-    pub data: Option<Payload>,
-}
+/// The latest event of one key of a keyed channel: its data is `None` when the key was
+/// deleted (a tombstone, kept for [`KeyedLimits::tombstone_ttl`], so a reader whose pages
+/// straddle the delete does not bring the key back from an older event).
+pub use resync_protocol::StateEntry;
 
 /// A page of a keyed channel's state, in key order.
 #[derive(Clone, Debug, PartialEq, Eq)]

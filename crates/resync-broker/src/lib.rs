@@ -112,7 +112,8 @@ pub use presence::{
     MemoryPresence, Presence, PresenceEvent, PresenceFanout, PresenceLagged, PresenceWatch,
 };
 pub use resume::{
-    REPLAY_PAGE, ResumeOptions, Subscription, SubscriptionError, SubscriptionItem, resume,
+    REPLAY_PAGE, ResumeOptions, STATE_PAGE, Subscription, SubscriptionError, SubscriptionItem,
+    resume, resume_state,
 };
 pub use resync_log::{ReadDecision, ReadOutcome, Retention, decide_read};
 pub use user_commands::{

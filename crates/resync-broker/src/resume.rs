@@ -36,19 +36,43 @@ pub struct ResumeOptions {
     /// `too_far_behind` and refetches. Defaults to 10,000, the default history size, so any
     /// position still in default history can be replayed.
     pub max_replay: usize,
+    /// The channel is keyed: a client the history no longer reaches (or one that asks with
+    /// `state`) catches up from the channel's state instead of a `truncated` or
+    /// `too_far_behind` reset ([`SubscriptionItem::State`]). Needs a broker with
+    /// [`KeyedState`](crate::KeyedState). Default false.
+    pub keyed: bool,
+    /// On a keyed channel, start from the state whatever `since` says. Default false.
+    pub state: bool,
 }
 
 impl Default for ResumeOptions {
     fn default() -> Self {
-        Self { max_replay: 10_000 }
+        Self {
+            max_replay: 10_000,
+            keyed: false,
+            state: false,
+        }
     }
 }
+
+/// Entries of a keyed channel's state read (and delivered) at once.
+pub const STATE_PAGE: usize = 256;
 
 /// An item of a resumed channel stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubscriptionItem {
     /// The next event, in seq order.
     Event(EncodedEvent),
+    /// A page of a keyed channel's state (after a [`RecoveryOutcome::State`] recovery): the
+    /// pages come first, the last without `more`, then the events after `position`.
+    State {
+        /// Entries in key order.
+        entries: Vec<resync_protocol::StateEntry>,
+        /// Where the events after the state start.
+        position: Position,
+        /// More pages follow.
+        more: bool,
+    },
     /// The channel's history broke mid-stream (e.g. the broker lost its data): the client
     /// must refetch its state; events after `position` follow.
     Reset {
@@ -98,6 +122,8 @@ pub struct Subscription {
     repair: Option<Repair>,
     /// History to read, page by page, before live events: up to this position.
     replay_to: Option<Position>,
+    /// A keyed channel's state being delivered, page by page, before anything else.
+    state: Option<StateRead>,
     /// An error was reported: the stream is over.
     ended: bool,
 }
@@ -116,6 +142,20 @@ fn missed(from: &Position, latest: &Position) -> u64 {
 fn more_to_read(last_read: Option<&EncodedEvent>, latest: &Position) -> Option<Position> {
     let last = last_read?.position();
     (last.epoch == latest.epoch && last.seq < latest.seq).then(|| latest.clone())
+}
+
+/// The read of the next page of a keyed channel's state.
+type PageRead = Pin<Box<dyn Future<Output = Result<crate::StatePage, Error>> + Send>>;
+
+/// A keyed channel's state on its way to the client: the page to deliver, or the read of the
+/// next one.
+struct StateRead {
+    /// Where the events after the state start.
+    position: Position,
+    /// The last key delivered, while more pages follow.
+    after: Option<resync_protocol::Key>,
+    page: Option<crate::StatePage>,
+    call: Option<PageRead>,
 }
 
 /// A broker call that must finish before the next live event can be judged, and the live
@@ -160,7 +200,36 @@ pub async fn resume(
     let live = broker.subscribe(&channel).await?;
     let mut pending = VecDeque::new();
     let mut replay_to = None;
+    let keyed = if options.keyed {
+        broker.keyed_state()
+    } else {
+        None
+    };
+    if let Some(keyed) = keyed
+        && options.state
+    {
+        let (outcome, state) = state_from(keyed, &channel).await?;
+        return Ok((
+            outcome,
+            Subscription::new(broker, channel, live, state, options, since),
+        ));
+    }
     let (outcome, position) = match since {
+        // A keyed channel the client cannot catch up on from history: the latest event of
+        // each key instead of a reset (an epoch that moved stays a reset: the client's
+        // state is of another history).
+        Some(since)
+            if keyed.is_some() && !reaches(&*broker, &channel, &since, &options).await? =>
+        {
+            let Some(keyed) = keyed else {
+                return Err(Error::Unsupported("keyed channels"));
+            };
+            let (outcome, state) = state_from(keyed, &channel).await?;
+            return Ok((
+                outcome,
+                Subscription::new(broker, channel, live, state, options, Some(since)),
+            ));
+        }
         None => {
             let position = broker.position(&channel).await?;
             (
@@ -216,9 +285,151 @@ pub async fn resume(
         options,
         repair: None,
         replay_to,
+        state: None,
         ended: false,
     };
     Ok((outcome, subscription))
+}
+
+/// Goes on delivering a keyed channel's state that an earlier connection was given part of
+/// (long polling: each reply is bounded): the pages after `after`, standing for `position`,
+/// then the events after `position`. Until the last page is delivered the subscription
+/// stands at `before`, where the client stood when the state began.
+pub async fn resume_state(
+    broker: Arc<dyn Broker>,
+    channel: Channel,
+    before: Option<Position>,
+    position: Position,
+    after: resync_protocol::Key,
+    options: ResumeOptions,
+) -> Result<Subscription, Error> {
+    let live = broker.subscribe(&channel).await?;
+    let keyed = broker
+        .keyed_state()
+        .ok_or(Error::Unsupported("keyed channels"))?;
+    let page = keyed.state_page(&channel, Some(&after), STATE_PAGE).await?;
+    let state = StateRead {
+        position,
+        after: Some(after),
+        page: Some(page),
+        call: None,
+    };
+    Ok(Subscription::new(
+        broker, channel, live, state, options, before,
+    ))
+}
+
+/// Whether the history still reaches `since` within the replay limit, or the epoch moved
+/// (then a reset is the answer, not the state).
+async fn reaches(
+    broker: &dyn Broker,
+    channel: &Channel,
+    since: &Position,
+    options: &ResumeOptions,
+) -> Result<bool, Error> {
+    Ok(match broker.read_since(channel, since, 1).await? {
+        ReadOutcome::Replayed { latest, .. } => missed(since, &latest) <= options.max_replay as u64,
+        ReadOutcome::Reset {
+            reason: ResetReason::Truncated | ResetReason::TooFarBehind,
+            ..
+        } => false,
+        _ => true,
+    })
+}
+
+/// Reads the first page of a keyed channel's state: the recovery it makes, and the read to
+/// deliver.
+async fn state_from(
+    keyed: &dyn crate::KeyedState,
+    channel: &Channel,
+) -> Result<(RecoveryOutcome, StateRead), Error> {
+    let page = keyed.state_page(channel, None, STATE_PAGE).await?;
+    let position = page.position.clone();
+    Ok((
+        RecoveryOutcome::State {
+            position: position.clone(),
+        },
+        StateRead {
+            position,
+            after: None,
+            page: Some(page),
+            call: None,
+        },
+    ))
+}
+
+impl Subscription {
+    /// A subscription that delivers `state` first, then the events after its position. Until
+    /// the last page is delivered it stands where the client stood (`before`; the start of
+    /// the state's epoch without one), so a client cut off halfway asks for the state again.
+    fn new(
+        broker: Arc<dyn Broker>,
+        channel: Channel,
+        live: LiveSubscription,
+        state: StateRead,
+        options: ResumeOptions,
+        before: Option<Position>,
+    ) -> Self {
+        let position = before.unwrap_or_else(|| Position::start_of(state.position.epoch.clone()));
+        Subscription {
+            broker,
+            channel,
+            live,
+            pending: VecDeque::new(),
+            pending_reset: None,
+            position,
+            options,
+            repair: None,
+            replay_to: None,
+            state: Some(state),
+            ended: false,
+        }
+    }
+
+    /// The next page of the state being delivered, or `None` once it is all delivered
+    /// (then the events after its position are read). Pending while a page is read.
+    fn poll_state(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<SubscriptionItem, Error>>> {
+        let Some(state) = &mut self.state else {
+            return Poll::Ready(None);
+        };
+        if let Some(call) = &mut state.call {
+            let page = ready!(call.as_mut().poll(context));
+            state.call = None;
+            match page {
+                Ok(page) => state.page = Some(page),
+                Err(error) => return Poll::Ready(Some(Err(error))),
+            }
+        }
+        let Some(page) = state.page.take() else {
+            return Poll::Ready(None);
+        };
+        let at = state.position.clone();
+        let more = page.next.is_some();
+        if let Some(after) = page.next {
+            state.after = Some(after.clone());
+            let (broker, channel) = (self.broker.clone(), self.channel.clone());
+            state.call = Some(Box::pin(async move {
+                let keyed = broker
+                    .keyed_state()
+                    .ok_or(Error::Unsupported("keyed channels"))?;
+                keyed.state_page(&channel, Some(&after), STATE_PAGE).await
+            }));
+        } else {
+            // Delivered whole: the client stands at the state's position, and the events
+            // after it are read before any live one.
+            self.position = at.clone();
+            self.state = None;
+            self.read_history(None);
+        }
+        Poll::Ready(Some(Ok(SubscriptionItem::State {
+            entries: page.entries,
+            position: at,
+            more,
+        })))
+    }
 }
 
 impl Subscription {
@@ -230,6 +441,13 @@ impl Subscription {
     /// The position of the last item delivered: the client's cursor for this channel.
     pub fn position(&self) -> &Position {
         &self.position
+    }
+
+    /// While a keyed channel's state is part delivered: the position it stands for and the
+    /// last key delivered, for [`resume_state`] on the client's next connection.
+    pub fn state_progress(&self) -> Option<(&Position, &resync_protocol::Key)> {
+        let state = self.state.as_ref()?;
+        Some((&state.position, state.after.as_ref()?))
     }
 
     /// The next item, waiting for one if none is ready; `Err` ends the stream (and after it,
@@ -255,6 +473,13 @@ impl Subscription {
     ) -> Poll<Option<Result<SubscriptionItem, SubscriptionError>>> {
         if self.ended {
             return Poll::Ready(None);
+        }
+        if self.state.is_some() {
+            match ready!(self.poll_state(context)) {
+                Some(Ok(item)) => return Poll::Ready(Some(Ok(item))),
+                Some(Err(error)) => return self.end(SubscriptionError::Broker(error)),
+                None => {}
+            }
         }
         loop {
             if let Some(item) = self.take_pending() {

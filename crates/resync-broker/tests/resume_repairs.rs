@@ -183,7 +183,9 @@ async fn next_event_seq(stream: &mut resync_broker::Subscription) -> u64 {
         .unwrap()
     {
         SubscriptionItem::Event(event) => event.position().seq.get(),
-        other @ SubscriptionItem::Reset { .. } => panic!("expected an event, got {other:?}"),
+        other @ (SubscriptionItem::Reset { .. } | SubscriptionItem::State { .. }) => {
+            panic!("expected an event, got {other:?}")
+        }
     }
 }
 
@@ -265,7 +267,9 @@ async fn a_new_epoch_mid_stream_is_a_reset_then_the_new_history() {
             assert_eq!(reason, ResetReason::EpochChanged);
             assert_eq!(position, Position::start_of(first_new.epoch.clone()));
         }
-        other @ SubscriptionItem::Event(_) => panic!("expected a reset, got {other:?}"),
+        other @ (SubscriptionItem::Event(_) | SubscriptionItem::State { .. }) => {
+            panic!("expected a reset, got {other:?}")
+        }
     }
     assert_eq!(next_event_seq(&mut stream).await, 1);
     assert_eq!(stream.position(), &first_new);
@@ -407,7 +411,10 @@ async fn defect_8_11_a_long_replay_is_read_a_page_at_a_time_with_no_gap() {
         broker.clone(),
         channel.clone(),
         Some(since),
-        ResumeOptions { max_replay: 999 },
+        ResumeOptions {
+            max_replay: 999,
+            ..ResumeOptions::default()
+        },
     )
     .await
     .unwrap();
@@ -475,7 +482,7 @@ proptest::proptest! {
                     .await
                     .unwrap();
             let mut at = match &outcome {
-                RecoveryOutcome::Fresh { position } | RecoveryOutcome::Reset { position, .. } => position.clone(),
+                RecoveryOutcome::Fresh { position } | RecoveryOutcome::Reset { position, .. } | RecoveryOutcome::State { position } => position.clone(),
                 RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => since.clone().unwrap(),
             };
             for value in 0..publishes {
@@ -497,6 +504,7 @@ proptest::proptest! {
                         at = event.position().clone();
                     }
                     SubscriptionItem::Reset { position, .. } => at = position,
+                    other @ SubscriptionItem::State { .. } => panic!("not a keyed channel: {other:?}"),
                 }
             }
         });

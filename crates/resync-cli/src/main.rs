@@ -242,6 +242,17 @@ async fn subscribe(
                 "reason": reason,
                 "position": position,
             }),
+            // A keyed channel's state, a page a line: what a follower starts over from.
+            Update::State {
+                entries,
+                position,
+                more,
+            } => serde_json::json!({
+                "type": "state",
+                "entries": entries,
+                "position": position,
+                "more": more,
+            }),
             // Subscriptions here do not ask for members; printed if a later one does.
             Update::Members(members) => serde_json::json!({
                 "type": "members",

@@ -18,6 +18,8 @@
 //!     match update? {
 //!         Update::Event(event) => println!("{} {}", event.position, event.data.as_str()),
 //!         Update::Reset { reason, .. } => println!("refetch everything ({reason:?})"),
+//!         // Only on a keyed channel the history no longer reaches: the latest of each key.
+//!         Update::State { entries, .. } => println!("{} keys", entries.len()),
 //!         // Only for a subscription `with_members()`.
 //!         Update::Members(members) => println!("{} online", members.len()),
 //!     }
@@ -76,6 +78,18 @@ pub enum Update {
         reason: ResetReason,
         /// Where the stream continues from.
         position: Position,
+    },
+    /// A page of a keyed channel's state: the latest event of each key (a `None` data: the
+    /// key was deleted), standing for `position`; after the last page (`more` false) the
+    /// events after `position` follow. It comes when the history no longer reaches the
+    /// subscription's position: the state replaces what the application held.
+    State {
+        /// Entries in key order.
+        entries: Vec<resync_protocol::StateEntry>,
+        /// Where the events after the state start.
+        position: Position,
+        /// More pages follow.
+        more: bool,
     },
     /// The channel's members now (for a subscription [`with_members`](Subscription::with_members)):
     /// the whole list after each subscribe, then after every join and leave. Not history:
@@ -588,7 +602,12 @@ impl Stream for Subscription {
             this.handled = match update {
                 Update::Event(event) => Some(event.position.clone()),
                 Update::Reset { position, .. } => Some(position.clone()),
-                Update::Members(_) => this.handled.take(),
+                Update::State {
+                    position,
+                    more: false,
+                    ..
+                } => Some(position.clone()),
+                Update::State { .. } | Update::Members(_) => this.handled.take(),
             };
         }
         polled

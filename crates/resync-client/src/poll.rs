@@ -16,10 +16,15 @@ enum Wake {
 
 pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd, ConnectFailure> {
     let mut connected = false;
+    // Keyed channels whose state the last reply delivered in part (`state_after`).
+    let mut state_after: Vec<String> = Vec::new();
     loop {
         let (channels, mut query) = manager.channel_query();
         let following: HashSet<Channel> = channels.into_iter().collect();
         query.push(("timeout", manager.config.poll_timeout.as_secs().to_string()));
+        if !state_after.is_empty() {
+            query.push(("state_after", state_after.join(",")));
+        }
         let url = manager
             .url("poll", &query)
             .map_err(|error| ConnectFailure::Refused(error.to_string()))?;
@@ -89,9 +94,13 @@ pub(crate) async fn run(manager: &mut Manager) -> std::result::Result<SessionEnd
         for raw in reply.events {
             match ServerFrame::decode(raw.get().as_bytes()) {
                 Ok(ServerFrame::Event(event)) => manager.registry.deliver_event(event).await,
+                Ok(frame @ ServerFrame::State { .. }) => {
+                    manager.registry.deliver_state(frame).await
+                }
                 other => tracing::warn!(target: "resync::client", ?other, "unexpected poll event"),
             }
         }
+        state_after = reply.state_after;
         for notice in reply.unsubscribed {
             crate::sse::server_unsubscribed(manager, notice).await;
         }

@@ -260,7 +260,12 @@ impl Registry {
         let position = match &update {
             Update::Event(event) => Some(event.position.clone()),
             Update::Reset { position, .. } => Some(position.clone()),
-            Update::Members(_) => None,
+            Update::State {
+                position,
+                more: false,
+                ..
+            } => Some(position.clone()),
+            Update::State { .. } | Update::Members(_) => None,
         };
         if sender.send(Ok(update)).await.is_ok()
             && let Some(position) = position
@@ -282,7 +287,28 @@ impl Registry {
                 self.deliver(channel, Update::Reset { reason, position })
                     .await;
             }
+            // The state's pages follow (`Update::State`); the position moves to the state's
+            // with its last page, so a connection lost before it asks for the state again.
+            RecoveryOutcome::State { .. } => {}
             RecoveryOutcome::Replayed { .. } | RecoveryOutcome::UpToDate => {}
+        }
+    }
+
+    /// Hands a `state` frame to its channel's subscription.
+    pub(crate) async fn deliver_state(&self, frame: resync_protocol::ServerFrame) {
+        if let resync_protocol::ServerFrame::State {
+            channel,
+            entries,
+            position,
+            more,
+        } = frame
+        {
+            let update = Update::State {
+                entries,
+                position,
+                more,
+            };
+            self.deliver(&channel, update).await;
         }
     }
 

@@ -106,6 +106,9 @@ where
                         }
                     }
                     Some(Ok(Update::Reset { reason, .. })) => break Some(reason),
+                    // A keyed channel's state replaces the snapshot's: as after a reset, the
+                    // application's snapshot is loaded again.
+                    Some(Ok(Update::State { .. })) => break Some(ResetReason::Truncated),
                     // This subscription does not ask for members.
                     Some(Ok(Update::Members(_))) => {}
                     Some(Err(error)) => {

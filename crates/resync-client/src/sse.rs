@@ -130,6 +130,10 @@ async fn on_message(manager: &Manager, message: SseMessage) -> Option<SessionEnd
                 tracing::warn!(target: "resync::client", %error, "unreadable subscribed event")
             }
         },
+        "state" => match ServerFrame::decode(message.data.as_bytes()) {
+            Ok(frame @ ServerFrame::State { .. }) => manager.registry.deliver_state(frame).await,
+            other => tracing::warn!(target: "resync::client", ?other, "unexpected sse state"),
+        },
         "reset" => match serde_json::from_str::<ResetNotice>(&message.data) {
             Ok(reset) => manager.registry.deliver_reset(reset).await,
             Err(error) => {

@@ -246,6 +246,7 @@ impl Session {
                 since,
                 presence: wish.appear,
                 join_leave: wish.track,
+                state: false,
             };
             Self::send(socket, &subscribe).await?;
         }
@@ -381,6 +382,7 @@ impl Session {
                         .await;
                 }
             }
+            frame @ ServerFrame::State { .. } => manager.registry.deliver_state(frame).await,
             ServerFrame::Join { channel, member } => {
                 manager
                     .registry

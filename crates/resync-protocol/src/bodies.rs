@@ -291,7 +291,8 @@ fn present_payload<'de, D: serde::Deserializer<'de>>(
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PollReply {
-    /// `event` frames, oldest first per channel.
+    /// `event` frames, oldest first per channel; on a keyed channel whose recovery was
+    /// `state`, its `state` frames come first (before the events after them).
     pub events: Vec<Box<RawValue>>,
     /// Channels to refetch; a channel's events in the same reply come after its reset.
     pub resets: Vec<ResetNotice>,
@@ -313,6 +314,11 @@ pub struct PollReply {
     /// after a moment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnect: Option<DisconnectNotice>,
+    /// Keyed channels whose state this reply delivered only in part: pass them back as
+    /// `state_after=` (each `channel|epoch:seq|key`: the state's position and the last key
+    /// delivered), with the cursor, and the next reply goes on from there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state_after: Vec<String>,
 }
 
 /// What the server tells a long-polling client besides events: the subscriptions it ended
@@ -323,6 +329,8 @@ pub struct PollNotices<'a> {
     pub unsubscribed: &'a [UnsubscribedNotice],
     /// The user was disconnected.
     pub disconnect: Option<&'a DisconnectNotice>,
+    /// Keyed channels whose state goes on in the next reply (`channel|epoch:seq|key`).
+    pub state_after: &'a [String],
 }
 
 /// A long-poll reply's presence part: its session and the frames it owes the client.
@@ -389,6 +397,14 @@ impl PollReply {
         if let Some(disconnect) = notices.disconnect {
             body.extend_from_slice(b",\"disconnect\":");
             body.extend_from_slice(disconnect.to_json().as_bytes());
+        }
+        if !notices.state_after.is_empty() {
+            body.extend_from_slice(b",\"state_after\":");
+            body.extend_from_slice(
+                serde_json::to_string(notices.state_after)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
         }
         body.push(b'}');
         body

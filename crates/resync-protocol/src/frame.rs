@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Payload};
-use crate::names::{Channel, IdempotencyKey, Position, truncate_for_message};
+use crate::names::{Channel, IdempotencyKey, Key, Position, Seq, truncate_for_message};
 
 /// The version of the wire protocol described in `docs/protocol.md`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -35,6 +35,10 @@ pub enum ClientFrame {
         /// Be told when members join and leave (`join` and `leave` frames).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         join_leave: bool,
+        /// On a keyed channel, start from the current state (`state` frames, then the events
+        /// after them) instead of from `since` or from now.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        state: bool,
     },
     /// Stop following a channel.
     Unsubscribe {
@@ -112,6 +116,20 @@ pub struct PresenceRequest {
     pub info: Option<Payload>,
 }
 
+/// The latest event of one key of a keyed channel, as a `state` frame carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateEntry {
+    /// The key.
+    pub key: Key,
+    /// The seq of the event the entry holds: an event of the key at or before it is already
+    /// in the state.
+    pub seq: Seq,
+    /// The key's data; `null` when the key was deleted (kept a while, so that an older event
+    /// of the key, replayed after the state, does not bring it back).
+    pub data: Option<Payload>,
+}
+
 /// One member of a channel: an identity (a token's subject, or an anonymous client's id),
 /// however many connections it has there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +201,14 @@ pub enum RecoveryOutcome {
     },
     /// Nothing was missed; live events follow.
     UpToDate,
+    /// A keyed channel whose history no longer reaches the client's position (or a client
+    /// that asked for the state): the channel's state follows in `state` frames, standing
+    /// for `position`, then the events after it. An event of a key at or before the seq the
+    /// state holds for that key is already in the state.
+    State {
+        /// Where the events after the state start.
+        position: Position,
+    },
     /// The missed events cannot be replayed: the client must refetch its state, then follow
     /// the live events after `position`, which follow.
     Reset {
@@ -362,6 +388,19 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
     },
+    /// A page of a keyed channel's state (after a `subscribed` whose recovery is `state`):
+    /// every page but the last says `more`; the state is the pages' entries together.
+    State {
+        /// The channel.
+        channel: Channel,
+        /// Entries in key order.
+        entries: Vec<StateEntry>,
+        /// Where the events after the state start (the same on every page of one state).
+        position: Position,
+        /// More pages follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+    },
     /// The reply to `publish`: where the event was stored.
     Published {
         /// The request's id.
@@ -518,6 +557,8 @@ struct LenientClientWire<'a> {
     #[serde(borrow)]
     join_leave: Option<&'a RawValue>,
     #[serde(borrow)]
+    state: Option<&'a RawValue>,
+    #[serde(borrow)]
     token: Option<&'a RawValue>,
 }
 
@@ -598,6 +639,7 @@ impl<'a> LenientClientWire<'a> {
             idempotency_key,
             presence: field(self.presence, &kind, "presence")?,
             join_leave: field(self.join_leave, &kind, "join_leave")?,
+            state: field(self.state, &kind, "state")?,
             token: field(self.token, &kind, "token")?,
             kind,
         })
@@ -617,6 +659,7 @@ struct ClientWire {
     idempotency_key: Option<IdempotencyKey>,
     presence: Option<PresenceRequest>,
     join_leave: Option<bool>,
+    state: Option<bool>,
     token: Option<String>,
 }
 
@@ -630,6 +673,9 @@ fn present_payload<'de, D: serde::Deserializer<'de>>(
 impl ClientWire {
     fn into_frame(self) -> Result<ClientFrame> {
         let kind = self.kind.as_str();
+        if kind != "subscribe" {
+            reject_extra(kind, &[("state", self.state.is_some())])?;
+        }
         match kind {
             "subscribe" => {
                 reject_extra(
@@ -646,6 +692,7 @@ impl ClientWire {
                     since: self.since,
                     presence: self.presence,
                     join_leave: self.join_leave.unwrap_or(false),
+                    state: self.state.unwrap_or(false),
                 })
             }
             "refresh" => {
@@ -756,6 +803,7 @@ struct ServerWire {
     code: Option<ErrorCode>,
     message: Option<String>,
     members: Option<Vec<Member>>,
+    entries: Option<Vec<StateEntry>>,
     more: Option<bool>,
     count: Option<u64>,
     member: Option<Member>,
@@ -764,7 +812,7 @@ struct ServerWire {
 
 impl ServerWire {
     /// The names of the fields present, to reject those a frame type does not have.
-    fn present(&self) -> [(&'static str, bool); 19] {
+    fn present(&self) -> [(&'static str, bool); 20] {
         [
             ("client_id", self.client_id.is_some()),
             ("ping_interval_ms", self.ping_interval_ms.is_some()),
@@ -781,6 +829,7 @@ impl ServerWire {
             ("code", self.code.is_some()),
             ("message", self.message.is_some()),
             ("members", self.members.is_some()),
+            ("entries", self.entries.is_some()),
             ("more", self.more.is_some()),
             ("count", self.count.is_some()),
             ("member", self.member.is_some()),
@@ -881,6 +930,15 @@ impl ServerWire {
                     more: self.more.unwrap_or(false),
                 })
             }
+            "state" => {
+                self.reject_all_but(kind, &["channel", "entries", "position", "more"])?;
+                Ok(ServerFrame::State {
+                    channel: required(self.channel, kind, "channel")?,
+                    entries: required(self.entries, kind, "entries")?,
+                    position: required(self.position, kind, "position")?,
+                    more: self.more.unwrap_or(false),
+                })
+            }
             "presence_count" => {
                 self.reject_all_but(kind, &["id", "channel", "count"])?;
                 Ok(ServerFrame::PresenceCount {
@@ -938,6 +996,7 @@ mod tests {
                 since: Some(Position::new(Epoch::new("e1").unwrap(), Seq::new(5))),
                 presence: None,
                 join_leave: false,
+                state: false,
             }
         );
     }

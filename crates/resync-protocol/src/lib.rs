@@ -50,6 +50,6 @@ pub use error::{Error, Result};
 pub use event::{Event, Payload};
 pub use frame::{
     ClientFrame, ErrorBody, ErrorCode, Member, PROTOCOL_VERSION, PresenceRequest, RecoveryOutcome,
-    RefusedFrame, RequestId, ResetReason, ServerFrame, UnsubscribeReason,
+    RefusedFrame, RequestId, ResetReason, ServerFrame, StateEntry, UnsubscribeReason,
 };
 pub use names::{Channel, Epoch, IdempotencyKey, Key, MAX_CHANNEL_LEN, MAX_KEY_LEN, Position, Seq};

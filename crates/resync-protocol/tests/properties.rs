@@ -10,7 +10,8 @@ use resync_protocol::bodies::{
 use resync_protocol::sse::{SseFrame, SseParser};
 use resync_protocol::{
     Channel, ClientFrame, Cursor, Epoch, ErrorCode, Event, IdempotencyKey, Key, Member, Payload,
-    Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame, UnsubscribeReason,
+    Position, PresenceRequest, RecoveryOutcome, ResetReason, Seq, ServerFrame, StateEntry,
+    UnsubscribeReason,
 };
 
 fn channel() -> impl Strategy<Value = Channel> {
@@ -87,6 +88,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 fn recovery() -> impl Strategy<Value = RecoveryOutcome> {
     prop_oneof![
         position().prop_map(|position| RecoveryOutcome::Fresh { position }),
+        position().prop_map(|position| RecoveryOutcome::State { position }),
         any::<u64>().prop_map(|count| RecoveryOutcome::Replayed { count }),
         Just(RecoveryOutcome::UpToDate),
         (reset_reason(), position())
@@ -101,15 +103,17 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             channel(),
             proptest::option::of(position()),
             proptest::option::of(proptest::option::of(payload())),
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(id, channel, since, presence, join_leave)| {
+            .prop_map(|(id, channel, since, presence, join_leave, state)| {
                 ClientFrame::Subscribe {
                     id,
                     channel,
                     since,
                     presence: presence.map(|info| PresenceRequest { info }),
                     join_leave,
+                    state,
                 }
             }),
         (any::<u64>(), channel())
@@ -227,6 +231,33 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             }),
         (any::<u64>(), channel(), any::<u64>())
             .prop_map(|(id, channel, count)| ServerFrame::PresenceCount { id, channel, count }),
+        (
+            channel(),
+            prop::collection::vec(
+                (
+                    "[A-Za-z0-9_.:@/-]{1,32}",
+                    any::<u64>(),
+                    proptest::option::of(payload())
+                ),
+                0..4
+            ),
+            position(),
+            any::<bool>()
+        )
+            .prop_map(|(channel, entries, position, more)| ServerFrame::State {
+                channel,
+                entries: entries
+                    .into_iter()
+                    .map(|(key, seq, data)| StateEntry {
+                        key: Key::new(key).expect("valid key"),
+                        seq: Seq::new(seq),
+                        // A keyed value is never `null`: that is a deleted key.
+                        data: data.filter(|data| data.as_str() != "null"),
+                    })
+                    .collect(),
+                position,
+                more
+            }),
         (channel(), member()).prop_map(|(channel, member)| ServerFrame::Join { channel, member }),
         (channel(), member()).prop_map(|(channel, member)| ServerFrame::Leave { channel, member }),
         Just(ServerFrame::Ping),
@@ -328,11 +359,13 @@ proptest! {
             serde_json::json!({"type": "join", "channel": "c", "member": {"id": id, "info": info}}).to_string()
         }).collect();
         let part = presence.as_ref().map(|(session, _)| PollPresence { session, frames: &presence_frames });
-        let notices = PollNotices { unsubscribed: &unsubscribed, disconnect: disconnect.as_ref() };
+        let state_after = vec!["c|e1:4|order/7".to_owned()];
+        let notices = PollNotices { unsubscribed: &unsubscribed, disconnect: disconnect.as_ref(), state_after: &state_after };
         let body = PollReply::encode(frames.iter().map(String::as_bytes), &resets, &cursor, part, notices);
         let reply: PollReply = serde_json::from_slice(&body).unwrap();
         prop_assert_eq!(&reply.unsubscribed, &unsubscribed);
         prop_assert_eq!(&reply.disconnect, &disconnect);
+        prop_assert_eq!(&reply.state_after, &state_after);
         let decoded: Vec<&str> = reply.events.iter().map(|raw| raw.get()).collect();
         prop_assert_eq!(decoded, frames.iter().map(String::as_str).collect::<Vec<_>>());
         prop_assert_eq!(reply.resets, resets);

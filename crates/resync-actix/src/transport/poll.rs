@@ -52,6 +52,7 @@ pub(crate) async fn handle(
             reason,
             reconnect: false,
         }),
+        state_after: Vec::new(),
     };
     if notices.disconnect.is_some() {
         return Ok(notices_only(&shared, address, &query, notices, &request));
@@ -85,7 +86,13 @@ pub(crate) async fn handle(
         }
     }
 
-    let Some(since) = query.cursor.take() else {
+    // A first poll that asks for the state opens its channels at once: the keyed ones from
+    // their state, the others now.
+    let cursor = match query.cursor.take() {
+        None if query.state => Some(Since::Now),
+        cursor => cursor,
+    };
+    let Some(since) = cursor else {
         // The first poll starts "now": answer at once with the current cursor, so that nothing
         // published before the next poll is missed.
         let _counted = shared.metrics.connection(Transport::Poll);
@@ -105,7 +112,14 @@ pub(crate) async fn handle(
         ));
     };
 
-    let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    let (channels, outcomes) = ChannelSet::open(
+        &shared,
+        &query.channels,
+        &since,
+        query.state,
+        &query.state_after,
+    )
+    .await?;
     let mut session = Session::new(
         shared.clone(),
         identity,
@@ -116,10 +130,13 @@ pub(crate) async fn handle(
     );
     // A channel the cursor does not name (an empty `cursor=`, a channel added to the poll)
     // starts now, like a first poll: the client needs its position at once, not after the
-    // timeout.
+    // timeout. So does a state: it is ready.
     let mut starts_now = false;
     for (channel, outcome) in outcomes {
-        starts_now |= matches!(outcome, RecoveryOutcome::Fresh { .. });
+        starts_now |= matches!(
+            outcome,
+            RecoveryOutcome::Fresh { .. } | RecoveryOutcome::State { .. }
+        );
         if let RecoveryOutcome::Reset { reason, position } = outcome {
             batch.resets.push(ResetNotice {
                 channel,
@@ -215,6 +232,7 @@ pub(crate) async fn handle(
     }
     session.delivered(batch.events.len() as u64);
     let cursor = session.channels().cursor();
+    notices.state_after = session.channels().state_progress();
     Ok(reply(
         &shared, address, batch, &cursor, lease, &notices, &request,
     ))
@@ -226,6 +244,8 @@ pub(crate) async fn handle(
 struct Notices {
     unsubscribed: Vec<UnsubscribedNotice>,
     disconnect: Option<DisconnectNotice>,
+    /// Keyed channels whose state goes on in the next reply.
+    state_after: Vec<String>,
 }
 
 /// The reply of a poll its user may no longer make: the disconnect, nothing else.
@@ -341,6 +361,17 @@ impl Batch {
                 self.event_bytes += event.frame().len();
                 self.events.push((channel.clone(), event.frame().clone()));
             }
+            SubscriptionItem::State {
+                entries,
+                position,
+                more,
+            } => {
+                for frame in membership::state_frames(channel, entries, &position, more) {
+                    let frame = bytes::Bytes::from(frame.encode());
+                    self.event_bytes += frame.len();
+                    self.events.push((channel.clone(), frame));
+                }
+            }
             SubscriptionItem::Reset { reason, position } => {
                 shared.metrics.reset(reason);
                 // The refetch a reset asks for covers the channel's earlier events of this
@@ -391,6 +422,7 @@ fn reply(
         PollNotices {
             unsubscribed: &notices.unsubscribed,
             disconnect: notices.disconnect.as_ref(),
+            state_after: &notices.state_after,
         },
     );
     let reservation = shared.replies.reserve(&shared.metrics, address, body.len());

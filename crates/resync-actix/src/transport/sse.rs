@@ -101,7 +101,8 @@ async fn open_stream(
         query.presence.as_ref(),
         query.join_leave,
     )?;
-    let (channels, outcomes) = ChannelSet::open(&shared, &query.channels, &since).await?;
+    let (channels, outcomes) =
+        ChannelSet::open(&shared, &query.channels, &since, query.state, &[]).await?;
     // The member's info: the request's, or its token's (which the session does not keep).
     let member = query.presence.clone().map(|mut request| {
         if request.info.is_none() {
@@ -339,6 +340,28 @@ impl StreamState {
                 chunk.extend_from_slice(event.frame());
                 chunk.extend_from_slice(b"\n\n");
                 1
+            }
+            SubscriptionItem::State {
+                entries,
+                position,
+                more,
+            } => {
+                // The WebSocket's `state` frames as the data of `state` events; the last one
+                // carries the cursor, which stands at the state's position from then on.
+                let frames = crate::membership::state_frames(channel, entries, &position, more);
+                let last = frames.len() - 1;
+                for (index, frame) in frames.into_iter().enumerate() {
+                    let id = (index == last && !more)
+                        .then(|| self.session.channels().cursor().to_string());
+                    SseFrame {
+                        id: id.as_deref(),
+                        event: Some("state"),
+                        data: &frame.encode(),
+                        retry_ms: None,
+                    }
+                    .encode_into(chunk);
+                }
+                0
             }
             SubscriptionItem::Reset { reason, position } => {
                 self.session.reset(reason);

@@ -336,6 +336,20 @@ impl Connection {
                     };
                     self.send(reset.encode()).await
                 }
+                Ok(SubscriptionItem::State {
+                    entries,
+                    position,
+                    more,
+                }) => {
+                    let mut sent = Ok(());
+                    for frame in membership::state_frames(&channel, entries, &position, more) {
+                        sent = self.send(frame.encode()).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    sent
+                }
                 Err(error) => {
                     let end = self.session.item_failed(&channel, error);
                     Err(self.end(end))
@@ -436,10 +450,12 @@ impl Connection {
                 since,
                 presence,
                 join_leave,
+                state,
             } => {
+                let start = crate::session::Start { since, state };
                 match self
                     .session
-                    .subscribe(&channel, since, presence, join_leave, self.address)
+                    .subscribe(&channel, start, presence, join_leave, self.address)
                     .await
                 {
                     Ok(recovery) => {

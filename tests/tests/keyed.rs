@@ -1,0 +1,195 @@
+//! Issue 27, keyed channels: a client the history no longer reaches catches up from the latest
+//! event of each key (the channel's state, in pages, then the events after it) with no reset,
+//! on WebSocket, SSE and long polling alike, and ends with exactly what a model of the
+//! publishes says; deletes are honoured.
+
+#![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use resync_client::{TransportChoice, TransportKind, Update};
+use resync_protocol::{Channel, Position};
+use resync_tests::{TestServer, fast_client};
+
+/// A server whose `prices` namespace is keyed, with a short history (the memory broker keeps
+/// the state).
+fn server() -> TestServer {
+    TestServer::start(|settings| {
+        settings.broker = resync_server::BrokerKind::Memory;
+        settings.history_size = 20;
+        settings.namespaces.insert(
+            "prices".to_owned(),
+            resync_server::NamespaceSettings {
+                keyed: Some(true),
+                ..Default::default()
+            },
+        );
+    })
+}
+
+/// Publishes `data` for `key` through the HTTP API; `null` deletes the key.
+async fn publish(
+    server: &TestServer,
+    channel: &str,
+    key: &str,
+    data: serde_json::Value,
+) -> Position {
+    let response = server
+        .http
+        .post(server.url("/api/publish"))
+        .bearer_auth(&server.server.api_key)
+        .json(&serde_json::json!({"channel": channel, "key": key, "data": data}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let body: serde_json::Value = response.json().await.unwrap();
+    serde_json::from_value(body["position"].clone()).unwrap()
+}
+
+/// What a keyed subscriber holds: each key's seq and data (`None`: deleted), kept by the rule
+/// of docs/protocol.md: a state replaces what is held, and an event applies only past the
+/// seq held for its key.
+#[derive(Default)]
+struct Held {
+    keys: BTreeMap<String, (u64, Option<String>)>,
+    /// Whether the last update was a state page with more to come.
+    in_state: bool,
+    states: usize,
+    resets: usize,
+}
+
+impl Held {
+    fn apply(&mut self, update: Update) {
+        match update {
+            Update::State { entries, more, .. } => {
+                if !self.in_state {
+                    self.keys.clear();
+                    self.states += 1;
+                }
+                self.in_state = more;
+                for entry in entries {
+                    let data = entry.data.map(|data| data.as_str().to_owned());
+                    self.keys
+                        .insert(entry.key.to_string(), (entry.seq.get(), data));
+                }
+            }
+            Update::Event(event) => {
+                let key = event.key.as_ref().unwrap().to_string();
+                let seq = event.position.seq.get();
+                if self.keys.get(&key).is_none_or(|(held, _)| *held < seq) {
+                    let data = event.data.as_str();
+                    self.keys
+                        .insert(key, (seq, (data != "null").then(|| data.to_owned())));
+                }
+            }
+            Update::Reset { .. } => self.resets += 1,
+            Update::Members(_) => {}
+        }
+    }
+
+    fn values(&self) -> BTreeMap<String, String> {
+        self.keys
+            .iter()
+            .filter_map(|(key, (_, data))| Some((key.clone(), data.clone()?)))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_transport() {
+    let server = server();
+    for kind in [
+        TransportKind::WebSocket,
+        TransportKind::Sse,
+        TransportKind::LongPolling,
+    ] {
+        let channel = format!("prices:{}", kind.as_str());
+        // The client's place: the first event, long gone from a 20-event history by the end.
+        let first = publish(&server, &channel, "k0", serde_json::json!(0)).await;
+        let mut model: BTreeMap<String, String> = BTreeMap::new();
+        model.insert("k0".to_owned(), "0".to_owned());
+        // 1,000 keys of 2 KB: more than one page, and more than one long-poll reply (1 MiB).
+        let filler = "x".repeat(2_000);
+        for index in 0..1_000u64 {
+            let key = format!("k{}", index % 1_000);
+            let data = serde_json::json!(format!("{index}{filler}"));
+            publish(&server, &channel, &key, data.clone()).await;
+            model.insert(key, data.to_string());
+        }
+        // Then changes to a few keys, and deletes.
+        for index in 0..60u64 {
+            let key = format!("k{}", index % 7);
+            if index % 5 == 0 {
+                publish(&server, &channel, &key, serde_json::Value::Null).await;
+                model.remove(&key);
+            } else {
+                publish(&server, &channel, &key, serde_json::json!(index)).await;
+                model.insert(key, index.to_string());
+            }
+        }
+        let client = fast_client(&server.url(""), TransportChoice::Only(kind));
+        let mut subscription = client
+            .subscribe(Channel::new(&channel).unwrap())
+            .since(first);
+        let mut held = Held::default();
+        // Until the state and the events after it are in: then it holds the model.
+        while held.states == 0 || held.in_state || held.values() != model {
+            let update = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{kind:?}: stalled with {} keys held, {} states",
+                        held.keys.len(),
+                        held.states
+                    )
+                })
+                .unwrap()
+                .unwrap();
+            held.apply(update);
+        }
+        assert_eq!(held.states, 1, "{kind:?}: one state read");
+        assert_eq!(held.resets, 0, "{kind:?}: no reset");
+        // Then live, each change applied once.
+        publish(&server, &channel, "k3", serde_json::json!("live")).await;
+        model.insert("k3".to_owned(), "\"live\"".to_owned());
+        while held.values() != model {
+            let update = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("{kind:?}: the live change never came"))
+                .unwrap()
+                .unwrap();
+            held.apply(update);
+        }
+        client.close();
+    }
+}
+
+#[tokio::test]
+async fn a_publish_must_name_a_key_on_a_keyed_channel_and_only_there() {
+    let server = server();
+    let refused = server
+        .http
+        .post(server.url("/api/publish"))
+        .bearer_auth(&server.server.api_key)
+        .json(&serde_json::json!({"channel": "prices:eu", "data": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "key_mismatch");
+    let refused = server
+        .http
+        .post(server.url("/api/publish"))
+        .bearer_auth(&server.server.api_key)
+        .json(&serde_json::json!({"channel": "news", "key": "k", "data": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "key_mismatch");
+}
