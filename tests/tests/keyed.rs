@@ -193,3 +193,55 @@ async fn a_publish_must_name_a_key_on_a_keyed_channel_and_only_there() {
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["code"], "key_mismatch");
 }
+
+#[tokio::test]
+async fn the_http_api_reads_a_keyed_channels_state_in_pages() {
+    let server = server();
+    for (key, data) in [("b", "2"), ("a", "1"), ("c", "3"), ("b", "4")] {
+        publish(&server, "prices:api", key, serde_json::json!(data)).await;
+    }
+    let last = publish(&server, "prices:api", "c", serde_json::Value::Null).await;
+    let mut after = None::<String>;
+    let mut entries = Vec::new();
+    let mut first_position = None;
+    loop {
+        let mut url = server.url("/api/channels/prices:api/state?limit=2");
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let response = server
+            .http
+            .get(url)
+            .bearer_auth(&server.server.api_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let page: resync_protocol::bodies::ChannelState = response.json().await.unwrap();
+        first_position.get_or_insert(page.position.clone());
+        entries.extend(page.entries);
+        match page.next {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(first_position, Some(last), "the position to follow from");
+    let summary: Vec<(String, u64, Option<String>)> = entries
+        .into_iter()
+        .map(|entry| {
+            (
+                entry.key.to_string(),
+                entry.seq.get(),
+                entry.data.map(|data| data.as_str().to_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("a".to_owned(), 2, Some("\"1\"".to_owned())),
+            ("b".to_owned(), 4, Some("\"4\"".to_owned())),
+            ("c".to_owned(), 5, None),
+        ]
+    );
+}

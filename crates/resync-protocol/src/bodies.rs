@@ -520,6 +520,22 @@ pub struct ChannelPresence {
     pub members: Option<Vec<crate::Member>>,
 }
 
+/// `GET /api/channels/{channel}/state`: a page of a keyed channel's state (docs/protocol.md,
+/// section 14).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelState {
+    /// The channel.
+    pub channel: Channel,
+    /// The latest event of each key after `after`, in key order (`data` `null`: deleted).
+    pub entries: Vec<crate::StateEntry>,
+    /// The channel's position when the page was read; follow from the first page's.
+    pub position: Position,
+    /// More follow: ask again with `after=` this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Key>,
+}
+
 /// A command for every connection of one user, on every server instance: the body of
 /// `POST /api/users/{user}/…` and what the broker carries between instances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,11 +8,11 @@ use futures_util::StreamExt;
 use resync_actix::{ApiError, Metrics, Publisher};
 use resync_broker::{Broker, Publish, ReadOutcome};
 use resync_protocol::bodies::{
-    ChannelInfo, ChannelPresence, HistoryOutcome, HistoryReply, PublishReply, PublishRequest,
-    UserCommand,
+    ChannelInfo, ChannelPresence, ChannelState, HistoryOutcome, HistoryReply, PublishReply,
+    PublishRequest, UserCommand,
 };
 use resync_protocol::bodies::{DisconnectRequest, UnsubscribeRequest};
-use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Position};
+use resync_protocol::{Channel, ErrorCode, IdempotencyKey, Key, Position};
 use serde::Deserialize;
 
 /// What the API handlers share.
@@ -36,6 +36,10 @@ pub(crate) fn configure(config: &mut web::ServiceConfig) {
         .route(
             "/api/channels/{channel}/presence",
             web::get().to(channel_presence),
+        )
+        .route(
+            "/api/channels/{channel}/state",
+            web::get().to(channel_state),
         )
         // Channel names may hold `/`: `a/b`, `a/b/presence` (a channel whose own name ends in
         // `/presence` is written with `%2F` there).
@@ -333,12 +337,70 @@ async fn channel_tail(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let tail = path.into_inner();
-    match tail.strip_suffix("/presence") {
-        Some(channel) => {
-            channel_presence(state, request, web::Path::from(channel.to_owned())).await
-        }
-        None => channel_info(state, request, web::Path::from(tail)).await,
+    if let Some(channel) = tail.strip_suffix("/presence") {
+        return channel_presence(state, request, web::Path::from(channel.to_owned())).await;
     }
+    if let Some(channel) = tail.strip_suffix("/state") {
+        return channel_state(state, request, web::Path::from(channel.to_owned())).await;
+    }
+    channel_info(state, request, web::Path::from(tail)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateQuery {
+    /// The page after this key (the previous page's `next`).
+    after: Option<String>,
+    /// At most this many entries (default and most 1,000).
+    limit: Option<usize>,
+}
+
+/// The most bytes of entries in one state reply: a longer page ends early, with `next`.
+const STATE_REPLY_BYTES: usize = 1024 * 1024;
+
+/// `GET /api/channels/{channel}/state?after=&limit=`: a page of a keyed channel's state, with
+/// the position to follow from (docs/protocol.md, section 14).
+async fn channel_state(
+    state: web::Data<ApiState>,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_api_key(&state, &request)?;
+    let query: StateQuery = serde_urlencoded_from(request.query_string())?;
+    let channel = Channel::new(path.into_inner())?;
+    let after = query.after.map(Key::new).transpose()?;
+    let limit = query.limit.unwrap_or(1_000).clamp(1, 1_000);
+    let keyed = state.broker.keyed_state().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "this server's broker keeps no keyed state",
+        )
+    })?;
+    let page = keyed.state_page(&channel, after.as_ref(), limit).await?;
+    let mut entries = Vec::with_capacity(page.entries.len());
+    let mut bytes = 0;
+    let mut cut = false;
+    for entry in page.entries {
+        let size =
+            entry.key.as_str().len() + entry.data.as_ref().map_or(4, |data| data.as_str().len());
+        if !entries.is_empty() && bytes + size > STATE_REPLY_BYTES {
+            cut = true;
+            break;
+        }
+        bytes += size;
+        entries.push(entry);
+    }
+    let next = if cut {
+        entries.last().map(|entry| entry.key.clone())
+    } else {
+        page.next
+    };
+    Ok(HttpResponse::Ok().json(ChannelState {
+        channel,
+        entries,
+        position: page.position,
+        next,
+    }))
 }
 
 /// Any path the server does not serve: a `404` with the JSON body every error has.
