@@ -118,3 +118,20 @@ export type SnapshotView<S> = (
 
 /** Snapshot, then follow: load, apply each later event, load again after every reset. */
 export function useSnapshotChannel<S, T = unknown>(channel: string, options: SnapshotOptions<S, T>): SnapshotView<S>;
+
+export interface KeyedView<T = unknown> {
+  /** Each key's latest value. */
+  values: Map<string, T>;
+  /** Until the channel's state has come. */
+  loading: boolean;
+  /** The channel's history restarted (the map was rebuilt from the new state). */
+  lastReset: ResyncReset | null;
+  error: ResyncError | null;
+  state: ConnectionState;
+}
+
+/** A keyed channel as a map of each key's latest value, on the provider's client. */
+export function useKeyedChannel<T = unknown>(
+  channel: string,
+  options?: { enabled?: boolean; onReset?: (reset: ResyncReset) => void; onError?: (error: ResyncError) => void },
+): KeyedView<T>;

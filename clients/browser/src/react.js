@@ -243,6 +243,48 @@ export function usePresence(channel, options = {}) {
   }).members;
 }
 
+/**
+ * A keyed channel as a map of each key's latest value (docs/protocol.md, section 14), on the
+ * provider's client: the channel's state when mounted, then every change. A page that comes
+ * back (a reload, a reconnect past the history) reads the state again: no refetch of yours.
+ * @param {string} channel
+ * @param {{ enabled?: boolean, onReset?: (reset: any) => void, onError?: (error: any) => void }} [options]
+ * @returns {{ values: Map<string, any>, loading: boolean, lastReset: any, error: any, state: any }}
+ */
+export function useKeyedChannel(channel, options = {}) {
+  const client = useProvided("useKeyedChannel");
+  const state = useClientState(client);
+  const enabled = options.enabled ?? true;
+  const latest = React.useRef(options);
+  latest.current = options;
+  const [view, setView] = React.useState(() => ({ values: new Map(), loading: true, lastReset: null, error: null }));
+  React.useEffect(() => {
+    setView({ values: new Map(), loading: true, lastReset: null, error: null });
+    if (!client || !enabled) return undefined;
+    let live = true;
+    const keyed = client.subscribeKeyed(channel, {
+      onChange: (values) => {
+        if (live) setView((previous) => ({ ...previous, values, loading: false, error: null }));
+      },
+      onReset: (reset) => {
+        if (!live) return;
+        setView((previous) => ({ ...previous, lastReset: reset }));
+        latest.current.onReset?.(reset);
+      },
+      onError: (error) => {
+        if (!live) return;
+        setView((previous) => ({ ...previous, error }));
+        latest.current.onError?.(error);
+      },
+    });
+    return () => {
+      live = false;
+      keyed.unsubscribe();
+    };
+  }, [client, channel, enabled]);
+  return { ...view, state };
+}
+
 const LOADING = Object.freeze({ data: undefined, loading: true, error: null, lastReset: null });
 
 /**

@@ -10,7 +10,26 @@ export interface ResyncEvent<T = unknown> {
   channel: string;
   epoch: string;
   seq: number;
+  /** On a keyed channel: the key the event sets (`null` data deletes it). */
+  key?: string;
   data: T;
+}
+
+/** One key's latest event in a keyed channel's state; `data` null: the key was deleted. */
+export interface StateEntry<T = unknown> {
+  key: string;
+  seq: number;
+  data: T | null;
+}
+
+/** A page of a keyed channel's state (docs/protocol.md, section 14). */
+export interface StatePage<T = unknown> {
+  channel: string;
+  entries: StateEntry<T>[];
+  /** Where the events after the state start. */
+  position: Position;
+  /** More pages follow. */
+  more: boolean;
 }
 
 export type ResetReason =
@@ -63,6 +82,8 @@ export type ResyncErrorCode =
   | "connection_lost"
   | "unsubscribed"
   | "unauthorized"
+  | "key_mismatch"
+  | "keyed_state_full"
   | "forbidden"
   | "invalid_channel"
   | "unknown_channel"
@@ -211,6 +232,18 @@ export interface SubscribeHandlers<T = unknown> {
   onPresence?: (members: Member[]) => void;
   /** Without `since`: false starts from now instead of where the tab's previous page stood. */
   resume?: boolean;
+  /** On a keyed channel: start from its state (`onState` pages), not from now. */
+  state?: boolean;
+  /** A page of a keyed channel's state: when asked with `state`, or when history no longer reaches back. */
+  onState?: (page: StatePage<T>) => void;
+}
+
+export interface KeyedHandlers<T = unknown> {
+  /** The values (key to data) once the state is whole and after each change, with the keys that changed. */
+  onChange: (values: Map<string, T>, changed: string[]) => void;
+  /** The channel's history restarted: the map starts over from the new state. */
+  onReset?: (reset: ResyncReset) => void;
+  onError?: (error: ResyncError) => void;
 }
 
 /** One member of a channel: an identity, however many connections it has. */
@@ -256,6 +289,8 @@ export class ResyncClient {
    * follows it once, each keeps its own position.
    */
   subscribe<T = unknown>(channel: string, handlers?: SubscribeHandlers<T>): Subscription;
+  /** Follows a keyed channel as a map of each key's latest value (docs/protocol.md, section 14). */
+  subscribeKeyed<T = unknown>(channel: string, handlers: KeyedHandlers<T>): { values(): Map<string, T>; unsubscribe(): void };
   subscribeWithSnapshot<S, T = unknown>(
     channel: string,
     fetchSnapshot: () => Promise<{ state: S; position: Position }>,

@@ -395,12 +395,17 @@ const wantsPresence = (handlers) => Boolean(handlers.presence || handlers.onPres
 function wireOptions(entry) {
   let presence;
   let joinLeave = false;
+  let state = false;
   for (const { handlers } of entry.listeners) {
     if (handlers.presence && presence === undefined) presence = handlers.presence === true ? {} : { info: handlers.presence.info };
     if (handlers.onPresence) joinLeave = true;
+    if (handlers.state) state = true;
   }
-  return { presence, joinLeave };
+  return { presence, joinLeave, state };
 }
+
+/** Whether a channel asks the server for its state: a keyed subscription with no position yet. */
+const wantsState = (entry) => entry.wire.state && (!entry.position || entry.stateWanted === true);
 
 const sameWire = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
@@ -564,6 +569,12 @@ export class ResyncClient {
       entry.listeners.add(listener);
       entry.wire = wireOptions(entry);
       let rewind = false;
+      // A keyed subscription joining a channel already followed: the connection asks for the
+      // state again, for it (the others skip what they have).
+      if (handlers.state) {
+        entry.stateWanted = true;
+        rewind = true;
+      }
       if (handlers.since && isBefore(handlers.since, entry.position)) {
         entry.position = handlers.since;
         rewind = true;
@@ -608,6 +619,68 @@ export class ResyncClient {
   /** Whether the connection must subscribe again for new presence options (WebSocket only has presence). */
   presenceChanged(before, after) {
     return this.session?.kind === "websocket" && !sameWire(before, after);
+  }
+
+  /**
+   * Follows a keyed channel as a map of its keys' latest values (docs/protocol.md, section
+   * 14): the channel's state first, then every change, applied by the rule that keeps each
+   * key's latest value with nothing missed and nothing applied twice. A client the history
+   * no longer reaches gets the state again (no refetch of yours); a reset (the channel's
+   * history restarted) starts over from the state too, and is told to `onReset`.
+   * @param {string} channel
+   * @param {{
+   *   onChange: (values: Map<string, any>, changed: string[]) => void,
+   *   onReset?: (reset: ResyncReset) => void,
+   *   onError?: (error: ResyncError) => void,
+   * }} handlers `onChange` gets the values (key to data) after the state is whole and after
+   *   each change, with the keys that changed.
+   * @returns {{ values: () => Map<string, any>, unsubscribe: () => void }}
+   */
+  subscribeKeyed(channel, handlers) {
+    /** @type {Map<string, { seq: number, data: any }>} data `null`: deleted (kept for the seq) */
+    let held = new Map();
+    let building;
+    let subscription;
+    let stopped = false;
+    const values = () => new Map([...held].filter(([, kept]) => kept.data !== null).map(([key, kept]) => [key, kept.data]));
+    const start = () => {
+      subscription = this.subscribe(channel, {
+        state: true,
+        resume: false,
+        onState: (page) => {
+          building ??= new Map();
+          for (const entry of page.entries) building.set(entry.key, { seq: entry.seq, data: entry.data });
+          if (page.more) return;
+          const changed = [...new Set([...held.keys(), ...building.keys()])];
+          held = building;
+          building = undefined;
+          handlers.onChange(values(), changed);
+        },
+        onEvent: (event) => {
+          if (event.key === undefined || building) return;
+          const kept = held.get(event.key);
+          if (kept && kept.seq >= event.seq) return; // already in the state
+          held.set(event.key, { seq: event.seq, data: event.data });
+          handlers.onChange(values(), [event.key]);
+        },
+        onReset: (reset) => {
+          handlers.onReset?.(reset);
+          // Another history: its state, from the start.
+          subscription.unsubscribe();
+          building = undefined;
+          if (!stopped) queueMicrotask(() => !stopped && start());
+        },
+        onError: handlers.onError,
+      });
+    };
+    start();
+    return {
+      values,
+      unsubscribe: () => {
+        stopped = true;
+        subscription.unsubscribe();
+      },
+    };
   }
 
   /**
@@ -810,6 +883,26 @@ export class ResyncClient {
     }
   }
 
+  /**
+   * A page of a keyed channel's state (docs/protocol.md, section 14): handed to every
+   * subscription of the channel; with the last page the channel stands at the state's position.
+   */
+  keyedState(frame) {
+    const entry = this.channels.get(frame.channel);
+    if (!entry) return;
+    const page = { channel: frame.channel, entries: frame.entries, position: frame.position, more: frame.more === true };
+    if (!page.more) {
+      entry.position = frame.position;
+      entry.stateWanted = false;
+      this.positions?.set(frame.channel, frame.position);
+    }
+    for (const listener of [...entry.listeners]) {
+      // A subscription already past the state's position keeps its place.
+      if (!page.more && (listener.position === undefined || isBefore(listener.position, frame.position))) listener.position = frame.position;
+      listener.handlers.onState?.(page);
+    }
+  }
+
   reset(reset) {
     const entry = this.channels.get(reset.channel);
     if (!entry) return;
@@ -889,6 +982,7 @@ export class ResyncClient {
     const params = [...this.channels.keys()].map((channel) => ["channel", channel]);
     const cursor = this.cursor();
     if (cursor) params.push(["cursor", cursor]);
+    if ([...this.channels.values()].some(wantsState)) params.push(["state", "1"]);
     if (this.token) params.push(["token", this.token]);
     return params;
   }
@@ -1180,6 +1274,9 @@ class WebSocketSession {
       case "reset":
         if (!this.awaiting.has(frame.channel)) client.reset(frame);
         break;
+      case "state":
+        if (!this.awaiting.has(frame.channel)) client.keyedState(frame);
+        break;
       case "published": {
         const pending = client.pending.get(frame.id);
         client.pending.delete(frame.id);
@@ -1230,6 +1327,7 @@ class WebSocketSession {
       if (entry.position) frame.since = entry.position;
       if (entry.wire.presence) frame.presence = entry.wire.presence;
       if (entry.wire.joinLeave) frame.join_leave = true;
+      if (wantsState(entry)) frame.state = true;
       this.send(frame);
     }
     for (const channel of [...this.subscribed]) {
@@ -1349,6 +1447,10 @@ class SseSession {
       heard();
       client.reset(JSON.parse(message.data));
     });
+    source.addEventListener("state", (message) => {
+      heard();
+      client.keyedState(JSON.parse(message.data));
+    });
     source.addEventListener("ping", heard);
     // The application ended a subscription, or the whole connection (docs/auth.md).
     source.addEventListener("unsubscribed", (message) => {
@@ -1409,6 +1511,8 @@ class PollSession {
     while (!this.done) {
       const params = client.channelParams();
       params.push(["timeout", String(client.options.pollTimeout)]);
+      // A keyed channel's state that the last reply held in part goes on where it stopped.
+      if (this.stateAfter?.length) params.push(["state_after", this.stateAfter.join(",")]);
       this.controller = new AbortController();
       const deadline = setTimeout(
         () => this.controller.abort(),
@@ -1435,7 +1539,11 @@ class PollSession {
         client.connected(this);
       }
       for (const reset of reply.resets) client.reset(reset);
-      for (const event of reply.events) client.deliver(event);
+      for (const frame of reply.events) {
+        if (frame.type === "state") client.keyedState(frame);
+        else client.deliver(frame);
+      }
+      this.stateAfter = reply.state_after ?? [];
       for (const [channel, position] of parseCursor(reply.cursor)) client.fresh(channel, position);
       // The application ended a subscription, or the whole connection (docs/auth.md): the
       // same meaning as on SSE and WebSocket.

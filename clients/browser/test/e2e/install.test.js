@@ -62,7 +62,7 @@ const indexHtml = `<!doctype html>
 const mainTsx = `import { StrictMode, useState } from "react";
 import { createRoot } from "react-dom/client";
 import { ResyncClient, ResyncError, type ConnectionState, type Position } from "@resync/client";
-import { ResyncProvider, useChannel, usePresence, useResyncState, useSnapshotChannel } from "@resync/client/react";
+import { ResyncProvider, useChannel, useKeyedChannel, usePresence, useResyncState, useSnapshotChannel } from "@resync/client/react";
 import { invalidateOnReset } from "@resync/client/tanstack";
 
 interface News {
@@ -113,6 +113,12 @@ function State() {
 function Who() {
   const members = usePresence<{ name: string }>("news", { info: { name: "ann" } });
   return <p id="who">{members.map((member) => member.info?.name ?? member.id).join(",")}</p>;
+}
+
+/** Never rendered: a keyed channel as a typed map. */
+export function Prices() {
+  const { values, loading } = useKeyedChannel<number>("prices:fx");
+  return <p>{loading ? "…" : values.get("eur-usd")?.toFixed(4)}</p>;
 }
 
 /** Never rendered: how the rest of the API type-checks. */

@@ -176,3 +176,25 @@ test("invalidateOnReset refetches a TanStack query when its channel resets", asy
   assert.equal(invalidated.length, 1, "nothing after unsubscribe");
   client.close();
 });
+
+test("subscribeKeyed keeps each key's latest value: a state, then only newer events", () => {
+  const client = new ResyncClient("http://127.0.0.1:1", { autoConnect: false, resume: false });
+  const seen = [];
+  const keyed = client.subscribeKeyed("prices:fx", { onChange: (values, changed) => seen.push([Object.fromEntries(values), changed]) });
+  const position = { epoch: "e", seq: 10 };
+  client.keyedState({ type: "state", channel: "prices:fx", entries: [{ key: "a", seq: 9, data: 1 }], position, more: true });
+  assert.equal(seen.length, 0, "nothing until the state is whole");
+  client.keyedState({ type: "state", channel: "prices:fx", entries: [{ key: "b", seq: 12, data: null }, { key: "c", seq: 4, data: 3 }], position });
+  assert.deepEqual(seen.pop(), [{ a: 1, c: 3 }, ["a", "b", "c"]]);
+  // Events after the state's position: one already in the state is not applied again.
+  client.deliver({ channel: "prices:fx", epoch: "e", seq: 11, key: "a", data: 2 });
+  client.deliver({ channel: "prices:fx", epoch: "e", seq: 12, key: "b", data: 5 });
+  client.deliver({ channel: "prices:fx", epoch: "e", seq: 13, key: "c", data: null });
+  assert.deepEqual(seen, [
+    [{ a: 2, c: 3 }, ["a"]],
+    [{ a: 2 }, ["c"]],
+  ], "b's seq 12 was the delete the state already held");
+  assert.deepEqual(Object.fromEntries(keyed.values()), { a: 2 });
+  keyed.unsubscribe();
+  client.close();
+});
