@@ -13,11 +13,16 @@ use resync_client::{TransportChoice, TransportKind, Update};
 use resync_protocol::{Channel, Position};
 use resync_tests::{TestServer, fast_client};
 
-/// A server whose `prices` namespace is keyed, with a short history (the memory broker keeps
-/// the state).
-fn server() -> TestServer {
+/// The brokers that keep keyed state.
+const BROKERS: [resync_server::BrokerKind; 2] = [
+    resync_server::BrokerKind::Memory,
+    resync_server::BrokerKind::Disk,
+];
+
+/// A server on `broker` whose `prices` namespace is keyed, with a short history.
+fn server_on(broker: resync_server::BrokerKind) -> TestServer {
     TestServer::start(|settings| {
-        settings.broker = resync_server::BrokerKind::Memory;
+        settings.broker = broker;
         settings.history_size = 20;
         settings.namespaces.insert(
             "prices".to_owned(),
@@ -98,9 +103,20 @@ impl Held {
     }
 }
 
+fn server() -> TestServer {
+    server_on(resync_server::BrokerKind::Memory)
+}
+
 #[tokio::test]
-async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_transport() {
-    let server = server();
+async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_transport_and_broker()
+ {
+    for broker in BROKERS {
+        far_behind_catches_up(broker).await;
+    }
+}
+
+async fn far_behind_catches_up(broker: resync_server::BrokerKind) {
+    let server = server_on(broker);
     for kind in [
         TransportKind::WebSocket,
         TransportKind::Sse,
@@ -150,8 +166,8 @@ async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_
                 .unwrap();
             held.apply(update);
         }
-        assert_eq!(held.states, 1, "{kind:?}: one state read");
-        assert_eq!(held.resets, 0, "{kind:?}: no reset");
+        assert_eq!(held.states, 1, "{broker:?} {kind:?}: one state read");
+        assert_eq!(held.resets, 0, "{broker:?} {kind:?}: no reset");
         // Then live, each change applied once.
         publish(&server, &channel, "k3", serde_json::json!("live")).await;
         model.insert("k3".to_owned(), "\"live\"".to_owned());

@@ -15,14 +15,16 @@ use resync_broker::{
     UserCommandFanout, decide_read,
 };
 use resync_log::ChannelLog;
-use resync_protocol::{Channel, Epoch, Event, IdempotencyKey, Payload, Position, ResetReason, Seq};
+use resync_protocol::{
+    Channel, Epoch, Event, IdempotencyKey, Key, Payload, Position, ResetReason, Seq, StateEntry,
+};
 use tokio::sync::{Notify, oneshot};
 
 use crate::durability::{Durability, GroupCommit, Waiting};
 use crate::layout::{
     ChannelMeta, RunRecord, channel_prefix, event_key, event_value, idempotency_key,
-    idempotency_slot, idempotency_value, seq_of_event_key, split_event_value,
-    split_idempotency_value,
+    idempotency_slot, idempotency_value, keyed_event_value, seq_of_event_key,
+    split_any_event_value, split_idempotency_value, split_state_value, state_key, state_value,
 };
 use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
 use crate::pages::{PAGE, Page, PageCache};
@@ -58,6 +60,8 @@ struct Inner {
     retention: Retention,
     namespace_retention: HashMap<String, Retention>,
     recent: Retention,
+    /// The bounds of each keyed channel's state.
+    keyed_limits: resync_broker::KeyedLimits,
     idempotency_window: u64,
     max_history_bytes: Option<u64>,
     /// The bytes of every channel's stored events.
@@ -121,6 +125,17 @@ struct ChannelState {
     oldest_time: Option<(Seq, u64)>,
     /// Whether the channel's metadata is on the disk (false until its first publish).
     stored: bool,
+    /// The keys and bytes of the channel's keyed state, once counted (at its first keyed
+    /// publish since the store opened).
+    keyed: Option<(usize, usize)>,
+}
+
+/// What a keyed publish makes of its channel's state.
+struct KeyedUpdate {
+    /// The channel's keys and bytes of state after it.
+    counts: (usize, usize),
+    /// When its entry expires (0: never).
+    expires_ms: u64,
 }
 
 /// Builds a [`DiskBroker`].
@@ -140,9 +155,17 @@ pub struct DiskBrokerBuilder {
     max_recent_bytes: usize,
     max_page_bytes: usize,
     boot: Option<String>,
+    keyed_limits: resync_broker::KeyedLimits,
 }
 
 impl DiskBrokerBuilder {
+    /// The bounds of each keyed channel's state. Defaults to
+    /// [`KeyedLimits::default`](resync_broker::KeyedLimits).
+    pub fn keyed_limits(mut self, limits: resync_broker::KeyedLimits) -> Self {
+        self.keyed_limits = limits;
+        self
+    }
+
     /// When publishes are synced to the disk. Defaults to [`Durability::EverySecond`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
@@ -258,6 +281,7 @@ impl DiskBrokerBuilder {
             retention: self.retention,
             namespace_retention: self.namespace_retention,
             idempotency_window: self.idempotency_window,
+            keyed_limits: self.keyed_limits,
             max_history_bytes: self.max_history_bytes,
             history_bytes: AtomicU64::new(stored.bytes),
             max_cached_channels: self.max_cached_channels,
@@ -399,6 +423,7 @@ impl DiskBroker {
             max_recent_bytes: 32 * 1024 * 1024,
             max_page_bytes: 16 * 1024 * 1024,
             boot: None,
+            keyed_limits: resync_broker::KeyedLimits::default(),
         }
     }
 
@@ -576,6 +601,7 @@ impl Inner {
                     meta,
                     oldest_time: None,
                     stored: true,
+                    keyed: None,
                 }))
             }
         };
@@ -592,8 +618,11 @@ impl Inner {
         let mut batch = self.store.db.batch();
         let after_newest = meta.last_seq.next().unwrap_or(meta.last_seq);
         let freed = self.trim(&mut batch, st, &mut meta, after_newest, now_ms, 0)?;
-        let forget =
-            !in_use && meta.oldest_stored().is_none() && self.hub.subscriber_count(channel) == 0;
+        // A keyed channel's state outlives its history: it is what late readers get.
+        let forget = !in_use
+            && meta.oldest_stored().is_none()
+            && self.hub.subscriber_count(channel) == 0
+            && !self.has_state(channel)?;
         let mut rotated = None;
         if forget {
             batch.remove(&self.store.channels, channel.as_str());
@@ -635,6 +664,83 @@ impl Inner {
             *lock(&self.shared_epoch) = epoch;
         }
         Ok(())
+    }
+
+    /// Whether `channel` keeps keyed state.
+    fn has_state(&self, channel: &Channel) -> Result<bool> {
+        match self
+            .store
+            .state
+            .prefix(channel_prefix(channel.as_str()))
+            .next()
+        {
+            None => Ok(false),
+            Some(entry) => entry
+                .into_inner()
+                .map(|_| true)
+                .map_err(|error| self.unreadable(error)),
+        }
+    }
+
+    /// What a keyed publish of `data` for `key` makes of the channel's state: the counts after
+    /// it and when the entry expires; refused past the bounds ([`Error::KeyedStateFull`]).
+    fn keyed_update(
+        &self,
+        st: &mut ChannelState,
+        key: &Key,
+        data: &Payload,
+        now_ms: u64,
+    ) -> Result<KeyedUpdate> {
+        let name = st.channel.as_str();
+        let (keys, bytes) = match st.keyed {
+            Some(counts) => counts,
+            None => {
+                // Counted once per channel and opening: its entries, tombstones included.
+                let mut counts = (0, 0);
+                for entry in self.store.state.prefix(channel_prefix(name)) {
+                    let (stored, value) =
+                        entry.into_inner().map_err(|error| self.unreadable(error))?;
+                    counts.0 += 1;
+                    counts.1 += stored.len() + value.len();
+                }
+                counts
+            }
+        };
+        let stored = state_key(name, key.as_str());
+        let deletes = data.as_str() == "null";
+        let size = stored.len()
+            + 18
+            + st.meta.epoch.as_str().len()
+            + if deletes { 0 } else { data.as_str().len() };
+        let old = self
+            .store
+            .state
+            .get(&stored)
+            .map_err(|error| self.unreadable(error))?
+            .map(|value| stored.len() + value.len());
+        let (keys, bytes) = match old {
+            Some(old) => (keys, bytes - old.min(bytes) + size),
+            None => (keys + 1, bytes + size),
+        };
+        let limits = &self.keyed_limits;
+        if keys > limits.max_keys || bytes > limits.max_bytes {
+            return Err(Error::KeyedStateFull(format!(
+                "the channel keeps at most {} keys and {} bytes of state",
+                limits.max_keys, limits.max_bytes
+            )));
+        }
+        let ttl = if deletes {
+            Some(limits.tombstone_ttl)
+        } else {
+            limits.key_ttl
+        };
+        let expires_ms = ttl.map_or(0, |ttl| {
+            now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        });
+        Ok(KeyedUpdate {
+            counts: (keys, bytes),
+            expires_ms,
+        })
     }
 
     /// Adds the removal of a channel's idempotency keys to `batch`.
@@ -707,6 +813,7 @@ impl Inner {
             meta,
             oldest_time: None,
             stored,
+            keyed: None,
         }));
         table.channels.insert(channel.clone(), state.clone());
         table.order.push_back(channel.clone());
@@ -841,7 +948,7 @@ impl Inner {
                 meta.oldest_seq = oldest.next().unwrap_or(oldest);
                 continue;
             };
-            let time = split_event_value(&value).map_or(0, |(time, _)| time);
+            let time = split_any_event_value(&value).map_or(0, |(time, _, _)| time);
             let expired = max_age_ms.is_some_and(|max_age| now_ms.saturating_sub(time) > max_age);
             if !must && !expired {
                 state.oldest_time = Some((oldest, time));
@@ -959,12 +1066,13 @@ impl Inner {
         {
             let (key, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
             let seq = seq_of_event_key(&key).ok_or_else(corrupt)?;
-            let (time, data) = split_event_value(&value).ok_or_else(corrupt)?;
+            let (time, key, data) = split_any_event_value(&value).ok_or_else(corrupt)?;
             let data = Payload::from_json(data).map_err(|_| corrupt())?;
+            let key = key.map(Key::new).transpose().map_err(|_| corrupt())?;
             let event = EncodedEvent::new(Event {
                 channel: channel.clone(),
                 position: Position::new(epoch.clone(), seq),
-                key: None,
+                key,
                 data,
             });
             events.push((time, event));
@@ -974,13 +1082,86 @@ impl Inner {
 }
 
 #[async_trait]
+impl resync_broker::KeyedState for DiskBroker {
+    async fn state_page(
+        &self,
+        channel: &Channel,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<resync_broker::StatePage> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let Some(state) = inner.state(channel, false)? else {
+            // Never published: no state, at the shared epoch's start.
+            return Ok(resync_broker::StatePage {
+                entries: Vec::new(),
+                position: Position::start_of(inner.shared_epoch()),
+                next: None,
+            });
+        };
+        let st = lock(&state);
+        // What readers see: an entry of a publish not shown yet (waiting for its sync) is
+        // left out; its event comes after the position, and the reader's rule applies it.
+        let position = st.recent.position();
+        let name = channel.as_str();
+        let prefix = channel_prefix(name);
+        let start = match after {
+            Some(after) => {
+                let mut start = state_key(name, after.as_str());
+                // The first key after `after`: a zero byte sorts right after it.
+                start.push(0);
+                start
+            }
+            None => prefix.clone(),
+        };
+        let corrupt = || Error::Corrupt(format!("a state entry of {channel} cannot be read"));
+        let now = now_ms();
+        let limit = limit.max(1);
+        let mut entries = Vec::new();
+        let mut more = false;
+        for entry in inner.store.state.range(start..) {
+            let (stored, value) = entry
+                .into_inner()
+                .map_err(|error| inner.unreadable(error))?;
+            let Some(key) = stored.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let (epoch, seq, expires, data) = split_state_value(&value).ok_or_else(corrupt)?;
+            let stale = epoch != position.epoch.as_str()
+                || seq > position.seq
+                || (expires != 0 && expires <= now);
+            if stale {
+                continue;
+            }
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            let key = std::str::from_utf8(key)
+                .ok()
+                .and_then(|key| Key::new(key).ok())
+                .ok_or_else(corrupt)?;
+            let data = data
+                .map(|data| Payload::from_json(data).map_err(|_| corrupt()))
+                .transpose()?;
+            entries.push(StateEntry { key, seq, data });
+        }
+        let next = if more {
+            entries.last().map(|entry| entry.key.clone())
+        } else {
+            None
+        };
+        Ok(resync_broker::StatePage {
+            entries,
+            position,
+            next,
+        })
+    }
+}
+
+#[async_trait]
 impl Broker for DiskBroker {
     async fn publish(&self, publish: Publish) -> Result<Position> {
-        if publish.key.is_some() {
-            return Err(Error::Unsupported(
-                "keyed channels (the disk broker keeps no keyed state yet)",
-            ));
-        }
         let inner = &self.inner;
         inner.check_open()?;
         let state = inner
@@ -1011,17 +1192,25 @@ impl Broker for DiskBroker {
                     .last_seq
                     .next()
                     .ok_or_else(|| Error::Corrupt("channel seq overflow".to_owned()))?;
+                let now_ms = now_ms();
+                // A keyed publish: refused before anything is written when past the bounds.
+                let keyed = match &publish.key {
+                    Some(key) => Some(inner.keyed_update(st, key, &publish.data, now_ms)?),
+                    None => None,
+                };
                 let event = EncodedEvent::new(Event {
                     channel: st.channel.clone(),
                     position: Position::new(st.meta.epoch.clone(), seq),
-                    key: None,
+                    key: publish.key,
                     data: publish.data,
                 });
                 let channel = st.channel.clone();
                 let name = channel.as_str();
-                let now_ms = now_ms();
                 let key = event_key(name, seq);
-                let value = event_value(now_ms, event.data());
+                let value = match event.key() {
+                    Some(entry) => keyed_event_value(now_ms, entry.as_str(), event.data()),
+                    None => event_value(now_ms, event.data()),
+                };
                 let size = (key.len() + value.len()) as u64;
                 let mut meta = st.meta.clone();
                 let by_client = publish.origin == PublishOrigin::Client;
@@ -1031,6 +1220,14 @@ impl Broker for DiskBroker {
                 }
                 let mut batch = inner.store.db.batch();
                 batch.insert(&inner.store.events, key, value);
+                if let (Some(update), Some(entry)) = (&keyed, event.key()) {
+                    let data = (event.data() != "null").then(|| event.data());
+                    batch.insert(
+                        &inner.store.state,
+                        state_key(name, entry.as_str()),
+                        state_value(&meta.epoch, seq, update.expires_ms, data),
+                    );
+                }
                 meta.last_seq = seq;
                 meta.bytes += size;
                 meta.run = inner.run;
@@ -1070,6 +1267,9 @@ impl Broker for DiskBroker {
                     Ordering::Relaxed,
                 );
                 st.meta = meta;
+                if let Some(update) = keyed {
+                    st.keyed = Some(update.counts);
+                }
                 if !st.stored {
                     st.stored = true;
                     inner.channel_count.fetch_add(1, Ordering::Relaxed);
@@ -1241,6 +1441,10 @@ impl Broker for DiskBroker {
 
     fn presence(&self) -> Option<&dyn resync_broker::Presence> {
         Some(&self.inner.presence)
+    }
+
+    fn keyed_state(&self) -> Option<&dyn resync_broker::KeyedState> {
+        Some(self)
     }
 
     fn user_commands(&self) -> Option<&dyn resync_broker::UserCommandBus> {

@@ -1,6 +1,6 @@
 //! How the store's keys and values are laid out: pure encodings, no I/O.
 //!
-//! Four keyspaces (each its own LSM tree in fjall):
+//! Five keyspaces (each its own LSM tree in fjall):
 //! - `events`: `[name length][name][seq, big-endian]` → `[stored at, ms since 1970][data]`.
 //!   Big-endian seqs sort a channel's events in seq order, so a resume is one range read.
 //! - `channels`: `[name]` → [`ChannelMeta`]: the channel's epoch, newest and oldest seq, the
@@ -11,6 +11,11 @@
 //!   oldest is found and dropped in O(1).
 //! - `store`: the store's own records (its runs, the epoch of unpublished channels, the bytes
 //!   of all history).
+//! - `state` (layout 2): the latest event of each key of keyed channels:
+//!   `[name length][name][key]` → `[epoch length][epoch][seq][expires at, ms][1: data | 0:
+//!   deleted][data]`, written in the same batch as the event. An entry of another epoch than
+//!   its channel's is stale and never served. A keyed event's value in `events` is
+//!   `[stored at][1][key length, 2 bytes][key][data]` (JSON data never starts with byte 1).
 
 use resync_protocol::{Epoch, Seq};
 
@@ -37,19 +42,83 @@ pub(crate) fn seq_of_event_key(key: &[u8]) -> Option<Seq> {
     Some(Seq::new(u64::from_be_bytes(tail)))
 }
 
+/// A keyed event's stored value: when it was stored, its key, then its data.
+pub(crate) fn keyed_event_value(stored_at_ms: u64, key: &str, data: &str) -> Vec<u8> {
+    let mut value = Vec::with_capacity(11 + key.len() + data.len());
+    value.extend_from_slice(&stored_at_ms.to_le_bytes());
+    value.push(KEYED);
+    // Keys are at most 256 bytes (resync-protocol's MAX_KEY_LEN).
+    value.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_le_bytes());
+    value.extend_from_slice(key.as_bytes());
+    value.extend_from_slice(data.as_bytes());
+    value
+}
+
+/// What marks a keyed event's value: no JSON text starts with it.
+const KEYED: u8 = 1;
+
+/// The parts of an event's stored value, keyed or not: when, its key, its data.
+pub(crate) fn split_any_event_value(value: &[u8]) -> Option<(u64, Option<&str>, &str)> {
+    let (time, rest) = value.split_at_checked(8)?;
+    let time = u64::from_le_bytes(time.try_into().ok()?);
+    if rest.first() != Some(&KEYED) {
+        return Some((time, None, std::str::from_utf8(rest).ok()?));
+    }
+    let length: [u8; 2] = rest.get(1..3)?.try_into().ok()?;
+    let length = usize::from(u16::from_le_bytes(length));
+    let key = std::str::from_utf8(rest.get(3..3 + length)?).ok()?;
+    let data = std::str::from_utf8(rest.get(3 + length..)?).ok()?;
+    Some((time, Some(key), data))
+}
+
+/// The key of `channel`'s state entry for `key`.
+pub(crate) fn state_key(channel: &str, key: &str) -> Vec<u8> {
+    let mut stored = channel_prefix(channel);
+    stored.extend_from_slice(key.as_bytes());
+    stored
+}
+
+/// A state entry's value: the epoch and seq of the event it holds, when it expires (0:
+/// never), and its data (`None`: the key was deleted).
+pub(crate) fn state_value(epoch: &Epoch, seq: Seq, expires_ms: u64, data: Option<&str>) -> Vec<u8> {
+    let epoch = epoch.as_str();
+    let mut value = Vec::with_capacity(18 + epoch.len() + data.map_or(0, str::len));
+    // Epochs are at most 32 bytes.
+    value.push(u8::try_from(epoch.len()).unwrap_or(u8::MAX));
+    value.extend_from_slice(epoch.as_bytes());
+    value.extend_from_slice(&seq.get().to_le_bytes());
+    value.extend_from_slice(&expires_ms.to_le_bytes());
+    match data {
+        Some(data) => {
+            value.push(1);
+            value.extend_from_slice(data.as_bytes());
+        }
+        None => value.push(0),
+    }
+    value
+}
+
+/// The parts of a state entry's value.
+pub(crate) fn split_state_value(value: &[u8]) -> Option<(&str, Seq, u64, Option<&str>)> {
+    let length = usize::from(*value.first()?);
+    let epoch = std::str::from_utf8(value.get(1..1 + length)?).ok()?;
+    let rest = value.get(1 + length..)?;
+    let seq = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let expires = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
+    let data = match rest.get(16)? {
+        1 => Some(std::str::from_utf8(rest.get(17..)?).ok()?),
+        0 => None,
+        _ => return None,
+    };
+    Some((epoch, Seq::new(seq), expires, data))
+}
+
 /// An event's stored value: when it was stored, then its data.
 pub(crate) fn event_value(stored_at_ms: u64, data: &str) -> Vec<u8> {
     let mut value = Vec::with_capacity(8 + data.len());
     value.extend_from_slice(&stored_at_ms.to_le_bytes());
     value.extend_from_slice(data.as_bytes());
     value
-}
-
-/// The parts of an event's stored value, if it is one.
-pub(crate) fn split_event_value(value: &[u8]) -> Option<(u64, &str)> {
-    let (time, data) = value.split_at_checked(8)?;
-    let time = u64::from_le_bytes(time.try_into().ok()?);
-    Some((time, std::str::from_utf8(data).ok()?))
 }
 
 /// A channel's metadata, as stored.
@@ -255,7 +324,21 @@ mod tests {
         #[test]
         fn event_values_round_trip(time in any::<u64>(), data in "\\PC{0,64}") {
             let value = event_value(time, &data);
-            prop_assert_eq!(split_event_value(&value), Some((time, data.as_str())));
+            prop_assert_eq!(split_any_event_value(&value), Some((time, None, data.as_str())));
+        }
+
+        #[test]
+        fn keyed_event_values_round_trip(time in any::<u64>(), key in "[a-z0-9:/@._-]{1,64}", data in "[^\u{1}]\\PC{0,64}") {
+            let value = keyed_event_value(time, &key, &data);
+            prop_assert_eq!(split_any_event_value(&value), Some((time, Some(key.as_str()), data.as_str())));
+            let plain = event_value(time, &data);
+            prop_assert_eq!(split_any_event_value(&plain), Some((time, None, data.as_str())));
+        }
+
+        #[test]
+        fn state_values_round_trip(epoch in epoch(), seq in any::<u64>(), expires in any::<u64>(), data in proptest::option::of("\\PC{0,64}")) {
+            let value = state_value(&epoch, Seq::new(seq), expires, data.as_deref());
+            prop_assert_eq!(split_state_value(&value), Some((epoch.as_str(), Seq::new(seq), expires, data.as_deref())));
         }
 
         #[test]
@@ -283,7 +366,7 @@ mod tests {
     fn truncated_values_are_refused_not_misread() {
         let meta = ChannelMeta::empty(Epoch::new("e1").expect("valid"), 3).encode();
         assert_eq!(ChannelMeta::decode(&meta[..39]), None);
-        assert_eq!(split_event_value(&[1, 2, 3]), None);
+        assert_eq!(split_any_event_value(&[1, 2, 3]), None);
         assert_eq!(RunRecord::decode(&[0; 7]), None);
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Store {
     pub(crate) channels: Keyspace,
     pub(crate) keys: Keyspace,
     pub(crate) records: Keyspace,
+    /// The latest event of each key of keyed channels (layout 2).
+    pub(crate) state: Keyspace,
 }
 
 impl std::fmt::Debug for Store {
@@ -74,7 +76,7 @@ const LAYOUT: &str = "layout";
 /// The version of `layout.rs` this build reads and writes. A build that changes the layout
 /// raises it and converts older stores at opening; a store of another version is refused,
 /// never misread.
-const LAYOUT_VERSION: u64 = 1;
+const LAYOUT_VERSION: u64 = 2;
 const LOST_THROUGH: &str = "lost_through";
 pub(crate) const SHARED_EPOCH: &str = "shared_epoch";
 
@@ -129,6 +131,7 @@ pub(crate) fn open(
         channels: keyspace("channels", 4 * 1024 * 1024)?,
         keys: keyspace("keys", 4 * 1024 * 1024)?,
         records: keyspace("store", 4 * 1024 * 1024)?,
+        state: keyspace("state", 4 * 1024 * 1024)?,
         db: db.clone(),
     };
     let read = |key: &str| store.records.get(key).map_err(store_error);
@@ -137,7 +140,9 @@ pub(crate) fn open(
         message: format!("its {what} record cannot be read"),
     };
     match read(LAYOUT)?.map(|value| decode_number(&value)) {
-        None | Some(Some(LAYOUT_VERSION)) => {}
+        // Layout 1 is layout 2 without keyed channels: it opens as it is (and is recorded as
+        // 2 below, so an older build refuses it once keyed events may be in it).
+        None | Some(Some(1 | LAYOUT_VERSION)) => {}
         Some(other) => {
             return Err(OpenError::Store {
                 path: dir.to_owned(),

@@ -331,3 +331,132 @@ fn restore_over(from: &Path, to: &Path) {
     clear(to);
     copy_tree(from, to);
 }
+
+/// A keyed publish of `data` (JSON text) for `key` on `channel`.
+async fn publish_keyed(broker: &DiskBroker, channel: &Channel, key: &str, data: &str) -> Position {
+    broker
+        .publish(
+            Publish::new(channel.clone(), Payload::from_json(data).expect("json"))
+                .with_key(Some(resync_protocol::Key::new(key).expect("valid key"))),
+        )
+        .await
+        .expect("keyed publish")
+}
+
+/// The values of a keyed channel's state: key to data, deleted keys left out.
+async fn state_of(broker: &DiskBroker, channel: &Channel) -> Vec<(String, u64, String)> {
+    use resync_broker::KeyedState;
+    let mut values = Vec::new();
+    let mut after = None;
+    loop {
+        let page = broker
+            .state_page(channel, after.as_ref(), 3)
+            .await
+            .expect("state page");
+        for entry in page.entries {
+            if let Some(data) = entry.data {
+                values.push((
+                    entry.key.to_string(),
+                    entry.seq.get(),
+                    data.as_str().to_owned(),
+                ));
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return values,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_channels_state_outlives_its_history_and_a_restart_and_not_an_epoch() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let channel = Channel::new("prices:fx").expect("valid channel");
+    let expected = {
+        let broker = DiskBroker::builder(dir.path())
+            .boot_id("boot-1")
+            .retention(resync_broker::Retention::default().with_max_events(5))
+            .open()
+            .expect("opens");
+        for round in 0..40u64 {
+            let key = format!("k{}", round % 9);
+            let data = if round % 6 == 0 {
+                "null".to_owned()
+            } else {
+                round.to_string()
+            };
+            publish_keyed(&broker, &channel, &key, &data).await;
+        }
+        let state = state_of(&broker, &channel).await;
+        // The model: each key's last publish, unless it deleted it.
+        let mut model = std::collections::BTreeMap::new();
+        for round in 0..40u64 {
+            let key = format!("k{}", round % 9);
+            if round % 6 == 0 {
+                model.remove(&key);
+            } else {
+                model.insert(key, (round + 1, round.to_string()));
+            }
+        }
+        let model: Vec<(String, u64, String)> = model
+            .into_iter()
+            .map(|(key, (seq, data))| (key, seq, data))
+            .collect();
+        assert_eq!(
+            state, model,
+            "the latest event of each key, past a 5-event history"
+        );
+        // Events keep their key through the disk.
+        match broker
+            .read_since(
+                &channel,
+                &Position::new(state_epoch(&broker, &channel).await, Seq::new(37)),
+                10,
+            )
+            .await
+            .expect("read")
+        {
+            ReadOutcome::Replayed { events, .. } => {
+                let keys: Vec<Option<String>> = events
+                    .iter()
+                    .map(|event| event.key().map(ToString::to_string))
+                    .collect();
+                assert_eq!(
+                    keys,
+                    [
+                        Some("k1".to_owned()),
+                        Some("k2".to_owned()),
+                        Some("k3".to_owned())
+                    ]
+                );
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        broker.close().await;
+        state
+    };
+    // A clean restart keeps it.
+    {
+        let broker = open(dir.path(), "boot-1");
+        assert_eq!(
+            state_of(&broker, &channel).await,
+            expected,
+            "after a clean restart"
+        );
+        drop(broker);
+    }
+    // Another boot (a power cut the store cannot rule out) starts the channel in a new epoch:
+    // the old state is of another history and is not served.
+    let broker = open(dir.path(), "boot-2");
+    let after = publish_keyed(&broker, &channel, "k1", "1000").await;
+    assert_eq!(
+        state_of(&broker, &channel).await,
+        [("k1".to_owned(), after.seq.get(), "1000".to_owned())],
+        "only the new epoch's entries"
+    );
+}
+
+async fn state_epoch(broker: &DiskBroker, channel: &Channel) -> resync_protocol::Epoch {
+    broker.position(channel).await.expect("position").epoch
+}
