@@ -261,3 +261,55 @@ async fn the_http_api_reads_a_keyed_channels_state_in_pages() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_state_asked_with_a_reachable_position_is_followed_by_every_event_after_that_position() {
+    // A keyed subscription joining a channel its connection already follows from `since`:
+    // the state comes, and then every event after `since` (not only after the state's), so
+    // the connection's other subscriptions miss nothing.
+    let server = server_on(resync_server::BrokerKind::Disk);
+    let channel = "prices:joined";
+    let mut positions = Vec::new();
+    for index in 0..10u64 {
+        positions.push(
+            publish(
+                &server,
+                channel,
+                &format!("k{}", index % 3),
+                serde_json::json!(index),
+            )
+            .await,
+        );
+    }
+    let since = positions[6].clone();
+    let mut socket = resync_tests::WsClient::connect_ready(&server.ws_url("")).await;
+    socket
+        .send(&resync_protocol::ClientFrame::Subscribe {
+            id: 1,
+            channel: Channel::new(channel).unwrap(),
+            since: Some(since.clone()),
+            presence: None,
+            join_leave: false,
+            state: true,
+        })
+        .await;
+    let mut states = 0;
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        match socket.frame().await {
+            resync_protocol::ServerFrame::Subscribed { recovery, .. } => assert!(
+                matches!(recovery, resync_protocol::RecoveryOutcome::State { .. }),
+                "{recovery:?}"
+            ),
+            resync_protocol::ServerFrame::State { entries, more, .. } => {
+                assert_eq!(entries.len(), 3);
+                assert!(!more);
+                states += 1;
+            }
+            resync_protocol::ServerFrame::Event(event) => seqs.push(event.position.seq.get()),
+            _ => {}
+        }
+    }
+    assert_eq!(states, 1);
+    assert_eq!(seqs, [8, 9, 10], "every event after since = 7, in order");
+}

@@ -505,7 +505,8 @@ export class ResyncClient {
     if (resume === false) return undefined;
     const storage = resume === true ? sessionStorageOrNothing() : (resume.storage ?? sessionStorageOrNothing());
     if (!storage) return undefined;
-    return new PositionStore(storage, `${this.baseUrl}#${tokenSubject(this.token)}`, resume === true ? {} : resume);
+    // Encoded, so no subject's scope is a prefix of another's (`clear()` matches by prefix).
+    return new PositionStore(storage, `${this.baseUrl}#${encodeURIComponent(tokenSubject(this.token))}`, resume === true ? {} : resume);
   }
 
   /** The transports to try, in order: the last one that worked first. */
@@ -640,6 +641,7 @@ export class ResyncClient {
     /** @type {Map<string, { seq: number, data: any }>} data `null`: deleted (kept for the seq) */
     let held = new Map();
     let building;
+    let lastKey;
     let subscription;
     let stopped = false;
     const values = () => new Map([...held].filter(([, kept]) => kept.data !== null).map(([key, kept]) => [key, kept.data]));
@@ -647,10 +649,19 @@ export class ResyncClient {
       subscription = this.subscribe(channel, {
         state: true,
         resume: false,
+        onRecovery: (recovery) => {
+          // A state starts (again, after a cut halfway): from nothing.
+          if (recovery.outcome === "state") building = undefined;
+        },
         onState: (page) => {
+          // A page that does not go on after the last key read starts a new state (long
+          // polling carries no recovery: a cut halfway shows this way).
+          if (building && page.entries.length > 0 && lastKey !== undefined && page.entries[0].key <= lastKey) building = undefined;
           building ??= new Map();
           for (const entry of page.entries) building.set(entry.key, { seq: entry.seq, data: entry.data });
+          lastKey = page.entries.length > 0 ? page.entries[page.entries.length - 1].key : lastKey;
           if (page.more) return;
+          lastKey = undefined;
           const changed = [...new Set([...held.keys(), ...building.keys()])];
           held = building;
           building = undefined;
@@ -892,13 +903,17 @@ export class ResyncClient {
     if (!entry) return;
     const page = { channel: frame.channel, entries: frame.entries, position: frame.position, more: frame.more === true };
     if (!page.more) {
-      entry.position = frame.position;
+      // The connection follows from the older of its position and the state's.
+      if (!entry.position || !isBefore(entry.position, frame.position)) entry.position = frame.position;
       entry.stateWanted = false;
-      this.positions?.set(frame.channel, frame.position);
+      this.positions?.set(frame.channel, entry.position);
     }
     for (const listener of [...entry.listeners]) {
-      // A subscription already past the state's position keeps its place.
-      if (!page.more && (listener.position === undefined || isBefore(listener.position, frame.position))) listener.position = frame.position;
+      // The state's readers stand at its position; the others keep their place (the server
+      // replays from the older of the two: they miss nothing).
+      if (!page.more && (listener.position === undefined || (listener.handlers.onState && isBefore(listener.position, frame.position)))) {
+        listener.position = frame.position;
+      }
       listener.handlers.onState?.(page);
     }
   }

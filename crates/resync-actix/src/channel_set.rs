@@ -94,7 +94,9 @@ impl ChannelSet {
         state_after: &[(Channel, Position, resync_protocol::Key)],
     ) -> Result<(Self, Vec<(Channel, RecoveryOutcome)>), ApiError> {
         let opened = futures_util::future::join_all(channels.iter().map(|channel| async move {
-            let options = resume_options(shared, channel, state && since.of(channel).is_none());
+            // From the state where the client asked (then the events after the older of its
+            // position and the state's).
+            let options = resume_options(shared, channel, state);
             // A state an earlier reply delivered in part goes on where it stopped.
             if let Some((_, position, after)) = state_after
                 .iter()
@@ -248,6 +250,7 @@ impl ChannelSet {
     pub(crate) fn cursor(&self) -> Cursor {
         self.subscriptions
             .iter()
+            .filter(|(_, subscription)| !subscription.delivering_state())
             .map(|(channel, subscription)| (channel.clone(), subscription.position().clone()))
             .collect()
     }
@@ -257,6 +260,7 @@ impl ChannelSet {
         Cursor::write_entries(
             self.subscriptions
                 .iter()
+                .filter(|(_, subscription)| !subscription.delivering_state())
                 .map(|(channel, subscription)| (channel, subscription.position())),
             out,
         );

@@ -130,6 +130,10 @@ struct ChannelState {
     keyed: Option<(usize, usize)>,
 }
 
+/// The most state entries one page reads (served or skipped as stale or expired), so a
+/// page's cost is bounded however many dead entries a channel holds.
+const STATE_SCAN_MOST: usize = 4_096;
+
 /// What a keyed publish makes of its channel's state.
 struct KeyedUpdate {
     /// The channel's keys and bytes of state after it.
@@ -618,6 +622,12 @@ impl Inner {
         let mut batch = self.store.db.batch();
         let after_newest = meta.last_seq.next().unwrap_or(meta.last_seq);
         let freed = self.trim(&mut batch, st, &mut meta, after_newest, now_ms, 0)?;
+        // Keyed state of another epoch, expired keys and tombstones go (a bounded few a sweep).
+        let swept = self.sweep_state(&mut batch, channel, &meta.epoch, now_ms)?;
+        if swept > 0 {
+            // Counted again at the channel's next keyed publish.
+            st.keyed = None;
+        }
         // A keyed channel's state outlives its history: it is what late readers get.
         let forget = !in_use
             && meta.oldest_stored().is_none()
@@ -639,7 +649,7 @@ impl Inner {
             }
         } else if freed > 0 {
             batch.insert(&self.store.channels, channel.as_str(), meta.encode());
-        } else {
+        } else if swept == 0 {
             return Ok(());
         }
         batch
@@ -664,6 +674,34 @@ impl Inner {
             *lock(&self.shared_epoch) = epoch;
         }
         Ok(())
+    }
+
+    /// Adds the removal of `channel`'s dead state entries (of another epoch than `epoch`,
+    /// or expired) to `batch`, at most [`STATE_SCAN_MOST`] looked at; returns how many.
+    fn sweep_state(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        channel: &Channel,
+        epoch: &Epoch,
+        now_ms: u64,
+    ) -> Result<usize> {
+        let mut removed = 0;
+        for entry in self
+            .store
+            .state
+            .prefix(channel_prefix(channel.as_str()))
+            .take(STATE_SCAN_MOST)
+        {
+            let (stored, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
+            let dead = split_state_value(&value).is_none_or(|(of, _, expires, _)| {
+                of != epoch.as_str() || (expires != 0 && expires <= now_ms)
+            });
+            if dead {
+                batch.remove(&self.store.state, stored);
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Whether `channel` keeps keyed state.
@@ -1099,10 +1137,11 @@ impl resync_broker::KeyedState for DiskBroker {
                 next: None,
             });
         };
-        let st = lock(&state);
         // What readers see: an entry of a publish not shown yet (waiting for its sync) is
-        // left out; its event comes after the position, and the reader's rule applies it.
-        let position = st.recent.position();
+        // left out; its event comes after the position, and the reader's rule applies it. The
+        // disk is read with the channel unlocked, so publishes go on meanwhile: what they
+        // write is newer than the position, which the reader's rule expects.
+        let position = lock(&state).recent.position();
         let name = channel.as_str();
         let prefix = channel_prefix(name);
         let start = match after {
@@ -1118,7 +1157,13 @@ impl resync_broker::KeyedState for DiskBroker {
         let now = now_ms();
         let limit = limit.max(1);
         let mut entries = Vec::new();
+        let mut bytes = 0;
+        // Entries of another epoch and expired ones are skipped, at most so many a page: a
+        // page stops early at `limit` entries, about STATE_PAGE_BYTES or STATE_SCAN_MOST
+        // read, and goes on after the last key read, served or not.
+        let mut last_read: Option<Key> = None;
         let mut more = false;
+        let mut scanned = 0;
         for entry in inner.store.state.range(start..) {
             let (stored, value) = entry
                 .into_inner()
@@ -1126,6 +1171,19 @@ impl resync_broker::KeyedState for DiskBroker {
             let Some(key) = stored.strip_prefix(prefix.as_slice()) else {
                 break;
             };
+            if entries.len() == limit
+                || bytes >= resync_broker::STATE_PAGE_BYTES
+                || scanned == STATE_SCAN_MOST
+            {
+                more = true;
+                break;
+            }
+            scanned += 1;
+            let key = std::str::from_utf8(key)
+                .ok()
+                .and_then(|key| Key::new(key).ok())
+                .ok_or_else(corrupt)?;
+            last_read = Some(key.clone());
             let (epoch, seq, expires, data) = split_state_value(&value).ok_or_else(corrupt)?;
             let stale = epoch != position.epoch.as_str()
                 || seq > position.seq
@@ -1133,24 +1191,13 @@ impl resync_broker::KeyedState for DiskBroker {
             if stale {
                 continue;
             }
-            if entries.len() == limit {
-                more = true;
-                break;
-            }
-            let key = std::str::from_utf8(key)
-                .ok()
-                .and_then(|key| Key::new(key).ok())
-                .ok_or_else(corrupt)?;
             let data = data
                 .map(|data| Payload::from_json(data).map_err(|_| corrupt()))
                 .transpose()?;
+            bytes += key.as_str().len() + data.as_ref().map_or(0, |data| data.as_str().len());
             entries.push(StateEntry { key, seq, data });
         }
-        let next = if more {
-            entries.last().map(|entry| entry.key.clone())
-        } else {
-            None
-        };
+        let next = if more { last_read } else { None };
         Ok(resync_broker::StatePage {
             entries,
             position,

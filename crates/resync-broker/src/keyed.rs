@@ -14,7 +14,8 @@
 //! [`KeyedMap`] is that state in memory, with its bounds; the memory and disk brokers keep one
 //! per keyed channel.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -84,6 +85,10 @@ impl Default for KeyedLimits {
     }
 }
 
+/// About the most bytes of keys and data in one page of state: a page stops at its entry
+/// limit or here, whichever comes first (and holds at least one entry).
+pub const STATE_PAGE_BYTES: usize = 256 * 1024;
+
 /// Bytes an entry costs its state besides its key and data (map node, seq, times).
 pub const STATE_ENTRY_OVERHEAD_BYTES: usize = 96;
 
@@ -108,8 +113,9 @@ impl Kept {
 pub struct KeyedMap {
     entries: BTreeMap<Key, Kept>,
     bytes: usize,
-    /// Entries that expire, by when (checked lazily: an entry whose time changed is skipped).
-    expiries: VecDeque<(Instant, Key)>,
+    /// Entries that expire, soonest first (checked lazily: an entry whose time changed is
+    /// skipped). Key TTLs and tombstone times interleave, hence a heap, not a queue.
+    expiries: BinaryHeap<Reverse<(Instant, Key)>>,
 }
 
 impl KeyedMap {
@@ -164,7 +170,7 @@ impl KeyedMap {
         };
         self.bytes += kept.bytes(&key);
         if let Some(expires) = expires {
-            self.expiries.push_back((expires, key.clone()));
+            self.expiries.push(Reverse((expires, key.clone())));
         }
         if let Some(old) = self.entries.insert(key.clone(), kept) {
             self.bytes -= old.bytes(&key);
@@ -173,11 +179,11 @@ impl KeyedMap {
 
     /// Lets go of the entries whose time has come.
     pub fn expire(&mut self, now: Instant) {
-        while let Some((when, _)) = self.expiries.front() {
+        while let Some(Reverse((when, _))) = self.expiries.peek() {
             if *when > now {
                 break;
             }
-            let Some((when, key)) = self.expiries.pop_front() else {
+            let Some(Reverse((when, key))) = self.expiries.pop() else {
                 break;
             };
             // Only if the entry still expires then: a later publish of the key moved it.
@@ -209,11 +215,13 @@ impl KeyedMap {
         };
         let mut entries = Vec::new();
         let mut more = false;
+        let mut bytes = 0;
         for (key, kept) in range {
-            if entries.len() == limit {
+            if entries.len() == limit || bytes >= STATE_PAGE_BYTES {
                 more = true;
                 break;
             }
+            bytes += kept.bytes(key);
             entries.push(StateEntry {
                 key: key.clone(),
                 seq: kept.seq,

@@ -154,6 +154,8 @@ struct StateRead {
     position: Position,
     /// The last key delivered, while more pages follow.
     after: Option<resync_protocol::Key>,
+    /// Where the events after the state start, when before its position (the client's own).
+    replay_from: Option<Position>,
     page: Option<crate::StatePage>,
     call: Option<PageRead>,
 }
@@ -208,7 +210,17 @@ pub async fn resume(
     if let Some(keyed) = keyed
         && options.state
     {
-        let (outcome, state) = state_from(keyed, &channel).await?;
+        let (outcome, mut state) = state_from(keyed, &channel).await?;
+        // A client with a position the history still reaches (another subscription of the
+        // channel on its connection) gets the events after it, not only after the state's:
+        // the state's reader drops those it has, the others miss nothing.
+        if let Some(since) = &since
+            && since.epoch == state.position.epoch
+            && since.seq < state.position.seq
+            && reaches(&*broker, &channel, since, &options).await?
+        {
+            state.replay_from = Some(since.clone());
+        }
         return Ok((
             outcome,
             Subscription::new(broker, channel, live, state, options, since),
@@ -311,6 +323,7 @@ pub async fn resume_state(
     let state = StateRead {
         position,
         after: Some(after),
+        replay_from: None,
         page: Some(page),
         call: None,
     };
@@ -352,6 +365,7 @@ async fn state_from(
         StateRead {
             position,
             after: None,
+            replay_from: None,
             page: Some(page),
             call: None,
         },
@@ -420,7 +434,7 @@ impl Subscription {
         } else {
             // Delivered whole: the client stands at the state's position, and the events
             // after it are read before any live one.
-            self.position = at.clone();
+            self.position = state.replay_from.take().unwrap_or_else(|| at.clone());
             self.state = None;
             self.read_history(None);
         }
@@ -441,6 +455,13 @@ impl Subscription {
     /// The position of the last item delivered: the client's cursor for this channel.
     pub fn position(&self) -> &Position {
         &self.position
+    }
+
+    /// Whether a keyed channel's state is being delivered: until its last page the client
+    /// has no position to resume from (a cursor leaves the channel out, and the client asks
+    /// for the state again).
+    pub fn delivering_state(&self) -> bool {
+        self.state.is_some()
     }
 
     /// While a keyed channel's state is part delivered: the position it stands for and the

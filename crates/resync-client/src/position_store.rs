@@ -80,15 +80,19 @@ impl PositionStore for FileStore {
         if cursor.get(channel) == Some(position) {
             return Ok(());
         }
-        cursor.set(channel.clone(), position.clone());
+        // Kept in memory only once written: a failed write is tried again at the next save.
+        let mut next = cursor.clone();
+        next.set(channel.clone(), position.clone());
         let mut temporary = self.path.clone().into_os_string();
         temporary.push(".tmp");
         let temporary = PathBuf::from(temporary);
-        let written = write_new(&temporary, format!("{cursor}\n").as_bytes())
+        let written = write_new(&temporary, format!("{next}\n").as_bytes())
             .and_then(|()| std::fs::rename(&temporary, &self.path));
         written.map_err(|error| {
             Error::PositionStore(format!("writing {}: {error}", self.path.display()))
-        })
+        })?;
+        *cursor = next;
+        Ok(())
     }
 }
 
@@ -110,7 +114,9 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         }
         other => other?,
     };
-    file.write_all(bytes)
+    file.write_all(bytes)?;
+    // On the disk before the rename: a power cut leaves the old file or the whole new one.
+    file.sync_all()
 }
 
 #[cfg(test)]
