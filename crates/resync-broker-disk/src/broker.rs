@@ -1163,8 +1163,7 @@ impl resync_broker::KeyedState for DiskBroker {
         // read, and goes on after the last key read, served or not.
         let mut last_read: Option<Key> = None;
         let mut more = false;
-        let mut scanned = 0;
-        for entry in inner.store.state.range(start..) {
+        for (scanned, entry) in inner.store.state.range(start..).enumerate() {
             let (stored, value) = entry
                 .into_inner()
                 .map_err(|error| inner.unreadable(error))?;
@@ -1178,7 +1177,6 @@ impl resync_broker::KeyedState for DiskBroker {
                 more = true;
                 break;
             }
-            scanned += 1;
             let key = std::str::from_utf8(key)
                 .ok()
                 .and_then(|key| Key::new(key).ok())
