@@ -6,17 +6,24 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-#[test]
-fn cli_subscribe_prints_what_cli_publish_sends() {
-    let data_dir = tempfile::tempdir().unwrap();
+/// A reference server with its data in `dir` and the tests' API key; it ends with the test
+/// process.
+fn server_in(dir: &std::path::Path) -> resync_server::RunningServer {
     let (server, _thread) = resync_server::start(resync_server::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.path().join("data"),
+        data_dir: dir.join("data"),
         api_key: Some("cli-api-key-0123456789".to_owned()),
         workers: Some(1),
         ..resync_server::Settings::default()
     })
     .unwrap();
+    server
+}
+
+#[test]
+fn cli_subscribe_prints_what_cli_publish_sends() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = server_in(data_dir.path());
     let base = server.base_url();
 
     let publish = |data: &str| {
@@ -153,14 +160,7 @@ impl Drop for Subscriber {
 #[test]
 fn a_subscriber_with_a_state_file_continues_where_it_stopped_on_every_transport() {
     let data_dir = tempfile::tempdir().unwrap();
-    let (server, _thread) = resync_server::start(resync_server::Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.path().join("data"),
-        api_key: Some("cli-api-key-0123456789".to_owned()),
-        workers: Some(1),
-        ..resync_server::Settings::default()
-    })
-    .unwrap();
+    let server = server_in(data_dir.path());
     let base = server.base_url();
     let state = data_dir.path().join("positions");
     let state = state.to_str().unwrap();
