@@ -111,12 +111,27 @@ fn server() -> TestServer {
 async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_transport_and_broker()
  {
     for broker in BROKERS {
-        far_behind_catches_up(broker).await;
+        far_behind_catches_up(broker, server_on(broker)).await;
     }
+    // And on Redis: the state is a hash beside the channel's stream, in its slot.
+    let redis = resync_tests::redis_server::RedisServer::start();
+    let url = redis.url();
+    let server = TestServer::start(|settings| {
+        settings.broker = resync_server::BrokerKind::Redis;
+        settings.redis_url = url;
+        settings.history_size = 20;
+        settings.namespaces.insert(
+            "prices".to_owned(),
+            resync_server::NamespaceSettings {
+                keyed: Some(true),
+                ..Default::default()
+            },
+        );
+    });
+    far_behind_catches_up(resync_server::BrokerKind::Redis, server).await;
 }
 
-async fn far_behind_catches_up(broker: resync_server::BrokerKind) {
-    let server = server_on(broker);
+async fn far_behind_catches_up(broker: resync_server::BrokerKind, server: TestServer) {
     for kind in [
         TransportKind::WebSocket,
         TransportKind::Sse,

@@ -47,7 +47,7 @@ use resync_broker::{
     Broker, DEFAULT_SUBSCRIBER_QUEUE, EncodedEvent, Error, HistoryRead, Hub, LiveSubscription,
     Publish, ReadDecision, ReadOutcome, Result, Retention, decide_read,
 };
-use resync_protocol::{Channel, Epoch, Event, Payload, Position, Seq};
+use resync_protocol::{Channel, Epoch, Event, Key, Payload, Position, Seq, StateEntry};
 use tokio::sync::{mpsc, watch};
 use topology::{CommandConnection, Topology};
 
@@ -64,9 +64,17 @@ pub struct RedisBrokerBuilder {
     meta_ttl: Duration,
     command_timeout: Duration,
     presence_ttl: Duration,
+    keyed_limits: resync_broker::KeyedLimits,
 }
 
 impl RedisBrokerBuilder {
+    /// The bounds of each keyed channel's state (its keys: the bytes bound is the memory and
+    /// disk brokers' alone). Defaults to [`KeyedLimits::default`](resync_broker::KeyedLimits).
+    pub fn keyed_limits(mut self, limits: resync_broker::KeyedLimits) -> Self {
+        self.keyed_limits = limits;
+        self
+    }
+
     /// How long a presence entry lives unless its instance refreshes it (every third of
     /// this): a member of an instance that died leaves within this and a third. Defaults to
     /// 30 seconds.
@@ -249,6 +257,7 @@ struct Scripts {
     presence_leave: redis::Script,
     presence_refresh: redis::Script,
     presence_sweep: redis::Script,
+    state: redis::Script,
 }
 
 impl Scripts {
@@ -261,6 +270,7 @@ impl Scripts {
         };
         Scripts {
             publish: script(scripts::PUBLISH),
+            state: script(scripts::STATE),
             position: script(scripts::POSITION),
             read_since: script(scripts::READ_SINCE),
             presence_join: script(scripts::PRESENCE_JOIN),
@@ -366,6 +376,7 @@ impl RedisBroker {
             namespace_retention: std::collections::HashMap::new(),
             subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
             idempotency_ttl: Duration::from_secs(600),
+            keyed_limits: resync_broker::KeyedLimits::default(),
             meta_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             command_timeout: Duration::from_secs(2),
             presence_ttl: Duration::from_secs(30),
@@ -508,7 +519,28 @@ impl Inner {
     }
 }
 
-/// Parses one XRANGE entry (`0-<seq>`, `[d, payload]`) into an event.
+/// When a keyed publish of `data` stops being served: a deleted key's tombstone after its
+/// time, a value after the key TTL (ms since the Unix epoch; 0: never).
+fn keyed_expiry(limits: &resync_broker::KeyedLimits, data: &Payload) -> u64 {
+    let ttl = if data.as_str() == "null" {
+        Some(limits.tombstone_ttl)
+    } else {
+        limits.key_ttl
+    };
+    ttl.map_or(0, |ttl| now_ms().saturating_add(millis(ttl)))
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// Parses one XRANGE entry (`0-<seq>`, `[d, payload]`, or `[d, payload, k, key]` for a keyed
+/// event) into an event.
 fn event_from_entry(
     channel: &Channel,
     epoch: &Epoch,
@@ -527,16 +559,20 @@ fn event_from_entry(
         .and_then(|seq| seq.parse().ok())
         .ok_or_else(corrupt)?;
     let fields: Vec<String> = redis::from_redis_value_ref(fields).map_err(|_| corrupt())?;
-    let data = match fields.as_slice() {
-        [name, data] if name == "d" => data,
+    let (data, key) = match fields.as_slice() {
+        [name, data] if name == "d" => (data, None),
+        [name, data, key_name, key] if name == "d" && key_name == "k" => (data, Some(key)),
         _ => return Err(corrupt()),
     };
     let payload =
         Payload::from_json(data.clone()).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let key = key
+        .map(|key| Key::new(key).map_err(|error| Error::Corrupt(error.to_string())))
+        .transpose()?;
     Ok(EncodedEvent::new(Event {
         channel: channel.clone(),
         position: Position::new(epoch.clone(), Seq::new(seq)),
-        key: None,
+        key,
         data: payload,
     }))
 }
@@ -561,6 +597,60 @@ impl resync_broker::UserCommandBus for Inner {
 }
 
 #[async_trait]
+impl resync_broker::KeyedState for RedisBroker {
+    async fn state_page(
+        &self,
+        channel: &Channel,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<resync_broker::StatePage> {
+        let settings = &self.inner.settings;
+        let mut invocation = self.inner.scripts.state.prepare_invoke();
+        invocation
+            .key(self.key(channel, "meta"))
+            .key(self.shared_epoch_key(channel))
+            .key(self.key(channel, "stream"))
+            .key(self.key(channel, "state"))
+            .key(self.key(channel, "statekeys"))
+            .arg(millis(settings.meta_ttl))
+            .arg(self.shared_epoch_ttl())
+            .arg(random_epoch())
+            .arg(after.map_or("", |after| after.as_str()))
+            .arg(limit.clamp(1, 10_000))
+            .arg(now_ms());
+        let (epoch, seq, more, last, flat): (String, u64, u64, String, Vec<String>) =
+            self.run(invocation).await?;
+        let position = Self::position_from(epoch, seq)?;
+        let corrupt = || Error::Corrupt(format!("a state entry of {channel} cannot be read"));
+        let mut entries = Vec::with_capacity(flat.len() / 3);
+        for entry in flat.chunks(3) {
+            let [key, seq, data] = entry else {
+                return Err(corrupt());
+            };
+            entries.push(StateEntry {
+                key: Key::new(key).map_err(|_| corrupt())?,
+                seq: Seq::new(seq.parse().map_err(|_| corrupt())?),
+                data: if data.is_empty() {
+                    None
+                } else {
+                    Some(Payload::from_json(data.clone()).map_err(|_| corrupt())?)
+                },
+            });
+        }
+        let next = if more == 1 {
+            Some(Key::new(&last).map_err(|_| corrupt())?)
+        } else {
+            None
+        };
+        Ok(resync_broker::StatePage {
+            entries,
+            position,
+            next,
+        })
+    }
+}
+
+#[async_trait]
 impl Broker for RedisBroker {
     fn durable(&self) -> bool {
         // Stored in Redis: another process (or the next one) serves it.
@@ -568,11 +658,6 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, publish: Publish) -> Result<Position> {
-        if publish.key.is_some() {
-            return Err(Error::Unsupported(
-                "keyed channels (the Redis broker keeps no keyed state yet)",
-            ));
-        }
         let settings = &self.inner.settings;
         let idempotency_key = match &publish.idempotency_key {
             Some(key) => self.key(&publish.channel, &format!("idem:{key}")),
@@ -589,6 +674,8 @@ impl Broker for RedisBroker {
             .key(self.key(&publish.channel, "stream"))
             .key(idempotency_key)
             .key(self.shared_epoch_key(&publish.channel))
+            .key(self.key(&publish.channel, "state"))
+            .key(self.key(&publish.channel, "statekeys"))
             .arg(publish.data.as_str())
             .arg(retention.max_events())
             .arg(stream_ttl)
@@ -602,8 +689,17 @@ impl Broker for RedisBroker {
             })
             .arg(millis(settings.idempotency_ttl).max(1))
             .arg(self.shared_epoch_ttl())
-            .arg(retention.max_bytes().unwrap_or(0));
+            .arg(retention.max_bytes().unwrap_or(0))
+            .arg(publish.key.as_ref().map_or("", |key| key.as_str()))
+            .arg(settings.keyed_limits.max_keys)
+            .arg(keyed_expiry(&settings.keyed_limits, &publish.data));
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
+        if epoch == "!full" {
+            return Err(Error::KeyedStateFull(format!(
+                "the channel keeps at most {} keys (it has {seq})",
+                settings.keyed_limits.max_keys
+            )));
+        }
         Self::position_from(epoch, seq)
     }
 
@@ -695,6 +791,10 @@ impl Broker for RedisBroker {
 
     fn presence(&self) -> Option<&dyn resync_broker::Presence> {
         Some(&*self.inner)
+    }
+
+    fn keyed_state(&self) -> Option<&dyn resync_broker::KeyedState> {
+        Some(self)
     }
 
     fn user_commands(&self) -> Option<&dyn resync_broker::UserCommandBus> {

@@ -54,11 +54,19 @@ fn decode(prefix: &str, name: &str, payload: &str) -> Option<EncodedEvent> {
     let (epoch, rest) = payload.split_once(':')?;
     let (seq, data) = rest.split_once(':')?;
     let position = Position::new(Epoch::new(epoch).ok()?, Seq::new(seq.parse().ok()?));
+    // A keyed event: `#<key> <data>` (JSON text never starts with `#`).
+    let (key, data) = match data.strip_prefix('#') {
+        Some(keyed) => {
+            let (key, data) = keyed.split_once(' ')?;
+            (Some(resync_protocol::Key::new(key).ok()?), data)
+        }
+        None => (None, data),
+    };
     let data = Payload::from_json(data).ok()?;
     Some(EncodedEvent::new(Event {
         channel,
         position,
-        key: None,
+        key,
         data,
     }))
 }

@@ -69,9 +69,13 @@ end
 /// (made now if missing) and drops any stream left behind; increment the seq, append to the
 /// stream trimmed to the history size, refresh expiries, PUBLISH, remember the key.
 ///
-/// KEYS: meta, stream, idempotency key (or a placeholder), shared epoch. ARGV: payload, max
-/// events, stream ttl ms (0 = none), meta ttl ms, epoch candidate, pub/sub channel, use
-/// idempotency (0/1), idempotency ttl ms, shared epoch ttl ms, max bytes (0 = none).
+/// KEYS: meta, stream, idempotency key (or a placeholder), shared epoch, keyed state (a hash
+/// key → `epoch:seq:expires:data`, empty data for a deleted key), its keys (a sorted set, for
+/// pages in key order). ARGV: payload, max events, stream ttl ms (0 = none), meta ttl ms,
+/// epoch candidate, pub/sub channel, use idempotency (0/1), idempotency ttl ms, shared epoch
+/// ttl ms, max bytes (0 = none), key ('' = not keyed), max keys, the entry's expiry (ms since
+/// the Unix epoch, 0 = none). A keyed publish past the bounds returns `{'!full', keys}` and
+/// writes nothing.
 pub(crate) const PUBLISH: &str = concat!(
     replication_prelude!(),
     r"
@@ -82,15 +86,24 @@ if ARGV[7] == '1' then
     return {epoch, tonumber(seq)}
   end
 end
+local key = ARGV[11]
+if key ~= '' and redis.call('HEXISTS', KEYS[5], key) == 0 then
+  local keys = redis.call('HLEN', KEYS[5])
+  if keys >= tonumber(ARGV[12]) then
+    return {'!full', keys}
+  end
+end
 local current, previous = replication()
 local meta = redis.call('HMGET', KEYS[1], 'e', 'r')
 local epoch = meta[1]
 if epoch and doubtful(meta[2], current, previous) then
   epoch = ARGV[5]
   start_over(KEYS[1], KEYS[2], epoch, current)
+  redis.call('DEL', KEYS[5], KEYS[6])
 elseif not epoch then
   epoch = shared_epoch(KEYS[4], ARGV[5], ARGV[9], current, previous)
   start_over(KEYS[1], KEYS[2], epoch, current)
+  redis.call('DEL', KEYS[5], KEYS[6])
 elseif meta[2] ~= current then
   redis.call('HSET', KEYS[1], 'r', current)
 end
@@ -98,7 +111,19 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[1], 'b', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('XADD', KEYS[2], '0-' .. seq, 'd', ARGV[1])
+local message = ARGV[1]
+if key ~= '' then
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'd', ARGV[1], 'k', key)
+  local data = ARGV[1]
+  if data == 'null' then data = '' end
+  redis.call('HSET', KEYS[5], key, epoch .. ':' .. seq .. ':' .. ARGV[13] .. ':' .. data)
+  redis.call('ZADD', KEYS[6], 0, key)
+  redis.call('PEXPIRE', KEYS[5], ARGV[4])
+  redis.call('PEXPIRE', KEYS[6], ARGV[4])
+  message = '#' .. key .. ' ' .. ARGV[1]
+else
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'd', ARGV[1])
+end
 local bytes = redis.call('HINCRBY', KEYS[1], 'b', #ARGV[1])
 local max_events = tonumber(ARGV[2])
 local max_bytes = tonumber(ARGV[10])
@@ -131,7 +156,7 @@ if tonumber(ARGV[3]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[6], epoch .. ':' .. seq .. ':' .. ARGV[1])
+redis.call('PUBLISH', ARGV[6], epoch .. ':' .. seq .. ':' .. message)
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], epoch .. ':' .. seq, 'PX', ARGV[8])
 end
@@ -180,6 +205,60 @@ pub(crate) const POSITION: &str = concat!(
     r"
 local epoch, seq = position()
 return {epoch, seq}
+"
+);
+
+/// A page of a keyed channel's state, with the position, in one step: the keys after `after`
+/// in key order, at most `limit` and about 256 KiB; entries of another epoch and expired
+/// ones are removed as they are met. KEYS: meta, shared epoch, stream, state, state keys.
+/// ARGV: meta ttl ms, shared epoch ttl ms, epoch candidate, after ('' = from the first),
+/// limit, now (ms since the Unix epoch). Returns {epoch, seq, more (0/1), last key read,
+/// {key, seq, data, …}} (empty data: a deleted key).
+pub(crate) const STATE: &str = concat!(
+    replication_prelude!(),
+    position_prelude!(),
+    r"
+local epoch, seq = position()
+local from = '-'
+if ARGV[4] ~= '' then from = '(' .. ARGV[4] end
+local limit = tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
+local keys = redis.call('ZRANGEBYLEX', KEYS[5], from, '+', 'LIMIT', 0, limit + 1)
+local out = {}
+local served = 0
+local bytes = 0
+local more = 0
+local last = ''
+for _, key in ipairs(keys) do
+  if served == limit or bytes >= 262144 then
+    more = 1
+    break
+  end
+  local value = redis.call('HGET', KEYS[4], key)
+  local e, s, x, data
+  if value then
+    e, s, x, data = string.match(value, '^([^:]*):(%d+):(%d+):(.*)$')
+  end
+  if not e or e ~= epoch or (tonumber(x) > 0 and tonumber(x) <= now) then
+    redis.call('HDEL', KEYS[4], key)
+    redis.call('ZREM', KEYS[5], key)
+  else
+    table.insert(out, key)
+    table.insert(out, s)
+    table.insert(out, data)
+    served = served + 1
+    bytes = bytes + #key + #data
+  end
+  last = key
+end
+if more == 0 and #keys > limit then
+  -- Every key fetched was read, some removed: more may follow.
+  more = 1
+end
+-- Kept as long as the channel's metadata is.
+redis.call('PEXPIRE', KEYS[4], ARGV[1])
+redis.call('PEXPIRE', KEYS[5], ARGV[1])
+return {epoch, seq, more, last, out}
 "
 );
 

@@ -43,7 +43,7 @@ pub struct NamespaceSettings {
     pub proxy: Option<bool>,
     /// The channels are keyed: every publish names the key it sets (`null` data deletes it),
     /// and a client the history no longer reaches catches up from the latest event of each
-    /// key (disk and memory brokers; docs/protocol.md, section 14).
+    /// key (every broker; docs/protocol.md, section 14).
     pub keyed: Option<bool>,
 }
 
