@@ -21,17 +21,19 @@ const BROKERS: [resync_server::BrokerKind; 2] = [
 
 /// A server on `broker` whose `prices` namespace is keyed, with a short history.
 fn server_on(broker: resync_server::BrokerKind) -> TestServer {
-    TestServer::start(|settings| {
-        settings.broker = broker;
-        settings.history_size = 20;
-        settings.namespaces.insert(
-            "prices".to_owned(),
-            resync_server::NamespaceSettings {
-                keyed: Some(true),
-                ..Default::default()
-            },
-        );
-    })
+    TestServer::start(|settings| keyed_prices(settings, broker))
+}
+
+fn keyed_prices(settings: &mut resync_server::Settings, broker: resync_server::BrokerKind) {
+    settings.broker = broker;
+    settings.history_size = 20;
+    settings.namespaces.insert(
+        "prices".to_owned(),
+        resync_server::NamespaceSettings {
+            keyed: Some(true),
+            ..Default::default()
+        },
+    );
 }
 
 /// Publishes `data` for `key` through the HTTP API; `null` deletes the key.
@@ -117,16 +119,8 @@ async fn a_client_far_behind_a_keyed_channel_catches_up_from_its_state_on_every_
     let redis = resync_tests::redis_server::RedisServer::start();
     let url = redis.url();
     let server = TestServer::start(|settings| {
-        settings.broker = resync_server::BrokerKind::Redis;
+        keyed_prices(settings, resync_server::BrokerKind::Redis);
         settings.redis_url = url;
-        settings.history_size = 20;
-        settings.namespaces.insert(
-            "prices".to_owned(),
-            resync_server::NamespaceSettings {
-                keyed: Some(true),
-                ..Default::default()
-            },
-        );
     });
     far_behind_catches_up(resync_server::BrokerKind::Redis, server).await;
 }
@@ -327,4 +321,53 @@ async fn a_state_asked_with_a_reachable_position_is_followed_by_every_event_afte
     }
     assert_eq!(states, 1);
     assert_eq!(seqs, [8, 9, 10], "every event after since = 7, in order");
+}
+
+#[tokio::test]
+async fn state_1_reads_no_state_for_a_channel_the_cursor_names_and_a_named_state_does() {
+    // A bare `EventSource` keeps its URL (`state=1`) and reconnects with `Last-Event-ID`: it
+    // must not read the whole state again at every reconnect. Naming the channel asks anyway.
+    let server = server();
+    let channel = "prices:wish";
+    let mut last = None;
+    for index in 0..5u64 {
+        last = Some(
+            publish(
+                &server,
+                channel,
+                &format!("k{index}"),
+                serde_json::json!(index),
+            )
+            .await,
+        );
+    }
+    let last = last.unwrap();
+    let cursor = format!("{channel}:{}:{}", last.epoch, last.seq.get());
+    let outcome = |query: String, id: Option<String>| {
+        let server = &server;
+        async move {
+            let mut stream = resync_tests::SseClient::connect(server, &query, id.as_deref()).await;
+            let opening = stream.next().await.unwrap();
+            assert_eq!(opening.event, "subscribed");
+            let data: serde_json::Value = serde_json::from_str(&opening.data).unwrap();
+            data["channels"][channel]["outcome"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(
+        outcome(format!("?channels={channel}&state=1"), Some(cursor.clone())).await,
+        "up_to_date",
+        "state=1 with the channel in the cursor"
+    );
+    assert_eq!(
+        outcome(format!("?channels={channel}&state=1"), None).await,
+        "state"
+    );
+    assert_eq!(
+        outcome(format!("?channels={channel}&state={channel}"), Some(cursor)).await,
+        "state",
+        "a named channel reads its state even from a cursor"
+    );
 }

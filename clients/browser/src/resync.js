@@ -997,7 +997,9 @@ export class ResyncClient {
     const params = [...this.channels.keys()].map((channel) => ["channel", channel]);
     const cursor = this.cursor();
     if (cursor) params.push(["cursor", cursor]);
-    if ([...this.channels.values()].some(wantsState)) params.push(["state", "1"]);
+    // The keyed channels that want their state, by name (also where the cursor names them).
+    const state = [...this.channels].filter(([, entry]) => wantsState(entry)).map(([channel]) => channel);
+    if (state.length > 0) params.push(["state", state.join(",")]);
     if (this.token) params.push(["token", this.token]);
     return params;
   }

@@ -90,13 +90,14 @@ impl ChannelSet {
         shared: &Arc<Shared>,
         channels: &[Channel],
         since: &Since,
-        state: bool,
+        state: &crate::request::StateWish,
         state_after: &[(Channel, Position, resync_protocol::Key)],
     ) -> Result<(Self, Vec<(Channel, RecoveryOutcome)>), ApiError> {
         let opened = futures_util::future::join_all(channels.iter().map(|channel| async move {
             // From the state where the client asked (then the events after the older of its
             // position and the state's).
-            let options = resume_options(shared, channel, state);
+            let wants = state.wants(channel, since.of(channel).as_ref());
+            let options = resume_options(shared, channel, wants);
             // A state an earlier reply delivered in part goes on where it stopped.
             if let Some((_, position, after)) = state_after
                 .iter()

@@ -37,12 +37,57 @@ pub(crate) struct QueryParams {
     pub(crate) join_leave: bool,
     /// `presence_session=…` (long polling): the presence session of the client's last poll.
     pub(crate) presence_session: Option<String>,
-    /// `state=1` (SSE, long polling): the keyed channels the cursor does not name start from
-    /// their state.
-    pub(crate) state: bool,
+    /// `state=` (SSE, long polling): which keyed channels start from their state.
+    pub(crate) state: StateWish,
     /// `state_after=channel|epoch:seq|key,…` (long polling): keyed channels whose state an
     /// earlier reply delivered in part, to go on with.
     pub(crate) state_after: Vec<(Channel, resync_protocol::Position, resync_protocol::Key)>,
+}
+
+/// Which keyed channels of an SSE stream or a poll start from their state.
+#[derive(Debug, Default)]
+pub(crate) enum StateWish {
+    /// None (no `state=`).
+    #[default]
+    None,
+    /// `state=1`: those the cursor does not name (a client with nothing yet). A reconnect
+    /// with its cursor (a bare `EventSource` keeps its URL) reads no state again.
+    Unnamed,
+    /// `state=a,b`: these, even where the cursor names them (a keyed subscription joining a
+    /// channel the connection follows; the events after the cursor's position follow too).
+    Channels(Vec<Channel>),
+}
+
+impl StateWish {
+    fn parse(value: &str, max_channels: usize) -> Result<Self, ApiError> {
+        if matches!(value, "1" | "true") {
+            return Ok(StateWish::Unnamed);
+        }
+        let mut channels = Vec::new();
+        for name in value.split(',').filter(|name| !name.is_empty()) {
+            if channels.len() == max_channels {
+                return Err(ApiError::new(
+                    ErrorCode::TooManyChannels,
+                    format!("at most {max_channels} channels per connection"),
+                ));
+            }
+            channels.push(Channel::new(name)?);
+        }
+        Ok(StateWish::Channels(channels))
+    }
+
+    /// Whether `channel`, at `since` in the client's cursor, starts from its state.
+    pub(crate) fn wants(
+        &self,
+        channel: &Channel,
+        since: Option<&resync_protocol::Position>,
+    ) -> bool {
+        match self {
+            StateWish::None => false,
+            StateWish::Unnamed => since.is_none(),
+            StateWish::Channels(channels) => channels.contains(channel),
+        }
+    }
 }
 
 /// One `state_after=` entry: `channel|epoch:seq|key`.
@@ -113,7 +158,7 @@ impl QueryParams {
                     params.presence = Some(resync_protocol::PresenceRequest { info });
                 }
                 "join_leave" => params.join_leave = matches!(value.as_ref(), "1" | "true"),
-                "state" => params.state = matches!(value.as_ref(), "1" | "true"),
+                "state" => params.state = StateWish::parse(&value, max_channels)?,
                 "state_after" => {
                     for entry in value.split(',').filter(|entry| !entry.is_empty()) {
                         params.state_after.push(parse_state_after(entry)?);

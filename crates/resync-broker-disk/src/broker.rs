@@ -767,12 +767,7 @@ impl Inner {
                 limits.max_keys, limits.max_bytes
             )));
         }
-        let ttl = if deletes {
-            Some(limits.tombstone_ttl)
-        } else {
-            limits.key_ttl
-        };
-        let expires_ms = ttl.map_or(0, |ttl| {
+        let expires_ms = limits.ttl_of(data).map_or(0, |ttl| {
             now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
         });
         Ok(KeyedUpdate {

@@ -522,12 +522,9 @@ impl Inner {
 /// When a keyed publish of `data` stops being served: a deleted key's tombstone after its
 /// time, a value after the key TTL (ms since the Unix epoch; 0: never).
 fn keyed_expiry(limits: &resync_broker::KeyedLimits, data: &Payload) -> u64 {
-    let ttl = if data.as_str() == "null" {
-        Some(limits.tombstone_ttl)
-    } else {
-        limits.key_ttl
-    };
-    ttl.map_or(0, |ttl| now_ms().saturating_add(millis(ttl)))
+    limits
+        .ttl_of(data)
+        .map_or(0, |ttl| now_ms().saturating_add(millis(ttl)))
 }
 
 /// Milliseconds since the Unix epoch.

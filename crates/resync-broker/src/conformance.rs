@@ -1028,9 +1028,22 @@ pub async fn keyed_state_holds_the_latest_event_of_each_key(
     );
     // Readers during the publishes held a consistent state of some moment: every value they
     // hold was published for that key.
+    // The writer was alone on the channel: publish `round` got seq `round + 1`, so every
+    // value held is the one published for its key at its seq, never another key's or a stale
+    // mix.
     for reader in readers {
         for (key_name, (seq, data)) in reader {
-            assert!(seq.get() >= 1, "{name}: {key_name} at {seq:?}: {data}");
+            let round = seq.get() - 1;
+            assert_eq!(
+                key_name.as_str(),
+                format!("k{}", round % 17),
+                "{name}: {key_name} holds another key's event (seq {seq:?})"
+            );
+            assert_eq!(
+                data,
+                payload(round).as_str(),
+                "{name}: {key_name} at seq {seq:?} holds other data"
+            );
         }
     }
 }

@@ -29,10 +29,11 @@ struct Inner {
 }
 
 /// Bytes an event costs a history besides its frame: its handle and position, the frame's
-/// allocation, a history slot (with a deque's growth room), measured on x86_64 Linux with
-/// glibc. A history's byte budget counts [`EncodedEvent::held_bytes`], so that it bounds what
-/// the process holds, not only what goes on the wire.
-pub const EVENT_OVERHEAD_BYTES: usize = 192;
+/// allocation, a history slot (with a deque's growth room): 192 measured on x86_64 Linux with
+/// glibc, and the 16 bytes of the handle's key since keyed channels (not measured again). A
+/// history's byte budget counts [`EncodedEvent::held_bytes`], so that it bounds what the
+/// process holds, not only what goes on the wire.
+pub const EVENT_OVERHEAD_BYTES: usize = 208;
 
 impl EncodedEvent {
     /// Encodes `event` once.

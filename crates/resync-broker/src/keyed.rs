@@ -74,6 +74,18 @@ pub struct KeyedLimits {
     pub tombstone_ttl: Duration,
 }
 
+impl KeyedLimits {
+    /// How long an entry of `data` lives from its publish: a deleted key's tombstone
+    /// [`tombstone_ttl`](Self::tombstone_ttl), a value the [`key_ttl`](Self::key_ttl).
+    pub fn ttl_of(&self, data: &Payload) -> Option<Duration> {
+        if data.as_str() == "null" {
+            Some(self.tombstone_ttl)
+        } else {
+            self.key_ttl
+        }
+    }
+}
+
 impl Default for KeyedLimits {
     fn default() -> Self {
         Self {
@@ -156,16 +168,10 @@ impl KeyedMap {
 
     /// Sets `key` to the event at `seq` (`null` data: a tombstone).
     pub fn set(&mut self, key: Key, seq: Seq, data: &Payload, limits: &KeyedLimits, now: Instant) {
-        let deletes = data.as_str() == "null";
-        let ttl = if deletes {
-            Some(limits.tombstone_ttl)
-        } else {
-            limits.key_ttl
-        };
-        let expires = ttl.map(|ttl| now + ttl);
+        let expires = limits.ttl_of(data).map(|ttl| now + ttl);
         let kept = Kept {
             seq,
-            data: (!deletes).then(|| data.clone()),
+            data: (data.as_str() != "null").then(|| data.clone()),
             expires,
         };
         self.bytes += kept.bytes(&key);

@@ -89,7 +89,7 @@ pub(crate) async fn handle(
     // A first poll that asks for the state opens its channels at once: the keyed ones from
     // their state, the others now.
     let cursor = match query.cursor.take() {
-        None if query.state => Some(Since::Now),
+        None if !matches!(query.state, crate::request::StateWish::None) => Some(Since::Now),
         cursor => cursor,
     };
     let Some(since) = cursor else {
@@ -116,7 +116,7 @@ pub(crate) async fn handle(
         &shared,
         &query.channels,
         &since,
-        query.state,
+        &query.state,
         &query.state_after,
     )
     .await?;

@@ -102,7 +102,7 @@ async fn open_stream(
         query.join_leave,
     )?;
     let (channels, outcomes) =
-        ChannelSet::open(&shared, &query.channels, &since, query.state, &[]).await?;
+        ChannelSet::open(&shared, &query.channels, &since, &query.state, &[]).await?;
     // The member's info: the request's, or its token's (which the session does not keep).
     let member = query.presence.clone().map(|mut request| {
         if request.info.is_none() {
