@@ -371,3 +371,83 @@ async fn state_1_reads_no_state_for_a_channel_the_cursor_names_and_a_named_state
         "a named channel reads its state even from a cursor"
     );
 }
+
+/// The keys of `channel`'s state with a value (tombstones left out), from the HTTP API.
+async fn state_keys(server: &TestServer, channel: &str) -> Vec<String> {
+    let response = server
+        .http
+        .get(server.url(&format!("/api/channels/{channel}/state")))
+        .bearer_auth(&server.server.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let page: resync_protocol::bodies::ChannelState = response.json().await.unwrap();
+    assert!(page.next.is_none(), "one page");
+    page.entries
+        .into_iter()
+        .filter(|entry| entry.data.is_some())
+        .map(|entry| entry.key.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_servers_keyed_settings_bound_keys_and_expire_them_on_every_broker() {
+    // `keyed_max_keys` and `keyed_key_ttl_secs` reach every broker: a key past the limit is
+    // refused with 409 keyed_state_full (a key already held may change), and a key nobody
+    // published for its TTL leaves the state.
+    let redis = resync_tests::redis_server::RedisServer::start();
+    for broker in [
+        resync_server::BrokerKind::Memory,
+        resync_server::BrokerKind::Disk,
+        resync_server::BrokerKind::Redis,
+    ] {
+        let url = redis.url();
+        let server = TestServer::start(|settings| {
+            keyed_prices(settings, broker);
+            settings.redis_url = url;
+            settings.keyed_max_keys = 3;
+            settings.keyed_key_ttl_secs = Some(2);
+        });
+        let channel = format!("prices:limits-{broker:?}");
+        for key in ["a", "b", "c"] {
+            publish(&server, &channel, key, serde_json::json!(key)).await;
+        }
+        assert_eq!(state_keys(&server, &channel).await, ["a", "b", "c"]);
+        let refused = server
+            .http
+            .post(server.url("/api/publish"))
+            .bearer_auth(&server.server.api_key)
+            .json(&serde_json::json!({"channel": channel, "key": "d", "data": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 409, "{broker:?}: a fourth key");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "keyed_state_full", "{broker:?}");
+        publish(&server, &channel, "a", serde_json::json!("again")).await;
+        // Every key expires 2 s after its last publish: `a` was published last, so `b` and
+        // `c` go first (or all at once, on a slow machine); then all of them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let keys = state_keys(&server, &channel).await;
+            if keys.is_empty() {
+                break;
+            }
+            assert!(
+                keys == ["a", "b", "c"] || keys == ["a"],
+                "{broker:?}: {keys:?}"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{broker:?}: the keys never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The expired keys no longer count: three new ones fit.
+        for key in ["x", "y", "z"] {
+            publish(&server, &channel, key, serde_json::json!(key)).await;
+        }
+        assert_eq!(state_keys(&server, &channel).await, ["x", "y", "z"]);
+    }
+}

@@ -125,9 +125,53 @@ struct ChannelState {
     oldest_time: Option<(Seq, u64)>,
     /// Whether the channel's metadata is on the disk (false until its first publish).
     stored: bool,
-    /// The keys and bytes of the channel's keyed state, once counted (at its first keyed
-    /// publish since the store opened).
-    keyed: Option<(usize, usize)>,
+    /// The channel's keyed state as counted for its bounds, once counted (at its first keyed
+    /// publish since the store opened, or after a sweep removed entries).
+    keyed: Option<KeyedCounts>,
+}
+
+/// The live entries (of the channel's epoch, not expired) of a keyed channel's state, as
+/// counted for its [`KeyedLimits`](resync_broker::KeyedLimits). An entry that expires stays
+/// counted until the sweep removes it or a publish the count would refuse counts again:
+/// over-counting only ever refuses early, and the recount mends it.
+#[derive(Clone, Copy, Debug)]
+struct KeyedCounts {
+    keys: usize,
+    bytes: usize,
+    /// When the soonest counted entry expires (`u64::MAX`: none does); a publish over the
+    /// bounds counts again only past it, so refusals in a row cost no scan each.
+    next_expiry_ms: u64,
+}
+
+impl KeyedCounts {
+    /// The counts once `key`'s entry of `size` bytes replaces its live entry of `old` bytes
+    /// (`None`: a new key), expiring at `expires_ms` (0: never).
+    fn with(self, old: Option<usize>, size: usize, expires_ms: u64) -> Self {
+        let (keys, bytes) = match old {
+            Some(old) => (self.keys, self.bytes - old.min(self.bytes) + size),
+            None => (self.keys + 1, self.bytes + size),
+        };
+        Self {
+            keys,
+            bytes,
+            next_expiry_ms: if expires_ms == 0 {
+                self.next_expiry_ms
+            } else {
+                self.next_expiry_ms.min(expires_ms)
+            },
+        }
+    }
+
+    fn within(&self, limits: &resync_broker::KeyedLimits) -> bool {
+        self.keys <= limits.max_keys && self.bytes <= limits.max_bytes
+    }
+}
+
+/// Whether a stored state entry is live: of `epoch`, and not expired at `now_ms`.
+fn live_state_value(value: &[u8], epoch: &Epoch, now_ms: u64) -> bool {
+    split_state_value(value).is_some_and(|(of, _, expires, _)| {
+        of == epoch.as_str() && (expires == 0 || expires > now_ms)
+    })
 }
 
 /// The most state entries one page reads (served or skipped as stale or expired), so a
@@ -136,8 +180,8 @@ const STATE_SCAN_MOST: usize = 4_096;
 
 /// What a keyed publish makes of its channel's state.
 struct KeyedUpdate {
-    /// The channel's keys and bytes of state after it.
-    counts: (usize, usize),
+    /// The channel's state as counted after it.
+    counts: KeyedCounts,
     /// When its entry expires (0: never).
     expires_ms: u64,
 }
@@ -730,50 +774,66 @@ impl Inner {
         now_ms: u64,
     ) -> Result<KeyedUpdate> {
         let name = st.channel.as_str();
-        let (keys, bytes) = match st.keyed {
+        let epoch = st.meta.epoch.clone();
+        let counted = match st.keyed {
             Some(counts) => counts,
-            None => {
-                // Counted once per channel and opening: its entries, tombstones included.
-                let mut counts = (0, 0);
-                for entry in self.store.state.prefix(channel_prefix(name)) {
-                    let (stored, value) =
-                        entry.into_inner().map_err(|error| self.unreadable(error))?;
-                    counts.0 += 1;
-                    counts.1 += stored.len() + value.len();
-                }
-                counts
-            }
+            None => self.count_state(name, &epoch, now_ms)?,
         };
         let stored = state_key(name, key.as_str());
         let deletes = data.as_str() == "null";
         let size = stored.len()
             + 18
-            + st.meta.epoch.as_str().len()
+            + epoch.as_str().len()
             + if deletes { 0 } else { data.as_str().len() };
         let old = self
             .store
             .state
             .get(&stored)
             .map_err(|error| self.unreadable(error))?
+            .filter(|value| live_state_value(value, &epoch, now_ms))
             .map(|value| stored.len() + value.len());
-        let (keys, bytes) = match old {
-            Some(old) => (keys, bytes - old.min(bytes) + size),
-            None => (keys + 1, bytes + size),
-        };
         let limits = &self.keyed_limits;
-        if keys > limits.max_keys || bytes > limits.max_bytes {
+        let expires_ms = limits.ttl_of(data).map_or(0, |ttl| {
+            now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+        });
+        let mut counts = counted.with(old, size, expires_ms);
+        if !counts.within(limits) && st.keyed.is_some() && now_ms >= counted.next_expiry_ms {
+            // Entries counted while live have expired since: count what is live now.
+            let recounted = self.count_state(name, &epoch, now_ms)?;
+            st.keyed = Some(recounted);
+            counts = recounted.with(old, size, expires_ms);
+        }
+        if !counts.within(limits) {
             return Err(Error::KeyedStateFull(format!(
                 "the channel keeps at most {} keys and {} bytes of state",
                 limits.max_keys, limits.max_bytes
             )));
         }
-        let expires_ms = limits.ttl_of(data).map_or(0, |ttl| {
-            now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-        });
-        Ok(KeyedUpdate {
-            counts: (keys, bytes),
-            expires_ms,
-        })
+        Ok(KeyedUpdate { counts, expires_ms })
+    }
+
+    /// Counts `name`'s live state entries (a scan of all of them: once per channel and
+    /// opening, after a sweep, or when a publish over the bounds may find room).
+    fn count_state(&self, name: &str, epoch: &Epoch, now_ms: u64) -> Result<KeyedCounts> {
+        let mut counts = KeyedCounts {
+            keys: 0,
+            bytes: 0,
+            next_expiry_ms: u64::MAX,
+        };
+        for entry in self.store.state.prefix(channel_prefix(name)) {
+            let (stored, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
+            if !live_state_value(&value, epoch, now_ms) {
+                continue;
+            }
+            counts.keys += 1;
+            counts.bytes += stored.len() + value.len();
+            if let Some((_, _, expires, _)) = split_state_value(&value)
+                && expires != 0
+            {
+                counts.next_expiry_ms = counts.next_expiry_ms.min(expires);
+            }
+        }
+        Ok(counts)
     }
 
     /// Adds the removal of a channel's idempotency keys to `batch`.

@@ -176,6 +176,14 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
         (None, None) => None,
         _ => anyhow::bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
     };
+    let keyed_limits = resync_broker::KeyedLimits {
+        max_keys: settings.keyed_max_keys.max(1),
+        max_bytes: settings.keyed_max_bytes.max(1),
+        key_ttl: settings
+            .keyed_key_ttl_secs
+            .map(|secs| Duration::from_secs(secs.max(1))),
+        tombstone_ttl: Duration::from_secs(settings.keyed_tombstone_ttl_secs.max(1)),
+    };
     let (broker, memory_broker): (Arc<dyn Broker>, _) = match settings.broker {
         BrokerKind::Memory => {
             let mut memory = MemoryBroker::builder();
@@ -186,6 +194,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 .retention(retention)
                 .max_history_bytes(Some(settings.history_max_bytes))
                 .max_channels(settings.max_channels.max(1))
+                .keyed_limits(keyed_limits)
                 .subscriber_queue(settings.subscriber_queue)
                 .build();
             (Arc::new(memory.clone()), Some(memory))
@@ -210,6 +219,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                 .durability(durability)
                 .max_history_bytes(Some(settings.store_max_bytes))
                 .max_channels(settings.max_channels.max(1))
+                .keyed_limits(keyed_limits)
                 .subscriber_queue(settings.subscriber_queue);
             let disk = open_waiting(&disk, settings).with_context(|| {
                 format!("opening the disk broker in {}", settings.data_dir.display())
@@ -232,6 +242,7 @@ pub fn bind(settings: &Settings) -> Result<(RunningServer, actix_server::Server)
                     .presence_ttl(Duration::from_secs(settings.presence_ttl_secs.max(1)))
                     .pool_size(settings.redis_pool_size)
                     .retention(retention)
+                    .keyed_limits(keyed_limits)
                     .subscriber_queue(settings.subscriber_queue)
                     .build()
                     .context("configuring the redis broker")?,

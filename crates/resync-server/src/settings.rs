@@ -254,6 +254,24 @@ settings_table! {
     /// forgotten. Client publishes may make at most half of them, so the API's never run out.
     #[arg(long)]
     max_channels: usize = 100_000 => (usize);
+    /// Most keys (tombstones included) a keyed channel keeps (every broker); a publish of one
+    /// more key is refused (409 keyed_state_full), nothing stored.
+    #[arg(long)]
+    keyed_max_keys: usize = resync_broker::KeyedLimits::default().max_keys => (usize);
+    /// Most bytes of keys and data a keyed channel's state holds; past it a publish is refused
+    /// the same way.
+    #[arg(long)]
+    keyed_max_bytes: usize = resync_broker::KeyedLimits::default().max_bytes => (usize);
+    /// Seconds a key of a keyed channel lives after its last publish (unset: until it is
+    /// deleted or replaced); an expired key leaves the state a client catches up from.
+    #[arg(long)]
+    keyed_key_ttl_secs: Option<u64> = None => Some (u64),
+        shown "none: keys live until deleted";
+    /// Seconds a deleted key's tombstone stays in a keyed channel's state: longer than any
+    /// client takes to read the state and catch up.
+    #[arg(long)]
+    keyed_tombstone_ttl_secs: u64 =
+        resync_broker::KeyedLimits::default().tombstone_ttl.as_secs() => (u64);
     /// Most events replayed to a resuming client; further behind is a reset.
     #[arg(long)]
     max_replay: usize = transport().resume.max_replay => (usize),
