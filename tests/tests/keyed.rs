@@ -451,3 +451,73 @@ async fn the_servers_keyed_settings_bound_keys_and_expire_them_on_every_broker()
         assert_eq!(state_keys(&server, &channel).await, ["x", "y", "z"]);
     }
 }
+
+#[tokio::test]
+async fn the_rust_clients_keyed_subscription_holds_the_latest_value_of_each_key_on_every_transport()
+{
+    // A new keyed subscription asks for the state (it has no position), builds its map from
+    // the pages, then applies each change once: on every transport the map equals the model.
+    let server = server_on(resync_server::BrokerKind::Disk);
+    for kind in [
+        TransportKind::WebSocket,
+        TransportKind::Sse,
+        TransportKind::LongPolling,
+    ] {
+        let channel = format!("prices:map-{}", kind.as_str());
+        let mut model: BTreeMap<String, String> = BTreeMap::new();
+        // 300 keys of 1 KB: more than one page (256 entries).
+        let filler = "y".repeat(1_000);
+        for index in 0..300u64 {
+            let key = format!("k{index:03}");
+            let data = serde_json::json!(format!("{index}{filler}"));
+            publish(&server, &channel, &key, data.clone()).await;
+            model.insert(key, data.to_string());
+        }
+        publish(&server, &channel, "k007", serde_json::Value::Null).await;
+        model.remove("k007");
+        let client = fast_client(&server.url(""), TransportChoice::Only(kind));
+        let mut map = client.subscribe_keyed(Channel::new(&channel).unwrap());
+        let values = |map: &resync_client::KeyedSubscription| -> BTreeMap<String, String> {
+            map.values()
+                .map(|(key, data)| (key.to_string(), data.as_str().to_owned()))
+                .collect()
+        };
+        let mut changes = 0;
+        while values(&map) != model {
+            let change = tokio::time::timeout(Duration::from_secs(30), map.next())
+                .await
+                .unwrap_or_else(|_| panic!("{kind:?}: stalled at {} keys", map.len()))
+                .unwrap()
+                .unwrap();
+            assert!(
+                matches!(change, resync_client::KeyedChange::Keys(_)),
+                "{kind:?}: {change:?}"
+            );
+            changes += 1;
+        }
+        assert_eq!(changes, 1, "{kind:?}: the whole state as one change");
+        // Live: a change, a delete and a new key, each applied once.
+        publish(&server, &channel, "k001", serde_json::json!("live")).await;
+        publish(&server, &channel, "k002", serde_json::Value::Null).await;
+        publish(&server, &channel, "new", serde_json::json!(1)).await;
+        model.insert("k001".to_owned(), "\"live\"".to_owned());
+        model.remove("k002");
+        model.insert("new".to_owned(), "1".to_owned());
+        let mut changed = Vec::new();
+        while values(&map) != model {
+            match tokio::time::timeout(Duration::from_secs(30), map.next())
+                .await
+                .unwrap_or_else(|_| panic!("{kind:?}: the live changes never came"))
+                .unwrap()
+                .unwrap()
+            {
+                resync_client::KeyedChange::Keys(keys) => {
+                    changed.extend(keys.into_iter().map(|key| key.to_string()));
+                }
+                other => panic!("{kind:?}: {other:?}"),
+            }
+        }
+        assert_eq!(changed, ["k001", "k002", "new"], "{kind:?}");
+        client.close();
+    }
+}

@@ -13,7 +13,9 @@ use serde_json::Value;
 use crate::{cargo, run, workspace_root};
 
 mod cluster;
+mod keyed;
 pub(crate) use cluster::only as cluster_only;
+pub(crate) use keyed::only as keyed_only;
 
 /// A command running `binary` with a raised open-file limit where the machine allows it
 /// (10,000 clients need 10,000 sockets). With `time_limit`, it also cannot run longer than
@@ -297,13 +299,23 @@ impl Bench {
         Server::start(&self.release.join("baseline"), &[])
     }
 
-    /// Runs the load generator (bounded by `timeout`) and records its JSON under `key`.
+    /// Runs the load generator (for at most 300 s) and records its JSON under `key`.
     fn load<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
         &mut self,
         key: &str,
         arguments: &[S],
     ) -> Result<Value> {
-        let output = with_many_files(&self.release.join("loadgen"), Some(300))
+        self.load_for(key, arguments, 300)
+    }
+
+    /// Runs the load generator for at most `seconds` and records its JSON under `key`.
+    fn load_for<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+        &mut self,
+        key: &str,
+        arguments: &[S],
+        seconds: u32,
+    ) -> Result<Value> {
+        let output = with_many_files(&self.release.join("loadgen"), Some(seconds))
             .args(arguments)
             .stderr(Stdio::inherit())
             .output()
@@ -596,6 +608,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
         flood_round(&mut bench, quick, None)?;
         presence_round(&mut bench, quick)?;
         disk_round(&mut bench, quick)?;
+        keyed::round(&mut bench, quick)?;
         // Redis against in-memory twice per repetition, taking turns at going first: the
         // two rows run on the same noisy cores, so they get more samples than the others.
         redis_round(&mut bench, false)?;
@@ -604,6 +617,7 @@ pub(crate) fn bench(quick: bool) -> Result<()> {
         cluster::failover_round(&mut bench)?;
     }
     disk_restart_round(&mut bench, quick)?;
+    keyed::scale_round(&mut bench, quick)?;
     let seconds = started.elapsed().as_secs();
     let raw = serde_json::json!({
         "quick": quick,
@@ -1404,6 +1418,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
     out.push_str(&flood_section(bench));
     out.push_str(&presence_section(bench));
     out.push_str(&disk_section(bench, sizes));
+    out.push_str(&keyed::section(bench));
     out.push_str("\n## Floors\n\n| floor | figure | status |\n|---|---|---|\n");
     for transport in ["ws", "sse"] {
         let ratios: Vec<f64> = sizes
@@ -1492,6 +1507,7 @@ fn report(bench: &Bench, sizes: &[usize], repetitions: usize, seconds: u64) -> S
         verdict(shared_ratio >= 0.8 && shared_cpu <= 1.5)
     ));
     out.push_str(&cluster::floor(bench));
+    out.push_str(&keyed::floor(bench));
     let flood_lost = bench.median("flood/on", "lost");
     let flood_p99 =
         bench.median("flood/on", "latency_p99_us") / bench.median("flood/off", "latency_p99_us");

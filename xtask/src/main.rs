@@ -34,6 +34,7 @@ fn main() -> Result<()> {
             bench::cluster_only()
         }
         Some("bench") if std::env::args().nth(2).as_deref() == Some("disk") => bench::disk_only(),
+        Some("bench") if std::env::args().nth(2).as_deref() == Some("keyed") => bench::keyed_only(),
         Some("bench") if std::env::args().nth(2).as_deref() == Some("presence") => {
             bench::presence_only()
         }
@@ -51,8 +52,8 @@ fn main() -> Result<()> {
             eprintln!("  e2e    browser client unit tests and headless-Chromium end-to-end tests");
             eprintln!(
                 "  bench  load tests against the raw baseline -> docs/benchmarks.md (--quick: short; \
-                 --report-only: rewrite the report from the last run's figures; `bench flood`: only the \
-                 flood scenario)"
+                 --report-only: rewrite the report from the last run's figures; `bench flood|disk|redis|cluster|\
+                 presence|keyed`: only those rows, printed)"
             );
             eprintln!("  micro  micro-benchmarks of the log and local fan-out (cargo bench)");
             eprintln!(

@@ -3,7 +3,8 @@
 //! SSE event carries its `id:` line). No protocol features: no positions, no history,
 //! no auth, no heartbeats. It speaks just enough HTTP for the load generator:
 //! `GET /sse`, `GET /ws` (upgrade), `POST /api/publish` (body `{"channel":…,"data":…}`) and
-//! `GET /api/channels/<name>` (subscriber count).
+//! `GET /api/channels/<name>` (subscriber count), and `GET /snapshot` (an application's
+//! answer to a client that must refetch, for the keyed-channel rows).
 
 #![allow(
     clippy::unwrap_used,
@@ -28,6 +29,8 @@ struct State {
     subscribers: AtomicU64,
     /// Each channel's last seq; numbering and sending happen under this lock.
     order: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Snapshots by (keys, value bytes), built once.
+    snapshots: std::sync::Mutex<std::collections::HashMap<(u64, usize), Arc<str>>>,
 }
 
 #[tokio::main]
@@ -39,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         ws: broadcast::channel(4096).0,
         subscribers: AtomicU64::new(0),
         order: std::sync::Mutex::default(),
+        snapshots: std::sync::Mutex::default(),
     });
     loop {
         let (stream, _) = listener.accept().await?;
@@ -98,6 +102,11 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
             let receiver = state.ws.subscribe();
             return stream_to(stream, receiver, &state).await;
         }
+        if path == "/snapshot" {
+            let body = snapshot(&state, &target);
+            respond(&mut stream, &body).await?;
+            continue;
+        }
         if path.starts_with("/api/channels/") {
             let body = format!(
                 "{{\"subscribers\":{}}}",
@@ -148,6 +157,38 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> std::io::Result<()> 
         }
         respond(&mut stream, "{}").await?;
     }
+}
+
+/// `GET /snapshot?keys=K&bytes=B`: what an application answers a client that must refetch
+/// (the keyed-channel rows of issue 27): `K` entries shaped as a keyed channel's state
+/// entries, each value a string of about `B` bytes, from memory.
+fn snapshot(state: &State, target: &str) -> Arc<str> {
+    let query = target.split_once('?').map_or("", |(_, query)| query);
+    let field = |name: &str| {
+        query.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            (key == name).then(|| value.parse::<u64>().ok())?
+        })
+    };
+    let keys = field("keys").unwrap_or(1_000);
+    let bytes = field("bytes").unwrap_or(64) as usize;
+    let mut snapshots = state.snapshots.lock().unwrap();
+    snapshots
+        .entry((keys, bytes))
+        .or_insert_with(|| {
+            let entries: Vec<String> = (0..keys)
+                .map(|key| {
+                    let mut value = format!("v{key}-");
+                    value.extend(std::iter::repeat_n('x', bytes.saturating_sub(value.len())));
+                    format!(
+                        r#"{{"key":"k{key}","seq":{},"data":"{value}"}}"#,
+                        1_000_000 + key
+                    )
+                })
+                .collect();
+            Arc::from(format!(r#"{{"entries":[{}]}}"#, entries.join(",")))
+        })
+        .clone()
 }
 
 fn ws_text_frame(payload: &[u8]) -> Vec<u8> {

@@ -356,6 +356,14 @@ impl Manager {
         if !cursor.is_empty() {
             query.push(("cursor", cursor.to_string()));
         }
+        let state: Vec<String> = channels
+            .iter()
+            .filter(|channel| self.registry.wants_state(channel))
+            .map(Channel::to_string)
+            .collect();
+        if !state.is_empty() {
+            query.push(("state", state.join(",")));
+        }
         (channels, query)
     }
 

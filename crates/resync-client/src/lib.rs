@@ -38,6 +38,7 @@
 pub mod backoff;
 mod connection;
 mod error;
+mod keyed;
 mod poll;
 mod position_store;
 mod registry;
@@ -61,6 +62,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use error::{Error, Result};
+pub use keyed::{KeyedChange, KeyedSubscription};
 pub use position_store::{FileStore, PositionStore};
 pub use snapshot::{SnapshotStream, SnapshotUpdate};
 
@@ -404,6 +406,7 @@ impl Client {
             since: positions.as_ref().and_then(|store| store.load(&channel)),
             channel,
             presence: registry::PresenceWish::default(),
+            state: false,
             registry: self.inner.registry.clone(),
             receiver: None,
             buffer: self.inner.config.subscription_buffer,
@@ -411,6 +414,25 @@ impl Client {
             positions,
             handled: None,
         }
+    }
+
+    /// Follows a keyed channel as a map of its keys' latest values (docs/protocol.md,
+    /// section 14): the channel's state first, then every change, kept by the seq of each
+    /// key; after a reset (its history started over) the map empties and the new state is
+    /// read. It starts from the state, never from the [`PositionStore`]: the map is not
+    /// stored, so a position without it would miss the keys set before it.
+    pub fn subscribe_keyed(&self, channel: Channel) -> KeyedSubscription {
+        keyed::start(self.clone(), channel)
+    }
+
+    /// A subscription that asks for the channel's state while it has no position, and keeps
+    /// no position in the store (the map it builds is not kept there).
+    pub(crate) fn subscribe_state(&self, channel: Channel) -> Subscription {
+        let mut subscription = self.subscribe(channel);
+        subscription.since = None;
+        subscription.state = true;
+        subscription.positions = None;
+        subscription
     }
 
     /// Follows `channel` with a snapshot: calls `fetch` for the current state and its position,
@@ -510,6 +532,8 @@ pub struct Subscription {
     channel: Channel,
     since: Option<Position>,
     presence: registry::PresenceWish,
+    /// Asks for the channel's state while it has no position (a keyed subscription).
+    state: bool,
     registry: Arc<Registry>,
     receiver: Option<mpsc::Receiver<Result<Update>>>,
     buffer: usize,
@@ -586,6 +610,7 @@ impl Stream for Subscription {
                 this.since.clone(),
                 sender,
                 this.presence.clone(),
+                this.state,
             ) {
                 this.receiver = Some(mpsc::channel(1).1);
                 return Poll::Ready(Some(Err(error)));

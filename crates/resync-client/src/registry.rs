@@ -39,6 +39,9 @@ pub(crate) struct Entry {
     pub(crate) presence: PresenceWish,
     /// The member list, when the subscription tracks it.
     members: BTreeMap<String, Member>,
+    /// A keyed subscription: it asks for the channel's state while it has no position
+    /// (docs/protocol.md, section 14), so it starts from the latest value of every key.
+    pub(crate) state: bool,
 }
 
 /// A subscription's presence: appear among the members (with this request), and/or track
@@ -67,6 +70,7 @@ impl Registry {
         since: Option<Position>,
         sender: mpsc::Sender<Result<Update>>,
         presence: PresenceWish,
+        state: bool,
     ) -> Result<()> {
         let mut inner = self.lock();
         if let Some(error) = &inner.ended {
@@ -92,6 +96,7 @@ impl Registry {
                 generation,
                 presence,
                 members: BTreeMap::new(),
+                state,
             },
         );
         drop(inner);
@@ -175,6 +180,15 @@ impl Registry {
             .get(channel)
             .map(|entry| entry.presence.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether `channel`'s subscription asks for its state now: keyed, with no position yet
+    /// (or none since a state read was cut halfway).
+    pub(crate) fn wants_state(&self, channel: &Channel) -> bool {
+        self.lock()
+            .entries
+            .get(channel)
+            .is_some_and(|entry| entry.state && entry.position.is_none())
     }
 
     /// Applies a change to `channel`'s member list and hands the whole list to its

@@ -240,13 +240,14 @@ impl Session {
             let id = self.request_id();
             self.subscribe_requests.insert(id, channel.clone());
             let wish = manager.registry.presence_wish(&channel);
+            let state = manager.registry.wants_state(&channel);
             let subscribe = ClientFrame::Subscribe {
                 id,
                 channel,
                 since,
                 presence: wish.appear,
                 join_leave: wish.track,
-                state: false,
+                state,
             };
             Self::send(socket, &subscribe).await?;
         }

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 mod edge_floods;
 mod failover;
 mod flood;
+mod keyed;
 mod presence;
 
 const API_KEY: &str = "bench-api-key-0123456789";
@@ -65,6 +66,7 @@ async fn main() -> Result<()> {
         "flood" => flood::flood(&arguments, &url).await?,
         "presence" => presence::presence(&arguments, &url).await?,
         "failover" => failover::run(&arguments, &url).await?,
+        "keyed" => keyed::run(&arguments, &url).await?,
         other => bail!("unknown scenario {other:?}"),
     };
     println!("{result}");
@@ -281,6 +283,60 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Opens a WebSocket to `base` + `path` on a bare socket (the handshake written by hand):
+/// the stream, and the bytes read past the response head (already frames).
+async fn ws_connect(base: &str, path: &str) -> Result<(TcpStream, Vec<u8>)> {
+    let address = base.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    let mut stream = with_retries(|| async {
+        let mut stream = TcpStream::connect(&address).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(request.as_bytes()).await?;
+        Ok(stream)
+    })
+    .await?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(8192);
+    let head_end = loop {
+        if stream.read_buf(&mut buffer).await? == 0 {
+            bail!("closed during the handshake");
+        }
+        if let Some(end) = memchr::memmem::find(&buffer, b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    if !buffer.starts_with(b"HTTP/1.1 101") {
+        bail!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&buffer[..head_end.min(64)])
+        );
+    }
+    buffer.drain(..head_end);
+    Ok((stream, buffer))
+}
+
+/// The server frame at the start of `rest`, if it is all there: its opcode, header length
+/// and payload length.
+fn ws_frame_at(rest: &[u8]) -> Option<(u8, usize, usize)> {
+    if rest.len() < 2 {
+        return None;
+    }
+    let opcode = rest[0] & 0x0f;
+    let (length, header) = match rest[1] & 0x7f {
+        126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+        127 if rest.len() >= 10 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&rest[2..10]);
+            (u64::from_be_bytes(bytes) as usize, 10)
+        }
+        126 | 127 => return None,
+        length => (length as usize, 2),
+    };
+    (rest.len() >= header + length).then_some((opcode, header, length))
+}
+
 /// A subscriber that resumes after every cut, as a real client does: each cut counted.
 async fn resuming_subscriber(
     base: String,
@@ -343,40 +399,12 @@ async fn lean_ws_subscriber(
     first: bool,
     socket_io: bool,
 ) -> Result<()> {
-    let address = base.trim_start_matches("http://").to_owned();
     let path = if socket_io {
         "/socket.io/?EIO=4&transport=websocket"
     } else {
         "/ws"
     };
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-    );
-    let mut stream = with_retries(|| async {
-        let mut stream = TcpStream::connect(&address).await?;
-        stream.set_nodelay(true)?;
-        stream.write_all(request.as_bytes()).await?;
-        Ok(stream)
-    })
-    .await?;
-    let mut buffer: Vec<u8> = Vec::with_capacity(8192);
-    // The response head; what follows it is already frames.
-    let head_end = loop {
-        if stream.read_buf(&mut buffer).await? == 0 {
-            bail!("closed during the handshake");
-        }
-        if let Some(end) = memchr::memmem::find(&buffer, b"\r\n\r\n") {
-            break end + 4;
-        }
-    };
-    if !buffer.starts_with(b"HTTP/1.1 101") {
-        bail!(
-            "upgrade refused: {}",
-            String::from_utf8_lossy(&buffer[..head_end.min(64)])
-        );
-    }
-    buffer.drain(..head_end);
+    let (mut stream, mut buffer) = ws_connect(base, path).await?;
     let subscribe = match &progress.epoch {
         Some(epoch) => format!(
             r#"{{"type":"subscribe","id":1,"channel":"{channel}","since":{{"epoch":"{epoch}","seq":{}}}}}"#,
@@ -401,23 +429,9 @@ async fn lean_ws_subscriber(
         let mut replies: Vec<u8> = Vec::new();
         loop {
             let rest = &buffer[start..];
-            if rest.len() < 2 {
+            let Some((opcode, header, length)) = ws_frame_at(rest) else {
                 break;
-            }
-            let opcode = rest[0] & 0x0f;
-            let (length, header) = match rest[1] & 0x7f {
-                126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-                127 if rest.len() >= 10 => {
-                    let mut bytes = [0u8; 8];
-                    bytes.copy_from_slice(&rest[2..10]);
-                    (u64::from_be_bytes(bytes) as usize, 10)
-                }
-                126 | 127 => break,
-                length => (length as usize, 2),
             };
-            if rest.len() < header + length {
-                break;
-            }
             let payload = &rest[header..header + length];
             match opcode {
                 1 if is_event(payload) => count(counting, progress, payload),
@@ -590,6 +604,21 @@ async fn wait_subscribed(
 static PUBLISH_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()> {
+    publish_request(
+        http,
+        base,
+        &serde_json::json!({ "channel": channel, "data": payload() }),
+    )
+    .await
+    .map(drop)
+}
+
+/// Publishes `request` (a `POST /api/publish` body); answers the server's reply.
+async fn publish_request(
+    http: &reqwest::Client,
+    base: &str,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value> {
     // A held or draining server asks for a retry; one that refuses for a minute is down (its
     // broker gone), and the run stops instead of waiting for ever.
     let give_up = Instant::now() + Duration::from_secs(60);
@@ -597,7 +626,7 @@ async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()
         let response = http
             .post(format!("{base}/api/publish"))
             .bearer_auth(API_KEY)
-            .json(&serde_json::json!({ "channel": channel, "data": payload() }))
+            .json(request)
             .send()
             .await?;
         if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
@@ -614,9 +643,13 @@ async fn publish(http: &reqwest::Client, base: &str, channel: &str) -> Result<()
             continue;
         }
         if !response.status().is_success() {
-            bail!("publish failed: {}", response.status());
+            bail!(
+                "publish failed: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
         }
-        return Ok(());
+        return Ok(response.json().await?);
     }
 }
 
