@@ -27,7 +27,7 @@ use crate::layout::{
     split_any_event_value, split_idempotency_value, split_state_value, state_key, state_value,
 };
 use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
-use crate::pages::{PAGE, Page, PageCache};
+use crate::pages::{PAGE, Page, PageCache, SharedCache};
 
 /// A [`Broker`] for one process whose history outlives it: events, positions, epochs and
 /// idempotency keys are stored in a data directory, so a restart or a deploy resumes every
@@ -76,6 +76,9 @@ struct Inner {
     max_recent_bytes: usize,
     /// Events read from the disk, shared by every reader (`pages.rs`).
     pages: Mutex<PageCache>,
+    /// Pages of keyed channels' state read from the disk, shared by the readers that ask for
+    /// the same page at the same position (a crowd catching up at once after a deploy).
+    state_pages: Mutex<StatePages>,
     /// Read by every write (publish, sweep) while it writes; taken by `close` to wait for
     /// them, so that nothing is written after the run is marked clean.
     gate: std::sync::RwLock<()>,
@@ -177,6 +180,32 @@ fn live_state_value(value: &[u8], epoch: &Epoch, now_ms: u64) -> bool {
 /// The most state entries one page reads (served or skipped as stale or expired), so a
 /// page's cost is bounded however many dead entries a channel holds.
 const STATE_SCAN_MOST: usize = 4_096;
+
+/// A state page as read: the channel and the position it was read at, the key it starts
+/// after, and its entry limit. The position in the key is what keeps a kept page true: any
+/// publish moves it, so a page is served only while nothing was published since its read.
+type StatePageKey = (Channel, Position, Option<Key>, usize);
+
+/// Kept state pages, each with the time it was read (ms since 1970).
+type StatePages = SharedCache<StatePageKey, (u64, resync_broker::StatePage)>;
+
+/// The bytes the kept state pages may hold.
+const STATE_PAGES_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a kept state page is served: a key's TTL may end meanwhile, with no publish.
+const STATE_PAGE_FRESH_MS: u64 = 1_000;
+
+fn state_page_bytes((_, page): &(u64, resync_broker::StatePage)) -> usize {
+    page.entries
+        .iter()
+        .map(|entry| {
+            resync_broker::STATE_ENTRY_OVERHEAD_BYTES
+                + entry.key.as_str().len()
+                + entry.data.as_ref().map_or(0, |data| data.as_str().len())
+        })
+        .sum::<usize>()
+        + 128
+}
 
 /// What a keyed publish makes of its channel's state.
 struct KeyedUpdate {
@@ -338,7 +367,11 @@ impl DiskBrokerBuilder {
             max_channels: self.max_channels.max(1),
             recent_bytes: AtomicUsize::new(0),
             max_recent_bytes: self.max_recent_bytes,
-            pages: Mutex::new(PageCache::new(self.max_page_bytes)),
+            pages: Mutex::new(PageCache::new(
+                self.max_page_bytes,
+                crate::pages::page_bytes,
+            )),
+            state_pages: Mutex::new(StatePages::new(STATE_PAGES_BYTES, state_page_bytes)),
             gate: std::sync::RwLock::new(()),
             sweep_cursor: Mutex::new(Vec::new()),
             run: opened.run,
@@ -1077,7 +1110,8 @@ impl Inner {
             let page = if page_last <= latest.get() {
                 // A whole page below the newest: read once, shared by every reader; the
                 // cache is not locked while the disk is read.
-                let slot = lock(&self.pages).slot(channel, epoch, number);
+                let key = (channel.clone(), epoch.clone(), number);
+                let slot = lock(&self.pages).slot(&key);
                 let mut failure = None;
                 let mut filled = false;
                 let page = slot
@@ -1095,11 +1129,11 @@ impl Inner {
                     })
                     .clone();
                 if let Some(error) = failure {
-                    lock(&self.pages).forget(channel, epoch, number);
+                    lock(&self.pages).forget(&key);
                     return Err(error);
                 }
                 if filled {
-                    lock(&self.pages).filled(channel, epoch, number, &slot);
+                    lock(&self.pages).filled(&key, &slot);
                 }
                 page
             } else {
@@ -1197,6 +1231,62 @@ impl resync_broker::KeyedState for DiskBroker {
         // disk is read with the channel unlocked, so publishes go on meanwhile: what they
         // write is newer than the position, which the reader's rule expects.
         let position = lock(&state).recent.position();
+        let limit = limit.max(1);
+        let now = now_ms();
+        // Read once for every reader asking for this page at this position (a crowd catching
+        // up at once); the cache is not locked while the disk is read.
+        let key: StatePageKey = (channel.clone(), position.clone(), after.cloned(), limit);
+        let mut slot = lock(&inner.state_pages).slot(&key);
+        if slot
+            .get()
+            .is_some_and(|(read_at, _)| now.saturating_sub(*read_at) > STATE_PAGE_FRESH_MS)
+        {
+            lock(&inner.state_pages).forget(&key);
+            slot = lock(&inner.state_pages).slot(&key);
+        }
+        let mut failure = None;
+        let mut filled = false;
+        let (read_at, page) = slot
+            .get_or_init(|| {
+                filled = true;
+                match inner.read_state_page(channel, &position, after, limit, now) {
+                    Ok(page) => (now, page),
+                    Err(error) => {
+                        failure = Some(error);
+                        let nothing = resync_broker::StatePage {
+                            entries: Vec::new(),
+                            position: position.clone(),
+                            next: None,
+                        };
+                        (0, nothing)
+                    }
+                }
+            })
+            .clone();
+        if let Some(error) = failure {
+            lock(&inner.state_pages).forget(&key);
+            return Err(error);
+        }
+        if filled {
+            lock(&inner.state_pages).filled(&key, &slot);
+        } else if read_at == 0 {
+            // The read this one waited for failed: its own.
+            return inner.read_state_page(channel, &position, after, limit, now);
+        }
+        Ok(page)
+    }
+}
+
+impl Inner {
+    /// Reads a page of `channel`'s state from the disk, as readers at `position` see it.
+    fn read_state_page(
+        &self,
+        channel: &Channel,
+        position: &Position,
+        after: Option<&Key>,
+        limit: usize,
+        now: u64,
+    ) -> Result<resync_broker::StatePage> {
         let name = channel.as_str();
         let prefix = channel_prefix(name);
         let start = match after {
@@ -1209,8 +1299,6 @@ impl resync_broker::KeyedState for DiskBroker {
             None => prefix.clone(),
         };
         let corrupt = || Error::Corrupt(format!("a state entry of {channel} cannot be read"));
-        let now = now_ms();
-        let limit = limit.max(1);
         let mut entries = Vec::new();
         let mut bytes = 0;
         // Entries of another epoch and expired ones are skipped, at most so many a page: a
@@ -1218,10 +1306,8 @@ impl resync_broker::KeyedState for DiskBroker {
         // read, and goes on after the last key read, served or not.
         let mut last_read: Option<Key> = None;
         let mut more = false;
-        for (scanned, entry) in inner.store.state.range(start..).enumerate() {
-            let (stored, value) = entry
-                .into_inner()
-                .map_err(|error| inner.unreadable(error))?;
+        for (scanned, entry) in self.store.state.range(start..).enumerate() {
+            let (stored, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;
             let Some(key) = stored.strip_prefix(prefix.as_slice()) else {
                 break;
             };
@@ -1253,7 +1339,7 @@ impl resync_broker::KeyedState for DiskBroker {
         let next = if more { last_read } else { None };
         Ok(resync_broker::StatePage {
             entries,
-            position,
+            position: position.clone(),
             next,
         })
     }

@@ -460,3 +460,47 @@ async fn a_keyed_channels_state_outlives_its_history_and_a_restart_and_not_an_ep
 async fn state_epoch(broker: &DiskBroker, channel: &Channel) -> resync_protocol::Epoch {
     broker.position(channel).await.expect("position").epoch
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_page_read_again_after_a_publish_holds_the_publish() {
+    // A page read by many readers at once is read from the disk once and shared; a publish
+    // moves the position, so the next reader reads the new value, never the kept page.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let channel = Channel::new("prices:kept").expect("valid channel");
+    let broker = DiskBroker::builder(dir.path()).open().expect("open");
+    publish_keyed(&broker, &channel, "a", "1").await;
+    publish_keyed(&broker, &channel, "b", "2").await;
+    let first = state_of(&broker, &channel).await;
+    assert_eq!(
+        first,
+        [
+            ("a".to_owned(), 1, "1".to_owned()),
+            ("b".to_owned(), 2, "2".to_owned())
+        ]
+    );
+    // Read again at the same position: the same page.
+    assert_eq!(state_of(&broker, &channel).await, first);
+    publish_keyed(&broker, &channel, "a", "3").await;
+    assert_eq!(
+        state_of(&broker, &channel).await,
+        [
+            ("a".to_owned(), 3, "3".to_owned()),
+            ("b".to_owned(), 2, "2".to_owned())
+        ]
+    );
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (broker, channel) = (broker.clone(), channel.clone());
+            tokio::spawn(async move { state_of(&broker, &channel).await })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(
+            reader.await.expect("reader"),
+            [
+                ("a".to_owned(), 3, "3".to_owned()),
+                ("b".to_owned(), 2, "2".to_owned())
+            ]
+        );
+    }
+}

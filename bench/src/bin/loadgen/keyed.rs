@@ -313,17 +313,33 @@ async fn over_sse(place: &Place) -> Result<Caught> {
     })
     .await?;
     let mut caught = Caught::default();
-    let mut buffer = Vec::with_capacity(64 * 1024);
+    // What was read, and the stream's body from it: the response is chunked (the chunk
+    // headers fall anywhere, inside an event too), so the body is taken out of its chunks
+    // before events are looked for.
+    let mut raw = Vec::with_capacity(64 * 1024);
+    let mut body = Vec::with_capacity(64 * 1024);
+    let mut head_read = false;
     loop {
-        buffer.reserve(64 * 1024);
-        let read = stream.read_buf(&mut buffer).await?;
+        raw.reserve(64 * 1024);
+        let read = stream.read_buf(&mut raw).await?;
         if read == 0 {
             bail!("ended before it was caught up");
         }
         caught.bytes += read as u64;
+        if !head_read {
+            let Some(end) = memchr::memmem::find(&raw, b"\r\n\r\n") else {
+                continue;
+            };
+            if !raw.starts_with(b"HTTP/1.1 200") {
+                bail!("refused: {}", String::from_utf8_lossy(&raw[..end.min(64)]));
+            }
+            raw.drain(..end + 4);
+            head_read = true;
+        }
+        dechunk(&mut raw, &mut body)?;
         let mut start = 0;
-        while let Some(end) = memchr::memmem::find(&buffer[start..], b"\n\n") {
-            let event = &buffer[start..start + end];
+        while let Some(end) = memchr::memmem::find(&body[start..], b"\n\n") {
+            let event = &body[start..start + end];
             start += end + 2;
             // The frame is the event's `data:` line.
             let Some(at) = memchr::memmem::find(event, b"data: ") else {
@@ -335,8 +351,26 @@ async fn over_sse(place: &Place) -> Result<Caught> {
                 return Ok(caught);
             }
         }
-        buffer.drain(..start);
+        body.drain(..start);
     }
+}
+
+/// Moves every whole chunk of `raw` (HTTP/1.1 chunked transfer coding) into `body`.
+fn dechunk(raw: &mut Vec<u8>, body: &mut Vec<u8>) -> Result<()> {
+    let mut at = 0;
+    while let Some(line) = memchr::memmem::find(&raw[at..], b"\r\n") {
+        let size = std::str::from_utf8(&raw[at..at + line])?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("chunk size {size:?}"))?;
+        let data = at + line + 2;
+        if raw.len() < data + size + 2 {
+            break;
+        }
+        body.extend_from_slice(&raw[data..data + size]);
+        at = data + size + 2;
+    }
+    raw.drain(..at);
+    Ok(())
 }
 
 async fn over_polling(place: &Place, reader: &reqwest::Client) -> Result<Caught> {
