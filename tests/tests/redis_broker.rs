@@ -535,3 +535,56 @@ async fn a_pub_sub_connection_that_went_silent_is_noticed_and_nothing_is_missed(
         "the follower opened a new connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_reads_longer_than_the_command_timeout_waits_its_turn_instead_of_failing() {
+    // Found by `cargo xtask bench keyed`: 5,000 clients resuming at once after a deploy put
+    // their reads in the shared connections' queues all at once; the last ones passed the
+    // command timeout while Redis still answered the first, failed as "unavailable", and
+    // their clients were cut off. Commands now wait their turn (`max_in_flight`), and the
+    // command timeout counts only Redis's answer.
+    use resync_broker::KeyedState;
+    let redis = RedisServer::start();
+    let broker = RedisBroker::builder(redis.url())
+        .command_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let channel = Channel::new("prices:crowd").unwrap();
+    let value = Payload::from_value(&"v".repeat(2_000)).unwrap();
+    for key in 0..256 {
+        broker
+            .publish(
+                Publish::new(channel.clone(), value.clone())
+                    .with_key(Some(resync_protocol::Key::new(&format!("k{key}")).unwrap())),
+            )
+            .await
+            .unwrap();
+    }
+    // Each read answers a page of 256 KiB: a crowd of them is seconds of Redis's time.
+    let started = std::time::Instant::now();
+    let readers: Vec<_> = (0..1_000)
+        .map(|_| {
+            let (broker, channel) = (broker.clone(), channel.clone());
+            tokio::spawn(async move { broker.state_page(&channel, None, 256).await })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for reader in readers {
+        match reader.await.unwrap() {
+            Ok(page) => assert!(page.entries.len() > 100, "{}", page.entries.len()),
+            Err(error) => failed.push(error.to_string()),
+        }
+    }
+    // The crowd took longer than one command may: it waited in line, it did not fail.
+    let took = started.elapsed();
+    assert!(
+        failed.is_empty(),
+        "{} of 1,000 reads failed in {took:?}: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        took > Duration::from_millis(500),
+        "the crowd took {took:?}: not longer than the command timeout, so it proved nothing"
+    );
+}

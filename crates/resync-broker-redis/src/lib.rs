@@ -63,6 +63,8 @@ pub struct RedisBrokerBuilder {
     idempotency_ttl: Duration,
     meta_ttl: Duration,
     command_timeout: Duration,
+    max_in_flight: usize,
+    queue_timeout: Duration,
     presence_ttl: Duration,
     keyed_limits: resync_broker::KeyedLimits,
 }
@@ -147,6 +149,24 @@ impl RedisBrokerBuilder {
         self
     }
 
+    /// Commands (and scripts) sent to Redis at once; the next wait their turn, for at most
+    /// [`queue_timeout`](Self::queue_timeout), before their command timeout starts. Without
+    /// it, 5,000 clients resuming at once after a deploy put 5,000 commands in the
+    /// connections' queues, the last ones passed their 2 s while Redis worked through the
+    /// first, and the clients were cut off and came back to do it again. Defaults to 64
+    /// (Redis answers one at a time: a deeper queue only moves the wait past the timeout).
+    pub fn max_in_flight(mut self, commands: usize) -> Self {
+        self.max_in_flight = commands.max(1);
+        self
+    }
+
+    /// How long a command may wait for its turn ([`max_in_flight`](Self::max_in_flight))
+    /// before it fails as unavailable. Defaults to 30 seconds.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = timeout;
+        self
+    }
+
     /// Creates the pool and starts the Pub/Sub task. Must be called inside a tokio runtime,
     /// where the Pub/Sub task runs: build it outside the HTTP workers (the reference server
     /// builds it on its main thread). Command connections are opened lazily, each on the
@@ -226,6 +246,7 @@ impl RedisBrokerBuilder {
             commands,
             connected,
             scripts: Scripts::new(&self.topology),
+            turns: tokio::sync::Semaphore::new(self.max_in_flight),
             settings: self,
         });
         runtime.spawn(pubsub::run(
@@ -302,6 +323,9 @@ struct Inner {
     connected: watch::Receiver<bool>,
     settings: RedisBrokerBuilder,
     scripts: Scripts,
+    /// Turns to send a command: `max_in_flight` of them, so that the command timeout counts
+    /// Redis's answer, not a queue behind a crowd.
+    turns: tokio::sync::Semaphore,
     /// This process's watchers of joins and leaves (shared with the Pub/Sub task).
     presence_fanout: Arc<presence_events::Fanout>,
     /// This process's own presence entries, which it keeps alive.
@@ -379,6 +403,8 @@ impl RedisBroker {
             keyed_limits: resync_broker::KeyedLimits::default(),
             meta_ttl: Duration::from_secs(7 * 24 * 60 * 60),
             command_timeout: Duration::from_secs(2),
+            max_in_flight: 64,
+            queue_timeout: Duration::from_secs(30),
             presence_ttl: Duration::from_secs(30),
         }
     }
@@ -449,6 +475,16 @@ impl Inner {
         Call: FnOnce(CommandConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let waited = self.settings.queue_timeout;
+        let _turn = match tokio::time::timeout(waited, self.turns.acquire()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return Err(Error::Closed),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "redis is busy: no turn for a command within {waited:?}"
+                )));
+            }
+        };
         let timeout = self.settings.command_timeout;
         let slot = self.slot();
         let attempt = async {
