@@ -543,35 +543,38 @@ async fn a_crowd_of_reads_longer_than_the_command_timeout_waits_its_turn_instead
     // command timeout while Redis still answered the first, failed as "unavailable", and
     // their clients were cut off. Commands now wait their turn (`max_in_flight`), and the
     // command timeout counts only Redis's answer.
-    use resync_broker::KeyedState;
     let redis = RedisServer::start();
     let broker = RedisBroker::builder(redis.url())
         .command_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let channel = Channel::new("prices:crowd").unwrap();
-    let value = Payload::from_value(&"v".repeat(2_000)).unwrap();
-    for key in 0..256 {
-        broker
-            .publish(
-                Publish::new(channel.clone(), value.clone())
-                    .with_key(Some(resync_protocol::Key::new(&format!("k{key}")).unwrap())),
-            )
+    let channel = Channel::new("crowd").unwrap();
+    let value = Payload::from_value(&"v".repeat(500)).unwrap();
+    let mut first = None;
+    for _ in 0..256 {
+        let position = broker
+            .publish(Publish::new(channel.clone(), value.clone()))
             .await
             .unwrap();
+        first.get_or_insert(position);
     }
-    // Each read answers a page of 256 KiB: a crowd of them is seconds of Redis's time.
+    let since = resync_protocol::Position::start_of(first.unwrap().epoch);
+    // Each read answers 256 events of 500 B from Redis: a crowd of them takes longer than one
+    // command may.
     let started = std::time::Instant::now();
     let readers: Vec<_> = (0..1_000)
         .map(|_| {
-            let (broker, channel) = (broker.clone(), channel.clone());
-            tokio::spawn(async move { broker.state_page(&channel, None, 256).await })
+            let (broker, channel, since) = (broker.clone(), channel.clone(), since.clone());
+            tokio::spawn(async move { broker.read_since(&channel, &since, 1_000).await })
         })
         .collect();
     let mut failed = Vec::new();
     for reader in readers {
         match reader.await.unwrap() {
-            Ok(page) => assert!(page.entries.len() > 100, "{}", page.entries.len()),
+            Ok(resync_broker::ReadOutcome::Replayed { events, .. }) => {
+                assert_eq!(events.len(), 256)
+            }
+            Ok(other) => panic!("{other:?}"),
             Err(error) => failed.push(error.to_string()),
         }
     }
@@ -586,5 +589,61 @@ async fn a_crowd_of_reads_longer_than_the_command_timeout_waits_its_turn_instead
     assert!(
         took > Duration::from_millis(500),
         "the crowd took {took:?}: not longer than the command timeout, so it proved nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_page_read_again_after_another_instances_publish_holds_it() {
+    // State pages are kept for the crowd that asks for them at the same position; a publish
+    // (from this instance or another) moves the position, so the next read is Redis's.
+    use resync_broker::KeyedState;
+    let redis = RedisServer::start();
+    let reader = RedisBroker::builder(redis.url()).build().unwrap();
+    let writer = RedisBroker::builder(redis.url()).build().unwrap();
+    let channel = Channel::new("prices:kept").unwrap();
+    let publish = |broker: &RedisBroker, key: &str, data: &str| {
+        let (broker, channel) = (broker.clone(), channel.clone());
+        let (key, data) = (key.to_owned(), data.to_owned());
+        async move {
+            broker
+                .publish(
+                    Publish::new(channel, Payload::from_json(data).unwrap())
+                        .with_key(Some(resync_protocol::Key::new(&key).unwrap())),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let values = |broker: &RedisBroker| {
+        let (broker, channel) = (broker.clone(), channel.clone());
+        async move {
+            let page = broker.state_page(&channel, None, 10).await.unwrap();
+            page.entries
+                .into_iter()
+                .map(|entry| {
+                    (
+                        entry.key.to_string(),
+                        entry.data.map(|data| data.as_str().to_owned()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    publish(&writer, "a", "1").await;
+    publish(&writer, "b", "2").await;
+    let expected = vec![
+        ("a".to_owned(), Some("1".to_owned())),
+        ("b".to_owned(), Some("2".to_owned())),
+    ];
+    assert_eq!(values(&reader).await, expected);
+    assert_eq!(values(&reader).await, expected, "the same page again");
+    publish(&writer, "a", "3").await;
+    assert_eq!(
+        values(&reader).await,
+        [
+            ("a".to_owned(), Some("3".to_owned())),
+            ("b".to_owned(), Some("2".to_owned()))
+        ],
+        "another instance's publish is seen at once"
     );
 }

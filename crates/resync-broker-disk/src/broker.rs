@@ -27,7 +27,7 @@ use crate::layout::{
     split_any_event_value, split_idempotency_value, split_state_value, state_key, state_value,
 };
 use crate::open::{OpenError, Store, close_clean, current_boot, new_epoch, open};
-use crate::pages::{PAGE, Page, PageCache, SharedCache};
+use crate::pages::{PAGE, Page, PageCache};
 
 /// A [`Broker`] for one process whose history outlives it: events, positions, epochs and
 /// idempotency keys are stored in a data directory, so a restart or a deploy resumes every
@@ -76,9 +76,9 @@ struct Inner {
     max_recent_bytes: usize,
     /// Events read from the disk, shared by every reader (`pages.rs`).
     pages: Mutex<PageCache>,
-    /// Pages of keyed channels' state read from the disk, shared by the readers that ask for
-    /// the same page at the same position (a crowd catching up at once after a deploy).
-    state_pages: Mutex<StatePages>,
+    /// Pages of keyed channels' state read from the disk, served again to the readers that
+    /// ask for the same page at the same position (a crowd catching up after a deploy).
+    state_pages: resync_broker::StatePageCache,
     /// Read by every write (publish, sweep) while it writes; taken by `close` to wait for
     /// them, so that nothing is written after the run is marked clean.
     gate: std::sync::RwLock<()>,
@@ -181,31 +181,11 @@ fn live_state_value(value: &[u8], epoch: &Epoch, now_ms: u64) -> bool {
 /// page's cost is bounded however many dead entries a channel holds.
 const STATE_SCAN_MOST: usize = 4_096;
 
-/// A state page as read: the channel and the position it was read at, the key it starts
-/// after, and its entry limit. The position in the key is what keeps a kept page true: any
-/// publish moves it, so a page is served only while nothing was published since its read.
-type StatePageKey = (Channel, Position, Option<Key>, usize);
-
-/// Kept state pages, each with the time it was read (ms since 1970).
-type StatePages = SharedCache<StatePageKey, (u64, resync_broker::StatePage)>;
-
-/// The bytes the kept state pages may hold.
+/// The bytes of keyed channels' state pages kept for the readers that ask for them next.
 const STATE_PAGES_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long a kept state page is served: a key's TTL may end meanwhile, with no publish.
-const STATE_PAGE_FRESH_MS: u64 = 1_000;
-
-fn state_page_bytes((_, page): &(u64, resync_broker::StatePage)) -> usize {
-    page.entries
-        .iter()
-        .map(|entry| {
-            resync_broker::STATE_ENTRY_OVERHEAD_BYTES
-                + entry.key.as_str().len()
-                + entry.data.as_ref().map_or(0, |data| data.as_str().len())
-        })
-        .sum::<usize>()
-        + 128
-}
+const STATE_PAGE_FRESH: Duration = Duration::from_secs(1);
 
 /// What a keyed publish makes of its channel's state.
 struct KeyedUpdate {
@@ -371,7 +351,7 @@ impl DiskBrokerBuilder {
                 self.max_page_bytes,
                 crate::pages::page_bytes,
             )),
-            state_pages: Mutex::new(StatePages::new(STATE_PAGES_BYTES, state_page_bytes)),
+            state_pages: resync_broker::StatePageCache::new(STATE_PAGES_BYTES, STATE_PAGE_FRESH),
             gate: std::sync::RwLock::new(()),
             sweep_cursor: Mutex::new(Vec::new()),
             run: opened.run,
@@ -1232,47 +1212,11 @@ impl resync_broker::KeyedState for DiskBroker {
         // write is newer than the position, which the reader's rule expects.
         let position = lock(&state).recent.position();
         let limit = limit.max(1);
-        let now = now_ms();
-        // Read once for every reader asking for this page at this position (a crowd catching
-        // up at once); the cache is not locked while the disk is read.
-        let key: StatePageKey = (channel.clone(), position.clone(), after.cloned(), limit);
-        let mut slot = lock(&inner.state_pages).slot(&key);
-        if slot
-            .get()
-            .is_some_and(|(read_at, _)| now.saturating_sub(*read_at) > STATE_PAGE_FRESH_MS)
-        {
-            lock(&inner.state_pages).forget(&key);
-            slot = lock(&inner.state_pages).slot(&key);
+        if let Some(page) = inner.state_pages.get(channel, &position, after, limit) {
+            return Ok(page);
         }
-        let mut failure = None;
-        let mut filled = false;
-        let (read_at, page) = slot
-            .get_or_init(|| {
-                filled = true;
-                match inner.read_state_page(channel, &position, after, limit, now) {
-                    Ok(page) => (now, page),
-                    Err(error) => {
-                        failure = Some(error);
-                        let nothing = resync_broker::StatePage {
-                            entries: Vec::new(),
-                            position: position.clone(),
-                            next: None,
-                        };
-                        (0, nothing)
-                    }
-                }
-            })
-            .clone();
-        if let Some(error) = failure {
-            lock(&inner.state_pages).forget(&key);
-            return Err(error);
-        }
-        if filled {
-            lock(&inner.state_pages).filled(&key, &slot);
-        } else if read_at == 0 {
-            // The read this one waited for failed: its own.
-            return inner.read_state_page(channel, &position, after, limit, now);
-        }
+        let page = inner.read_state_page(channel, &position, after, limit, now_ms())?;
+        inner.state_pages.keep(channel, after, limit, &page);
         Ok(page)
     }
 }

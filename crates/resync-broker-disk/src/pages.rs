@@ -32,8 +32,7 @@ pub(crate) type Slot<V> = Arc<OnceLock<V>>;
 pub(crate) type PageCache = SharedCache<PageKey, Page>;
 
 /// Values read from the disk once and shared by every reader, up to a byte budget, oldest
-/// first out: the pages of events above, and pages of keyed channels' state (a crowd
-/// catching up at once reads each page from the disk once; see `StatePages`).
+/// first out (the pages of events above).
 #[derive(Debug)]
 pub(crate) struct SharedCache<K, V> {
     slots: HashMap<K, Slot<V>>,

@@ -12,10 +12,12 @@
 //! state or replayed) and nothing is applied twice.
 //!
 //! [`KeyedMap`] is that state in memory, with its bounds; the memory and disk brokers keep one
-//! per keyed channel.
+//! per keyed channel. [`StatePageCache`] keeps pages a broker read from its store, for the
+//! crowd that asks for the same pages at once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -103,6 +105,109 @@ pub const STATE_PAGE_BYTES: usize = 256 * 1024;
 
 /// Bytes an entry costs its state besides its key and data (map node, seq, times).
 pub const STATE_ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// Which page: the channel and the position it stands for, the key it starts after, and its
+/// entry limit.
+type StatePageKey = (Channel, Position, Option<Key>, usize);
+
+/// Pages of keyed channels' state a broker read from its store lately, served again to the
+/// readers that ask for the same page while the channel stands at the same position: a crowd
+/// of clients catching up at once (after a deploy, 5,000 of them) then costs the store one
+/// read a page, not one per client. The position in the key is what keeps a kept page true:
+/// every publish moves it. A page is served for a short while only ([`new`](Self::new)'s
+/// `fresh`), since a key's TTL may end with no publish. Bounded by bytes, oldest out first.
+#[derive(Debug)]
+pub struct StatePageCache {
+    kept: Mutex<KeptPages>,
+    max_bytes: usize,
+    fresh: Duration,
+}
+
+#[derive(Debug, Default)]
+struct KeptPages {
+    pages: HashMap<StatePageKey, (Instant, StatePage, usize)>,
+    order: VecDeque<StatePageKey>,
+    bytes: usize,
+}
+
+impl KeptPages {
+    fn remove(&mut self, key: &StatePageKey) {
+        if let Some((_, _, bytes)) = self.pages.remove(key) {
+            self.bytes -= bytes.min(self.bytes);
+        }
+    }
+}
+
+impl StatePageCache {
+    /// Keeps at most `max_bytes` of pages, each served for `fresh` after its read.
+    pub fn new(max_bytes: usize, fresh: Duration) -> Self {
+        Self {
+            kept: Mutex::default(),
+            max_bytes,
+            fresh,
+        }
+    }
+
+    /// The page after `after` (at most `limit` entries) of `channel` standing at `position`,
+    /// if one was read lately.
+    pub fn get(
+        &self,
+        channel: &Channel,
+        position: &Position,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Option<StatePage> {
+        let key = (channel.clone(), position.clone(), after.cloned(), limit);
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        let (read_at, page, _) = kept.pages.get(&key)?;
+        if read_at.elapsed() <= self.fresh {
+            return Some(page.clone());
+        }
+        kept.remove(&key);
+        None
+    }
+
+    /// Keeps `page`, read after `after` with `limit`, for the readers that come next.
+    pub fn keep(&self, channel: &Channel, after: Option<&Key>, limit: usize, page: &StatePage) {
+        let bytes = page
+            .entries
+            .iter()
+            .map(|entry| {
+                STATE_ENTRY_OVERHEAD_BYTES
+                    + entry.key.as_str().len()
+                    + entry.data.as_ref().map_or(0, |data| data.as_str().len())
+            })
+            .sum::<usize>()
+            + 256;
+        if bytes > self.max_bytes {
+            return;
+        }
+        let key = (
+            channel.clone(),
+            page.position.clone(),
+            after.cloned(),
+            limit,
+        );
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.remove(&key);
+        kept.bytes += bytes;
+        kept.pages
+            .insert(key.clone(), (Instant::now(), page.clone(), bytes));
+        kept.order.push_back(key);
+        while kept.bytes > self.max_bytes {
+            let Some(oldest) = kept.order.pop_front() else {
+                break;
+            };
+            kept.remove(&oldest);
+        }
+        // Keys in `order` whose page went (replaced or stale) are dropped as they come up;
+        // bound the queue by what is kept, so it cannot grow with replacements.
+        if kept.order.len() > 2 * kept.pages.len() + 64 {
+            let KeptPages { pages, order, .. } = &mut *kept;
+            order.retain(|key| pages.contains_key(key));
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 struct Kept {

@@ -106,7 +106,7 @@ pub use event::{EVENT_OVERHEAD_BYTES, EncodedEvent};
 pub use hub::{DeliveryLag, Hub, Live, LiveError, LiveSubscription};
 pub use keyed::{
     KeyedLimits, KeyedMap, KeyedState, STATE_ENTRY_OVERHEAD_BYTES, STATE_PAGE_BYTES, StateEntry,
-    StatePage,
+    StatePage, StatePageCache,
 };
 pub use memory::{DEFAULT_SUBSCRIBER_QUEUE, MemoryBroker, MemoryBrokerBuilder};
 pub use presence::{
