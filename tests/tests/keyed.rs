@@ -410,6 +410,11 @@ async fn the_servers_keyed_settings_bound_keys_and_expire_them_on_every_broker()
             settings.keyed_key_ttl_secs = Some(2);
         });
         let channel = format!("prices:limits-{broker:?}");
+        // A channel whose state nobody reads: its expired keys must not count either.
+        let unread = format!("prices:unread-{broker:?}");
+        for key in ["a", "b", "c"] {
+            publish(&server, &unread, key, serde_json::json!(key)).await;
+        }
         for key in ["a", "b", "c"] {
             publish(&server, &channel, key, serde_json::json!(key)).await;
         }
@@ -444,11 +449,14 @@ async fn the_servers_keyed_settings_bound_keys_and_expire_them_on_every_broker()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // The expired keys no longer count: three new ones fit.
+        // The expired keys no longer count: three new ones fit, on both channels (the unread
+        // one's keys were published first, so they expired first).
         for key in ["x", "y", "z"] {
+            publish(&server, &unread, key, serde_json::json!(key)).await;
             publish(&server, &channel, key, serde_json::json!(key)).await;
         }
         assert_eq!(state_keys(&server, &channel).await, ["x", "y", "z"]);
+        assert_eq!(state_keys(&server, &unread).await, ["x", "y", "z"]);
     }
 }
 

@@ -170,9 +170,12 @@ fn snapshot(state: &State, target: &str) -> Arc<str> {
             (key == name).then(|| value.parse::<u64>().ok())?
         })
     };
-    let keys = field("keys").unwrap_or(1_000);
-    let bytes = field("bytes").unwrap_or(64) as usize;
+    let keys = field("keys").unwrap_or(1_000).min(1_000_000);
+    let bytes = field("bytes").unwrap_or(64).min(65_536) as usize;
     let mut snapshots = state.snapshots.lock().unwrap();
+    if snapshots.len() >= 16 {
+        snapshots.clear();
+    }
     snapshots
         .entry((keys, bytes))
         .or_insert_with(|| {

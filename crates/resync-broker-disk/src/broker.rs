@@ -142,8 +142,11 @@ struct KeyedCounts {
     keys: usize,
     bytes: usize,
     /// When the soonest counted entry expires (`u64::MAX`: none does); a publish over the
-    /// bounds counts again only past it, so refusals in a row cost no scan each.
+    /// bounds counts again only past it, and at most once a second (keys that keep expiring
+    /// would otherwise cost a scan per refused publish).
     next_expiry_ms: u64,
+    /// When these counts were taken.
+    counted_at_ms: u64,
 }
 
 impl KeyedCounts {
@@ -162,6 +165,7 @@ impl KeyedCounts {
             } else {
                 self.next_expiry_ms.min(expires_ms)
             },
+            counted_at_ms: self.counted_at_ms,
         }
     }
 
@@ -169,6 +173,10 @@ impl KeyedCounts {
         self.keys <= limits.max_keys && self.bytes <= limits.max_bytes
     }
 }
+
+/// The least time between two counts of a keyed channel's state for a publish over its
+/// bounds.
+const RECOUNT_EVERY_MS: u64 = 1_000;
 
 /// Whether a stored state entry is live: of `epoch`, and not expired at `now_ms`.
 fn live_state_value(value: &[u8], epoch: &Epoch, now_ms: u64) -> bool {
@@ -810,7 +818,11 @@ impl Inner {
             now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
         });
         let mut counts = counted.with(old, size, expires_ms);
-        if !counts.within(limits) && st.keyed.is_some() && now_ms >= counted.next_expiry_ms {
+        if !counts.within(limits)
+            && st.keyed.is_some()
+            && now_ms >= counted.next_expiry_ms
+            && now_ms >= counted.counted_at_ms.saturating_add(RECOUNT_EVERY_MS)
+        {
             // Entries counted while live have expired since: count what is live now.
             let recounted = self.count_state(name, &epoch, now_ms)?;
             st.keyed = Some(recounted);
@@ -832,6 +844,7 @@ impl Inner {
             keys: 0,
             bytes: 0,
             next_expiry_ms: u64::MAX,
+            counted_at_ms: now_ms,
         };
         for entry in self.store.state.prefix(channel_prefix(name)) {
             let (stored, value) = entry.into_inner().map_err(|error| self.unreadable(error))?;

@@ -451,13 +451,34 @@ impl RedisBroker {
     }
 }
 
+/// Whether a command waits for its turn ([`RedisBrokerBuilder::max_in_flight`]).
+#[derive(Clone, Copy)]
+enum Lane {
+    /// Publishes, reads, presence changes: in turn.
+    Turn,
+    /// Keeping presence alive and health checks: at once, few and small.
+    Upkeep,
+}
+
 impl Inner {
     /// Runs a script with the command timeout; any failure is "unavailable".
     pub(crate) async fn run<T: redis::FromRedisValue>(
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        self.on_connection(|mut connection| async move {
+        self.on_connection(Lane::Turn, |mut connection| async move {
+            invocation.invoke_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs an upkeep script (presence refreshes and sweeps) without waiting for a turn: a
+    /// crowd's queue must not outlast the presence TTL and make live members leave.
+    pub(crate) async fn run_upkeep<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.on_connection(Lane::Upkeep, |mut connection| async move {
             invocation.invoke_async::<T>(&mut connection).await
         })
         .await
@@ -468,7 +489,18 @@ impl Inner {
         &self,
         command: &mut redis::Cmd,
     ) -> Result<T> {
-        self.on_connection(|mut connection| async move {
+        self.on_connection(Lane::Turn, |mut connection| async move {
+            command.query_async::<T>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Runs one upkeep command (a health check) without waiting for a turn.
+    pub(crate) async fn command_upkeep<T: redis::FromRedisValue>(
+        &self,
+        command: &mut redis::Cmd,
+    ) -> Result<T> {
+        self.on_connection(Lane::Upkeep, |mut connection| async move {
             command.query_async::<T>(&mut connection).await
         })
         .await
@@ -476,20 +508,23 @@ impl Inner {
 
     /// Runs `call` on the next shared connection within the command timeout; a connection
     /// that failed or timed out is forgotten, so the next call takes a fresh one.
-    async fn on_connection<T, Call, Fut>(&self, call: Call) -> Result<T>
+    async fn on_connection<T, Call, Fut>(&self, lane: Lane, call: Call) -> Result<T>
     where
         Call: FnOnce(CommandConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let waited = self.settings.queue_timeout;
-        let _turn = match tokio::time::timeout(waited, self.turns.acquire()).await {
-            Ok(Ok(turn)) => turn,
-            Ok(Err(_)) => return Err(Error::Closed),
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "redis is busy: no turn for a command within {waited:?}"
-                )));
-            }
+        let _turn = match lane {
+            Lane::Upkeep => None,
+            Lane::Turn => match tokio::time::timeout(waited, self.turns.acquire()).await {
+                Ok(Ok(turn)) => Some(turn),
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "redis is busy: no turn for a command within {waited:?}"
+                    )));
+                }
+            },
         };
         let timeout = self.settings.command_timeout;
         let slot = self.slot();
@@ -741,7 +776,8 @@ impl Broker for RedisBroker {
             .arg(retention.max_bytes().unwrap_or(0))
             .arg(publish.key.as_ref().map_or("", |key| key.as_str()))
             .arg(settings.keyed_limits.max_keys)
-            .arg(keyed_expiry(&settings.keyed_limits, &publish.data));
+            .arg(keyed_expiry(&settings.keyed_limits, &publish.data))
+            .arg(now_ms());
         let (epoch, seq): (String, u64) = self.run(invocation).await?;
         if epoch == "!full" {
             return Err(Error::KeyedStateFull(format!(
@@ -868,7 +904,11 @@ impl Broker for RedisBroker {
                         .map_err(unavailable)
                 }
                 // Sent to every primary; it fails if one of them does not answer.
-                Opener::Cluster(_) => self.inner.command::<String>(&mut redis::cmd("PING")).await,
+                Opener::Cluster(_) => {
+                    self.inner
+                        .command_upkeep::<String>(&mut redis::cmd("PING"))
+                        .await
+                }
             }
         };
         tokio::time::timeout(timeout, ping)

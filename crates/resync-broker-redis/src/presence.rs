@@ -93,7 +93,7 @@ impl Inner {
             for key in &keys {
                 invocation.arg(key);
             }
-            if let Err(error) = self.run::<u64>(invocation).await {
+            if let Err(error) = self.run_upkeep::<u64>(invocation).await {
                 tracing::warn!(target: "resync::redis", %channel, %error, "presence refresh failed");
             }
             channels.insert(channel);

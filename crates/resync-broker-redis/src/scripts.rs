@@ -74,8 +74,9 @@ end
 /// pages in key order). ARGV: payload, max events, stream ttl ms (0 = none), meta ttl ms,
 /// epoch candidate, pub/sub channel, use idempotency (0/1), idempotency ttl ms, shared epoch
 /// ttl ms, max bytes (0 = none), key ('' = not keyed), max keys, the entry's expiry (ms since
-/// the Unix epoch, 0 = none). A keyed publish past the bounds returns `{'!full', keys}` and
-/// writes nothing.
+/// the Unix epoch, 0 = none), now (ms since the Unix epoch). A keyed publish past the bounds
+/// (once the expired entries a scan of at most 4,096 meets are gone) returns
+/// `{'!full', keys}` and writes nothing.
 pub(crate) const PUBLISH: &str = concat!(
     replication_prelude!(),
     r"
@@ -90,7 +91,27 @@ local key = ARGV[11]
 if key ~= '' and redis.call('HEXISTS', KEYS[5], key) == 0 then
   local keys = redis.call('HLEN', KEYS[5])
   if keys >= tonumber(ARGV[12]) then
-    return {'!full', keys}
+    -- Expired keys and tombstones do not count: let go of those a bounded scan meets.
+    local now = tonumber(ARGV[14])
+    local cursor = '0'
+    local looked = 0
+    repeat
+      local reply = redis.call('HSCAN', KEYS[5], cursor, 'COUNT', 512)
+      cursor = reply[1]
+      local fields = reply[2]
+      for i = 1, #fields, 2 do
+        local expires = tonumber(string.match(fields[i + 1], '^[^:]*:%d+:(%d+):'))
+        if expires and expires > 0 and expires <= now then
+          redis.call('HDEL', KEYS[5], fields[i])
+          redis.call('ZREM', KEYS[6], fields[i])
+        end
+      end
+      looked = looked + #fields / 2
+    until cursor == '0' or looked >= 4096
+    keys = redis.call('HLEN', KEYS[5])
+    if keys >= tonumber(ARGV[12]) then
+      return {'!full', keys}
+    end
   end
 end
 local current, previous = replication()

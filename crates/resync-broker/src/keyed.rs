@@ -126,7 +126,9 @@ pub struct StatePageCache {
 #[derive(Debug, Default)]
 struct KeptPages {
     pages: HashMap<StatePageKey, (Instant, StatePage, usize)>,
-    order: VecDeque<StatePageKey>,
+    /// Pages in the order they were kept, each with the time it was kept: a key kept again
+    /// has a later time, so its earlier place in the queue lets go of nothing.
+    order: VecDeque<(Instant, StatePageKey)>,
     bytes: usize,
 }
 
@@ -188,23 +190,29 @@ impl StatePageCache {
             after.cloned(),
             limit,
         );
+        let now = Instant::now();
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         kept.remove(&key);
         kept.bytes += bytes;
-        kept.pages
-            .insert(key.clone(), (Instant::now(), page.clone(), bytes));
-        kept.order.push_back(key);
+        kept.pages.insert(key.clone(), (now, page.clone(), bytes));
+        kept.order.push_back((now, key));
         while kept.bytes > self.max_bytes {
-            let Some(oldest) = kept.order.pop_front() else {
+            let Some((at, oldest)) = kept.order.pop_front() else {
                 break;
             };
-            kept.remove(&oldest);
+            if kept
+                .pages
+                .get(&oldest)
+                .is_some_and(|(kept_at, ..)| *kept_at == at)
+            {
+                kept.remove(&oldest);
+            }
         }
-        // Keys in `order` whose page went (replaced or stale) are dropped as they come up;
-        // bound the queue by what is kept, so it cannot grow with replacements.
+        // Places whose page went (kept again, or gone stale) are skipped as they come up;
+        // the queue is bounded by what is kept, so it cannot grow with them.
         if kept.order.len() > 2 * kept.pages.len() + 64 {
             let KeptPages { pages, order, .. } = &mut *kept;
-            order.retain(|key| pages.contains_key(key));
+            order.retain(|(at, key)| pages.get(key).is_some_and(|(kept_at, ..)| kept_at == at));
         }
     }
 }
@@ -363,6 +371,76 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly on any error")]
 
     use super::*;
+
+    fn page_at(seq: u64, data: &str) -> StatePage {
+        StatePage {
+            entries: vec![StateEntry {
+                key: Key::new("k").expect("key"),
+                seq: Seq::new(seq),
+                data: Some(Payload::from_json(data).expect("json")),
+            }],
+            position: Position::new(
+                resync_protocol::Epoch::new("e").expect("epoch"),
+                Seq::new(seq),
+            ),
+            next: None,
+        }
+    }
+
+    #[test]
+    fn a_kept_page_is_served_only_at_its_position_and_while_fresh() {
+        let channel = Channel::new("c").expect("channel");
+        let cache = StatePageCache::new(1 << 20, Duration::from_secs(60));
+        let page = page_at(5, "1");
+        cache.keep(&channel, None, 10, &page);
+        assert_eq!(
+            cache.get(&channel, &page.position, None, 10),
+            Some(page.clone())
+        );
+        let moved = page_at(6, "1").position;
+        assert_eq!(
+            cache.get(&channel, &moved, None, 10),
+            None,
+            "a publish moved it"
+        );
+        assert_eq!(
+            cache.get(&channel, &page.position, None, 11),
+            None,
+            "another limit"
+        );
+        let stale = StatePageCache::new(1 << 20, Duration::ZERO);
+        stale.keep(&channel, None, 10, &page);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(
+            stale.get(&channel, &page.position, None, 10),
+            None,
+            "no longer fresh"
+        );
+    }
+
+    #[test]
+    fn kept_pages_past_the_budget_let_the_oldest_go_not_one_kept_again() {
+        let channel = Channel::new("c").expect("channel");
+        let one = page_at(1, "1");
+        let size = STATE_ENTRY_OVERHEAD_BYTES + 1 + 1 + 256;
+        let cache = StatePageCache::new(2 * size, Duration::from_secs(60));
+        cache.keep(&channel, None, 10, &one);
+        cache.keep(&channel, None, 10, &page_at(2, "2"));
+        // `one` kept again: its first place in the queue must not let it go.
+        cache.keep(&channel, None, 10, &one);
+        cache.keep(&channel, None, 10, &page_at(3, "3"));
+        assert!(cache.get(&channel, &one.position, None, 10).is_some());
+        assert!(
+            cache
+                .get(&channel, &page_at(2, "2").position, None, 10)
+                .is_none()
+        );
+        assert!(
+            cache
+                .get(&channel, &page_at(3, "3").position, None, 10)
+                .is_some()
+        );
+    }
 
     fn key(name: &str) -> Key {
         Key::new(name).unwrap()

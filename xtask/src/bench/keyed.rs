@@ -157,7 +157,8 @@ pub(super) fn section(bench: &Bench) -> String {
          same 1,000 entries, answered by the bare baseline server from memory (the cheapest refetch an \
          application could give; a real one asks its database, whose CPU is not in these figures). Time: until \
          the last client is caught up. Bytes: what each client read (stream, plus snapshot when plain). Each \
-         broker and mode on a fresh server.\n\n"
+         broker and mode on a fresh server. A row whose load generator's CPU share is above 1 is bounded by \
+         the generator (long polling: it parses each reply as JSON).\n\n"
     ));
     out.push_str(
         "| broker | transport | keyed: until all caught up (s) | plain: reset + refetch (s) | time keyed/plain | keyed bytes per client | plain bytes per client | bytes keyed/plain | keyed server CPU s | plain server + snapshot CPU s | entries per keyed client | state reads / resets (keyed) | failed | loadgen CPU |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|\n",
