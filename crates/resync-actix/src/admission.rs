@@ -453,12 +453,12 @@ impl AdmissionGuard {
     pub(crate) fn subscribe(&mut self, count: usize) -> Result<(), Refusal> {
         let mut state = self.admission.lock();
         let limits = &self.admission.limits;
-        if let Some(user) = self.user.as_ref().and_then(|user| state.users.get(user)) {
-            if user.subscriptions.saturating_add(count) > limits.max_subscriptions_per_user {
-                return Err(Refusal::TooMuchForUser(
-                    "this user follows too many channels",
-                ));
-            }
+        if let Some(user) = self.user.as_ref().and_then(|user| state.users.get(user))
+            && user.subscriptions.saturating_add(count) > limits.max_subscriptions_per_user
+        {
+            return Err(Refusal::TooMuchForUser(
+                "this user follows too many channels",
+            ));
         }
         let Some(tracked) = state.addresses.get_mut(&self.address) else {
             return Ok(());

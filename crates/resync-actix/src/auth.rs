@@ -379,13 +379,13 @@ impl Authorizer for JwtAuthorizer {
         if remaining.is_zero() {
             return Err(AuthError::Unauthorized("token expired".to_owned()));
         }
-        if let Some(lifetime) = self.max_token_lifetime {
-            if remaining > lifetime {
-                return Err(AuthError::Unauthorized(format!(
-                    "token lives longer than the {} s this server accepts",
-                    lifetime.as_secs()
-                )));
-            }
+        if let Some(lifetime) = self.max_token_lifetime
+            && remaining > lifetime
+        {
+            return Err(AuthError::Unauthorized(format!(
+                "token lives longer than the {} s this server accepts",
+                lifetime.as_secs()
+            )));
         }
         Ok(Identity {
             subject: claims.sub,
