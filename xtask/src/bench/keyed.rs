@@ -30,6 +30,36 @@ impl Drop for KeyedServer {
     }
 }
 
+impl KeyedServer {
+    /// The load generator's `keyed` arguments against this server: `mode` (keyed or plain),
+    /// `subscribers` per transport on every transport, `keys`, `updates`.
+    fn arguments(&self, mode: &str, subscribers: &str, keys: &str, updates: &str) -> Vec<String> {
+        [
+            "keyed",
+            "--url",
+            &self.server.url,
+            "--publish-url",
+            self.server.publish_url(),
+            "--pid",
+            &self.server.pid(),
+            "--mode",
+            mode,
+            "--transports",
+            "ws,sse,poll",
+            "--subscribers",
+            subscribers,
+            "--keys",
+            keys,
+            "--value-bytes",
+            VALUE_BYTES,
+            "--updates",
+            updates,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
 fn keyed_server(bench: &Bench, broker: &str) -> Result<KeyedServer> {
     let data = DataDir::new()?;
     let config = std::path::PathBuf::from(format!("{}.toml", data.path()));
@@ -66,35 +96,17 @@ pub(super) fn round(bench: &mut Bench, quick: bool) -> Result<()> {
     for broker in BROKERS {
         for mode in ["keyed", "plain"] {
             let keyed = keyed_server(bench, broker)?;
-            let pid = keyed.server.pid();
-            bench.load(
-                &format!("keyed/{broker}/{mode}"),
-                &[
-                    "keyed",
-                    "--url",
-                    &keyed.server.url,
-                    "--publish-url",
-                    keyed.server.publish_url(),
-                    "--pid",
-                    &pid,
+            let mut arguments = keyed.arguments(mode, subscribers, KEYS, updates);
+            arguments.extend(
+                [
                     "--snapshot-url",
                     &snapshot.url,
                     "--snapshot-pid",
                     &snapshot_pid,
-                    "--mode",
-                    mode,
-                    "--transports",
-                    "ws,sse,poll",
-                    "--subscribers",
-                    subscribers,
-                    "--keys",
-                    KEYS,
-                    "--value-bytes",
-                    VALUE_BYTES,
-                    "--updates",
-                    updates,
-                ],
-            )?;
+                ]
+                .map(str::to_owned),
+            );
+            bench.load(&format!("keyed/{broker}/{mode}"), &arguments)?;
         }
     }
     Ok(())
@@ -106,30 +118,9 @@ pub(super) fn scale_round(bench: &mut Bench, quick: bool) -> Result<()> {
     let updates = if quick { "100000" } else { "1000000" };
     for broker in BROKERS {
         let keyed = keyed_server(bench, broker)?;
-        let pid = keyed.server.pid();
         bench.load_for(
             &format!("keyed-scale/{broker}"),
-            &[
-                "keyed",
-                "--url",
-                &keyed.server.url,
-                "--publish-url",
-                keyed.server.publish_url(),
-                "--pid",
-                &pid,
-                "--mode",
-                "keyed",
-                "--transports",
-                "ws,sse,poll",
-                "--subscribers",
-                "10",
-                "--keys",
-                "10000",
-                "--value-bytes",
-                VALUE_BYTES,
-                "--updates",
-                updates,
-            ],
+            &keyed.arguments("keyed", "10", "10000", updates),
             1_800,
         )?;
     }

@@ -18,10 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::{
-    argument, client_frame, cpu_seconds, is_reset, number, pids, publish_request, with_retries,
+    argument, client_frame, cpu_seconds, is_reset, number, pids, publish_request, send_request,
     ws_connect, ws_frame_at,
 };
 
@@ -306,12 +305,7 @@ async fn over_sse(place: &Place) -> Result<Caught> {
         "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\
          last-event-id: {channel}:{epoch}:{seq}\r\n\r\n"
     );
-    let mut stream = with_retries(|| async {
-        let mut stream = TcpStream::connect(&address).await?;
-        stream.write_all(request.as_bytes()).await?;
-        Ok(stream)
-    })
-    .await?;
+    let mut stream = send_request(&address, &request).await?;
     let mut caught = Caught::default();
     // What was read, and the stream's body from it: the response is chunked (the chunk
     // headers fall anywhere, inside an event too), so the body is taken out of its chunks

@@ -283,6 +283,17 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Connects to `address` (retried as [`with_retries`] says) and sends `request`.
+async fn send_request(address: &str, request: &str) -> Result<TcpStream> {
+    with_retries(|| async {
+        let mut stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(request.as_bytes()).await?;
+        Ok(stream)
+    })
+    .await
+}
+
 /// Opens a WebSocket to `base` + `path` on a bare socket (the handshake written by hand):
 /// the stream, and the bytes read past the response head (already frames).
 async fn ws_connect(base: &str, path: &str) -> Result<(TcpStream, Vec<u8>)> {
@@ -291,13 +302,7 @@ async fn ws_connect(base: &str, path: &str) -> Result<(TcpStream, Vec<u8>)> {
         "GET {path} HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
     );
-    let mut stream = with_retries(|| async {
-        let mut stream = TcpStream::connect(&address).await?;
-        stream.set_nodelay(true)?;
-        stream.write_all(request.as_bytes()).await?;
-        Ok(stream)
-    })
-    .await?;
+    let mut stream = send_request(&address, &request).await?;
     let mut buffer: Vec<u8> = Vec::with_capacity(8192);
     let head_end = loop {
         if stream.read_buf(&mut buffer).await? == 0 {
@@ -488,13 +493,7 @@ async fn sse_subscriber(
     let request = format!(
         "GET /sse?channel={channel} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n{resume}\r\n"
     );
-    let mut stream = with_retries(|| async {
-        let mut stream = TcpStream::connect(&address).await?;
-        stream.set_nodelay(true)?;
-        stream.write_all(request.as_bytes()).await?;
-        Ok(stream)
-    })
-    .await?;
+    let mut stream = send_request(&address, &request).await?;
     if first {
         counting.tally.ready.fetch_add(1, Ordering::Relaxed);
     }
