@@ -230,19 +230,11 @@ async fn the_http_api_reads_a_keyed_channels_state_in_pages() {
     let mut entries = Vec::new();
     let mut first_position = None;
     loop {
-        let mut url = server.url("/api/channels/prices:api/state?limit=2");
+        let mut query = "limit=2".to_owned();
         if let Some(after) = &after {
-            url.push_str(&format!("&after={after}"));
+            query.push_str(&format!("&after={after}"));
         }
-        let response = server
-            .http
-            .get(url)
-            .bearer_auth(&server.server.api_key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let page: resync_protocol::bodies::ChannelState = response.json().await.unwrap();
+        let page = state_page(&server, "prices:api", &query).await;
         first_position.get_or_insert(page.position.clone());
         entries.extend(page.entries);
         match page.next {
@@ -372,17 +364,26 @@ async fn state_1_reads_no_state_for_a_channel_the_cursor_names_and_a_named_state
     );
 }
 
-/// The keys of `channel`'s state with a value (tombstones left out), from the HTTP API.
-async fn state_keys(server: &TestServer, channel: &str) -> Vec<String> {
+/// A page of `channel`'s state from the HTTP API (`query`: `limit=`, `after=`).
+async fn state_page(
+    server: &TestServer,
+    channel: &str,
+    query: &str,
+) -> resync_protocol::bodies::ChannelState {
     let response = server
         .http
-        .get(server.url(&format!("/api/channels/{channel}/state")))
+        .get(server.url(&format!("/api/channels/{channel}/state?{query}")))
         .bearer_auth(&server.server.api_key)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let page: resync_protocol::bodies::ChannelState = response.json().await.unwrap();
+    response.json().await.unwrap()
+}
+
+/// The keys of `channel`'s state with a value (tombstones left out), from the HTTP API.
+async fn state_keys(server: &TestServer, channel: &str) -> Vec<String> {
+    let page = state_page(server, channel, "").await;
     assert!(page.next.is_none(), "one page");
     page.entries
         .into_iter()

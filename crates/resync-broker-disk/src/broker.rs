@@ -355,10 +355,7 @@ impl DiskBrokerBuilder {
             max_channels: self.max_channels.max(1),
             recent_bytes: AtomicUsize::new(0),
             max_recent_bytes: self.max_recent_bytes,
-            pages: Mutex::new(PageCache::new(
-                self.max_page_bytes,
-                crate::pages::page_bytes,
-            )),
+            pages: Mutex::new(PageCache::new(self.max_page_bytes)),
             state_pages: resync_broker::StatePageCache::new(STATE_PAGES_BYTES, STATE_PAGE_FRESH),
             gate: std::sync::RwLock::new(()),
             sweep_cursor: Mutex::new(Vec::new()),
@@ -1103,8 +1100,7 @@ impl Inner {
             let page = if page_last <= latest.get() {
                 // A whole page below the newest: read once, shared by every reader; the
                 // cache is not locked while the disk is read.
-                let key = (channel.clone(), epoch.clone(), number);
-                let slot = lock(&self.pages).slot(&key);
+                let slot = lock(&self.pages).slot(channel, epoch, number);
                 let mut failure = None;
                 let mut filled = false;
                 let page = slot
@@ -1122,11 +1118,11 @@ impl Inner {
                     })
                     .clone();
                 if let Some(error) = failure {
-                    lock(&self.pages).forget(&key);
+                    lock(&self.pages).forget(channel, epoch, number);
                     return Err(error);
                 }
                 if filled {
-                    lock(&self.pages).filled(&key, &slot);
+                    lock(&self.pages).filled(channel, epoch, number, &slot);
                 }
                 page
             } else {

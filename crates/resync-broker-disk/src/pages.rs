@@ -8,7 +8,6 @@
 //! reader's own decision already excludes). The pages are bounded by bytes, oldest first out.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
 use std::sync::{Arc, OnceLock};
 
 use resync_broker::EncodedEvent;
@@ -21,90 +20,87 @@ pub(crate) const PAGE: u64 = 128;
 pub(crate) type Page = Arc<[(u64, EncodedEvent)]>;
 
 /// Which page: a channel, its epoch, and the page's number (`(seq - 1) / PAGE`).
-pub(crate) type PageKey = (Channel, Epoch, u64);
+type PageKey = (Channel, Epoch, u64);
 
-/// A value (a page), filled by the first reader that needs it, while the others that need it
-/// at the same time wait for that one read instead of making their own. The cache's lock is
-/// not held while the disk is read.
-pub(crate) type Slot<V> = Arc<OnceLock<V>>;
+/// A page, filled by the first reader that needs it, while the others that need it at the
+/// same time wait for that one read instead of making their own. The cache's lock is not
+/// held while the disk is read.
+pub(crate) type PageSlot = Arc<OnceLock<Page>>;
 
-/// Pages of stored events (`PAGE` seqs each), by channel, epoch and number.
-pub(crate) type PageCache = SharedCache<PageKey, Page>;
-
-/// Values read from the disk once and shared by every reader, up to a byte budget, oldest
-/// first out (the pages of events above).
+/// The pages kept, up to a byte budget.
 #[derive(Debug)]
-pub(crate) struct SharedCache<K, V> {
-    slots: HashMap<K, Slot<V>>,
-    order: VecDeque<K>,
+pub(crate) struct PageCache {
+    pages: HashMap<PageKey, PageSlot>,
+    order: VecDeque<PageKey>,
     bytes: usize,
     max_bytes: usize,
-    size_of: fn(&V) -> usize,
 }
 
-impl<K: Hash + Eq + Clone, V> SharedCache<K, V> {
-    pub(crate) fn new(max_bytes: usize, size_of: fn(&V) -> usize) -> Self {
+impl PageCache {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
-            slots: HashMap::new(),
+            pages: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
             max_bytes,
-            size_of,
         }
     }
 
-    /// The value's slot, made empty if the value is not kept.
-    pub(crate) fn slot(&mut self, key: &K) -> Slot<V> {
-        if let Some(slot) = self.slots.get(key) {
+    /// The page's slot, made empty if the page is not kept.
+    pub(crate) fn slot(&mut self, channel: &Channel, epoch: &Epoch, number: u64) -> PageSlot {
+        let key = (channel.clone(), epoch.clone(), number);
+        if let Some(slot) = self.pages.get(&key) {
             return slot.clone();
         }
-        let slot = Slot::default();
-        self.slots.insert(key.clone(), slot.clone());
-        self.order.push_back(key.clone());
+        let slot = PageSlot::default();
+        self.pages.insert(key.clone(), slot.clone());
+        self.order.push_back(key);
         slot
     }
 
-    /// Counts a value its reader has just filled in `slot`, dropping the oldest past the
+    /// Counts a page its reader has just filled in `slot`, dropping the oldest pages past the
     /// budget. A slot dropped while it was read is not counted: it is no longer kept.
-    pub(crate) fn filled(&mut self, key: &K, slot: &Slot<V>) {
+    pub(crate) fn filled(
+        &mut self,
+        channel: &Channel,
+        epoch: &Epoch,
+        number: u64,
+        slot: &PageSlot,
+    ) {
+        let key = (channel.clone(), epoch.clone(), number);
         let kept = self
-            .slots
-            .get(key)
+            .pages
+            .get(&key)
             .is_some_and(|kept| Arc::ptr_eq(kept, slot));
-        let Some(value) = slot.get().filter(|_| kept) else {
+        let Some(page) = slot.get().filter(|_| kept) else {
             return;
         };
-        self.bytes += (self.size_of)(value);
+        self.bytes += page_bytes(page);
         while self.bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(slot) = self.slots.remove(&oldest)
-                && let Some(value) = slot.get()
+            if let Some(slot) = self.pages.remove(&oldest)
+                && let Some(page) = slot.get()
             {
-                self.bytes -= (self.size_of)(value);
+                self.bytes -= page_bytes(page);
             }
         }
     }
 
-    /// Drops a slot whose read failed (or whose value is too old), so that the next reader
-    /// reads again.
-    pub(crate) fn forget(&mut self, key: &K) {
-        if let Some(slot) = self.slots.remove(key)
-            && let Some(value) = slot.get()
-        {
-            self.bytes -= (self.size_of)(value).min(self.bytes);
-        }
+    /// Drops a slot whose read failed, so that the next reader tries again.
+    pub(crate) fn forget(&mut self, channel: &Channel, epoch: &Epoch, number: u64) {
+        self.pages.remove(&(channel.clone(), epoch.clone(), number));
     }
 
-    /// The bytes the values hold.
+    /// The bytes the pages hold.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 }
 
-pub(crate) fn page_bytes(page: &Page) -> usize {
+fn page_bytes(page: &Page) -> usize {
     page.iter().map(|(_, event)| event.held_bytes()).sum()
 }
 
@@ -127,10 +123,9 @@ mod tests {
     }
 
     fn fill(cache: &mut PageCache, channel: &Channel, epoch: &Epoch, number: u64, page: Page) {
-        let key = (channel.clone(), epoch.clone(), number);
-        let slot = cache.slot(&key);
+        let slot = cache.slot(channel, epoch, number);
         slot.get_or_init(|| page);
-        cache.filled(&key, &slot);
+        cache.filled(channel, epoch, number, &slot);
     }
 
     #[test]
@@ -144,27 +139,18 @@ mod tests {
         );
         // Room for the last two pages, not for all three.
         let room = page_bytes(&one) + page_bytes(&two);
-        let mut cache = PageCache::new(room, page_bytes);
+        let mut cache = PageCache::new(room);
         fill(&mut cache, &channel, &epoch, 0, zero);
         fill(&mut cache, &channel, &epoch, 1, one);
         fill(&mut cache, &channel, &epoch, 2, two);
-        let kept = |cache: &mut PageCache, number| {
-            cache
-                .slot(&(channel.clone(), epoch.clone(), number))
-                .get()
-                .is_some()
-        };
+        let kept =
+            |cache: &mut PageCache, number| cache.slot(&channel, &epoch, number).get().is_some();
         assert!(kept(&mut cache, 1));
         assert!(kept(&mut cache, 2));
         assert!(!kept(&mut cache, 0), "the oldest page went first");
         assert_eq!(cache.bytes(), room);
         // Another epoch is another page.
         let other = Epoch::new("f").expect("valid");
-        assert!(
-            cache
-                .slot(&(channel.clone(), other.clone(), 2))
-                .get()
-                .is_none()
-        );
+        assert!(cache.slot(&channel, &other, 2).get().is_none());
     }
 }

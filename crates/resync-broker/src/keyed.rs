@@ -174,11 +174,7 @@ impl StatePageCache {
         let bytes = page
             .entries
             .iter()
-            .map(|entry| {
-                STATE_ENTRY_OVERHEAD_BYTES
-                    + entry.key.as_str().len()
-                    + entry.data.as_ref().map_or(0, |data| data.as_str().len())
-            })
+            .map(|entry| entry_bytes(&entry.key, entry.data.as_ref()))
             .sum::<usize>()
             + 256;
         if bytes > self.max_bytes {
@@ -227,10 +223,13 @@ struct Kept {
 
 impl Kept {
     fn bytes(&self, key: &Key) -> usize {
-        STATE_ENTRY_OVERHEAD_BYTES
-            + key.as_str().len()
-            + self.data.as_ref().map_or(0, |data| data.as_str().len())
+        entry_bytes(key, self.data.as_ref())
     }
+}
+
+/// What an entry of `key` holding `data` costs a state.
+fn entry_bytes(key: &Key, data: Option<&Payload>) -> usize {
+    STATE_ENTRY_OVERHEAD_BYTES + key.as_str().len() + data.map_or(0, |data| data.as_str().len())
 }
 
 /// The latest event of each key of one channel, in memory, within its [`KeyedLimits`].
